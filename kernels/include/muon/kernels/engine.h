@@ -1,0 +1,181 @@
+#ifndef MUON_KERNELS_ENGINE_H_
+#define MUON_KERNELS_ENGINE_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <optional>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "muon/kernels/types.h"
+
+namespace muon {
+
+// Handle of a parameter registered with an engine. Never reused by an engine.
+using ParamId = uint64_t;
+
+// One parameter's gradient for a step. The bytes are little-endian elements of
+// `dtype`, exactly NumElements(shape) of them; the caller keeps them alive
+// for the duration of the call.
+struct GradientInput {
+  ParamId param = 0;
+  DType dtype = DType::kFloat32;
+  absl::Span<const std::byte> bytes;
+  // This step's learning rate (a client's LR schedule); the registered lr
+  // when unset.
+  std::optional<double> lr;
+};
+
+// Where one parameter's update goes. The engine writes `bytes` (NumElements
+// elements of `dtype`) and the two result fields.
+//
+// The update is the change to apply after decay: the client (or the engine,
+// for held weights) sets W ← decay·W + update, where decay = 1 − lr·wd and
+// update = −lr·s·O (Muon) or −lr·m̂/(√v̂+ε) (AdamW).
+struct UpdateOutput {
+  ParamId param = 0;
+  DType dtype = DType::kFloat32;
+  absl::Span<std::byte> bytes;
+  double decay = 1.0;
+  // ‖O·Oᵀ − I‖_F/√r averaged over the matrices of the tensor, when the step
+  // asked for it and the parameter is a Muon parameter; NaN otherwise.
+  double orthogonality_error = std::numeric_limits<double>::quiet_NaN();
+};
+
+struct StepOptions {
+  bool measure_orthogonality = false;
+};
+
+// Wall time of the work one Compute call did, by phase, in seconds.
+struct StepStats {
+  double stage_seconds = 0;    // decode/copy gradients into engine memory
+  double compute_seconds = 0;  // momentum, Newton–Schulz, AdamW, update
+  double finish_seconds = 0;   // encode/copy updates out
+  int64_t ns_flops = 0;        // by the formula of DESIGN.md §1
+  int64_t parameters = 0;
+
+  StepStats& operator+=(const StepStats& other);
+};
+
+// Optimizer state of one parameter, for checkpoints. Vectors are fp32 in the
+// parameter's row-major layout; those the parameter's kind does not use are
+// empty.
+struct ParamState {
+  int64_t step = 0;                  // steps applied to this parameter
+  std::vector<float> momentum;       // Muon
+  std::vector<float> exp_avg;        // AdamW first moment
+  std::vector<float> exp_avg_sq;     // AdamW second moment
+  std::vector<float> weights;        // when the engine holds the weights
+};
+
+struct MemoryUsage {
+  int64_t used_bytes = 0;
+  int64_t budget_bytes = 0;  // 0: no budget
+};
+
+// One step in progress: computes updates into shadow state and makes it
+// current only on Commit, so a step that fails part-way changes nothing.
+//
+// Not thread-safe: one thread drives a transaction. Destroying it without
+// Commit discards every update it computed. Extra memory while open: one copy
+// of the optimizer state of each parameter computed in it.
+class StepTransaction {
+ public:
+  virtual ~StepTransaction() = default;
+
+  // Computes the updates of `grads` and writes them into `outputs`
+  // (outputs[i] belongs to grads[i]). May be called several times with
+  // disjoint sets of parameters (the server calls it as gradients complete).
+  // Everything is validated before any work: unknown parameter
+  // (NotFound), dtype or byte count mismatch, NaN/Inf, a parameter given
+  // twice in one step or held by another open transaction (InvalidArgument /
+  // FailedPrecondition). On error nothing of this call is kept; what earlier
+  // calls computed stays in the transaction.
+  // `stats`, when not null, is incremented by this call's work.
+  virtual absl::Status Compute(absl::Span<const GradientInput> grads,
+                               absl::Span<UpdateOutput> outputs,
+                               StepStats* stats) = 0;
+
+  // Makes the new state of every parameter computed in this transaction
+  // current (and applies updates to held weights). The transaction is spent
+  // afterwards.
+  virtual absl::Status Commit() = 0;
+};
+
+struct EngineOptions {
+  // Budget for optimizer state (and, on the GPU, workspaces). Registering
+  // past it is ResourceExhausted. 0 means no budget.
+  int64_t memory_budget_bytes = 0;
+  // CUDA device ordinal (CUDA engine only).
+  int device = 0;
+};
+
+// The optimizer's compute: parameters' state and the step over batches of
+// them. Implementations: CPU (OpenBLAS) and CUDA (cuBLAS).
+//
+// Thread-safe. A parameter is in at most one open transaction at a time.
+class Engine {
+ public:
+  virtual ~Engine() = default;
+
+  // "cpu" or "cuda".
+  virtual std::string_view name() const = 0;
+
+  // Registers a parameter with zeroed state. InvalidArgument for a bad spec,
+  // ResourceExhausted when its state would exceed the memory budget.
+  virtual absl::StatusOr<ParamId> Register(const ParamSpec& spec) = 0;
+
+  // Frees a parameter's state. NotFound if unknown; FailedPrecondition if it
+  // is in an open transaction.
+  virtual absl::Status Unregister(ParamId param) = 0;
+
+  virtual absl::StatusOr<ParamSpec> Spec(ParamId param) const = 0;
+
+  virtual absl::StatusOr<std::unique_ptr<StepTransaction>> BeginStep(
+      const StepOptions& options) = 0;
+
+  // Begin, Compute and Commit in one call.
+  absl::Status Step(absl::Span<const GradientInput> grads,
+                    absl::Span<UpdateOutput> outputs,
+                    const StepOptions& options = {}, StepStats* stats = nullptr);
+
+  // Held weights (ParamSpec::hold_weights), fp32, NumElements(shape) values.
+  // FailedPrecondition if the parameter does not hold weights.
+  virtual absl::Status SetWeights(ParamId param, absl::Span<const float> values) = 0;
+  virtual absl::Status GetWeights(ParamId param, absl::Span<float> values) const = 0;
+
+  // Checkpoint support. ImportState checks every vector's size against the
+  // spec (InvalidArgument) before changing anything.
+  virtual absl::StatusOr<ParamState> ExportState(ParamId param) const = 0;
+  virtual absl::Status ImportState(ParamId param, const ParamState& state) = 0;
+
+  virtual MemoryUsage Memory() const = 0;
+};
+
+absl::StatusOr<std::unique_ptr<Engine>> CreateCpuEngine(const EngineOptions& options);
+
+// FailedPrecondition when the build has no CUDA or no device is usable.
+absl::StatusOr<std::unique_ptr<Engine>> CreateCudaEngine(const EngineOptions& options);
+
+// kind: "cpu", "cuda", or "auto" (CUDA when a device is usable, else CPU).
+absl::StatusOr<std::unique_ptr<Engine>> CreateEngine(std::string_view kind,
+                                                     const EngineOptions& options);
+
+// True when this build has the CUDA engine and a device is usable.
+bool CudaAvailable();
+
+// Bytes of optimizer state an engine keeps for a spec (fp32 state vectors).
+int64_t StateBytes(const ParamSpec& spec);
+
+// Newton–Schulz flops of one orthogonalization of `view`, DESIGN.md §1:
+// steps·batch·(4·r²·c + 2·r³).
+int64_t NsFlops(const MatrixView& view, int steps);
+
+}  // namespace muon
+
+#endif  // MUON_KERNELS_ENGINE_H_

@@ -1,0 +1,95 @@
+#ifndef MUON_KERNELS_TYPES_H_
+#define MUON_KERNELS_TYPES_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace muon {
+
+// Element type of a tensor on the wire. Optimizer state is always fp32.
+enum class DType { kFloat32, kBFloat16, kFloat16 };
+
+enum class OptimizerKind { kMuon, kAdamW };
+
+// kEma: B ← β·B + (1−β)·G (reference muon.py). kSum: B ← β·B + G (Moonlight, Dion).
+enum class MomentumForm { kEma, kSum };
+
+// s in W ← W·(1 − lr·wd) − lr·s·O, for an m×n matrix:
+// kSpectral = sqrt(max(1, m/n)), kRmsMatch = 0.2·sqrt(max(m, n)), kNone = 1.
+enum class ShapeScale { kSpectral, kRmsMatch, kNone };
+
+// Newton–Schulz coefficient schedules (DESIGN.md §1). kAol uses the Turbo-Muon
+// published tuples; kAolDion uses AOL preconditioning with the last four Dion
+// tuples (the later Turbo-Muon version). kSvd is the exact polar factor.
+enum class ScheduleKind { kJordan, kDion, kPolarExpress, kAol, kAolDion, kSvd };
+
+std::string_view DTypeName(DType dtype);
+absl::StatusOr<DType> ParseDType(std::string_view name);
+size_t DTypeSize(DType dtype);
+
+std::string_view ScheduleName(ScheduleKind kind);
+absl::StatusOr<ScheduleKind> ParseSchedule(std::string_view name);
+std::string_view ShapeScaleName(ShapeScale scale);
+absl::StatusOr<ShapeScale> ParseShapeScale(std::string_view name);
+std::string_view MomentumFormName(MomentumForm form);
+absl::StatusOr<MomentumForm> ParseMomentumForm(std::string_view name);
+
+// Hyper-parameters of one parameter. Defaults follow the reference muon.py
+// for Muon and torch.optim.AdamW for AdamW.
+struct HyperParams {
+  double lr = 0.02;
+  double weight_decay = 0.0;
+  // Muon.
+  double momentum = 0.95;
+  bool nesterov = true;
+  MomentumForm momentum_form = MomentumForm::kEma;
+  ScheduleKind ns_schedule = ScheduleKind::kJordan;
+  int ns_steps = 5;
+  ShapeScale shape_scale = ShapeScale::kSpectral;
+  // AdamW.
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+};
+
+// A parameter as registered with an engine.
+struct ParamSpec {
+  std::string name;             // for error messages only
+  std::vector<int64_t> shape;   // ≥ 1 dim for AdamW, ≥ 2 dims for Muon
+  DType dtype = DType::kFloat32;  // dtype of gradients in and updates out
+  OptimizerKind kind = OptimizerKind::kMuon;
+  HyperParams hp;
+  // Parameter-server use: the engine holds the weights (fp32) and applies each
+  // committed update to them.
+  bool hold_weights = false;
+};
+
+// How a Muon tensor is viewed as a batch of matrices: (E, m, n) is E matrices
+// of m×n; (o, i, kh, kw, …) is one matrix o × (i·kh·kw·…).
+struct MatrixView {
+  int64_t batch = 1;
+  int64_t rows = 0;
+  int64_t cols = 0;
+};
+
+// REQUIRES: shape has ≥ 2 dims.
+MatrixView MatrixViewOf(const std::vector<int64_t>& shape);
+int64_t NumElements(const std::vector<int64_t>& shape);
+std::string ShapeString(const std::vector<int64_t>& shape);
+
+// Validates a spec: non-empty shape with positive dims, Muon tensors of ≥ 2
+// dims, hyper-parameters in range. InvalidArgument naming the problem.
+absl::Status ValidateSpec(const ParamSpec& spec);
+
+// Conversions between wire dtypes and fp32. `bytes` must hold count elements.
+void DecodeToFloat(DType dtype, const std::byte* bytes, size_t count, float* out);
+void EncodeFromFloat(DType dtype, const float* in, size_t count, std::byte* bytes);
+
+}  // namespace muon
+
+#endif  // MUON_KERNELS_TYPES_H_
