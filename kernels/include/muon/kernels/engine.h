@@ -6,7 +6,7 @@
 #include <limits>
 #include <memory>
 #include <optional>
-#include <string_view>
+#include "absl/strings/string_view.h"
 #include <vector>
 
 #include "absl/status/status.h"
@@ -124,7 +124,7 @@ class Engine {
   virtual ~Engine() = default;
 
   // "cpu" or "cuda".
-  virtual std::string_view name() const = 0;
+  virtual absl::string_view name() const = 0;
 
   // Registers a parameter with zeroed state. InvalidArgument for a bad spec,
   // ResourceExhausted when its state would exceed the memory budget.
@@ -163,7 +163,7 @@ absl::StatusOr<std::unique_ptr<Engine>> CreateCpuEngine(const EngineOptions& opt
 absl::StatusOr<std::unique_ptr<Engine>> CreateCudaEngine(const EngineOptions& options);
 
 // kind: "cpu", "cuda", or "auto" (CUDA when a device is usable, else CPU).
-absl::StatusOr<std::unique_ptr<Engine>> CreateEngine(std::string_view kind,
+absl::StatusOr<std::unique_ptr<Engine>> CreateEngine(absl::string_view kind,
                                                      const EngineOptions& options);
 
 // True when this build has the CUDA engine and a device is usable.

@@ -4,7 +4,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
-#include <string_view>
+#include "absl/strings/string_view.h"
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -28,16 +28,16 @@ enum class ShapeScale { kSpectral, kRmsMatch, kNone };
 // tuples (the later Turbo-Muon version). kSvd is the exact polar factor.
 enum class ScheduleKind { kJordan, kDion, kPolarExpress, kAol, kAolDion, kSvd };
 
-std::string_view DTypeName(DType dtype);
-absl::StatusOr<DType> ParseDType(std::string_view name);
+absl::string_view DTypeName(DType dtype);
+absl::StatusOr<DType> ParseDType(absl::string_view name);
 size_t DTypeSize(DType dtype);
 
-std::string_view ScheduleName(ScheduleKind kind);
-absl::StatusOr<ScheduleKind> ParseSchedule(std::string_view name);
-std::string_view ShapeScaleName(ShapeScale scale);
-absl::StatusOr<ShapeScale> ParseShapeScale(std::string_view name);
-std::string_view MomentumFormName(MomentumForm form);
-absl::StatusOr<MomentumForm> ParseMomentumForm(std::string_view name);
+absl::string_view ScheduleName(ScheduleKind kind);
+absl::StatusOr<ScheduleKind> ParseSchedule(absl::string_view name);
+absl::string_view ShapeScaleName(ShapeScale scale);
+absl::StatusOr<ShapeScale> ParseShapeScale(absl::string_view name);
+absl::string_view MomentumFormName(MomentumForm form);
+absl::StatusOr<MomentumForm> ParseMomentumForm(absl::string_view name);
 
 // Hyper-parameters of one parameter. Defaults follow the reference muon.py
 // for Muon and torch.optim.AdamW for AdamW.

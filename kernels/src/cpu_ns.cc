@@ -1,0 +1,163 @@
+#include "muon/kernels/cpu_ns.h"
+
+#include <cblas.h>
+#include <lapacke.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+
+namespace muon {
+namespace {
+
+// Copies row-major rows×cols `in` into its wide orientation r×c (r ≤ c).
+void ToWide(const float* in, int64_t rows, int64_t cols, float* out) {
+  if (rows <= cols) {
+    std::copy(in, in + rows * cols, out);
+    return;
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) out[j * rows + i] = in[i * cols + j];
+  }
+}
+
+void FromWide(const float* wide, int64_t rows, int64_t cols, float* out) {
+  if (rows <= cols) {
+    std::copy(wide, wide + rows * cols, out);
+    return;
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) out[i * cols + j] = wide[j * rows + i];
+  }
+}
+
+// A = X·Xᵀ for row-major X (r×c, ld c) into row-major A (r×r, ld r), both triangles.
+void Gram(const float* x, int r, int c, float* a) {
+  cblas_ssyrk(CblasRowMajor, CblasUpper, CblasNoTrans, r, c, 1.0f, x, c, 0.0f, a, r);
+  for (int i = 0; i < r; ++i) {
+    for (int j = 0; j < i; ++j) a[i * r + j] = a[j * r + i];
+  }
+}
+
+// Newton–Schulz on one wide r×c matrix in place. Work buffers: a, b (r×r), y (r×c).
+void NewtonSchulzWide(const NsCoefficients& coeffs, int r, int c, float* x, float* a, float* b,
+                      float* y) {
+  const int64_t rc = static_cast<int64_t>(r) * c;
+  bool gram_ready = false;
+  if (coeffs.aol) {
+    // AOL: scale row i by d_i = 1/sqrt(Σ_j |A_ij|); the scaled Gram matrix
+    // diag(d)·A·diag(d) is the first iteration's A.
+    Gram(x, r, c, a);
+    std::vector<float> d(r);
+    for (int i = 0; i < r; ++i) {
+      double sum = 0;
+      for (int j = 0; j < r; ++j) sum += std::fabs(a[i * r + j]);
+      d[i] = static_cast<float>(1.0 / std::sqrt(std::max(sum, 1e-7)));
+    }
+    for (int i = 0; i < r; ++i) {
+      cblas_sscal(c, d[i], x + static_cast<int64_t>(i) * c, 1);
+      for (int j = 0; j < r; ++j) a[i * r + j] *= d[i] * d[j];
+    }
+    gram_ready = true;
+  } else {
+    const double norm = cblas_snrm2(static_cast<int>(rc), x, 1);
+    cblas_sscal(static_cast<int>(rc), static_cast<float>(1.0 / (coeffs.norm_safety * norm + 1e-7)),
+                x, 1);
+  }
+  for (const auto& [ca, cb, cc] : coeffs.steps) {
+    if (!gram_ready) Gram(x, r, c, a);
+    gram_ready = false;
+    // B = cb·A + cc·A·A (A symmetric, r×r, ld r).
+    std::copy(a, a + static_cast<int64_t>(r) * r, b);
+    cblas_ssymm(CblasRowMajor, CblasLeft, CblasUpper, r, r, static_cast<float>(cc), a, r, a, r,
+                static_cast<float>(cb), b, r);
+    // Y = ca·X + B·X: B r×r (ld r), X r×c (ld c), Y r×c (ld c).
+    std::copy(x, x + rc, y);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, r, c, r, 1.0f, b, r, x, c,
+                static_cast<float>(ca), y, c);
+    std::copy(y, y + rc, x);
+  }
+}
+
+// Exact polar factor U·Vᵀ of a wide r×c matrix in float64, with singular
+// values that are zero to working precision mapped to 0 (as NS maps them).
+absl::Status PolarSvdWide(int r, int c, float* x) {
+  std::vector<double> m(x, x + static_cast<int64_t>(r) * c);
+  std::vector<double> s(r), u(static_cast<int64_t>(r) * r), vt(static_cast<int64_t>(r) * c);
+  const int info = LAPACKE_dgesdd(LAPACK_ROW_MAJOR, 'S', r, c, m.data(), c, s.data(), u.data(), r,
+                                  vt.data(), c);
+  if (info != 0) {
+    return absl::InternalError(absl::StrCat("LAPACK dgesdd failed to converge (info ", info, ")"));
+  }
+  const double tol = s[0] * std::max(r, c) * std::numeric_limits<double>::epsilon();
+  for (int k = 0; k < r; ++k) {
+    const double keep = s[k] > tol ? 1.0 : 0.0;
+    for (int i = 0; i < r; ++i) u[i * r + k] *= keep;
+  }
+  std::vector<double> o(static_cast<int64_t>(r) * c);
+  cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, r, c, r, 1.0, u.data(), r, vt.data(), c,
+              0.0, o.data(), c);
+  std::transform(o.begin(), o.end(), x, [](double v) { return static_cast<float>(v); });
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status OrthogonalizeCpu(const NsCoefficients& coeffs, const MatrixView& view, float* x) {
+  if (view.batch < 1 || view.rows < 1 || view.cols < 1) {
+    return absl::InvalidArgumentError("cannot orthogonalize an empty matrix");
+  }
+  if (view.rows > std::numeric_limits<int>::max() || view.cols > std::numeric_limits<int>::max()) {
+    return absl::InvalidArgumentError("matrix dimension exceeds BLAS's int range");
+  }
+  const int r = static_cast<int>(std::min(view.rows, view.cols));
+  const int c = static_cast<int>(std::max(view.rows, view.cols));
+  const int64_t size = view.rows * view.cols;
+  std::vector<float> wide(size), a(static_cast<int64_t>(r) * r), b(a.size()), y(size);
+  for (int64_t k = 0; k < view.batch; ++k) {
+    float* mat = x + k * size;
+    ToWide(mat, view.rows, view.cols, wide.data());
+    if (coeffs.kind == ScheduleKind::kSvd) {
+      const bool zero = std::all_of(wide.begin(), wide.end(), [](float v) { return v == 0; });
+      if (!zero) {
+        if (absl::Status s = PolarSvdWide(r, c, wide.data()); !s.ok()) return s;
+      }
+    } else {
+      NewtonSchulzWide(coeffs, r, c, wide.data(), a.data(), b.data(), y.data());
+    }
+    FromWide(wide.data(), view.rows, view.cols, mat);
+  }
+  return absl::OkStatus();
+}
+
+double OrthogonalityError(int64_t rows, int64_t cols, const float* o) {
+  const int r = static_cast<int>(std::min(rows, cols));
+  const int c = static_cast<int>(std::max(rows, cols));
+  std::vector<double> w(static_cast<int64_t>(r) * c);
+  // Wide orientation: w = o (r×c) or oᵀ.
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) {
+      const double v = o[i * cols + j];
+      if (rows <= cols) {
+        w[i * cols + j] = v;
+      } else {
+        w[j * rows + i] = v;
+      }
+    }
+  }
+  std::vector<double> g(static_cast<int64_t>(r) * r);
+  cblas_dsyrk(CblasRowMajor, CblasUpper, CblasNoTrans, r, c, 1.0, w.data(), c, 0.0, g.data(), r);
+  double sum = 0;
+  for (int i = 0; i < r; ++i) {
+    for (int j = i; j < r; ++j) {
+      const double e = g[i * r + j] - (i == j ? 1.0 : 0.0);
+      sum += (i == j ? 1.0 : 2.0) * e * e;
+    }
+  }
+  return std::sqrt(sum / r);
+}
+
+}  // namespace muon

@@ -1,0 +1,78 @@
+#include "muon/kernels/engine.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "muon/kernels/status_macros.h"
+
+#ifdef MUON_HAVE_CUDA
+#include "cuda_engine.h"
+#endif
+
+namespace muon {
+
+StepStats& StepStats::operator+=(const StepStats& other) {
+  stage_seconds += other.stage_seconds;
+  compute_seconds += other.compute_seconds;
+  finish_seconds += other.finish_seconds;
+  ns_flops += other.ns_flops;
+  parameters += other.parameters;
+  return *this;
+}
+
+absl::Status Engine::Step(absl::Span<const GradientInput> grads, absl::Span<UpdateOutput> outputs,
+                          const StepOptions& options, StepStats* stats) {
+  MUON_ASSIGN_OR_RETURN(std::unique_ptr<StepTransaction> txn, BeginStep(options));
+  MUON_RETURN_IF_ERROR(txn->Compute(grads, outputs, stats));
+  return txn->Commit();
+}
+
+bool CudaAvailable() {
+#ifdef MUON_HAVE_CUDA
+  return internal::CudaDeviceCount() > 0;
+#else
+  return false;
+#endif
+}
+
+absl::StatusOr<std::unique_ptr<Engine>> CreateCudaEngine(const EngineOptions& options) {
+#ifdef MUON_HAVE_CUDA
+  const int devices = internal::CudaDeviceCount();
+  if (devices <= 0) {
+    return absl::FailedPreconditionError("no usable CUDA device; run with --engine=cpu");
+  }
+  if (options.device < 0 || options.device >= devices) {
+    return absl::InvalidArgumentError(absl::StrCat("CUDA device ", options.device,
+                                                   " does not exist; this machine has ", devices));
+  }
+  return internal::CreateCudaEngineImpl(options);
+#else
+  (void)options;
+  return absl::FailedPreconditionError(
+      "this build has no CUDA engine (built with MUON_CUDA=OFF or without nvcc); "
+      "run with --engine=cpu");
+#endif
+}
+
+absl::StatusOr<std::unique_ptr<Engine>> CreateEngine(absl::string_view kind,
+                                                     const EngineOptions& options) {
+  if (kind == "cpu") return CreateCpuEngine(options);
+  if (kind == "cuda") return CreateCudaEngine(options);
+  if (kind == "auto") return CudaAvailable() ? CreateCudaEngine(options) : CreateCpuEngine(options);
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown engine '", kind, "'; expected auto, cpu or cuda"));
+}
+
+int64_t StateBytes(const ParamSpec& spec) {
+  const int64_t n = NumElements(spec.shape);
+  const int64_t vectors = (spec.kind == OptimizerKind::kMuon ? 1 : 2) + (spec.hold_weights ? 1 : 0);
+  return vectors * n * static_cast<int64_t>(sizeof(float));
+}
+
+int64_t NsFlops(const MatrixView& view, int steps) {
+  const int64_t r = std::min(view.rows, view.cols);
+  const int64_t c = std::max(view.rows, view.cols);
+  return steps * view.batch * (4 * r * r * c + 2 * r * r * r);
+}
+
+}  // namespace muon
