@@ -1,0 +1,80 @@
+#ifndef MUON_SERVER_SERVER_H_
+#define MUON_SERVER_SERVER_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+
+namespace muon::server {
+
+// Limits that keep one client from exhausting the server. Over a limit is
+// RESOURCE_EXHAUSTED with a message naming the limit and its flag.
+struct Limits {
+  int max_sessions = 1024;
+  int max_params_per_session = 100000;
+  // Optimizer state plus one in-flight gradient and update copy per session.
+  // 0: no limit.
+  int64_t max_bytes_per_session = 0;
+  // Largest gRPC message received or sent (gRPC's own default: 4 MiB).
+  int max_message_bytes = 4 << 20;
+  // Step streams open at once (all sessions).
+  int max_concurrent_streams = 256;
+};
+
+struct ServerOptions {
+  // HOST:PORT to serve gRPC on; port 0 picks a free port (see Server::port).
+  std::string listen = "127.0.0.1:50051";
+  // HOST:PORT for Prometheus' /metrics; empty: no metrics endpoint.
+  std::string metrics_listen = "127.0.0.1:9464";
+  // "auto", "cpu" or "cuda" (muon::CreateEngine).
+  std::string engine = "auto";
+  // Engine memory budget for optimizer state; 0: none.
+  int64_t memory_budget_bytes = 0;
+  // CUDA device ordinal.
+  int device = 0;
+  Limits limits;
+  // Directory for checkpoints; empty: checkpoints disabled.
+  std::string checkpoint_dir;
+  // Threads that run engine work; 0: one per core.
+  int scheduler_threads = 0;
+  // Largest UpdateChunk payload; clamped below max_message_bytes.
+  int update_chunk_bytes = 1 << 20;
+};
+
+class ServerImpl;
+
+// The running muon-server: gRPC service, health, reflection, metrics.
+// Thread-safe.
+class Server {
+ public:
+  // Creates the engine, binds the ports and starts serving.
+  // InvalidArgument for bad options; Unavailable when a port cannot be bound;
+  // whatever the engine factory returns.
+  static absl::StatusOr<std::unique_ptr<Server>> Create(const ServerOptions& options);
+  ~Server();
+
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+
+  // The bound gRPC port.
+  int port() const;
+
+  // Stops accepting new steps and sessions (UNAVAILABLE), marks health
+  // NOT_SERVING, waits up to `timeout` for in-flight steps to finish, then
+  // shuts the gRPC server down. Returns true when everything drained in time.
+  bool Drain(absl::Duration timeout);
+
+  // Blocks until the server has shut down.
+  void Wait();
+
+ private:
+  explicit Server(std::unique_ptr<ServerImpl> impl);
+  std::unique_ptr<ServerImpl> impl_;
+};
+
+}  // namespace muon::server
+
+#endif  // MUON_SERVER_SERVER_H_

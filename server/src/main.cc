@@ -1,0 +1,145 @@
+// muon-server: flags (and MUON_* environment variables), signals, main.
+
+#include <signal.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "muon/server/server.h"
+
+ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
+          "gRPC address HOST:PORT (port 0: any free port; see --port_file). Env MUON_LISTEN.");
+ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9464",
+          "Prometheus /metrics address HOST:PORT; empty disables. Env MUON_METRICS_LISTEN.");
+ABSL_FLAG(std::string, engine, "auto", "Engine: auto, cpu or cuda. Env MUON_ENGINE.");
+ABSL_FLAG(int64_t, memory_budget_bytes, 0,
+          "Optimizer state budget in bytes; 0: none. Env MUON_MEMORY_BUDGET_BYTES.");
+ABSL_FLAG(int, device, 0, "CUDA device ordinal. Env MUON_DEVICE.");
+ABSL_FLAG(int, max_sessions, 1024, "Sessions at once. Env MUON_MAX_SESSIONS.");
+ABSL_FLAG(int, max_params_per_session, 100000,
+          "Parameters per session. Env MUON_MAX_PARAMS_PER_SESSION.");
+ABSL_FLAG(int64_t, max_bytes_per_session, 0,
+          "Bytes per session (state + one gradient + one update per parameter); 0: no limit. "
+          "Env MUON_MAX_BYTES_PER_SESSION.");
+ABSL_FLAG(int, max_message_bytes, 4 << 20,
+          "Largest gRPC message received or sent. Env MUON_MAX_MESSAGE_BYTES.");
+ABSL_FLAG(int, max_concurrent_streams, 256,
+          "Step streams open at once. Env MUON_MAX_CONCURRENT_STREAMS.");
+ABSL_FLAG(std::string, checkpoint_dir, "",
+          "Directory for checkpoints; empty: none. Env MUON_CHECKPOINT_DIR.");
+ABSL_FLAG(std::string, port_file, "",
+          "Write the bound gRPC port to this file once serving. Env MUON_PORT_FILE.");
+ABSL_FLAG(int, scheduler_threads, 0,
+          "Threads running engine work; 0: one per core. Env MUON_SCHEDULER_THREADS.");
+ABSL_FLAG(double, drain_timeout_seconds, 30,
+          "On SIGTERM/SIGINT, how long to wait for in-flight steps. Env "
+          "MUON_DRAIN_TIMEOUT_SECONDS.");
+
+namespace {
+
+// Environment variables set flag values; the command line overrides them.
+template <typename T>
+bool FromEnv(absl::Flag<T>* flag, const char* env) {
+  const char* value = std::getenv(env);
+  if (value == nullptr) return true;
+  T parsed;
+  std::string error;
+  if (!absl::ParseFlag(value, &parsed, &error)) {
+    std::cerr << "muon-server: bad " << env << "='" << value << "': " << error << "\n";
+    return false;
+  }
+  absl::SetFlag(flag, parsed);
+  return true;
+}
+
+bool FlagsFromEnv() {
+  return FromEnv(&FLAGS_listen, "MUON_LISTEN") &&
+         FromEnv(&FLAGS_metrics_listen, "MUON_METRICS_LISTEN") &&
+         FromEnv(&FLAGS_engine, "MUON_ENGINE") &&
+         FromEnv(&FLAGS_memory_budget_bytes, "MUON_MEMORY_BUDGET_BYTES") &&
+         FromEnv(&FLAGS_device, "MUON_DEVICE") &&
+         FromEnv(&FLAGS_max_sessions, "MUON_MAX_SESSIONS") &&
+         FromEnv(&FLAGS_max_params_per_session, "MUON_MAX_PARAMS_PER_SESSION") &&
+         FromEnv(&FLAGS_max_bytes_per_session, "MUON_MAX_BYTES_PER_SESSION") &&
+         FromEnv(&FLAGS_max_message_bytes, "MUON_MAX_MESSAGE_BYTES") &&
+         FromEnv(&FLAGS_max_concurrent_streams, "MUON_MAX_CONCURRENT_STREAMS") &&
+         FromEnv(&FLAGS_checkpoint_dir, "MUON_CHECKPOINT_DIR") &&
+         FromEnv(&FLAGS_port_file, "MUON_PORT_FILE") &&
+         FromEnv(&FLAGS_scheduler_threads, "MUON_SCHEDULER_THREADS") &&
+         FromEnv(&FLAGS_drain_timeout_seconds, "MUON_DRAIN_TIMEOUT_SECONDS");
+}
+
+// Written to a temporary name and renamed, so a reader never sees half a port.
+bool WritePortFile(const std::string& path, int port) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << port << "\n";
+    if (!out.good()) return false;
+  }
+  return std::rename(tmp.c_str(), path.c_str()) == 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "muon-server: the Muon optimizer as a gRPC service (muon.v1.Optimizer).\n"
+      "Flags may also be set by MUON_<FLAG> environment variables.");
+  if (!FlagsFromEnv()) return 2;
+  absl::ParseCommandLine(argc, argv);
+
+  // Block the stop signals in every thread; main waits for them below.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  muon::server::ServerOptions options;
+  options.listen = absl::GetFlag(FLAGS_listen);
+  options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+  options.engine = absl::AsciiStrToLower(absl::GetFlag(FLAGS_engine));
+  options.memory_budget_bytes = absl::GetFlag(FLAGS_memory_budget_bytes);
+  options.device = absl::GetFlag(FLAGS_device);
+  options.limits.max_sessions = absl::GetFlag(FLAGS_max_sessions);
+  options.limits.max_params_per_session = absl::GetFlag(FLAGS_max_params_per_session);
+  options.limits.max_bytes_per_session = absl::GetFlag(FLAGS_max_bytes_per_session);
+  options.limits.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
+  options.limits.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
+  options.checkpoint_dir = absl::GetFlag(FLAGS_checkpoint_dir);
+  options.scheduler_threads = absl::GetFlag(FLAGS_scheduler_threads);
+
+  absl::StatusOr<std::unique_ptr<muon::server::Server>> server =
+      muon::server::Server::Create(options);
+  if (!server.ok()) {
+    std::cerr << "muon-server: " << server.status() << "\n";
+    return 1;
+  }
+  const std::string port_file = absl::GetFlag(FLAGS_port_file);
+  if (!port_file.empty() && !WritePortFile(port_file, (*server)->port())) {
+    std::cerr << "muon-server: cannot write --port_file=" << port_file << "\n";
+    return 1;
+  }
+  std::cerr << "muon-server: serving muon.v1.Optimizer on port " << (*server)->port()
+            << " (engine " << options.engine << ")" << std::endl;
+
+  int signal = 0;
+  sigwait(&stop_signals, &signal);
+  std::cerr << "muon-server: signal " << signal << ", draining in-flight steps" << std::endl;
+  const bool drained =
+      (*server)->Drain(absl::Seconds(absl::GetFlag(FLAGS_drain_timeout_seconds)));
+  server->reset();
+  std::cerr << "muon-server: " << (drained ? "drained, exiting" : "drain timed out, exiting")
+            << std::endl;
+  return 0;
+}

@@ -1,0 +1,124 @@
+#include "muon/server/server.h"
+
+#include <thread>
+#include <utility>
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/security/server_credentials.h>
+#include <grpcpp/server.h>
+#include <grpcpp/server_builder.h>
+
+#include "absl/strings/str_cat.h"
+#include "metrics.h"
+#include "muon/kernels/engine.h"
+#include "muon/kernels/status_macros.h"
+#include "service.h"
+#include "session.h"
+#include "thread_pool.h"
+
+namespace muon::server {
+
+// Owns everything; members are destroyed bottom-up: the gRPC server first
+// (no reaction runs afterwards), then the pool (its tasks finish), then the
+// sessions and the engine.
+class ServerImpl {
+ public:
+  std::unique_ptr<Engine> engine;
+  std::unique_ptr<Metrics> metrics;
+  std::unique_ptr<ThreadPool> pool;
+  std::unique_ptr<SessionRegistry> sessions;
+  std::unique_ptr<OptimizerService> service;
+  std::unique_ptr<grpc::Server> grpc_server;
+  int port = 0;
+
+  ~ServerImpl() {
+    if (grpc_server != nullptr) {
+      grpc_server->Shutdown(std::chrono::system_clock::now());
+      grpc_server->Wait();
+      grpc_server.reset();
+    }
+    pool.reset();
+    service.reset();
+    sessions.reset();
+  }
+};
+
+namespace {
+
+absl::Status ValidateOptions(const ServerOptions& o) {
+  if (o.listen.empty()) return absl::InvalidArgumentError("--listen is empty; use HOST:PORT");
+  if (o.memory_budget_bytes < 0) {
+    return absl::InvalidArgumentError("--memory_budget_bytes must be >= 0 (0: no budget)");
+  }
+  if (o.limits.max_sessions < 1) return absl::InvalidArgumentError("--max_sessions must be >= 1");
+  if (o.limits.max_message_bytes < 64 * 1024) {
+    return absl::InvalidArgumentError("--max_message_bytes must be at least 65536");
+  }
+  if (o.scheduler_threads < 0) {
+    return absl::InvalidArgumentError("--scheduler_threads must be >= 0 (0: one per core)");
+  }
+  if (o.update_chunk_bytes < 1024) {
+    return absl::InvalidArgumentError("--update_chunk_bytes must be at least 1024");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& options) {
+  MUON_RETURN_IF_ERROR(ValidateOptions(options));
+  auto impl = std::make_unique<ServerImpl>();
+  EngineOptions engine_options;
+  engine_options.memory_budget_bytes = options.memory_budget_bytes;
+  engine_options.device = options.device;
+  MUON_ASSIGN_OR_RETURN(impl->engine, CreateEngine(options.engine, engine_options));
+  MUON_ASSIGN_OR_RETURN(impl->metrics, Metrics::Create(options.metrics_listen));
+  int threads = options.scheduler_threads;
+  if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
+  impl->pool = std::make_unique<ThreadPool>(threads);
+  impl->sessions =
+      std::make_unique<SessionRegistry>(impl->engine.get(), options.limits, impl->metrics.get());
+  ServiceEnv env;
+  env.engine = impl->engine.get();
+  env.sessions = impl->sessions.get();
+  env.pool = impl->pool.get();
+  env.metrics = impl->metrics.get();
+  env.options = options;
+  impl->service = std::make_unique<OptimizerService>(std::move(env));
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &impl->port);
+  builder.RegisterService(impl->service.get());
+  builder.SetMaxReceiveMessageSize(options.limits.max_message_bytes);
+  builder.SetMaxSendMessageSize(options.limits.max_message_bytes);
+  impl->grpc_server = builder.BuildAndStart();
+  if (impl->grpc_server == nullptr || impl->port == 0) {
+    impl->grpc_server.reset();
+    return absl::UnavailableError(absl::StrCat(
+        "cannot listen on ", options.listen,
+        " (address in use or not local?); pick another with --listen=HOST:PORT"));
+  }
+  impl->grpc_server->GetHealthCheckService()->SetServingStatus(true);
+  return std::unique_ptr<Server>(new Server(std::move(impl)));
+}
+
+Server::Server(std::unique_ptr<ServerImpl> impl) : impl_(std::move(impl)) {}
+Server::~Server() = default;
+
+int Server::port() const { return impl_->port; }
+
+bool Server::Drain(absl::Duration timeout) {
+  impl_->service->gate().StartDraining();
+  impl_->grpc_server->GetHealthCheckService()->SetServingStatus(false);
+  const bool drained = impl_->service->gate().WaitForSteps(timeout);
+  // Calls still open (idle streams, a step that did not drain) are cancelled.
+  impl_->grpc_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  return drained;
+}
+
+void Server::Wait() { impl_->grpc_server->Wait(); }
+
+}  // namespace muon::server

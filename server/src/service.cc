@@ -1,0 +1,177 @@
+#include "service.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "metrics.h"
+#include "muon/server/status_util.h"
+#include "session.h"
+#include "thread_pool.h"
+
+namespace muon::server {
+
+absl::Status DrainGate::OpenStream(int max_streams) {
+  absl::MutexLock lock(&mu_);
+  if (draining_) {
+    return absl::UnavailableError(
+        "the server is shutting down and takes no new steps; retry after it restarts or against "
+        "another replica");
+  }
+  if (max_streams > 0 && streams_ >= max_streams) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "this server already has ", streams_, " Step streams open, its limit",
+        " (--max_concurrent_streams=", max_streams, "); retry later"));
+  }
+  ++streams_;
+  return absl::OkStatus();
+}
+
+void DrainGate::CloseStream() {
+  absl::MutexLock lock(&mu_);
+  --streams_;
+}
+
+absl::Status DrainGate::StartStep() {
+  absl::MutexLock lock(&mu_);
+  if (draining_) {
+    return absl::UnavailableError(
+        "the server is shutting down and takes no new steps; retry after it restarts or against "
+        "another replica");
+  }
+  ++steps_;
+  return absl::OkStatus();
+}
+
+void DrainGate::EndStep() {
+  absl::MutexLock lock(&mu_);
+  --steps_;
+}
+
+void DrainGate::StartDraining() {
+  absl::MutexLock lock(&mu_);
+  draining_ = true;
+}
+
+bool DrainGate::draining() const {
+  absl::MutexLock lock(&mu_);
+  return draining_;
+}
+
+bool DrainGate::WaitForSteps(absl::Duration timeout) {
+  absl::MutexLock lock(&mu_);
+  return mu_.AwaitWithTimeout(absl::Condition(
+                                  +[](int* steps) { return *steps == 0; }, &steps_),
+                              timeout);
+}
+
+namespace {
+
+absl::Status Draining() {
+  return absl::UnavailableError(
+      "the server is shutting down; retry after it restarts or against another replica");
+}
+
+// Finishes a client-streaming call at once (methods not implemented yet).
+template <typename Request>
+class RejectReader final : public grpc::ServerReadReactor<Request> {
+ public:
+  explicit RejectReader(const absl::Status& status) { this->Finish(ToGrpcStatus(status)); }
+  void OnReadDone(bool) override {}
+  void OnDone() override { delete this; }
+};
+
+template <typename Response>
+class RejectWriter final : public grpc::ServerWriteReactor<Response> {
+ public:
+  explicit RejectWriter(const absl::Status& status) { this->Finish(ToGrpcStatus(status)); }
+  void OnDone() override { delete this; }
+};
+
+}  // namespace
+
+grpc::ServerUnaryReactor* OptimizerService::CreateSession(grpc::CallbackServerContext* ctx,
+                                                          const v1::CreateSessionRequest* request,
+                                                          v1::CreateSessionResponse* response) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  if (gate_.draining()) {
+    reactor->Finish(ToGrpcStatus(Draining()));
+    return reactor;
+  }
+  // Registration allocates and zeroes state: engine work, so off the reactor.
+  env_.pool->Schedule([this, reactor, request, response] {
+    absl::StatusOr<std::shared_ptr<Session>> session = env_.sessions->Create(*request);
+    if (!session.ok()) {
+      reactor->Finish(ToGrpcStatus(session.status()));
+      return;
+    }
+    response->set_session_id((*session)->id());
+    response->set_token((*session)->token());
+    response->set_step((*session)->step());
+    (*session)->FillInfo(/*with_params=*/true, response->mutable_session());
+    reactor->Finish(grpc::Status::OK);
+  });
+  return reactor;
+}
+
+grpc::ServerBidiReactor<v1::StepRequest, v1::StepResponse>* OptimizerService::Step(
+    grpc::CallbackServerContext* ctx) {
+  return NewStepReactor(&env_, &gate_, ctx);
+}
+
+grpc::ServerUnaryReactor* OptimizerService::GetSession(grpc::CallbackServerContext* ctx,
+                                                       const v1::GetSessionRequest* request,
+                                                       v1::SessionInfo* response) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  absl::StatusOr<std::shared_ptr<Session>> session =
+      env_.sessions->Get(request->session_id(), request->token());
+  if (session.ok()) (*session)->FillInfo(/*with_params=*/true, response);
+  reactor->Finish(ToGrpcStatus(session.status()));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* OptimizerService::ListSessions(grpc::CallbackServerContext* ctx,
+                                                         const v1::ListSessionsRequest* /*request*/,
+                                                         v1::ListSessionsResponse* response) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  std::vector<std::shared_ptr<Session>> sessions = env_.sessions->List();
+  std::sort(sessions.begin(), sessions.end(),
+            [](const auto& a, const auto& b) { return a->id() < b->id(); });
+  for (const auto& s : sessions) s->FillInfo(/*with_params=*/false, response->add_sessions());
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* OptimizerService::DeleteSession(grpc::CallbackServerContext* ctx,
+                                                          const v1::DeleteSessionRequest* request,
+                                                          v1::DeleteSessionResponse* /*response*/) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  env_.pool->Schedule([this, reactor, request] {
+    reactor->Finish(ToGrpcStatus(env_.sessions->Delete(request->session_id(), request->token())));
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* OptimizerService::Checkpoint(grpc::CallbackServerContext* ctx,
+                                                       const v1::CheckpointRequest* /*request*/,
+                                                       v1::CheckpointResponse* /*response*/) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(absl::UnimplementedError(
+      "Checkpoint is not implemented in this server version yet; session state lives in memory "
+      "only")));
+  return reactor;
+}
+
+grpc::ServerReadReactor<v1::PushWeightsRequest>* OptimizerService::PushWeights(
+    grpc::CallbackServerContext* /*ctx*/, v1::PushWeightsResponse* /*response*/) {
+  return new RejectReader<v1::PushWeightsRequest>(absl::UnimplementedError(
+      "PushWeights (PARAMETER_SERVER mode) is not implemented in this server version yet"));
+}
+
+grpc::ServerWriteReactor<v1::PullWeightsResponse>* OptimizerService::PullWeights(
+    grpc::CallbackServerContext* /*ctx*/, const v1::PullWeightsRequest* /*request*/) {
+  return new RejectWriter<v1::PullWeightsResponse>(absl::UnimplementedError(
+      "PullWeights (PARAMETER_SERVER mode) is not implemented in this server version yet"));
+}
+
+}  // namespace muon::server

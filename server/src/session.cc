@@ -1,0 +1,267 @@
+#include "session.h"
+
+#include <random>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "convert.h"
+#include "metrics.h"
+#include "muon/kernels/status_macros.h"
+
+namespace muon::server {
+namespace {
+
+std::string RandomHex(int bytes) {
+  std::random_device rd;  // /dev/urandom on Linux
+  std::string out;
+  for (int i = 0; i < bytes; ++i) absl::StrAppendFormat(&out, "%02x", rd() & 0xff);
+  return out;
+}
+
+void SetTimestamp(absl::Time t, google::protobuf::Timestamp* ts) {
+  const int64_t ns = absl::ToUnixNanos(t);
+  ts->set_seconds(ns / 1000000000);
+  ts->set_nanos(static_cast<int32_t>(ns % 1000000000));
+}
+
+}  // namespace
+
+Session::Session(std::string id, std::string token, std::string name, v1::SessionMode mode,
+                 uint32_t num_workers, std::vector<SessionParam> params)
+    : id_(std::move(id)),
+      token_(std::move(token)),
+      name_(std::move(name)),
+      mode_(mode),
+      num_workers_(num_workers),
+      params_(std::move(params)),
+      create_time_(absl::Now()),
+      last_(num_workers) {}
+
+absl::Status Session::CheckToken(absl::string_view token) const {
+  if (token.empty() || token == token_) return absl::OkStatus();
+  return absl::UnauthenticatedError(absl::StrCat(
+      "the token does not match session ", id_, "; use the token CreateSession returned"));
+}
+
+absl::StatusOr<Session::Admission> Session::AdmitStep(uint64_t step, uint32_t worker) {
+  absl::MutexLock lock(&mu_);
+  if (deleted_) return absl::NotFoundError(absl::StrCat("session ", id_, " was deleted"));
+  if (step == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("step numbers start at 1; session ", id_, " expects step ", step_ + 1));
+  }
+  if (step == step_ + 1) {
+    if (in_flight_) {
+      return absl::AbortedError(absl::StrCat(
+          "session ", id_, " already has step ", step,
+          " in flight on another stream; retry once that stream has ended"));
+    }
+    in_flight_ = true;
+    return Admission{};
+  }
+  if (step > step_) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "step ", step, " is ahead of session ", id_, ": its last committed step is ", step_,
+        ", so the expected step is ", step_ + 1));
+  }
+  const std::shared_ptr<const StepRecord>& last = last_[worker];
+  if (last != nullptr && last->step == step) return Admission{last};
+  return absl::FailedPreconditionError(absl::StrCat(
+      "step ", step, " of session ", id_, " was already committed and only the last step's updates",
+      " are kept for retries; the session is at step ", step_, ", so the expected step is ",
+      step_ + 1));
+}
+
+void Session::CommitStep(uint32_t worker, std::shared_ptr<const StepRecord> record) {
+  absl::MutexLock lock(&mu_);
+  step_ = record->step;
+  last_[worker] = std::move(record);
+  last_step_time_ = absl::Now();
+  in_flight_ = false;
+}
+
+void Session::AbortStep(uint32_t /*worker*/) {
+  absl::MutexLock lock(&mu_);
+  in_flight_ = false;
+}
+
+absl::Status Session::MarkDeleted() {
+  absl::MutexLock lock(&mu_);
+  if (deleted_) return absl::NotFoundError(absl::StrCat("session ", id_, " was deleted"));
+  if (in_flight_) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "session ", id_, " has step ", step_ + 1, " in flight; delete it once the step has ended"));
+  }
+  deleted_ = true;
+  return absl::OkStatus();
+}
+
+uint64_t Session::step() const {
+  absl::MutexLock lock(&mu_);
+  return step_;
+}
+
+void Session::FillInfo(bool with_params, v1::SessionInfo* info) const {
+  info->set_session_id(id_);
+  info->set_name(name_);
+  info->set_mode(mode_);
+  info->set_num_workers(num_workers_);
+  info->set_num_params(static_cast<uint32_t>(params_.size()));
+  int64_t state_bytes = 0;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const SessionParam& p = params_[i];
+    state_bytes += p.state_bytes;
+    if (!with_params) continue;
+    v1::ParameterInfo* out = info->add_params();
+    out->set_index(static_cast<uint32_t>(i));
+    out->set_name(p.spec.name);
+    for (int64_t d : p.spec.shape) out->add_shape(d);
+    out->set_dtype(DTypeToProto(p.spec.dtype));
+    out->set_kind(KindToProto(p.spec.kind));
+    HyperParamsToProto(p.spec.hp, out->mutable_hyper_params());
+    out->set_state_bytes(p.state_bytes);
+    out->set_tensor_bytes(p.tensor_bytes);
+  }
+  info->set_state_bytes(state_bytes);
+  SetTimestamp(create_time_, info->mutable_create_time());
+  absl::MutexLock lock(&mu_);
+  info->set_step(step_);
+  info->set_next_step(step_ + 1);
+  if (last_step_time_ != absl::InfinitePast()) {
+    SetTimestamp(last_step_time_, info->mutable_last_step_time());
+  }
+}
+
+SessionRegistry::SessionRegistry(Engine* engine, const Limits& limits, Metrics* metrics)
+    : engine_(engine), limits_(limits), metrics_(metrics) {}
+
+SessionRegistry::~SessionRegistry() {
+  absl::MutexLock lock(&mu_);
+  for (auto& [id, session] : sessions_) {
+    for (const SessionParam& p : session->params()) engine_->Unregister(p.engine_id).IgnoreError();
+  }
+}
+
+absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Create(
+    const v1::CreateSessionRequest& request) {
+  if (limits_.max_params_per_session > 0 && request.params_size() > limits_.max_params_per_session) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the session has ", request.params_size(), " parameters; this server allows ",
+        limits_.max_params_per_session, " per session (--max_params_per_session)"));
+  }
+  uint32_t num_workers = request.num_workers() == 0 ? 1 : request.num_workers();
+  v1::SessionMode mode = request.mode();
+  if (mode == v1::SESSION_MODE_UNSPECIFIED) mode = v1::SESSION_MODE_UPDATES;
+  if (mode != v1::SESSION_MODE_UPDATES && mode != v1::SESSION_MODE_PARAMETER_SERVER) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown mode value ", static_cast<int>(mode),
+                     "; use SESSION_MODE_UPDATES or SESSION_MODE_PARAMETER_SERVER"));
+  }
+  if (mode == v1::SESSION_MODE_UPDATES && num_workers != 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "num_workers is ", num_workers,
+        " but UPDATES mode has exactly one worker; use SESSION_MODE_PARAMETER_SERVER"));
+  }
+  if (num_workers > 4096) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("num_workers is ", num_workers, "; at most 4096 are supported"));
+  }
+  MUON_ASSIGN_OR_RETURN(std::vector<ParamSpec> specs, SpecsFromRequest(request));
+
+  std::vector<SessionParam> params(specs.size());
+  int64_t session_bytes = 0;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    params[i].tensor_bytes = NumElements(specs[i].shape) * DTypeSize(specs[i].dtype);
+    params[i].state_bytes = StateBytes(specs[i]);
+    // State, plus one gradient in flight and one cached update.
+    session_bytes += params[i].state_bytes + 2 * params[i].tensor_bytes;
+    params[i].spec = std::move(specs[i]);
+  }
+  if (limits_.max_bytes_per_session > 0 && session_bytes > limits_.max_bytes_per_session) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the session needs ", session_bytes,
+        " bytes (optimizer state plus one gradient and one update per parameter); this server "
+        "allows ",
+        limits_.max_bytes_per_session, " per session (--max_bytes_per_session)"));
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    if (static_cast<int64_t>(sessions_.size()) + reserved_ >= limits_.max_sessions) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("this server already has ", sessions_.size(), " sessions, its limit",
+                       " (--max_sessions=", limits_.max_sessions,
+                       "); delete unused sessions or raise the limit"));
+    }
+    ++reserved_;
+  }
+  absl::Status status;
+  size_t registered = 0;
+  for (; registered < params.size(); ++registered) {
+    absl::StatusOr<ParamId> id = engine_->Register(params[registered].spec);
+    if (!id.ok()) {
+      status = id.status();
+      break;
+    }
+    params[registered].engine_id = *id;
+  }
+  if (!status.ok()) {
+    for (size_t i = 0; i < registered; ++i) engine_->Unregister(params[i].engine_id).IgnoreError();
+    absl::MutexLock lock(&mu_);
+    --reserved_;
+    const std::string& who = params[registered].spec.name;
+    return absl::Status(status.code(), absl::StrCat("registering parameter ", registered, " ('",
+                                                    who, "'): ", status.message()));
+  }
+  auto session = std::make_shared<Session>(RandomHex(8), RandomHex(16), request.name(), mode,
+                                           num_workers, std::move(params));
+  {
+    absl::MutexLock lock(&mu_);
+    --reserved_;
+    sessions_.emplace(session->id(), session);
+  }
+  metrics_->SessionCreated();
+  return session;
+}
+
+absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Get(absl::string_view id,
+                                                              absl::string_view token) const {
+  std::shared_ptr<Session> session;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = sessions_.find(id);
+    if (it != sessions_.end()) session = it->second;
+  }
+  if (session == nullptr) {
+    if (id.empty()) return absl::InvalidArgumentError("session_id is empty");
+    return absl::NotFoundError(absl::StrCat(
+        "no session '", id, "' on this server (deleted, or created on another server or before a "
+        "restart); create one with CreateSession"));
+  }
+  MUON_RETURN_IF_ERROR(session->CheckToken(token));
+  return session;
+}
+
+std::vector<std::shared_ptr<Session>> SessionRegistry::List() const {
+  absl::MutexLock lock(&mu_);
+  std::vector<std::shared_ptr<Session>> out;
+  out.reserve(sessions_.size());
+  for (const auto& [id, session] : sessions_) out.push_back(session);
+  return out;
+}
+
+absl::Status SessionRegistry::Delete(absl::string_view id, absl::string_view token) {
+  MUON_ASSIGN_OR_RETURN(std::shared_ptr<Session> session, Get(id, token));
+  MUON_RETURN_IF_ERROR(session->MarkDeleted());
+  {
+    absl::MutexLock lock(&mu_);
+    sessions_.erase(session->id());
+  }
+  for (const SessionParam& p : session->params()) {
+    MUON_RETURN_IF_ERROR(engine_->Unregister(p.engine_id));
+  }
+  metrics_->SessionDeleted();
+  return absl::OkStatus();
+}
+
+}  // namespace muon::server

@@ -1,0 +1,61 @@
+#ifndef MUON_SERVER_SRC_STEP_ASSEMBLER_H_
+#define MUON_SERVER_SRC_STEP_ASSEMBLER_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/string_view.h"
+
+namespace muon::server {
+
+// Collects one step's gradient chunks (any order, any size) into whole
+// tensors, rejecting chunks out of bounds, misaligned or overlapping.
+// Thread-compatible: one thread (the stream's reader) drives it.
+class StepAssembler {
+ public:
+  struct Tensor {
+    std::string name;          // for messages
+    int64_t bytes = 0;         // whole tensor
+    int64_t element_size = 1;  // offsets and lengths are multiples of it
+  };
+  explicit StepAssembler(std::vector<Tensor> tensors);
+
+  // Copies `data` to [offset, offset + size) of tensor `index` and sets
+  // *complete when the tensor is now whole. NotFound for an unknown index;
+  // InvalidArgument for an empty, misaligned, out-of-bounds or overlapping
+  // chunk. On error nothing changes.
+  absl::Status Add(uint32_t index, uint64_t offset, absl::string_view data, bool* complete);
+
+  // Moves out a whole tensor's bytes. REQUIRES: tensor `index` is complete
+  // and not taken yet.
+  std::unique_ptr<std::byte[]> Take(uint32_t index);
+
+  // Ok when tensor `index` is whole; InvalidArgument naming the first
+  // missing byte range otherwise.
+  absl::Status CheckComplete(uint32_t index) const;
+
+  // Indices of the tensors that received at least one chunk, ascending.
+  std::vector<uint32_t> Started() const;
+  bool started(uint32_t index) const { return state_[index].started; }
+  int64_t bytes_received() const { return bytes_received_; }
+
+ private:
+  struct State {
+    bool started = false;
+    int64_t received = 0;
+    std::unique_ptr<std::byte[]> data;
+    std::map<uint64_t, uint64_t> ranges;  // start → end of received bytes
+  };
+  std::vector<Tensor> tensors_;
+  std::vector<State> state_;
+  int64_t bytes_received_ = 0;
+};
+
+}  // namespace muon::server
+
+#endif  // MUON_SERVER_SRC_STEP_ASSEMBLER_H_

@@ -1,0 +1,621 @@
+// The Step stream: header, gradient chunks, end; updates stream back as each
+// parameter completes; the summary is the commit.
+//
+// Threads: gRPC runs the read and write reactions; the ThreadPool runs the
+// engine work (one task at a time per step, since a StepTransaction is
+// driven by one thread at a time). StartWrite and Finish are never called
+// with mu_ held: a reaction may run inline inside them.
+
+#include <algorithm>
+#include <cmath>
+#include <deque>
+#include <memory>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "convert.h"
+#include "metrics.h"
+#include "muon/kernels/status_macros.h"
+#include "muon/server/status_util.h"
+#include "service.h"
+#include "session.h"
+#include "step_assembler.h"
+#include "thread_pool.h"
+
+namespace muon::server {
+namespace {
+
+using StepResponsePtr = std::shared_ptr<const v1::StepResponse>;
+
+class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::StepResponse> {
+ public:
+  StepReactor(const ServiceEnv* env, DrainGate* gate, grpc::CallbackServerContext* ctx)
+      : env_(env), gate_(gate), ctx_(ctx) {
+    absl::Status open = gate_->OpenStream(env_->options.limits.max_concurrent_streams);
+    if (!open.ok()) {
+      Finish(ToGrpcStatus(open));
+      return;
+    }
+    stream_open_ = true;
+    env_->metrics->StreamOpened();
+    StartRead(&request_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      OnHalfClose();
+      return;
+    }
+    bool keep_reading = true;
+    absl::Status status = HandleMessage(&keep_reading);
+    if (!status.ok()) {
+      Fail(status);
+      return;
+    }
+    if (keep_reading) StartRead(&request_);
+  }
+
+  void OnWriteDone(bool ok) override {
+    Actions actions;
+    {
+      absl::MutexLock lock(&mu_);
+      writing_ = false;
+      send_seconds_ += absl::ToDoubleSeconds(absl::Now() - write_start_);
+      if (!ok) {
+        // The client went away; nothing more can be sent.
+        writes_.clear();
+        FailLocked(absl::CancelledError("the stream broke while sending updates"), &actions);
+      } else {
+        if (!writes_.empty()) writes_.pop_front();
+        NextWriteLocked(&actions);
+      }
+      TryFinishLocked(&actions);
+    }
+    Run(actions);
+  }
+
+  void OnCancel() override {
+    Actions actions;
+    {
+      absl::MutexLock lock(&mu_);
+      FailLocked(absl::CancelledError(
+                     "the client cancelled the step or the connection broke; nothing was applied"),
+                 &actions);
+    }
+    Run(actions);
+  }
+
+  void OnDone() override {
+    if (stream_open_) {
+      gate_->CloseStream();
+      env_->metrics->StreamClosed();
+    }
+    Unref();
+  }
+
+ private:
+  // What to do on the stream once mu_ is released.
+  struct Actions {
+    const v1::StepResponse* write = nullptr;
+    std::optional<grpc::Status> finish;
+  };
+
+  struct Ready {
+    uint32_t index = 0;
+    std::unique_ptr<std::byte[]> gradient;
+    absl::Time complete_time;
+  };
+
+  ~StepReactor() override {
+    absl::MutexLock lock(&mu_);
+    ReleaseLocked();
+  }
+
+  void Run(const Actions& actions) {
+    if (actions.write != nullptr) StartWrite(actions.write);
+    if (actions.finish.has_value()) Finish(*actions.finish);
+  }
+
+  void Unref() {
+    bool last = false;
+    {
+      absl::MutexLock lock(&mu_);
+      last = --refs_ == 0;
+    }
+    if (last) delete this;
+  }
+
+  // Read path -------------------------------------------------------------
+  // (read reactions are serialized, so request_, phase_ and assembler_ need
+  // no lock.)
+
+  absl::Status HandleMessage(bool* keep_reading) {
+    switch (request_.kind_case()) {
+      case v1::StepRequest::kHeader:
+        if (phase_ != Phase::kHeader) {
+          return absl::InvalidArgumentError(
+              "a second StepHeader on one stream; send one header per Step stream");
+        }
+        return OnHeader(request_.header());
+      case v1::StepRequest::kGradient: {
+        if (phase_ == Phase::kHeader) {
+          return absl::InvalidArgumentError(
+              "the first message of a Step stream must be a StepHeader, not a gradient chunk");
+        }
+        if (phase_ == Phase::kReplay) return absl::OkStatus();  // already applied: ignore
+        const v1::TensorChunk& chunk = request_.gradient();
+        bool complete = false;
+        MUON_RETURN_IF_ERROR(
+            assembler_->Add(chunk.param_index(), chunk.offset(), chunk.data(), &complete));
+        if (complete) EnqueueReady(chunk.param_index());
+        return absl::OkStatus();
+      }
+      case v1::StepRequest::kEnd: {
+        if (phase_ == Phase::kHeader) {
+          return absl::InvalidArgumentError(
+              "the first message of a Step stream must be a StepHeader, not a StepEnd");
+        }
+        *keep_reading = false;
+        if (phase_ == Phase::kReplay) {
+          StartReplay();
+          return absl::OkStatus();
+        }
+        std::vector<uint32_t> listed(request_.end().param_indices().begin(),
+                                     request_.end().param_indices().end());
+        return OnEnd(std::move(listed), /*explicit_list=*/true);
+      }
+      case v1::StepRequest::KIND_NOT_SET: break;
+    }
+    return absl::InvalidArgumentError(
+        "empty StepRequest: set one of header, gradient or end (is the client's proto current?)");
+  }
+
+  void OnHalfClose() {
+    if (ctx_->IsCancelled()) {
+      Fail(absl::CancelledError("the step's stream was cancelled; nothing was applied"));
+      return;
+    }
+    switch (phase_) {
+      case Phase::kHeader:
+        Fail(absl::InvalidArgumentError("the Step stream ended before its StepHeader"));
+        return;
+      case Phase::kReplay:
+        StartReplay();
+        return;
+      case Phase::kReceiving: {
+        absl::Status status = OnEnd(assembler_->Started(), /*explicit_list=*/false);
+        if (!status.ok()) Fail(status);
+        return;
+      }
+      case Phase::kEnded:
+        return;  // reads stop after StepEnd; nothing to do
+    }
+  }
+
+  absl::Status OnHeader(const v1::StepHeader& header) {
+    MUON_ASSIGN_OR_RETURN(session_, env_->sessions->Get(header.session_id(), header.token()));
+    if (session_->mode() == v1::SESSION_MODE_PARAMETER_SERVER) {
+      return absl::UnimplementedError(absl::StrCat(
+          "session ", session_->id(),
+          " is in PARAMETER_SERVER mode, whose steps this server version does not implement yet;"
+          " create the session with SESSION_MODE_UPDATES"));
+    }
+    if (header.worker_id() >= session_->num_workers()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("worker_id ", header.worker_id(), " is out of range: session ",
+                       session_->id(), " has ", session_->num_workers(), " worker(s)"));
+    }
+    if (header.has_lr() && !(std::isfinite(header.lr()) && header.lr() >= 0)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("StepHeader.lr is ", header.lr(), "; it must be finite and >= 0"));
+    }
+    if (header.has_lr_scale() && !(std::isfinite(header.lr_scale()) && header.lr_scale() >= 0)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "StepHeader.lr_scale is ", header.lr_scale(), "; it must be finite and >= 0"));
+    }
+    if (header.update_dtype() != v1::DTYPE_UNSPECIFIED) {
+      MUON_ASSIGN_OR_RETURN(DType dtype,
+                            DTypeFromProto(header.update_dtype(), DType::kFloat32));
+      update_dtype_ = dtype;
+    }
+    header_ = header;
+    start_time_ = absl::Now();
+
+    // A new step counts as in flight before it is admitted, so a drain that
+    // begins now waits for it.
+    MUON_RETURN_IF_ERROR(gate_->StartStep());
+    absl::StatusOr<Session::Admission> admission =
+        session_->AdmitStep(header.step(), header.worker_id());
+    if (!admission.ok()) {
+      gate_->EndStep();
+      return admission.status();
+    }
+    if (admission->replay != nullptr) {
+      gate_->EndStep();
+      replay_ = std::move(admission->replay);
+      phase_ = Phase::kReplay;
+      return absl::OkStatus();
+    }
+    StepOptions options;
+    options.measure_orthogonality = header.measure_orthogonality();
+    absl::StatusOr<std::unique_ptr<StepTransaction>> txn = env_->engine->BeginStep(options);
+    absl::MutexLock lock(&mu_);
+    admitted_ = true;  // ReleaseLocked undoes the admission from here on
+    if (!txn.ok()) return txn.status();
+    txn_ = std::move(*txn);
+    std::vector<StepAssembler::Tensor> tensors;
+    tensors.reserve(session_->params().size());
+    for (const SessionParam& p : session_->params()) {
+      tensors.push_back({p.spec.name, p.tensor_bytes, static_cast<int64_t>(DTypeSize(p.spec.dtype))});
+    }
+    assembler_ = std::make_unique<StepAssembler>(std::move(tensors));
+    record_.step = header.step();
+    phase_ = Phase::kReceiving;
+    return absl::OkStatus();
+  }
+
+  // The step's parameters are known: check them and commit once computed.
+  absl::Status OnEnd(std::vector<uint32_t> indices, bool explicit_list) {
+    phase_ = Phase::kEnded;
+    const size_t n = session_->params().size();
+    if (explicit_list) {
+      absl::flat_hash_set<uint32_t> seen;
+      for (uint32_t i : indices) {
+        if (i >= n) {
+          return absl::NotFoundError(absl::StrCat("StepEnd lists parameter index ", i,
+                                                  ", which is not in session ", session_->id(),
+                                                  " (indices 0..", n - 1, ")"));
+        }
+        if (!seen.insert(i).second) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("StepEnd lists parameter index ", i, " twice"));
+        }
+      }
+      for (uint32_t i : assembler_->Started()) {
+        if (!seen.contains(i)) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "parameter ", i, " ('", session_->params()[i].spec.name,
+              "') received gradient chunks but is not listed in StepEnd; list it or do not send it"));
+        }
+      }
+    }
+    for (uint32_t i : indices) MUON_RETURN_IF_ERROR(assembler_->CheckComplete(i));
+    std::sort(indices.begin(), indices.end());
+    {
+      absl::MutexLock lock(&mu_);
+      if (failed_) return absl::OkStatus();
+      ended_ = true;
+      expected_ = indices.size();
+      step_params_ = std::move(indices);
+      receive_seconds_ = absl::ToDoubleSeconds(absl::Now() - start_time_);
+      bytes_received_ = assembler_->bytes_received();
+      ScheduleComputeLocked();
+    }
+    return absl::OkStatus();
+  }
+
+  void EnqueueReady(uint32_t index) {
+    absl::MutexLock lock(&mu_);
+    if (failed_) return;
+    ready_.push_back({index, assembler_->Take(index), absl::Now()});
+    ScheduleComputeLocked();
+  }
+
+  // REQUIRES: mu_ held.
+  void ScheduleComputeLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (compute_running_) return;
+    compute_running_ = true;
+    ++refs_;
+    env_->pool->Schedule([this] {
+      RunCompute();
+      Unref();
+    });
+  }
+
+  void StartReplay() {
+    Actions actions;
+    {
+      absl::MutexLock lock(&mu_);
+      if (failed_) return;
+      const std::vector<StepResponsePtr>& responses = replay_->responses;
+      for (size_t i = 0; i + 1 < responses.size(); ++i) writes_.push_back(responses[i]);
+      auto summary = std::make_shared<v1::StepResponse>(*responses.back());
+      summary->mutable_summary()->set_replayed(true);
+      writes_.push_back(std::move(summary));
+      finish_requested_ = true;
+      env_->metrics->StepReplayed();
+      NextWriteLocked(&actions);
+      TryFinishLocked(&actions);
+    }
+    Run(actions);
+  }
+
+  // Compute path (pool) ---------------------------------------------------
+
+  void RunCompute() {
+    for (;;) {
+      std::vector<Ready> batch;
+      bool commit = false;
+      Actions actions;
+      bool stop = false;
+      {
+        absl::MutexLock lock(&mu_);
+        if (failed_) {
+          compute_running_ = false;
+          ReleaseLocked();
+          TryFinishLocked(&actions);
+          stop = true;
+        } else if (ready_.empty()) {
+          if (!ended_ || computed_ != expected_ || committed_) {
+            compute_running_ = false;
+            return;
+          }
+          commit = true;
+        } else {
+          batch.assign(std::make_move_iterator(ready_.begin()),
+                       std::make_move_iterator(ready_.end()));
+          ready_.clear();
+        }
+      }
+      if (stop) {
+        Run(actions);
+        return;
+      }
+      if (commit) {
+        CommitStep();
+        return;
+      }
+      ComputeBatch(std::move(batch));
+    }
+  }
+
+  void ComputeBatch(std::vector<Ready> batch) {
+    const absl::Time start = absl::Now();
+    const size_t n = batch.size();
+    std::vector<GradientInput> inputs(n);
+    std::vector<UpdateOutput> outputs(n);
+    std::vector<std::unique_ptr<std::byte[]>> updates(n);
+    std::vector<int64_t> update_bytes(n);
+    double queue_seconds = 0;
+    for (size_t i = 0; i < n; ++i) {
+      const SessionParam& p = session_->params()[batch[i].index];
+      queue_seconds += absl::ToDoubleSeconds(start - batch[i].complete_time);
+      inputs[i].param = p.engine_id;
+      inputs[i].dtype = p.spec.dtype;
+      inputs[i].bytes = absl::MakeConstSpan(batch[i].gradient.get(), p.tensor_bytes);
+      if (header_.has_lr() || header_.has_lr_scale()) {
+        double lr = header_.has_lr() ? header_.lr() : p.spec.hp.lr;
+        if (header_.has_lr_scale()) lr *= header_.lr_scale();
+        inputs[i].lr = lr;
+      }
+      const DType out_dtype = update_dtype_.value_or(p.spec.dtype);
+      update_bytes[i] = NumElements(p.spec.shape) * static_cast<int64_t>(DTypeSize(out_dtype));
+      updates[i].reset(new std::byte[update_bytes[i]]);
+      outputs[i].param = p.engine_id;
+      outputs[i].dtype = out_dtype;
+      outputs[i].bytes = absl::MakeSpan(updates[i].get(), update_bytes[i]);
+    }
+    StepStats stats;
+    absl::Status status = txn_->Compute(inputs, absl::MakeSpan(outputs), &stats);
+    const double compute_seconds = absl::ToDoubleSeconds(absl::Now() - start);
+
+    // Build the update chunks outside the lock.
+    std::vector<StepResponsePtr> responses;
+    if (status.ok()) {
+      const int64_t chunk_bytes = ChunkBytes();
+      for (size_t i = 0; i < n; ++i) {
+        for (int64_t offset = 0; offset < update_bytes[i]; offset += chunk_bytes) {
+          auto response = std::make_shared<v1::StepResponse>();
+          v1::UpdateChunk* chunk = response->mutable_update();
+          chunk->set_param_index(batch[i].index);
+          chunk->set_offset(static_cast<uint64_t>(offset));
+          chunk->set_data(reinterpret_cast<const char*>(updates[i].get()) + offset,
+                          static_cast<size_t>(std::min(chunk_bytes, update_bytes[i] - offset)));
+          chunk->set_dtype(DTypeToProto(outputs[i].dtype));
+          chunk->set_decay(outputs[i].decay);
+          chunk->set_total_bytes(static_cast<uint64_t>(update_bytes[i]));
+          chunk->set_content(v1::UPDATE_CONTENT_UPDATE);
+          responses.push_back(std::move(response));
+        }
+      }
+    }
+
+    Actions actions;
+    {
+      absl::MutexLock lock(&mu_);
+      if (!status.ok()) {
+        FailLocked(status, &actions);
+      } else if (!failed_) {
+        queue_seconds_ += queue_seconds;
+        compute_seconds_ += compute_seconds;
+        ns_flops_ += stats.ns_flops;
+        computed_ += n;
+        for (size_t i = 0; i < n; ++i) {
+          bytes_sent_ += update_bytes[i];
+          if (header_.measure_orthogonality() &&
+              session_->params()[batch[i].index].spec.kind == OptimizerKind::kMuon) {
+            ortho_.emplace_back(batch[i].index, outputs[i].orthogonality_error);
+          }
+        }
+        for (StepResponsePtr& r : responses) {
+          record_.responses.push_back(r);
+          writes_.push_back(std::move(r));
+        }
+        NextWriteLocked(&actions);
+      }
+    }
+    Run(actions);
+  }
+
+  int64_t ChunkBytes() const {
+    // Leave room for the chunk's other fields under the message limit.
+    const int64_t limit = env_->options.limits.max_message_bytes - 1024;
+    return std::max<int64_t>(1024, std::min<int64_t>(env_->options.update_chunk_bytes, limit));
+  }
+
+  void CommitStep() {
+    absl::Status status = txn_->Commit();
+    Actions actions;
+    {
+      absl::MutexLock lock(&mu_);
+      compute_running_ = false;
+      if (!status.ok()) {
+        FailLocked(status, &actions);
+        ReleaseLocked();
+        TryFinishLocked(&actions);
+      } else {
+        committed_ = true;
+        txn_.reset();
+        auto response = std::make_shared<v1::StepResponse>();
+        v1::StepSummary* summary = response->mutable_summary();
+        summary->set_step(record_.step);
+        for (uint32_t i : step_params_) summary->add_param_indices(i);
+        v1::StepTimings* t = summary->mutable_timings();
+        t->set_receive_seconds(receive_seconds_);
+        t->set_queue_seconds(queue_seconds_);
+        t->set_compute_seconds(compute_seconds_);
+        t->set_send_seconds(send_seconds_);
+        t->set_total_seconds(absl::ToDoubleSeconds(absl::Now() - start_time_));
+        std::sort(ortho_.begin(), ortho_.end());
+        for (const auto& [index, error] : ortho_) {
+          v1::OrthogonalityError* e = summary->add_orthogonality_errors();
+          e->set_param_index(index);
+          e->set_error(error);
+        }
+        summary->set_bytes_received(static_cast<uint64_t>(bytes_received_));
+        summary->set_bytes_sent(static_cast<uint64_t>(bytes_sent_));
+        summary->set_ns_flops(ns_flops_);
+        record_.responses.push_back(response);
+        session_->CommitStep(header_.worker_id(),
+                             std::make_shared<const StepRecord>(std::move(record_)));
+        admitted_ = false;
+        gate_->EndStep();
+        env_->metrics->StepCommitted();
+        writes_.push_back(std::move(response));
+        finish_requested_ = true;
+        NextWriteLocked(&actions);
+        TryFinishLocked(&actions);
+      }
+    }
+    Run(actions);
+  }
+
+  // Shared ----------------------------------------------------------------
+
+  void Fail(const absl::Status& status) {
+    Actions actions;
+    {
+      absl::MutexLock lock(&mu_);
+      FailLocked(status, &actions);
+    }
+    Run(actions);
+  }
+
+  // The first error wins; a committed or replayed step keeps its OK.
+  void FailLocked(const absl::Status& status, Actions* actions)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (failed_ || finish_requested_) return;
+    failed_ = true;
+    status_ = status;
+    ready_.clear();
+    // Updates not yet on the wire are dropped; one being written finishes.
+    if (writing_) {
+      while (writes_.size() > 1) writes_.pop_back();
+    } else {
+      writes_.clear();
+    }
+    finish_requested_ = true;
+    if (!compute_running_) ReleaseLocked();
+    env_->metrics->StepFailed();
+    TryFinishLocked(actions);
+  }
+
+  // Discards the transaction and frees the session for the next step.
+  // REQUIRES: no compute running on txn_.
+  void ReleaseLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!admitted_) return;
+    txn_.reset();
+    session_->AbortStep(header_.worker_id());
+    admitted_ = false;
+    gate_->EndStep();
+  }
+
+  void NextWriteLocked(Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (writing_ || finished_ || writes_.empty()) return;
+    writing_ = true;
+    write_start_ = absl::Now();
+    actions->write = writes_.front().get();
+  }
+
+  // Finishes once everything queued is written and the session is released.
+  void TryFinishLocked(Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!finish_requested_ || finished_ || writing_ || admitted_) return;
+    if (!failed_ && !writes_.empty()) return;
+    finished_ = true;
+    actions->finish = failed_ ? ToGrpcStatus(status_) : grpc::Status::OK;
+  }
+
+  enum class Phase { kHeader, kReceiving, kReplay, kEnded };
+
+  const ServiceEnv* const env_;
+  DrainGate* const gate_;
+  grpc::CallbackServerContext* const ctx_;
+  bool stream_open_ = false;
+
+  // Read path only.
+  v1::StepRequest request_;
+  Phase phase_ = Phase::kHeader;
+  std::unique_ptr<StepAssembler> assembler_;
+  std::shared_ptr<const StepRecord> replay_;
+
+  // Set by the header before any compute is scheduled; read-only afterwards.
+  std::shared_ptr<Session> session_;
+  v1::StepHeader header_;
+  std::optional<DType> update_dtype_;
+  absl::Time start_time_;
+
+  // Driven by the one running compute task (compute_running_).
+  std::unique_ptr<StepTransaction> txn_;
+
+  absl::Mutex mu_;
+  int refs_ ABSL_GUARDED_BY(mu_) = 1;  // gRPC's, until OnDone; +1 per pool task
+  bool admitted_ ABSL_GUARDED_BY(mu_) = false;
+  bool compute_running_ ABSL_GUARDED_BY(mu_) = false;
+  std::deque<Ready> ready_ ABSL_GUARDED_BY(mu_);
+  bool ended_ ABSL_GUARDED_BY(mu_) = false;
+  size_t expected_ ABSL_GUARDED_BY(mu_) = 0;
+  size_t computed_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<uint32_t> step_params_ ABSL_GUARDED_BY(mu_);
+  bool committed_ ABSL_GUARDED_BY(mu_) = false;
+  bool failed_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Status status_ ABSL_GUARDED_BY(mu_);
+  std::deque<StepResponsePtr> writes_ ABSL_GUARDED_BY(mu_);
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Time write_start_ ABSL_GUARDED_BY(mu_);
+  bool finish_requested_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  StepRecord record_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::pair<uint32_t, double>> ortho_ ABSL_GUARDED_BY(mu_);
+  double receive_seconds_ ABSL_GUARDED_BY(mu_) = 0;
+  double queue_seconds_ ABSL_GUARDED_BY(mu_) = 0;
+  double compute_seconds_ ABSL_GUARDED_BY(mu_) = 0;
+  double send_seconds_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t bytes_received_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t bytes_sent_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t ns_flops_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+}  // namespace
+
+grpc::ServerBidiReactor<v1::StepRequest, v1::StepResponse>* NewStepReactor(
+    const ServiceEnv* env, DrainGate* gate, grpc::CallbackServerContext* ctx) {
+  return new StepReactor(env, gate, ctx);
+}
+
+}  // namespace muon::server
