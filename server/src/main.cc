@@ -40,6 +40,9 @@ ABSL_FLAG(std::string, port_file, "",
           "Write the bound gRPC port to this file once serving. Env MUON_PORT_FILE.");
 ABSL_FLAG(int, scheduler_threads, 0,
           "Threads running engine work; 0: one per core. Env MUON_SCHEDULER_THREADS.");
+ABSL_FLAG(int, update_chunk_bytes, 1 << 20,
+          "Largest update chunk sent back, in bytes (clamped under --max_message_bytes). Env "
+          "MUON_UPDATE_CHUNK_BYTES.");
 ABSL_FLAG(double, drain_timeout_seconds, 30,
           "On SIGTERM/SIGINT, how long to wait for in-flight steps. Env "
           "MUON_DRAIN_TIMEOUT_SECONDS.");
@@ -75,6 +78,7 @@ bool FlagsFromEnv() {
          FromEnv(&FLAGS_checkpoint_dir, "MUON_CHECKPOINT_DIR") &&
          FromEnv(&FLAGS_port_file, "MUON_PORT_FILE") &&
          FromEnv(&FLAGS_scheduler_threads, "MUON_SCHEDULER_THREADS") &&
+         FromEnv(&FLAGS_update_chunk_bytes, "MUON_UPDATE_CHUNK_BYTES") &&
          FromEnv(&FLAGS_drain_timeout_seconds, "MUON_DRAIN_TIMEOUT_SECONDS");
 }
 
@@ -118,6 +122,7 @@ int main(int argc, char** argv) {
   options.limits.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
   options.checkpoint_dir = absl::GetFlag(FLAGS_checkpoint_dir);
   options.scheduler_threads = absl::GetFlag(FLAGS_scheduler_threads);
+  options.update_chunk_bytes = absl::GetFlag(FLAGS_update_chunk_bytes);
 
   absl::StatusOr<std::unique_ptr<muon::server::Server>> server =
       muon::server::Server::Create(options);

@@ -1,0 +1,44 @@
+#ifndef MUON_TESTS_INTEGRATION_SERVER_PROCESS_H_
+#define MUON_TESTS_INTEGRATION_SERVER_PROCESS_H_
+
+#include <sys/types.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/status/statusor.h"
+
+namespace muon::testing {
+
+// The real muon-server binary as a child process on 127.0.0.1:0, its port
+// read from --port_file. The binary is $MUON_SERVER_BIN. The destructor
+// kills the process if it is still running.
+class ServerProcess {
+ public:
+  static absl::StatusOr<std::unique_ptr<ServerProcess>> Start(
+      const std::vector<std::string>& extra_flags = {});
+  ~ServerProcess();
+
+  int port() const { return port_; }
+  std::string address() const;
+  std::shared_ptr<grpc::Channel> NewChannel() const;
+
+  // Sends `signal`; returns immediately.
+  void Signal(int signal) const;
+  // Waits for the process to exit; its exit code, or -signal if killed by
+  // one; -1000 on timeout.
+  int WaitForExit(double timeout_seconds);
+
+ private:
+  ServerProcess() = default;
+  pid_t pid_ = -1;
+  int port_ = 0;
+  std::string dir_;
+};
+
+}  // namespace muon::testing
+
+#endif  // MUON_TESTS_INTEGRATION_SERVER_PROCESS_H_

@@ -1,0 +1,567 @@
+// End-to-end: the real muon-server binary on 127.0.0.1:0, driven over gRPC.
+// Pins down the step semantics of docs/api.md.
+
+#include <signal.h>
+
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "server_process.h"
+#include "step_harness.h"
+
+namespace muon::testing {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+#define EXPECT_CODE(result_status, code, substring)                       \
+  do {                                                                    \
+    const grpc::Status& s_ = (result_status);                             \
+    EXPECT_EQ(s_.error_code(), grpc::StatusCode::code) << s_.error_message(); \
+    EXPECT_THAT(s_.error_message(), HasSubstr(substring));                \
+  } while (0)
+
+// Updates and decays equal bit for bit.
+void ExpectSameUpdates(const StepResult& got, const StepResult& want) {
+  ASSERT_TRUE(got.status.ok()) << got.status.error_message();
+  ASSERT_EQ(got.updates.size(), want.updates.size());
+  for (const auto& [index, bytes] : want.updates) {
+    auto it = got.updates.find(index);
+    ASSERT_NE(it, got.updates.end()) << "no update for parameter " << index;
+    EXPECT_TRUE(it->second == bytes) << "parameter " << index << " differs";
+    EXPECT_EQ(got.decay.at(index), want.decay.at(index));
+  }
+}
+
+class ServerTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    auto server = ServerProcess::Start({"--update_chunk_bytes=4096"});
+    ASSERT_TRUE(server.ok()) << server.status();
+    server_ = server->release();
+  }
+  static void TearDownTestSuite() {
+    delete server_;
+    server_ = nullptr;
+  }
+  void SetUp() override {
+    ASSERT_NE(server_, nullptr);
+    stub_ = v1::Optimizer::NewStub(server_->NewChannel());
+  }
+
+  std::string NewSession(const Model& model) {
+    grpc::ClientContext ctx;
+    v1::CreateSessionResponse response;
+    grpc::Status s = stub_->CreateSession(&ctx, CreateRequest(model), &response);
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    token_ = response.token();
+    return response.session_id();
+  }
+
+  uint64_t SessionStep(const std::string& id) {
+    grpc::ClientContext ctx;
+    v1::GetSessionRequest request;
+    request.set_session_id(id);
+    v1::SessionInfo info;
+    grpc::Status s = stub_->GetSession(&ctx, request, &info);
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    return info.step();
+  }
+
+  StepCall Call(const std::string& session, uint64_t step) {
+    StepCall call;
+    call.header.set_session_id(session);
+    call.header.set_step(step);
+    return call;
+  }
+
+  static ServerProcess* server_;
+  std::unique_ptr<v1::Optimizer::Stub> stub_;
+  std::string token_;
+};
+
+ServerProcess* ServerTest::server_ = nullptr;
+
+TEST_F(ServerTest, CreateSessionResolvesDefaults) {
+  const Model model = SmallModel();
+  grpc::ClientContext ctx;
+  v1::CreateSessionResponse response;
+  ASSERT_TRUE(stub_->CreateSession(&ctx, CreateRequest(model), &response).ok());
+  EXPECT_FALSE(response.session_id().empty());
+  EXPECT_GE(response.token().size(), 16u);
+  EXPECT_EQ(response.step(), 0u);
+  EXPECT_EQ(response.session().next_step(), 1u);
+  ASSERT_EQ(response.session().params_size(), 5);
+  EXPECT_EQ(response.session().params(0).kind(), v1::OPTIMIZER_KIND_MUON);
+  EXPECT_EQ(response.session().params(2).kind(), v1::OPTIMIZER_KIND_ADAMW);
+  EXPECT_EQ(response.session().params(3).kind(), v1::OPTIMIZER_KIND_ADAMW);  // 1-D default
+  EXPECT_EQ(response.session().params(3).dtype(), v1::DTYPE_FLOAT32);
+  EXPECT_EQ(response.session().params(4).tensor_bytes(), 32 * 64 * 2);
+  EXPECT_DOUBLE_EQ(response.session().params(0).hyper_params().lr(), 0.02);
+  EXPECT_EQ(response.session().params(0).hyper_params().ns_schedule(), v1::NS_SCHEDULE_JORDAN);
+}
+
+TEST_F(ServerTest, FullStepsEqualTheCpuEngineBitForBit) {
+  const Model model = SmallModel();
+  const std::string session = NewSession(model);
+  Reference reference(model);
+  for (uint64_t step = 1; step <= 3; ++step) {
+    const Tensors grads = RandomGradients(model, 100 + step);
+    StepCall call = Call(session, step);
+    call.header.set_token(token_);
+    call.header.set_measure_orthogonality(true);
+    if (step == 3) call.header.set_lr_scale(0.5);
+    call.body = GradientMessages(grads, 772 * step, step);  // odd sizes, 4-byte aligned
+    if (step == 2) call.body.push_back(EndMessage({4, 3, 2, 1, 0}));
+    StepResult got = RunStep(stub_.get(), call);
+    StepResult want = reference.Step(grads, step == 3 ? std::optional<double>(0.5) : std::nullopt);
+    ExpectSameUpdates(got, want);
+    ASSERT_TRUE(got.summary.has_value());
+    EXPECT_EQ(got.summary->step(), step);
+    EXPECT_FALSE(got.summary->replayed());
+    EXPECT_THAT(got.summary->param_indices(), ElementsAre(0, 1, 2, 3, 4));
+    EXPECT_EQ(got.summary->orthogonality_errors_size(), 3);  // the Muon parameters
+    EXPECT_GT(got.summary->ns_flops(), 0);
+    EXPECT_GT(got.update_messages, 5);  // 4 KiB update chunks
+    EXPECT_EQ(SessionStep(session), step);
+  }
+}
+
+TEST_F(ServerTest, UpdatesMayBeRequestedInAnotherDtype) {
+  const Model model = SmallModel();
+  const std::string session = NewSession(model);
+  StepCall call = Call(session, 1);
+  call.header.set_update_dtype(v1::DTYPE_FLOAT16);
+  call.body = GradientMessages(RandomGradients(model, 5), 4096, 0);
+  StepResult got = RunStep(stub_.get(), call);
+  ASSERT_TRUE(got.status.ok()) << got.status.error_message();
+  EXPECT_EQ(got.updates.at(0).size(), 64u * 32 * 2);
+}
+
+TEST_F(ServerTest, BadGradientChangesNoState) {
+  const Model model = SmallModel();
+  const std::string session = NewSession(model);
+  Reference reference(model);
+  const Tensors g1 = RandomGradients(model, 1);
+  ExpectSameUpdates(GoodStep(stub_.get(), session, 1, g1), reference.Step(g1));
+
+  // Step 2 with a NaN in the last parameter: updates of other parameters may
+  // already have streamed back, but nothing is committed.
+  Tensors bad = RandomGradients(model, 2);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::memcpy(bad[1].data() + 40, &nan, sizeof nan);
+  StepCall call = Call(session, 2);
+  call.body = GradientMessages(bad, 1000, 0);
+  EXPECT_CODE(RunStep(stub_.get(), call).status, INVALID_ARGUMENT, "NaN");
+  EXPECT_EQ(SessionStep(session), 1u);
+
+  const Tensors g2 = RandomGradients(model, 3);
+  ExpectSameUpdates(GoodStep(stub_.get(), session, 2, g2), reference.Step(g2));
+}
+
+TEST_F(ServerTest, BrokenStreamChangesNoState) {
+  const Model model = SmallModel();
+  const std::string session = NewSession(model);
+  Reference reference(model);
+  const Tensors g1 = RandomGradients(model, 11);
+
+  // Everything but the last chunks, in order, so the early parameters are
+  // computed server-side before the stream breaks.
+  StepCall broken = Call(session, 1);
+  broken.body = GradientMessages(RandomGradients(model, 99), 1000, 0);
+  broken.cancel_after = broken.body.size() - 2;
+  EXPECT_EQ(RunStep(stub_.get(), broken).status.error_code(), grpc::StatusCode::CANCELLED);
+
+  // Same with every chunk sent but no end of step: still not a step.
+  StepCall unfinished = Call(session, 1);
+  unfinished.body = GradientMessages(RandomGradients(model, 98), 1000, 0);
+  unfinished.cancel_after = unfinished.body.size();
+  EXPECT_EQ(RunStep(stub_.get(), unfinished).status.error_code(), grpc::StatusCode::CANCELLED);
+
+  ExpectSameUpdates(GoodStep(stub_.get(), session, 1, g1), reference.Step(g1));
+  EXPECT_EQ(SessionStep(session), 1u);
+}
+
+TEST_F(ServerTest, RetryOfAppliedStepReplaysWithoutApplyingTwice) {
+  const Model model = SmallModel();
+  const std::string session = NewSession(model);
+  Reference reference(model);
+  const Tensors g1 = RandomGradients(model, 21);
+  const StepResult want1 = reference.Step(g1);
+  const StepResult first = GoodStep(stub_.get(), session, 1, g1);
+  ExpectSameUpdates(first, want1);
+
+  // The client lost the summary and resends step 1 (even with other bytes).
+  const StepResult again = GoodStep(stub_.get(), session, 1, RandomGradients(model, 22));
+  ExpectSameUpdates(again, want1);
+  ASSERT_TRUE(again.summary.has_value());
+  EXPECT_TRUE(again.summary->replayed());
+  EXPECT_EQ(again.summary->step(), 1u);
+  EXPECT_EQ(SessionStep(session), 1u);
+
+  const Tensors g2 = RandomGradients(model, 23);
+  ExpectSameUpdates(GoodStep(stub_.get(), session, 2, g2), reference.Step(g2));
+
+  // Step 1 is no longer the last step: its updates are gone.
+  EXPECT_CODE(GoodStep(stub_.get(), session, 1, g1).status, FAILED_PRECONDITION,
+              "expected step is 3");
+}
+
+TEST_F(ServerTest, StepAheadIsFailedPreconditionNamingTheExpectedStep) {
+  const Model model = SmallModel();
+  const std::string session = NewSession(model);
+  EXPECT_CODE(GoodStep(stub_.get(), session, 3, RandomGradients(model, 1)).status,
+              FAILED_PRECONDITION, "expected step is 1");
+  EXPECT_CODE(GoodStep(stub_.get(), session, 0, RandomGradients(model, 1)).status,
+              INVALID_ARGUMENT, "start at 1");
+  EXPECT_EQ(SessionStep(session), 0u);
+}
+
+TEST_F(ServerTest, OmittedParametersKeepTheirState) {
+  const Model model = SmallModel();
+  const std::string session = NewSession(model);
+  Reference reference(model);
+
+  // Step 1: parameters 0 and 2 only, by half-close.
+  Tensors g1 = RandomGradients(model, 31);
+  g1.erase(1), g1.erase(3), g1.erase(4);
+  StepResult got1 = GoodStep(stub_.get(), session, 1, g1);
+  ExpectSameUpdates(got1, reference.Step(g1));
+  EXPECT_THAT(got1.summary->param_indices(), ElementsAre(0, 2));
+
+  // Step 2: parameter 4 only, named by StepEnd.
+  Tensors g2 = RandomGradients(model, 32);
+  g2 = {{4, g2[4]}};
+  StepCall call = Call(session, 2);
+  call.body = GradientMessages(g2, 1000, 3);
+  call.body.push_back(EndMessage({4}));
+  ExpectSameUpdates(RunStep(stub_.get(), call), reference.Step(g2));
+
+  // Step 3: nothing at all; still a step.
+  StepResult empty = GoodStep(stub_.get(), session, 3, {});
+  ASSERT_TRUE(empty.status.ok()) << empty.status.error_message();
+  EXPECT_TRUE(empty.updates.empty());
+  EXPECT_EQ(empty.summary->param_indices_size(), 0);
+
+  // Step 4: everything; each parameter continues from its own history.
+  const Tensors g4 = RandomGradients(model, 34);
+  ExpectSameUpdates(GoodStep(stub_.get(), session, 4, g4), reference.Step(g4));
+}
+
+TEST_F(ServerTest, BadRequestsGetActionableErrorsAndChangeNothing) {
+  const Model model = SmallModel();
+  const std::string session = NewSession(model);
+  const Tensors grads = RandomGradients(model, 41);
+  const Bytes& w1 = grads.at(0);  // 8192 bytes
+  auto step = [&](std::vector<v1::StepRequest> body) {
+    StepCall call = Call(session, 1);
+    call.body = std::move(body);
+    return RunStep(stub_.get(), call).status;
+  };
+  auto part = [&](size_t from, size_t to) { return Bytes(w1.begin() + from, w1.begin() + to); };
+
+  {
+    StepCall call = Call("no-such-session", 1);
+    EXPECT_CODE(RunStep(stub_.get(), call).status, NOT_FOUND, "no session 'no-such-session'");
+  }
+  {
+    StepCall call = Call(session, 1);
+    call.header.set_token("wrong");
+    EXPECT_CODE(RunStep(stub_.get(), call).status, UNAUTHENTICATED, "token");
+  }
+  EXPECT_CODE(step({ChunkMessage(9, 0, part(0, 16))}), NOT_FOUND, "parameter index 9");
+  EXPECT_CODE(step({ChunkMessage(0, 8192, part(0, 16))}), INVALID_ARGUMENT, "out of bounds");
+  EXPECT_CODE(step({ChunkMessage(0, 8000, part(0, 400))}), INVALID_ARGUMENT, "out of bounds");
+  EXPECT_CODE(step({ChunkMessage(0, 2, part(0, 16))}), INVALID_ARGUMENT, "aligned");
+  EXPECT_CODE(step({ChunkMessage(0, 0, part(0, 1000)), ChunkMessage(0, 996, part(996, 2000))}),
+              INVALID_ARGUMENT, "overlaps");
+  EXPECT_CODE(step({ChunkMessage(0, 0, part(0, 1000)), ChunkMessage(0, 2000, part(2000, 8192))}),
+              INVALID_ARGUMENT, "missing bytes [1000, 2000)");
+  {
+    std::vector<v1::StepRequest> body = GradientMessages({{0, w1}}, 1000, 0);
+    body.push_back(EndMessage({0, 1}));
+    EXPECT_CODE(step(body), INVALID_ARGUMENT, "received 0 of");
+  }
+  {
+    std::vector<v1::StepRequest> body = GradientMessages({{0, w1}, {1, grads.at(1)}}, 1000, 0);
+    body.push_back(EndMessage({1}));
+    EXPECT_CODE(step(body), INVALID_ARGUMENT, "not listed in StepEnd");
+  }
+  {
+    std::vector<v1::StepRequest> body = GradientMessages({{3, grads.at(3)}}, 1000, 0);
+    body.push_back(EndMessage({3, 7}));
+    EXPECT_CODE(step(body), NOT_FOUND, "index 7");
+  }
+  {
+    Bytes inf = w1;
+    const float value = std::numeric_limits<float>::infinity();
+    std::memcpy(inf.data() + 4 * 100, &value, sizeof value);
+    EXPECT_CODE(step(GradientMessages({{0, inf}}, 1000, 0)), INVALID_ARGUMENT, "Inf");
+  }
+  {
+    StepCall call = Call(session, 1);
+    call.send_header = false;
+    call.body = GradientMessages({{0, w1}}, 1000, 0);
+    EXPECT_CODE(RunStep(stub_.get(), call).status, INVALID_ARGUMENT, "must be a StepHeader");
+  }
+  {
+    StepCall call = Call(session, 1);
+    v1::StepRequest second;
+    *second.mutable_header() = call.header;
+    call.body = {second};
+    EXPECT_CODE(RunStep(stub_.get(), call).status, INVALID_ARGUMENT, "second StepHeader");
+  }
+  {
+    StepCall call = Call(session, 1);
+    call.header.set_update_dtype(static_cast<v1::DType>(17));
+    EXPECT_CODE(RunStep(stub_.get(), call).status, INVALID_ARGUMENT, "dtype");
+  }
+  {
+    StepCall call = Call(session, 1);
+    call.header.set_lr(-1);
+    EXPECT_CODE(RunStep(stub_.get(), call).status, INVALID_ARGUMENT, "lr");
+  }
+  {
+    StepCall call = Call(session, 1);
+    call.header.set_worker_id(1);
+    EXPECT_CODE(RunStep(stub_.get(), call).status, INVALID_ARGUMENT, "worker_id");
+  }
+  EXPECT_EQ(SessionStep(session), 0u);
+
+  // After all that, the session is as new.
+  Reference reference(model);
+  ExpectSameUpdates(GoodStep(stub_.get(), session, 1, grads), reference.Step(grads));
+}
+
+TEST_F(ServerTest, BadSessionsAreRejected) {
+  auto create = [&](const v1::CreateSessionRequest& request) {
+    grpc::ClientContext ctx;
+    v1::CreateSessionResponse response;
+    return stub_->CreateSession(&ctx, request, &response);
+  };
+  v1::CreateSessionRequest request = CreateRequest(SmallModel());
+  EXPECT_CODE(create(v1::CreateSessionRequest()), INVALID_ARGUMENT, "at least one parameter");
+  {
+    v1::CreateSessionRequest r = request;
+    r.mutable_params(3)->set_kind(v1::OPTIMIZER_KIND_MUON);  // 1-D
+    EXPECT_CODE(create(r), INVALID_ARGUMENT, "'b'");
+  }
+  {
+    v1::CreateSessionRequest r = request;
+    r.mutable_params(1)->set_name("w1");
+    EXPECT_CODE(create(r), INVALID_ARGUMENT, "unique");
+  }
+  {
+    v1::CreateSessionRequest r = request;
+    r.mutable_params(0)->set_shape(1, 0);
+    EXPECT_CODE(create(r), INVALID_ARGUMENT, "every dimension must be > 0");
+  }
+  {
+    v1::CreateSessionRequest r = request;
+    r.mutable_params(0)->set_dtype(static_cast<v1::DType>(9));
+    EXPECT_CODE(create(r), INVALID_ARGUMENT, "dtype");
+  }
+  {
+    v1::CreateSessionRequest r = request;
+    r.mutable_hyper_params()->set_ns_steps(0);
+    EXPECT_CODE(create(r), INVALID_ARGUMENT, "");
+  }
+  {
+    v1::CreateSessionRequest r = request;
+    r.set_num_workers(2);
+    EXPECT_CODE(create(r), INVALID_ARGUMENT, "PARAMETER_SERVER");
+  }
+}
+
+TEST_F(ServerTest, GetListDeleteSession) {
+  const Model model = SmallModel();
+  const std::string session = NewSession(model);
+  {
+    grpc::ClientContext ctx;
+    v1::ListSessionsResponse list;
+    ASSERT_TRUE(stub_->ListSessions(&ctx, v1::ListSessionsRequest(), &list).ok());
+    bool found = false;
+    for (const v1::SessionInfo& s : list.sessions()) found |= s.session_id() == session;
+    EXPECT_TRUE(found);
+  }
+  {
+    grpc::ClientContext ctx;
+    v1::DeleteSessionRequest request;
+    request.set_session_id(session);
+    request.set_token(token_);
+    v1::DeleteSessionResponse response;
+    ASSERT_TRUE(stub_->DeleteSession(&ctx, request, &response).ok());
+  }
+  {
+    grpc::ClientContext ctx;
+    v1::GetSessionRequest request;
+    request.set_session_id(session);
+    v1::SessionInfo info;
+    EXPECT_CODE(stub_->GetSession(&ctx, request, &info), NOT_FOUND, session);
+  }
+  EXPECT_CODE(GoodStep(stub_.get(), session, 1, RandomGradients(model, 1)).status, NOT_FOUND,
+              session);
+}
+
+TEST_F(ServerTest, NotYetImplementedCallsSaySo) {
+  grpc::ClientContext ctx;
+  v1::CheckpointResponse response;
+  EXPECT_CODE(stub_->Checkpoint(&ctx, v1::CheckpointRequest(), &response), UNIMPLEMENTED,
+              "Checkpoint");
+}
+
+TEST_F(ServerTest, EightClientsOnEightSessionsMatchSerialRuns) {
+  constexpr int kClients = 8;
+  constexpr int kSteps = 4;
+  const Model model = SmallModel();
+  std::vector<std::vector<StepResult>> got(kClients);
+  std::vector<std::thread> threads;
+  for (int c = 0; c < kClients; ++c) {
+    threads.emplace_back([&, c] {
+      auto stub = v1::Optimizer::NewStub(server_->NewChannel());
+      grpc::ClientContext ctx;
+      v1::CreateSessionResponse created;
+      if (!stub->CreateSession(&ctx, CreateRequest(model), &created).ok()) return;
+      for (int s = 1; s <= kSteps; ++s) {
+        got[c].push_back(GoodStep(stub.get(), created.session_id(), s,
+                                  RandomGradients(model, 1000 * c + s)));
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  for (int c = 0; c < kClients; ++c) {
+    ASSERT_EQ(got[c].size(), static_cast<size_t>(kSteps)) << "client " << c;
+    Reference reference(model);
+    for (int s = 1; s <= kSteps; ++s) {
+      SCOPED_TRACE(::testing::Message() << "client " << c << " step " << s);
+      ExpectSameUpdates(got[c][s - 1], reference.Step(RandomGradients(model, 1000 * c + s)));
+    }
+  }
+}
+
+// Health: grpc.health.v1.Health/Check with an empty request, by generic call.
+int HealthStatus(const std::shared_ptr<grpc::Channel>& channel) {
+  grpc::GenericStub stub(channel);
+  grpc::CompletionQueue cq;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  grpc::Slice empty;
+  grpc::ByteBuffer request(&empty, 1);
+  grpc::ByteBuffer response;
+  grpc::Status status;
+  auto call = stub.PrepareUnaryCall(&ctx, "/grpc.health.v1.Health/Check", request, &cq);
+  call->StartCall();
+  call->Finish(&response, &status, reinterpret_cast<void*>(1));
+  void* tag = nullptr;
+  bool ok = false;
+  cq.Next(&tag, &ok);
+  if (!status.ok()) return -static_cast<int>(status.error_code());
+  std::vector<grpc::Slice> slices;
+  if (!response.Dump(&slices).ok()) return -100;
+  std::string bytes;
+  for (const grpc::Slice& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  // HealthCheckResponse{status = 1 (SERVING)} is the two bytes 08 01.
+  if (bytes.size() == 2 && bytes[0] == 0x08) return bytes[1];
+  return 0;  // UNKNOWN (field absent)
+}
+
+TEST_F(ServerTest, HealthIsServing) { EXPECT_EQ(HealthStatus(server_->NewChannel()), 1); }
+
+TEST(ServerLimitsTest, LimitsGiveResourceExhausted) {
+  auto server = ServerProcess::Start({"--max_sessions=2", "--max_message_bytes=65536"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto stub = v1::Optimizer::NewStub((*server)->NewChannel());
+  Model model = SmallModel();
+  // A parameter whose update (128 KiB) needs several messages under the limit.
+  v1::ParameterSpec big;
+  big.set_name("big");
+  big.add_shape(128);
+  big.add_shape(256);
+  model.params.push_back(big);
+  ParamSpec big_spec;
+  big_spec.name = "big";
+  big_spec.shape = {128, 256};
+  model.specs.push_back(big_spec);
+
+  std::string session;
+  for (int i = 0; i < 2; ++i) {
+    grpc::ClientContext ctx;
+    v1::CreateSessionResponse response;
+    ASSERT_TRUE(stub->CreateSession(&ctx, CreateRequest(model), &response).ok());
+    session = response.session_id();
+  }
+  {
+    grpc::ClientContext ctx;
+    v1::CreateSessionResponse response;
+    EXPECT_CODE(stub->CreateSession(&ctx, CreateRequest(model), &response), RESOURCE_EXHAUSTED,
+                "--max_sessions");
+  }
+  const Tensors grads = RandomGradients(model, 7);
+  StepCall call;
+  call.header.set_session_id(session);
+  call.header.set_step(1);
+  call.body = GradientMessages(grads, 100000, 0);  // over the 64 KiB limit
+  EXPECT_EQ(RunStep(stub.get(), call).status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+
+  Reference reference(model);
+  call.body = GradientMessages(grads, 60000, 0);
+  StepResult got = RunStepRetrying(stub.get(), call);
+  ExpectSameUpdates(got, reference.Step(grads));
+  EXPECT_GE(got.update_messages, 3);
+}
+
+TEST(ServerSignalTest, SigtermDrainsTheInFlightStepAndExitsZero) {
+  auto server = ServerProcess::Start();
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto stub = v1::Optimizer::NewStub((*server)->NewChannel());
+  const Model model = SmallModel();
+  grpc::ClientContext create_ctx;
+  v1::CreateSessionResponse created;
+  ASSERT_TRUE(stub->CreateSession(&create_ctx, CreateRequest(model), &created).ok());
+  ASSERT_EQ(HealthStatus((*server)->NewChannel()), 1);
+
+  const Tensors grads = RandomGradients(model, 51);
+  std::vector<v1::StepRequest> body = GradientMessages(grads, 1000, 0);
+  grpc::ClientContext ctx;
+  auto stream = stub->Step(&ctx);
+  v1::StepRequest header;
+  header.mutable_header()->set_session_id(created.session_id());
+  header.mutable_header()->set_step(1);
+  ASSERT_TRUE(stream->Write(header));
+  const size_t half = body.size() / 2;
+  for (size_t i = 0; i < half; ++i) ASSERT_TRUE(stream->Write(body[i]));
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+
+  (*server)->Signal(SIGTERM);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  {
+    // Draining: no new sessions, health says NOT_SERVING (2).
+    grpc::ClientContext c;
+    v1::CreateSessionResponse r;
+    EXPECT_CODE(stub->CreateSession(&c, CreateRequest(model), &r), UNAVAILABLE, "shutting down");
+    EXPECT_EQ(HealthStatus((*server)->NewChannel()), 2);
+  }
+  for (size_t i = half; i < body.size(); ++i) ASSERT_TRUE(stream->Write(body[i]));
+  stream->WritesDone();
+  v1::StepResponse response;
+  std::optional<v1::StepSummary> summary;
+  while (stream->Read(&response)) {
+    if (response.has_summary()) summary = response.summary();
+  }
+  grpc::Status status = stream->Finish();
+  EXPECT_TRUE(status.ok()) << status.error_message();
+  ASSERT_TRUE(summary.has_value());
+  EXPECT_EQ(summary->step(), 1u);
+  EXPECT_EQ((*server)->WaitForExit(30), 0);
+}
+
+}  // namespace
+}  // namespace muon::testing
