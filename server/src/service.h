@@ -33,7 +33,8 @@ class DrainGate {
   // Unavailable while draining; ResourceExhausted over max_streams.
   absl::Status OpenStream(int max_streams);
   void CloseStream();
-  // Unavailable while draining; otherwise counts a step in flight.
+  // Unavailable while draining; otherwise counts a step stream in flight
+  // until EndStep (when the stream is done).
   absl::Status StartStep();
   void EndStep();
   // Refuses new streams and steps from now on.

@@ -92,6 +92,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
   }
 
   void OnDone() override {
+    if (counted_step_) gate_->EndStep();
     if (stream_open_) {
       gate_->CloseStream();
       env_->metrics->StreamClosed();
@@ -227,17 +228,14 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
     header_ = header;
     start_time_ = absl::Now();
 
-    // A new step counts as in flight before it is admitted, so a drain that
-    // begins now waits for it.
+    // From here until OnDone the stream counts as a step in flight, so a
+    // drain that begins now waits for its summary to be written.
     MUON_RETURN_IF_ERROR(gate_->StartStep());
+    counted_step_ = true;
     absl::StatusOr<Session::Admission> admission =
         session_->AdmitStep(header.step(), header.worker_id());
-    if (!admission.ok()) {
-      gate_->EndStep();
-      return admission.status();
-    }
+    if (!admission.ok()) return admission.status();
     if (admission->replay != nullptr) {
-      gate_->EndStep();
       replay_ = std::move(admission->replay);
       phase_ = Phase::kReplay;
       return absl::OkStatus();
@@ -495,7 +493,6 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
         session_->CommitStep(header_.worker_id(),
                              std::make_shared<const StepRecord>(std::move(record_)));
         admitted_ = false;
-        gate_->EndStep();
         env_->metrics->StepCommitted();
         writes_.push_back(std::move(response));
         finish_requested_ = true;
@@ -543,7 +540,6 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
     txn_.reset();
     session_->AbortStep(header_.worker_id());
     admitted_ = false;
-    gate_->EndStep();
   }
 
   void NextWriteLocked(Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -567,6 +563,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
   DrainGate* const gate_;
   grpc::CallbackServerContext* const ctx_;
   bool stream_open_ = false;
+  bool counted_step_ = false;  // set by the read path before OnDone can run
 
   // Read path only.
   v1::StepRequest request_;

@@ -1,7 +1,10 @@
 // End-to-end: the real muon-server binary on 127.0.0.1:0, driven over gRPC.
 // Pins down the step semantics of docs/api.md.
 
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <memory>
 #include <string>
@@ -516,6 +519,64 @@ TEST(ServerLimitsTest, LimitsGiveResourceExhausted) {
   StepResult got = RunStepRetrying(stub.get(), call);
   ExpectSameUpdates(got, reference.Step(grads));
   EXPECT_GE(got.update_messages, 3);
+}
+
+// A free TCP port on 127.0.0.1 (bound, read, closed).
+int FreePort() {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = 0;
+  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  socklen_t len = sizeof addr;
+  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  close(fd);
+  return ntohs(addr.sin_port);
+}
+
+// GET http://127.0.0.1:port/path; the whole response, headers included.
+std::string HttpGet(int port, const std::string& path) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    close(fd);
+    return "";
+  }
+  const std::string request = "GET " + path + " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+  if (write(fd, request.data(), request.size()) != static_cast<ssize_t>(request.size())) {
+    close(fd);
+    return "";
+  }
+  std::string out;
+  char buf[4096];
+  for (ssize_t n; (n = read(fd, buf, sizeof buf)) > 0;) out.append(buf, n);
+  close(fd);
+  return out;
+}
+
+TEST(ServerMetricsTest, MetricsCountSessionsAndSteps) {
+  const int metrics_port = FreePort();
+  auto server =
+      ServerProcess::Start({"--metrics_listen=127.0.0.1:" + std::to_string(metrics_port)});
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto stub = v1::Optimizer::NewStub((*server)->NewChannel());
+  const Model model = SmallModel();
+  grpc::ClientContext ctx;
+  v1::CreateSessionResponse created;
+  ASSERT_TRUE(stub->CreateSession(&ctx, CreateRequest(model), &created).ok());
+  ASSERT_TRUE(GoodStep(stub.get(), created.session_id(), 1, RandomGradients(model, 1)).status.ok());
+  ASSERT_TRUE(GoodStep(stub.get(), created.session_id(), 1, RandomGradients(model, 1)).status.ok());
+  EXPECT_FALSE(GoodStep(stub.get(), created.session_id(), 5, RandomGradients(model, 1)).status.ok());
+  const std::string metrics = HttpGet(metrics_port, "/metrics");
+  EXPECT_THAT(metrics, HasSubstr("muon_sessions_created_total 1"));
+  EXPECT_THAT(metrics, HasSubstr("muon_sessions 1"));
+  EXPECT_THAT(metrics, HasSubstr("muon_steps_total{outcome=\"committed\"} 1"));
+  EXPECT_THAT(metrics, HasSubstr("muon_steps_total{outcome=\"replayed\"} 1"));
+  EXPECT_THAT(metrics, HasSubstr("muon_steps_total{outcome=\"failed\"} 1"));
 }
 
 TEST(ServerSignalTest, SigtermDrainsTheInFlightStepAndExitsZero) {
