@@ -72,22 +72,6 @@ absl::Status Draining() {
       "the server is shutting down; retry after it restarts or against another replica");
 }
 
-// Finishes a client-streaming call at once (methods not implemented yet).
-template <typename Request>
-class RejectReader final : public grpc::ServerReadReactor<Request> {
- public:
-  explicit RejectReader(const absl::Status& status) { this->Finish(ToGrpcStatus(status)); }
-  void OnReadDone(bool) override {}
-  void OnDone() override { delete this; }
-};
-
-template <typename Response>
-class RejectWriter final : public grpc::ServerWriteReactor<Response> {
- public:
-  explicit RejectWriter(const absl::Status& status) { this->Finish(ToGrpcStatus(status)); }
-  void OnDone() override { delete this; }
-};
-
 }  // namespace
 
 grpc::ServerUnaryReactor* OptimizerService::CreateSession(grpc::CallbackServerContext* ctx,
@@ -163,15 +147,13 @@ grpc::ServerUnaryReactor* OptimizerService::Checkpoint(grpc::CallbackServerConte
 }
 
 grpc::ServerReadReactor<v1::PushWeightsRequest>* OptimizerService::PushWeights(
-    grpc::CallbackServerContext* /*ctx*/, v1::PushWeightsResponse* /*response*/) {
-  return new RejectReader<v1::PushWeightsRequest>(absl::UnimplementedError(
-      "PushWeights (PARAMETER_SERVER mode) is not implemented in this server version yet"));
+    grpc::CallbackServerContext* ctx, v1::PushWeightsResponse* response) {
+  return NewPushWeightsReactor(&env_, ctx, response);
 }
 
 grpc::ServerWriteReactor<v1::PullWeightsResponse>* OptimizerService::PullWeights(
-    grpc::CallbackServerContext* /*ctx*/, const v1::PullWeightsRequest* /*request*/) {
-  return new RejectWriter<v1::PullWeightsResponse>(absl::UnimplementedError(
-      "PullWeights (PARAMETER_SERVER mode) is not implemented in this server version yet"));
+    grpc::CallbackServerContext* /*ctx*/, const v1::PullWeightsRequest* request) {
+  return NewPullWeightsReactor(&env_, request);
 }
 
 }  // namespace muon::server

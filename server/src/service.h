@@ -89,6 +89,12 @@ class OptimizerService final : public v1::Optimizer::CallbackService {
 grpc::ServerBidiReactor<v1::StepRequest, v1::StepResponse>* NewStepReactor(
     const ServiceEnv* env, DrainGate* gate, grpc::CallbackServerContext* ctx);
 
+// PushWeights and PullWeights reactors (weights_reactors.cc).
+grpc::ServerReadReactor<v1::PushWeightsRequest>* NewPushWeightsReactor(
+    const ServiceEnv* env, grpc::CallbackServerContext* ctx, v1::PushWeightsResponse* response);
+grpc::ServerWriteReactor<v1::PullWeightsResponse>* NewPullWeightsReactor(
+    const ServiceEnv* env, const v1::PullWeightsRequest* request);
+
 }  // namespace muon::server
 
 #endif  // MUON_SERVER_SRC_SERVICE_H_

@@ -86,6 +86,22 @@ void Session::AbortStep(uint32_t /*worker*/) {
   in_flight_ = false;
 }
 
+absl::Status Session::BeginWeightsUpload() {
+  absl::MutexLock lock(&mu_);
+  if (deleted_) return absl::NotFoundError(absl::StrCat("session ", id_, " was deleted"));
+  if (in_flight_) {
+    return absl::AbortedError(absl::StrCat("session ", id_,
+                                           " has a step or upload in flight; retry once it ends"));
+  }
+  in_flight_ = true;
+  return absl::OkStatus();
+}
+
+void Session::EndWeightsUpload() {
+  absl::MutexLock lock(&mu_);
+  in_flight_ = false;
+}
+
 absl::Status Session::MarkDeleted() {
   absl::MutexLock lock(&mu_);
   if (deleted_) return absl::NotFoundError(absl::StrCat("session ", id_, " was deleted"));

@@ -68,6 +68,12 @@ class Session {
   // REQUIRES: a new step admitted for `worker`, its transaction destroyed.
   void AbortStep(uint32_t worker);
 
+  // Holds the session's in-flight slot for a weights upload, so it cannot
+  // interleave with a step. Aborted while a step or upload is in flight;
+  // NotFound once deleted. REQUIRES: EndWeightsUpload afterwards.
+  absl::Status BeginWeightsUpload();
+  void EndWeightsUpload();
+
   // Marks the session deleted. FailedPrecondition while a step is in flight.
   absl::Status MarkDeleted();
 

@@ -58,6 +58,11 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
       Fail(status);
       return;
     }
+    {
+      // A step that already failed (say, in the engine) reads no further.
+      absl::MutexLock lock(&mu_);
+      if (finish_requested_) keep_reading = false;
+    }
     if (keep_reading) StartRead(&request_);
   }
 

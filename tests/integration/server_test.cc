@@ -450,6 +450,111 @@ TEST_F(ServerTest, EightClientsOnEightSessionsMatchSerialRuns) {
   }
 }
 
+TEST_F(ServerTest, ParameterServerWeightsRoundTrip) {
+  const Model model = SmallModel();
+  v1::CreateSessionRequest request = CreateRequest(model);
+  request.set_mode(v1::SESSION_MODE_PARAMETER_SERVER);
+  request.set_num_workers(2);
+  v1::CreateSessionResponse created;
+  {
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(stub_->CreateSession(&ctx, request, &created).ok());
+  }
+  const std::string session = created.session_id();
+  const Tensors weights = RandomGradients(model, 61);  // any finite values
+
+  auto push = [&](const Tensors& tensors, size_t chunk) {
+    grpc::ClientContext ctx;
+    v1::PushWeightsResponse response;
+    auto writer = stub_->PushWeights(&ctx, &response);
+    v1::PushWeightsRequest header;
+    header.mutable_header()->set_session_id(session);
+    header.mutable_header()->set_token(created.token());
+    writer->Write(header);
+    for (const v1::StepRequest& m : GradientMessages(tensors, chunk, 9)) {
+      v1::PushWeightsRequest r;
+      *r.mutable_weights() = m.gradient();
+      if (!writer->Write(r)) break;
+    }
+    writer->WritesDone();
+    return writer->Finish();
+  };
+  auto pull = [&](v1::DType dtype, std::vector<uint32_t> indices, grpc::Status* status) {
+    grpc::ClientContext ctx;
+    v1::PullWeightsRequest r;
+    r.set_session_id(session);
+    r.set_dtype(dtype);
+    r.set_max_chunk_bytes(1024);
+    for (uint32_t i : indices) r.add_param_indices(i);
+    auto reader = stub_->PullWeights(&ctx, r);
+    Tensors out;
+    v1::PullWeightsResponse response;
+    while (reader->Read(&response)) {
+      Bytes& dst = out[response.weights().param_index()];
+      dst.resize(response.total_bytes());
+      std::memcpy(dst.data() + response.weights().offset(), response.weights().data().data(),
+                  response.weights().data().size());
+    }
+    *status = reader->Finish();
+    return out;
+  };
+
+  grpc::Status status = push(weights, 1000);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  Tensors pulled = pull(v1::DTYPE_UNSPECIFIED, {}, &status);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_TRUE(pulled == weights);
+
+  // fp32 weights pulled as bf16 are the bf16 encoding of the same values.
+  pulled = pull(v1::DTYPE_BFLOAT16, {0}, &status);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  ASSERT_EQ(pulled.size(), 1u);
+  std::vector<float> w0(64 * 32);
+  std::memcpy(w0.data(), weights.at(0).data(), weights.at(0).size());
+  Bytes bf16(w0.size() * 2);
+  EncodeFromFloat(DType::kBFloat16, w0.data(), w0.size(), bf16.data());
+  EXPECT_TRUE(pulled.at(0) == bf16);
+
+  // An incomplete or non-finite push changes nothing.
+  Tensors partial = {{0, Bytes(weights.at(0).begin(), weights.at(0).begin() + 4096)}};
+  partial[0].resize(4096);
+  {
+    grpc::ClientContext ctx;
+    v1::PushWeightsResponse response;
+    auto writer = stub_->PushWeights(&ctx, &response);
+    v1::PushWeightsRequest header;
+    header.mutable_header()->set_session_id(session);
+    writer->Write(header);
+    v1::PushWeightsRequest chunk;
+    *chunk.mutable_weights() = ChunkMessage(0, 0, partial[0]).gradient();
+    writer->Write(chunk);
+    writer->WritesDone();
+    EXPECT_CODE(writer->Finish(), INVALID_ARGUMENT, "missing");
+  }
+  Tensors bad = RandomGradients(model, 62);
+  const float inf = std::numeric_limits<float>::infinity();
+  std::memcpy(bad[2].data(), &inf, sizeof inf);
+  EXPECT_CODE(push(bad, 4096), INVALID_ARGUMENT, "NaN or Inf");
+  pulled = pull(v1::DTYPE_UNSPECIFIED, {}, &status);
+  EXPECT_TRUE(pulled == weights);
+
+  EXPECT_CODE(GoodStep(stub_.get(), session, 1, weights).status, UNIMPLEMENTED,
+              "PARAMETER_SERVER");
+  pull(v1::DTYPE_UNSPECIFIED, {9}, &status);
+  EXPECT_CODE(status, NOT_FOUND, "parameter index 9");
+
+  // UPDATES sessions hold no weights.
+  const std::string updates_session = NewSession(model);
+  grpc::ClientContext ctx;
+  v1::PullWeightsRequest r;
+  r.set_session_id(updates_session);
+  auto reader = stub_->PullWeights(&ctx, r);
+  v1::PullWeightsResponse response;
+  while (reader->Read(&response)) {
+  }
+  EXPECT_CODE(reader->Finish(), FAILED_PRECONDITION, "UPDATES mode");
+}
+
 // Health: grpc.health.v1.Health/Check with an empty request, by generic call.
 int HealthStatus(const std::shared_ptr<grpc::Channel>& channel) {
   grpc::GenericStub stub(channel);
