@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <memory>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -682,6 +683,98 @@ TEST(ServerMetricsTest, MetricsCountSessionsAndSteps) {
   EXPECT_THAT(metrics, HasSubstr("muon_steps_total{outcome=\"committed\"} 1"));
   EXPECT_THAT(metrics, HasSubstr("muon_steps_total{outcome=\"replayed\"} 1"));
   EXPECT_THAT(metrics, HasSubstr("muon_steps_total{outcome=\"failed\"} 1"));
+}
+
+TEST(ServerLimitsTest, SessionShapeAndMemoryLimits) {
+  // SmallModel: 5 parameters; state 64·32·4 + 2·16·24·4 + 40·8·8 + 32·8 + 32·64·4 bytes.
+  auto server = ServerProcess::Start({"--max_params_per_session=4",
+                                      "--max_bytes_per_session=100000",
+                                      "--memory_budget_bytes=30000",
+                                      "--max_concurrent_streams=2"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto stub = v1::Optimizer::NewStub((*server)->NewChannel());
+  auto create = [&](const v1::CreateSessionRequest& request) {
+    grpc::ClientContext ctx;
+    v1::CreateSessionResponse response;
+    return stub->CreateSession(&ctx, request, &response);
+  };
+  const v1::CreateSessionRequest five = CreateRequest(SmallModel());
+  EXPECT_CODE(create(five), RESOURCE_EXHAUSTED, "--max_params_per_session");
+
+  v1::CreateSessionRequest huge;
+  huge.add_params()->set_name("huge");
+  huge.mutable_params(0)->add_shape(512);
+  huge.mutable_params(0)->add_shape(512);
+  EXPECT_CODE(create(huge), RESOURCE_EXHAUSTED, "--max_bytes_per_session");
+
+  // Each fits the per-session limit; together they pass the engine's budget.
+  v1::CreateSessionRequest medium;
+  medium.add_params()->set_name("m");
+  medium.mutable_params(0)->add_shape(64);
+  medium.mutable_params(0)->add_shape(64);  // 16 KiB of momentum
+  EXPECT_TRUE(create(medium).ok());
+  EXPECT_CODE(create(medium), RESOURCE_EXHAUSTED, "registering parameter 0 ('m')");
+
+  // Two Step streams may be open; a third is refused.
+  grpc::ClientContext c1, c2, c3;
+  auto s1 = stub->Step(&c1);
+  auto s2 = stub->Step(&c2);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  auto s3 = stub->Step(&c3);
+  s3->WritesDone();
+  EXPECT_CODE(s3->Finish(), RESOURCE_EXHAUSTED, "--max_concurrent_streams");
+  c1.TryCancel();
+  c2.TryCancel();
+  s1->Finish();
+  s2->Finish();
+}
+
+TEST(ServerRobustnessTest, GarbageNeverCrashesTheServer) {
+  auto server = ServerProcess::Start();
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto stub = v1::Optimizer::NewStub((*server)->NewChannel());
+  const Model model = SmallModel();
+  grpc::ClientContext ctx;
+  v1::CreateSessionResponse created;
+  ASSERT_TRUE(stub->CreateSession(&ctx, CreateRequest(model), &created).ok());
+  std::mt19937_64 rng(5);
+  for (int trial = 0; trial < 200; ++trial) {
+    StepCall call;
+    call.header.set_session_id(created.session_id());
+    call.header.set_step(rng() % 3);
+    call.send_header = rng() % 8 != 0;
+    const int messages = static_cast<int>(rng() % 6);
+    for (int m = 0; m < messages; ++m) {
+      const int kind = static_cast<int>(rng() % 5);
+      if (kind == 0) {
+        call.body.push_back(EndMessage({static_cast<uint32_t>(rng() % 7)}));
+      } else if (kind == 1) {
+        v1::StepRequest header;
+        *header.mutable_header() = call.header;
+        call.body.push_back(header);
+      } else {
+        Bytes data(rng() % 9000);
+        for (std::byte& b : data) b = static_cast<std::byte>(rng());
+        call.body.push_back(ChunkMessage(static_cast<uint32_t>(rng() % 7), rng() % 9000, data));
+      }
+    }
+    if (rng() % 10 == 0) call.cancel_after = call.body.size() / 2;
+    RunStepRetrying(stub.get(), call);
+  }
+  // Still serving, and a good step is still exact.
+  Reference reference(model);
+  grpc::ClientContext get_ctx;
+  v1::GetSessionRequest get;
+  get.set_session_id(created.session_id());
+  v1::SessionInfo info;
+  ASSERT_TRUE(stub->GetSession(&get_ctx, get, &info).ok());
+  const Tensors grads = RandomGradients(model, 71);
+  if (info.step() == 0) {
+    ExpectSameUpdates(GoodStep(stub.get(), created.session_id(), 1, grads), reference.Step(grads));
+  } else {
+    // Random bytes happened to form a whole valid step: the server must still answer.
+    EXPECT_TRUE(GoodStep(stub.get(), created.session_id(), info.step() + 1, grads).status.ok());
+  }
 }
 
 TEST(ServerSignalTest, SigtermDrainsTheInFlightStepAndExitsZero) {
