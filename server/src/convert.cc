@@ -11,11 +11,16 @@ namespace muon::server {
 
 absl::StatusOr<DType> DTypeFromProto(v1::DType dtype, DType unset) {
   switch (dtype) {
-    case v1::DTYPE_UNSPECIFIED: return unset;
-    case v1::DTYPE_FLOAT32: return DType::kFloat32;
-    case v1::DTYPE_BFLOAT16: return DType::kBFloat16;
-    case v1::DTYPE_FLOAT16: return DType::kFloat16;
-    default: break;
+    case v1::DTYPE_UNSPECIFIED:
+      return unset;
+    case v1::DTYPE_FLOAT32:
+      return DType::kFloat32;
+    case v1::DTYPE_BFLOAT16:
+      return DType::kBFloat16;
+    case v1::DTYPE_FLOAT16:
+      return DType::kFloat16;
+    default:
+      break;
   }
   return absl::InvalidArgumentError(
       absl::StrCat("unknown dtype value ", static_cast<int>(dtype),
@@ -24,9 +29,12 @@ absl::StatusOr<DType> DTypeFromProto(v1::DType dtype, DType unset) {
 
 v1::DType DTypeToProto(DType dtype) {
   switch (dtype) {
-    case DType::kFloat32: return v1::DTYPE_FLOAT32;
-    case DType::kBFloat16: return v1::DTYPE_BFLOAT16;
-    case DType::kFloat16: return v1::DTYPE_FLOAT16;
+    case DType::kFloat32:
+      return v1::DTYPE_FLOAT32;
+    case DType::kBFloat16:
+      return v1::DTYPE_BFLOAT16;
+    case DType::kFloat16:
+      return v1::DTYPE_FLOAT16;
   }
   return v1::DTYPE_UNSPECIFIED;
 }
@@ -52,28 +60,56 @@ absl::StatusOr<HyperParams> ApplyOverrides(const HyperParams& base, const v1::Hy
   if (o.has_momentum()) hp.momentum = o.momentum();
   if (o.has_nesterov()) hp.nesterov = o.nesterov();
   switch (o.momentum_form()) {
-    case v1::MOMENTUM_FORM_UNSPECIFIED: break;
-    case v1::MOMENTUM_FORM_EMA: hp.momentum_form = MomentumForm::kEma; break;
-    case v1::MOMENTUM_FORM_SUM: hp.momentum_form = MomentumForm::kSum; break;
-    default: return BadEnum(where, "momentum_form", o.momentum_form());
+    case v1::MOMENTUM_FORM_UNSPECIFIED:
+      break;
+    case v1::MOMENTUM_FORM_EMA:
+      hp.momentum_form = MomentumForm::kEma;
+      break;
+    case v1::MOMENTUM_FORM_SUM:
+      hp.momentum_form = MomentumForm::kSum;
+      break;
+    default:
+      return BadEnum(where, "momentum_form", o.momentum_form());
   }
   switch (o.ns_schedule()) {
-    case v1::NS_SCHEDULE_UNSPECIFIED: break;
-    case v1::NS_SCHEDULE_JORDAN: hp.ns_schedule = ScheduleKind::kJordan; break;
-    case v1::NS_SCHEDULE_DION: hp.ns_schedule = ScheduleKind::kDion; break;
-    case v1::NS_SCHEDULE_POLAR_EXPRESS: hp.ns_schedule = ScheduleKind::kPolarExpress; break;
-    case v1::NS_SCHEDULE_AOL: hp.ns_schedule = ScheduleKind::kAol; break;
-    case v1::NS_SCHEDULE_AOL_DION: hp.ns_schedule = ScheduleKind::kAolDion; break;
-    case v1::NS_SCHEDULE_SVD: hp.ns_schedule = ScheduleKind::kSvd; break;
-    default: return BadEnum(where, "ns_schedule", o.ns_schedule());
+    case v1::NS_SCHEDULE_UNSPECIFIED:
+      break;
+    case v1::NS_SCHEDULE_JORDAN:
+      hp.ns_schedule = ScheduleKind::kJordan;
+      break;
+    case v1::NS_SCHEDULE_DION:
+      hp.ns_schedule = ScheduleKind::kDion;
+      break;
+    case v1::NS_SCHEDULE_POLAR_EXPRESS:
+      hp.ns_schedule = ScheduleKind::kPolarExpress;
+      break;
+    case v1::NS_SCHEDULE_AOL:
+      hp.ns_schedule = ScheduleKind::kAol;
+      break;
+    case v1::NS_SCHEDULE_AOL_DION:
+      hp.ns_schedule = ScheduleKind::kAolDion;
+      break;
+    case v1::NS_SCHEDULE_SVD:
+      hp.ns_schedule = ScheduleKind::kSvd;
+      break;
+    default:
+      return BadEnum(where, "ns_schedule", o.ns_schedule());
   }
   if (o.has_ns_steps()) hp.ns_steps = o.ns_steps();
   switch (o.shape_scale()) {
-    case v1::SHAPE_SCALE_UNSPECIFIED: break;
-    case v1::SHAPE_SCALE_SPECTRAL: hp.shape_scale = ShapeScale::kSpectral; break;
-    case v1::SHAPE_SCALE_RMS_MATCH: hp.shape_scale = ShapeScale::kRmsMatch; break;
-    case v1::SHAPE_SCALE_NONE: hp.shape_scale = ShapeScale::kNone; break;
-    default: return BadEnum(where, "shape_scale", o.shape_scale());
+    case v1::SHAPE_SCALE_UNSPECIFIED:
+      break;
+    case v1::SHAPE_SCALE_SPECTRAL:
+      hp.shape_scale = ShapeScale::kSpectral;
+      break;
+    case v1::SHAPE_SCALE_RMS_MATCH:
+      hp.shape_scale = ShapeScale::kRmsMatch;
+      break;
+    case v1::SHAPE_SCALE_NONE:
+      hp.shape_scale = ShapeScale::kNone;
+      break;
+    default:
+      return BadEnum(where, "shape_scale", o.shape_scale());
   }
   if (o.has_adam_beta1()) hp.beta1 = o.adam_beta1();
   if (o.has_adam_beta2()) hp.beta2 = o.adam_beta2();
@@ -89,18 +125,36 @@ void HyperParamsToProto(const HyperParams& hp, v1::HyperParams* out) {
   out->set_momentum_form(hp.momentum_form == MomentumForm::kEma ? v1::MOMENTUM_FORM_EMA
                                                                 : v1::MOMENTUM_FORM_SUM);
   switch (hp.ns_schedule) {
-    case ScheduleKind::kJordan: out->set_ns_schedule(v1::NS_SCHEDULE_JORDAN); break;
-    case ScheduleKind::kDion: out->set_ns_schedule(v1::NS_SCHEDULE_DION); break;
-    case ScheduleKind::kPolarExpress: out->set_ns_schedule(v1::NS_SCHEDULE_POLAR_EXPRESS); break;
-    case ScheduleKind::kAol: out->set_ns_schedule(v1::NS_SCHEDULE_AOL); break;
-    case ScheduleKind::kAolDion: out->set_ns_schedule(v1::NS_SCHEDULE_AOL_DION); break;
-    case ScheduleKind::kSvd: out->set_ns_schedule(v1::NS_SCHEDULE_SVD); break;
+    case ScheduleKind::kJordan:
+      out->set_ns_schedule(v1::NS_SCHEDULE_JORDAN);
+      break;
+    case ScheduleKind::kDion:
+      out->set_ns_schedule(v1::NS_SCHEDULE_DION);
+      break;
+    case ScheduleKind::kPolarExpress:
+      out->set_ns_schedule(v1::NS_SCHEDULE_POLAR_EXPRESS);
+      break;
+    case ScheduleKind::kAol:
+      out->set_ns_schedule(v1::NS_SCHEDULE_AOL);
+      break;
+    case ScheduleKind::kAolDion:
+      out->set_ns_schedule(v1::NS_SCHEDULE_AOL_DION);
+      break;
+    case ScheduleKind::kSvd:
+      out->set_ns_schedule(v1::NS_SCHEDULE_SVD);
+      break;
   }
   out->set_ns_steps(hp.ns_steps);
   switch (hp.shape_scale) {
-    case ShapeScale::kSpectral: out->set_shape_scale(v1::SHAPE_SCALE_SPECTRAL); break;
-    case ShapeScale::kRmsMatch: out->set_shape_scale(v1::SHAPE_SCALE_RMS_MATCH); break;
-    case ShapeScale::kNone: out->set_shape_scale(v1::SHAPE_SCALE_NONE); break;
+    case ShapeScale::kSpectral:
+      out->set_shape_scale(v1::SHAPE_SCALE_SPECTRAL);
+      break;
+    case ShapeScale::kRmsMatch:
+      out->set_shape_scale(v1::SHAPE_SCALE_RMS_MATCH);
+      break;
+    case ShapeScale::kNone:
+      out->set_shape_scale(v1::SHAPE_SCALE_NONE);
+      break;
   }
   out->set_adam_beta1(hp.beta1);
   out->set_adam_beta2(hp.beta2);
@@ -147,13 +201,18 @@ absl::StatusOr<std::vector<ParamSpec>> SpecsFromRequest(const v1::CreateSessionR
       case v1::OPTIMIZER_KIND_UNSPECIFIED:
         spec.kind = spec.shape.size() >= 2 ? OptimizerKind::kMuon : OptimizerKind::kAdamW;
         break;
-      case v1::OPTIMIZER_KIND_MUON: spec.kind = OptimizerKind::kMuon; break;
-      case v1::OPTIMIZER_KIND_ADAMW: spec.kind = OptimizerKind::kAdamW; break;
-      default: return BadEnum(who, "kind", p.kind());
+      case v1::OPTIMIZER_KIND_MUON:
+        spec.kind = OptimizerKind::kMuon;
+        break;
+      case v1::OPTIMIZER_KIND_ADAMW:
+        spec.kind = OptimizerKind::kAdamW;
+        break;
+      default:
+        return BadEnum(who, "kind", p.kind());
     }
-    MUON_ASSIGN_OR_RETURN(
-        spec.hp, ApplyOverrides(spec.kind == OptimizerKind::kAdamW ? adamw_hp : session_hp,
-                                p.overrides(), absl::StrCat(who, " overrides")));
+    MUON_ASSIGN_OR_RETURN(spec.hp,
+                          ApplyOverrides(spec.kind == OptimizerKind::kAdamW ? adamw_hp : session_hp,
+                                         p.overrides(), absl::StrCat(who, " overrides")));
     spec.hold_weights = hold_weights;
     absl::Status valid = ValidateSpec(spec);
     if (!valid.ok()) {

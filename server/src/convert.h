@@ -18,7 +18,8 @@ v1::OptimizerKind KindToProto(OptimizerKind kind);
 
 // `base` with the fields set in `overrides` replaced. `where` prefixes errors
 // ("session hyper_params", "parameter 'w' overrides").
-absl::StatusOr<HyperParams> ApplyOverrides(const HyperParams& base, const v1::HyperParams& overrides,
+absl::StatusOr<HyperParams> ApplyOverrides(const HyperParams& base,
+                                           const v1::HyperParams& overrides,
                                            absl::string_view where);
 void HyperParamsToProto(const HyperParams& hp, v1::HyperParams* out);
 

@@ -135,14 +135,13 @@ int main(int argc, char** argv) {
     std::cerr << "muon-server: cannot write --port_file=" << port_file << "\n";
     return 1;
   }
-  std::cerr << "muon-server: serving muon.v1.Optimizer on port " << (*server)->port()
-            << " (engine " << options.engine << ")" << std::endl;
+  std::cerr << "muon-server: serving muon.v1.Optimizer on port " << (*server)->port() << " (engine "
+            << options.engine << ")" << std::endl;
 
   int signal = 0;
   sigwait(&stop_signals, &signal);
   std::cerr << "muon-server: signal " << signal << ", draining in-flight steps" << std::endl;
-  const bool drained =
-      (*server)->Drain(absl::Seconds(absl::GetFlag(FLAGS_drain_timeout_seconds)));
+  const bool drained = (*server)->Drain(absl::Seconds(absl::GetFlag(FLAGS_drain_timeout_seconds)));
   server->reset();
   std::cerr << "muon-server: " << (drained ? "drained, exiting" : "drain timed out, exiting")
             << std::endl;

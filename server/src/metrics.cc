@@ -1,11 +1,11 @@
 #include "metrics.h"
 
-#include <exception>
-
 #include <prometheus/counter.h>
 #include <prometheus/exposer.h>
 #include <prometheus/gauge.h>
 #include <prometheus/registry.h>
+
+#include <exception>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -23,8 +23,9 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
   sessions_ = &sessions.Add({});
   auto& steps = prometheus::BuildCounter()
                     .Name("muon_steps_total")
-                    .Help("Step streams by outcome: committed, replayed (a retry of the last "
-                          "committed step answered from cache), failed (nothing applied).")
+                    .Help(
+                        "Step streams by outcome: committed, replayed (a retry of the last "
+                        "committed step answered from cache), failed (nothing applied).")
                     .Register(*registry_);
   steps_committed_ = &steps.Add({{"outcome", "committed"}});
   steps_replayed_ = &steps.Add({{"outcome", "replayed"}});

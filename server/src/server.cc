@@ -1,13 +1,13 @@
 #include "muon/server/server.h"
 
-#include <thread>
-#include <utility>
-
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server.h>
 #include <grpcpp/server_builder.h>
+
+#include <thread>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "metrics.h"
@@ -97,9 +97,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   impl->grpc_server = builder.BuildAndStart();
   if (impl->grpc_server == nullptr || impl->port == 0) {
     impl->grpc_server.reset();
-    return absl::UnavailableError(absl::StrCat(
-        "cannot listen on ", options.listen,
-        " (address in use or not local?); pick another with --listen=HOST:PORT"));
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on ", options.listen,
+                     " (address in use or not local?); pick another with --listen=HOST:PORT"));
   }
   impl->grpc_server->GetHealthCheckService()->SetServingStatus(true);
   return std::unique_ptr<Server>(new Server(std::move(impl)));

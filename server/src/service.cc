@@ -19,9 +19,9 @@ absl::Status DrainGate::OpenStream(int max_streams) {
         "another replica");
   }
   if (max_streams > 0 && streams_ >= max_streams) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "this server already has ", streams_, " Step streams open, its limit",
-        " (--max_concurrent_streams=", max_streams, "); retry later"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("this server already has ", streams_, " Step streams open, its limit",
+                     " (--max_concurrent_streams=", max_streams, "); retry later"));
   }
   ++streams_;
   return absl::OkStatus();

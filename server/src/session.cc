@@ -40,8 +40,8 @@ Session::Session(std::string id, std::string token, std::string name, v1::Sessio
 
 absl::Status Session::CheckToken(absl::string_view token) const {
   if (token.empty() || token == token_) return absl::OkStatus();
-  return absl::UnauthenticatedError(absl::StrCat(
-      "the token does not match session ", id_, "; use the token CreateSession returned"));
+  return absl::UnauthenticatedError(absl::StrCat("the token does not match session ", id_,
+                                                 "; use the token CreateSession returned"));
 }
 
 absl::StatusOr<Session::Admission> Session::AdmitStep(uint64_t step, uint32_t worker) {
@@ -53,17 +53,17 @@ absl::StatusOr<Session::Admission> Session::AdmitStep(uint64_t step, uint32_t wo
   }
   if (step == step_ + 1) {
     if (in_flight_) {
-      return absl::AbortedError(absl::StrCat(
-          "session ", id_, " already has step ", step,
-          " in flight on another stream; retry once that stream has ended"));
+      return absl::AbortedError(
+          absl::StrCat("session ", id_, " already has step ", step,
+                       " in flight on another stream; retry once that stream has ended"));
     }
     in_flight_ = true;
     return Admission{};
   }
   if (step > step_) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "step ", step, " is ahead of session ", id_, ": its last committed step is ", step_,
-        ", so the expected step is ", step_ + 1));
+    return absl::FailedPreconditionError(absl::StrCat("step ", step, " is ahead of session ", id_,
+                                                      ": its last committed step is ", step_,
+                                                      ", so the expected step is ", step_ + 1));
   }
   const std::shared_ptr<const StepRecord>& last = last_[worker];
   if (last != nullptr && last->step == step) return Admission{last};
@@ -90,8 +90,8 @@ absl::Status Session::BeginWeightsUpload() {
   absl::MutexLock lock(&mu_);
   if (deleted_) return absl::NotFoundError(absl::StrCat("session ", id_, " was deleted"));
   if (in_flight_) {
-    return absl::AbortedError(absl::StrCat("session ", id_,
-                                           " has a step or upload in flight; retry once it ends"));
+    return absl::AbortedError(
+        absl::StrCat("session ", id_, " has a step or upload in flight; retry once it ends"));
   }
   in_flight_ = true;
   return absl::OkStatus();
@@ -161,10 +161,11 @@ SessionRegistry::~SessionRegistry() {
 
 absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Create(
     const v1::CreateSessionRequest& request) {
-  if (limits_.max_params_per_session > 0 && request.params_size() > limits_.max_params_per_session) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "the session has ", request.params_size(), " parameters; this server allows ",
-        limits_.max_params_per_session, " per session (--max_params_per_session)"));
+  if (limits_.max_params_per_session > 0 &&
+      request.params_size() > limits_.max_params_per_session) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("the session has ", request.params_size(), " parameters; this server allows ",
+                     limits_.max_params_per_session, " per session (--max_params_per_session)"));
   }
   uint32_t num_workers = request.num_workers() == 0 ? 1 : request.num_workers();
   v1::SessionMode mode = request.mode();
@@ -204,10 +205,9 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Create(
   {
     absl::MutexLock lock(&mu_);
     if (static_cast<int64_t>(sessions_.size()) + reserved_ >= limits_.max_sessions) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("this server already has ", sessions_.size(), " sessions, its limit",
-                       " (--max_sessions=", limits_.max_sessions,
-                       "); delete unused sessions or raise the limit"));
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "this server already has ", sessions_.size(), " sessions, its limit", " (--max_sessions=",
+          limits_.max_sessions, "); delete unused sessions or raise the limit"));
     }
     ++reserved_;
   }
@@ -250,9 +250,10 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Get(absl::string_view 
   }
   if (session == nullptr) {
     if (id.empty()) return absl::InvalidArgumentError("session_id is empty");
-    return absl::NotFoundError(absl::StrCat(
-        "no session '", id, "' on this server (deleted, or created on another server or before a "
-        "restart); create one with CreateSession"));
+    return absl::NotFoundError(
+        absl::StrCat("no session '", id,
+                     "' on this server (deleted, or created on another server or before a "
+                     "restart); create one with CreateSession"));
   }
   MUON_RETURN_IF_ERROR(session->CheckToken(token));
   return session;

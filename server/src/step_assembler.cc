@@ -24,17 +24,18 @@ absl::Status StepAssembler::Add(uint32_t index, uint64_t offset, absl::string_vi
   const uint64_t size = data.size();
   const uint64_t total = static_cast<uint64_t>(t.bytes);
   if (size == 0) {
-    return absl::InvalidArgumentError(absl::StrCat(who, ": empty gradient chunk at offset ", offset));
+    return absl::InvalidArgumentError(
+        absl::StrCat(who, ": empty gradient chunk at offset ", offset));
   }
   if (offset % t.element_size != 0 || size % t.element_size != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        who, ": chunk at offset ", offset, " of ", size, " bytes is not aligned to the ",
-        t.element_size, "-byte element size of its dtype"));
+    return absl::InvalidArgumentError(absl::StrCat(who, ": chunk at offset ", offset, " of ", size,
+                                                   " bytes is not aligned to the ", t.element_size,
+                                                   "-byte element size of its dtype"));
   }
   if (offset >= total || size > total - offset) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        who, ": chunk [", offset, ", ", offset + size, ") is out of bounds; the gradient has ",
-        total, " bytes"));
+    return absl::InvalidArgumentError(absl::StrCat(who, ": chunk [", offset, ", ", offset + size,
+                                                   ") is out of bounds; the gradient has ", total,
+                                                   " bytes"));
   }
   const uint64_t end = offset + size;
   auto next = s.ranges.lower_bound(offset);
@@ -95,10 +96,10 @@ absl::Status StepAssembler::CheckComplete(uint32_t index) const {
       missing_end = second == s.ranges.end() ? static_cast<uint64_t>(t.bytes) : second->first;
     }
   }
-  return absl::InvalidArgumentError(absl::StrCat(
-      "parameter ", index, " ('", t.name, "'): received ", s.received, " of ", t.bytes,
-      " gradient bytes; missing chunk(s), first missing bytes [", missing_start, ", ", missing_end,
-      ")"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("parameter ", index, " ('", t.name, "'): received ", s.received, " of ", t.bytes,
+                   " gradient bytes; missing chunk(s), first missing bytes [", missing_start, ", ",
+                   missing_end, ")"));
 }
 
 std::vector<uint32_t> StepAssembler::Started() const {

@@ -176,7 +176,8 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
                                      request_.end().param_indices().end());
         return OnEnd(std::move(listed), /*explicit_list=*/true);
       }
-      case v1::StepRequest::KIND_NOT_SET: break;
+      case v1::StepRequest::KIND_NOT_SET:
+        break;
     }
     return absl::InvalidArgumentError(
         "empty StepRequest: set one of header, gradient or end (is the client's proto current?)");
@@ -222,12 +223,11 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
           absl::StrCat("StepHeader.lr is ", header.lr(), "; it must be finite and >= 0"));
     }
     if (header.has_lr_scale() && !(std::isfinite(header.lr_scale()) && header.lr_scale() >= 0)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "StepHeader.lr_scale is ", header.lr_scale(), "; it must be finite and >= 0"));
+      return absl::InvalidArgumentError(absl::StrCat("StepHeader.lr_scale is ", header.lr_scale(),
+                                                     "; it must be finite and >= 0"));
     }
     if (header.update_dtype() != v1::DTYPE_UNSPECIFIED) {
-      MUON_ASSIGN_OR_RETURN(DType dtype,
-                            DTypeFromProto(header.update_dtype(), DType::kFloat32));
+      MUON_ASSIGN_OR_RETURN(DType dtype, DTypeFromProto(header.update_dtype(), DType::kFloat32));
       update_dtype_ = dtype;
     }
     header_ = header;
@@ -255,7 +255,8 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
     std::vector<StepAssembler::Tensor> tensors;
     tensors.reserve(session_->params().size());
     for (const SessionParam& p : session_->params()) {
-      tensors.push_back({p.spec.name, p.tensor_bytes, static_cast<int64_t>(DTypeSize(p.spec.dtype))});
+      tensors.push_back(
+          {p.spec.name, p.tensor_bytes, static_cast<int64_t>(DTypeSize(p.spec.dtype))});
     }
     assembler_ = std::make_unique<StepAssembler>(std::move(tensors));
     record_.step = header.step();
@@ -282,9 +283,10 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
       }
       for (uint32_t i : assembler_->Started()) {
         if (!seen.contains(i)) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              "parameter ", i, " ('", session_->params()[i].spec.name,
-              "') received gradient chunks but is not listed in StepEnd; list it or do not send it"));
+          return absl::InvalidArgumentError(
+              absl::StrCat("parameter ", i, " ('", session_->params()[i].spec.name,
+                           "') received gradient chunks but is not listed in StepEnd; list it or "
+                           "do not send it"));
         }
       }
     }
@@ -520,8 +522,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
   }
 
   // The first error wins; a committed or replayed step keeps its OK.
-  void FailLocked(const absl::Status& status, Actions* actions)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  void FailLocked(const absl::Status& status, Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (failed_ || finish_requested_) return;
     failed_ = true;
     status_ = status;

@@ -101,9 +101,10 @@ class PushReactor final : public grpc::ServerReadReactor<v1::PushWeightsRequest>
       values[k].resize(n);
       std::unique_ptr<std::byte[]> bytes = assembler_->Take(i);
       DecodeToFloat(dtypes_[i], bytes.get(), n, values[k].data());
-      if (!std::all_of(values[k].begin(), values[k].end(), [](float v) { return std::isfinite(v); })) {
-        return absl::InvalidArgumentError(absl::StrCat("parameter ", i, " ('", p.spec.name,
-                                                       "'): weights contain NaN or Inf"));
+      if (!std::all_of(values[k].begin(), values[k].end(),
+                       [](float v) { return std::isfinite(v); })) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("parameter ", i, " ('", p.spec.name, "'): weights contain NaN or Inf"));
       }
     }
     MUON_RETURN_IF_ERROR(session_->BeginWeightsUpload());
@@ -186,8 +187,9 @@ class PullReactor final : public grpc::ServerWriteReactor<v1::PullWeightsRespons
 
   absl::Status Build(const v1::PullWeightsRequest& request) {
     const int64_t limit = env_->options.limits.max_message_bytes - 1024;
-    int64_t chunk_bytes = request.max_chunk_bytes() == 0 ? env_->options.update_chunk_bytes
-                                                         : static_cast<int64_t>(request.max_chunk_bytes());
+    int64_t chunk_bytes = request.max_chunk_bytes() == 0
+                              ? env_->options.update_chunk_bytes
+                              : static_cast<int64_t>(request.max_chunk_bytes());
     chunk_bytes = std::max<int64_t>(1024, std::min(chunk_bytes, limit));
     const uint64_t step = session_->step();
     for (size_t k = 0; k < indices_.size(); ++k) {

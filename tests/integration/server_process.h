@@ -1,13 +1,12 @@
 #ifndef MUON_TESTS_INTEGRATION_SERVER_PROCESS_H_
 #define MUON_TESTS_INTEGRATION_SERVER_PROCESS_H_
 
+#include <grpcpp/grpcpp.h>
 #include <sys/types.h>
 
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <grpcpp/grpcpp.h>
 
 #include "absl/status/statusor.h"
 

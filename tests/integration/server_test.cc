@@ -1,6 +1,10 @@
 // End-to-end: the real muon-server binary on 127.0.0.1:0, driven over gRPC.
 // Pins down the step semantics of docs/api.md.
 
+#include <gmock/gmock.h>
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -12,11 +16,6 @@
 #include <thread>
 #include <vector>
 
-#include <grpcpp/generic/generic_stub.h>
-#include <grpcpp/grpcpp.h>
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
-
 #include "server_process.h"
 #include "step_harness.h"
 
@@ -26,11 +25,11 @@ namespace {
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 
-#define EXPECT_CODE(result_status, code, substring)                       \
-  do {                                                                    \
-    const grpc::Status& s_ = (result_status);                             \
+#define EXPECT_CODE(result_status, code, substring)                           \
+  do {                                                                        \
+    const grpc::Status& s_ = (result_status);                                 \
     EXPECT_EQ(s_.error_code(), grpc::StatusCode::code) << s_.error_message(); \
-    EXPECT_THAT(s_.error_message(), HasSubstr(substring));                \
+    EXPECT_THAT(s_.error_message(), HasSubstr(substring));                    \
   } while (0)
 
 // Updates and decays equal bit for bit.
@@ -224,8 +223,8 @@ TEST_F(ServerTest, StepAheadIsFailedPreconditionNamingTheExpectedStep) {
   const std::string session = NewSession(model);
   EXPECT_CODE(GoodStep(stub_.get(), session, 3, RandomGradients(model, 1)).status,
               FAILED_PRECONDITION, "expected step is 1");
-  EXPECT_CODE(GoodStep(stub_.get(), session, 0, RandomGradients(model, 1)).status,
-              INVALID_ARGUMENT, "start at 1");
+  EXPECT_CODE(GoodStep(stub_.get(), session, 0, RandomGradients(model, 1)).status, INVALID_ARGUMENT,
+              "start at 1");
   EXPECT_EQ(SessionStep(session), 0u);
 }
 
@@ -435,8 +434,8 @@ TEST_F(ServerTest, EightClientsOnEightSessionsMatchSerialRuns) {
       v1::CreateSessionResponse created;
       if (!stub->CreateSession(&ctx, CreateRequest(model), &created).ok()) return;
       for (int s = 1; s <= kSteps; ++s) {
-        got[c].push_back(GoodStep(stub.get(), created.session_id(), s,
-                                  RandomGradients(model, 1000 * c + s)));
+        got[c].push_back(
+            GoodStep(stub.get(), created.session_id(), s, RandomGradients(model, 1000 * c + s)));
       }
     });
   }
@@ -539,8 +538,7 @@ TEST_F(ServerTest, ParameterServerWeightsRoundTrip) {
   pulled = pull(v1::DTYPE_UNSPECIFIED, {}, &status);
   EXPECT_TRUE(pulled == weights);
 
-  EXPECT_CODE(GoodStep(stub_.get(), session, 1, weights).status, UNIMPLEMENTED,
-              "PARAMETER_SERVER");
+  EXPECT_CODE(GoodStep(stub_.get(), session, 1, weights).status, UNIMPLEMENTED, "PARAMETER_SERVER");
   pull(v1::DTYPE_UNSPECIFIED, {9}, &status);
   EXPECT_CODE(status, NOT_FOUND, "parameter index 9");
 
@@ -576,7 +574,8 @@ int HealthStatus(const std::shared_ptr<grpc::Channel>& channel) {
   std::vector<grpc::Slice> slices;
   if (!response.Dump(&slices).ok()) return -100;
   std::string bytes;
-  for (const grpc::Slice& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  for (const grpc::Slice& s : slices)
+    bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
   // HealthCheckResponse{status = 1 (SERVING)} is the two bytes 08 01.
   if (bytes.size() == 2 && bytes[0] == 0x08) return bytes[1];
   return 0;  // UNKNOWN (field absent)
@@ -676,7 +675,8 @@ TEST(ServerMetricsTest, MetricsCountSessionsAndSteps) {
   ASSERT_TRUE(stub->CreateSession(&ctx, CreateRequest(model), &created).ok());
   ASSERT_TRUE(GoodStep(stub.get(), created.session_id(), 1, RandomGradients(model, 1)).status.ok());
   ASSERT_TRUE(GoodStep(stub.get(), created.session_id(), 1, RandomGradients(model, 1)).status.ok());
-  EXPECT_FALSE(GoodStep(stub.get(), created.session_id(), 5, RandomGradients(model, 1)).status.ok());
+  EXPECT_FALSE(
+      GoodStep(stub.get(), created.session_id(), 5, RandomGradients(model, 1)).status.ok());
   const std::string metrics = HttpGet(metrics_port, "/metrics");
   EXPECT_THAT(metrics, HasSubstr("muon_sessions_created_total 1"));
   EXPECT_THAT(metrics, HasSubstr("muon_sessions 1"));
@@ -687,10 +687,9 @@ TEST(ServerMetricsTest, MetricsCountSessionsAndSteps) {
 
 TEST(ServerLimitsTest, SessionShapeAndMemoryLimits) {
   // SmallModel: 5 parameters; state 64·32·4 + 2·16·24·4 + 40·8·8 + 32·8 + 32·64·4 bytes.
-  auto server = ServerProcess::Start({"--max_params_per_session=4",
-                                      "--max_bytes_per_session=100000",
-                                      "--memory_budget_bytes=30000",
-                                      "--max_concurrent_streams=2"});
+  auto server =
+      ServerProcess::Start({"--max_params_per_session=4", "--max_bytes_per_session=100000",
+                            "--memory_budget_bytes=30000", "--max_concurrent_streams=2"});
   ASSERT_TRUE(server.ok()) << server.status();
   auto stub = v1::Optimizer::NewStub((*server)->NewChannel());
   auto create = [&](const v1::CreateSessionRequest& request) {

@@ -35,11 +35,9 @@ ParamSpec Spec(const std::string& name, std::vector<int64_t> shape, DType dtype,
 
 Model SmallModel() {
   Model m;
-  m.params = {Param("w1", {64, 32}, v1::DTYPE_FLOAT32),
-              Param("w2", {2, 16, 24}, v1::DTYPE_FLOAT32),
+  m.params = {Param("w1", {64, 32}, v1::DTYPE_FLOAT32), Param("w2", {2, 16, 24}, v1::DTYPE_FLOAT32),
               Param("emb", {40, 8}, v1::DTYPE_FLOAT32, v1::OPTIMIZER_KIND_ADAMW),
-              Param("b", {32}, v1::DTYPE_UNSPECIFIED),
-              Param("w3", {32, 64}, v1::DTYPE_BFLOAT16)};
+              Param("b", {32}, v1::DTYPE_UNSPECIFIED), Param("w3", {32, 64}, v1::DTYPE_BFLOAT16)};
   m.specs = {Spec("w1", {64, 32}, DType::kFloat32, OptimizerKind::kMuon),
              Spec("w2", {2, 16, 24}, DType::kFloat32, OptimizerKind::kMuon),
              Spec("emb", {40, 8}, DType::kFloat32, OptimizerKind::kAdamW),

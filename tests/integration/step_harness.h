@@ -5,6 +5,8 @@
 // the reference, and a Step driver on the generated stub that can misbehave
 // on purpose (bad chunks, cancel mid-step).
 
+#include <grpcpp/grpcpp.h>
+
 #include <cstddef>
 #include <cstdint>
 #include <map>
@@ -12,8 +14,6 @@
 #include <optional>
 #include <string>
 #include <vector>
-
-#include <grpcpp/grpcpp.h>
 
 #include "muon/kernels/engine.h"
 #include "muon/v1/optimizer.grpc.pb.h"
