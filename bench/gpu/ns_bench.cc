@@ -1,0 +1,291 @@
+// Times the CUDA engine's batched Newton–Schulz on the DESIGN.md §5
+// workloads, and the cuBLAS bf16 GEMM rate, on the current GPU.
+//
+//   ns_bench [--iters N] [--warmup N] [--json FILE]
+//
+// Each workload runs one BatchedNewtonSchulz per shape group, groups spread
+// over 4 streams (as the engine does), timed with CUDA events from the fork to
+// the join; the inputs are refilled with fresh random data before every
+// timed run. Both eager launches and a CUDA-graph replay of the same work are
+// timed; the median of each is reported. Benchmark code: failures exit.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "lt_gemm.h"
+#include "muon/kernels/engine.h"
+#include "muon/kernels/ns_schedule.h"
+#include "ns_cuda.h"
+#include "random_fill.h"
+
+namespace muon::bench {
+namespace {
+
+using internal::BatchedNewtonSchulz;
+using internal::GemmDesc;
+using internal::LtGemm;
+using internal::NsArgs;
+
+void Check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
+    std::exit(1);
+  }
+}
+void Check(const absl::Status& s, const char* what) {
+  if (!s.ok()) {
+    std::fprintf(stderr, "%s: %s\n", what, std::string(s.message()).c_str());
+    std::exit(1);
+  }
+}
+
+struct Shape {
+  int64_t rows, cols, count;
+};
+struct Workload {
+  std::string name;
+  std::vector<Shape> shapes;
+};
+
+// DESIGN.md §5.
+std::vector<Workload> Workloads() {
+  const auto gpt2 = [](std::string name, int64_t d, int64_t layers) {
+    return Workload{std::move(name),
+                    {{d, 3 * d, layers}, {d, d, layers}, {4 * d, d, layers}, {d, 4 * d, layers}}};
+  };
+  return {gpt2("gpt2-small", 768, 12),
+          gpt2("gpt2-medium", 1024, 24),
+          {"llama-1b", {{2048, 2048, 32}, {512, 2048, 32}, {8192, 2048, 32}, {2048, 8192, 16}}},
+          {"512x256^2", {{256, 256, 512}}}};
+}
+
+struct Schedule {
+  std::string name;
+  ScheduleKind kind;
+  int steps;
+};
+
+constexpr int kStreams = 4;
+
+double Median(std::vector<float> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+class Runner {
+ public:
+  Runner(LtGemm* gemm, const Workload& w, const NsCoefficients& coeffs, char* d_gemm_ws,
+         std::vector<cudaStream_t> streams)
+      : gemm_(gemm), coeffs_(coeffs), d_gemm_ws_(d_gemm_ws), streams_(std::move(streams)) {
+    for (const Shape& s : w.shapes) {
+      Group g;
+      g.args.coeffs = &coeffs_;
+      g.args.batch = s.count;
+      g.args.rows = s.rows;
+      g.args.cols = s.cols;
+      g.elements = s.count * s.rows * s.cols;
+      Check(cudaMalloc(&g.args.d_x, g.elements * sizeof(__nv_bfloat16)), "cudaMalloc x");
+      Check(cudaMalloc(&g.d_ws, BatchedNewtonSchulz::WorkspaceBytes(g.args)), "cudaMalloc ws");
+      flops_ += NsFlops({s.count, s.rows, s.cols}, static_cast<int>(coeffs.steps.size()));
+      groups_.push_back(g);
+    }
+    // Largest groups first, so the long products start early.
+    std::sort(groups_.begin(), groups_.end(),
+              [](const Group& a, const Group& b) { return a.elements > b.elements; });
+    for (size_t i = 0; i < groups_.size(); ++i) {
+      groups_[i].args.d_gemm_workspace = d_gemm_ws_ + (i % kStreams) * LtGemm::kWorkspaceBytes;
+      Check(BatchedNewtonSchulz::CanImplement(groups_[i].args), "CanImplement");
+    }
+    Check(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming), "event");
+    for (int s = 0; s < kStreams; ++s) {
+      cudaEvent_t e;
+      Check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "event");
+      joins_.push_back(e);
+    }
+  }
+  ~Runner() {
+    for (Group& g : groups_) {
+      cudaFree(g.args.d_x);
+      cudaFree(g.d_ws);
+    }
+    if (graph_exec_ != nullptr) cudaGraphExecDestroy(graph_exec_);
+  }
+
+  void Fill(uint64_t seed, cudaStream_t main) {
+    for (size_t i = 0; i < groups_.size(); ++i) {
+      Check(LaunchRandomFill(groups_[i].args.d_x, groups_[i].elements, seed * 131 + i, main),
+            "fill");
+    }
+  }
+
+  // Fork from `main` to the streams, one NS per group, join back to `main`.
+  void Enqueue(cudaStream_t main) {
+    Check(cudaEventRecord(fork_, main), "record");
+    for (cudaStream_t s : streams_) Check(cudaStreamWaitEvent(s, fork_), "wait");
+    BatchedNewtonSchulz ns(gemm_);
+    for (size_t i = 0; i < groups_.size(); ++i) {
+      Check(ns.Run(groups_[i].args, groups_[i].d_ws, streams_[i % kStreams]), "ns");
+    }
+    for (int s = 0; s < kStreams; ++s) {
+      Check(cudaEventRecord(joins_[s], streams_[s]), "record");
+      Check(cudaStreamWaitEvent(main, joins_[s]), "wait");
+    }
+  }
+
+  void Capture(cudaStream_t main) {
+    cudaGraph_t graph;
+    Check(cudaStreamBeginCapture(main, cudaStreamCaptureModeThreadLocal), "capture");
+    Enqueue(main);
+    Check(cudaStreamEndCapture(main, &graph), "end capture");
+    Check(cudaGraphInstantiate(&graph_exec_, graph, 0), "instantiate");
+    cudaGraphDestroy(graph);
+  }
+  void Replay(cudaStream_t main) { Check(cudaGraphLaunch(graph_exec_, main), "graph launch"); }
+
+  int64_t flops() const { return flops_; }
+
+ private:
+  struct Group {
+    NsArgs args;
+    int64_t elements = 0;
+    void* d_ws = nullptr;
+  };
+  LtGemm* gemm_;
+  NsCoefficients coeffs_;
+  char* d_gemm_ws_;
+  std::vector<cudaStream_t> streams_;
+  std::vector<Group> groups_;
+  int64_t flops_ = 0;
+  cudaEvent_t fork_;
+  std::vector<cudaEvent_t> joins_;
+  cudaGraphExec_t graph_exec_ = nullptr;
+};
+
+// Median milliseconds of `run` between two events on `main`, after `warmup`
+// untimed runs; `fill` refreshes the inputs before each run, outside the events.
+template <typename Fill, typename Run>
+double TimeMedian(cudaStream_t main, int warmup, int iters, Fill fill, Run run) {
+  cudaEvent_t start, stop;
+  Check(cudaEventCreate(&start), "event");
+  Check(cudaEventCreate(&stop), "event");
+  std::vector<float> ms;
+  for (int i = 0; i < warmup + iters; ++i) {
+    fill(i);
+    Check(cudaEventRecord(start, main), "record");
+    run();
+    Check(cudaEventRecord(stop, main), "record");
+    Check(cudaEventSynchronize(stop), "sync");
+    float t = 0;
+    Check(cudaEventElapsedTime(&t, start, stop), "elapsed");
+    if (i >= warmup) ms.push_back(t);
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  return Median(ms);
+}
+
+double GemmTflops(LtGemm& gemm, char* d_ws, cudaStream_t main) {
+  const int64_t n = 8192;
+  __nv_bfloat16 *d_a, *d_b, *d_c;
+  Check(cudaMalloc(&d_a, n * n * 2), "malloc");
+  Check(cudaMalloc(&d_b, n * n * 2), "malloc");
+  Check(cudaMalloc(&d_c, n * n * 2), "malloc");
+  Check(LaunchRandomFill(d_a, n * n, 1, main), "fill");
+  Check(LaunchRandomFill(d_b, n * n, 2, main), "fill");
+  // C = A·B, all n×n column-major with ld n (random data: zeros run faster).
+  GemmDesc d;
+  d.m = d.n = d.k = n;
+  d.lda = d.ldb = d.ldc = n;
+  d.stride_a = d.stride_b = d.stride_c = n * n;
+  const double ms = TimeMedian(
+      main, 3, 20, [](int) {},
+      [&] { Check(gemm.Run(d, 1.0f, d_a, d_b, 0.0f, d_c, d_c, d_ws, main), "gemm"); });
+  cudaFree(d_a);
+  cudaFree(d_b);
+  cudaFree(d_c);
+  return 2.0 * n * n * n / (ms * 1e-3) / 1e12;
+}
+
+int Main(int argc, char** argv) {
+  int iters = 30, warmup = 5;
+  std::string json_path;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--iters" && i + 1 < argc) {
+      iters = std::atoi(argv[++i]);
+    } else if (a == "--warmup" && i + 1 < argc) {
+      warmup = std::atoi(argv[++i]);
+    } else if (a == "--json" && i + 1 < argc) {
+      json_path = argv[++i];
+    } else {
+      std::fprintf(stderr, "usage: ns_bench [--iters N] [--warmup N] [--json FILE]\n");
+      return 2;
+    }
+  }
+  cudaDeviceProp prop;
+  Check(cudaGetDeviceProperties(&prop, 0), "device");
+  auto gemm = LtGemm::Create();
+  Check(gemm.status(), "cuBLASLt");
+  char* d_gemm_ws;
+  Check(cudaMalloc(&d_gemm_ws, kStreams * LtGemm::kWorkspaceBytes), "malloc");
+  cudaStream_t main;
+  Check(cudaStreamCreateWithFlags(&main, cudaStreamNonBlocking), "stream");
+  std::vector<cudaStream_t> streams(kStreams);
+  for (cudaStream_t& s : streams) Check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "stream");
+
+  const double tflops = GemmTflops(**gemm, d_gemm_ws, main);
+  std::printf("GPU %s; cuBLASLt bf16 8192^3 GEMM: %.0f TFLOP/s\n", prop.name, tflops);
+
+  const std::vector<Schedule> schedules = {{"jordan", ScheduleKind::kJordan, 5},
+                                           {"polar_express", ScheduleKind::kPolarExpress, 5},
+                                           {"aol", ScheduleKind::kAol, 4}};
+  std::string json = std::string("{\"gpu\": \"") + prop.name + "\", \"gemm_tflops\": " +
+                     std::to_string(tflops) + ", \"rows\": [";
+  bool first = true;
+  std::printf("%-12s %-14s %5s %9s %10s %10s\n", "workload", "schedule", "steps", "GFLOP",
+              "eager ms", "graph ms");
+  for (const Workload& w : Workloads()) {
+    for (const Schedule& s : schedules) {
+      auto coeffs = MakeNsCoefficients(s.kind, s.steps);
+      Check(coeffs.status(), "coefficients");
+      Runner runner(gemm->get(), w, *coeffs, d_gemm_ws, streams);
+      const auto fill = [&](int i) { runner.Fill(static_cast<uint64_t>(i) + 1, main); };
+      const double eager = TimeMedian(main, warmup, iters, fill, [&] { runner.Enqueue(main); });
+      runner.Capture(main);
+      const double graph = TimeMedian(main, warmup, iters, fill, [&] { runner.Replay(main); });
+      Check(cudaStreamSynchronize(main), "sync");
+      std::printf("%-12s %-14s %5d %9.0f %10.3f %10.3f\n", w.name.c_str(), s.name.c_str(),
+                  s.steps, runner.flops() / 1e9, eager, graph);
+      char row[512];
+      std::snprintf(row, sizeof(row),
+                    "%s{\"workload\": \"%s\", \"schedule\": \"%s\", \"steps\": %d, "
+                    "\"gflop\": %.3f, \"eager_ms\": %.4f, \"graph_ms\": %.4f}",
+                    first ? "" : ", ", w.name.c_str(), s.name.c_str(), s.steps,
+                    runner.flops() / 1e9, eager, graph);
+      json += row;
+      first = false;
+    }
+  }
+  json += "]}\n";
+  if (!json_path.empty()) {
+    FILE* f = std::fopen(json_path.c_str(), "w");
+    if (f == nullptr) {
+      std::perror(json_path.c_str());
+      return 1;
+    }
+    std::fputs(json.c_str(), f);
+    std::fclose(f);
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace muon::bench
+
+int main(int argc, char** argv) { return muon::bench::Main(argc, argv); }

@@ -1,0 +1,253 @@
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "device_kernels.h"
+
+namespace muon::internal {
+namespace {
+
+constexpr int kThreads = 256;
+// Enough blocks of a grid-stride loop to fill an H100 (132 SMs × 8 blocks);
+// more only adds scheduling.
+constexpr int64_t kMaxBlocks = 132 * 8;
+
+int BlocksFor(int64_t work) {
+  return static_cast<int>(std::clamp<int64_t>((work + kThreads - 1) / kThreads, 1, kMaxBlocks));
+}
+
+__device__ __forceinline__ float Decode(const void* p, int type, int64_t i) {
+  switch (type) {
+    case kWireBF16:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    case kWireF16:
+      return __half2float(static_cast<const __half*>(p)[i]);
+    default:
+      return static_cast<const float*>(p)[i];
+  }
+}
+
+__device__ __forceinline__ void Encode(void* p, int type, int64_t i, float v) {
+  switch (type) {
+    case kWireBF16:
+      static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
+      return;
+    case kWireF16:
+      static_cast<__half*>(p)[i] = __float2half_rn(v);
+      return;
+    default:
+      static_cast<float*>(p)[i] = v;
+  }
+}
+
+// Sum over the block; the result is valid in thread 0.
+template <typename T>
+__device__ T BlockSum(T v) {
+  __shared__ T partial[kThreads / 32];
+  for (int off = 16; off > 0; off /= 2) v += __shfl_down_sync(0xffffffffu, v, off);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  v = 0;
+  if (warp == 0) {
+    v = lane < kThreads / 32 ? partial[lane] : T(0);
+    for (int off = 16; off > 0; off /= 2) v += __shfl_down_sync(0xffffffffu, v, off);
+  }
+  return v;
+}
+
+__global__ void MomentumKernel(MomentumParams p) {
+  bool bad = false;
+  for (int64_t i = blockIdx.x * int64_t{kThreads} + threadIdx.x; i < p.n;
+       i += int64_t{gridDim.x} * kThreads) {
+    const float g = Decode(p.d_grad, p.grad_type, i);
+    bad |= !isfinite(g);
+    const float b = p.beta * p.d_momentum[i] + p.gain * g;
+    p.d_momentum_out[i] = b;
+    p.d_m[i] = __float2bfloat16_rn(p.nesterov ? p.gain * g + p.beta * b : b);
+  }
+  if (__syncthreads_or(bad) && threadIdx.x == 0) atomicExch(p.d_nonfinite, 1);
+}
+
+__global__ void AdamWKernel(AdamWParams p) {
+  bool bad = false;
+  for (int64_t i = blockIdx.x * int64_t{kThreads} + threadIdx.x; i < p.n;
+       i += int64_t{gridDim.x} * kThreads) {
+    const float g = Decode(p.d_grad, p.grad_type, i);
+    bad |= !isfinite(g);
+    const float m = p.beta1 * p.d_m[i] + (1.0f - p.beta1) * g;
+    const float v = p.beta2 * p.d_v[i] + (1.0f - p.beta2) * g * g;
+    p.d_m_out[i] = m;
+    p.d_v_out[i] = v;
+    const float u = -p.lr * (m / p.bias_correction1) / (sqrtf(v / p.bias_correction2) + p.eps);
+    if (p.d_weights != nullptr) p.d_weights_out[i] = p.decay * p.d_weights[i] + u;
+    Encode(p.d_out, p.out_type, i, u);
+  }
+  if (__syncthreads_or(bad) && threadIdx.x == 0) atomicExch(p.d_nonfinite, 1);
+}
+
+__global__ void MuonFinishKernel(MuonFinishParams p) {
+  for (int64_t i = blockIdx.x * int64_t{kThreads} + threadIdx.x; i < p.n;
+       i += int64_t{gridDim.x} * kThreads) {
+    const float u = p.scale * __bfloat162float(p.d_o[i]);
+    if (p.d_weights != nullptr) p.d_weights_out[i] = p.decay * p.d_weights[i] + u;
+    Encode(p.d_out, p.out_type, i, u);
+  }
+}
+
+// Eight bf16 in one 16-byte access: the batched kernels below are bound by
+// memory bandwidth, and 16-byte loads are what reaches it.
+union Pack8 {
+  uint4 raw;
+  __nv_bfloat162 h2[4];
+};
+
+// grid (blocks, batch). Uses 16-byte accesses when n % 8 == 0 (every matrix
+// then starts 16-byte aligned), scalar ones otherwise.
+__global__ void SumSquaresKernel(SumSquaresParams p) {
+  const __nv_bfloat16* x = p.d_x + blockIdx.y * p.n;
+  const int64_t start = blockIdx.x * int64_t{kThreads} + threadIdx.x;
+  const int64_t stride = int64_t{gridDim.x} * kThreads;
+  float sum = 0;
+  if (p.n % 8 == 0) {
+    const uint4* x8 = reinterpret_cast<const uint4*>(x);
+    for (int64_t i = start; i < p.n / 8; i += stride) {
+      Pack8 v;
+      v.raw = x8[i];
+      for (int k = 0; k < 4; ++k) {
+        const float2 f = __bfloat1622float2(v.h2[k]);
+        sum += f.x * f.x + f.y * f.y;
+      }
+    }
+  } else {
+    for (int64_t i = start; i < p.n; i += stride) {
+      const float f = __bfloat162float(x[i]);
+      sum += f * f;
+    }
+  }
+  sum = BlockSum(sum);
+  if (threadIdx.x == 0) atomicAdd(p.d_sumsq + blockIdx.y, sum);
+}
+
+__global__ void NormalizeKernel(NormalizeParams p) {
+  const __nv_bfloat16* x = p.d_x + blockIdx.y * p.n;
+  __nv_bfloat16* y = p.d_y + blockIdx.y * p.n;
+  const float s = 1.0f / (p.safety * sqrtf(p.d_sumsq[blockIdx.y]) + 1e-7f);
+  const int64_t start = blockIdx.x * int64_t{kThreads} + threadIdx.x;
+  const int64_t stride = int64_t{gridDim.x} * kThreads;
+  if (p.n % 8 == 0) {
+    const uint4* x8 = reinterpret_cast<const uint4*>(x);
+    uint4* y8 = reinterpret_cast<uint4*>(y);
+    for (int64_t i = start; i < p.n / 8; i += stride) {
+      Pack8 v;
+      v.raw = x8[i];
+      for (int k = 0; k < 4; ++k) {
+        // Multiply in fp32: s itself need not be representable in bf16.
+        const float2 f = __bfloat1622float2(v.h2[k]);
+        v.h2[k] = __floats2bfloat162_rn(f.x * s, f.y * s);
+      }
+      y8[i] = v.raw;
+    }
+  } else {
+    for (int64_t i = start; i < p.n; i += stride) {
+      y[i] = __float2bfloat16_rn(__bfloat162float(x[i]) * s);
+    }
+  }
+}
+
+// One warp per row of A (= column, A is symmetric): d_i = 1/sqrt(max(Σ|A_ij|, 1e-7)).
+__global__ void AolRowScaleKernel(AolParams p) {
+  const int64_t row = blockIdx.x * int64_t{kThreads / 32} + threadIdx.x / 32;
+  if (row >= p.r) return;
+  const __nv_bfloat16* a = p.d_a + blockIdx.y * p.r * p.r + row * p.r;
+  float sum = 0;
+  for (int64_t j = threadIdx.x % 32; j < p.r; j += 32) sum += fabsf(__bfloat162float(a[j]));
+  for (int off = 16; off > 0; off /= 2) sum += __shfl_down_sync(0xffffffffu, sum, off);
+  if (threadIdx.x % 32 == 0) p.d_scale[blockIdx.y * p.r + row] = rsqrtf(fmaxf(sum, 1e-7f));
+}
+
+// Y = diag(d)·X over the first r·c indices of the grid, A ← diag(d)·A·diag(d)
+// over the next r·r.
+__global__ void AolApplyKernel(AolParams p) {
+  const int64_t rc = p.r * p.c;
+  const float* d = p.d_scale + blockIdx.y * p.r;
+  const __nv_bfloat16* x = p.d_x + blockIdx.y * rc;
+  __nv_bfloat16* y = p.d_y + blockIdx.y * rc;
+  __nv_bfloat16* a = p.d_a + blockIdx.y * p.r * p.r;
+  for (int64_t e = blockIdx.x * int64_t{kThreads} + threadIdx.x; e < rc + p.r * p.r;
+       e += int64_t{gridDim.x} * kThreads) {
+    if (e < rc) {
+      const int64_t row = p.x_rows_contiguous ? e / p.c : e % p.r;
+      y[e] = __float2bfloat16_rn(__bfloat162float(x[e]) * d[row]);
+    } else {
+      const int64_t k = e - rc;
+      a[k] = __float2bfloat16_rn(__bfloat162float(a[k]) * d[k % p.r] * d[k / p.r]);
+    }
+  }
+}
+
+__global__ void OrthoErrorKernel(OrthoErrorParams p) {
+  const float* g = p.d_gram + blockIdx.y * p.r * p.r;
+  double sum = 0;
+  for (int64_t e = blockIdx.x * int64_t{kThreads} + threadIdx.x; e < p.r * p.r;
+       e += int64_t{gridDim.x} * kThreads) {
+    const double v = g[e] - (e % p.r == e / p.r ? 1.0 : 0.0);
+    sum += v * v;
+  }
+  sum = BlockSum(sum);
+  if (threadIdx.x == 0) atomicAdd(p.d_error + blockIdx.y, sum);
+}
+
+// Blocks per matrix of a batched kernel: the whole batch together fills the
+// GPU, and no block is left with nothing to do.
+dim3 BatchedGrid(int64_t work_per_matrix, int64_t batch) {
+  const int64_t want = std::max<int64_t>(1, kMaxBlocks / batch);
+  const int64_t useful = (work_per_matrix + kThreads - 1) / kThreads;
+  return dim3(static_cast<unsigned>(std::clamp<int64_t>(useful, 1, want)),
+              static_cast<unsigned>(batch));
+}
+
+}  // namespace
+
+cudaError_t LaunchMomentum(const MomentumParams& p, cudaStream_t stream) {
+  MomentumKernel<<<BlocksFor(p.n), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchAdamW(const AdamWParams& p, cudaStream_t stream) {
+  AdamWKernel<<<BlocksFor(p.n), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchMuonFinish(const MuonFinishParams& p, cudaStream_t stream) {
+  MuonFinishKernel<<<BlocksFor(p.n), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchSumSquares(const SumSquaresParams& p, cudaStream_t stream) {
+  SumSquaresKernel<<<BatchedGrid(p.n % 8 == 0 ? p.n / 8 : p.n, p.batch), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchNormalize(const NormalizeParams& p, cudaStream_t stream) {
+  NormalizeKernel<<<BatchedGrid(p.n % 8 == 0 ? p.n / 8 : p.n, p.batch), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchAol(const AolParams& p, cudaStream_t stream) {
+  const dim3 rows_grid(static_cast<unsigned>((p.r + kThreads / 32 - 1) / (kThreads / 32)),
+                       static_cast<unsigned>(p.batch));
+  AolRowScaleKernel<<<rows_grid, kThreads, 0, stream>>>(p);
+  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  AolApplyKernel<<<BatchedGrid(p.r * p.c + p.r * p.r, p.batch), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchOrthoError(const OrthoErrorParams& p, cudaStream_t stream) {
+  OrthoErrorKernel<<<BatchedGrid(p.r * p.r, p.batch), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace muon::internal

@@ -1,0 +1,415 @@
+// The CUDA engine against the CPU engine (the reference), on a device when
+// one is usable; every test skips otherwise.
+#include <cmath>
+#include <cstddef>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "muon/kernels/cpu_ns.h"
+#include "muon/kernels/engine.h"
+#include "muon/kernels/ns_schedule.h"
+
+namespace muon {
+namespace {
+
+// Newton–Schulz runs in bf16 (8-bit mantissa, unit roundoff 2^-9 ≈ 2e-3) for
+// 4–5 steps of three products each, the CPU reference in fp32. dion and the
+// AOL schedules agree to 1e-2 relative (measured ≤ 0.8e-2 on an H100).
+// jordan and polar_express do not: their b·A + c·A² nearly cancels near σ = 1
+// (polar_express step 1: b + c = −6.5 from terms of 23), so the bf16 rounding
+// of A and B is amplified 4–6×; measured 1.1–1.8e-2 on Gaussian gradients,
+// the same as any bf16 implementation (PyTorch's reference included).
+double MuonTolerance(ScheduleKind kind) {
+  return kind == ScheduleKind::kJordan || kind == ScheduleKind::kPolarExpress ? 2.5e-2 : 1e-2;
+}
+// AdamW is element-wise fp32 on both engines (the CPU divides in double).
+constexpr double kAdamTolerance = 1e-5;
+
+double RelativeError(const std::vector<float>& got, const std::vector<float>& want) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    num += (static_cast<double>(got[i]) - want[i]) * (static_cast<double>(got[i]) - want[i]);
+    den += static_cast<double>(want[i]) * want[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-300));
+}
+
+std::vector<float> Gaussian(int64_t n, std::mt19937& rng, float scale = 1.0f) {
+  std::normal_distribution<float> dist(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+struct Buffers {
+  std::vector<std::byte> grad;
+  std::vector<std::byte> out;
+};
+
+// Encodes fp32 values as `dtype` bytes; `values` is replaced by what the
+// bytes decode to, so both engines see exactly the same gradient.
+std::vector<std::byte> Encode(DType dtype, std::vector<float>& values) {
+  std::vector<std::byte> bytes(values.size() * DTypeSize(dtype));
+  EncodeFromFloat(dtype, values.data(), values.size(), bytes.data());
+  DecodeToFloat(dtype, bytes.data(), values.size(), values.data());
+  return bytes;
+}
+
+std::vector<float> Decode(DType dtype, const std::vector<std::byte>& bytes) {
+  std::vector<float> v(bytes.size() / DTypeSize(dtype));
+  DecodeToFloat(dtype, bytes.data(), v.size(), v.data());
+  return v;
+}
+
+class CudaEngineTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!CudaAvailable()) GTEST_SKIP() << "no usable CUDA device";
+    auto cuda = CreateCudaEngine({});
+    ASSERT_TRUE(cuda.ok()) << cuda.status();
+    cuda_ = std::move(*cuda);
+    auto cpu = CreateCpuEngine({});
+    ASSERT_TRUE(cpu.ok()) << cpu.status();
+    cpu_ = std::move(*cpu);
+  }
+
+  std::unique_ptr<Engine> cuda_;
+  std::unique_ptr<Engine> cpu_;
+};
+
+ParamSpec Muon(std::string name, std::vector<int64_t> shape, DType dtype, ScheduleKind schedule) {
+  ParamSpec s;
+  s.name = std::move(name);
+  s.shape = std::move(shape);
+  s.dtype = dtype;
+  s.hp.ns_schedule = schedule;
+  s.hp.ns_steps = schedule == ScheduleKind::kAol || schedule == ScheduleKind::kAolDion ? 4 : 5;
+  return s;
+}
+
+class CudaMatchesCpuTest : public CudaEngineTest,
+                           public ::testing::WithParamInterface<ScheduleKind> {};
+
+TEST_P(CudaMatchesCpuTest, UpdatesStateAndWeightsMatchCpu) {
+  const ScheduleKind schedule = GetParam();
+  std::vector<ParamSpec> specs;
+  specs.push_back(Muon("wide", {256, 512}, DType::kBFloat16, schedule));
+  specs.push_back(Muon("wide_twin", {256, 512}, DType::kBFloat16, schedule));  // same group
+  ParamSpec tall = Muon("tall", {768, 256}, DType::kFloat32, schedule);
+  tall.hp.momentum_form = MomentumForm::kSum;
+  tall.hp.nesterov = false;
+  tall.hp.shape_scale = ShapeScale::kRmsMatch;
+  tall.hp.weight_decay = 0.1;
+  specs.push_back(tall);
+  specs.push_back(Muon("experts", {4, 96, 64}, DType::kFloat16, schedule));
+  ParamSpec conv = Muon("conv", {32, 16, 3, 3}, DType::kFloat32, schedule);
+  conv.hold_weights = true;
+  conv.hp.weight_decay = 0.01;
+  specs.push_back(conv);
+  ParamSpec bias;
+  bias.name = "bias";
+  bias.shape = {1000};
+  bias.kind = OptimizerKind::kAdamW;
+  bias.hp.lr = 1e-3;
+  bias.hp.weight_decay = 0.01;
+  bias.hold_weights = true;
+  specs.push_back(bias);
+  ParamSpec emb = bias;
+  emb.name = "emb";
+  emb.shape = {300, 64};
+  emb.dtype = DType::kBFloat16;
+  emb.hold_weights = false;
+  specs.push_back(emb);
+
+  std::mt19937 rng(1234);
+  std::vector<ParamId> gpu_ids, cpu_ids;
+  for (const ParamSpec& s : specs) {
+    auto g = cuda_->Register(s);
+    auto c = cpu_->Register(s);
+    ASSERT_TRUE(g.ok()) << g.status();
+    ASSERT_TRUE(c.ok()) << c.status();
+    gpu_ids.push_back(*g);
+    cpu_ids.push_back(*c);
+    if (s.hold_weights) {
+      const std::vector<float> w = Gaussian(NumElements(s.shape), rng);
+      ASSERT_TRUE(cuda_->SetWeights(*g, w).ok());
+      ASSERT_TRUE(cpu_->SetWeights(*c, w).ok());
+    }
+  }
+
+  double worst_muon = 0;
+  for (int step = 0; step < 3; ++step) {
+    std::vector<std::vector<std::byte>> grads(specs.size()), gpu_out(specs.size()),
+        cpu_out(specs.size());
+    std::vector<GradientInput> gpu_in, cpu_in;
+    std::vector<UpdateOutput> gpu_up, cpu_up;
+    for (size_t i = 0; i < specs.size(); ++i) {
+      std::vector<float> g = Gaussian(NumElements(specs[i].shape), rng, 0.01f);
+      grads[i] = Encode(specs[i].dtype, g);
+      // Updates come back as fp32 for the comparison, except one in bf16.
+      const DType out = i == 0 ? DType::kBFloat16 : DType::kFloat32;
+      gpu_out[i].resize(g.size() * DTypeSize(out));
+      cpu_out[i].resize(g.size() * DTypeSize(out));
+      gpu_in.push_back({gpu_ids[i], specs[i].dtype, grads[i], std::nullopt});
+      cpu_in.push_back({cpu_ids[i], specs[i].dtype, grads[i], std::nullopt});
+      gpu_up.push_back({gpu_ids[i], out, absl::MakeSpan(gpu_out[i])});
+      cpu_up.push_back({cpu_ids[i], out, absl::MakeSpan(cpu_out[i])});
+    }
+    if (step == 2) {  // a client LR schedule
+      gpu_in[0].lr = cpu_in[0].lr = 0.005;
+    }
+    StepOptions options;
+    options.measure_orthogonality = true;
+    StepStats stats;
+    ASSERT_TRUE(cuda_->Step(gpu_in, absl::MakeSpan(gpu_up), options, &stats).ok());
+    ASSERT_TRUE(cpu_->Step(cpu_in, absl::MakeSpan(cpu_up), options).ok());
+    EXPECT_EQ(stats.parameters, static_cast<int64_t>(specs.size()));
+    EXPECT_GT(stats.ns_flops, 0);
+    for (size_t i = 0; i < specs.size(); ++i) {
+      SCOPED_TRACE(specs[i].name + " step " + std::to_string(step));
+      const std::vector<float> got = Decode(gpu_up[i].dtype, gpu_out[i]);
+      const std::vector<float> want = Decode(cpu_up[i].dtype, cpu_out[i]);
+      const double err = RelativeError(got, want);
+      EXPECT_DOUBLE_EQ(gpu_up[i].decay, cpu_up[i].decay);
+      if (specs[i].kind == OptimizerKind::kMuon) {
+        worst_muon = std::max(worst_muon, err);
+        EXPECT_LE(err, MuonTolerance(schedule));
+        // The error of a bf16 O against that of an fp32 O.
+        EXPECT_NEAR(gpu_up[i].orthogonality_error, cpu_up[i].orthogonality_error,
+                    0.02 + 0.1 * cpu_up[i].orthogonality_error);
+      } else {
+        EXPECT_LE(err, kAdamTolerance);
+        EXPECT_TRUE(std::isnan(gpu_up[i].orthogonality_error));
+      }
+    }
+  }
+  std::printf("[ info ] %s: worst Muon update relative error vs CPU %.3g\n",
+              std::string(ScheduleName(schedule)).c_str(), worst_muon);
+  RecordProperty("worst_muon_relative_error", std::to_string(worst_muon));
+
+  for (size_t i = 0; i < specs.size(); ++i) {
+    SCOPED_TRACE(specs[i].name);
+    auto g = cuda_->ExportState(gpu_ids[i]);
+    auto c = cpu_->ExportState(cpu_ids[i]);
+    ASSERT_TRUE(g.ok() && c.ok());
+    EXPECT_EQ(g->step, 3);
+    EXPECT_EQ(g->step, c->step);
+    ASSERT_EQ(g->momentum.size(), c->momentum.size());
+    if (!c->momentum.empty()) {
+      EXPECT_LE(RelativeError(g->momentum, c->momentum), 1e-5);
+    }
+    if (!c->exp_avg.empty()) {
+      EXPECT_LE(RelativeError(g->exp_avg, c->exp_avg), 1e-5);
+      EXPECT_LE(RelativeError(g->exp_avg_sq, c->exp_avg_sq), 1e-5);
+    }
+    ASSERT_EQ(g->weights.size(), c->weights.size());
+    if (!c->weights.empty()) {
+      EXPECT_LE(RelativeError(g->weights, c->weights), 1e-3);
+      std::vector<float> held(c->weights.size());
+      ASSERT_TRUE(cuda_->GetWeights(gpu_ids[i], absl::MakeSpan(held)).ok());
+      EXPECT_EQ(held, g->weights);
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Schedules, CudaMatchesCpuTest,
+                         ::testing::Values(ScheduleKind::kJordan, ScheduleKind::kDion,
+                                           ScheduleKind::kPolarExpress, ScheduleKind::kAol,
+                                           ScheduleKind::kAolDion),
+                         [](const auto& info) { return std::string(ScheduleName(info.param)); });
+
+// Orthonormal columns: the polar factor of a Gaussian rows×cols (rows ≥ cols).
+std::vector<float> OrthonormalColumns(int64_t rows, int64_t cols, std::mt19937& rng) {
+  std::vector<float> q = Gaussian(rows * cols, rng);
+  auto svd = MakeNsCoefficients(ScheduleKind::kSvd, 1);
+  EXPECT_TRUE(svd.ok());
+  EXPECT_TRUE(OrthogonalizeCpu(*svd, {1, rows, cols}, q.data()).ok());
+  return q;
+}
+
+// Singular values of NS(M) for M = U·diag(s)·Vᵀ with s log-spaced so that,
+// after the schedule's normalization, they span [1e-3, 1/‖s‖]; estimated as
+// uᵢᵀ·O·vᵢ (exact when O = U·p(Σ)·Vᵀ).
+std::vector<double> SingularValuesAfterNs(Engine& engine, ScheduleKind schedule, int64_t m,
+                                          int64_t n) {
+  std::mt19937 rng(77);
+  const int64_t r = std::min(m, n);
+  const std::vector<float> u = OrthonormalColumns(m, r, rng);  // m×r
+  const std::vector<float> v = OrthonormalColumns(n, r, rng);  // n×r
+  auto coeffs = MakeNsCoefficients(schedule, 5);
+  EXPECT_TRUE(coeffs.ok());
+  // Fixed point lo = 1e-3·safety·‖s(lo)‖, so the smallest normalized value is 1e-3.
+  std::vector<double> s(r);
+  double lo = 1e-3;
+  for (int iter = 0; iter < 50; ++iter) {
+    double norm = 0;
+    for (int64_t i = 0; i < r; ++i) {
+      s[i] = std::exp(std::log(lo) * static_cast<double>(i) / static_cast<double>(r - 1));
+      norm += s[i] * s[i];
+    }
+    lo = 1e-3 * coeffs->norm_safety * std::sqrt(norm);
+  }
+  std::vector<float> mat(m * n, 0.0f);
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      double acc = 0;
+      for (int64_t k = 0; k < r; ++k) acc += u[i * r + k] * s[k] * v[j * r + k];
+      mat[i * n + j] = static_cast<float>(acc);
+    }
+  }
+  ParamSpec spec = Muon("spread", {m, n}, DType::kFloat32, schedule);
+  spec.hp.ns_steps = 5;
+  spec.hp.lr = 1.0;
+  spec.hp.momentum = 0.0;  // M = G exactly
+  spec.hp.shape_scale = ShapeScale::kNone;
+  auto id = engine.Register(spec);
+  EXPECT_TRUE(id.ok()) << id.status();
+  std::vector<std::byte> grad(mat.size() * 4), out(mat.size() * 4);
+  std::memcpy(grad.data(), mat.data(), grad.size());
+  GradientInput in{*id, DType::kFloat32, grad, std::nullopt};
+  UpdateOutput up{*id, DType::kFloat32, absl::MakeSpan(out)};
+  EXPECT_TRUE(engine.Step({&in, 1}, {&up, 1}).ok());
+  std::vector<float> o(mat.size());
+  std::memcpy(o.data(), out.data(), out.size());
+  std::vector<double> sigma(r);
+  for (int64_t k = 0; k < r; ++k) {
+    double acc = 0;
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t j = 0; j < n; ++j) acc += u[i * r + k] * -o[i * n + j] * v[j * r + k];
+    }
+    sigma[k] = acc;
+  }
+  return sigma;
+}
+
+TEST_F(CudaEngineTest, OrthogonalityBounds) {
+  struct Case {
+    ScheduleKind schedule;
+    double lo, hi;
+  };
+  for (const Case& c : {Case{ScheduleKind::kJordan, 0.45, 1.22},
+                        Case{ScheduleKind::kPolarExpress, 0.85, 1.15}}) {
+    for (const auto& [m, n] : {std::pair<int64_t, int64_t>{128, 384}, {384, 128}}) {
+      SCOPED_TRACE(std::string(ScheduleName(c.schedule)) + " " + std::to_string(m) + "x" +
+                   std::to_string(n));
+      const std::vector<double> sigma = SingularValuesAfterNs(*cuda_, c.schedule, m, n);
+      const auto [lo, hi] = std::minmax_element(sigma.begin(), sigma.end());
+      std::printf("[ info ] %s %ldx%ld: singular values in [%.3f, %.3f]\n",
+                  std::string(ScheduleName(c.schedule)).c_str(), static_cast<long>(m),
+                  static_cast<long>(n), *lo, *hi);
+      EXPECT_GE(*lo, c.lo);
+      EXPECT_LE(*hi, c.hi);
+    }
+  }
+}
+
+TEST_F(CudaEngineTest, UncommittedStepChangesNothing) {
+  auto id = cuda_->Register(Muon("w", {64, 128}, DType::kFloat32, ScheduleKind::kJordan));
+  ASSERT_TRUE(id.ok());
+  std::mt19937 rng(5);
+  std::vector<float> g = Gaussian(64 * 128, rng);
+  std::vector<std::byte> grad = Encode(DType::kFloat32, g), out(grad.size());
+  GradientInput in{*id, DType::kFloat32, grad, std::nullopt};
+  UpdateOutput up{*id, DType::kFloat32, absl::MakeSpan(out)};
+  {
+    auto txn = cuda_->BeginStep({});
+    ASSERT_TRUE(txn.ok());
+    ASSERT_TRUE((*txn)->Compute({&in, 1}, {&up, 1}, nullptr).ok());
+    // Held by this open transaction.
+    EXPECT_EQ(cuda_->Unregister(*id).code(), absl::StatusCode::kFailedPrecondition);
+    auto other = cuda_->BeginStep({});
+    ASSERT_TRUE(other.ok());
+    EXPECT_EQ((*other)->Compute({&in, 1}, {&up, 1}, nullptr).code(),
+              absl::StatusCode::kFailedPrecondition);
+    EXPECT_EQ((*txn)->Compute({&in, 1}, {&up, 1}, nullptr).code(),
+              absl::StatusCode::kInvalidArgument);  // given twice
+  }
+  auto state = cuda_->ExportState(*id);
+  ASSERT_TRUE(state.ok());
+  EXPECT_EQ(state->step, 0);
+  EXPECT_EQ(state->momentum, std::vector<float>(64 * 128, 0.0f));
+
+  ASSERT_TRUE(cuda_->Step({&in, 1}, {&up, 1}).ok());
+  state = cuda_->ExportState(*id);
+  ASSERT_TRUE(state.ok());
+  EXPECT_EQ(state->step, 1);
+  EXPECT_FLOAT_EQ(state->momentum[7], 0.05f * g[7]);  // (1 − β)·G
+}
+
+TEST_F(CudaEngineTest, NonFiniteGradientIsRejectedAndChangesNothing) {
+  auto a = cuda_->Register(Muon("a", {32, 32}, DType::kFloat32, ScheduleKind::kJordan));
+  ParamSpec adam;
+  adam.name = "b";
+  adam.shape = {100};
+  adam.kind = OptimizerKind::kAdamW;
+  auto b = cuda_->Register(adam);
+  ASSERT_TRUE(a.ok() && b.ok());
+  std::vector<float> ga(32 * 32, 1.0f), gb(100, 1.0f);
+  gb[42] = std::nanf("");
+  std::vector<std::byte> bytes_a = Encode(DType::kFloat32, ga), bytes_b = Encode(DType::kFloat32, gb);
+  std::vector<std::byte> out_a(bytes_a.size()), out_b(bytes_b.size());
+  std::vector<GradientInput> in = {{*a, DType::kFloat32, bytes_a, std::nullopt},
+                                   {*b, DType::kFloat32, bytes_b, std::nullopt}};
+  std::vector<UpdateOutput> up = {{*a, DType::kFloat32, absl::MakeSpan(out_a)},
+                                  {*b, DType::kFloat32, absl::MakeSpan(out_b)}};
+  const absl::Status s = cuda_->Step(in, absl::MakeSpan(up));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("'b'"), absl::string_view::npos) << s;
+  for (ParamId id : {*a, *b}) {
+    auto state = cuda_->ExportState(id);
+    ASSERT_TRUE(state.ok());
+    EXPECT_EQ(state->step, 0);
+  }
+  gb[42] = 1.0f;
+  bytes_b = Encode(DType::kFloat32, gb);
+  in[1].bytes = bytes_b;
+  EXPECT_TRUE(cuda_->Step(in, absl::MakeSpan(up)).ok());  // nothing left claimed
+}
+
+TEST_F(CudaEngineTest, MemoryBudgetIsEnforcedAtRegister) {
+  EngineOptions options;
+  options.memory_budget_bytes = int64_t{256} << 20;
+  auto engine = CreateCudaEngine(options);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  const int64_t fixed = (*engine)->Memory().used_bytes;
+  EXPECT_GT(fixed, 0);
+  EXPECT_TRUE((*engine)->Register(Muon("small", {256, 256}, DType::kFloat32,
+                                       ScheduleKind::kJordan)).ok());
+  EXPECT_GT((*engine)->Memory().used_bytes, fixed);
+  auto big = (*engine)->Register(Muon("big", {8192, 8192}, DType::kFloat32, ScheduleKind::kJordan));
+  EXPECT_EQ(big.status().code(), absl::StatusCode::kResourceExhausted) << big.status();
+
+  options.memory_budget_bytes = 1 << 20;  // less than the cuBLASLt workspaces
+  EXPECT_EQ(CreateCudaEngine(options).status().code(), absl::StatusCode::kResourceExhausted);
+}
+
+TEST_F(CudaEngineTest, ErrorsNameTheProblem) {
+  EXPECT_EQ(cuda_->name(), "cuda");
+  auto svd = cuda_->Register(Muon("s", {16, 16}, DType::kFloat32, ScheduleKind::kSvd));
+  EXPECT_EQ(svd.status().code(), absl::StatusCode::kUnimplemented);
+  EngineOptions options;
+  options.device = 99;
+  EXPECT_EQ(CreateCudaEngine(options).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(cuda_->Unregister(12345).code(), absl::StatusCode::kNotFound);
+
+  auto id = cuda_->Register(Muon("w", {8, 4}, DType::kFloat32, ScheduleKind::kJordan));
+  ASSERT_TRUE(id.ok());
+  ParamState state;
+  state.step = 7;
+  state.momentum.assign(31, 1.0f);
+  EXPECT_EQ(cuda_->ImportState(*id, state).code(), absl::StatusCode::kInvalidArgument);
+  state.momentum.assign(32, 0.5f);
+  ASSERT_TRUE(cuda_->ImportState(*id, state).ok());
+  auto back = cuda_->ExportState(*id);
+  ASSERT_TRUE(back.ok());
+  EXPECT_EQ(back->step, 7);
+  EXPECT_EQ(back->momentum, state.momentum);
+  EXPECT_EQ(cuda_->SetWeights(*id, std::vector<float>(32)).code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
+}  // namespace
+}  // namespace muon
