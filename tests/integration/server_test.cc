@@ -193,6 +193,79 @@ TEST_F(ServerTest, BrokenStreamChangesNoState) {
   EXPECT_EQ(SessionStep(session), 1u);
 }
 
+TEST_F(ServerTest, UpdatesStreamBeforeTheStepEndsButCommitOnlyAtTheEnd) {
+  const Model model = SmallModel();
+  const std::string session = NewSession(model);
+  Reference reference(model);
+  const Tensors grads = RandomGradients(model, 81);
+
+  for (int attempt = 0; attempt < 50; ++attempt) {
+    // The first attempt is cancelled; the next ones finish (retrying while
+    // the server still tears the cancelled stream down: ABORTED).
+    const bool finish = attempt > 0;
+    grpc::ClientContext ctx;
+    auto stream = stub_->Step(&ctx);
+    v1::StepRequest header;
+    header.mutable_header()->set_session_id(session);
+    header.mutable_header()->set_step(1);
+    ASSERT_TRUE(stream->Write(header));
+    // Parameter 0 whole, parameter 1 in part: parameter 0's update must come
+    // back while the client is still sending.
+    for (const v1::StepRequest& m : GradientMessages({{0, grads.at(0)}}, 1000, 0)) {
+      ASSERT_TRUE(stream->Write(m));
+    }
+    ASSERT_TRUE(
+        stream->Write(ChunkMessage(1, 0, Bytes(grads.at(1).begin(), grads.at(1).begin() + 1000))));
+    v1::StepResponse response;
+    if (!stream->Read(&response)) {
+      const grpc::Status status = stream->Finish();
+      ASSERT_EQ(status.error_code(), grpc::StatusCode::ABORTED) << status.error_message();
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      continue;
+    }
+    ASSERT_TRUE(response.has_update());
+    EXPECT_EQ(response.update().param_index(), 0u);
+    // Streamed, but not committed.
+    EXPECT_EQ(SessionStep(session), 0u);
+    if (!finish) {
+      ctx.TryCancel();
+      EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::CANCELLED);
+      continue;
+    }
+    Tensors rest = grads;
+    rest[1].erase(rest[1].begin(), rest[1].begin() + 1000);
+    for (const auto& [index, bytes] : rest) {
+      if (index == 0) continue;
+      for (size_t off = 0; off < bytes.size(); off += 1000) {
+        const size_t n = std::min<size_t>(1000, bytes.size() - off);
+        const uint64_t base = index == 1 ? 1000 : 0;
+        ASSERT_TRUE(stream->Write(
+            ChunkMessage(index, base + off, Bytes(bytes.begin() + off, bytes.begin() + off + n))));
+      }
+    }
+    ASSERT_TRUE(stream->Write(EndMessage({0, 1, 2, 3, 4})));
+    stream->WritesDone();
+    StepResult got;
+    do {
+      if (response.has_update()) {
+        const v1::UpdateChunk& u = response.update();
+        Bytes& dst = got.updates[u.param_index()];
+        dst.resize(u.total_bytes());
+        std::memcpy(dst.data() + u.offset(), u.data().data(), u.data().size());
+        got.decay[u.param_index()] = u.decay();
+      } else if (response.has_summary()) {
+        got.summary = response.summary();
+      }
+    } while (stream->Read(&response));
+    got.status = stream->Finish();
+    // The cancelled attempt left no trace: this equals a first step.
+    ExpectSameUpdates(got, reference.Step(grads));
+    EXPECT_EQ(SessionStep(session), 1u);
+    return;
+  }
+  FAIL() << "the session stayed busy after the cancelled step";
+}
+
 TEST_F(ServerTest, RetryOfAppliedStepReplaysWithoutApplyingTwice) {
   const Model model = SmallModel();
   const std::string session = NewSession(model);
@@ -579,6 +652,48 @@ int HealthStatus(const std::shared_ptr<grpc::Channel>& channel) {
   // HealthCheckResponse{status = 1 (SERVING)} is the two bytes 08 01.
   if (bytes.size() == 2 && bytes[0] == 0x08) return bytes[1];
   return 0;  // UNKNOWN (field absent)
+}
+
+// Reflection: ServerReflectionInfo with list_services, by generic call; the
+// raw response bytes hold the service names.
+std::string ReflectionListServices(const std::shared_ptr<grpc::Channel>& channel) {
+  grpc::GenericStub stub(channel);
+  grpc::CompletionQueue cq;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  auto call =
+      stub.PrepareCall(&ctx, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", &cq);
+  void* tag = nullptr;
+  bool ok = false;
+  auto next = [&] { return cq.Next(&tag, &ok) && ok; };
+  call->StartCall(reinterpret_cast<void*>(1));
+  if (!next()) return "";
+  const char list_services[] = {0x3a, 0x00};  // field 7 (list_services) = ""
+  grpc::Slice slice(list_services, sizeof list_services);
+  grpc::ByteBuffer request(&slice, 1);
+  call->Write(request, reinterpret_cast<void*>(2));
+  if (!next()) return "";
+  call->WritesDone(reinterpret_cast<void*>(3));
+  if (!next()) return "";
+  grpc::ByteBuffer response;
+  call->Read(&response, reinterpret_cast<void*>(4));
+  if (!next()) return "";
+  grpc::Status status;
+  call->Finish(&status, reinterpret_cast<void*>(5));
+  next();
+  std::vector<grpc::Slice> slices;
+  if (!response.Dump(&slices).ok()) return "";
+  std::string bytes;
+  for (const grpc::Slice& s : slices) {
+    bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  }
+  return bytes;
+}
+
+TEST_F(ServerTest, ReflectionListsTheServices) {
+  const std::string services = ReflectionListServices(server_->NewChannel());
+  EXPECT_THAT(services, HasSubstr("muon.v1.Optimizer"));
+  EXPECT_THAT(services, HasSubstr("grpc.health.v1.Health"));
 }
 
 TEST_F(ServerTest, HealthIsServing) { EXPECT_EQ(HealthStatus(server_->NewChannel()), 1); }
