@@ -57,7 +57,8 @@ bool FromEnv(absl::Flag<T>* flag, const char* env) {
   T parsed;
   std::string error;
   if (!absl::ParseFlag(value, &parsed, &error)) {
-    std::cerr << "muon-server: bad " << env << "='" << value << "': " << error << "\n";
+    std::cerr << "muon-server: bad " << env << "='" << value << "'"
+              << (error.empty() ? " (not a value of the flag's type)" : ": " + error) << "\n";
     return false;
   }
   absl::SetFlag(flag, parsed);

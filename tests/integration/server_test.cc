@@ -843,6 +843,31 @@ TEST(ServerLimitsTest, SessionShapeAndMemoryLimits) {
   s2->Finish();
 }
 
+TEST(ServerConfigTest, EnvironmentSetsFlagsAndBadFlagsStopStartUp) {
+  setenv("MUON_MAX_SESSIONS", "1", 1);
+  auto server = ServerProcess::Start();
+  unsetenv("MUON_MAX_SESSIONS");
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto stub = v1::Optimizer::NewStub((*server)->NewChannel());
+  for (int i = 0; i < 2; ++i) {
+    grpc::ClientContext ctx;
+    v1::CreateSessionResponse response;
+    grpc::Status status = stub->CreateSession(&ctx, CreateRequest(SmallModel()), &response);
+    if (i == 0) {
+      EXPECT_TRUE(status.ok()) << status.error_message();
+    } else {
+      EXPECT_CODE(status, RESOURCE_EXHAUSTED, "--max_sessions=1");
+    }
+  }
+  // The command line wins over the environment; bad values stop start-up.
+  setenv("MUON_ENGINE", "cpu", 1);
+  EXPECT_FALSE(ServerProcess::Start({"--engine=abacus"}).ok());
+  unsetenv("MUON_ENGINE");
+  setenv("MUON_MAX_SESSIONS", "many", 1);
+  EXPECT_FALSE(ServerProcess::Start().ok());
+  unsetenv("MUON_MAX_SESSIONS");
+}
+
 TEST(ServerRobustnessTest, GarbageNeverCrashesTheServer) {
   auto server = ServerProcess::Start();
   ASSERT_TRUE(server.ok()) << server.status();
