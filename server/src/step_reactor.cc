@@ -33,6 +33,16 @@ namespace {
 
 using StepResponsePtr = std::shared_ptr<const v1::StepResponse>;
 
+absl::Status CheckChunkDType(const v1::TensorChunk& chunk, const SessionParam& param) {
+  absl::StatusOr<DType> dtype = DTypeFromProto(chunk.dtype(), param.spec.dtype);
+  if (!dtype.ok()) return dtype.status();
+  if (*dtype == param.spec.dtype) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      "parameter ", chunk.param_index(), " ('", param.spec.name, "'): gradient chunk is ",
+      DTypeName(*dtype), " but the parameter was registered as ", DTypeName(param.spec.dtype),
+      "; send gradients in the registered dtype"));
+}
+
 class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::StepResponse> {
  public:
   StepReactor(const ServiceEnv* env, DrainGate* gate, grpc::CallbackServerContext* ctx)
@@ -156,6 +166,10 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
         }
         if (phase_ == Phase::kReplay) return absl::OkStatus();  // already applied: ignore
         const v1::TensorChunk& chunk = request_.gradient();
+        if (chunk.dtype() != v1::DTYPE_UNSPECIFIED &&
+            chunk.param_index() < session_->params().size()) {
+          MUON_RETURN_IF_ERROR(CheckChunkDType(chunk, session_->params()[chunk.param_index()]));
+        }
         bool complete = false;
         MUON_RETURN_IF_ERROR(
             assembler_->Add(chunk.param_index(), chunk.offset(), chunk.data(), &complete));

@@ -73,6 +73,13 @@ class PushReactor final : public grpc::ServerReadReactor<v1::PushWeightsRequest>
     }
     if (!request_.has_weights()) return absl::InvalidArgumentError("empty PushWeightsRequest");
     const v1::TensorChunk& chunk = request_.weights();
+    if (chunk.dtype() != v1::DTYPE_UNSPECIFIED && chunk.param_index() < dtypes_.size() &&
+        chunk.dtype() != DTypeToProto(dtypes_[chunk.param_index()])) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("parameter ", chunk.param_index(), ": weights chunk dtype ",
+                       v1::DType_Name(chunk.dtype()), " differs from the stream's ",
+                       DTypeName(dtypes_[chunk.param_index()])));
+    }
     bool complete = false;
     return assembler_->Add(chunk.param_index(), chunk.offset(), chunk.data(), &complete);
   }

@@ -377,6 +377,15 @@ TEST_F(ServerTest, BadRequestsGetActionableErrorsAndChangeNothing) {
     EXPECT_CODE(step(body), NOT_FOUND, "index 7");
   }
   {
+    v1::StepRequest bf16 = ChunkMessage(0, 0, part(0, 1000));
+    bf16.mutable_gradient()->set_dtype(v1::DTYPE_BFLOAT16);
+    EXPECT_CODE(step({bf16}), INVALID_ARGUMENT, "registered as float32");
+    v1::StepRequest fp32 = ChunkMessage(0, 0, w1);
+    fp32.mutable_gradient()->set_dtype(v1::DTYPE_FLOAT32);  // matches: fine
+    EXPECT_CODE(step({fp32, EndMessage({0, 4})}), INVALID_ARGUMENT,
+                "parameter 4 ('w3'): received 0");
+  }
+  {
     Bytes inf = w1;
     const float value = std::numeric_limits<float>::infinity();
     std::memcpy(inf.data() + 4 * 100, &value, sizeof value);
