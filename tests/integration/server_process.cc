@@ -17,6 +17,11 @@ extern char** environ;
 
 namespace muon::testing {
 
+std::string TestEngine() {
+  const char* engine = std::getenv("MUON_TEST_ENGINE");
+  return engine == nullptr || *engine == '\0' ? "cpu" : engine;
+}
+
 absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(
     const std::vector<std::string>& extra_flags) {
   const char* bin = std::getenv("MUON_SERVER_BIN");
@@ -27,7 +32,7 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(
   p->dir_ = dir_template;
   const std::string port_file = p->dir_ + "/port";
   std::vector<std::string> args = {bin, "--listen=127.0.0.1:0", "--port_file=" + port_file,
-                                   "--metrics_listen=", "--engine=cpu"};
+                                   "--metrics_listen=", "--engine=" + TestEngine()};
   args.insert(args.end(), extra_flags.begin(), extra_flags.end());
   std::vector<char*> argv;
   for (std::string& a : args) argv.push_back(a.data());

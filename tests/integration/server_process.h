@@ -12,6 +12,10 @@
 
 namespace muon::testing {
 
+// The engine the server under test runs: $MUON_TEST_ENGINE, default "cpu".
+// The reference is always the CPU engine, so only "cpu" is bit-exact.
+std::string TestEngine();
+
 // The real muon-server binary as a child process on 127.0.0.1:0, its port
 // read from --port_file. The binary is $MUON_SERVER_BIN. The destructor
 // kills the process if it is still running.

@@ -10,6 +10,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cmath>
 #include <memory>
 #include <random>
 #include <string>
@@ -32,15 +34,38 @@ using ::testing::HasSubstr;
     EXPECT_THAT(s_.error_message(), HasSubstr(substring));                    \
   } while (0)
 
-// Updates and decays equal bit for bit.
+// ‖a − b‖/‖b‖ of two tensors of `dtype`.
+double RelativeError(DType dtype, const Bytes& a, const Bytes& b) {
+  const size_t n = b.size() / DTypeSize(dtype);
+  std::vector<float> x(n), y(n);
+  DecodeToFloat(dtype, a.data(), n, x.data());
+  DecodeToFloat(dtype, b.data(), n, y.data());
+  double diff = 0, norm = 0;
+  for (size_t i = 0; i < n; ++i) {
+    diff += (double(x[i]) - y[i]) * (double(x[i]) - y[i]);
+    norm += double(y[i]) * y[i];
+  }
+  return std::sqrt(diff / std::max(norm, 1e-30));
+}
+
+// Updates and decays equal the CPU engine's: bit for bit on the CPU engine;
+// on another engine (MUON_TEST_ENGINE=cuda, bf16 Newton–Schulz) within 5%
+// in relative Frobenius norm, which still tells a right state from a wrong one.
 void ExpectSameUpdates(const StepResult& got, const StepResult& want) {
   ASSERT_TRUE(got.status.ok()) << got.status.error_message();
   ASSERT_EQ(got.updates.size(), want.updates.size());
+  const bool exact = TestEngine() == "cpu";
   for (const auto& [index, bytes] : want.updates) {
     auto it = got.updates.find(index);
     ASSERT_NE(it, got.updates.end()) << "no update for parameter " << index;
-    EXPECT_TRUE(it->second == bytes) << "parameter " << index << " differs";
-    EXPECT_EQ(got.decay.at(index), want.decay.at(index));
+    if (exact) {
+      EXPECT_TRUE(it->second == bytes) << "parameter " << index << " differs";
+    } else {
+      ASSERT_EQ(it->second.size(), bytes.size()) << "parameter " << index;
+      EXPECT_LT(RelativeError(want.dtype.at(index), it->second, bytes), 0.05)
+          << "parameter " << index;
+    }
+    EXPECT_DOUBLE_EQ(got.decay.at(index), want.decay.at(index));
   }
 }
 

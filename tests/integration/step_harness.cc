@@ -31,6 +31,17 @@ ParamSpec Spec(const std::string& name, std::vector<int64_t> shape, DType dtype,
   return s;
 }
 
+std::optional<DType> DTypeFromWire(v1::DType dtype) {
+  switch (dtype) {
+    case v1::DTYPE_BFLOAT16:
+      return DType::kBFloat16;
+    case v1::DTYPE_FLOAT16:
+      return DType::kFloat16;
+    default:
+      return DType::kFloat32;
+  }
+}
+
 }  // namespace
 
 Model SmallModel() {
@@ -87,6 +98,7 @@ StepResult Reference::Step(const Tensors& grads, std::optional<double> lr_scale)
     if (lr_scale.has_value()) g.lr = s.hp.lr * *lr_scale;
     in.push_back(g);
     result.updates[index].resize(bytes.size());
+    result.dtype[index] = s.dtype;
   }
   for (const auto& [index, bytes] : grads) {
     UpdateOutput o;
@@ -162,6 +174,7 @@ StepResult RunStep(v1::Optimizer::Stub* stub, const StepCall& call) {
       dst.resize(u.total_bytes());
       std::memcpy(dst.data() + u.offset(), u.data().data(), u.data().size());
       result.decay[u.param_index()] = u.decay();
+      result.dtype[u.param_index()] = *DTypeFromWire(u.dtype());
       ++result.update_messages;
     } else if (response.has_summary()) {
       result.summary = response.summary();

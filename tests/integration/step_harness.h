@@ -41,6 +41,7 @@ v1::CreateSessionRequest CreateRequest(const Model& model, const std::string& na
 struct StepResult {
   grpc::Status status;
   Tensors updates;
+  std::map<uint32_t, DType> dtype;  // of each update
   std::map<uint32_t, double> decay;
   std::optional<v1::StepSummary> summary;
   int update_messages = 0;
