@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -81,7 +82,7 @@ double Median(std::vector<float> v) {
 class Runner {
  public:
   Runner(LtGemm* gemm, const Workload& w, const NsCoefficients& coeffs, char* d_gemm_ws,
-         std::vector<cudaStream_t> streams)
+         std::vector<cudaStream_t> streams, int64_t symmetric_min_rank)
       : gemm_(gemm), coeffs_(coeffs), d_gemm_ws_(d_gemm_ws), streams_(std::move(streams)) {
     for (const Shape& s : w.shapes) {
       Group g;
@@ -89,6 +90,7 @@ class Runner {
       g.args.batch = s.count;
       g.args.rows = s.rows;
       g.args.cols = s.cols;
+      g.args.symmetric_min_rank = symmetric_min_rank;
       g.elements = s.count * s.rows * s.cols;
       Check(cudaMalloc(&g.args.d_x, g.elements * sizeof(__nv_bfloat16)), "cudaMalloc x");
       Check(cudaMalloc(&g.d_ws, BatchedNewtonSchulz::WorkspaceBytes(g.args)), "cudaMalloc ws");
@@ -248,26 +250,38 @@ int Main(int argc, char** argv) {
   std::string json = std::string("{\"gpu\": \"") + prop.name + "\", \"gemm_tflops\": " +
                      std::to_string(tflops) + ", \"rows\": [";
   bool first = true;
-  std::printf("%-12s %-14s %5s %9s %10s %10s\n", "workload", "schedule", "steps", "GFLOP",
-              "eager ms", "graph ms");
+  std::printf("%-12s %-14s %5s %9s %10s %10s %10s %10s\n", "workload", "schedule", "steps",
+              "GFLOP", "eager ms", "graph ms", "full-Gram", "half-Gram");
   for (const Workload& w : Workloads()) {
     for (const Schedule& s : schedules) {
       auto coeffs = MakeNsCoefficients(s.kind, s.steps);
       Check(coeffs.status(), "coefficients");
-      Runner runner(gemm->get(), w, *coeffs, d_gemm_ws, streams);
-      const auto fill = [&](int i) { runner.Fill(static_cast<uint64_t>(i) + 1, main); };
-      const double eager = TimeMedian(main, warmup, iters, fill, [&] { runner.Enqueue(main); });
-      runner.Capture(main);
-      const double graph = TimeMedian(main, warmup, iters, fill, [&] { runner.Replay(main); });
-      Check(cudaStreamSynchronize(main), "sync");
-      std::printf("%-12s %-14s %5d %9.0f %10.3f %10.3f\n", w.name.c_str(), s.name.c_str(),
-                  s.steps, runner.flops() / 1e9, eager, graph);
+      // The engine's default, then the half-Gram products off and on for
+      // every shape (r % 16 == 0), to measure where they pay.
+      double ms[4];
+      const int64_t min_ranks[3] = {NsArgs::kDefaultSymmetricMinRank,
+                                    std::numeric_limits<int64_t>::max(), 16};
+      int64_t flops = 0;
+      for (int v = 0; v < 3; ++v) {
+        Runner runner(gemm->get(), w, *coeffs, d_gemm_ws, streams, min_ranks[v]);
+        const auto fill = [&](int i) { runner.Fill(static_cast<uint64_t>(i) + 1, main); };
+        ms[v] = TimeMedian(main, warmup, iters, fill, [&] { runner.Enqueue(main); });
+        if (v == 0) {
+          runner.Capture(main);
+          ms[3] = TimeMedian(main, warmup, iters, fill, [&] { runner.Replay(main); });
+        }
+        Check(cudaStreamSynchronize(main), "sync");
+        flops = runner.flops();
+      }
+      std::printf("%-12s %-14s %5d %9.0f %10.3f %10.3f %10.3f %10.3f\n", w.name.c_str(),
+                  s.name.c_str(), s.steps, flops / 1e9, ms[0], ms[3], ms[1], ms[2]);
       char row[512];
       std::snprintf(row, sizeof(row),
                     "%s{\"workload\": \"%s\", \"schedule\": \"%s\", \"steps\": %d, "
-                    "\"gflop\": %.3f, \"eager_ms\": %.4f, \"graph_ms\": %.4f}",
-                    first ? "" : ", ", w.name.c_str(), s.name.c_str(), s.steps,
-                    runner.flops() / 1e9, eager, graph);
+                    "\"gflop\": %.3f, \"eager_ms\": %.4f, \"graph_ms\": %.4f, "
+                    "\"full_gram_ms\": %.4f, \"half_gram_ms\": %.4f}",
+                    first ? "" : ", ", w.name.c_str(), s.name.c_str(), s.steps, flops / 1e9,
+                    ms[0], ms[3], ms[1], ms[2]);
       json += row;
       first = false;
     }

@@ -160,7 +160,10 @@ struct Param {
 // engine charges it at Register, so a step never allocates past the budget.
 int64_t StepWorkspaceBytes(const ParamSpec& spec, const NsCoefficients& coeffs) {
   const int64_t n = NumElements(spec.shape);
-  size_t bytes = AlignUp(n * sizeof(float)) + 8 * kAlign;
+  // Gradient in and update out share one region for Muon (the gradient is
+  // consumed before Newton–Schulz); AdamW needs two (see Item::out_offset).
+  size_t bytes = (spec.kind == OptimizerKind::kMuon ? 1 : 2) * AlignUp(n * sizeof(float)) +
+                 8 * kAlign;
   if (spec.kind == OptimizerKind::kMuon) {
     const MatrixView v = MatrixViewOf(spec.shape);
     NsArgs args;
@@ -470,7 +473,12 @@ struct Item {
   std::shared_ptr<Param> param;
   size_t grad_bytes = 0, out_bytes = 0;
   size_t in_offset = 0, out_offset = 0;  // pinned
-  size_t io_offset = 0;                  // arena: gradient in, then update out
+  size_t grad_offset = 0;                // arena: gradient in
+  // Arena: update out. Equal to grad_offset for Muon, whose gradient is read by
+  // the momentum kernel long before the update is written; separate for
+  // AdamW, whose one kernel reads the gradient and writes the update, of
+  // another element size, in the same pass.
+  size_t update_offset = 0;
   int64_t matrix_offset = 0;             // first matrix in its group's batch
   float lr = 0;
   float decay = 1;
@@ -644,8 +652,14 @@ absl::Status CudaTransaction::Run(absl::Span<const GradientInput> grads,
     in_total += AlignUp(it.grad_bytes);
     it.out_offset = out_total;
     out_total += AlignUp(it.out_bytes);
-    it.io_offset = arena;
-    arena += AlignUp(std::max(it.grad_bytes, it.out_bytes));
+    it.grad_offset = arena;
+    if (it.param->spec.kind == OptimizerKind::kMuon) {
+      it.update_offset = arena;
+      arena += AlignUp(std::max(it.grad_bytes, it.out_bytes));
+    } else {
+      it.update_offset = arena + AlignUp(it.grad_bytes);
+      arena += AlignUp(it.grad_bytes) + AlignUp(it.out_bytes);
+    }
   }
   for (Group& g : groups) {
     if (!g.muon) continue;
@@ -702,7 +716,7 @@ absl::Status CudaTransaction::Run(absl::Span<const GradientInput> grads,
       const auto copy_start = std::chrono::steady_clock::now();
       std::memcpy(e.pinned_in_.bytes() + it.in_offset, grads[i].bytes.data(), it.grad_bytes);
       stage_seconds += Seconds(copy_start);
-      RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(d_arena + it.io_offset,
+      RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(d_arena + it.grad_offset,
                                            e.pinned_in_.bytes() + it.in_offset, it.grad_bytes,
                                            cudaMemcpyHostToDevice, stream),
                            context);
@@ -715,7 +729,7 @@ absl::Status CudaTransaction::Run(absl::Span<const GradientInput> grads,
         const Param& p = *it.param;
         const HyperParams& hp = p.spec.hp;
         MomentumParams mp;
-        mp.d_grad = d_arena + it.io_offset;
+        mp.d_grad = d_arena + it.grad_offset;
         mp.grad_type = static_cast<int>(p.spec.dtype);
         mp.d_momentum = p.Vector(p.current, 0);
         mp.d_momentum_out = p.Vector(1 - p.current, 0);
@@ -750,7 +764,7 @@ absl::Status CudaTransaction::Run(absl::Span<const GradientInput> grads,
         fp.d_weights = p.Weights(p.current);
         fp.d_weights_out = p.Weights(1 - p.current);
         fp.decay = it.decay;
-        fp.d_out = d_arena + it.io_offset;
+        fp.d_out = d_arena + it.update_offset;
         fp.out_type = static_cast<int>(outputs[i].dtype);
         RETURN_IF_CUDA_ERROR(LaunchMuonFinish(fp, stream), context);
       }
@@ -761,7 +775,7 @@ absl::Status CudaTransaction::Run(absl::Span<const GradientInput> grads,
         const HyperParams& hp = p.spec.hp;
         const double t = static_cast<double>(p.step + 1);
         AdamWParams ap;
-        ap.d_grad = d_arena + it.io_offset;
+        ap.d_grad = d_arena + it.grad_offset;
         ap.grad_type = static_cast<int>(p.spec.dtype);
         ap.d_m = p.Vector(p.current, 0);
         ap.d_v = p.Vector(p.current, 1);
@@ -777,7 +791,7 @@ absl::Status CudaTransaction::Run(absl::Span<const GradientInput> grads,
         ap.d_weights = p.Weights(p.current);
         ap.d_weights_out = p.Weights(1 - p.current);
         ap.decay = it.decay;
-        ap.d_out = d_arena + it.io_offset;
+        ap.d_out = d_arena + it.update_offset;
         ap.out_type = static_cast<int>(outputs[i].dtype);
         ap.d_nonfinite = d_flags + i;
         RETURN_IF_CUDA_ERROR(LaunchAdamW(ap, stream), context);
@@ -786,7 +800,7 @@ absl::Status CudaTransaction::Run(absl::Span<const GradientInput> grads,
     for (size_t i : g.items) {
       const Item& it = items[i];
       RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(e.pinned_out_.bytes() + it.out_offset,
-                                           d_arena + it.io_offset, it.out_bytes,
+                                           d_arena + it.update_offset, it.out_bytes,
                                            cudaMemcpyDeviceToHost, stream),
                            context);
     }

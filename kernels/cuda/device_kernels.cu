@@ -157,33 +157,60 @@ __global__ void NormalizeKernel(NormalizeParams p) {
   }
 }
 
-// One warp per row of A (= column, A is symmetric): d_i = 1/sqrt(max(Σ|A_ij|, 1e-7)).
-__global__ void AolRowScaleKernel(AolParams p) {
-  const int64_t row = blockIdx.x * int64_t{kThreads / 32} + threadIdx.x / 32;
-  if (row >= p.r) return;
-  const __nv_bfloat16* a = p.d_a + blockIdx.y * p.r * p.r + row * p.r;
+// One warp per column j ≥ first of A: by symmetry Σ_i |A_ij| is row j's sum,
+// read contiguously. d_j = 1/sqrt(max(Σ, 1e-7)).
+__global__ void AolColumnScaleKernel(AolParams p, int64_t first) {
+  const int64_t col = first + blockIdx.x * int64_t{kThreads / 32} + threadIdx.x / 32;
+  if (col >= p.r) return;
+  const __nv_bfloat16* a = p.d_a + blockIdx.y * p.r * p.r + col * p.r;
   float sum = 0;
-  for (int64_t j = threadIdx.x % 32; j < p.r; j += 32) sum += fabsf(__bfloat162float(a[j]));
+  for (int64_t i = threadIdx.x % 32; i < p.r; i += 32) sum += fabsf(__bfloat162float(a[i]));
   for (int off = 16; off > 0; off /= 2) sum += __shfl_down_sync(0xffffffffu, sum, off);
-  if (threadIdx.x % 32 == 0) p.d_scale[blockIdx.y * p.r + row] = rsqrtf(fmaxf(sum, 1e-7f));
+  if (threadIdx.x % 32 == 0) p.d_scale[blockIdx.y * p.r + col] = rsqrtf(fmaxf(sum, 1e-7f));
 }
 
-// Y = diag(d)·X over the first r·c indices of the grid, A ← diag(d)·A·diag(d)
-// over the next r·r.
-__global__ void AolApplyKernel(AolParams p) {
-  const int64_t rc = p.r * p.c;
+// One thread per row i < upper_rows, summing along the row (consecutive
+// threads read consecutive elements of each column): the rows whose columns
+// are incomplete when only the upper block row was computed.
+__global__ void AolRowScaleKernel(AolParams p) {
+  const int64_t row = blockIdx.x * int64_t{kThreads} + threadIdx.x;
+  if (row >= p.upper_rows) return;
+  const __nv_bfloat16* a = p.d_a + blockIdx.y * p.r * p.r + row;
+  float sum = 0;
+  for (int64_t j = 0; j < p.r; ++j) sum += fabsf(__bfloat162float(a[j * p.r]));
+  p.d_scale[blockIdx.y * p.r + row] = rsqrtf(fmaxf(sum, 1e-7f));
+}
+
+// Y = diag(d)·X, one block per memory column at a time: X is column-major,
+// so a memory column is either one row of the wide matrix (x_rows_contiguous:
+// one scale for the whole column) or one column of it (scale d[k] for its
+// k-th element). No per-element division: 64-bit div/mod per element cost as
+// much as the memory traffic here.
+__global__ void AolScaleXKernel(AolParams p) {
+  const int64_t columns = p.x_rows_contiguous ? p.r : p.c;
+  const int64_t length = p.x_rows_contiguous ? p.c : p.r;
   const float* d = p.d_scale + blockIdx.y * p.r;
-  const __nv_bfloat16* x = p.d_x + blockIdx.y * rc;
-  __nv_bfloat16* y = p.d_y + blockIdx.y * rc;
+  const __nv_bfloat16* x = p.d_x + blockIdx.y * p.r * p.c;
+  __nv_bfloat16* y = p.d_y + blockIdx.y * p.r * p.c;
+  for (int64_t col = blockIdx.x; col < columns; col += gridDim.x) {
+    const __nv_bfloat16* xc = x + col * length;
+    __nv_bfloat16* yc = y + col * length;
+    for (int64_t k = threadIdx.x; k < length; k += kThreads) {
+      const float s = p.x_rows_contiguous ? d[col] : d[k];
+      yc[k] = __float2bfloat16_rn(__bfloat162float(xc[k]) * s);
+    }
+  }
+}
+
+// A ← diag(d)·A·diag(d), column by column (A column-major r×r), skipping the
+// block left empty by the half-Gram products.
+__global__ void AolScaleAKernel(AolParams p) {
+  const float* d = p.d_scale + blockIdx.y * p.r;
   __nv_bfloat16* a = p.d_a + blockIdx.y * p.r * p.r;
-  for (int64_t e = blockIdx.x * int64_t{kThreads} + threadIdx.x; e < rc + p.r * p.r;
-       e += int64_t{gridDim.x} * kThreads) {
-    if (e < rc) {
-      const int64_t row = p.x_rows_contiguous ? e / p.c : e % p.r;
-      y[e] = __float2bfloat16_rn(__bfloat162float(x[e]) * d[row]);
-    } else {
-      const int64_t k = e - rc;
-      a[k] = __float2bfloat16_rn(__bfloat162float(a[k]) * d[k % p.r] * d[k / p.r]);
+  for (int64_t j = blockIdx.x; j < p.r; j += gridDim.x) {
+    const int64_t rows = j < p.upper_rows ? p.upper_rows : p.r;
+    for (int64_t i = threadIdx.x; i < rows; i += kThreads) {
+      a[i + j * p.r] = __float2bfloat16_rn(__bfloat162float(a[i + j * p.r]) * d[i] * d[j]);
     }
   }
 }
@@ -237,11 +264,24 @@ cudaError_t LaunchNormalize(const NormalizeParams& p, cudaStream_t stream) {
 }
 
 cudaError_t LaunchAol(const AolParams& p, cudaStream_t stream) {
-  const dim3 rows_grid(static_cast<unsigned>((p.r + kThreads / 32 - 1) / (kThreads / 32)),
-                       static_cast<unsigned>(p.batch));
-  AolRowScaleKernel<<<rows_grid, kThreads, 0, stream>>>(p);
+  if (p.upper_rows > 0) {
+    const dim3 grid(static_cast<unsigned>((p.upper_rows + kThreads - 1) / kThreads),
+                    static_cast<unsigned>(p.batch));
+    AolRowScaleKernel<<<grid, kThreads, 0, stream>>>(p);
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  }
+  const int64_t columns = p.r - p.upper_rows;
+  const dim3 grid(static_cast<unsigned>((columns + kThreads / 32 - 1) / (kThreads / 32)),
+                  static_cast<unsigned>(p.batch));
+  AolColumnScaleKernel<<<grid, kThreads, 0, stream>>>(p, p.upper_rows);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
-  AolApplyKernel<<<BatchedGrid(p.r * p.c + p.r * p.r, p.batch), kThreads, 0, stream>>>(p);
+  const auto column_grid = [&](int64_t columns) {
+    const int64_t want = std::max<int64_t>(1, kMaxBlocks / p.batch);
+    return dim3(static_cast<unsigned>(std::min(columns, want)), static_cast<unsigned>(p.batch));
+  };
+  AolScaleXKernel<<<column_grid(p.x_rows_contiguous ? p.r : p.c), kThreads, 0, stream>>>(p);
+  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  AolScaleAKernel<<<column_grid(p.r), kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

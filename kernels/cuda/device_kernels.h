@@ -101,6 +101,9 @@ struct AolParams {
   int64_t batch = 0;
   int64_t r = 0, c = 0;
   bool x_rows_contiguous = true;
+  // 0: A is complete. h > 0: only A[0:h, :] and A[h:r, h:r] hold values (the
+  // half-Gram products of ns_cuda.cc); the rest is neither read nor written.
+  int64_t upper_rows = 0;
   float* d_scale = nullptr;  // batch·r floats of workspace
 };
 cudaError_t LaunchAol(const AolParams& p, cudaStream_t stream);

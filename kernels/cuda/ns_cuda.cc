@@ -1,6 +1,7 @@
 #include "ns_cuda.h"
 
 #include <algorithm>
+#include <array>
 #include <limits>
 #include <utility>
 
@@ -108,6 +109,96 @@ GemmDesc UpdateDesc(const Layout& l, int64_t batch) {
   return d;
 }
 
+// One product of the half-Gram path: a GemmDesc plus the element offsets of
+// its operands inside each batch member.
+struct Block {
+  GemmDesc desc;
+  int64_t a = 0, b = 0, cd = 0;
+};
+
+GemmDesc Batched(int64_t batch, cublasOperation_t ta, cublasOperation_t tb,
+                 int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc,
+                 int64_t stride_a, int64_t stride_b, int64_t stride_c) {
+  GemmDesc d;
+  d.trans_a = ta;
+  d.trans_b = tb;
+  d.m = m;
+  d.n = n;
+  d.k = k;
+  d.lda = lda;
+  d.ldb = ldb;
+  d.ldc = ldc;
+  d.stride_a = stride_a;
+  d.stride_b = stride_b;
+  d.stride_c = stride_c;
+  d.batch = batch;
+  return d;
+}
+
+// A[0:h, :] and A[h:r, h:r] of A = X·Xᵀ (A column-major r×r, ld r).
+std::array<Block, 2> HalfGram(const Layout& l, int64_t batch) {
+  const int64_t r = l.r, c = l.c, h = r / 2, rc = r * c, rr = r * r;
+  if (l.rows_contiguous) {
+    // X stored as P = Xᵀ (c×r, ld c); rows of X are columns of P.
+    // Top: A operand P[:, 0:h] (c×h, ld c, transposed → h×c); B operand P
+    //      (c×r, ld c); D = A[0:h, 0:r] (ld r).
+    // Bottom: A and B operands P[:, h:r] (offset h·c, ld c); D = A[h:r, h:r]
+    //      (offset h + h·r, ld r).
+    return {Block{Batched(batch, CUBLAS_OP_T, CUBLAS_OP_N, h, r, c, c, c, r, rc, rc, rr), 0, 0,
+                  0},
+            Block{Batched(batch, CUBLAS_OP_T, CUBLAS_OP_N, h, h, c, c, c, r, rc, rc, rr),
+                  h * c, h * c, h + h * r}};
+  }
+  // X stored as Q = X (r×c, ld r); rows of X are rows of Q.
+  // Top: A operand Q[0:h, :] (h×c, ld r); B operand Q (r×c, ld r, transposed →
+  //      c×r); D = A[0:h, 0:r] (ld r).
+  // Bottom: A and B operands Q[h:r, :] (offset h, ld r); D = A[h:r, h:r].
+  return {Block{Batched(batch, CUBLAS_OP_N, CUBLAS_OP_T, h, r, c, r, r, r, rc, rc, rr), 0, 0, 0},
+          Block{Batched(batch, CUBLAS_OP_N, CUBLAS_OP_T, h, h, c, r, r, r, rc, rc, rr), h, h,
+                h + h * r}};
+}
+
+// B = c·A·A + b·A on the same three blocks, from A's complete blocks only:
+// A_top = A[0:h, :] (h×r, ld r) and A_right = A[:, h:r] (r×h, offset h·r, ld r).
+//   B[0:h, 0:h] = A_top·A_topᵀ     (A operand A_top; B operand A_top transposed)
+//   B[0:h, h:r] = A_top·A_right    (A operand A_top; B operand A_right)
+//   B[h:r, h:r] = A_rightᵀ·A_right (A operand A_right transposed; B operand A_right)
+// C is A and D is B at the block's offset, ld r.
+std::array<Block, 3> HalfSquare(const Layout& l, int64_t batch) {
+  const int64_t r = l.r, h = r / 2, rr = r * r;
+  return {
+      Block{Batched(batch, CUBLAS_OP_N, CUBLAS_OP_T, h, h, r, r, r, r, rr, rr, rr), 0, 0, 0},
+      Block{Batched(batch, CUBLAS_OP_N, CUBLAS_OP_N, h, h, r, r, r, r, rr, rr, rr), 0, h * r,
+            h * r},
+      Block{Batched(batch, CUBLAS_OP_T, CUBLAS_OP_N, h, h, r, r, r, r, rr, rr, rr), h * r,
+            h * r, h + h * r}};
+}
+
+// X' = a·X + B·X in two halves, B's bottom block row read as B_rightᵀ.
+// Returned blocks: `a` offsets the first GEMM operand, `b` the second.
+std::array<Block, 2> HalfUpdate(const Layout& l, int64_t batch) {
+  const int64_t r = l.r, c = l.c, h = r / 2, rc = r * c, rr = r * r;
+  if (l.rows_contiguous) {
+    // P' = a·P + P·B (P = Xᵀ, c×r, ld c):
+    //   P'[:, 0:h] = P·B_topᵀ: A operand P; B operand B_top (h×r, ld r,
+    //                transposed → r×h); C/D columns 0:h of P (ld c).
+    //   P'[:, h:r] = P·B_right: A operand P; B operand B_right (r×h, offset
+    //                h·r, ld r); C/D columns h:r of P (offset h·c, ld c).
+    return {Block{Batched(batch, CUBLAS_OP_N, CUBLAS_OP_T, c, h, r, c, r, c, rc, rr, rc), 0, 0,
+                  0},
+            Block{Batched(batch, CUBLAS_OP_N, CUBLAS_OP_N, c, h, r, c, r, c, rc, rr, rc), 0,
+                  h * r, h * c}};
+  }
+  // Q' = a·Q + B·Q (Q = X, r×c, ld r):
+  //   Q'[0:h, :] = B_top·Q: A operand B_top (h×r, ld r); B operand Q; C/D rows
+  //                0:h of Q (ld r).
+  //   Q'[h:r, :] = B_rightᵀ·Q: A operand B_right (r×h, offset h·r, ld r,
+  //                transposed → h×r); B operand Q; C/D rows h:r (offset h).
+  return {Block{Batched(batch, CUBLAS_OP_N, CUBLAS_OP_N, h, c, r, r, r, r, rr, rc, rc), 0, 0, 0},
+          Block{Batched(batch, CUBLAS_OP_T, CUBLAS_OP_N, h, c, r, r, r, r, rr, rc, rc), h * r, 0,
+                h}};
+}
+
 // Grids put the batch in blockIdx.y, which CUDA bounds by 65535.
 constexpr int64_t kMaxChunk = 65535;
 
@@ -162,12 +253,21 @@ absl::Status BatchedNewtonSchulz::Run(const NsArgs& args, void* d_workspace, cud
 
     // Each step moves X to the other buffer; start where the last step then
     // lands in d_x.
+    const bool half = l.r >= args.symmetric_min_rank && l.r % 16 == 0;
     __nv_bfloat16* d_cur = steps % 2 == 0 ? d_x : d_pong;
     __nv_bfloat16* d_next = steps % 2 == 0 ? d_pong : d_x;
     bool gram_ready = false;
     if (co.aol) {
-      MUON_RETURN_IF_ERROR(gemm_->Run(GramDesc(l, batch, CUDA_R_16BF), 1.0f, d_x, d_x, 0.0f, d_a,
-                                      d_a, args.d_gemm_workspace, stream));
+      if (half) {
+        for (const Block& blk : HalfGram(l, batch)) {
+          MUON_RETURN_IF_ERROR(gemm_->Run(blk.desc, 1.0f, d_x + blk.a, d_x + blk.b, 0.0f,
+                                          d_a + blk.cd, d_a + blk.cd, args.d_gemm_workspace,
+                                          stream));
+        }
+      } else {
+        MUON_RETURN_IF_ERROR(gemm_->Run(GramDesc(l, batch, CUDA_R_16BF), 1.0f, d_x, d_x, 0.0f,
+                                        d_a, d_a, args.d_gemm_workspace, stream));
+      }
       AolParams p;
       p.d_x = d_x;
       p.d_y = d_cur;
@@ -176,6 +276,7 @@ absl::Status BatchedNewtonSchulz::Run(const NsArgs& args, void* d_workspace, cud
       p.r = l.r;
       p.c = l.c;
       p.x_rows_contiguous = l.rows_contiguous;
+      p.upper_rows = half ? l.r / 2 : 0;
       p.d_scale = d_scalars;
       RETURN_IF_CUDA_ERROR(LaunchAol(p, stream), context);
       gram_ready = true;
@@ -187,25 +288,45 @@ absl::Status BatchedNewtonSchulz::Run(const NsArgs& args, void* d_workspace, cud
                                            stream),
                            context);
     }
-    const GemmDesc gram = GramDesc(l, batch, CUDA_R_16BF);
-    const GemmDesc square = SquareDesc(l, batch);
-    const GemmDesc update = UpdateDesc(l, batch);
+    // D = alpha·op(first + off.a)·op(second + off.b) + beta·(c + off.cd) into d + off.cd.
+    const auto run = [&](const Block& off, float alpha, const __nv_bfloat16* first,
+                         const __nv_bfloat16* second, float beta, const __nv_bfloat16* c,
+                         __nv_bfloat16* d) {
+      return gemm_->Run(off.desc, alpha, first + off.a, second + off.b, beta, c + off.cd,
+                        d + off.cd, args.d_gemm_workspace, stream);
+    };
     for (const auto& [ca, cb, cc] : co.steps) {
-      if (!gram_ready) {
-        MUON_RETURN_IF_ERROR(gemm_->Run(gram, 1.0f, d_cur, d_cur, 0.0f, d_a, d_a,
-                                        args.d_gemm_workspace, stream));
+      const float a = static_cast<float>(ca), b = static_cast<float>(cb),
+                  c = static_cast<float>(cc);
+      if (half) {
+        if (!gram_ready) {
+          for (const Block& blk : HalfGram(l, batch)) {
+            MUON_RETURN_IF_ERROR(run(blk, 1.0f, d_cur, d_cur, 0.0f, d_a, d_a));
+          }
+        }
+        for (const Block& blk : HalfSquare(l, batch)) {
+          MUON_RETURN_IF_ERROR(run(blk, c, d_a, d_a, b, d_a, d_b));
+        }
+        for (const Block& blk : HalfUpdate(l, batch)) {
+          if (l.rows_contiguous) {
+            MUON_RETURN_IF_ERROR(run(blk, 1.0f, d_cur, d_b, a, d_cur, d_next));
+          } else {
+            MUON_RETURN_IF_ERROR(run(blk, 1.0f, d_b, d_cur, a, d_cur, d_next));
+          }
+        }
+      } else {
+        if (!gram_ready) {
+          MUON_RETURN_IF_ERROR(run({GramDesc(l, batch, CUDA_R_16BF)}, 1.0f, d_cur, d_cur, 0.0f,
+                                   d_a, d_a));
+        }
+        MUON_RETURN_IF_ERROR(run({SquareDesc(l, batch)}, c, d_a, d_a, b, d_a, d_b));
+        if (l.rows_contiguous) {
+          MUON_RETURN_IF_ERROR(run({UpdateDesc(l, batch)}, 1.0f, d_cur, d_b, a, d_cur, d_next));
+        } else {
+          MUON_RETURN_IF_ERROR(run({UpdateDesc(l, batch)}, 1.0f, d_b, d_cur, a, d_cur, d_next));
+        }
       }
       gram_ready = false;
-      MUON_RETURN_IF_ERROR(gemm_->Run(square, static_cast<float>(cc), d_a, d_a,
-                                      static_cast<float>(cb), d_a, d_b, args.d_gemm_workspace,
-                                      stream));
-      if (l.rows_contiguous) {
-        MUON_RETURN_IF_ERROR(gemm_->Run(update, 1.0f, d_cur, d_b, static_cast<float>(ca), d_cur,
-                                        d_next, args.d_gemm_workspace, stream));
-      } else {
-        MUON_RETURN_IF_ERROR(gemm_->Run(update, 1.0f, d_b, d_cur, static_cast<float>(ca), d_cur,
-                                        d_next, args.d_gemm_workspace, stream));
-      }
       std::swap(d_cur, d_next);
     }
     if (args.d_error != nullptr) {

@@ -26,6 +26,13 @@ struct NsArgs {
   double* d_error = nullptr;
   // LtGemm::kWorkspaceBytes that no concurrent product uses.
   void* d_gemm_workspace = nullptr;
+  // Matrices with r = min(rows, cols) ≥ this (and r % 16 == 0) use the
+  // half-Gram products: only 3 of the 4 r/2 blocks of the symmetric X·Xᵀ and
+  // A·A are computed (¾ of their flops). Measured in bench/gpu; see
+  // docs/performance-cuda.md for the choice of the default.
+  int64_t symmetric_min_rank = kDefaultSymmetricMinRank;
+
+  static constexpr int64_t kDefaultSymmetricMinRank = 1024;
 };
 
 // Orthogonalizes a batch of same-shape matrices on one stream: bf16
@@ -38,6 +45,13 @@ struct NsArgs {
 //   A = X·Xᵀ (r×r),  B = c·A·A + b·A (C ≠ D: no copy of A),  X' = a·X + B·X.
 // The buffers ping-pong between d_x and the workspace, starting so that the
 // last step writes d_x.
+//
+// Half-Gram variant (large r): with h = r/2, A = X·Xᵀ is computed as its top
+// block row A[0:h, :] and A[h:r, h:r]; A21 stays unwritten and is never read.
+// B = c·A·A + b·A is computed the same way from A's complete blocks
+// (A[h:r, :] = A[:, h:r]ᵀ by symmetry), and X' = a·X + B·X as two half
+// products, B's bottom block row again read as the transpose of its right
+// block column.
 //
 // Thread-compatible: Run uses `gemm`, which callers serialize.
 class BatchedNewtonSchulz {

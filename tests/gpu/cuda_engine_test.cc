@@ -98,6 +98,9 @@ TEST_P(CudaMatchesCpuTest, UpdatesStateAndWeightsMatchCpu) {
   std::vector<ParamSpec> specs;
   specs.push_back(Muon("wide", {256, 512}, DType::kBFloat16, schedule));
   specs.push_back(Muon("wide_twin", {256, 512}, DType::kBFloat16, schedule));  // same group
+  // r ≥ NsArgs::kDefaultSymmetricMinRank: the half-Gram products, both orientations.
+  specs.push_back(Muon("big_wide", {1024, 1536}, DType::kBFloat16, schedule));
+  specs.push_back(Muon("big_tall", {1536, 1024}, DType::kFloat32, schedule));
   ParamSpec tall = Muon("tall", {768, 256}, DType::kFloat32, schedule);
   tall.hp.momentum_form = MomentumForm::kSum;
   tall.hp.nesterov = false;
@@ -164,8 +167,10 @@ TEST_P(CudaMatchesCpuTest, UpdatesStateAndWeightsMatchCpu) {
     StepOptions options;
     options.measure_orthogonality = true;
     StepStats stats;
-    ASSERT_TRUE(cuda_->Step(gpu_in, absl::MakeSpan(gpu_up), options, &stats).ok());
-    ASSERT_TRUE(cpu_->Step(cpu_in, absl::MakeSpan(cpu_up), options).ok());
+    const absl::Status gpu_status = cuda_->Step(gpu_in, absl::MakeSpan(gpu_up), options, &stats);
+    ASSERT_TRUE(gpu_status.ok()) << "step " << step << ": " << gpu_status;
+    const absl::Status cpu_status = cpu_->Step(cpu_in, absl::MakeSpan(cpu_up), options);
+    ASSERT_TRUE(cpu_status.ok()) << "step " << step << ": " << cpu_status;
     EXPECT_EQ(stats.parameters, static_cast<int64_t>(specs.size()));
     EXPECT_GT(stats.ns_flops, 0);
     for (size_t i = 0; i < specs.size(); ++i) {
