@@ -1,0 +1,298 @@
+"""A plain muon-server client: numpy arrays in, numpy arrays out.
+
+    client = MuonClient("127.0.0.1:50051")
+    session = client.create_session([ParamSpec("w", (256, 128))], lr=0.02)
+    result = session.step({0: grad})          # {index: np.ndarray}
+    w = result.decay[0] * w + result.updates[0]
+
+A step's updates are returned only after the server's summary, which is the
+commit: if the stream breaks first, nothing was applied on either side and the
+step is retried with the same step number (the server applies it exactly
+once).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+
+import grpc
+import numpy as np
+
+from ._stubs import pb, pb_grpc
+
+CHUNK_BYTES = 1 << 20
+
+_DTYPES = {
+    "float32": pb.DTYPE_FLOAT32,
+    "bfloat16": pb.DTYPE_BFLOAT16,
+    "float16": pb.DTYPE_FLOAT16,
+}
+_ELEMENT_BYTES = {pb.DTYPE_FLOAT32: 4, pb.DTYPE_BFLOAT16: 2, pb.DTYPE_FLOAT16: 2}
+_KINDS = {"muon": pb.OPTIMIZER_KIND_MUON, "adamw": pb.OPTIMIZER_KIND_ADAMW}
+_SCHEDULES = {
+    "jordan": pb.NS_SCHEDULE_JORDAN,
+    "dion": pb.NS_SCHEDULE_DION,
+    "polar_express": pb.NS_SCHEDULE_POLAR_EXPRESS,
+    "aol": pb.NS_SCHEDULE_AOL,
+    "aol_dion": pb.NS_SCHEDULE_AOL_DION,
+    "svd": pb.NS_SCHEDULE_SVD,
+}
+_SHAPE_SCALES = {
+    "spectral": pb.SHAPE_SCALE_SPECTRAL,
+    "rms_match": pb.SHAPE_SCALE_RMS_MATCH,
+    "none": pb.SHAPE_SCALE_NONE,
+}
+_MOMENTUM_FORMS = {"ema": pb.MOMENTUM_FORM_EMA, "sum": pb.MOMENTUM_FORM_SUM}
+
+# Failures after which resending the same step is safe and may succeed.
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED}
+
+
+class MuonServerError(RuntimeError):
+    """The server answered with an error; `code` is the grpc.StatusCode."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(f"muon-server: {code.name}: {message}")
+        self.code = code
+        self.details = message
+
+
+def _lookup(table: Mapping[str, int], what: str, name: str) -> int:
+    try:
+        return table[name]
+    except KeyError:
+        raise ValueError(f"unknown {what} {name!r}; expected one of {sorted(table)}") from None
+
+
+def _error(e: grpc.RpcError) -> MuonServerError:
+    return MuonServerError(e.code(), e.details() or "")
+
+
+def to_wire(array: np.ndarray, dtype: str) -> bytes:
+    """Encodes a float array as little-endian bytes of the wire dtype."""
+    a = np.ascontiguousarray(array, dtype=np.float32)
+    if dtype == "float32":
+        return a.astype("<f4", copy=False).tobytes()
+    if dtype == "float16":
+        return a.astype("<f2").tobytes()
+    if dtype == "bfloat16":
+        bits = a.view(np.uint32).astype(np.uint64)
+        # Round to nearest, ties to even; NaN stays NaN.
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        rounded = np.where(np.isnan(a), np.uint16(0x7FC0), rounded)
+        return rounded.astype("<u2").tobytes()
+    raise ValueError(f"unknown wire dtype {dtype!r}")
+
+
+def from_wire(data: bytes, dtype: int, shape: Sequence[int]) -> np.ndarray:
+    """Decodes little-endian wire bytes into a float32 array of `shape`."""
+    if dtype == pb.DTYPE_FLOAT32:
+        out = np.frombuffer(data, dtype="<f4").astype(np.float32)
+    elif dtype == pb.DTYPE_FLOAT16:
+        out = np.frombuffer(data, dtype="<f2").astype(np.float32)
+    elif dtype == pb.DTYPE_BFLOAT16:
+        out = (np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+    else:
+        raise MuonServerError(grpc.StatusCode.INTERNAL, f"update in unknown dtype {dtype}")
+    return out.reshape(tuple(shape))
+
+
+@dataclasses.dataclass
+class ParamSpec:
+    """One parameter: its name, shape, wire dtype, optimizer and overrides."""
+
+    name: str
+    shape: Sequence[int]
+    dtype: str = "float32"
+    kind: Optional[str] = None  # "muon" | "adamw"; default by ndim (>= 2: muon)
+    overrides: Dict[str, object] = dataclasses.field(default_factory=dict)
+
+
+def hyper_params(**hp) -> "pb.HyperParams":
+    """Builds a HyperParams message from keyword arguments; None leaves a field unset.
+
+    Keys: lr, weight_decay, momentum, nesterov, momentum_form, ns_schedule,
+    ns_steps, shape_scale, betas, eps.
+    """
+    msg = pb.HyperParams()
+    for key, value in hp.items():
+        if value is None:
+            continue
+        if key in ("lr", "weight_decay", "momentum"):
+            setattr(msg, key, float(value))
+        elif key == "nesterov":
+            msg.nesterov = bool(value)
+        elif key == "ns_steps":
+            msg.ns_steps = int(value)
+        elif key == "momentum_form":
+            msg.momentum_form = _lookup(_MOMENTUM_FORMS, "momentum form", value)
+        elif key == "ns_schedule":
+            msg.ns_schedule = _lookup(_SCHEDULES, "Newton-Schulz schedule", value)
+        elif key == "shape_scale":
+            msg.shape_scale = _lookup(_SHAPE_SCALES, "shape scale", value)
+        elif key == "betas":
+            msg.adam_beta1, msg.adam_beta2 = (float(b) for b in value)
+        elif key == "eps":
+            msg.adam_eps = float(value)
+        else:
+            raise ValueError(f"unknown hyper-parameter {key!r}")
+    return msg
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What a committed step returned: per parameter index, the update (fp32)
+    and the decay factor; apply W <- decay * W + update."""
+
+    step: int
+    updates: Dict[int, np.ndarray]
+    decay: Dict[int, float]
+    summary: "pb.StepSummary"
+
+
+class Session:
+    """A session on the server. Not thread-safe: one step at a time."""
+
+    def __init__(self, client: "MuonClient", session_id: str, token: str, step: int,
+                 params: List[ParamSpec]):
+        self._client = client
+        self.session_id = session_id
+        self.token = token
+        self.step_number = step  # last committed step
+        self.params = params
+
+    def step(self, grads: Mapping[int, np.ndarray], *, lr_scale: Optional[float] = None,
+             lr: Optional[float] = None, update_dtype: Optional[str] = None,
+             measure_orthogonality: bool = False, retries: int = 3) -> StepResult:
+        """Runs the next step with these gradients (parameters left out keep
+        their state). Retries a broken stream up to `retries` times; raises
+        MuonServerError on a server error."""
+        unknown = sorted(set(grads) - set(range(len(self.params))))
+        if unknown:
+            raise ValueError(f"parameter indices {unknown} are not in this session "
+                             f"({len(self.params)} parameters)")
+        wire = {i: to_wire(g, self.params[i].dtype) for i, g in grads.items()}
+        result = self._client._run_step(self, self.step_number + 1, wire, lr=lr, lr_scale=lr_scale,
+                                        update_dtype=update_dtype,
+                                        measure_orthogonality=measure_orthogonality,
+                                        retries=retries)
+        self.step_number = result.step
+        return result
+
+    def info(self) -> "pb.SessionInfo":
+        return self._client.get_session(self.session_id, self.token)
+
+    def delete(self) -> None:
+        self._client.delete_session(self.session_id, self.token)
+
+
+class MuonClient:
+    """Connection to one muon-server. Thread-safe; sessions are not."""
+
+    def __init__(self, server: str, *, channel: Optional[grpc.Channel] = None,
+                 retry_backoff: float = 0.05):
+        self._channel = channel or grpc.insecure_channel(
+            server, options=[("grpc.max_receive_message_length", 8 << 20)])
+        self._stub = pb_grpc.OptimizerStub(self._channel)
+        self._backoff = retry_backoff
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def create_session(self, params: Sequence[ParamSpec], *, name: str = "",
+                       adamw: Optional[Mapping[str, object]] = None, **hp) -> Session:
+        """Registers `params` with session-wide hyper-parameters `hp` (see
+        hyper_params) and AdamW-only ones `adamw`."""
+        request = pb.CreateSessionRequest(name=name, hyper_params=hyper_params(**hp),
+                                          adamw_hyper_params=hyper_params(**(adamw or {})))
+        for p in params:
+            spec = request.params.add(name=p.name, shape=list(p.shape),
+                                      dtype=_lookup(_DTYPES, "dtype", p.dtype))
+            if p.kind is not None:
+                spec.kind = _lookup(_KINDS, "optimizer kind", p.kind)
+            spec.overrides.CopyFrom(hyper_params(**p.overrides))
+        try:
+            response = self._stub.CreateSession(request)
+        except grpc.RpcError as e:
+            raise _error(e) from None
+        return Session(self, response.session_id, response.token, response.step, list(params))
+
+    def attach(self, session_id: str, token: str, params: Sequence[ParamSpec]) -> Session:
+        """Reattaches to an existing session (e.g. from a saved state_dict)."""
+        info = self.get_session(session_id, token)
+        if info.num_params != len(params):
+            raise ValueError(f"session {session_id} has {info.num_params} parameters, "
+                             f"this model {len(params)}")
+        return Session(self, session_id, token, info.step, list(params))
+
+    def get_session(self, session_id: str, token: str = "") -> "pb.SessionInfo":
+        try:
+            return self._stub.GetSession(pb.GetSessionRequest(session_id=session_id, token=token))
+        except grpc.RpcError as e:
+            raise _error(e) from None
+
+    def list_sessions(self, admin_token: str = "") -> List["pb.SessionInfo"]:
+        try:
+            return list(self._stub.ListSessions(
+                pb.ListSessionsRequest(admin_token=admin_token)).sessions)
+        except grpc.RpcError as e:
+            raise _error(e) from None
+
+    def delete_session(self, session_id: str, token: str = "") -> None:
+        try:
+            self._stub.DeleteSession(pb.DeleteSessionRequest(session_id=session_id, token=token))
+        except grpc.RpcError as e:
+            raise _error(e) from None
+
+    def _requests(self, session: Session, step: int, wire: Mapping[int, bytes], **header):
+        yield pb.StepRequest(header=pb.StepHeader(session_id=session.session_id,
+                                                  token=session.token, step=step, **header))
+        for index, data in wire.items():
+            # An index the session lacks is sent as is: the server names it (NOT_FOUND).
+            dtype = (_DTYPES[session.params[index].dtype] if index < len(session.params)
+                     else pb.DTYPE_UNSPECIFIED)
+            for offset in range(0, len(data), CHUNK_BYTES):
+                yield pb.StepRequest(gradient=pb.TensorChunk(
+                    param_index=index, offset=offset, dtype=dtype,
+                    data=data[offset:offset + CHUNK_BYTES]))
+        yield pb.StepRequest(end=pb.StepEnd(param_indices=list(wire)))
+
+    def _run_step(self, session: Session, step: int, wire: Mapping[int, bytes], *, lr, lr_scale,
+                  update_dtype, measure_orthogonality, retries) -> StepResult:
+        header = {"measure_orthogonality": measure_orthogonality}
+        if lr is not None:
+            header["lr"] = float(lr)
+        if lr_scale is not None:
+            header["lr_scale"] = float(lr_scale)
+        if update_dtype is not None:
+            header["update_dtype"] = _lookup(_DTYPES, "dtype", update_dtype)
+        attempt = 0
+        while True:
+            try:
+                return self._step_once(session, step, wire, header)
+            except grpc.RpcError as e:
+                if e.code() not in _RETRYABLE or attempt >= retries:
+                    raise _error(e) from None
+            attempt += 1
+            time.sleep(self._backoff * (2 ** attempt))
+
+    def _step_once(self, session: Session, step: int, wire: Mapping[int, bytes],
+                   header: dict) -> StepResult:
+        # Buffered until the summary: a stream that breaks first changed nothing.
+        buffers: Dict[int, bytearray] = {}
+        dtypes: Dict[int, int] = {}
+        decay: Dict[int, float] = {}
+        for response in self._stub.Step(self._requests(session, step, wire, **header)):
+            if response.HasField("update"):
+                chunk = response.update
+                buf = buffers.setdefault(chunk.param_index, bytearray(chunk.total_bytes))
+                buf[chunk.offset:chunk.offset + len(chunk.data)] = chunk.data
+                dtypes[chunk.param_index] = chunk.dtype
+                decay[chunk.param_index] = chunk.decay
+            elif response.HasField("summary"):
+                summary = response.summary
+                updates = {i: from_wire(bytes(buf), dtypes[i], session.params[i].shape)
+                           for i, buf in buffers.items()}
+                return StepResult(summary.step, updates, decay, summary)
+        raise MuonServerError(grpc.StatusCode.INTERNAL, "step stream ended without a summary")

@@ -1,0 +1,131 @@
+"""The plain numpy client against a real muon-server."""
+import unittest
+
+import grpc
+import numpy as np
+
+from muon_client import MuonClient, MuonServerError, ParamSpec
+from muon_client.client import from_wire, pb, to_wire
+from reference import AdamWReference, MuonReference, rel_err
+from server_fixture import CuttingProxy, ServerProcess
+
+
+
+class ClientTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.server = ServerProcess()
+        cls.client = MuonClient(cls.server.address)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.client.close()
+        cls.server.stop()
+
+    def setUp(self):
+        seed = np.random.SeedSequence().entropy
+        self.rng = np.random.default_rng(seed)
+        self._seed = seed
+
+    def grad(self, *shape):
+        return self.rng.standard_normal(shape).astype(np.float32)
+
+    def test_steps_match_float64_reference(self):
+        session = self.client.create_session(
+            [ParamSpec("w", (48, 32)), ParamSpec("b", (32,))], lr=0.02, weight_decay=0.1,
+            adamw={"lr": 1e-3})
+        muon = MuonReference((48, 32), lr=0.02, weight_decay=0.1)
+        adamw = AdamWReference((32,), lr=1e-3, weight_decay=0.1)
+        for step in range(1, 6):
+            gw, gb = self.grad(48, 32), self.grad(32)
+            result = session.step({0: gw, 1: gb})
+            self.assertEqual(result.step, step)
+            decay_w, update_w = muon.step(gw)
+            decay_b, update_b = adamw.step(gb)
+            # fp32 Newton–Schulz on the server vs float64 here.
+            self.assertLess(rel_err(result.updates[0], update_w), 1e-4, self._seed)
+            self.assertLess(rel_err(result.updates[1], update_b), 1e-5, self._seed)
+            self.assertAlmostEqual(result.decay[0], decay_w, places=12)
+            self.assertAlmostEqual(result.decay[1], decay_b, places=12)
+
+    def test_bfloat16_and_float16_wire(self):
+        shape = (64, 40)
+        sessions = {dt: self.client.create_session([ParamSpec("w", shape, dtype=dt)])
+                    for dt in ("float32", "bfloat16", "float16")}
+        g = self.grad(*shape)
+        updates = {dt: s.step({0: g}).updates[0] for dt, s in sessions.items()}
+        # bf16 keeps 8 significant bits (relative rounding 2^-9 ≈ 2e-3) on the
+        # gradient and again on the update; fp16 keeps 11.
+        self.assertLess(rel_err(updates["bfloat16"], updates["float32"]), 1e-2)
+        self.assertLess(rel_err(updates["float16"], updates["float32"]), 2e-3)
+        self.assertGreater(rel_err(updates["bfloat16"], updates["float32"]), 0)
+
+    def test_wire_encoding_round_trips(self):
+        x = self.grad(1000)
+        for dtype, code, tol in (("float32", pb.DTYPE_FLOAT32, 0), ("float16", pb.DTYPE_FLOAT16, 1e-3),
+                                 ("bfloat16", pb.DTYPE_BFLOAT16, 4e-3)):
+            y = from_wire(to_wire(x, dtype), code, x.shape)
+            self.assertLessEqual(float(np.max(np.abs(y - x) / np.maximum(np.abs(x), 1e-3))),
+                                 tol, dtype)
+
+    def test_retry_after_dropped_stream_applies_once(self):
+        shape = (512, 512)  # 1 MiB of fp32: the cut lands mid-gradient
+        proxy = CuttingProxy(self.server.port)
+        self.addCleanup(proxy.close)
+        flaky = MuonClient(proxy.address)
+        self.addCleanup(flaky.close)
+        cut = flaky.create_session([ParamSpec("w", shape)])
+        clean = self.client.create_session([ParamSpec("w", shape)])
+        g1, g2 = self.grad(*shape), self.grad(*shape)
+        step_cuts = 0
+        for g in (g1, g2):
+            proxy.cut_after(300_000)
+            got = cut.step({0: g}, retries=5)
+            want = clean.step({0: g})
+            np.testing.assert_array_equal(got.updates[0], want.updates[0])
+            self.assertEqual(proxy.cuts, step_cuts + 1)
+            step_cuts = proxy.cuts
+        self.assertEqual(self.client.get_session(cut.session_id, cut.token).step, 2)
+
+    def test_replayed_step_returns_same_updates(self):
+        session = self.client.create_session([ParamSpec("w", (32, 16))])
+        g = self.grad(32, 16)
+        first = session.step({0: g})
+        # As if the summary had been lost: send step 1 again.
+        replay = self.client._run_step(session, 1, {0: to_wire(g, "float32")}, lr=None,
+                                       lr_scale=None, update_dtype=None,
+                                       measure_orthogonality=False, retries=0)
+        self.assertTrue(replay.summary.replayed)
+        np.testing.assert_array_equal(replay.updates[0], first.updates[0])
+        self.assertEqual(session.info().step, 1)
+
+    def test_errors_map_to_status_codes(self):
+        session = self.client.create_session([ParamSpec("w", (8, 8))])
+        cases = [
+            (lambda: self.client.get_session("no-such-session"), grpc.StatusCode.NOT_FOUND),
+            (lambda: session.step({0: np.full((8, 8), np.nan, np.float32)}),
+             grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: self.client._run_step(session, 1, {3: to_wire(self.grad(8, 8), "float32")},
+                                           lr=None, lr_scale=None, update_dtype=None,
+                                           measure_orthogonality=False, retries=0),
+             grpc.StatusCode.NOT_FOUND),
+            (lambda: self.client.create_session([ParamSpec("v", (8,), kind="muon")]),
+             grpc.StatusCode.INVALID_ARGUMENT),
+        ]
+        for call, code in cases:
+            with self.assertRaises(MuonServerError) as ctx:
+                call()
+            self.assertEqual(ctx.exception.code, code, str(ctx.exception))
+            self.assertTrue(ctx.exception.details)
+        session.step_number = 5  # ahead of the server
+        with self.assertRaises(MuonServerError) as ctx:
+            session.step({0: self.grad(8, 8)})
+        self.assertEqual(ctx.exception.code, grpc.StatusCode.FAILED_PRECONDITION)
+        self.assertIn("expected step is 1", ctx.exception.details)
+        with self.assertRaises(ValueError):
+            session.step({3: self.grad(8, 8)})
+        self.assertEqual(session.info().step, 0)
+
+
+if __name__ == "__main__":
+    unittest.main()
