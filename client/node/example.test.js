@@ -1,0 +1,41 @@
+// Runs example.js against a real muon-server (MUON_SERVER_BIN) on a free port.
+'use strict';
+
+const test = require('node:test');
+const assert = require('node:assert');
+const fs = require('fs');
+const os = require('os');
+const path = require('path');
+const { spawn, execFileSync } = require('child_process');
+
+function startServer() {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'muon-node-'));
+  const portFile = path.join(dir, 'port');
+  const server = spawn(process.env.MUON_SERVER_BIN, [
+    '--listen=127.0.0.1:0', `--port_file=${portFile}`, '--metrics_listen=', '--engine=cpu',
+  ], { stdio: 'ignore' });
+  const deadline = Date.now() + 60000;
+  return new Promise((resolve, reject) => {
+    const poll = () => {
+      const port = fs.existsSync(portFile) ? fs.readFileSync(portFile, 'utf8').trim() : '';
+      if (port) return resolve({ server, address: `127.0.0.1:${port}` });
+      if (Date.now() > deadline || server.exitCode !== null) return reject(new Error('server did not start'));
+      setTimeout(poll, 50);
+    };
+    poll();
+  });
+}
+
+test('example.js creates a session and runs one step', async () => {
+  const { server, address } = await startServer();
+  try {
+    const out = execFileSync(process.execPath, [path.join(__dirname, 'example.js'), address], {
+      encoding: 'utf8', timeout: 60000,
+    });
+    assert.match(out, /param 0: 2048 values, update rms [0-9.]+e-\d+, decay 1/);
+    assert.match(out, /param 1: 32 values/);
+    assert.match(out, /step 1 committed, 2 parameters/);
+  } finally {
+    server.kill('SIGTERM');
+  }
+});

@@ -1,0 +1,104 @@
+// A small muon-server client for Node.js: the stubs come straight from
+// proto/ through @grpc/proto-loader, as any language's would.
+'use strict';
+
+const path = require('path');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+
+const PROTO_ROOT = process.env.MUON_PROTO_DIR || path.join(__dirname, '..', '..', 'proto');
+const CHUNK_BYTES = 1 << 20;
+
+function loadService() {
+  const definition = protoLoader.loadSync('muon/v1/optimizer.proto', {
+    includeDirs: [PROTO_ROOT],
+    keepCase: true,
+    longs: Number,
+    enums: String,
+    defaults: true,
+    oneofs: true,
+  });
+  return grpc.loadPackageDefinition(definition).muon.v1.Optimizer;
+}
+
+class MuonClient {
+  constructor(address) {
+    const Optimizer = loadService();
+    this.stub = new Optimizer(address, grpc.credentials.createInsecure());
+  }
+
+  close() {
+    this.stub.close();
+  }
+
+  // params: [{name, shape: [..], kind?: 'OPTIMIZER_KIND_MUON' | 'OPTIMIZER_KIND_ADAMW'}], fp32.
+  createSession(params, hyperParams = {}) {
+    return new Promise((resolve, reject) => {
+      this.stub.CreateSession(
+        {
+          params: params.map((p) => ({ name: p.name, shape: p.shape, dtype: 'DTYPE_FLOAT32', kind: p.kind })),
+          hyper_params: hyperParams,
+        },
+        (err, response) => (err ? reject(err) : resolve(response)),
+      );
+    });
+  }
+
+  // grads: Map of parameter index -> Float32Array. Resolves, after the
+  // server's summary (the commit), to {summary, updates: Map(index ->
+  // {update: Float32Array, decay})}: apply W <- decay*W + update.
+  step(session, stepNumber, grads) {
+    return new Promise((resolve, reject) => {
+      const buffers = new Map();
+      let summary = null;
+      const call = this.stub.Step();
+      call.on('data', (response) => {
+        if (response.update) {
+          const u = response.update;
+          let entry = buffers.get(u.param_index);
+          if (!entry) {
+            entry = { bytes: Buffer.alloc(u.total_bytes), decay: u.decay };
+            buffers.set(u.param_index, entry);
+          }
+          Buffer.from(u.data).copy(entry.bytes, u.offset);
+        } else if (response.summary) {
+          summary = response.summary;
+        }
+      });
+      call.on('error', reject);
+      call.on('end', () => {
+        if (!summary) {
+          reject(new Error('step stream ended without a summary'));
+          return;
+        }
+        const updates = new Map();
+        for (const [index, entry] of buffers) {
+          const copy = new Uint8Array(entry.bytes).slice().buffer;
+          updates.set(index, { update: new Float32Array(copy), decay: entry.decay });
+        }
+        resolve({ summary, updates });
+      });
+      call.write({ header: { session_id: session.session_id, token: session.token, step: stepNumber } });
+      for (const [index, grad] of grads) {
+        const bytes = Buffer.from(grad.buffer, grad.byteOffset, grad.byteLength);
+        for (let offset = 0; offset < bytes.length; offset += CHUNK_BYTES) {
+          call.write({
+            gradient: { param_index: index, offset, data: bytes.subarray(offset, offset + CHUNK_BYTES) },
+          });
+        }
+      }
+      call.write({ end: { param_indices: [...grads.keys()] } });
+      call.end();
+    });
+  }
+
+  deleteSession(session) {
+    return new Promise((resolve, reject) => {
+      this.stub.DeleteSession({ session_id: session.session_id, token: session.token }, (err) =>
+        err ? reject(err) : resolve(),
+      );
+    });
+  }
+}
+
+module.exports = { MuonClient };
