@@ -11,6 +11,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -214,6 +215,77 @@ double GemmTflops(LtGemm& gemm, char* d_ws, cudaStream_t main) {
   return 2.0 * n * n * n / (ms * 1e-3) / 1e12;
 }
 
+// A whole engine step (gradients from pageable host memory in, momentum,
+// Newton–Schulz, updates out) for every matrix of a workload, bf16 on the
+// wire: wall-clock median and the engine's phase split. The wire bytes over
+// the measured host↔device copy rate bound it from below.
+void EngineStep(const Workload& w, int iters) {
+  auto engine = CreateCudaEngine({});
+  Check(engine.status(), "CreateCudaEngine");
+  std::vector<ParamId> ids;
+  std::vector<std::vector<std::byte>> grads, outs;
+  std::vector<GradientInput> in;
+  std::vector<UpdateOutput> out;
+  int64_t bytes = 0;
+  uint32_t state = 12345;
+  for (const Shape& s : w.shapes) {
+    for (int64_t k = 0; k < s.count; ++k) {
+      ParamSpec spec;
+      spec.name = w.name + "." + std::to_string(ids.size());
+      spec.shape = {s.rows, s.cols};
+      spec.dtype = DType::kBFloat16;
+      auto id = (*engine)->Register(spec);
+      Check(id.status(), "Register");
+      ids.push_back(*id);
+      std::vector<std::byte> g(s.rows * s.cols * 2);
+      for (size_t i = 0; i < g.size(); i += 2) {
+        state = state * 1664525u + 1013904223u;
+        // bf16 in [-1, 1): sign, exponent 126 or less, random mantissa.
+        const uint16_t v = static_cast<uint16_t>(((state >> 16) & 0x807f) | 0x3c00);
+        std::memcpy(&g[i], &v, 2);
+      }
+      bytes += 2 * static_cast<int64_t>(g.size());
+      grads.push_back(std::move(g));
+      outs.emplace_back(grads.back().size());
+    }
+  }
+  for (size_t i = 0; i < ids.size(); ++i) {
+    in.push_back({ids[i], DType::kBFloat16, grads[i], std::nullopt});
+    out.push_back({ids[i], DType::kBFloat16, absl::MakeSpan(outs[i])});
+  }
+  std::vector<double> wall;
+  StepStats last;
+  for (int it = 0; it < iters + 2; ++it) {
+    StepStats stats;
+    const auto t0 = std::chrono::steady_clock::now();
+    Check((*engine)->Step(in, absl::MakeSpan(out), {}, &stats), "Step");
+    const double ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    if (it >= 2) wall.push_back(ms);
+    last = stats;
+  }
+  std::sort(wall.begin(), wall.end());
+  std::printf("engine step %-12s %zu matrices, %.0f MB in+out (bf16): median %.2f ms "
+              "(last step: stage %.2f, compute %.2f, finish %.2f ms)\n",
+              w.name.c_str(), ids.size(), bytes / 1e6, wall[wall.size() / 2],
+              last.stage_seconds * 1e3, last.compute_seconds * 1e3, last.finish_seconds * 1e3);
+}
+
+// Pinned host → device copy rate, GB/s (the wire the engine's staging uses).
+double CopyRate(cudaStream_t main) {
+  const size_t n = size_t{256} << 20;
+  void *h, *d;
+  Check(cudaHostAlloc(&h, n, cudaHostAllocDefault), "host alloc");
+  Check(cudaMalloc(&d, n), "malloc");
+  std::memset(h, 1, n);
+  const double ms = TimeMedian(main, 2, 5, [](int) {}, [&] {
+    Check(cudaMemcpyAsync(d, h, n, cudaMemcpyHostToDevice, main), "copy");
+  });
+  cudaFreeHost(h);
+  cudaFree(d);
+  return n / (ms * 1e-3) / 1e9;
+}
+
 int Main(int argc, char** argv) {
   int iters = 30, warmup = 5;
   std::string json_path;
@@ -287,6 +359,8 @@ int Main(int argc, char** argv) {
     }
   }
   json += "]}\n";
+  std::printf("pinned host->device copy: %.1f GB/s\n", CopyRate(main));
+  for (const Workload& w : Workloads()) EngineStep(w, 10);
   if (!json_path.empty()) {
     FILE* f = std::fopen(json_path.c_str(), "w");
     if (f == nullptr) {

@@ -177,6 +177,9 @@ __global__ void AolRowScaleKernel(AolParams p) {
   if (row >= p.upper_rows) return;
   const __nv_bfloat16* a = p.d_a + blockIdx.y * p.r * p.r + row;
   float sum = 0;
+  // Unrolled so several independent loads are in flight per thread; one at a
+  // time, each iteration would wait out a full memory latency.
+#pragma unroll 8
   for (int64_t j = 0; j < p.r; ++j) sum += fabsf(__bfloat162float(a[j * p.r]));
   p.d_scale[blockIdx.y * p.r + row] = rsqrtf(fmaxf(sum, 1e-7f));
 }
