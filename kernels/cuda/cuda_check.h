@@ -4,6 +4,8 @@
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
+#include <string>
+
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
