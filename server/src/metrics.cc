@@ -1,16 +1,33 @@
 #include "metrics.h"
 
+#include <CivetServer.h>
 #include <prometheus/counter.h>
 #include <prometheus/exposer.h>
 #include <prometheus/gauge.h>
 #include <prometheus/registry.h>
 
 #include <exception>
+#include <string>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 
 namespace muon::server {
+namespace {
+
+// civetweb's own words for a failed start (CivetServer's exception says only
+// "null context"), kept for the error message.
+std::string* CivetLastError() {
+  static std::string* last = new std::string();
+  return last;
+}
+
+int CivetLog(const mg_connection* /*conn*/, const char* message) {
+  *CivetLastError() = message;
+  return 1;
+}
+
+}  // namespace
 
 Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
   auto& sessions_created = prometheus::BuildCounter()
@@ -44,11 +61,16 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& list
   if (listen.empty()) return metrics;
   // prometheus-cpp reports a bind failure by throwing; this is the one place
   // an exception is caught and turned into a Status.
+  CivetCallbacks callbacks;
+  callbacks.log_message = CivetLog;
   try {
-    metrics->exposer_ = std::make_unique<prometheus::Exposer>(listen);
+    metrics->exposer_ = std::make_unique<prometheus::Exposer>(listen, 2, &callbacks);
   } catch (const std::exception& e) {
+    const std::string& civet = *CivetLastError();
     return absl::UnavailableError(absl::StrCat("cannot serve metrics on ", listen, ": ", e.what(),
-                                               " (set --metrics_listen, or empty to disable)"));
+                                               civet.empty() ? "" : " (civetweb: ", civet,
+                                               civet.empty() ? "" : ")",
+                                               "; set --metrics_listen, or empty to disable"));
   }
   metrics->exposer_->RegisterCollectable(metrics->registry_);
   return metrics;
