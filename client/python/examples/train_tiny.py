@@ -102,7 +102,8 @@ def train(model, optimizer, x, y, steps, log_every, label):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--server", required=True, help="HOST:PORT of muon-server")
+    parser.add_argument("--server", required=True,
+                        help="HOST:PORT of muon-server; several, comma-separated, to shard")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=0.02)
@@ -115,10 +116,10 @@ def main():
     x, y = make_data(args.seed)
 
     model = make_model(args.seed)
-    remote = RemoteMuon(model.parameters(), server=args.server, lr=args.lr,
+    remote = RemoteMuon(model.named_parameters(), server=args.server.split(","), lr=args.lr,
                         adamw_lr=args.adamw_lr, weight_decay=args.weight_decay)
     first, remote_loss = train(model, remote, x, y, args.steps, log_every, "remote")
-    remote.session.delete()
+    remote.delete_sessions()
     if not args.check:
         print(f"final loss {remote_loss:.6f}")
         return 0 if remote_loss < first else 1

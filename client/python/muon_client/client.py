@@ -22,6 +22,26 @@ import numpy as np
 from ._stubs import pb, pb_grpc
 
 CHUNK_BYTES = 1 << 20
+_MASK64 = (1 << 64) - 1
+
+
+def rendezvous_score(server: str, name: str) -> int:
+    """The weight of `server` for parameter `name` in rendezvous hashing: FNV-1a
+    (64-bit) of server, a zero byte and name, then the splitmix64 finalizer.
+    Each parameter goes to the server with the highest score, so adding or
+    removing a server moves only the parameters it wins or held. The C++
+    client computes the same function."""
+    h = 0xCBF29CE484222325
+    for byte in server.encode() + b"\0" + name.encode():
+        h = ((h ^ byte) * 0x100000001B3) & _MASK64
+    h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return h ^ (h >> 31)
+
+
+def place(servers: Sequence[str], name: str) -> int:
+    """Index of the server that holds parameter `name`."""
+    return max(range(len(servers)), key=lambda i: (rendezvous_score(servers[i], name), -i))
 
 _DTYPES = {
     "float32": pb.DTYPE_FLOAT32,
@@ -164,16 +184,19 @@ class Session:
 
     def step(self, grads: Mapping[int, np.ndarray], *, lr_scale: Optional[float] = None,
              lr: Optional[float] = None, update_dtype: Optional[str] = None,
-             measure_orthogonality: bool = False, retries: int = 3) -> StepResult:
+             measure_orthogonality: bool = False, retries: int = 3,
+             step_number: Optional[int] = None) -> StepResult:
         """Runs the next step with these gradients (parameters left out keep
         their state). Retries a broken stream up to `retries` times; raises
-        MuonServerError on a server error."""
+        MuonServerError on a server error. `step_number` (default: the next)
+        may name the last committed step to have its updates replayed."""
         unknown = sorted(set(grads) - set(range(len(self.params))))
         if unknown:
             raise ValueError(f"parameter indices {unknown} are not in this session "
                              f"({len(self.params)} parameters)")
         wire = {i: to_wire(g, self.params[i].dtype) for i, g in grads.items()}
-        result = self._client._run_step(self, self.step_number + 1, wire, lr=lr, lr_scale=lr_scale,
+        number = self.step_number + 1 if step_number is None else step_number
+        result = self._client._run_step(self, number, wire, lr=lr, lr_scale=lr_scale,
                                         update_dtype=update_dtype,
                                         measure_orthogonality=measure_orthogonality,
                                         retries=retries)

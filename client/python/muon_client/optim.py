@@ -8,13 +8,12 @@ may say kind="muon" or kind="adamw" and override any hyper-parameter.
 """
 from __future__ import annotations
 
-import math
-from typing import Iterable, List, Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import List, Optional
 
-import numpy as np
 import torch
 
-from .client import MuonClient, ParamSpec, Session
+from .client import MuonClient, ParamSpec, Session, place
 
 _GROUP_HP = ("lr", "weight_decay", "momentum", "nesterov", "momentum_form", "ns_schedule",
              "ns_steps", "shape_scale", "betas", "eps")
@@ -23,26 +22,36 @@ _ADAMW_ONLY = ("betas", "eps")
 
 
 class RemoteMuon(torch.optim.Optimizer):
-    """Muon (and AdamW for non-matrix parameters) computed by a muon-server.
+    """Muon (and AdamW for non-matrix parameters) computed by muon-server(s).
 
     step() sends the gradients of parameters whose .grad is set, waits for the
     server's commit and only then updates them in place (W <- decay*W + update).
     A broken stream is retried with the same step number; the server applies
     each step exactly once. Server errors raise MuonServerError.
 
+    `server` may be a list of servers: each parameter then lives on one of
+    them, chosen by rendezvous hashing of its name (pass model.named_parameters()
+    for stable names), and each step fans out to all of them in parallel. The
+    weights change only when every server has committed; after an error,
+    calling step() again with the same gradients completes the step exactly
+    once everywhere (servers that had committed replay their updates).
+
     LR schedulers work: each step sends every group's current lr as a ratio to
     the lr the session was created with, which must be the same for all groups
     (true of the schedulers that scale every group by one factor).
     """
 
-    def __init__(self, params, server: str, lr: float = 0.02, momentum: float = 0.95,
+    def __init__(self, params, server, lr: float = 0.02, momentum: float = 0.95,
                  nesterov: bool = True, weight_decay: float = 0.0, ns_schedule: str = "jordan",
                  ns_steps: int = 5, shape_scale: str = "spectral", momentum_form: str = "ema",
                  adamw_lr: float = 3e-4, betas=(0.9, 0.999), eps: float = 1e-8,
-                 wire_dtype: str = "float32", measure_orthogonality: bool = False,
-                 client: Optional[MuonClient] = None):
+                 wire_dtype: str = "float32", measure_orthogonality: bool = False):
         params = list(params)
+        names = {}
         if params and not isinstance(params[0], dict):
+            if isinstance(params[0], tuple):
+                names = {id(p): n for n, p in params}
+                params = [p for _, p in params]
             params = [{"params": [p for p in params if p.ndim >= 2], "kind": "muon"},
                       {"params": [p for p in params if p.ndim < 2], "kind": "adamw", "lr": adamw_lr}]
             params = [g for g in params if g["params"]]
@@ -51,15 +60,25 @@ class RemoteMuon(torch.optim.Optimizer):
                         momentum_form=momentum_form, betas=tuple(betas), eps=eps,
                         wire_dtype=wire_dtype, kind=None)
         super().__init__(params, defaults)
-        self._adamw_lr = adamw_lr
         self._measure = measure_orthogonality
-        self._client = client or MuonClient(server)
+        self._servers = [server] if isinstance(server, str) else list(server)
+        if not self._servers:
+            raise ValueError("RemoteMuon needs at least one server")
+        self._clients = [MuonClient(s) for s in self._servers]
         self._order: List[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
-        self._session = self._client.create_session(self._specs())
+        specs = self._specs(names)
+        # _shards[k]: the global indices of the parameters on server k.
+        self._shards = [[] for _ in self._servers]
+        for index, spec in enumerate(specs):
+            self._shards[place(self._servers, spec.name)].append(index)
+        self._sessions = [client.create_session([specs[i] for i in shard])
+                          for client, shard in zip(self._clients, self._shards)]
+        self._step = 0
         self._base_lr = [g["lr"] for g in self.param_groups]
-        self.last_summary = None
+        self._pool = ThreadPoolExecutor(max_workers=len(self._servers))
+        self.last_summaries = []
 
-    def _specs(self) -> List[ParamSpec]:
+    def _specs(self, names) -> List[ParamSpec]:
         specs = []
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
@@ -69,13 +88,30 @@ class RemoteMuon(torch.optim.Optimizer):
                                      f"dimensions, got shape {tuple(p.shape)}")
                 skip = _ADAMW_ONLY if kind == "muon" else _MUON_ONLY
                 overrides = {k: group[k] for k in _GROUP_HP if k not in skip}
-                specs.append(ParamSpec(name=f"group{gi}.param{pi}", shape=tuple(p.shape),
-                                       dtype=group["wire_dtype"], kind=kind, overrides=overrides))
+                specs.append(ParamSpec(name=names.get(id(p), f"group{gi}.param{pi}"),
+                                       shape=tuple(p.shape), dtype=group["wire_dtype"],
+                                       kind=kind, overrides=overrides))
         return specs
 
     @property
+    def sessions(self) -> List[Session]:
+        """One session per server (the first holds everything when there is one)."""
+        return list(self._sessions)
+
+    @property
     def session(self) -> Session:
-        return self._session
+        if len(self._sessions) != 1:
+            raise AttributeError("RemoteMuon is sharded over several servers: use .sessions")
+        return self._sessions[0]
+
+    @property
+    def last_summary(self):
+        return self.last_summaries[0] if len(self.last_summaries) == 1 else None
+
+    def delete_sessions(self) -> None:
+        """Frees the optimizer state on the server(s)."""
+        for session in self._sessions:
+            session.delete()
 
     def _lr_scale(self) -> Optional[float]:
         ratios = {g["lr"] / base if base else 1.0
@@ -92,42 +128,64 @@ class RemoteMuon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grads = {}
-        for index, p in enumerate(self._order):
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("RemoteMuon does not support sparse gradients")
-            grads[index] = p.grad.detach().to("cpu", torch.float32).numpy()
-        result = self._session.step(grads, lr_scale=self._lr_scale(),
-                                    measure_orthogonality=self._measure)
-        for index, update in result.updates.items():
-            p = self._order[index]
-            delta = torch.from_numpy(update).to(device=p.device, dtype=p.dtype)
-            decay = result.decay[index]
-            if decay != 1.0:
-                p.mul_(decay)
-            p.add_(delta)
-        self.last_summary = result.summary
+        lr_scale = self._lr_scale()
+        calls = []
+        for session, shard in zip(self._sessions, self._shards):
+            grads = {}
+            for local, index in enumerate(shard):
+                g = self._order[index].grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise RuntimeError("RemoteMuon does not support sparse gradients")
+                grads[local] = g.detach().to("cpu", torch.float32).numpy()
+            calls.append(self._pool.submit(session.step, grads, lr_scale=lr_scale,
+                                           measure_orthogonality=self._measure,
+                                           step_number=self._step + 1))
+        errors = [c.exception() for c in calls]
+        for error in errors:
+            if error is not None:
+                raise error
+        results = [c.result() for c in calls]
+        for result, shard in zip(results, self._shards):
+            for local, update in result.updates.items():
+                p = self._order[shard[local]]
+                decay = result.decay[local]
+                if decay != 1.0:
+                    p.mul_(decay)
+                p.add_(torch.from_numpy(update).to(device=p.device, dtype=p.dtype))
+        self._step += 1
+        self.last_summaries = [r.summary for r in results]
         return loss
 
     def state_dict(self):
-        # The optimizer state (momentum, moments) lives on the server: the
-        # state dict names the session that holds it.
+        # The optimizer state (momentum, moments) lives on the server(s): the
+        # state dict names the sessions that hold it.
         state = super().state_dict()
-        state["remote"] = {"session_id": self._session.session_id,
-                           "token": self._session.token,
-                           "step": self._session.step_number}
+        state["remote"] = {
+            "step": self._step,
+            "sessions": [{"server": server, "session_id": s.session_id, "token": s.token}
+                         for server, s in zip(self._servers, self._sessions)],
+        }
         return state
 
     def load_state_dict(self, state_dict):
         remote = state_dict.get("remote")
         if remote is None:
             raise ValueError("not a RemoteMuon state dict (no 'remote' entry)")
-        local = {k: v for k, v in state_dict.items() if k != "remote"}
-        super().load_state_dict(local)
-        session = self._client.attach(remote["session_id"], remote["token"], self._specs())
-        if session.step_number != remote["step"]:
-            raise ValueError(f"session {remote['session_id']} is at step {session.step_number}, "
-                             f"the state dict at step {remote['step']}")
-        self._session = session
+        servers = [s["server"] for s in remote["sessions"]]
+        if servers != self._servers:
+            raise ValueError(f"state dict is for servers {servers}, this optimizer has "
+                             f"{self._servers}")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "remote"})
+        sessions = []
+        for client, saved, own in zip(self._clients, remote["sessions"], self._sessions):
+            session = client.attach(saved["session_id"], saved["token"], own.params)
+            if session.step_number != remote["step"]:
+                raise ValueError(f"session {saved['session_id']} is at step "
+                                 f"{session.step_number}, the state dict at step {remote['step']}")
+            sessions.append(session)
+        for own in self._sessions:
+            own.delete()
+        self._sessions = sessions
+        self._step = remote["step"]
