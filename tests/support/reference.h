@@ -1,0 +1,75 @@
+#ifndef MUON_TESTS_SUPPORT_REFERENCE_H_
+#define MUON_TESTS_SUPPORT_REFERENCE_H_
+
+// Float64 references for the engine tests: DESIGN.md §1's formulas written
+// out plainly, random matrices with chosen singular values, and LAPACK SVD.
+
+#include <array>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "muon/kernels/types.h"
+
+namespace muon::testing {
+
+// Row-major rows×cols matrix of doubles.
+struct Matrix {
+  int64_t rows = 0;
+  int64_t cols = 0;
+  std::vector<double> v;
+};
+
+Matrix MatMul(const Matrix& a, const Matrix& b, bool transpose_b = false);
+Matrix Transpose(const Matrix& a);
+
+// U·diag(s)·Vᵀ with U (rows×r) and V (cols×r) random orthonormal columns,
+// r = min(rows, cols) = s.size().
+Matrix WithSingularValues(int64_t rows, int64_t cols, const std::vector<double>& s,
+                          std::mt19937_64& rng);
+
+// r singular values spread log-uniformly over [lo, hi], both ends included.
+std::vector<double> LogSpaced(int64_t r, double lo, double hi);
+
+// Singular values, descending (LAPACK dgesvd).
+std::vector<double> SingularValues(const Matrix& m);
+
+// Exact polar factor U·Vᵀ (LAPACK dgesvd).
+Matrix Polar(const Matrix& m);
+
+// Newton–Schulz in float64 with the given per-step coefficients, DESIGN.md §1
+// (Frobenius normalization by safety·‖M‖_F + 1e-7, or AOL rescaling).
+Matrix NewtonSchulz(const Matrix& m, const std::vector<std::array<double, 3>>& steps,
+                    double norm_safety, bool aol);
+
+// Muon for one matrix (or batch of matrices laid end to end), float64.
+struct MuonRef {
+  HyperParams hp;
+  MatrixView view;
+  std::vector<double> buf;
+  std::vector<std::array<double, 3>> coeffs;
+  double norm_safety = 1.0;
+  bool aol = false;
+  // Returns the update (to add after W ← decay·W); sets decay.
+  std::vector<double> Step(const std::vector<double>& grad, double lr, double* decay);
+};
+
+struct AdamWRef {
+  HyperParams hp;
+  std::vector<double> m, v;
+  int64_t t = 0;
+  std::vector<double> Step(const std::vector<double>& grad, double lr, double* decay);
+};
+
+double RelativeError(const std::vector<float>& got, const std::vector<double>& want);
+double FrobeniusDistance(const Matrix& a, const Matrix& b);  // ‖a−b‖_F/‖b‖_F
+
+std::vector<float> RandomNormal(size_t n, std::mt19937_64& rng, double scale = 1.0);
+
+// A seed from std::random_device, for fresh inputs each run; print it in
+// SCOPED_TRACE so a failure can be replayed.
+uint64_t FreshSeed();
+
+}  // namespace muon::testing
+
+#endif  // MUON_TESTS_SUPPORT_REFERENCE_H_
