@@ -1,0 +1,521 @@
+// muonctl: health, sessions, a benchmark and a load generator for a
+// muon-server, and the Newton–Schulz coefficient tables. docs/muonctl.md.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "model_presets.h"
+#include "muon/client/client.h"
+#include "muon/kernels/ns_schedule.h"
+#include "muon/kernels/status_macros.h"
+#include "muon/kernels/types.h"
+#include "stats.h"
+
+ABSL_FLAG(std::string, server, "127.0.0.1:50051", "Server address HOST:PORT.");
+ABSL_FLAG(std::string, admin_token, "",
+          "Bearer token sent on every call (and as admin token for `session list`).");
+ABSL_FLAG(std::string, session, "", "Session id (session get|delete, bench, checkpoint).");
+ABSL_FLAG(std::string, token, "", "The session's token.");
+ABSL_FLAG(std::string, name, "muonctl", "Session name (session create, bench, load).");
+ABSL_FLAG(std::string, model, "",
+          "Model preset: gpt2-small, gpt2-medium, llama-1b, small-256, small. "
+          "Default: gpt2-small for bench, small for load and session create.");
+ABSL_FLAG(std::string, dtype, "float32", "Wire dtype of gradients: float32, bfloat16, float16.");
+ABSL_FLAG(std::string, schedule, "jordan",
+          "Newton-Schulz schedule: jordan, dion, polar_express, aol, aol_dion, svd.");
+ABSL_FLAG(int, ns_steps, 5, "Newton-Schulz iterations of the session (bench, load, create).");
+ABSL_FLAG(double, lr, 0.02, "Learning rate of the session (bench, load, create).");
+ABSL_FLAG(int, steps, 10,
+          "bench, load: optimizer steps (per client for load). coefficients: NS steps.");
+ABSL_FLAG(int, warmup, 1, "bench: steps run first and left out of the figures.");
+ABSL_FLAG(bool, keep, false, "bench: keep the session instead of deleting it.");
+ABSL_FLAG(bool, measure_orthogonality, false, "bench: ask the server for orthogonality errors.");
+ABSL_FLAG(int, clients, 4, "load: concurrent sessions, one thread each.");
+ABSL_FLAG(absl::Duration, duration_limit, absl::Seconds(60),
+          "load: stop starting new steps after this long.");
+ABSL_FLAG(absl::Duration, timeout, absl::Seconds(30), "Deadline of each unary call.");
+ABSL_FLAG(int, retries, 3, "Step retries after a broken stream.");
+
+namespace muon::muonctl {
+namespace {
+
+constexpr char kUsage[] = R"(muonctl [flags] COMMAND
+
+Commands:
+  health                            the server's grpc.health.v1 status
+  session create [--model=small]    register a preset model; prints id, token, step
+  session get --session=ID          one session, its step and parameters
+  session list                      every session
+  session delete --session=ID
+  checkpoint [--session=ID]         write checkpoints on the server
+  bench --model=NAME --steps=N [--session=ID --keep]
+                                    steps/s, bytes/s, latency by phase
+  load --clients=K --steps=S [--model=small] [--duration_limit=60s]
+                                    K concurrent sessions; p50/p99 step latency
+  coefficients --schedule=NAME --steps=N
+                                    Newton-Schulz (a, b, c) per step; no server
+
+Every command but coefficients talks to --server (default 127.0.0.1:50051).
+Errors print the status code and message and exit 1.)";
+
+// A failure of a command: printed as CODE: message, exit status 1.
+int Fail(const absl::Status& status) {
+  absl::FPrintF(stderr, "muonctl: %s: %s\n", absl::StatusCodeToString(status.code()),
+                status.message());
+  return 1;
+}
+
+absl::StatusOr<std::unique_ptr<Client>> Connect() {
+  ClientOptions options;
+  options.target = absl::GetFlag(FLAGS_server);
+  options.bearer_token = absl::GetFlag(FLAGS_admin_token);
+  options.call_timeout = absl::GetFlag(FLAGS_timeout);
+  options.max_step_attempts = 1 + std::max(0, absl::GetFlag(FLAGS_retries));
+  return Client::Create(options);
+}
+
+absl::StatusOr<SessionHandle> SessionFromFlags() {
+  if (absl::GetFlag(FLAGS_session).empty()) {
+    return absl::InvalidArgumentError("--session=ID is required");
+  }
+  SessionHandle handle;
+  handle.id = absl::GetFlag(FLAGS_session);
+  handle.token = absl::GetFlag(FLAGS_token);
+  return handle;
+}
+
+// ---------------------------------------------------------------------------
+// Sessions from presets.
+
+struct WireType {
+  v1::DType dtype;
+  size_t size;
+};
+
+absl::StatusOr<WireType> ParseWireType(const std::string& name) {
+  if (name == "float32") return WireType{v1::DTYPE_FLOAT32, 4};
+  if (name == "bfloat16") return WireType{v1::DTYPE_BFLOAT16, 2};
+  if (name == "float16") return WireType{v1::DTYPE_FLOAT16, 2};
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown --dtype=", name, "; known: float32, bfloat16, float16"));
+}
+
+absl::StatusOr<v1::CreateSessionRequest> PresetRequest(const std::string& model,
+                                                       const std::string& name) {
+  MUON_ASSIGN_OR_RETURN(std::vector<PresetParam> params, ModelPreset(model));
+  MUON_ASSIGN_OR_RETURN(WireType wire, ParseWireType(absl::GetFlag(FLAGS_dtype)));
+  v1::NsSchedule schedule;
+  if (!v1::NsSchedule_Parse(absl::AsciiStrToUpper("NS_SCHEDULE_" + absl::GetFlag(FLAGS_schedule)),
+                            &schedule)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown --schedule=", absl::GetFlag(FLAGS_schedule),
+                     "; known: jordan, dion, polar_express, aol, aol_dion, svd"));
+  }
+  v1::CreateSessionRequest request;
+  request.set_name(name);
+  request.mutable_hyper_params()->set_lr(absl::GetFlag(FLAGS_lr));
+  request.mutable_hyper_params()->set_ns_schedule(schedule);
+  request.mutable_hyper_params()->set_ns_steps(absl::GetFlag(FLAGS_ns_steps));
+  for (const PresetParam& p : params) {
+    v1::ParameterSpec* spec = request.add_params();
+    spec->set_name(p.name);
+    spec->add_shape(p.rows);
+    spec->add_shape(p.cols);
+    spec->set_dtype(wire.dtype);
+    spec->set_kind(v1::OPTIMIZER_KIND_MUON);
+  }
+  return request;
+}
+
+// ---------------------------------------------------------------------------
+// Fresh random gradients without generating gigabytes per step: one pool of
+// random non-zero values a little larger than the largest tensor, and each
+// step each parameter's gradient is the pool seen from a random offset.
+
+class GradientPool {
+ public:
+  static constexpr size_t kSlackElements = 1 << 16;
+
+  GradientPool(size_t max_tensor_bytes, WireType wire, uint64_t seed) : wire_(wire) {
+    const size_t elements = max_tensor_bytes / wire.size + kSlackElements;
+    bytes_.resize(elements * wire.size);
+    std::mt19937_64 rng(seed);
+    std::uniform_real_distribution<float> magnitude(1e-3f, 1.0f);
+    for (size_t i = 0; i < elements; ++i) {
+      const float x = (rng() & 1) ? magnitude(rng) : -magnitude(rng);
+      uint32_t bits;
+      std::memcpy(&bits, &x, 4);
+      std::byte* out = bytes_.data() + i * wire.size;
+      if (wire.dtype == v1::DTYPE_FLOAT32) {
+        std::memcpy(out, &bits, 4);
+      } else {
+        const uint16_t half = wire.dtype == v1::DTYPE_BFLOAT16 ? Bf16(bits) : Fp16(bits);
+        std::memcpy(out, &half, 2);
+      }
+    }
+  }
+
+  absl::Span<const std::byte> Sample(size_t bytes, uint64_t random) const {
+    const size_t offset = (random % kSlackElements) * wire_.size;
+    return absl::MakeConstSpan(bytes_).subspan(offset, bytes);
+  }
+
+ private:
+  static uint16_t Bf16(uint32_t bits) { return static_cast<uint16_t>(bits >> 16); }
+  // |x| in [1e-3, 1]: always a normal fp16 number.
+  static uint16_t Fp16(uint32_t bits) {
+    const uint32_t sign = (bits >> 16) & 0x8000u;
+    const uint32_t exponent = ((bits >> 23) & 0xffu) - 127 + 15;
+    return static_cast<uint16_t>(sign | (exponent << 10) | ((bits >> 13) & 0x3ffu));
+  }
+
+  WireType wire_;
+  std::vector<std::byte> bytes_;
+};
+
+struct Workload {
+  SessionHandle session;
+  std::vector<size_t> tensor_bytes;  // by parameter index
+  uint64_t next_step = 1;
+  WireType wire{v1::DTYPE_FLOAT32, 4};
+};
+
+// A session made from a preset, or (with --session) the existing one.
+absl::StatusOr<Workload> OpenWorkload(Client& client, const std::string& model,
+                                      const std::string& name, bool existing) {
+  Workload w;
+  MUON_ASSIGN_OR_RETURN(w.wire, ParseWireType(absl::GetFlag(FLAGS_dtype)));
+  if (existing) {
+    MUON_ASSIGN_OR_RETURN(w.session, SessionFromFlags());
+    MUON_ASSIGN_OR_RETURN(v1::SessionInfo info, client.GetSession(w.session));
+    for (const v1::ParameterInfo& p : info.params()) {
+      w.tensor_bytes.push_back(static_cast<size_t>(p.tensor_bytes()));
+    }
+    if (info.params_size() > 0) {
+      w.wire.dtype = info.params(0).dtype();
+      w.wire.size = w.wire.dtype == v1::DTYPE_FLOAT32 ? 4 : 2;
+    }
+    w.next_step = info.next_step();
+    w.session.info = std::move(info);
+    return w;
+  }
+  MUON_ASSIGN_OR_RETURN(v1::CreateSessionRequest request, PresetRequest(model, name));
+  MUON_ASSIGN_OR_RETURN(w.session, client.CreateSession(request));
+  for (const v1::ParameterInfo& p : w.session.info.params()) {
+    w.tensor_bytes.push_back(static_cast<size_t>(p.tensor_bytes()));
+  }
+  w.next_step = w.session.step + 1;
+  return w;
+}
+
+std::vector<Gradient> DrawGradients(const Workload& w, const GradientPool& pool,
+                                    std::mt19937_64& rng) {
+  std::vector<Gradient> grads;
+  grads.reserve(w.tensor_bytes.size());
+  for (size_t i = 0; i < w.tensor_bytes.size(); ++i) {
+    grads.push_back({static_cast<uint32_t>(i), pool.Sample(w.tensor_bytes[i], rng()), w.wire.dtype});
+  }
+  return grads;
+}
+
+size_t MaxBytes(const Workload& w) {
+  return w.tensor_bytes.empty() ? 0 : *std::max_element(w.tensor_bytes.begin(), w.tensor_bytes.end());
+}
+
+std::string Bytes(double bytes) {
+  if (bytes >= 1e9) return absl::StrFormat("%.2f GB", bytes / 1e9);
+  if (bytes >= 1e6) return absl::StrFormat("%.2f MB", bytes / 1e6);
+  if (bytes >= 1e3) return absl::StrFormat("%.2f kB", bytes / 1e3);
+  return absl::StrFormat("%.0f B", bytes);
+}
+
+std::string Ms(const Samples& s) {
+  return absl::StrFormat("p50 %8.3f  p99 %8.3f  mean %8.3f ms", 1e3 * s.Percentile(50),
+                         1e3 * s.Percentile(99), 1e3 * s.Mean());
+}
+
+// ---------------------------------------------------------------------------
+// Commands.
+
+int Health(Client& client) {
+  absl::StatusOr<std::string> status = client.Health();
+  if (!status.ok()) return Fail(status.status());
+  absl::PrintF("%s\n", *status);
+  return *status == "SERVING" ? 0 : 1;
+}
+
+void PrintSession(const v1::SessionInfo& info) {
+  absl::PrintF("session_id: %s\nname: %s\nmode: %s\nstep: %d\nnext_step: %d\nnum_params: %d\n"
+               "state_bytes: %d\n",
+               info.session_id(), info.name(), v1::SessionMode_Name(info.mode()), info.step(),
+               info.next_step(), info.num_params(), info.state_bytes());
+  for (const v1::ParameterInfo& p : info.params()) {
+    absl::PrintF("param %d: %s [%s] %s %s lr=%g\n", p.index(), p.name(),
+                 absl::StrJoin(p.shape(), "x"), v1::DType_Name(p.dtype()),
+                 v1::OptimizerKind_Name(p.kind()), p.hyper_params().lr());
+  }
+}
+
+int SessionCommand(Client& client, const std::vector<char*>& args) {
+  const std::string verb = args.size() > 2 ? args[2] : "";
+  if (verb == "create") {
+    const std::string model = absl::GetFlag(FLAGS_model).empty() ? "small" : absl::GetFlag(FLAGS_model);
+    absl::StatusOr<v1::CreateSessionRequest> request =
+        PresetRequest(model, absl::GetFlag(FLAGS_name));
+    if (!request.ok()) return Fail(request.status());
+    absl::StatusOr<SessionHandle> session = client.CreateSession(*request);
+    if (!session.ok()) return Fail(session.status());
+    absl::PrintF("session_id: %s\ntoken: %s\nstep: %d\n", session->id, session->token,
+                 session->step);
+    return 0;
+  }
+  if (verb == "get") {
+    absl::StatusOr<SessionHandle> handle = SessionFromFlags();
+    if (!handle.ok()) return Fail(handle.status());
+    absl::StatusOr<v1::SessionInfo> info = client.GetSession(*handle);
+    if (!info.ok()) return Fail(info.status());
+    PrintSession(*info);
+    return 0;
+  }
+  if (verb == "list") {
+    absl::StatusOr<std::vector<v1::SessionInfo>> sessions = client.ListSessions();
+    if (!sessions.ok()) return Fail(sessions.status());
+    for (const v1::SessionInfo& s : *sessions) {
+      absl::PrintF("%s name=%s step=%d params=%d state_bytes=%d\n", s.session_id(), s.name(),
+                   s.step(), s.num_params(), s.state_bytes());
+    }
+    return 0;
+  }
+  if (verb == "delete") {
+    absl::StatusOr<SessionHandle> handle = SessionFromFlags();
+    if (!handle.ok()) return Fail(handle.status());
+    absl::Status status = client.DeleteSession(*handle);
+    if (!status.ok()) return Fail(status);
+    absl::PrintF("deleted %s\n", handle->id);
+    return 0;
+  }
+  return Fail(absl::InvalidArgumentError(
+      absl::StrCat("session needs create, get, list or delete, got \"", verb, "\"")));
+}
+
+int CheckpointCommand(Client& client) {
+  std::optional<SessionHandle> handle;
+  if (!absl::GetFlag(FLAGS_session).empty()) handle = *SessionFromFlags();
+  auto checkpoints = client.Checkpoint(handle.has_value() ? &*handle : nullptr);
+  if (!checkpoints.ok()) return Fail(checkpoints.status());
+  for (const v1::SessionCheckpoint& c : *checkpoints) {
+    absl::PrintF("%s step=%d bytes=%d path=%s\n", c.session_id(), c.step(), c.bytes(), c.path());
+  }
+  return 0;
+}
+
+int Bench(Client& client) {
+  const bool existing = !absl::GetFlag(FLAGS_session).empty();
+  const std::string model =
+      absl::GetFlag(FLAGS_model).empty() ? "gpt2-small" : absl::GetFlag(FLAGS_model);
+  const int steps = absl::GetFlag(FLAGS_steps);
+  const int warmup = std::max(0, absl::GetFlag(FLAGS_warmup));
+  if (steps < 1) return Fail(absl::InvalidArgumentError("--steps must be at least 1"));
+  absl::StatusOr<Workload> w = OpenWorkload(client, model, absl::GetFlag(FLAGS_name), existing);
+  if (!w.ok()) return Fail(w.status());
+  size_t step_bytes = 0;
+  for (size_t b : w->tensor_bytes) step_bytes += b;
+  absl::PrintF("session %s: %s, %d parameters, %s of gradients per step\n", w->session.id,
+               existing ? "existing" : model, w->tensor_bytes.size(), Bytes(step_bytes));
+
+  // Delete the session on every way out, unless asked to keep it.
+  auto finish = [&](int code) {
+    if (absl::GetFlag(FLAGS_keep)) {
+      absl::PrintF("kept session %s (token %s), step %d\n", w->session.id, w->session.token,
+                   w->next_step - 1);
+      return code;
+    }
+    absl::Status status = client.DeleteSession(w->session);
+    if (!status.ok()) return Fail(status);
+    absl::PrintF("deleted session %s\n", w->session.id);
+    return code;
+  };
+
+  const GradientPool pool(MaxBytes(*w), w->wire, 42);
+  std::mt19937_64 rng(7);
+  StepOptions options;
+  options.measure_orthogonality = absl::GetFlag(FLAGS_measure_orthogonality);
+  Samples wall, receive, queue, compute, send, total, ortho;
+  double bytes = 0, flops = 0;
+  int retried = 0;
+  for (int i = 0; i < warmup + steps; ++i) {
+    const std::vector<Gradient> grads = DrawGradients(*w, pool, rng);
+    const absl::Time start = absl::Now();
+    absl::StatusOr<StepResult> r = client.Step(w->session, w->next_step, grads, options);
+    const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
+    if (!r.ok()) return finish(Fail(r.status()));
+    ++w->next_step;
+    if (i < warmup) continue;
+    const v1::StepTimings& t = r->summary.timings();
+    wall.Add(seconds);
+    receive.Add(t.receive_seconds());
+    queue.Add(t.queue_seconds());
+    compute.Add(t.compute_seconds());
+    send.Add(t.send_seconds());
+    total.Add(t.total_seconds());
+    for (const v1::OrthogonalityError& e : r->summary.orthogonality_errors()) ortho.Add(e.error());
+    bytes += r->summary.bytes_received() + r->summary.bytes_sent();
+    flops += r->summary.ns_flops();
+    retried += r->attempts - 1;
+  }
+  const double elapsed = wall.Sum();
+  absl::PrintF("steps: %d (+%d warm-up) in %.3f s, retried streams: %d\n", steps, warmup, elapsed,
+               retried);
+  absl::PrintF("steps/s: %.3f\n", steps / elapsed);
+  absl::PrintF("bytes/s: %s/s (gradients in + updates out)\n", Bytes(bytes / elapsed));
+  absl::PrintF("ns TFLOP/s: %.3f (server-side Newton-Schulz work over client wall time)\n",
+               flops / elapsed / 1e12);
+  absl::PrintF("latency client step  %s\n", Ms(wall));
+  absl::PrintF("latency server total %s\n", Ms(total));
+  absl::PrintF("phase receive        %s\n", Ms(receive));
+  absl::PrintF("phase queue          %s (summed over parameters)\n", Ms(queue));
+  absl::PrintF("phase compute        %s (summed over parameters)\n", Ms(compute));
+  absl::PrintF("phase send           %s (summed over messages)\n", Ms(send));
+  if (ortho.count() > 0) {
+    absl::PrintF("orthogonality error  p50 %.4f  p99 %.4f\n", ortho.Percentile(50),
+                 ortho.Percentile(99));
+  }
+  return finish(0);
+}
+
+int Load(Client& client) {
+  const int clients = absl::GetFlag(FLAGS_clients);
+  const int steps = absl::GetFlag(FLAGS_steps);
+  if (clients < 1 || steps < 1) {
+    return Fail(absl::InvalidArgumentError("--clients and --steps must be at least 1"));
+  }
+  const std::string model = absl::GetFlag(FLAGS_model).empty() ? "small" : absl::GetFlag(FLAGS_model);
+  const absl::Time deadline = absl::Now() + absl::GetFlag(FLAGS_duration_limit);
+
+  struct Outcome {
+    Samples latency;
+    double bytes = 0;
+    absl::Status status;
+  };
+  std::vector<Outcome> outcomes(clients);
+  std::atomic<bool> stop{false};
+  // The pool is sized from the preset (same shapes for every client).
+  absl::StatusOr<std::vector<PresetParam>> params = ModelPreset(model);
+  if (!params.ok()) return Fail(params.status());
+  absl::StatusOr<WireType> wire = ParseWireType(absl::GetFlag(FLAGS_dtype));
+  if (!wire.ok()) return Fail(wire.status());
+  size_t max_bytes = 0;
+  for (const PresetParam& p : *params) max_bytes = std::max<size_t>(max_bytes, p.rows * p.cols * wire->size);
+  const GradientPool pool(max_bytes, *wire, 42);
+
+  const absl::Time start = absl::Now();
+  std::vector<std::thread> threads;
+  for (int c = 0; c < clients; ++c) {
+    threads.emplace_back([&, c] {
+      Outcome& out = outcomes[c];
+      absl::StatusOr<Workload> w =
+          OpenWorkload(client, model, absl::StrCat(absl::GetFlag(FLAGS_name), "-", c), false);
+      if (!w.ok()) {
+        out.status = w.status();
+        stop = true;
+        return;
+      }
+      std::mt19937_64 rng(1000 + c);
+      for (int i = 0; i < steps && !stop && absl::Now() < deadline; ++i) {
+        const std::vector<Gradient> grads = DrawGradients(*w, pool, rng);
+        const absl::Time t0 = absl::Now();
+        absl::StatusOr<StepResult> r = client.Step(w->session, w->next_step, grads);
+        if (!r.ok()) {
+          out.status = r.status();
+          stop = true;
+          break;
+        }
+        out.latency.Add(absl::ToDoubleSeconds(absl::Now() - t0));
+        out.bytes += r->summary.bytes_received() + r->summary.bytes_sent();
+        ++w->next_step;
+      }
+      absl::Status deleted = client.DeleteSession(w->session);
+      if (out.status.ok()) out.status = deleted;
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  const double elapsed = absl::ToDoubleSeconds(absl::Now() - start);
+
+  Samples latency;
+  double bytes = 0;
+  absl::Status first_error;
+  for (const Outcome& o : outcomes) {
+    latency.Merge(o.latency);
+    bytes += o.bytes;
+    if (first_error.ok()) first_error = o.status;
+  }
+  absl::PrintF("clients: %d, model %s, %d steps done of %d in %.3f s%s\n", clients, model,
+               latency.count(), clients * steps, elapsed,
+               absl::Now() >= deadline ? " (duration limit reached)" : "");
+  absl::PrintF("throughput: %.3f steps/s, %s/s\n", latency.count() / elapsed, Bytes(bytes / elapsed));
+  absl::PrintF("step latency: p50 %.3f ms, p99 %.3f ms, mean %.3f ms\n",
+               1e3 * latency.Percentile(50), 1e3 * latency.Percentile(99), 1e3 * latency.Mean());
+  if (!first_error.ok()) return Fail(first_error);
+  return 0;
+}
+
+int Coefficients() {
+  absl::StatusOr<ScheduleKind> kind = ParseSchedule(absl::GetFlag(FLAGS_schedule));
+  if (!kind.ok()) return Fail(kind.status());
+  absl::StatusOr<NsCoefficients> c = MakeNsCoefficients(*kind, absl::GetFlag(FLAGS_steps));
+  if (!c.ok()) return Fail(c.status());
+  for (size_t i = 0; i < c->steps.size(); ++i) {
+    absl::PrintF("%d %.10f %.10f %.10f\n", i + 1, c->steps[i][0], c->steps[i][1],
+                 c->steps[i][2]);
+  }
+  return 0;
+}
+
+int Main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(kUsage);
+  std::vector<char*> args = absl::ParseCommandLine(argc, argv);
+  if (args.size() < 2) {
+    absl::FPrintF(stderr, "%s\n", kUsage);
+    return 2;
+  }
+  const std::string command = args[1];
+  if (command == "coefficients") return Coefficients();
+  if (command != "health" && command != "session" && command != "checkpoint" &&
+      command != "bench" && command != "load") {
+    return Fail(absl::InvalidArgumentError(
+        absl::StrCat("unknown command \"", command, "\"; run muonctl --help")));
+  }
+  absl::StatusOr<std::unique_ptr<Client>> client = Connect();
+  if (!client.ok()) return Fail(client.status());
+  if (command == "health") return Health(**client);
+  if (command == "session") return SessionCommand(**client, args);
+  if (command == "checkpoint") return CheckpointCommand(**client);
+  if (command == "bench") return Bench(**client);
+  return Load(**client);
+}
+
+}  // namespace
+}  // namespace muon::muonctl
+
+int main(int argc, char** argv) { return muon::muonctl::Main(argc, argv); }

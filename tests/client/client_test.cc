@@ -1,0 +1,266 @@
+// The client's chunking and update reassembly, muonctl's model presets and
+// percentiles. No server: tests/integration drives muon::Client against one.
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <cstddef>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "chunking.h"
+#include "model_presets.h"
+#include "muon/client/client.h"
+#include "stats.h"
+
+namespace muon {
+namespace {
+
+using client_internal::ByteRange;
+using client_internal::EffectiveChunkBytes;
+using client_internal::SplitIntoChunks;
+using client_internal::UpdateAssembler;
+using muonctl::ModelPreset;
+using muonctl::PresetParam;
+using muonctl::Samples;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+// --- Chunking -------------------------------------------------------------
+
+TEST(ChunkingTest, CutsIntoChunksThatCoverTheTensorExactly) {
+  EXPECT_THAT(SplitIntoChunks(10, 4), ElementsAre(ByteRange{0, 4}, ByteRange{4, 4},
+                                                  ByteRange{8, 2}));
+  EXPECT_THAT(SplitIntoChunks(8, 4), ElementsAre(ByteRange{0, 4}, ByteRange{4, 4}));
+  EXPECT_THAT(SplitIntoChunks(3, 1 << 20), ElementsAre(ByteRange{0, 3}));
+  EXPECT_TRUE(SplitIntoChunks(0, 1 << 20).empty());
+}
+
+TEST(ChunkingTest, ChunkSizeIsAMultipleOfEveryElementSize) {
+  EXPECT_EQ(EffectiveChunkBytes(1 << 20), size_t{1} << 20);
+  EXPECT_EQ(EffectiveChunkBytes(1001), 1000u);
+  EXPECT_EQ(EffectiveChunkBytes(3), 4u);
+  EXPECT_EQ(EffectiveChunkBytes(0), 4u);
+  // 2304×768 fp32 = 7 077 888 bytes: 7 chunks of 1 MiB (no message nears 4 MiB).
+  const std::vector<ByteRange> ranges = SplitIntoChunks(2304 * 768 * 4, 1 << 20);
+  ASSERT_EQ(ranges.size(), 7u);
+  size_t next = 0;
+  for (const ByteRange& r : ranges) {
+    EXPECT_EQ(r.offset, next);
+    EXPECT_LE(r.size, size_t{1} << 20);
+    EXPECT_EQ(r.size % 4, 0u);
+    next += r.size;
+  }
+  EXPECT_EQ(next, 2304u * 768 * 4);
+}
+
+// --- Update reassembly ----------------------------------------------------
+
+v1::UpdateChunk Chunk(uint32_t index, uint64_t offset, const std::string& data, uint64_t total,
+                      double decay = 0.5) {
+  v1::UpdateChunk c;
+  c.set_param_index(index);
+  c.set_offset(offset);
+  c.set_data(data);
+  c.set_total_bytes(total);
+  c.set_decay(decay);
+  c.set_dtype(v1::DTYPE_FLOAT32);
+  return c;
+}
+
+v1::StepSummary Summary(std::vector<uint32_t> indices) {
+  v1::StepSummary s;
+  s.set_step(3);
+  for (uint32_t i : indices) s.add_param_indices(i);
+  return s;
+}
+
+std::string Text(const std::vector<std::byte>& bytes) {
+  return std::string(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+}
+
+TEST(UpdateAssemblerTest, ReassemblesChunksInAnyOrderAndSortsByIndex) {
+  UpdateAssembler a;
+  ASSERT_TRUE(a.Add(Chunk(5, 4, "efgh", 8)).ok());
+  ASSERT_TRUE(a.Add(Chunk(2, 0, "wxyz", 4, 1.0)).ok());
+  ASSERT_TRUE(a.Add(Chunk(5, 0, "abcd", 8)).ok());
+  absl::StatusOr<std::vector<ParameterUpdate>> updates = a.Finish(Summary({2, 5}));
+  ASSERT_TRUE(updates.ok()) << updates.status();
+  ASSERT_EQ(updates->size(), 2u);
+  EXPECT_EQ((*updates)[0].param_index, 2u);
+  EXPECT_EQ(Text((*updates)[0].data), "wxyz");
+  EXPECT_EQ((*updates)[0].decay, 1.0);
+  EXPECT_EQ((*updates)[1].param_index, 5u);
+  EXPECT_EQ(Text((*updates)[1].data), "abcdefgh");
+  EXPECT_EQ((*updates)[1].decay, 0.5);
+  EXPECT_EQ((*updates)[1].content, v1::UPDATE_CONTENT_UPDATE);
+  EXPECT_EQ((*updates)[1].dtype, v1::DTYPE_FLOAT32);
+}
+
+TEST(UpdateAssemblerTest, RejectsOverlappingOrOutOfBoundsChunks) {
+  UpdateAssembler a;
+  ASSERT_TRUE(a.Add(Chunk(0, 0, "abcd", 12)).ok());
+  ASSERT_TRUE(a.Add(Chunk(0, 8, "ijkl", 12)).ok());
+  EXPECT_EQ(a.Add(Chunk(0, 2, "cdef", 12)).code(), absl::StatusCode::kDataLoss);
+  EXPECT_EQ(a.Add(Chunk(0, 6, "ghij", 12)).code(), absl::StatusCode::kDataLoss);
+  EXPECT_EQ(a.Add(Chunk(0, 10, "klmn", 12)).code(), absl::StatusCode::kDataLoss);
+  EXPECT_EQ(a.Add(Chunk(0, 4, "efgh", 16)).code(), absl::StatusCode::kDataLoss);  // total
+  EXPECT_EQ(a.Add(Chunk(0, 4, "efgh", 12, 0.25)).code(), absl::StatusCode::kDataLoss);  // decay
+  ASSERT_TRUE(a.Add(Chunk(0, 4, "efgh", 12)).ok());
+  absl::StatusOr<std::vector<ParameterUpdate>> updates = a.Finish(Summary({0}));
+  ASSERT_TRUE(updates.ok()) << updates.status();
+  EXPECT_EQ(Text((*updates)[0].data), "abcdefghijkl");
+}
+
+TEST(UpdateAssemblerTest, FinishChecksAgainstTheSummary) {
+  {
+    UpdateAssembler a;
+    ASSERT_TRUE(a.Add(Chunk(1, 0, "abcd", 8)).ok());
+    absl::StatusOr<std::vector<ParameterUpdate>> u = a.Finish(Summary({1}));
+    EXPECT_EQ(u.status().code(), absl::StatusCode::kDataLoss);
+    EXPECT_THAT(u.status().message(), HasSubstr("incomplete (4 of 8 bytes)"));
+  }
+  {
+    UpdateAssembler a;
+    absl::StatusOr<std::vector<ParameterUpdate>> u = a.Finish(Summary({1}));
+    EXPECT_EQ(u.status().code(), absl::StatusCode::kDataLoss);
+    EXPECT_THAT(u.status().message(), HasSubstr("no update came"));
+  }
+  {
+    UpdateAssembler a;
+    ASSERT_TRUE(a.Add(Chunk(4, 0, "abcd", 4)).ok());
+    absl::StatusOr<std::vector<ParameterUpdate>> u = a.Finish(Summary({}));
+    EXPECT_EQ(u.status().code(), absl::StatusCode::kDataLoss);
+    EXPECT_THAT(u.status().message(), HasSubstr("does not list"));
+  }
+  {
+    UpdateAssembler a;  // a step with no parameters
+    absl::StatusOr<std::vector<ParameterUpdate>> u = a.Finish(Summary({}));
+    ASSERT_TRUE(u.ok());
+    EXPECT_TRUE(u->empty());
+  }
+}
+
+TEST(ClientTest, CreateRejectsBadOptions) {
+  EXPECT_EQ(Client::Create({}).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Client::Create({.target = "127.0.0.1:1", .chunk_bytes = 2}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(Client::Create({.target = "127.0.0.1:1"}).ok());
+}
+
+TEST(ClientTest, UnreachableServerIsUnavailable) {
+  auto client = Client::Create({.target = "127.0.0.1:1", .max_step_attempts = 2,
+                                .retry_backoff = absl::Milliseconds(1),
+                                .call_timeout = absl::Seconds(5)});
+  ASSERT_TRUE(client.ok());
+  EXPECT_EQ((*client)->Health().status().code(), absl::StatusCode::kUnavailable);
+  SessionHandle session{.id = "s", .token = "t"};
+  absl::StatusOr<StepResult> r = (*client)->Step(session, 1, {});
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable);
+}
+
+TEST(ClientTest, StepRejectsAGradientGivenTwice) {
+  auto client = Client::Create({.target = "127.0.0.1:1"});
+  ASSERT_TRUE(client.ok());
+  std::vector<std::byte> bytes(8);
+  std::vector<Gradient> grads = {{.param_index = 1, .data = bytes},
+                                 {.param_index = 1, .data = bytes}};
+  absl::StatusOr<StepResult> r = (*client)->Step({.id = "s"}, 1, grads);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(r.status().message(), HasSubstr("parameter 1 has more than one gradient"));
+}
+
+TEST(ClientTest, KeepsTheGrpcCodeAndMessage) {
+  absl::Status s = FromGrpcStatus(grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "step 7"));
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(s.message(), "step 7");
+  EXPECT_TRUE(FromGrpcStatus(grpc::Status::OK).ok());
+}
+
+// --- Presets (DESIGN.md §5) -----------------------------------------------
+
+int64_t Elements(const std::vector<PresetParam>& params) {
+  int64_t n = 0;
+  for (const PresetParam& p : params) n += p.rows * p.cols;
+  return n;
+}
+
+TEST(ModelPresetTest, ShapesOfDesignSection5) {
+  auto gpt2 = ModelPreset("gpt2-small");
+  ASSERT_TRUE(gpt2.ok());
+  ASSERT_EQ(gpt2->size(), 48u);
+  EXPECT_EQ((*gpt2)[0].rows, 768);
+  EXPECT_EQ((*gpt2)[0].cols, 2304);
+  EXPECT_EQ((*gpt2)[1].rows, 768);
+  EXPECT_EQ((*gpt2)[1].cols, 768);
+  EXPECT_EQ((*gpt2)[2].rows, 3072);
+  EXPECT_EQ((*gpt2)[2].cols, 768);
+  EXPECT_EQ((*gpt2)[3].rows, 768);
+  EXPECT_EQ((*gpt2)[3].cols, 3072);
+  EXPECT_EQ(Elements(*gpt2), 12 * 12 * 768 * 768);
+
+  auto medium = ModelPreset("gpt2-medium");
+  ASSERT_TRUE(medium.ok());
+  EXPECT_EQ(medium->size(), 96u);
+  EXPECT_EQ(Elements(*medium), 24 * 12 * 1024 * 1024);
+
+  auto llama = ModelPreset("llama-1b");
+  ASSERT_TRUE(llama.ok());
+  EXPECT_EQ(llama->size(), 112u);
+  EXPECT_EQ(Elements(*llama),
+            16 * (2 * 2048 * 2048 + 2 * 512 * 2048 + 2 * 8192 * 2048 + 2048 * 8192));
+
+  auto small256 = ModelPreset("small-256");
+  ASSERT_TRUE(small256.ok());
+  EXPECT_EQ(small256->size(), 512u);
+  for (const PresetParam& p : *small256) {
+    EXPECT_EQ(p.rows, 256);
+    EXPECT_EQ(p.cols, 256);
+  }
+}
+
+TEST(ModelPresetTest, FlopsMatchTheDesignTable) {
+  // DESIGN.md §5: GFLOP of 5 Newton-Schulz steps over each model.
+  EXPECT_NEAR(muonctl::NsFlops(*ModelPreset("gpt2-small"), 5) / 1e9, 1522, 1);
+  EXPECT_NEAR(muonctl::NsFlops(*ModelPreset("gpt2-medium"), 5) / 1e9, 7216, 1);
+  EXPECT_NEAR(muonctl::NsFlops(*ModelPreset("llama-1b"), 5) / 1e9, 45741, 1);
+  EXPECT_NEAR(muonctl::NsFlops(*ModelPreset("small-256"), 5) / 1e9, 258, 1);
+}
+
+TEST(ModelPresetTest, NamesAreUniqueAndUnknownModelsAreRejected) {
+  for (const std::string& name : muonctl::ModelPresetNames()) {
+    auto params = ModelPreset(name);
+    ASSERT_TRUE(params.ok()) << name;
+    std::set<std::string> names;
+    for (const PresetParam& p : *params) names.insert(p.name);
+    EXPECT_EQ(names.size(), params->size()) << name;
+  }
+  auto bad = ModelPreset("gpt5");
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(bad.status().message(), HasSubstr("gpt2-small"));
+}
+
+// --- Percentiles ------------------------------------------------------------
+
+TEST(SamplesTest, PercentilesInterpolateBetweenRanks) {
+  Samples s;
+  EXPECT_EQ(s.Percentile(50), 0.0);
+  for (int i = 100; i >= 1; --i) s.Add(i);  // 1..100, unsorted
+  EXPECT_DOUBLE_EQ(s.Percentile(0), 1);
+  EXPECT_DOUBLE_EQ(s.Percentile(100), 100);
+  EXPECT_DOUBLE_EQ(s.Percentile(50), 50.5);
+  EXPECT_DOUBLE_EQ(s.Percentile(99), 99.01);
+  EXPECT_DOUBLE_EQ(s.Mean(), 50.5);
+  Samples one;
+  one.Add(3);
+  EXPECT_DOUBLE_EQ(one.Percentile(99), 3);
+  Samples merged;
+  merged.Merge(s);
+  merged.Merge(one);
+  EXPECT_EQ(merged.count(), 101u);
+  EXPECT_DOUBLE_EQ(merged.Sum(), 5053);
+}
+
+}  // namespace
+}  // namespace muon
