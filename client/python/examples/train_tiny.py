@@ -5,8 +5,8 @@
 
 With --check it also trains the same model from the same seed with a local
 pure-PyTorch Muon written from DESIGN.md's formulas, prints both final losses
-on its last line, and exits non-zero if they differ by more than the
-tolerance or the loss did not fall.
+on its last line, and exits non-zero if the two loss curves differ anywhere
+by more than 1% of the first loss or the loss did not halve.
 """
 import argparse
 import sys
@@ -15,9 +15,10 @@ import torch
 
 from muon_client import RemoteMuon
 
-# Server and local runs differ only by fp32 rounding (BLAS vs torch matmul
-# order), which compounds over steps; 1% of the loss is far above that and far
-# below the loss's fall.
+# The two loss curves may differ at any step by at most this fraction of the
+# first loss. Server and local runs differ only by rounding (fp32 BLAS on the
+# CPU engine, bf16 products on the GPU), which compounds over steps; a wrong
+# update (sign, scale, momentum, schedule) moves the curve by far more.
 TOLERANCE = 0.01
 
 
@@ -84,20 +85,20 @@ class LocalMuon(torch.optim.Optimizer):
 
 
 def train(model, optimizer, x, y, steps, log_every, label):
+    """Returns the loss before each step, then the final loss."""
     loss_fn = torch.nn.CrossEntropyLoss()
-    first = last = None
+    losses = []
     for step in range(1, steps + 1):
         optimizer.zero_grad()
         loss = loss_fn(model(x), y)
         loss.backward()
         optimizer.step()
-        last = loss.item()
-        first = last if first is None else first
+        losses.append(loss.item())
         if log_every and (step % log_every == 0 or step == 1):
-            print(f"{label} step {step:4d} loss {last:.6f}", flush=True)
+            print(f"{label} step {step:4d} loss {losses[-1]:.6f}", flush=True)
     with torch.no_grad():
-        final = loss_fn(model(x), y).item()
-    return first, final
+        losses.append(loss_fn(model(x), y).item())
+    return losses
 
 
 def main():
@@ -118,8 +119,9 @@ def main():
     model = make_model(args.seed)
     remote = RemoteMuon(model.named_parameters(), server=args.server.split(","), lr=args.lr,
                         adamw_lr=args.adamw_lr, weight_decay=args.weight_decay)
-    first, remote_loss = train(model, remote, x, y, args.steps, log_every, "remote")
+    remote_losses = train(model, remote, x, y, args.steps, log_every, "remote")
     remote.delete_sessions()
+    first, remote_loss = remote_losses[0], remote_losses[-1]
     if not args.check:
         print(f"final loss {remote_loss:.6f}")
         return 0 if remote_loss < first else 1
@@ -127,12 +129,13 @@ def main():
     model = make_model(args.seed)
     local = LocalMuon(model.parameters(), lr=args.lr, adamw_lr=args.adamw_lr,
                       weight_decay=args.weight_decay)
-    _, local_loss = train(model, local, x, y, args.steps, log_every, "local")
-    diff = abs(remote_loss - local_loss)
-    ok = diff <= TOLERANCE * local_loss and remote_loss < first
+    local_losses = train(model, local, x, y, args.steps, log_every, "local")
+    local_loss = local_losses[-1]
+    diff = max(abs(r - l) for r, l in zip(remote_losses, local_losses))
+    ok = diff <= TOLERANCE * first and remote_loss < 0.5 * first
     print(f"final loss remote {remote_loss:.6f} local {local_loss:.6f} "
-          f"(first {first:.6f}, |diff| {diff:.2e}, tolerance {TOLERANCE * local_loss:.2e}) "
-          f"{'OK' if ok else 'FAIL'}")
+          f"(first {first:.6f}, largest |diff| over the run {diff:.2e}, "
+          f"tolerance {TOLERANCE * first:.2e}) {'OK' if ok else 'FAIL'}")
     return 0 if ok else 1
 
 
