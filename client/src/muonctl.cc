@@ -7,7 +7,9 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <map>
 #include <memory>
+#include <optional>
 #include <random>
 #include <string>
 #include <thread>
@@ -149,35 +151,44 @@ absl::StatusOr<v1::CreateSessionRequest> PresetRequest(const std::string& model,
 }
 
 // ---------------------------------------------------------------------------
-// Fresh random gradients without generating gigabytes per step: one pool of
-// random non-zero values a little larger than the largest tensor, and each
-// step each parameter's gradient is the pool seen from a random offset.
+// Fresh random gradients without generating gigabytes per step: per wire
+// dtype, one pool of random non-zero values a little larger than the largest
+// tensor, and each step each parameter's gradient is its dtype's pool seen
+// from a random element offset.
+
+size_t ElementSize(v1::DType dtype) { return dtype == v1::DTYPE_FLOAT32 ? 4 : 2; }
+
+// One parameter as a step sees it.
+struct TensorWire {
+  size_t bytes = 0;
+  v1::DType dtype = v1::DTYPE_FLOAT32;
+};
 
 class GradientPool {
  public:
   static constexpr size_t kSlackElements = 1 << 16;
 
-  GradientPool(size_t max_tensor_bytes, WireType wire, uint64_t seed) : wire_(wire) {
-    const size_t elements = max_tensor_bytes / wire.size + kSlackElements;
-    bytes_.resize(elements * wire.size);
+  GradientPool(size_t max_tensor_bytes, v1::DType dtype, uint64_t seed) : size_(ElementSize(dtype)) {
+    const size_t elements = max_tensor_bytes / size_ + kSlackElements;
+    bytes_.resize(elements * size_);
     std::mt19937_64 rng(seed);
     std::uniform_real_distribution<float> magnitude(1e-3f, 1.0f);
     for (size_t i = 0; i < elements; ++i) {
       const float x = (rng() & 1) ? magnitude(rng) : -magnitude(rng);
       uint32_t bits;
       std::memcpy(&bits, &x, 4);
-      std::byte* out = bytes_.data() + i * wire.size;
-      if (wire.dtype == v1::DTYPE_FLOAT32) {
+      std::byte* out = bytes_.data() + i * size_;
+      if (dtype == v1::DTYPE_FLOAT32) {
         std::memcpy(out, &bits, 4);
       } else {
-        const uint16_t half = wire.dtype == v1::DTYPE_BFLOAT16 ? Bf16(bits) : Fp16(bits);
+        const uint16_t half = dtype == v1::DTYPE_BFLOAT16 ? Bf16(bits) : Fp16(bits);
         std::memcpy(out, &half, 2);
       }
     }
   }
 
   absl::Span<const std::byte> Sample(size_t bytes, uint64_t random) const {
-    const size_t offset = (random % kSlackElements) * wire_.size;
+    const size_t offset = (random % kSlackElements) * size_;
     return absl::MakeConstSpan(bytes_).subspan(offset, bytes);
   }
 
@@ -190,57 +201,78 @@ class GradientPool {
     return static_cast<uint16_t>(sign | (exponent << 10) | ((bits >> 13) & 0x3ffu));
   }
 
-  WireType wire_;
+  size_t size_;
   std::vector<std::byte> bytes_;
 };
 
+// Gradients for every parameter of a model. Read-only once made: threads
+// share one and draw with their own generators.
+class GradientSource {
+ public:
+  explicit GradientSource(std::vector<TensorWire> tensors) : tensors_(std::move(tensors)) {
+    for (v1::DType dtype : {v1::DTYPE_FLOAT32, v1::DTYPE_BFLOAT16, v1::DTYPE_FLOAT16}) {
+      size_t max_bytes = 0;
+      bool used = false;
+      for (const TensorWire& t : tensors_) {
+        if (t.dtype != dtype) continue;
+        used = true;
+        max_bytes = std::max(max_bytes, t.bytes);
+      }
+      if (used) pools_.emplace(dtype, GradientPool(max_bytes, dtype, 42 + dtype));
+    }
+  }
+
+  size_t StepBytes() const {
+    size_t total = 0;
+    for (const TensorWire& t : tensors_) total += t.bytes;
+    return total;
+  }
+  size_t count() const { return tensors_.size(); }
+
+  std::vector<Gradient> Draw(std::mt19937_64& rng) const {
+    std::vector<Gradient> grads;
+    grads.reserve(tensors_.size());
+    for (size_t i = 0; i < tensors_.size(); ++i) {
+      const TensorWire& t = tensors_[i];
+      grads.push_back({static_cast<uint32_t>(i), pools_.at(t.dtype).Sample(t.bytes, rng()), t.dtype});
+    }
+    return grads;
+  }
+
+ private:
+  std::vector<TensorWire> tensors_;
+  std::map<v1::DType, GradientPool> pools_;
+};
+
+std::vector<TensorWire> TensorsOf(const v1::SessionInfo& info) {
+  std::vector<TensorWire> tensors;
+  for (const v1::ParameterInfo& p : info.params()) {
+    tensors.push_back({static_cast<size_t>(p.tensor_bytes()),
+                       p.dtype() == v1::DTYPE_UNSPECIFIED ? v1::DTYPE_FLOAT32 : p.dtype()});
+  }
+  return tensors;
+}
+
 struct Workload {
   SessionHandle session;
-  std::vector<size_t> tensor_bytes;  // by parameter index
   uint64_t next_step = 1;
-  WireType wire{v1::DTYPE_FLOAT32, 4};
 };
 
 // A session made from a preset, or (with --session) the existing one.
 absl::StatusOr<Workload> OpenWorkload(Client& client, const std::string& model,
                                       const std::string& name, bool existing) {
   Workload w;
-  MUON_ASSIGN_OR_RETURN(w.wire, ParseWireType(absl::GetFlag(FLAGS_dtype)));
   if (existing) {
     MUON_ASSIGN_OR_RETURN(w.session, SessionFromFlags());
-    MUON_ASSIGN_OR_RETURN(v1::SessionInfo info, client.GetSession(w.session));
-    for (const v1::ParameterInfo& p : info.params()) {
-      w.tensor_bytes.push_back(static_cast<size_t>(p.tensor_bytes()));
-    }
-    if (info.params_size() > 0) {
-      w.wire.dtype = info.params(0).dtype();
-      w.wire.size = w.wire.dtype == v1::DTYPE_FLOAT32 ? 4 : 2;
-    }
-    w.next_step = info.next_step();
-    w.session.info = std::move(info);
+    MUON_ASSIGN_OR_RETURN(w.session.info, client.GetSession(w.session));
+    w.session.step = w.session.info.step();
+    w.next_step = w.session.info.next_step();
     return w;
   }
   MUON_ASSIGN_OR_RETURN(v1::CreateSessionRequest request, PresetRequest(model, name));
   MUON_ASSIGN_OR_RETURN(w.session, client.CreateSession(request));
-  for (const v1::ParameterInfo& p : w.session.info.params()) {
-    w.tensor_bytes.push_back(static_cast<size_t>(p.tensor_bytes()));
-  }
   w.next_step = w.session.step + 1;
   return w;
-}
-
-std::vector<Gradient> DrawGradients(const Workload& w, const GradientPool& pool,
-                                    std::mt19937_64& rng) {
-  std::vector<Gradient> grads;
-  grads.reserve(w.tensor_bytes.size());
-  for (size_t i = 0; i < w.tensor_bytes.size(); ++i) {
-    grads.push_back({static_cast<uint32_t>(i), pool.Sample(w.tensor_bytes[i], rng()), w.wire.dtype});
-  }
-  return grads;
-}
-
-size_t MaxBytes(const Workload& w) {
-  return w.tensor_bytes.empty() ? 0 : *std::max_element(w.tensor_bytes.begin(), w.tensor_bytes.end());
 }
 
 std::string Bytes(double bytes) {
@@ -339,10 +371,9 @@ int Bench(Client& client) {
   if (steps < 1) return Fail(absl::InvalidArgumentError("--steps must be at least 1"));
   absl::StatusOr<Workload> w = OpenWorkload(client, model, absl::GetFlag(FLAGS_name), existing);
   if (!w.ok()) return Fail(w.status());
-  size_t step_bytes = 0;
-  for (size_t b : w->tensor_bytes) step_bytes += b;
+  const GradientSource source(TensorsOf(w->session.info));
   absl::PrintF("session %s: %s, %d parameters, %s of gradients per step\n", w->session.id,
-               existing ? "existing" : model, w->tensor_bytes.size(), Bytes(step_bytes));
+               existing ? "existing" : model, source.count(), Bytes(source.StepBytes()));
 
   // Delete the session on every way out, unless asked to keep it.
   auto finish = [&](int code) {
@@ -357,7 +388,6 @@ int Bench(Client& client) {
     return code;
   };
 
-  const GradientPool pool(MaxBytes(*w), w->wire, 42);
   std::mt19937_64 rng(7);
   StepOptions options;
   options.measure_orthogonality = absl::GetFlag(FLAGS_measure_orthogonality);
@@ -365,7 +395,7 @@ int Bench(Client& client) {
   double bytes = 0, flops = 0;
   int retried = 0;
   for (int i = 0; i < warmup + steps; ++i) {
-    const std::vector<Gradient> grads = DrawGradients(*w, pool, rng);
+    const std::vector<Gradient> grads = source.Draw(rng);
     const absl::Time start = absl::Now();
     absl::StatusOr<StepResult> r = client.Step(w->session, w->next_step, grads, options);
     const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
@@ -404,6 +434,10 @@ int Bench(Client& client) {
   return finish(0);
 }
 
+// Steps still in flight this long after --duration_limit are cancelled:
+// 10% of the limit, at least 1 s.
+absl::Duration StepGrace(absl::Duration limit) { return std::max(absl::Seconds(1), limit / 10); }
+
 int Load(Client& client) {
   const int clients = absl::GetFlag(FLAGS_clients);
   const int steps = absl::GetFlag(FLAGS_steps);
@@ -411,23 +445,28 @@ int Load(Client& client) {
     return Fail(absl::InvalidArgumentError("--clients and --steps must be at least 1"));
   }
   const std::string model = absl::GetFlag(FLAGS_model).empty() ? "small" : absl::GetFlag(FLAGS_model);
-  const absl::Time deadline = absl::Now() + absl::GetFlag(FLAGS_duration_limit);
+  const absl::Duration limit = absl::GetFlag(FLAGS_duration_limit);
+  const absl::Time deadline = absl::Now() + limit;
+  const absl::Time hard_deadline = deadline + StepGrace(limit);
 
   struct Outcome {
     Samples latency;
     double bytes = 0;
+    int cut_off = 0;  // steps cancelled at the hard deadline
     absl::Status status;
   };
   std::vector<Outcome> outcomes(clients);
   std::atomic<bool> stop{false};
-  // The pool is sized from the preset (same shapes for every client).
+  // Every client registers the same preset: one gradient source for all.
   absl::StatusOr<std::vector<PresetParam>> params = ModelPreset(model);
   if (!params.ok()) return Fail(params.status());
   absl::StatusOr<WireType> wire = ParseWireType(absl::GetFlag(FLAGS_dtype));
   if (!wire.ok()) return Fail(wire.status());
-  size_t max_bytes = 0;
-  for (const PresetParam& p : *params) max_bytes = std::max<size_t>(max_bytes, p.rows * p.cols * wire->size);
-  const GradientPool pool(max_bytes, *wire, 42);
+  std::vector<TensorWire> tensors;
+  for (const PresetParam& p : *params) {
+    tensors.push_back({static_cast<size_t>(p.rows * p.cols) * wire->size, wire->dtype});
+  }
+  const GradientSource source(std::move(tensors));
 
   const absl::Time start = absl::Now();
   std::vector<std::thread> threads;
@@ -443,12 +482,19 @@ int Load(Client& client) {
       }
       std::mt19937_64 rng(1000 + c);
       for (int i = 0; i < steps && !stop && absl::Now() < deadline; ++i) {
-        const std::vector<Gradient> grads = DrawGradients(*w, pool, rng);
+        const std::vector<Gradient> grads = source.Draw(rng);
         const absl::Time t0 = absl::Now();
-        absl::StatusOr<StepResult> r = client.Step(w->session, w->next_step, grads);
+        StepOptions options;
+        options.timeout = hard_deadline - t0;
+        absl::StatusOr<StepResult> r = client.Step(w->session, w->next_step, grads, options);
         if (!r.ok()) {
-          out.status = r.status();
-          stop = true;
+          if (r.status().code() == absl::StatusCode::kDeadlineExceeded &&
+              absl::Now() >= hard_deadline) {
+            ++out.cut_off;
+          } else {
+            out.status = r.status();
+            stop = true;
+          }
           break;
         }
         out.latency.Add(absl::ToDoubleSeconds(absl::Now() - t0));
@@ -456,7 +502,15 @@ int Load(Client& client) {
         ++w->next_step;
       }
       absl::Status deleted = client.DeleteSession(w->session);
-      if (out.status.ok()) out.status = deleted;
+      if (deleted.code() == absl::StatusCode::kFailedPrecondition && out.cut_off > 0) {
+        // The server is still computing the cancelled step.
+        absl::FPrintF(stderr,
+                      "muonctl: session %s left on the server (its cancelled step is still in "
+                      "flight); delete it with: muonctl session delete --session=%s --token=%s\n",
+                      w->session.id, w->session.id, w->session.token);
+      } else if (out.status.ok()) {
+        out.status = deleted;
+      }
     });
   }
   for (std::thread& t : threads) t.join();
@@ -464,19 +518,29 @@ int Load(Client& client) {
 
   Samples latency;
   double bytes = 0;
+  int cut_off = 0;
   absl::Status first_error;
   for (const Outcome& o : outcomes) {
     latency.Merge(o.latency);
     bytes += o.bytes;
+    cut_off += o.cut_off;
     if (first_error.ok()) first_error = o.status;
   }
   absl::PrintF("clients: %d, model %s, %d steps done of %d in %.3f s%s\n", clients, model,
                latency.count(), clients * steps, elapsed,
                absl::Now() >= deadline ? " (duration limit reached)" : "");
+  if (cut_off > 0) {
+    absl::PrintF("cut off: %d steps still running %s after the duration limit were cancelled\n",
+                 cut_off, absl::FormatDuration(StepGrace(limit)));
+  }
   absl::PrintF("throughput: %.3f steps/s, %s/s\n", latency.count() / elapsed, Bytes(bytes / elapsed));
+  if (!first_error.ok()) return Fail(first_error);
+  if (latency.count() == 0) {
+    return Fail(absl::DeadlineExceededError(absl::StrCat(
+        "no step finished within --duration_limit=", absl::FormatDuration(limit))));
+  }
   absl::PrintF("step latency: p50 %.3f ms, p99 %.3f ms, mean %.3f ms\n",
                1e3 * latency.Percentile(50), 1e3 * latency.Percentile(99), 1e3 * latency.Mean());
-  if (!first_error.ok()) return Fail(first_error);
   return 0;
 }
 
