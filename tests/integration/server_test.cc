@@ -12,12 +12,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 #include <memory>
 #include <random>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "client_driver.h"
 #include "server_process.h"
 #include "step_harness.h"
 
@@ -83,25 +85,33 @@ class ServerTest : public ::testing::Test {
   void SetUp() override {
     ASSERT_NE(server_, nullptr);
     stub_ = v1::Optimizer::NewStub(server_->NewChannel());
+    client_ = NewClient(*server_);
+    ASSERT_NE(client_, nullptr);
   }
 
+  // A session made through the client; its handle is kept by id.
   std::string NewSession(const Model& model) {
-    grpc::ClientContext ctx;
-    v1::CreateSessionResponse response;
-    grpc::Status s = stub_->CreateSession(&ctx, CreateRequest(model), &response);
-    EXPECT_TRUE(s.ok()) << s.error_message();
-    token_ = response.token();
-    return response.session_id();
+    absl::StatusOr<SessionHandle> handle = client_->CreateSession(CreateRequest(model));
+    EXPECT_TRUE(handle.ok()) << handle.status();
+    if (!handle.ok()) return "";
+    token_ = handle->token;
+    handles_[handle->id] = *handle;
+    return handle->id;
+  }
+
+  // One whole step through the real client (chunks, StepEnd, retries,
+  // updates held until the summary).
+  StepResult Good(const std::string& session, uint64_t step, const Tensors& grads,
+                  const muon::StepOptions& options = {}) {
+    SessionHandle handle = handles_[session];
+    handle.id = session;
+    return ClientStep(client_.get(), handle, step, grads, options);
   }
 
   uint64_t SessionStep(const std::string& id) {
-    grpc::ClientContext ctx;
-    v1::GetSessionRequest request;
-    request.set_session_id(id);
-    v1::SessionInfo info;
-    grpc::Status s = stub_->GetSession(&ctx, request, &info);
-    EXPECT_TRUE(s.ok()) << s.error_message();
-    return info.step();
+    absl::StatusOr<v1::SessionInfo> info = client_->GetSession(handles_[id]);
+    EXPECT_TRUE(info.ok()) << info.status();
+    return info.ok() ? info->step() : ~uint64_t{0};
   }
 
   StepCall Call(const std::string& session, uint64_t step) {
@@ -112,7 +122,9 @@ class ServerTest : public ::testing::Test {
   }
 
   static ServerProcess* server_;
-  std::unique_ptr<v1::Optimizer::Stub> stub_;
+  std::unique_ptr<v1::Optimizer::Stub> stub_;  // for requests no client would send
+  std::unique_ptr<Client> client_;
+  std::map<std::string, SessionHandle> handles_;
   std::string token_;
 };
 
@@ -120,12 +132,13 @@ ServerProcess* ServerTest::server_ = nullptr;
 
 TEST_F(ServerTest, CreateSessionResolvesDefaults) {
   const Model model = SmallModel();
-  grpc::ClientContext ctx;
+  absl::StatusOr<SessionHandle> handle = client_->CreateSession(CreateRequest(model));
+  ASSERT_TRUE(handle.ok()) << handle.status();
+  EXPECT_FALSE(handle->id.empty());
+  EXPECT_GE(handle->token.size(), 16u);
+  EXPECT_EQ(handle->step, 0u);
   v1::CreateSessionResponse response;
-  ASSERT_TRUE(stub_->CreateSession(&ctx, CreateRequest(model), &response).ok());
-  EXPECT_FALSE(response.session_id().empty());
-  EXPECT_GE(response.token().size(), 16u);
-  EXPECT_EQ(response.step(), 0u);
+  *response.mutable_session() = handle->info;
   EXPECT_EQ(response.session().next_step(), 1u);
   ASSERT_EQ(response.session().params_size(), 5);
   EXPECT_EQ(response.session().params(0).kind(), v1::OPTIMIZER_KIND_MUON);
@@ -137,7 +150,28 @@ TEST_F(ServerTest, CreateSessionResolvesDefaults) {
   EXPECT_EQ(response.session().params(0).hyper_params().ns_schedule(), v1::NS_SCHEDULE_JORDAN);
 }
 
-TEST_F(ServerTest, FullStepsEqualTheCpuEngineBitForBit) {
+TEST_F(ServerTest, FullStepsThroughTheClientEqualTheCpuEngineBitForBit) {
+  const Model model = SmallModel();
+  const std::string session = NewSession(model);
+  Reference reference(model);
+  for (uint64_t step = 1; step <= 3; ++step) {
+    const Tensors grads = RandomGradients(model, 200 + step);
+    muon::StepOptions options;
+    options.measure_orthogonality = true;
+    if (step == 3) options.lr_scale = 0.5;
+    StepResult got = Good(session, step, grads, options);
+    ExpectSameUpdates(got, reference.Step(grads, options.lr_scale));
+    ASSERT_TRUE(got.summary.has_value());
+    EXPECT_EQ(got.summary->step(), step);
+    EXPECT_FALSE(got.summary->replayed());
+    EXPECT_THAT(got.summary->param_indices(), ElementsAre(0, 1, 2, 3, 4));
+    EXPECT_EQ(got.summary->orthogonality_errors_size(), 3);  // the Muon parameters
+    EXPECT_EQ(SessionStep(session), step);
+  }
+}
+
+// The raw stub: chunks of odd sizes in shuffled order, StepEnd or half-close.
+TEST_F(ServerTest, ChunksInAnyOrderAndSizeEqualTheCpuEngineBitForBit) {
   const Model model = SmallModel();
   const std::string session = NewSession(model);
   Reference reference(model);
@@ -179,7 +213,7 @@ TEST_F(ServerTest, BadGradientChangesNoState) {
   const std::string session = NewSession(model);
   Reference reference(model);
   const Tensors g1 = RandomGradients(model, 1);
-  ExpectSameUpdates(GoodStep(stub_.get(), session, 1, g1), reference.Step(g1));
+  ExpectSameUpdates(Good(session, 1, g1), reference.Step(g1));
 
   // Step 2 with a NaN in the last parameter: updates of other parameters may
   // already have streamed back, but nothing is committed.
@@ -192,7 +226,7 @@ TEST_F(ServerTest, BadGradientChangesNoState) {
   EXPECT_EQ(SessionStep(session), 1u);
 
   const Tensors g2 = RandomGradients(model, 3);
-  ExpectSameUpdates(GoodStep(stub_.get(), session, 2, g2), reference.Step(g2));
+  ExpectSameUpdates(Good(session, 2, g2), reference.Step(g2));
 }
 
 TEST_F(ServerTest, BrokenStreamChangesNoState) {
@@ -214,7 +248,7 @@ TEST_F(ServerTest, BrokenStreamChangesNoState) {
   unfinished.cancel_after = unfinished.body.size();
   EXPECT_EQ(RunStep(stub_.get(), unfinished).status.error_code(), grpc::StatusCode::CANCELLED);
 
-  ExpectSameUpdates(GoodStep(stub_.get(), session, 1, g1), reference.Step(g1));
+  ExpectSameUpdates(Good(session, 1, g1), reference.Step(g1));
   EXPECT_EQ(SessionStep(session), 1u);
 }
 
@@ -297,11 +331,11 @@ TEST_F(ServerTest, RetryOfAppliedStepReplaysWithoutApplyingTwice) {
   Reference reference(model);
   const Tensors g1 = RandomGradients(model, 21);
   const StepResult want1 = reference.Step(g1);
-  const StepResult first = GoodStep(stub_.get(), session, 1, g1);
+  const StepResult first = Good(session, 1, g1);
   ExpectSameUpdates(first, want1);
 
   // The client lost the summary and resends step 1 (even with other bytes).
-  const StepResult again = GoodStep(stub_.get(), session, 1, RandomGradients(model, 22));
+  const StepResult again = Good(session, 1, RandomGradients(model, 22));
   ExpectSameUpdates(again, want1);
   ASSERT_TRUE(again.summary.has_value());
   EXPECT_TRUE(again.summary->replayed());
@@ -309,20 +343,18 @@ TEST_F(ServerTest, RetryOfAppliedStepReplaysWithoutApplyingTwice) {
   EXPECT_EQ(SessionStep(session), 1u);
 
   const Tensors g2 = RandomGradients(model, 23);
-  ExpectSameUpdates(GoodStep(stub_.get(), session, 2, g2), reference.Step(g2));
+  ExpectSameUpdates(Good(session, 2, g2), reference.Step(g2));
 
   // Step 1 is no longer the last step: its updates are gone.
-  EXPECT_CODE(GoodStep(stub_.get(), session, 1, g1).status, FAILED_PRECONDITION,
-              "expected step is 3");
+  EXPECT_CODE(Good(session, 1, g1).status, FAILED_PRECONDITION, "expected step is 3");
 }
 
 TEST_F(ServerTest, StepAheadIsFailedPreconditionNamingTheExpectedStep) {
   const Model model = SmallModel();
   const std::string session = NewSession(model);
-  EXPECT_CODE(GoodStep(stub_.get(), session, 3, RandomGradients(model, 1)).status,
-              FAILED_PRECONDITION, "expected step is 1");
-  EXPECT_CODE(GoodStep(stub_.get(), session, 0, RandomGradients(model, 1)).status, INVALID_ARGUMENT,
-              "start at 1");
+  EXPECT_CODE(Good(session, 3, RandomGradients(model, 1)).status, FAILED_PRECONDITION,
+              "expected step is 1");
+  EXPECT_CODE(Good(session, 0, RandomGradients(model, 1)).status, INVALID_ARGUMENT, "start at 1");
   EXPECT_EQ(SessionStep(session), 0u);
 }
 
@@ -331,10 +363,10 @@ TEST_F(ServerTest, OmittedParametersKeepTheirState) {
   const std::string session = NewSession(model);
   Reference reference(model);
 
-  // Step 1: parameters 0 and 2 only, by half-close.
+  // Step 1: parameters 0 and 2 only (the client names them in StepEnd).
   Tensors g1 = RandomGradients(model, 31);
   g1.erase(1), g1.erase(3), g1.erase(4);
-  StepResult got1 = GoodStep(stub_.get(), session, 1, g1);
+  StepResult got1 = Good(session, 1, g1);
   ExpectSameUpdates(got1, reference.Step(g1));
   EXPECT_THAT(got1.summary->param_indices(), ElementsAre(0, 2));
 
@@ -347,14 +379,14 @@ TEST_F(ServerTest, OmittedParametersKeepTheirState) {
   ExpectSameUpdates(RunStep(stub_.get(), call), reference.Step(g2));
 
   // Step 3: nothing at all; still a step.
-  StepResult empty = GoodStep(stub_.get(), session, 3, {});
+  StepResult empty = Good(session, 3, {});
   ASSERT_TRUE(empty.status.ok()) << empty.status.error_message();
   EXPECT_TRUE(empty.updates.empty());
   EXPECT_EQ(empty.summary->param_indices_size(), 0);
 
   // Step 4: everything; each parameter continues from its own history.
   const Tensors g4 = RandomGradients(model, 34);
-  ExpectSameUpdates(GoodStep(stub_.get(), session, 4, g4), reference.Step(g4));
+  ExpectSameUpdates(Good(session, 4, g4), reference.Step(g4));
 }
 
 TEST_F(ServerTest, BadRequestsGetActionableErrorsAndChangeNothing) {
@@ -448,7 +480,7 @@ TEST_F(ServerTest, BadRequestsGetActionableErrorsAndChangeNothing) {
 
   // After all that, the session is as new.
   Reference reference(model);
-  ExpectSameUpdates(GoodStep(stub_.get(), session, 1, grads), reference.Step(grads));
+  ExpectSameUpdates(Good(session, 1, grads), reference.Step(grads));
 }
 
 TEST_F(ServerTest, BadSessionsAreRejected) {
@@ -495,37 +527,27 @@ TEST_F(ServerTest, GetListDeleteSession) {
   const Model model = SmallModel();
   const std::string session = NewSession(model);
   {
-    grpc::ClientContext ctx;
-    v1::ListSessionsResponse list;
-    ASSERT_TRUE(stub_->ListSessions(&ctx, v1::ListSessionsRequest(), &list).ok());
+    absl::StatusOr<std::vector<v1::SessionInfo>> list = client_->ListSessions();
+    ASSERT_TRUE(list.ok()) << list.status();
     bool found = false;
-    for (const v1::SessionInfo& s : list.sessions()) found |= s.session_id() == session;
+    for (const v1::SessionInfo& s : *list) found |= s.session_id() == session;
     EXPECT_TRUE(found);
   }
+  ASSERT_TRUE(client_->DeleteSession(handles_[session]).ok());
   {
-    grpc::ClientContext ctx;
-    v1::DeleteSessionRequest request;
-    request.set_session_id(session);
-    request.set_token(token_);
-    v1::DeleteSessionResponse response;
-    ASSERT_TRUE(stub_->DeleteSession(&ctx, request, &response).ok());
+    absl::StatusOr<v1::SessionInfo> info = client_->GetSession(handles_[session]);
+    EXPECT_EQ(info.status().code(), absl::StatusCode::kNotFound);
+    EXPECT_THAT(std::string(info.status().message()), HasSubstr(session));
   }
-  {
-    grpc::ClientContext ctx;
-    v1::GetSessionRequest request;
-    request.set_session_id(session);
-    v1::SessionInfo info;
-    EXPECT_CODE(stub_->GetSession(&ctx, request, &info), NOT_FOUND, session);
-  }
-  EXPECT_CODE(GoodStep(stub_.get(), session, 1, RandomGradients(model, 1)).status, NOT_FOUND,
-              session);
+  EXPECT_CODE(Good(session, 1, RandomGradients(model, 1)).status, NOT_FOUND, session);
 }
 
 TEST_F(ServerTest, NotYetImplementedCallsSaySo) {
-  grpc::ClientContext ctx;
-  v1::CheckpointResponse response;
-  EXPECT_CODE(stub_->Checkpoint(&ctx, v1::CheckpointRequest(), &response), UNIMPLEMENTED,
-              "Checkpoint");
+  const std::string session = NewSession(SmallModel());
+  absl::StatusOr<std::vector<v1::SessionCheckpoint>> checkpoint =
+      client_->Checkpoint(&handles_[session]);
+  EXPECT_EQ(checkpoint.status().code(), absl::StatusCode::kUnimplemented);
+  EXPECT_THAT(std::string(checkpoint.status().message()), HasSubstr("Checkpoint"));
 }
 
 TEST_F(ServerTest, EightClientsOnEightSessionsMatchSerialRuns) {
@@ -536,13 +558,12 @@ TEST_F(ServerTest, EightClientsOnEightSessionsMatchSerialRuns) {
   std::vector<std::thread> threads;
   for (int c = 0; c < kClients; ++c) {
     threads.emplace_back([&, c] {
-      auto stub = v1::Optimizer::NewStub(server_->NewChannel());
-      grpc::ClientContext ctx;
-      v1::CreateSessionResponse created;
-      if (!stub->CreateSession(&ctx, CreateRequest(model), &created).ok()) return;
+      std::unique_ptr<Client> client = NewClient(*server_);
+      absl::StatusOr<SessionHandle> session = client->CreateSession(CreateRequest(model));
+      if (!session.ok()) return;
       for (int s = 1; s <= kSteps; ++s) {
         got[c].push_back(
-            GoodStep(stub.get(), created.session_id(), s, RandomGradients(model, 1000 * c + s)));
+            ClientStep(client.get(), *session, s, RandomGradients(model, 1000 * c + s)));
       }
     });
   }
@@ -645,7 +666,7 @@ TEST_F(ServerTest, ParameterServerWeightsRoundTrip) {
   pulled = pull(v1::DTYPE_UNSPECIFIED, {}, &status);
   EXPECT_TRUE(pulled == weights);
 
-  EXPECT_CODE(GoodStep(stub_.get(), session, 1, weights).status, UNIMPLEMENTED, "PARAMETER_SERVER");
+  EXPECT_CODE(Good(session, 1, weights).status, UNIMPLEMENTED, "PARAMETER_SERVER");
   pull(v1::DTYPE_UNSPECIFIED, {9}, &status);
   EXPECT_CODE(status, NOT_FOUND, "parameter index 9");
 
@@ -730,7 +751,12 @@ TEST_F(ServerTest, ReflectionListsTheServices) {
   EXPECT_THAT(services, HasSubstr("grpc.health.v1.Health"));
 }
 
-TEST_F(ServerTest, HealthIsServing) { EXPECT_EQ(HealthStatus(server_->NewChannel()), 1); }
+TEST_F(ServerTest, HealthIsServing) {
+  EXPECT_EQ(HealthStatus(server_->NewChannel()), 1);
+  absl::StatusOr<std::string> health = client_->Health();
+  ASSERT_TRUE(health.ok()) << health.status();
+  EXPECT_EQ(*health, "SERVING");
+}
 
 TEST(ServerLimitsTest, LimitsGiveResourceExhausted) {
   auto server = ServerProcess::Start({"--max_sessions=2", "--max_message_bytes=65536"});

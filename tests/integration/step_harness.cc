@@ -6,6 +6,7 @@
 #include <random>
 #include <thread>
 
+#include "muon/kernels/engine.h"
 #include "muon/kernels/types.h"
 
 namespace muon::testing {
@@ -84,6 +85,8 @@ Reference::Reference(const Model& model) : specs_(model.specs) {
   engine_ = *CreateCpuEngine({});
   for (const ParamSpec& s : specs_) ids_.push_back(*engine_->Register(s));
 }
+
+Reference::~Reference() = default;
 
 StepResult Reference::Step(const Tensors& grads, std::optional<double> lr_scale) {
   std::vector<GradientInput> in;

@@ -15,8 +15,14 @@
 #include <string>
 #include <vector>
 
-#include "muon/kernels/engine.h"
+#include "muon/kernels/types.h"
 #include "muon/v1/optimizer.grpc.pb.h"
+
+// kernels/engine.h and client/client.h both declare muon::StepOptions, so no
+// file may include both: this header names the engine only by declaration.
+namespace muon {
+class Engine;
+}  // namespace muon
 
 namespace muon::testing {
 
@@ -51,13 +57,14 @@ struct StepResult {
 class Reference {
  public:
   explicit Reference(const Model& model);
+  ~Reference();
   // One committed step over `grads` (a subset of the parameters).
   StepResult Step(const Tensors& grads, std::optional<double> lr_scale = std::nullopt);
 
  private:
   std::unique_ptr<Engine> engine_;
   std::vector<ParamSpec> specs_;
-  std::vector<ParamId> ids_;
+  std::vector<uint64_t> ids_;  // muon::ParamId
 };
 
 // The gradient chunks of `grads`, `chunk_bytes` each, shuffled by `seed`
