@@ -58,6 +58,8 @@ ABSL_FLAG(absl::Duration, duration_limit, absl::Seconds(60),
           "load: stop starting new steps after this long.");
 ABSL_FLAG(absl::Duration, timeout, absl::Seconds(30), "Deadline of each unary call.");
 ABSL_FLAG(int, retries, 3, "Step retries after a broken stream.");
+ABSL_FLAG(int64_t, chunk_bytes, 1 << 20,
+          "Gradient chunk size in bytes (a multiple of 4; under the server's message limit).");
 
 namespace muon::muonctl {
 namespace {
@@ -94,6 +96,7 @@ absl::StatusOr<std::unique_ptr<Client>> Connect() {
   options.bearer_token = absl::GetFlag(FLAGS_admin_token);
   options.call_timeout = absl::GetFlag(FLAGS_timeout);
   options.max_step_attempts = 1 + std::max(0, absl::GetFlag(FLAGS_retries));
+  options.chunk_bytes = static_cast<size_t>(std::max<int64_t>(0, absl::GetFlag(FLAGS_chunk_bytes)));
   return Client::Create(options);
 }
 
