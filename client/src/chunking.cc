@@ -28,23 +28,22 @@ absl::Status UpdateAssembler::Add(const v1::UpdateChunk& chunk) {
   const uint64_t total = chunk.total_bytes();
   if (offset > total || size > total - offset) {
     return absl::DataLossError(absl::StrCat("update chunk of parameter ", index, " at bytes [",
-                                            offset, ", ", offset + size,
-                                            ") lies outside its ", total, " bytes"));
+                                            offset, ", ", offset + size, ") lies outside its ",
+                                            total, " bytes"));
   }
   auto [it, inserted] = pending_.try_emplace(index);
   Pending& p = it->second;
   if (inserted) {
     p.update.param_index = index;
     p.update.dtype = chunk.dtype();
-    p.update.content = chunk.content() == v1::UPDATE_CONTENT_UNSPECIFIED
-                           ? v1::UPDATE_CONTENT_UPDATE
-                           : chunk.content();
+    p.update.content = chunk.content() == v1::UPDATE_CONTENT_UNSPECIFIED ? v1::UPDATE_CONTENT_UPDATE
+                                                                         : chunk.content();
     p.update.decay = chunk.decay();
     p.update.data.resize(total);
   } else if (p.update.data.size() != total || p.update.dtype != chunk.dtype() ||
              p.update.decay != chunk.decay()) {
-    return absl::DataLossError(absl::StrCat(
-        "update chunks of parameter ", index, " disagree on total_bytes, dtype or decay"));
+    return absl::DataLossError(absl::StrCat("update chunks of parameter ", index,
+                                            " disagree on total_bytes, dtype or decay"));
   }
   if (size == 0) return absl::OkStatus();
   // The first range starting after `offset`, and the one before it.
@@ -81,8 +80,9 @@ absl::StatusOr<std::vector<ParameterUpdate>> UpdateAssembler::Finish(
   for (uint32_t index : summary.param_indices()) {
     auto it = pending.find(index);
     if (it == pending.end()) {
-      return absl::DataLossError(absl::StrCat("step ", summary.step(), ": the summary lists parameter ",
-                                              index, " but no update came for it"));
+      return absl::DataLossError(absl::StrCat("step ", summary.step(),
+                                              ": the summary lists parameter ", index,
+                                              " but no update came for it"));
     }
     const Pending& p = it->second;
     if (p.received != p.update.data.size()) {
@@ -94,14 +94,13 @@ absl::StatusOr<std::vector<ParameterUpdate>> UpdateAssembler::Finish(
     pending.erase(it);
   }
   if (!pending.empty()) {
-    return absl::DataLossError(absl::StrCat("step ", summary.step(), ": an update came for parameter ",
-                                            pending.begin()->first,
-                                            ", which the summary does not list"));
+    return absl::DataLossError(
+        absl::StrCat("step ", summary.step(), ": an update came for parameter ",
+                     pending.begin()->first, ", which the summary does not list"));
   }
-  std::sort(updates.begin(), updates.end(),
-            [](const ParameterUpdate& a, const ParameterUpdate& b) {
-              return a.param_index < b.param_index;
-            });
+  std::sort(updates.begin(), updates.end(), [](const ParameterUpdate& a, const ParameterUpdate& b) {
+    return a.param_index < b.param_index;
+  });
   return updates;
 }
 

@@ -34,8 +34,8 @@ std::vector<ByteRange> SplitIntoChunks(size_t total, size_t chunk_bytes);
 // Not thread-safe.
 class UpdateAssembler {
  public:
-  // Copies the chunk into its parameter's buffer. DATA_LOSS when the chunk contradicts earlier ones (total_bytes, dtype or
-  // decay changed), lies outside total_bytes, or overlaps received bytes.
+  // Copies the chunk into its parameter's buffer. DATA_LOSS when the chunk contradicts earlier ones
+  // (total_bytes, dtype or decay changed), lies outside total_bytes, or overlaps received bytes.
   absl::Status Add(const v1::UpdateChunk& chunk);
 
   // The updates of exactly summary.param_indices, each complete, ascending.

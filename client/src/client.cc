@@ -188,8 +188,8 @@ absl::StatusOr<StepResult> Client::Step(const SessionHandle& session, uint64_t s
   absl::flat_hash_set<uint32_t> seen;
   for (const Gradient& g : gradients) {
     if (!seen.insert(g.param_index).second) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "step ", step, ": parameter ", g.param_index, " has more than one gradient"));
+      return absl::InvalidArgumentError(absl::StrCat("step ", step, ": parameter ", g.param_index,
+                                                     " has more than one gradient"));
     }
   }
   absl::Status last;

@@ -53,8 +53,8 @@ absl::StatusOr<std::vector<PresetParam>> ModelPreset(absl::string_view name) {
   if (name == "llama-1b") return Llama1b();
   if (name == "small-256") return Small256();
   if (name == "small") return Gpt2(128, 4);
-  return absl::InvalidArgumentError(absl::StrCat("unknown model \"", name, "\"; known: ",
-                                                 absl::StrJoin(ModelPresetNames(), ", ")));
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown model \"", name, "\"; known: ", absl::StrJoin(ModelPresetNames(), ", ")));
 }
 
 double NsFlops(const std::vector<PresetParam>& params, int ns_steps) {

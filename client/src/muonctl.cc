@@ -171,7 +171,8 @@ class GradientPool {
  public:
   static constexpr size_t kSlackElements = 1 << 16;
 
-  GradientPool(size_t max_tensor_bytes, v1::DType dtype, uint64_t seed) : size_(ElementSize(dtype)) {
+  GradientPool(size_t max_tensor_bytes, v1::DType dtype, uint64_t seed)
+      : size_(ElementSize(dtype)) {
     const size_t elements = max_tensor_bytes / size_ + kSlackElements;
     bytes_.resize(elements * size_);
     std::mt19937_64 rng(seed);
@@ -237,7 +238,8 @@ class GradientSource {
     grads.reserve(tensors_.size());
     for (size_t i = 0; i < tensors_.size(); ++i) {
       const TensorWire& t = tensors_[i];
-      grads.push_back({static_cast<uint32_t>(i), pools_.at(t.dtype).Sample(t.bytes, rng()), t.dtype});
+      grads.push_back(
+          {static_cast<uint32_t>(i), pools_.at(t.dtype).Sample(t.bytes, rng()), t.dtype});
     }
     return grads;
   }
@@ -301,10 +303,11 @@ int Health(Client& client) {
 }
 
 void PrintSession(const v1::SessionInfo& info) {
-  absl::PrintF("session_id: %s\nname: %s\nmode: %s\nstep: %d\nnext_step: %d\nnum_params: %d\n"
-               "state_bytes: %d\n",
-               info.session_id(), info.name(), v1::SessionMode_Name(info.mode()), info.step(),
-               info.next_step(), info.num_params(), info.state_bytes());
+  absl::PrintF(
+      "session_id: %s\nname: %s\nmode: %s\nstep: %d\nnext_step: %d\nnum_params: %d\n"
+      "state_bytes: %d\n",
+      info.session_id(), info.name(), v1::SessionMode_Name(info.mode()), info.step(),
+      info.next_step(), info.num_params(), info.state_bytes());
   for (const v1::ParameterInfo& p : info.params()) {
     absl::PrintF("param %d: %s [%s] %s %s lr=%g\n", p.index(), p.name(),
                  absl::StrJoin(p.shape(), "x"), v1::DType_Name(p.dtype()),
@@ -315,7 +318,8 @@ void PrintSession(const v1::SessionInfo& info) {
 int SessionCommand(Client& client, const std::vector<char*>& args) {
   const std::string verb = args.size() > 2 ? args[2] : "";
   if (verb == "create") {
-    const std::string model = absl::GetFlag(FLAGS_model).empty() ? "small" : absl::GetFlag(FLAGS_model);
+    const std::string model =
+        absl::GetFlag(FLAGS_model).empty() ? "small" : absl::GetFlag(FLAGS_model);
     absl::StatusOr<v1::CreateSessionRequest> request =
         PresetRequest(model, absl::GetFlag(FLAGS_name));
     if (!request.ok()) return Fail(request.status());
@@ -447,7 +451,8 @@ int Load(Client& client) {
   if (clients < 1 || steps < 1) {
     return Fail(absl::InvalidArgumentError("--clients and --steps must be at least 1"));
   }
-  const std::string model = absl::GetFlag(FLAGS_model).empty() ? "small" : absl::GetFlag(FLAGS_model);
+  const std::string model =
+      absl::GetFlag(FLAGS_model).empty() ? "small" : absl::GetFlag(FLAGS_model);
   const absl::Duration limit = absl::GetFlag(FLAGS_duration_limit);
   const absl::Time deadline = absl::Now() + limit;
   const absl::Time hard_deadline = deadline + StepGrace(limit);
@@ -536,11 +541,12 @@ int Load(Client& client) {
     absl::PrintF("cut off: %d steps still running %s after the duration limit were cancelled\n",
                  cut_off, absl::FormatDuration(StepGrace(limit)));
   }
-  absl::PrintF("throughput: %.3f steps/s, %s/s\n", latency.count() / elapsed, Bytes(bytes / elapsed));
+  absl::PrintF("throughput: %.3f steps/s, %s/s\n", latency.count() / elapsed,
+               Bytes(bytes / elapsed));
   if (!first_error.ok()) return Fail(first_error);
   if (latency.count() == 0) {
-    return Fail(absl::DeadlineExceededError(absl::StrCat(
-        "no step finished within --duration_limit=", absl::FormatDuration(limit))));
+    return Fail(absl::DeadlineExceededError(
+        absl::StrCat("no step finished within --duration_limit=", absl::FormatDuration(limit))));
   }
   absl::PrintF("step latency: p50 %.3f ms, p99 %.3f ms, mean %.3f ms\n",
                1e3 * latency.Percentile(50), 1e3 * latency.Percentile(99), 1e3 * latency.Mean());
@@ -553,8 +559,7 @@ int Coefficients() {
   absl::StatusOr<NsCoefficients> c = MakeNsCoefficients(*kind, absl::GetFlag(FLAGS_steps));
   if (!c.ok()) return Fail(c.status());
   for (size_t i = 0; i < c->steps.size(); ++i) {
-    absl::PrintF("%d %.10f %.10f %.10f\n", i + 1, c->steps[i][0], c->steps[i][1],
-                 c->steps[i][2]);
+    absl::PrintF("%d %.10f %.10f %.10f\n", i + 1, c->steps[i][0], c->steps[i][1], c->steps[i][2]);
   }
   return 0;
 }

@@ -22,8 +22,8 @@ namespace muon {
 namespace {
 
 using testing::CuttingProxy;
-using testing::ServerProcess;
 using ::testing::HasSubstr;
+using testing::ServerProcess;
 
 // Three parameters: 128×256 Muon fp32 (128 KiB), 64×64 Muon bf16, 300 AdamW.
 v1::CreateSessionRequest Model() {

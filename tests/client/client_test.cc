@@ -1,6 +1,8 @@
 // The client's chunking and update reassembly, muonctl's model presets and
 // percentiles. No server: tests/integration drives muon::Client against one.
 
+#include "muon/client/client.h"
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -11,7 +13,6 @@
 
 #include "chunking.h"
 #include "model_presets.h"
-#include "muon/client/client.h"
 #include "stats.h"
 
 namespace muon {
@@ -30,8 +31,8 @@ using ::testing::HasSubstr;
 // --- Chunking -------------------------------------------------------------
 
 TEST(ChunkingTest, CutsIntoChunksThatCoverTheTensorExactly) {
-  EXPECT_THAT(SplitIntoChunks(10, 4), ElementsAre(ByteRange{0, 4}, ByteRange{4, 4},
-                                                  ByteRange{8, 2}));
+  EXPECT_THAT(SplitIntoChunks(10, 4),
+              ElementsAre(ByteRange{0, 4}, ByteRange{4, 4}, ByteRange{8, 2}));
   EXPECT_THAT(SplitIntoChunks(8, 4), ElementsAre(ByteRange{0, 4}, ByteRange{4, 4}));
   EXPECT_THAT(SplitIntoChunks(3, 1 << 20), ElementsAre(ByteRange{0, 3}));
   EXPECT_TRUE(SplitIntoChunks(0, 1 << 20).empty());
@@ -105,7 +106,7 @@ TEST(UpdateAssemblerTest, RejectsOverlappingOrOutOfBoundsChunks) {
   EXPECT_EQ(a.Add(Chunk(0, 2, "cdef", 12)).code(), absl::StatusCode::kDataLoss);
   EXPECT_EQ(a.Add(Chunk(0, 6, "ghij", 12)).code(), absl::StatusCode::kDataLoss);
   EXPECT_EQ(a.Add(Chunk(0, 10, "klmn", 12)).code(), absl::StatusCode::kDataLoss);
-  EXPECT_EQ(a.Add(Chunk(0, 4, "efgh", 16)).code(), absl::StatusCode::kDataLoss);  // total
+  EXPECT_EQ(a.Add(Chunk(0, 4, "efgh", 16)).code(), absl::StatusCode::kDataLoss);        // total
   EXPECT_EQ(a.Add(Chunk(0, 4, "efgh", 12, 0.25)).code(), absl::StatusCode::kDataLoss);  // decay
   ASSERT_TRUE(a.Add(Chunk(0, 4, "efgh", 12)).ok());
   absl::StatusOr<std::vector<ParameterUpdate>> updates = a.Finish(Summary({0}));
@@ -150,7 +151,8 @@ TEST(ClientTest, CreateRejectsBadOptions) {
 }
 
 TEST(ClientTest, UnreachableServerIsUnavailable) {
-  auto client = Client::Create({.target = "127.0.0.1:1", .max_step_attempts = 2,
+  auto client = Client::Create({.target = "127.0.0.1:1",
+                                .max_step_attempts = 2,
                                 .retry_backoff = absl::Milliseconds(1),
                                 .call_timeout = absl::Seconds(5)});
   ASSERT_TRUE(client.ok());

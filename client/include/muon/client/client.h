@@ -188,8 +188,7 @@ class Client {
   // Writes the session's state (or, with a null session, every session's) to
   // the server's checkpoint directory. UNIMPLEMENTED on servers without
   // checkpoints.
-  absl::StatusOr<std::vector<v1::SessionCheckpoint>> Checkpoint(
-      const SessionHandle* session);
+  absl::StatusOr<std::vector<v1::SessionCheckpoint>> Checkpoint(const SessionHandle* session);
 
   // The generated stub on this client's channel, for calls this class does
   // not wrap (PushWeights, PullWeights). Owned by the client.
