@@ -118,8 +118,11 @@ struct StepOptions {
   bool measure_orthogonality = false;
   // PARAMETER_SERVER sessions: this worker's id.
   uint32_t worker_id = 0;
-  // Deadline of one attempt (the whole stream). Default none.
-  absl::Duration timeout = absl::InfiniteDuration();
+  // Deadline of one attempt (the whole stream); DEADLINE_EXCEEDED, not
+  // retried, when it passes. A stream that stalls holds its session on the
+  // server until it is cancelled (docs/api.md), so there is always one by
+  // default: 5 minutes. absl::InfiniteDuration() for none.
+  absl::Duration timeout = absl::Minutes(5);
 };
 
 // One parameter's committed update: apply W ← decay·W + data (UPDATE), or
