@@ -148,6 +148,7 @@ TEST(ClientTest, CreateRejectsBadOptions) {
   EXPECT_EQ(Client::Create({.target = "127.0.0.1:1", .chunk_bytes = 2}).status().code(),
             absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE(Client::Create({.target = "127.0.0.1:1"}).ok());
+  EXPECT_TRUE(Client::Create(Client::Options{.target = "127.0.0.1:1"}).ok());
 }
 
 TEST(ClientTest, UnreachableServerIsUnavailable) {

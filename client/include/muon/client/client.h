@@ -147,6 +147,8 @@ struct StepResult {
 
 class Client {
  public:
+  using Options = ClientOptions;
+
   // Opens a channel to options.target (lazily: an unreachable server shows
   // up as UNAVAILABLE on the first call). INVALID_ARGUMENT for an empty
   // target or a bad chunk size or attempt count.
