@@ -401,6 +401,7 @@ int Bench(Client& client) {
   Samples wall, receive, queue, compute, send, total, ortho;
   double bytes = 0, flops = 0;
   int retried = 0;
+  int64_t parameter_updates = 0;  // over the measured steps
   for (int i = 0; i < warmup + steps; ++i) {
     const std::vector<Gradient> grads = source.Draw(rng);
     const absl::Time start = absl::Now();
@@ -420,6 +421,7 @@ int Bench(Client& client) {
     bytes += r->summary.bytes_received() + r->summary.bytes_sent();
     flops += r->summary.ns_flops();
     retried += r->attempts - 1;
+    parameter_updates += r->summary.param_indices_size();
   }
   const double elapsed = wall.Sum();
   absl::PrintF("steps: %d (+%d warm-up) in %.3f s, retried streams: %d\n", steps, warmup, elapsed,
@@ -431,8 +433,14 @@ int Bench(Client& client) {
   absl::PrintF("latency client step  %s\n", Ms(wall));
   absl::PrintF("latency server total %s\n", Ms(total));
   absl::PrintF("phase receive        %s\n", Ms(receive));
-  absl::PrintF("phase queue          %s (summed over parameters)\n", Ms(queue));
-  absl::PrintF("phase compute        %s (summed over parameters)\n", Ms(compute));
+  // queue and compute are sums over the step's parameters (StepTimings):
+  // with many parameters they exceed the step; the mean per parameter reads
+  // as a latency.
+  const double per_parameter = parameter_updates > 0 ? 1e3 / parameter_updates : 0;
+  absl::PrintF("phase queue          %s (summed over parameters; %.3f ms per parameter)\n",
+               Ms(queue), queue.Sum() * per_parameter);
+  absl::PrintF("phase compute        %s (summed over parameters; %.3f ms per parameter)\n",
+               Ms(compute), compute.Sum() * per_parameter);
   absl::PrintF("phase send           %s (summed over messages)\n", Ms(send));
   if (ortho.count() > 0) {
     absl::PrintF("orthogonality error  p50 %.4f  p99 %.4f\n", ortho.Percentile(50),

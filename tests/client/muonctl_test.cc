@@ -28,6 +28,7 @@ extern char** environ;
 namespace muon {
 namespace {
 
+using ::testing::ContainsRegex;
 using ::testing::HasSubstr;
 using ::testing::Not;
 using ::testing::StartsWith;
@@ -226,6 +227,9 @@ TEST_F(MuonctlTest, BenchSmall256PrintsRatesAndPhasesAndDeletesItsSession) {
   for (const char* phase : {"phase receive", "phase queue", "phase compute", "phase send"}) {
     EXPECT_THAT(run.out, HasSubstr(phase));
   }
+  // queue and compute are sums over the 512 parameters; each also per parameter.
+  EXPECT_THAT(run.out, ContainsRegex("phase queue .* ms per parameter\\)"));
+  EXPECT_THAT(run.out, ContainsRegex("phase compute .* ms per parameter\\)"));
   EXPECT_THAT(run.out, HasSubstr(absl::StrCat("deleted session ", id, "\n")));
   const Outcome listed = Ctl({"session", "list"});
   ASSERT_EQ(listed.exit_code, 0) << Describe(listed);
