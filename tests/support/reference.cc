@@ -4,6 +4,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
+
+#include "muon/kernels/ns_schedule.h"
 
 namespace muon::testing {
 
@@ -150,7 +154,7 @@ std::vector<double> MuonRef::Step(const std::vector<double>& grad, double lr, do
   for (int64_t b = 0; b < view.batch; ++b) {
     Matrix mat{view.rows, view.cols,
                std::vector<double>(m.begin() + b * size, m.begin() + (b + 1) * size)};
-    const Matrix o = NewtonSchulz(mat, coeffs, norm_safety, aol);
+    const Matrix o = svd ? Polar(mat) : NewtonSchulz(mat, coeffs, norm_safety, aol);
     for (int64_t k = 0; k < size; ++k) update[b * size + k] = -lr * s * o.v[k];
   }
   *decay = 1.0 - lr * hp.weight_decay;
@@ -198,7 +202,30 @@ std::vector<float> RandomNormal(size_t n, std::mt19937_64& rng, double scale) {
   return v;
 }
 
+MuonRef MakeMuonRef(const ParamSpec& spec) {
+  const NsCoefficients c = *MakeNsCoefficients(spec.hp.ns_schedule, spec.hp.ns_steps);
+  MuonRef ref;
+  ref.hp = spec.hp;
+  ref.view = MatrixViewOf(spec.shape);
+  ref.coeffs = c.steps;
+  ref.norm_safety = c.norm_safety;
+  ref.aol = c.aol;
+  ref.svd = spec.hp.ns_schedule == ScheduleKind::kSvd;
+  return ref;
+}
+
+std::vector<double> WireRoundTrip(DType dtype, const std::vector<float>& values) {
+  std::vector<std::byte> bytes(values.size() * DTypeSize(dtype));
+  EncodeFromFloat(dtype, values.data(), values.size(), bytes.data());
+  std::vector<float> back(values.size());
+  DecodeToFloat(dtype, bytes.data(), values.size(), back.data());
+  return std::vector<double>(back.begin(), back.end());
+}
+
 uint64_t FreshSeed() {
+  if (const char* env = std::getenv("MUON_TEST_SEED"); env != nullptr && *env != '\0') {
+    return std::stoull(env);
+  }
   std::random_device rd;
   return (static_cast<uint64_t>(rd()) << 32) ^ rd();
 }

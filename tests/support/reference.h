@@ -50,6 +50,7 @@ struct MuonRef {
   std::vector<std::array<double, 3>> coeffs;
   double norm_safety = 1.0;
   bool aol = false;
+  bool svd = false;  // the exact polar factor (LAPACK) instead of Newton–Schulz
   // Returns the update (to add after W ← decay·W); sets decay.
   std::vector<double> Step(const std::vector<double>& grad, double lr, double* decay);
 };
@@ -64,10 +65,17 @@ struct AdamWRef {
 double RelativeError(const std::vector<float>& got, const std::vector<double>& want);
 double FrobeniusDistance(const Matrix& a, const Matrix& b);  // ‖a−b‖_F/‖b‖_F
 
+// A MuonRef for a registered spec, with the schedule's coefficients.
+MuonRef MakeMuonRef(const ParamSpec& spec);
+
 std::vector<float> RandomNormal(size_t n, std::mt19937_64& rng, double scale = 1.0);
 
-// A seed from std::random_device, for fresh inputs each run; print it in
-// SCOPED_TRACE so a failure can be replayed.
+// What `values` become on the wire in `dtype` and back (what an engine sees).
+std::vector<double> WireRoundTrip(DType dtype, const std::vector<float>& values);
+
+// A seed for fresh inputs each run: from std::random_device, or from the
+// environment variable MUON_TEST_SEED when set (to replay a failure). Tests
+// print it when they fail.
 uint64_t FreshSeed();
 
 }  // namespace muon::testing

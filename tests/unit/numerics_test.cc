@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <ostream>
 #include <string>
 #include <tuple>
 
@@ -38,6 +39,12 @@ struct Shape {
   std::vector<int64_t> dims;
   const char* name;
 };
+
+// Test names in ctest, instead of gtest's byte dumps.
+void PrintTo(const Bounds& b, std::ostream* os) {
+  *os << ScheduleName(b.kind) << " " << b.steps << " steps";
+}
+void PrintTo(const Shape& s, std::ostream* os) { *os << s.name << " " << ShapeString(s.dims); }
 
 const Shape kShapes[] = {
     {{96, 96}, "square"},   {{160, 64}, "tall"},      {{64, 160}, "wide"},
