@@ -240,6 +240,33 @@ void RunCutSteps(CuttingProxy::Direction direction, size_t cut_after) {
   }
 }
 
+// Every attempt cut: Step gives up after max_step_attempts streams with the
+// transport's UNAVAILABLE, and the step was not applied; once the cuts stop,
+// the same step number goes through as a new step.
+TEST_F(ClientE2eTest, RetriesAreBoundedAndAStepThatFailedChangedNothing) {
+  CuttingProxy proxy(server_->port());
+  auto cut = Client::Create({.target = proxy.address(),
+                             .chunk_bytes = 16 << 10,
+                             .max_step_attempts = 3,
+                             .retry_backoff = absl::Milliseconds(1)});
+  ASSERT_TRUE(cut.ok()) << cut.status();
+  SessionHandle session = NewSession();
+  std::vector<Bytes> g = RandomGradients(6);
+  proxy.CutAfter(64 << 10, CuttingProxy::Direction::kUp, /*times=*/3);
+  absl::StatusOr<StepResult> failed = (*cut)->Step(session, 1, All(g));
+  EXPECT_EQ(failed.status().code(), absl::StatusCode::kUnavailable) << failed.status();
+  EXPECT_EQ(proxy.cuts(), 3);
+  EXPECT_EQ(client_->GetSession(session)->step(), 0u);
+
+  absl::StatusOr<StepResult> r = (*cut)->Step(session, 1, All(g));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->attempts, 1);
+  EXPECT_FALSE(r->summary.replayed());
+  EXPECT_EQ(r->updates.size(), 3u);
+  EXPECT_EQ(proxy.cuts(), 3);
+  EXPECT_EQ(client_->GetSession(session)->step(), 1u);
+}
+
 TEST_F(ClientE2eTest, StreamCutWhileSendingGradientsIsRetried) {
   RunCutSteps(CuttingProxy::Direction::kUp, 64 << 10);
 }

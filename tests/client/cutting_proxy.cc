@@ -60,11 +60,13 @@ CuttingProxy::~CuttingProxy() {
 
 std::string CuttingProxy::address() const { return absl::StrCat("127.0.0.1:", port_); }
 
-void CuttingProxy::CutAfter(size_t bytes, Direction direction) {
+void CuttingProxy::CutAfter(size_t bytes, Direction direction, int times) {
   std::lock_guard<std::mutex> lock(mu_);
-  armed_ = true;
+  armed_ = times > 0;
   direction_ = direction;
   remaining_ = bytes;
+  bytes_per_cut_ = bytes;
+  cuts_left_ = times;
 }
 
 int CuttingProxy::cuts() const {
@@ -97,7 +99,8 @@ void CuttingProxy::Accept() {
 void CuttingProxy::CutLocked() {
   for (int fd : fds_) ::shutdown(fd, SHUT_RDWR);
   ++cuts_;
-  armed_ = false;
+  armed_ = --cuts_left_ > 0;
+  remaining_ = bytes_per_cut_;
 }
 
 void CuttingProxy::Pump(int from, int to, Direction direction) {

@@ -23,10 +23,11 @@ class CuttingProxy {
   std::string address() const;
 
   // Once `bytes` more bytes went `direction` (counted from now), closes every
-  // open connection, before forwarding the bytes past that count. Once.
-  void CutAfter(size_t bytes, Direction direction);
+  // open connection, before forwarding the bytes past that count. Does so
+  // `times` times in all, counting `bytes` afresh after each cut.
+  void CutAfter(size_t bytes, Direction direction, int times = 1);
 
-  // How many times the connections were cut (at most one per CutAfter).
+  // How many times the connections were cut.
   int cuts() const;
 
  private:
@@ -43,6 +44,8 @@ class CuttingProxy {
   bool armed_ = false;
   Direction direction_ = Direction::kUp;
   size_t remaining_ = 0;
+  size_t bytes_per_cut_ = 0;
+  int cuts_left_ = 0;
   int cuts_ = 0;
   std::thread acceptor_;
 };
