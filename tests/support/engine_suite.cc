@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <iostream>
 #include <limits>
 #include <random>
 #include <utility>
@@ -77,9 +76,10 @@ double StepLr(int step) { return 0.01 * (1.0 - step / 20.0); }
 
 std::vector<MuonCase> MuonCases() {
   std::vector<MuonCase> cases;
-  const auto add = [&](std::string name, ParamSpec spec, bool lr_schedule = false) {
+  const auto add = [&](std::string name, ParamSpec spec, bool lr_schedule = false,
+                       std::optional<DType> update_dtype = std::nullopt) {
     spec.name = name;
-    cases.push_back({std::move(name), std::move(spec), lr_schedule});
+    cases.push_back({std::move(name), std::move(spec), lr_schedule, update_dtype});
   };
   // Momentum form × Nesterov × shape scale.
   ParamSpec s = MuonSpec("", {48, 32});
@@ -129,14 +129,20 @@ std::vector<MuonCase> MuonCases() {
   s = MuonSpec("", {2, 12, 8}, DType::kBFloat16);
   s.hold_weights = true;
   add("held_weights_3d_bf16", s);
+  // Updates written as bf16 and fp16 (the engine still holds fp32 weights).
+  s = MuonSpec("", {24, 40}, DType::kBFloat16);
+  s.hold_weights = true;
+  add("bf16_updates_held_weights", s, /*lr_schedule=*/true, DType::kBFloat16);
+  add("fp16_updates", MuonSpec("", {2, 16, 24}, DType::kFloat16), false, DType::kFloat16);
   return cases;
 }
 
 std::vector<AdamWCase> AdamWCases() {
   std::vector<AdamWCase> cases;
-  const auto add = [&](std::string name, ParamSpec spec, bool lr_schedule = false) {
+  const auto add = [&](std::string name, ParamSpec spec, bool lr_schedule = false,
+                       std::optional<DType> update_dtype = std::nullopt) {
     spec.name = name;
-    cases.push_back({std::move(name), std::move(spec), lr_schedule});
+    cases.push_back({std::move(name), std::move(spec), lr_schedule, update_dtype});
   };
   add("bias_fp32", AdamWSpec("", {100}));
   add("bias_bf16", AdamWSpec("", {100}, DType::kBFloat16));
@@ -153,6 +159,11 @@ std::vector<AdamWCase> AdamWCases() {
   s = AdamWSpec("", {30});
   s.hp.beta2 = 0.9999;
   add("long_beta2", s);
+  add("bf16_updates", AdamWSpec("", {64}, DType::kBFloat16), /*lr_schedule=*/true,
+      DType::kBFloat16);
+  s = AdamWSpec("", {48});
+  s.hold_weights = true;
+  add("fp16_updates_held_weights", s, false, DType::kFloat16);
   return cases;
 }
 
@@ -287,14 +298,36 @@ void ExpectSameState(const EngineTolerance& tol, const ParamState& got, const Pa
   same(got.weights, want.weights, "weights");
 }
 
-// Per-test seed, printed on failure.
+// Asserts that an update written as `dtype` is the float64 reference `want`
+// to `tolerance` (relative Frobenius error). A narrow update is also rounded
+// once: each element may then be off by half an ulp of the narrow type, at
+// most 2^-8·|x| for bf16 (8 significant bits) and 2^-11·|x| for fp16 plus
+// 2^-25 absolute below fp16's normal range, on top of the engine's own error,
+// which no element can exceed beyond tolerance·‖want‖.
+void ExpectUpdateMatches(DType dtype, const std::vector<float>& got,
+                         const std::vector<double>& want, double tolerance) {
+  if (dtype == DType::kFloat32) {
+    EXPECT_LT(RelativeError(got, want), tolerance);
+    return;
+  }
+  ASSERT_EQ(got.size(), want.size());
+  double norm = 0;
+  for (double w : want) norm += w * w;
+  const double engine_error = tolerance * std::sqrt(norm);
+  const double half_ulp = dtype == DType::kBFloat16 ? 1.0 / 256 : 1.0 / 2048;
+  const double subnormal = dtype == DType::kFloat16 ? std::ldexp(1.0, -25) : 0.0;
+  for (size_t k = 0; k < got.size(); ++k) {
+    ASSERT_LE(std::fabs(got[k] - want[k]), std::fabs(want[k]) * half_ulp + subnormal + engine_error)
+        << "element " << k << " of " << DTypeName(dtype) << " update";
+  }
+}
+
+// Per-test seed, in every failure message of the test (a SCOPED_TRACE).
 struct Seeded {
   uint64_t seed = FreshSeed();
-  ~Seeded() {
-    if (::testing::Test::HasFailure()) {
-      std::cerr << "[ seed     ] MUON_TEST_SEED=" << seed << " replays this test's inputs\n";
-    }
-  }
+  ::testing::ScopedTrace trace{__FILE__, __LINE__,
+                               "seed: MUON_TEST_SEED=" + std::to_string(seed) +
+                                   " replays this test's inputs"};
 };
 
 #define MUON_START_OR_SKIP(harness, under)                                         \
@@ -328,12 +361,13 @@ TEST_P(EngineMuonReferenceTest, TenStepsMatchFloat64Reference) {
     const std::optional<double> lr =
         c.lr_schedule ? std::optional<double>(StepLr(step)) : std::nullopt;
     const std::vector<float> g = h.Gradient(spec);
-    const StepResult r = h.Step({id}, {spec}, {g}, lr, DType::kFloat32);
+    const DType update_dtype = c.update_dtype.value_or(DType::kFloat32);
+    const StepResult r = h.Step({id}, {spec}, {g}, lr, update_dtype);
     ASSERT_THAT(r.status, IsOk());
     double decay = 0;
     const std::vector<double> want = ref.Step(WireRoundTrip(spec.dtype, g), lr.value_or(spec.hp.lr),
                                               &decay);
-    EXPECT_LT(RelativeError(r.updates[0], want), tolerance);
+    ExpectUpdateMatches(update_dtype, r.updates[0], want, tolerance);
     EXPECT_NEAR(r.decays[0], decay, 1e-15);
     for (size_t k = 0; k < weights.size(); ++k) weights[k] = decay * weights[k] + want[k];
   }
@@ -365,13 +399,14 @@ TEST_P(EngineAdamWReferenceTest, TenStepsMatchFloat64Reference) {
     const std::optional<double> lr =
         c.lr_schedule ? std::optional<double>(StepLr(step) / 10) : std::nullopt;
     const std::vector<float> g = h.Gradient(spec);
-    const StepResult r = h.Step({id}, {spec}, {g}, lr, DType::kFloat32);
+    const DType update_dtype = c.update_dtype.value_or(DType::kFloat32);
+    const StepResult r = h.Step({id}, {spec}, {g}, lr, update_dtype);
     ASSERT_THAT(r.status, IsOk());
     EXPECT_TRUE(std::isnan(r.orthogonality[0]));  // not a Muon parameter
     double decay = 0;
     const std::vector<double> want = ref.Step(WireRoundTrip(spec.dtype, g), lr.value_or(spec.hp.lr),
                                               &decay);
-    EXPECT_LT(RelativeError(r.updates[0], want), under.tolerance.adamw);
+    ExpectUpdateMatches(update_dtype, r.updates[0], want, under.tolerance.adamw);
     EXPECT_NEAR(r.decays[0], decay, 1e-15);
     for (size_t k = 0; k < weights.size(); ++k) weights[k] = decay * weights[k] + want[k];
   }
@@ -548,7 +583,8 @@ TEST_P(EngineBadInputTest, IsRejectedAndChangesNothing) {
 
 TEST_P(EngineContractTest, RejectedErrorsNameTheParameterAndTheProblem) {
   const EngineUnderTest& under = GetParam();
-  Harness h(under, FreshSeed());
+  const Seeded seeded;
+  Harness h(under, seeded.seed);
   MUON_START_OR_SKIP(h, under);
   const ParamSpec spec = MuonSpec("layers.3.attn.qkv", {8, 6});
   const ParamId id = h.Register(spec);
@@ -829,7 +865,8 @@ TEST_P(EngineContractTest, UnregisterFreesAndForgets) {
 
 TEST_P(EngineContractTest, WeightsOnlyForHolders) {
   const EngineUnderTest& under = GetParam();
-  Harness h(under, FreshSeed());
+  const Seeded seeded;
+  Harness h(under, seeded.seed);
   MUON_START_OR_SKIP(h, under);
   ParamSpec spec = MuonSpec("w", {4, 5});
   const ParamId plain = h.Register(spec);
@@ -921,7 +958,8 @@ TEST_P(EngineContractTest, MeasuresOrthogonalityOfMuonUpdates) {
 
 TEST_P(EngineContractTest, StepStatsCountTheWork) {
   const EngineUnderTest& under = GetParam();
-  Harness h(under, FreshSeed());
+  const Seeded seeded;
+  Harness h(under, seeded.seed);
   MUON_START_OR_SKIP(h, under);
   const ParamSpec a = MuonSpec("a", {16, 32}), e = MuonSpec("e", {3, 8, 4});
   const ParamSpec bias = AdamWSpec("b", {5});

@@ -74,6 +74,8 @@ struct MuonCase {
   std::string name;
   ParamSpec spec;
   bool lr_schedule = false;  // a different per-step lr (GradientInput::lr) each step
+  // The updates' dtype (UpdateOutput::dtype); fp32 when unset.
+  std::optional<DType> update_dtype;
 };
 std::vector<MuonCase> MuonCases();
 void PrintTo(const MuonCase& c, std::ostream* os);
@@ -83,6 +85,8 @@ struct AdamWCase {
   std::string name;
   ParamSpec spec;
   bool lr_schedule = false;
+  // The updates' dtype (UpdateOutput::dtype); fp32 when unset.
+  std::optional<DType> update_dtype;
 };
 std::vector<AdamWCase> AdamWCases();
 void PrintTo(const AdamWCase& c, std::ostream* os);
