@@ -1,8 +1,14 @@
-"""The Helm chart, rendered with Go's text/template + sprig, and its YAML linted."""
+"""The Helm chart, rendered with Go's text/template + sprig, and its YAML linted.
+
+When MUON_SERVER and MUON_MUONCTL name the built binaries, the flagfile the
+chart renders is also handed to the real server, which must start and answer
+the gRPC health check: every flag the chart writes by default exists.
+"""
 import json
 import os
 import subprocess
 import tempfile
+import time
 import unittest
 
 import yaml
@@ -27,6 +33,21 @@ def by_kind(manifest):
     return docs
 
 
+def flags(docs):
+    """The server's flagfile from the chart's ConfigMap, as {name: value}."""
+    config = [c for c in docs["ConfigMap"] if not c["metadata"]["name"].endswith("-dashboard")]
+    out = {}
+    for line in config[0]["data"]["muon-server.flags"].splitlines():
+        name, _, value = line.removeprefix("--").partition("=")
+        out[name] = value
+    return out
+
+
+def container(docs):
+    (sts,) = docs["StatefulSet"]
+    return sts["spec"]["template"]["spec"]["containers"][0]
+
+
 def yamllint(*paths):
     return subprocess.run([os.environ["MUON_YAMLLINT"], "--strict", "-c",
                            os.path.join(DEPLOY, ".yamllint"), *paths],
@@ -41,7 +62,10 @@ class ChartTest(unittest.TestCase):
     def test_rendered_manifests_pass_yamllint(self):
         for args in ([], ["--set", "serviceMonitor.enabled=true", "--set",
                           "grafanaDashboard.enabled=true", "--set", "adminToken.value=s3cret",
-                          "--set", "tls.enabled=true", "--set", "tls.existingSecret=muon-tls"]):
+                          "--set", "tls.enabled=true", "--set", "tls.existingSecret=muon-tls"],
+                     ["--set", "tls.enabled=true", "--set", "tls.cert=CERT", "--set", "tls.key=KEY",
+                      "--set", "tls.mutualTls=true", "--set", "tls.clientCa=CA",
+                      "--set", "persistence.enabled=false", "--set", "podAntiAffinity=hard"]):
             with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
                 f.write(render(*args))
                 f.flush()
@@ -55,16 +79,31 @@ class ChartTest(unittest.TestCase):
         (sts,) = docs["StatefulSet"]
         self.assertEqual(sts["metadata"]["name"], "test-muon-server")
         self.assertEqual(sts["spec"]["serviceName"], "test-muon-server-headless")
-        container = sts["spec"]["template"]["spec"]["containers"][0]
-        self.assertEqual(container["resources"]["limits"]["nvidia.com/gpu"], 1)
-        self.assertEqual(container["livenessProbe"]["grpc"]["port"], 50051)
-        self.assertEqual(container["readinessProbe"]["grpc"]["port"], 50051)
+        c = container(docs)
+        self.assertEqual(c["resources"]["limits"]["nvidia.com/gpu"], 1)
+        self.assertEqual(c["args"], ["--flagfile=/etc/muon/config/muon-server.flags"])
+        for probe in ("livenessProbe", "readinessProbe"):
+            self.assertEqual(c[probe]["grpc"], {"port": 50051})
+            self.assertNotIn("tcpSocket", c[probe])
+        self.assertEqual(c["readinessProbe"]["periodSeconds"], 5)
         self.assertEqual(sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"], "checkpoints")
+        self.assertEqual(sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"],
+                         {"storage": "20Gi"})
+        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        self.assertEqual(mounts, {"config": "/etc/muon/config",
+                                  "checkpoints": "/var/lib/muon/checkpoints"})
+        volumes = [v["name"] for v in sts["spec"]["template"]["spec"]["volumes"]]
+        self.assertEqual(volumes, ["config"])  # checkpoints come from the claim template
         services = {s["metadata"]["name"]: s for s in docs["Service"]}
         self.assertEqual(services["test-muon-server-headless"]["spec"]["clusterIP"], "None")
-        config = docs["ConfigMap"][0]["data"]
-        self.assertEqual(config["MUON_LISTEN"], "0.0.0.0:50051")
-        self.assertEqual(config["MUON_CHECKPOINT_DIR"], "/var/lib/muon/checkpoints")
+        self.assertEqual(services["test-muon-server"]["spec"]["type"], "ClusterIP")
+        f = flags(docs)
+        self.assertEqual(f["listen"], "0.0.0.0:50051")
+        self.assertEqual(f["metrics_listen"], "0.0.0.0:9464")
+        self.assertEqual(f["checkpoint_dir"], "/var/lib/muon/checkpoints")
+        self.assertEqual(f["drain_timeout_seconds"], "45")
+        for absent in ("durability", "checkpoint_every", "tls_cert", "admin_token_file"):
+            self.assertNotIn(absent, f)
         self.assertIn("preferredDuringSchedulingIgnoredDuringExecution",
                       sts["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"])
         self.assertEqual(docs["PodDisruptionBudget"][0]["spec"]["maxUnavailable"], 1)
@@ -74,24 +113,107 @@ class ChartTest(unittest.TestCase):
             "--set", "replicaCount=3", "--set", "serviceMonitor.enabled=true",
             "--set", "grafanaDashboard.enabled=true", "--set", "adminToken.value=s3cret",
             "--set", "podAntiAffinity=hard", "--set", "persistence.enabled=false",
-            "--set", "server.extraFlags.durability=strict"))
+            "--set", "server.extraFlags.scheduler_threads=8", "--set", "ports.grpc=6000",
+            "--set", "server.checkpointEvery=100", "--set", "podLabels.team=ml"))
         (sts,) = docs["StatefulSet"]
         self.assertEqual(sts["spec"]["replicas"], 3)
+        self.assertEqual(sts["spec"]["template"]["metadata"]["labels"]["team"], "ml")
+        self.assertNotIn("team", sts["spec"]["selector"]["matchLabels"])
         self.assertNotIn("volumeClaimTemplates", sts["spec"])
+        volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+        self.assertEqual(volumes["checkpoints"], {"name": "checkpoints", "emptyDir": {}})
+        self.assertEqual(volumes["admin-token"]["secret"]["secretName"], "test-muon-server-admin")
+        c = container(docs)
+        self.assertEqual(c["livenessProbe"]["grpc"]["port"], 6000)
+        self.assertEqual(c["ports"][0], {"name": "grpc", "containerPort": 6000})
         self.assertIn("requiredDuringSchedulingIgnoredDuringExecution",
                       sts["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"])
         self.assertEqual(docs["ServiceMonitor"][0]["spec"]["endpoints"][0]["port"], "metrics")
         secret = [s for s in docs["Secret"] if s["metadata"]["name"] == "test-muon-server-admin"]
         self.assertEqual(len(secret), 1)
-        config = [c for c in docs["ConfigMap"] if c["metadata"]["name"] == "test-muon-server"][0]
-        self.assertEqual(config["data"]["MUON_DURABILITY"], "strict")
-        self.assertNotIn("MUON_CHECKPOINT_DIR", config["data"])
+        f = flags(docs)
+        self.assertEqual(f["scheduler_threads"], "8")
+        self.assertEqual(f["listen"], "0.0.0.0:6000")
+        self.assertEqual(f["checkpoint_every"], "100")
+        self.assertEqual(f["admin_token_file"], "/etc/muon/admin/admin-token")
         dashboard = [c for c in docs["ConfigMap"] if c["metadata"]["name"].endswith("-dashboard")][0]
         self.assertEqual(json.loads(dashboard["data"]["muon-server.json"])["uid"], "muon-server")
 
-    def test_tls_without_secret_fails(self):
-        with self.assertRaisesRegex(AssertionError, "existingSecret"):
-            render("--set", "tls.enabled=true")
+    def test_tls_from_existing_secret(self):
+        docs = by_kind(render("--set", "tls.enabled=true", "--set", "tls.existingSecret=muon-tls",
+                              "--set", "tls.mutualTls=true"))
+        self.assertNotIn("Secret", docs)
+        volumes = {v["name"]: v for v in docs["StatefulSet"][0]["spec"]["template"]["spec"]["volumes"]}
+        self.assertEqual(volumes["tls"]["secret"]["secretName"], "muon-tls")
+        f = flags(docs)
+        self.assertEqual(f["tls_cert"], "/etc/muon/tls/tls.crt")
+        self.assertEqual(f["tls_key"], "/etc/muon/tls/tls.key")
+        self.assertEqual(f["tls_client_ca"], "/etc/muon/tls/ca.crt")
+        # kubelet's gRPC probe speaks plaintext: with TLS the probes are TCP.
+        c = container(docs)
+        for probe in ("livenessProbe", "readinessProbe"):
+            self.assertNotIn("grpc", c[probe])
+            self.assertEqual(c[probe]["tcpSocket"], {"port": "grpc"})
+
+    def test_tls_created_secret(self):
+        docs = by_kind(render("--set", "tls.enabled=true", "--set", "tls.cert=CERT",
+                              "--set", "tls.key=KEY"))
+        (secret,) = docs["Secret"]
+        self.assertEqual(secret["metadata"]["name"], "test-muon-server-tls")
+        self.assertEqual(secret["type"], "kubernetes.io/tls")
+        self.assertEqual(set(secret["data"]), {"tls.crt", "tls.key"})
+        self.assertNotIn("tls_client_ca", flags(docs))
+
+    def test_bad_values_fail_with_a_message(self):
+        for args, message in (
+                (["tls.enabled=true"], "tls.existingSecret or tls.cert"),
+                (["tls.enabled=true", "tls.cert=C", "tls.key=K", "tls.mutualTls=true"],
+                 "tls.clientCa"),
+                (["server.drainTimeoutSeconds=60"], "below terminationGracePeriodSeconds"),
+                (["server.durability=strict", "persistence.enabled=false"], "persistence"),
+                (["podAntiAffinity=always"], "podAntiAffinity"),
+                (["server.engine=gpu"], "server.engine")):
+            with self.subTest(args=args):
+                argv = [a for kv in args for a in ("--set", kv)]
+                with self.assertRaisesRegex(AssertionError, message):
+                    render(*argv)
+
+
+@unittest.skipUnless(os.environ.get("MUON_SERVER") and os.environ.get("MUON_MUONCTL"),
+                     "MUON_SERVER/MUON_MUONCTL not set")
+class FlagfileTest(unittest.TestCase):
+    """The rendered flagfile, given to the real muon-server binary."""
+
+    def test_server_starts_with_the_default_flagfile(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            flagfile = os.path.join(tmp, "muon-server.flags")
+            config = by_kind(render())["ConfigMap"][0]
+            with open(flagfile, "w") as f:
+                f.write(config["data"]["muon-server.flags"])
+            port_file = os.path.join(tmp, "port")
+            # Later flags override the file's: a free loopback port, no metrics
+            # port, a scratch checkpoint directory and the CPU engine.
+            server = subprocess.Popen(
+                [os.environ["MUON_SERVER"], f"--flagfile={flagfile}", "--listen=127.0.0.1:0",
+                 "--metrics_listen=", f"--checkpoint_dir={tmp}", f"--port_file={port_file}",
+                 "--engine=cpu"],
+                stderr=subprocess.PIPE, text=True)
+            try:
+                deadline = time.monotonic() + 30
+                while not os.path.exists(port_file):
+                    if server.poll() is not None:
+                        self.fail("muon-server rejected the flagfile: " + server.stderr.read())
+                    self.assertLess(time.monotonic(), deadline, "muon-server did not start")
+                    time.sleep(0.1)
+                with open(port_file) as f:
+                    port = f.read().strip()
+                health = subprocess.run([os.environ["MUON_MUONCTL"], f"--server=127.0.0.1:{port}",
+                                         "health"], capture_output=True, text=True, timeout=30)
+                self.assertEqual((health.returncode, health.stdout.strip()), (0, "SERVING"),
+                                 health.stderr)
+            finally:
+                server.terminate()
+                server.communicate(timeout=60)
 
 
 if __name__ == "__main__":
