@@ -90,10 +90,12 @@ class ChartTest(unittest.TestCase):
         self.assertEqual(sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"],
                          {"storage": "20Gi"})
         mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
-        self.assertEqual(mounts, {"config": "/etc/muon/config",
+        self.assertEqual(mounts, {"config": "/etc/muon/config", "tmp": "/tmp",
                                   "checkpoints": "/var/lib/muon/checkpoints"})
         volumes = [v["name"] for v in sts["spec"]["template"]["spec"]["volumes"]]
-        self.assertEqual(volumes, ["config"])  # checkpoints come from the claim template
+        self.assertEqual(volumes, ["config", "tmp"])  # checkpoints come from the claim template
+        self.assertEqual(sts["spec"]["template"]["spec"]["securityContext"]["runAsUser"], 10001)
+        self.assertIs(c["securityContext"]["readOnlyRootFilesystem"], True)
         services = {s["metadata"]["name"]: s for s in docs["Service"]}
         self.assertEqual(services["test-muon-server-headless"]["spec"]["clusterIP"], "None")
         self.assertEqual(services["test-muon-server"]["spec"]["type"], "ClusterIP")
