@@ -6,9 +6,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <random>
+#include <string>
 #include <utility>
 
 #include "gmock/gmock.h"
@@ -356,6 +358,7 @@ TEST_P(EngineMuonReferenceTest, TenStepsMatchFloat64Reference) {
     weights.assign(w0.begin(), w0.end());
   }
   const double tolerance = under.tolerance.MuonFor(spec.hp.ns_schedule);
+  double worst = 0;
   for (int step = 0; step < 10; ++step) {
     SCOPED_TRACE(::testing::Message() << "step " << step);
     const std::optional<double> lr =
@@ -368,9 +371,13 @@ TEST_P(EngineMuonReferenceTest, TenStepsMatchFloat64Reference) {
     const std::vector<double> want = ref.Step(WireRoundTrip(spec.dtype, g), lr.value_or(spec.hp.lr),
                                               &decay);
     ExpectUpdateMatches(update_dtype, r.updates[0], want, tolerance);
+    worst = std::max(worst, RelativeError(r.updates[0], want));
     EXPECT_NEAR(r.decays[0], decay, 1e-15);
     for (size_t k = 0; k < weights.size(); ++k) weights[k] = decay * weights[k] + want[k];
   }
+  std::printf("%s muon %s: worst relative error of 10 %s updates %.2e\n", under.name.c_str(),
+              c.name.c_str(), std::string(DTypeName(c.update_dtype.value_or(DType::kFloat32))).c_str(),
+              worst);
   EXPECT_EQ(h.State(id).step, 10);
   if (spec.hold_weights) {
     std::vector<float> got(weights.size());
@@ -394,6 +401,7 @@ TEST_P(EngineAdamWReferenceTest, TenStepsMatchFloat64Reference) {
     ASSERT_THAT(h.engine().SetWeights(id, w0), IsOk());
     weights.assign(w0.begin(), w0.end());
   }
+  double worst = 0;
   for (int step = 0; step < 10; ++step) {
     SCOPED_TRACE(::testing::Message() << "step " << step);
     const std::optional<double> lr =
@@ -407,9 +415,13 @@ TEST_P(EngineAdamWReferenceTest, TenStepsMatchFloat64Reference) {
     const std::vector<double> want = ref.Step(WireRoundTrip(spec.dtype, g), lr.value_or(spec.hp.lr),
                                               &decay);
     ExpectUpdateMatches(update_dtype, r.updates[0], want, under.tolerance.adamw);
+    worst = std::max(worst, RelativeError(r.updates[0], want));
     EXPECT_NEAR(r.decays[0], decay, 1e-15);
     for (size_t k = 0; k < weights.size(); ++k) weights[k] = decay * weights[k] + want[k];
   }
+  std::printf("%s adamw %s: worst relative error of 10 %s updates %.2e\n", under.name.c_str(),
+              c.name.c_str(), std::string(DTypeName(c.update_dtype.value_or(DType::kFloat32))).c_str(),
+              worst);
   const ParamState state = h.State(id);
   EXPECT_EQ(state.step, 10);
   EXPECT_TRUE(state.momentum.empty());

@@ -9,9 +9,24 @@
 //   #include "engine_suite.h"
 //   MUON_INSTANTIATE_ENGINE_SUITE(Cpu, ::muon::testing::CpuEngineUnderTest());
 //
-// The CPU instantiation is in tests/unit/engine_test.cc; a GPU target gives a
-// factory for the CUDA engine (with `available` returning CudaAvailable(), so
-// the tests skip where no device is usable) and its own tolerances.
+// The CPU instantiation is in tests/unit/engine_test.cc. A GPU target gives a
+// factory for the CUDA engine, `available` so the tests skip where no device
+// is usable, and its own tolerances, e.g. for bf16 Newton–Schulz:
+//
+//   ::muon::testing::EngineUnderTest Cuda() {
+//     ::muon::testing::EngineUnderTest e;
+//     e.name = "cuda";
+//     e.create = [](const muon::EngineOptions& o) { return muon::CreateCudaEngine(o); };
+//     e.available = [] { return muon::CudaAvailable(); };
+//     e.tolerance.muon = 1e-2;  // bf16 products (2^-9 rounding)
+//     e.tolerance.muon_cancelling = 2.5e-2;
+//     e.tolerance.adamw = 1e-5;
+//     e.tolerance.orthogonality = 1e-2;
+//     return e;
+//   }
+//   MUON_INSTANTIATE_ENGINE_SUITE(Cuda, Cuda());
+//
+// and links the CMake target `muon_engine_suite`.
 
 #include <functional>
 #include <memory>
