@@ -8,10 +8,12 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"text/template"
 
@@ -25,13 +27,24 @@ func die(format string, args ...interface{}) {
 	os.Exit(1)
 }
 
+// readYAML reads a YAML file the way Helm reads values files: YAML turned
+// into JSON and decoded, so every number is a float64 (templates that print
+// a large number without `int64` get 4.194304e+06 here as under Helm).
 func readYAML(path string) map[string]interface{} {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		die("%v", err)
 	}
+	parsed := map[string]interface{}{}
+	if err := yaml.Unmarshal(data, &parsed); err != nil {
+		die("%s: %v", path, err)
+	}
+	asJSON, err := json.Marshal(parsed)
+	if err != nil {
+		die("%s: %v", path, err)
+	}
 	out := map[string]interface{}{}
-	if err := yaml.Unmarshal(data, &out); err != nil {
+	if err := json.Unmarshal(asJSON, &out); err != nil {
 		die("%s: %v", path, err)
 	}
 	return out
@@ -56,9 +69,16 @@ func set(values map[string]interface{}, assignment string) {
 	if eq < 0 {
 		die("--set %q: want key=value", assignment)
 	}
-	var value interface{}
-	if err := yaml.Unmarshal([]byte(assignment[eq+1:]), &value); err != nil {
-		die("--set %q: %v", assignment, err)
+	// Helm's --set: integers are int64, true/false booleans, null nil, the
+	// rest strings.
+	raw := assignment[eq+1:]
+	var value interface{} = raw
+	if n, err := strconv.ParseInt(raw, 10, 64); err == nil {
+		value = n
+	} else if raw == "true" || raw == "false" {
+		value = raw == "true"
+	} else if raw == "null" {
+		value = nil
 	}
 	keys := strings.Split(assignment[:eq], ".")
 	m := values
