@@ -58,6 +58,9 @@ ABSL_FLAG(absl::Duration, duration_limit, absl::Seconds(60),
           "load: stop starting new steps after this long.");
 ABSL_FLAG(absl::Duration, timeout, absl::Seconds(30), "Deadline of each unary call.");
 ABSL_FLAG(int, retries, 3, "Step retries after a broken stream.");
+ABSL_FLAG(absl::Duration, step_timeout, absl::Minutes(5),
+          "bench: deadline of each step attempt (large models on a CPU engine need more); "
+          "inf for none.");
 ABSL_FLAG(int64_t, chunk_bytes, 1 << 20,
           "Gradient chunk size in bytes (a multiple of 4; under the server's message limit).");
 
@@ -390,7 +393,16 @@ int Bench(Client& client) {
       return code;
     }
     absl::Status status = client.DeleteSession(w->session);
-    if (!status.ok()) return Fail(status);
+    if (!status.ok()) {
+      // After a failed step the server may still be computing it
+      // (FAILED_PRECONDITION): say how to delete the session later.
+      absl::FPrintF(stderr,
+                    "muonctl: session %s left on the server (%s: %s); delete it with: muonctl "
+                    "session delete --session=%s --token=%s\n",
+                    w->session.id, absl::StatusCodeToString(status.code()), status.message(),
+                    w->session.id, w->session.token);
+      return code != 0 ? code : 1;
+    }
     absl::PrintF("deleted session %s\n", w->session.id);
     return code;
   };
@@ -398,6 +410,7 @@ int Bench(Client& client) {
   std::mt19937_64 rng(7);
   StepOptions options;
   options.measure_orthogonality = absl::GetFlag(FLAGS_measure_orthogonality);
+  options.timeout = absl::GetFlag(FLAGS_step_timeout);
   Samples wall, receive, queue, compute, send, total, ortho;
   double bytes = 0, flops = 0;
   int retried = 0;

@@ -236,6 +236,14 @@ TEST_F(MuonctlTest, BenchSmall256PrintsRatesAndPhasesAndDeletesItsSession) {
   EXPECT_THAT(listed.out, Not(HasSubstr(id)));
 }
 
+TEST_F(MuonctlTest, BenchStepPastItsDeadlineExitsNonZero) {
+  // A deadline of 1 ns has passed before the stream opens: no timing involved.
+  const Outcome run = Ctl({"bench", "--model=small", "--steps=1", "--step_timeout=1ns"});
+  EXPECT_EQ(run.exit_code, 1) << Describe(run);
+  EXPECT_THAT(run.err, StartsWith("muonctl: DEADLINE_EXCEEDED: ")) << Describe(run);
+  EXPECT_THAT(run.out, Not(HasSubstr("steps/s")));
+}
+
 TEST_F(MuonctlTest, LoadRunsEveryStepOfEveryClientAndDeletesTheSessions) {
   // A generous limit: the assertion is on what was done, not on time.
   const Outcome run =
