@@ -99,6 +99,7 @@ class ChartTest(unittest.TestCase):
         services = {s["metadata"]["name"]: s for s in docs["Service"]}
         self.assertEqual(services["test-muon-server-headless"]["spec"]["clusterIP"], "None")
         self.assertEqual(services["test-muon-server"]["spec"]["type"], "ClusterIP")
+        self.assertEqual(services["test-muon-server"]["spec"]["sessionAffinity"], "ClientIP")
         f = flags(docs)
         self.assertEqual(f["listen"], "0.0.0.0:50051")
         self.assertEqual(f["metrics_listen"], "0.0.0.0:9464")
