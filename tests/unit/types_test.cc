@@ -5,6 +5,7 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <string>
 
 #include "gtest/gtest.h"
 
@@ -50,7 +51,9 @@ TEST(TypesTest, Float16Conversions) {
 }
 
 TEST(TypesTest, RoundTripErrorWithinHalfAnUlp) {
-  std::mt19937_64 rng(std::random_device{}());
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
   std::normal_distribution<float> normal;
   for (int i = 0; i < 10000; ++i) {
     const float x = normal(rng) * 100;
@@ -58,6 +61,116 @@ TEST(TypesTest, RoundTripErrorWithinHalfAnUlp) {
     EXPECT_LE(std::fabs(RoundTrip(DType::kFloat16, x) - x), std::fabs(x) * (1.0f / 2048)) << x;
     EXPECT_EQ(RoundTrip(DType::kFloat32, x), x);
   }
+}
+
+// The value of a 16-bit pattern with `mantissa_bits` stored mantissa bits and
+// an exponent bias of `bias`, by the IEEE formula in double (bf16: 7, 127;
+// fp16: 10, 15).
+double Value16(uint16_t h, int mantissa_bits, int bias) {
+  const int exponent_bits = 15 - mantissa_bits;
+  const int e = (h >> mantissa_bits) & ((1 << exponent_bits) - 1);
+  const int m = h & ((1 << mantissa_bits) - 1);
+  const double sign = (h & 0x8000) ? -1.0 : 1.0;
+  if (e == (1 << exponent_bits) - 1) {
+    return m != 0 ? std::numeric_limits<double>::quiet_NaN()
+                  : sign * std::numeric_limits<double>::infinity();
+  }
+  if (e == 0) return sign * std::ldexp(m, 1 - bias - mantissa_bits);  // subnormal
+  return sign * std::ldexp((1 << mantissa_bits) + m, e - bias - mantissa_bits);
+}
+
+// x rounded to a format with `mantissa_bits` stored bits, exponent bias
+// `bias` and largest finite value `max`, to nearest, ties to even, in double:
+// x/ulp is exact (a power-of-two scaling), and nearbyint rounds half to even
+// in the default rounding mode. Beyond max (after rounding): infinity.
+double RoundTo16(float x, int mantissa_bits, int bias, double max) {
+  const double d = x;
+  int e = 0;
+  std::frexp(d, &e);  // |d| in [2^(e-1), 2^e)
+  const int min_exponent = 1 - bias;  // of the normal numbers
+  const int exponent = std::max(e - 1, min_exponent);
+  const double ulp = std::ldexp(1.0, exponent - mantissa_bits);
+  const double r = std::nearbyint(d / ulp) * ulp;
+  if (std::fabs(r) > max) return std::copysign(std::numeric_limits<double>::infinity(), d);
+  return r;
+}
+
+float Decoded(DType dtype, uint16_t h) {
+  float y;
+  DecodeToFloat(dtype, reinterpret_cast<const std::byte*>(&h), 1, &y);
+  return y;
+}
+
+TEST(TypesTest, EveryHalfWidthPatternDecodesExactlyAndRoundTrips) {
+  for (uint32_t i = 0; i < 65536; ++i) {
+    const auto h = static_cast<uint16_t>(i);
+    SCOPED_TRACE(::testing::Message() << "bits 0x" << std::hex << i);
+    const double bf = Value16(h, 7, 127), fp = Value16(h, 10, 15);
+    const float b = Decoded(DType::kBFloat16, h), f = Decoded(DType::kFloat16, h);
+    if (std::isnan(bf)) {
+      ASSERT_TRUE(std::isnan(b));
+      EXPECT_TRUE(std::isnan(RoundTrip(DType::kBFloat16, b)));
+    } else {
+      ASSERT_EQ(static_cast<double>(b), bf);
+      ASSERT_EQ(Bits(DType::kBFloat16, b), h);  // -0 and subnormals included
+    }
+    if (std::isnan(fp)) {
+      ASSERT_TRUE(std::isnan(f));
+      EXPECT_TRUE(std::isnan(RoundTrip(DType::kFloat16, f)));
+    } else {
+      ASSERT_EQ(static_cast<double>(f), fp);
+      ASSERT_EQ(Bits(DType::kFloat16, f), h);
+    }
+  }
+}
+
+TEST(TypesTest, EncodingRoundsToNearestEvenOverAllFloats) {
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const double bf16_max = Value16(0x7F7F, 7, 127), fp16_max = Value16(0x7BFF, 10, 15);
+  // Random bit patterns cover every exponent (fp16 subnormals, overflow and
+  // float subnormals included) and, half the time, sit exactly on a tie.
+  for (int i = 0; i < 200000; ++i) {
+    auto bits = static_cast<uint32_t>(rng());
+    if (i % 2 == 1) bits = (bits & ~0x1FFFu) | 0x1000u;  // a tie for fp16 when normal
+    if (i % 4 == 3) bits = (bits & ~0xFFFFu) | 0x8000u;  // a tie for bf16
+    float x;
+    std::memcpy(&x, &bits, 4);
+    if (!std::isfinite(x)) continue;
+    SCOPED_TRACE(::testing::Message() << "x " << x << " bits 0x" << std::hex << bits);
+    ASSERT_EQ(static_cast<double>(RoundTrip(DType::kBFloat16, x)), RoundTo16(x, 7, 127, bf16_max));
+    ASSERT_EQ(static_cast<double>(RoundTrip(DType::kFloat16, x)), RoundTo16(x, 10, 15, fp16_max));
+  }
+}
+
+TEST(TypesTest, EdgeCasesOfTheConversions) {
+  const auto from_bits = [](uint32_t bits) {
+    float x;
+    std::memcpy(&x, &bits, 4);
+    return x;
+  };
+  // A NaN whose payload sits only in the low bits must not round to infinity
+  // (bf16), nor carry into the sign (all ones).
+  for (uint32_t nan : {0x7F800001u, 0xFF800001u, 0x7FFFFFFFu, 0x7FC00000u}) {
+    EXPECT_TRUE(std::isnan(RoundTrip(DType::kBFloat16, from_bits(nan)))) << std::hex << nan;
+    EXPECT_TRUE(std::isnan(RoundTrip(DType::kFloat16, from_bits(nan)))) << std::hex << nan;
+  }
+  EXPECT_EQ(Bits(DType::kBFloat16, from_bits(0x7F7FFFFF)), 0x7F80);  // FLT_MAX rounds up to inf
+  EXPECT_EQ(Bits(DType::kBFloat16, -std::numeric_limits<float>::infinity()), 0xFF80);
+  EXPECT_EQ(Bits(DType::kBFloat16, -0.0f), 0x8000);
+  EXPECT_EQ(Bits(DType::kBFloat16, from_bits(0x00008000)), 0x0000);  // subnormal tie → even
+  EXPECT_EQ(Bits(DType::kBFloat16, from_bits(0x00018000)), 0x0002);  // subnormal tie → even
+  EXPECT_EQ(Bits(DType::kFloat16, 65519.0f), 0x7BFF);
+  EXPECT_EQ(Bits(DType::kFloat16, 65520.0f), 0x7C00);  // tie with 2^16 → even (inf)
+  EXPECT_EQ(Bits(DType::kFloat16, -std::numeric_limits<float>::infinity()), 0xFC00);
+  EXPECT_EQ(Bits(DType::kFloat16, -0.0f), 0x8000);
+  EXPECT_EQ(Bits(DType::kFloat16, std::ldexp(1.0f, -25)), 0x0000);  // half the least subnormal
+  EXPECT_EQ(Bits(DType::kFloat16, std::ldexp(1.0f, -25) * 1.0001f), 0x0001);
+  EXPECT_EQ(Bits(DType::kFloat16, std::ldexp(3.0f, -25)), 0x0002);  // 1.5 ulp tie → even
+  EXPECT_EQ(Bits(DType::kFloat16, std::ldexp(1.0f, -14) - std::ldexp(1.0f, -26)), 0x0400);
+  EXPECT_EQ(Bits(DType::kFloat16, 1e-10f), 0x0000);  // underflow to +0
+  EXPECT_EQ(Bits(DType::kFloat16, -1e-10f), 0x8000);  // and -0
 }
 
 TEST(TypesTest, MatrixViews) {
