@@ -43,6 +43,9 @@ ABSL_FLAG(int, scheduler_threads, 0,
 ABSL_FLAG(int, update_chunk_bytes, 1 << 20,
           "Largest update chunk sent back, in bytes (clamped under --max_message_bytes). Env "
           "MUON_UPDATE_CHUNK_BYTES.");
+ABSL_FLAG(int, orthogonality_sample_every, 100,
+          "Measure the orthogonality error (muon_orthogonality_error) on every Nth step of each "
+          "session; 0: only when a client asks. Env MUON_ORTHOGONALITY_SAMPLE_EVERY.");
 ABSL_FLAG(double, drain_timeout_seconds, 30,
           "On SIGTERM/SIGINT, how long to wait for in-flight steps. Env "
           "MUON_DRAIN_TIMEOUT_SECONDS.");
@@ -80,6 +83,7 @@ bool FlagsFromEnv() {
          FromEnv(&FLAGS_port_file, "MUON_PORT_FILE") &&
          FromEnv(&FLAGS_scheduler_threads, "MUON_SCHEDULER_THREADS") &&
          FromEnv(&FLAGS_update_chunk_bytes, "MUON_UPDATE_CHUNK_BYTES") &&
+         FromEnv(&FLAGS_orthogonality_sample_every, "MUON_ORTHOGONALITY_SAMPLE_EVERY") &&
          FromEnv(&FLAGS_drain_timeout_seconds, "MUON_DRAIN_TIMEOUT_SECONDS");
 }
 
@@ -124,6 +128,7 @@ int main(int argc, char** argv) {
   options.checkpoint_dir = absl::GetFlag(FLAGS_checkpoint_dir);
   options.scheduler_threads = absl::GetFlag(FLAGS_scheduler_threads);
   options.update_chunk_bytes = absl::GetFlag(FLAGS_update_chunk_bytes);
+  options.orthogonality_sample_every = absl::GetFlag(FLAGS_orthogonality_sample_every);
 
   absl::StatusOr<std::unique_ptr<muon::server::Server>> server =
       muon::server::Server::Create(options);

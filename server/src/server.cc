@@ -5,6 +5,7 @@
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server.h>
 #include <grpcpp/server_builder.h>
+#include <grpcpp/support/server_interceptor.h>
 
 #include <thread>
 #include <utility>
@@ -46,6 +47,38 @@ class ServerImpl {
 
 namespace {
 
+// Counts every RPC of every service at the edge, by the status the server
+// sends, so calls refused before any handler ran are counted too.
+class RpcCountingInterceptor final : public grpc::experimental::Interceptor {
+ public:
+  RpcCountingInterceptor(const char* method, RpcReporter* reporter)
+      : method_(method == nullptr ? "" : method), reporter_(reporter) {}
+
+  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    if (methods->QueryInterceptionHookPoint(
+            grpc::experimental::InterceptionHookPoints::PRE_SEND_STATUS)) {
+      reporter_->RequestDone(method_, methods->GetSendStatus().error_code());
+    }
+    methods->Proceed();
+  }
+
+ private:
+  const std::string method_;
+  RpcReporter* const reporter_;
+};
+
+class RpcCountingFactory final : public grpc::experimental::ServerInterceptorFactoryInterface {
+ public:
+  explicit RpcCountingFactory(RpcReporter* reporter) : reporter_(reporter) {}
+  grpc::experimental::Interceptor* CreateServerInterceptor(
+      grpc::experimental::ServerRpcInfo* info) override {
+    return new RpcCountingInterceptor(info->method(), reporter_);
+  }
+
+ private:
+  RpcReporter* const reporter_;
+};
+
 absl::Status ValidateOptions(const ServerOptions& o) {
   if (o.listen.empty()) return absl::InvalidArgumentError("--listen is empty; use HOST:PORT");
   if (o.memory_budget_bytes < 0) {
@@ -57,6 +90,9 @@ absl::Status ValidateOptions(const ServerOptions& o) {
   }
   if (o.scheduler_threads < 0) {
     return absl::InvalidArgumentError("--scheduler_threads must be >= 0 (0: one per core)");
+  }
+  if (o.orthogonality_sample_every < 0) {
+    return absl::InvalidArgumentError("--orthogonality_sample_every must be >= 0 (0: off)");
   }
   if (o.update_chunk_bytes < 1024) {
     return absl::InvalidArgumentError("--update_chunk_bytes must be at least 1024");
@@ -72,18 +108,22 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   EngineOptions engine_options;
   engine_options.memory_budget_bytes = options.memory_budget_bytes;
   engine_options.device = options.device;
-  MUON_ASSIGN_OR_RETURN(impl->engine, CreateEngine(options.engine, engine_options));
+  // The /metrics endpoint starts before the engine: its threads then do not
+  // compete with whatever the engine (the CUDA runtime) reserves, and a bad
+  // --metrics_listen fails fast without initializing a device.
   MUON_ASSIGN_OR_RETURN(impl->metrics, Metrics::Create(options.metrics_listen));
+  MUON_ASSIGN_OR_RETURN(impl->engine, CreateEngine(options.engine, engine_options));
+  impl->metrics->SetMemoryProbe([engine = impl->engine.get()] { return engine->Memory(); });
   int threads = options.scheduler_threads;
   if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
   impl->pool = std::make_unique<ThreadPool>(threads);
-  impl->sessions =
-      std::make_unique<SessionRegistry>(impl->engine.get(), options.limits, impl->metrics.get());
+  impl->sessions = std::make_unique<SessionRegistry>(impl->engine.get(), options.limits,
+                                                     impl->metrics->sessions());
   ServiceEnv env;
   env.engine = impl->engine.get();
   env.sessions = impl->sessions.get();
   env.pool = impl->pool.get();
-  env.metrics = impl->metrics.get();
+  env.step_metrics = impl->metrics->steps();
   env.options = options;
   impl->service = std::make_unique<OptimizerService>(std::move(env));
 
@@ -92,6 +132,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   grpc::ServerBuilder builder;
   builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &impl->port);
   builder.RegisterService(impl->service.get());
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+  interceptors.push_back(std::make_unique<RpcCountingFactory>(impl->metrics->rpcs()));
+  builder.experimental().SetInterceptorCreators(std::move(interceptors));
   builder.SetMaxReceiveMessageSize(options.limits.max_message_bytes);
   builder.SetMaxSendMessageSize(options.limits.max_message_bytes);
   // Keepalive pings find a client whose host vanished (crash, partition)

@@ -13,8 +13,8 @@
 
 namespace muon::server {
 
-class Metrics;
 class SessionRegistry;
+class StepReporter;
 class ThreadPool;
 
 // What the service's reactors share. Everything outlives the service.
@@ -22,7 +22,7 @@ struct ServiceEnv {
   Engine* engine = nullptr;
   SessionRegistry* sessions = nullptr;
   ThreadPool* pool = nullptr;
-  Metrics* metrics = nullptr;
+  StepReporter* step_metrics = nullptr;
   ServerOptions options;
 };
 

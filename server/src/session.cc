@@ -149,7 +149,7 @@ void Session::FillInfo(bool with_params, v1::SessionInfo* info) const {
   }
 }
 
-SessionRegistry::SessionRegistry(Engine* engine, const Limits& limits, Metrics* metrics)
+SessionRegistry::SessionRegistry(Engine* engine, const Limits& limits, SessionReporter* metrics)
     : engine_(engine), limits_(limits), metrics_(metrics) {}
 
 SessionRegistry::~SessionRegistry() {

@@ -17,7 +17,7 @@
 
 namespace muon::server {
 
-class Metrics;
+class SessionReporter;
 
 // One registered parameter of a session.
 struct SessionParam {
@@ -103,7 +103,7 @@ class Session {
 class SessionRegistry {
  public:
   // engine and metrics must outlive the registry.
-  SessionRegistry(Engine* engine, const Limits& limits, Metrics* metrics);
+  SessionRegistry(Engine* engine, const Limits& limits, SessionReporter* metrics);
   ~SessionRegistry();
 
   // Validates the request, registers every parameter with the engine (all
@@ -123,7 +123,7 @@ class SessionRegistry {
  private:
   Engine* const engine_;
   const Limits limits_;
-  Metrics* const metrics_;
+  SessionReporter* const metrics_;
 
   mutable absl::Mutex mu_;
   absl::flat_hash_map<std::string, std::shared_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);

@@ -49,11 +49,13 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
       : env_(env), gate_(gate), ctx_(ctx) {
     absl::Status open = gate_->OpenStream(env_->options.limits.max_concurrent_streams);
     if (!open.ok()) {
-      Finish(ToGrpcStatus(open));
+      Actions actions;
+      actions.finish = ToGrpcStatus(open);
+      Run(actions);
       return;
     }
     stream_open_ = true;
-    env_->metrics->StreamOpened();
+    env_->step_metrics->StreamOpened();
     StartRead(&request_);
   }
 
@@ -82,6 +84,10 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
       absl::MutexLock lock(&mu_);
       writing_ = false;
       send_seconds_ += absl::ToDoubleSeconds(absl::Now() - write_start_);
+      if (ok && !writes_.empty() && writes_.front()->has_update()) {
+        env_->step_metrics->BytesSent(
+            static_cast<int64_t>(writes_.front()->update().data().size()));
+      }
       if (!ok) {
         // The client went away; nothing more can be sent.
         writes_.clear();
@@ -110,7 +116,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
     if (counted_step_) gate_->EndStep();
     if (stream_open_) {
       gate_->CloseStream();
-      env_->metrics->StreamClosed();
+      env_->step_metrics->StreamClosed();
     }
     Unref();
   }
@@ -135,7 +141,22 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
 
   void Run(const Actions& actions) {
     if (actions.write != nullptr) StartWrite(actions.write);
-    if (actions.finish.has_value()) Finish(*actions.finish);
+    if (actions.finish.has_value()) {
+      final_code_ = actions.finish->error_code();
+      // Counted before Finish, so a client that has its status sees it.
+      env_->step_metrics->StepEnded(Outcome());
+      Finish(*actions.finish);
+    }
+  }
+
+  // For muon_steps_total, as the stream finishes. A committed step counts
+  // as ok even when its summary could not be delivered: it was applied.
+  StepOutcome Outcome() {
+    absl::MutexLock lock(&mu_);
+    if (committed_) return StepOutcome::kOk;
+    if (replayed_) return StepOutcome::kRetried;
+    if (final_code_ == grpc::StatusCode::OK) return StepOutcome::kAborted;  // not reached
+    return OutcomeOfFailure(final_code_);
   }
 
   void Unref() {
@@ -164,6 +185,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
           return absl::InvalidArgumentError(
               "the first message of a Step stream must be a StepHeader, not a gradient chunk");
         }
+        env_->step_metrics->BytesReceived(static_cast<int64_t>(request_.gradient().data().size()));
         if (phase_ == Phase::kReplay) return absl::OkStatus();  // already applied: ignore
         const v1::TensorChunk& chunk = request_.gradient();
         if (chunk.dtype() != v1::DTYPE_UNSPECIFIED &&
@@ -259,8 +281,14 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
       phase_ = Phase::kReplay;
       return absl::OkStatus();
     }
+    // The server samples every Nth step of each session for the
+    // orthogonality histogram; step numbers are per session and
+    // consecutive, so this needs no state.
+    const int sample_every = env_->options.orthogonality_sample_every;
+    measure_orthogonality_ = header.measure_orthogonality() ||
+                             (sample_every > 0 && header.step() % sample_every == 0);
     StepOptions options;
-    options.measure_orthogonality = header.measure_orthogonality();
+    options.measure_orthogonality = measure_orthogonality_;
     absl::StatusOr<std::unique_ptr<StepTransaction>> txn = env_->engine->BeginStep(options);
     absl::MutexLock lock(&mu_);
     admitted_ = true;  // ReleaseLocked undoes the admission from here on
@@ -348,7 +376,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
       summary->mutable_summary()->set_replayed(true);
       writes_.push_back(std::move(summary));
       finish_requested_ = true;
-      env_->metrics->StepReplayed();
+      replayed_ = true;
       NextWriteLocked(&actions);
       TryFinishLocked(&actions);
     }
@@ -457,7 +485,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
         computed_ += n;
         for (size_t i = 0; i < n; ++i) {
           bytes_sent_ += update_bytes[i];
-          if (header_.measure_orthogonality() &&
+          if (measure_orthogonality_ &&
               session_->params()[batch[i].index].spec.kind == OptimizerKind::kMuon) {
             ortho_.emplace_back(batch[i].index, outputs[i].orthogonality_error);
           }
@@ -495,14 +523,25 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
         v1::StepSummary* summary = response->mutable_summary();
         summary->set_step(record_.step);
         for (uint32_t i : step_params_) summary->add_param_indices(i);
+        StepTimings timings;
+        timings.receive = receive_seconds_;
+        timings.queue = queue_seconds_;
+        timings.compute = compute_seconds_;
+        timings.send = send_seconds_;
+        timings.total = absl::ToDoubleSeconds(absl::Now() - start_time_);
         v1::StepTimings* t = summary->mutable_timings();
-        t->set_receive_seconds(receive_seconds_);
-        t->set_queue_seconds(queue_seconds_);
-        t->set_compute_seconds(compute_seconds_);
-        t->set_send_seconds(send_seconds_);
-        t->set_total_seconds(absl::ToDoubleSeconds(absl::Now() - start_time_));
+        t->set_receive_seconds(timings.receive);
+        t->set_queue_seconds(timings.queue);
+        t->set_compute_seconds(timings.compute);
+        t->set_send_seconds(timings.send);
+        t->set_total_seconds(timings.total);
+        env_->step_metrics->StepCommitted(timings, static_cast<int64_t>(step_params_.size()));
         std::sort(ortho_.begin(), ortho_.end());
         for (const auto& [index, error] : ortho_) {
+          env_->step_metrics->OrthogonalityError(session_->params()[index].spec.hp.ns_schedule,
+                                                 error);
+          // Server-side samples stay out of the reply: the client did not ask.
+          if (!header_.measure_orthogonality()) continue;
           v1::OrthogonalityError* e = summary->add_orthogonality_errors();
           e->set_param_index(index);
           e->set_error(error);
@@ -514,7 +553,6 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
         session_->CommitStep(header_.worker_id(),
                              std::make_shared<const StepRecord>(std::move(record_)));
         admitted_ = false;
-        env_->metrics->StepCommitted();
         writes_.push_back(std::move(response));
         finish_requested_ = true;
         NextWriteLocked(&actions);
@@ -549,7 +587,6 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
     }
     finish_requested_ = true;
     if (!compute_running_) ReleaseLocked();
-    env_->metrics->StepFailed();
     TryFinishLocked(actions);
   }
 
@@ -584,6 +621,8 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
   grpc::CallbackServerContext* const ctx_;
   bool stream_open_ = false;
   bool counted_step_ = false;  // set by the read path before OnDone can run
+  // Set once, just before Finish.
+  grpc::StatusCode final_code_ = grpc::StatusCode::OK;
 
   // Read path only.
   v1::StepRequest request_;
@@ -595,6 +634,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
   std::shared_ptr<Session> session_;
   v1::StepHeader header_;
   std::optional<DType> update_dtype_;
+  bool measure_orthogonality_ = false;  // asked by the client or sampled
   absl::Time start_time_;
 
   // Driven by the one running compute task (compute_running_).
@@ -610,6 +650,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
   size_t computed_ ABSL_GUARDED_BY(mu_) = 0;
   std::vector<uint32_t> step_params_ ABSL_GUARDED_BY(mu_);
   bool committed_ ABSL_GUARDED_BY(mu_) = false;
+  bool replayed_ ABSL_GUARDED_BY(mu_) = false;
   bool failed_ ABSL_GUARDED_BY(mu_) = false;
   absl::Status status_ ABSL_GUARDED_BY(mu_);
   std::deque<StepResponsePtr> writes_ ABSL_GUARDED_BY(mu_);

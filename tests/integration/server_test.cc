@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <map>
 #include <memory>
@@ -28,6 +29,7 @@ namespace {
 
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 #define EXPECT_CODE(result_status, code, substring)                           \
   do {                                                                        \
@@ -852,12 +854,33 @@ TEST(ServerMetricsTest, MetricsCountSessionsAndSteps) {
   ASSERT_TRUE(GoodStep(stub.get(), created.session_id(), 1, RandomGradients(model, 1)).status.ok());
   EXPECT_FALSE(
       GoodStep(stub.get(), created.session_id(), 5, RandomGradients(model, 1)).status.ok());
-  const std::string metrics = HttpGet(metrics_port, "/metrics");
+  // The stream gauge drops when gRPC is done with the stream, just after
+  // the client has its status.
+  std::string metrics;
+  for (int i = 0; i < 100; ++i) {
+    metrics = HttpGet(metrics_port, "/metrics");
+    if (metrics.find("muon_active_streams 0") != std::string::npos) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
   EXPECT_THAT(metrics, HasSubstr("muon_sessions_created_total 1"));
   EXPECT_THAT(metrics, HasSubstr("muon_sessions 1"));
-  EXPECT_THAT(metrics, HasSubstr("muon_steps_total{outcome=\"committed\"} 1"));
-  EXPECT_THAT(metrics, HasSubstr("muon_steps_total{outcome=\"replayed\"} 1"));
-  EXPECT_THAT(metrics, HasSubstr("muon_steps_total{outcome=\"failed\"} 1"));
+  EXPECT_THAT(metrics, HasSubstr("muon_active_streams 0"));
+  EXPECT_THAT(metrics, HasSubstr("muon_steps_total{outcome=\"ok\"} 1"));
+  EXPECT_THAT(metrics, HasSubstr("muon_steps_total{outcome=\"retried\"} 1"));
+  // Step 5 of a session at step 1: FAILED_PRECONDITION, a rejected request.
+  EXPECT_THAT(metrics, HasSubstr("muon_steps_total{outcome=\"invalid\"} 1"));
+  EXPECT_THAT(metrics, HasSubstr("muon_steps_total{outcome=\"aborted\"} 0"));
+  // Only the committed step is timed.
+  EXPECT_THAT(metrics, HasSubstr("muon_step_duration_seconds_count{phase=\"total\"} 1"));
+  EXPECT_THAT(metrics, HasSubstr("muon_step_duration_seconds_count{phase=\"compute\"} 1"));
+  EXPECT_THAT(metrics, HasSubstr("muon_parameters_updated_total 5"));
+  EXPECT_THAT(metrics,
+              HasSubstr("muon_grpc_requests_total{code=\"OK\",method=\"CreateSession\"} 1"));
+  EXPECT_THAT(metrics, HasSubstr("muon_grpc_requests_total{code=\"OK\",method=\"Step\"} 2"));
+  EXPECT_THAT(metrics, HasSubstr("muon_grpc_requests_total{code=\"FAILED_PRECONDITION\","
+                                 "method=\"Step\"} 1"));
+  EXPECT_THAT(metrics, HasSubstr("muon_engine_memory_bytes{kind=\"budget\"} 0"));
+  EXPECT_THAT(metrics, Not(HasSubstr("muon_engine_memory_bytes{kind=\"used\"} 0\n")));
 }
 
 TEST(ServerLimitsTest, SessionShapeAndMemoryLimits) {

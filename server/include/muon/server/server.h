@@ -42,6 +42,9 @@ struct ServerOptions {
   int scheduler_threads = 0;
   // Largest UpdateChunk payload; clamped below max_message_bytes.
   int update_chunk_bytes = 1 << 20;
+  // The server measures the orthogonality error (muon_orthogonality_error)
+  // on every Nth step of each session; 0: only when a client asks.
+  int orthogonality_sample_every = 100;
 };
 
 class ServerImpl;
