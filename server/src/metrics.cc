@@ -20,6 +20,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "muon/v1/optimizer.pb.h"
 
 namespace muon::server {
 namespace {
@@ -108,8 +109,10 @@ const char* CodeName(grpc::StatusCode code) {
 std::string MethodLabel(absl::string_view path) {
   constexpr absl::string_view kOptimizer = "/muon.v1.Optimizer/";
   if (absl::StartsWith(path, kOptimizer)) {
+    // Through a message of the same file, so the descriptor is linked in
+    // (a name lookup in the generated pool finds nothing if it is not).
     static const google::protobuf::ServiceDescriptor* service =
-        google::protobuf::DescriptorPool::generated_pool()->FindServiceByName("muon.v1.Optimizer");
+        v1::StepRequest::descriptor()->file()->FindServiceByName("Optimizer");
     const absl::string_view name = path.substr(kOptimizer.size());
     if (service != nullptr && service->FindMethodByName(std::string(name)) != nullptr) {
       return std::string(name);
