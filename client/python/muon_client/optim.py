@@ -71,7 +71,8 @@ class RemoteMuon(torch.optim.Optimizer):
         self._shards = [[] for _ in self._servers]
         for index, spec in enumerate(specs):
             self._shards[place(self._servers, spec.name)].append(index)
-        self._sessions = [client.create_session([specs[i] for i in shard])
+        # A server that holds no parameter gets no session (None).
+        self._sessions = [client.create_session([specs[i] for i in shard]) if shard else None
                           for client, shard in zip(self._clients, self._shards)]
         self._step = 0
         self._base_lr = [g["lr"] for g in self.param_groups]
@@ -95,8 +96,8 @@ class RemoteMuon(torch.optim.Optimizer):
 
     @property
     def sessions(self) -> List[Session]:
-        """One session per server (the first holds everything when there is one)."""
-        return list(self._sessions)
+        """The sessions, one per server that holds parameters."""
+        return [s for s in self._sessions if s is not None]
 
     @property
     def session(self) -> Session:
@@ -110,7 +111,7 @@ class RemoteMuon(torch.optim.Optimizer):
 
     def delete_sessions(self) -> None:
         """Frees the optimizer state on the server(s)."""
-        for session in self._sessions:
+        for session in self.sessions:
             session.delete()
 
     def _lr_scale(self) -> Optional[float]:
@@ -131,6 +132,8 @@ class RemoteMuon(torch.optim.Optimizer):
         lr_scale = self._lr_scale()
         calls = []
         for session, shard in zip(self._sessions, self._shards):
+            if session is None:
+                continue
             grads = {}
             for local, index in enumerate(shard):
                 g = self._order[index].grad
@@ -147,7 +150,8 @@ class RemoteMuon(torch.optim.Optimizer):
             if error is not None:
                 raise error
         results = [c.result() for c in calls]
-        for result, shard in zip(results, self._shards):
+        shards = [shard for session, shard in zip(self._sessions, self._shards) if session]
+        for result, shard in zip(results, shards):
             for local, update in result.updates.items():
                 p = self._order[shard[local]]
                 decay = result.decay[local]
@@ -165,6 +169,7 @@ class RemoteMuon(torch.optim.Optimizer):
         state["remote"] = {
             "step": self._step,
             "sessions": [{"server": server, "session_id": s.session_id, "token": s.token}
+                         if s is not None else {"server": server}
                          for server, s in zip(self._servers, self._sessions)],
         }
         return state
@@ -180,12 +185,15 @@ class RemoteMuon(torch.optim.Optimizer):
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "remote"})
         sessions = []
         for client, saved, own in zip(self._clients, remote["sessions"], self._sessions):
+            if own is None:
+                sessions.append(None)
+                continue
             session = client.attach(saved["session_id"], saved["token"], own.params)
             if session.step_number != remote["step"]:
                 raise ValueError(f"session {saved['session_id']} is at step "
                                  f"{session.step_number}, the state dict at step {remote['step']}")
             sessions.append(session)
-        for own in self._sessions:
+        for own in self.sessions:
             own.delete()
         self._sessions = sessions
         self._step = remote["step"]
