@@ -19,9 +19,11 @@
 //     e.create = [](const muon::EngineOptions& o) { return muon::CreateCudaEngine(o); };
 //     e.available = [] { return muon::CudaAvailable(); };
 //     e.tolerance.muon = 1e-2;  // bf16 products (2^-9 rounding)
-//     e.tolerance.muon_cancelling = 2.5e-2;
+//     e.tolerance.muon_cancelling = 4e-2;  // measured up to 2.3e-2 on an H100 (and one
+//                                          // polar_express run over 2.5e-2)
 //     e.tolerance.adamw = 1e-5;
 //     e.tolerance.orthogonality = 1e-2;
+//     e.supports_svd = false;
 //     return e;
 //   }
 //   MUON_INSTANTIATE_ENGINE_SUITE(Cuda, Cuda());
@@ -77,6 +79,9 @@ struct EngineUnderTest {
   std::function<absl::StatusOr<std::unique_ptr<Engine>>(const EngineOptions&)> create;
   // False: every test skips (e.g. no CUDA device).
   std::function<bool()> available = [] { return true; };
+  // False: the engine rejects the `svd` schedule (a reference-only schedule)
+  // with Unimplemented, which the suite then asserts instead of running it.
+  bool supports_svd = true;
   EngineTolerance tolerance;
 };
 
