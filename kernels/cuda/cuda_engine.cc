@@ -781,7 +781,9 @@ absl::Status CudaTransaction::Run(absl::Span<const GradientInput> grads,
         mp.d_m = d_x + it.matrix_offset * matrix;
         mp.n = p.size;
         mp.beta = static_cast<float>(hp.momentum);
-        mp.gain = hp.momentum_form == MomentumForm::kEma ? 1.0f - mp.beta : 1.0f;
+        // 1 − β from double, as the CPU engine (1.0f − float(β) is off by β's rounding).
+        mp.gain = hp.momentum_form == MomentumForm::kEma ? static_cast<float>(1.0 - hp.momentum)
+                                                         : 1.0f;
         mp.nesterov = hp.nesterov;
         mp.d_nonfinite = d_flags + i;
         RETURN_IF_CUDA_ERROR(LaunchMomentum(mp, stream), context);
@@ -829,6 +831,8 @@ absl::Status CudaTransaction::Run(absl::Span<const GradientInput> grads,
         ap.n = p.size;
         ap.beta1 = static_cast<float>(hp.beta1);
         ap.beta2 = static_cast<float>(hp.beta2);
+        ap.one_minus_beta1 = static_cast<float>(1.0 - hp.beta1);
+        ap.one_minus_beta2 = static_cast<float>(1.0 - hp.beta2);
         ap.eps = static_cast<float>(hp.eps);
         ap.lr = it.lr;
         ap.bias_correction1 = static_cast<float>(1.0 - std::pow(hp.beta1, t));

@@ -77,8 +77,8 @@ __global__ void AdamWKernel(AdamWParams p) {
        i += int64_t{gridDim.x} * kThreads) {
     const float g = Decode(p.d_grad, p.grad_type, i);
     bad |= !isfinite(g);
-    const float m = p.beta1 * p.d_m[i] + (1.0f - p.beta1) * g;
-    const float v = p.beta2 * p.d_v[i] + (1.0f - p.beta2) * g * g;
+    const float m = p.beta1 * p.d_m[i] + p.one_minus_beta1 * g;
+    const float v = p.beta2 * p.d_v[i] + p.one_minus_beta2 * g * g;
     p.d_m_out[i] = m;
     p.d_v_out[i] = v;
     const float u = -p.lr * (m / p.bias_correction1) / (sqrtf(v / p.bias_correction2) + p.eps);

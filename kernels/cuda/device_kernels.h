@@ -45,6 +45,8 @@ struct AdamWParams {
   float* d_v_out = nullptr;
   int64_t n = 0;
   float beta1 = 0, beta2 = 0, eps = 0;
+  // 1 − β1 and 1 − β2 rounded once from double (1.0f − float(0.999) is 1.3e-5 off).
+  float one_minus_beta1 = 0, one_minus_beta2 = 0;
   float lr = 0;
   float bias_correction1 = 1, bias_correction2 = 1;  // 1 − β^t
   const float* d_weights = nullptr;  // null when the engine holds no weights
