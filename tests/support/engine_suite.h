@@ -18,9 +18,11 @@
 //     e.name = "cuda";
 //     e.create = [](const muon::EngineOptions& o) { return muon::CreateCudaEngine(o); };
 //     e.available = [] { return muon::CudaAvailable(); };
-//     e.tolerance.muon = 1e-2;  // bf16 products (2^-9 rounding)
-//     e.tolerance.muon_cancelling = 4e-2;  // measured up to 2.3e-2 on an H100 (and one
-//                                          // polar_express run over 2.5e-2)
+//     // bf16 products (2^-9 rounding). Measured on an H100 over five runs:
+//     // dion and AOL schedules up to 1.09e-2, jordan and polar_express (whose
+//     // b·A + c·A² cancels near σ = 1) up to 3.2e-2.
+//     e.tolerance.muon = 2e-2;
+//     e.tolerance.muon_cancelling = 5e-2;
 //     e.tolerance.adamw = 1e-5;
 //     e.tolerance.orthogonality = 1e-2;
 //     e.supports_svd = false;
