@@ -595,26 +595,13 @@ absl::StatusOr<std::vector<std::shared_ptr<Param>>> CudaTransaction::Claim(
       const Param& p = **found;
       const std::string who =
           absl::StrCat("parameter '", p.spec.name, "' ", ShapeString(p.spec.shape));
-      const size_t want = static_cast<size_t>(p.size) * DTypeSize(p.spec.dtype);
       if (p.owner == this) {
         status = absl::InvalidArgumentError(absl::StrCat(who, " is given twice in one step"));
       } else if (p.owner != nullptr) {
         status =
             absl::FailedPreconditionError(absl::StrCat(who, " is in another step in progress"));
-      } else if (g.dtype != p.spec.dtype) {
-        status = absl::InvalidArgumentError(absl::StrCat(who, ": gradient dtype ",
-                                                         DTypeName(g.dtype), ", registered as ",
-                                                         DTypeName(p.spec.dtype)));
-      } else if (g.bytes.size() != want) {
-        status = absl::InvalidArgumentError(
-            absl::StrCat(who, ": gradient has ", g.bytes.size(), " bytes, expected ", want));
-      } else if (outputs[i].param != g.param ||
-                 outputs[i].bytes.size() !=
-                     static_cast<size_t>(p.size) * DTypeSize(outputs[i].dtype)) {
-        status = absl::InvalidArgumentError(
-            absl::StrCat(who, ": update output does not match the gradient's parameter or size"));
-      } else if (g.lr.has_value() && !(std::isfinite(*g.lr) && *g.lr >= 0)) {
-        status = absl::InvalidArgumentError(absl::StrCat(who, ": lr must be finite and >= 0"));
+      } else {
+        status = CheckStepInput(p.spec, g, outputs[i]);
       }
     }
     if (!status.ok()) {

@@ -1,6 +1,7 @@
 #include "muon/kernels/engine.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "absl/strings/str_cat.h"
 #include "muon/kernels/status_macros.h"
@@ -61,6 +62,30 @@ absl::StatusOr<std::unique_ptr<Engine>> CreateEngine(absl::string_view kind,
   if (kind == "auto") return CudaAvailable() ? CreateCudaEngine(options) : CreateCpuEngine(options);
   return absl::InvalidArgumentError(
       absl::StrCat("unknown engine '", kind, "'; expected auto, cpu or cuda"));
+}
+
+absl::Status CheckStepInput(const ParamSpec& spec, const GradientInput& grad,
+                            const UpdateOutput& output) {
+  const auto bad = [&](auto&&... what) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("parameter '", spec.name, "' ", ShapeString(spec.shape), what...));
+  };
+  const size_t elements = static_cast<size_t>(NumElements(spec.shape));
+  if (grad.dtype != spec.dtype) {
+    return bad(": gradient dtype ", DTypeName(grad.dtype), ", registered as ",
+               DTypeName(spec.dtype));
+  }
+  const size_t want = elements * DTypeSize(spec.dtype);
+  if (grad.bytes.size() != want) {
+    return bad(": gradient has ", grad.bytes.size(), " bytes, expected ", want);
+  }
+  if (output.param != grad.param || output.bytes.size() != elements * DTypeSize(output.dtype)) {
+    return bad(": update output does not match the gradient's parameter or size");
+  }
+  if (grad.lr.has_value() && !(std::isfinite(*grad.lr) && *grad.lr >= 0)) {
+    return bad(": lr must be finite and >= 0");
+  }
+  return absl::OkStatus();
 }
 
 int64_t StateBytes(const ParamSpec& spec) {

@@ -169,6 +169,12 @@ absl::StatusOr<std::unique_ptr<Engine>> CreateEngine(absl::string_view kind,
 // True when this build has the CUDA engine and a device is usable.
 bool CudaAvailable();
 
+// For engine implementations: checks one Compute input against its
+// parameter's spec (gradient dtype and byte count, the output's parameter and
+// size, a finite lr >= 0). InvalidArgument naming the parameter.
+absl::Status CheckStepInput(const ParamSpec& spec, const GradientInput& grad,
+                            const UpdateOutput& output);
+
 // Bytes of optimizer state an engine keeps for a spec (fp32 state vectors).
 int64_t StateBytes(const ParamSpec& spec);
 
