@@ -35,7 +35,15 @@ ABSL_FLAG(int, max_message_bytes, 4 << 20,
 ABSL_FLAG(int, max_concurrent_streams, 256,
           "Step streams open at once. Env MUON_MAX_CONCURRENT_STREAMS.");
 ABSL_FLAG(std::string, checkpoint_dir, "",
-          "Directory for checkpoints; empty: none. Env MUON_CHECKPOINT_DIR.");
+          "Directory for session checkpoints, restored at start; empty: none. Env "
+          "MUON_CHECKPOINT_DIR.");
+ABSL_FLAG(std::string, durability, "relaxed",
+          "relaxed: checkpoint every --checkpoint_every_steps steps, on the Checkpoint call and at "
+          "shutdown; strict: every step is on disk before it is acknowledged. Env "
+          "MUON_DURABILITY.");
+ABSL_FLAG(int, checkpoint_every_steps, 100,
+          "Relaxed durability: checkpoint each session every N steps; 0: never. Env "
+          "MUON_CHECKPOINT_EVERY_STEPS.");
 ABSL_FLAG(std::string, port_file, "",
           "Write the bound gRPC port to this file once serving. Env MUON_PORT_FILE.");
 ABSL_FLAG(int, scheduler_threads, 0,
@@ -80,6 +88,8 @@ bool FlagsFromEnv() {
          FromEnv(&FLAGS_max_message_bytes, "MUON_MAX_MESSAGE_BYTES") &&
          FromEnv(&FLAGS_max_concurrent_streams, "MUON_MAX_CONCURRENT_STREAMS") &&
          FromEnv(&FLAGS_checkpoint_dir, "MUON_CHECKPOINT_DIR") &&
+         FromEnv(&FLAGS_durability, "MUON_DURABILITY") &&
+         FromEnv(&FLAGS_checkpoint_every_steps, "MUON_CHECKPOINT_EVERY_STEPS") &&
          FromEnv(&FLAGS_port_file, "MUON_PORT_FILE") &&
          FromEnv(&FLAGS_scheduler_threads, "MUON_SCHEDULER_THREADS") &&
          FromEnv(&FLAGS_update_chunk_bytes, "MUON_UPDATE_CHUNK_BYTES") &&
@@ -126,6 +136,8 @@ int main(int argc, char** argv) {
   options.limits.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   options.limits.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
   options.checkpoint_dir = absl::GetFlag(FLAGS_checkpoint_dir);
+  options.durability = absl::AsciiStrToLower(absl::GetFlag(FLAGS_durability));
+  options.checkpoint_every_steps = absl::GetFlag(FLAGS_checkpoint_every_steps);
   options.scheduler_threads = absl::GetFlag(FLAGS_scheduler_threads);
   options.update_chunk_bytes = absl::GetFlag(FLAGS_update_chunk_bytes);
   options.orthogonality_sample_every = absl::GetFlag(FLAGS_orthogonality_sample_every);
@@ -142,12 +154,26 @@ int main(int argc, char** argv) {
     return 1;
   }
   std::cerr << "muon-server: serving muon.v1.Optimizer on port " << (*server)->port() << " (engine "
-            << options.engine << ")" << std::endl;
+            << options.engine << ")";
+  if (!options.checkpoint_dir.empty()) {
+    std::cerr << "; " << (*server)->restored_sessions() << " session(s) restored from "
+              << options.checkpoint_dir << ", durability " << options.durability;
+  }
+  std::cerr << std::endl;
 
   int signal = 0;
   sigwait(&stop_signals, &signal);
   std::cerr << "muon-server: signal " << signal << ", draining in-flight steps" << std::endl;
   const bool drained = (*server)->Drain(absl::Seconds(absl::GetFlag(FLAGS_drain_timeout_seconds)));
+  if (!options.checkpoint_dir.empty()) {
+    absl::StatusOr<int> written = (*server)->CheckpointAll();
+    if (written.ok()) {
+      std::cerr << "muon-server: wrote " << *written << " checkpoint(s) to "
+                << options.checkpoint_dir << std::endl;
+    } else {
+      std::cerr << "muon-server: checkpoint at shutdown failed: " << written.status() << std::endl;
+    }
+  }
   server->reset();
   std::cerr << "muon-server: " << (drained ? "drained, exiting" : "drain timed out, exiting")
             << std::endl;

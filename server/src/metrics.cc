@@ -175,6 +175,8 @@ void SessionReporter::SessionCreated() {
   created_->Increment();
   sessions_->Increment();
 }
+void SessionReporter::SessionRestored() { sessions_->Increment(); }
+
 void SessionReporter::SessionDeleted() { sessions_->Decrement(); }
 
 void RpcReporter::RequestDone(absl::string_view method, grpc::StatusCode code) {

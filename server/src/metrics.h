@@ -81,6 +81,8 @@ class StepReporter {
 class SessionReporter {
  public:
   void SessionCreated();
+  // A session restored from a checkpoint at start-up: live, not new.
+  void SessionRestored();
   void SessionDeleted();
 
  private:

@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "checkpoint.h"
 #include "metrics.h"
 #include "muon/kernels/engine.h"
 #include "muon/kernels/status_macros.h"
@@ -27,11 +28,13 @@ class ServerImpl {
  public:
   std::unique_ptr<Engine> engine;
   std::unique_ptr<Metrics> metrics;
+  std::unique_ptr<CheckpointStore> checkpoints;
   std::unique_ptr<ThreadPool> pool;
   std::unique_ptr<SessionRegistry> sessions;
   std::unique_ptr<OptimizerService> service;
   std::unique_ptr<grpc::Server> grpc_server;
   int port = 0;
+  int restored = 0;
 
   ~ServerImpl() {
     if (grpc_server != nullptr) {
@@ -97,6 +100,17 @@ absl::Status ValidateOptions(const ServerOptions& o) {
   if (o.update_chunk_bytes < 1024) {
     return absl::InvalidArgumentError("--update_chunk_bytes must be at least 1024");
   }
+  if (o.durability != "relaxed" && o.durability != "strict") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--durability=", o.durability, " is not a mode; use relaxed or strict"));
+  }
+  if (o.durability == "strict" && o.checkpoint_dir.empty()) {
+    return absl::InvalidArgumentError(
+        "--durability=strict needs --checkpoint_dir=DIR to write each step to");
+  }
+  if (o.checkpoint_every_steps < 0) {
+    return absl::InvalidArgumentError("--checkpoint_every_steps must be >= 0 (0: never)");
+  }
   return absl::OkStatus();
 }
 
@@ -117,8 +131,17 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   int threads = options.scheduler_threads;
   if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
   impl->pool = std::make_unique<ThreadPool>(threads);
+  DurabilityOptions durability;
+  if (!options.checkpoint_dir.empty()) {
+    MUON_ASSIGN_OR_RETURN(impl->checkpoints, CheckpointStore::Open(options.checkpoint_dir));
+    durability.store = impl->checkpoints.get();
+    durability.strict = options.durability == "strict";
+    durability.every_steps = options.checkpoint_every_steps;
+  }
   impl->sessions = std::make_unique<SessionRegistry>(impl->engine.get(), options.limits,
-                                                     impl->metrics->sessions());
+                                                     impl->metrics->sessions(), durability);
+  // Before the port opens, so no client sees a server without its sessions.
+  impl->restored = impl->sessions->RestoreAll();
   ServiceEnv env;
   env.engine = impl->engine.get();
   env.sessions = impl->sessions.get();
@@ -172,5 +195,16 @@ bool Server::Drain(absl::Duration timeout) {
 }
 
 void Server::Wait() { impl_->grpc_server->Wait(); }
+
+int Server::restored_sessions() const { return impl_->restored; }
+
+absl::StatusOr<int> Server::CheckpointAll() {
+  if (!impl_->sessions->checkpoints_enabled()) {
+    return absl::FailedPreconditionError("no --checkpoint_dir");
+  }
+  MUON_ASSIGN_OR_RETURN(std::vector<v1::SessionCheckpoint> written,
+                        impl_->sessions->CheckpointAll(absl::Seconds(1)));
+  return static_cast<int>(written.size());
+}
 
 }  // namespace muon::server

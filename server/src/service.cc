@@ -67,6 +67,9 @@ bool DrainGate::WaitForSteps(absl::Duration timeout) {
 
 namespace {
 
+// How long a Checkpoint call waits for a session's step in flight.
+constexpr absl::Duration kCheckpointWait = absl::Seconds(30);
+
 absl::Status Draining() {
   return absl::UnavailableError(
       "the server is shutting down; retry after it restarts or against another replica");
@@ -137,12 +140,34 @@ grpc::ServerUnaryReactor* OptimizerService::DeleteSession(grpc::CallbackServerCo
 }
 
 grpc::ServerUnaryReactor* OptimizerService::Checkpoint(grpc::CallbackServerContext* ctx,
-                                                       const v1::CheckpointRequest* /*request*/,
-                                                       v1::CheckpointResponse* /*response*/) {
+                                                       const v1::CheckpointRequest* request,
+                                                       v1::CheckpointResponse* response) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  reactor->Finish(ToGrpcStatus(absl::UnimplementedError(
-      "Checkpoint is not implemented in this server version yet; session state lives in memory "
-      "only")));
+  if (!env_.sessions->checkpoints_enabled()) {
+    reactor->Finish(ToGrpcStatus(absl::FailedPreconditionError(
+        "this server has no checkpoint directory; start it with --checkpoint_dir=DIR")));
+    return reactor;
+  }
+  // Writing waits for steps in flight and for the disk: off the reactor.
+  env_.pool->Schedule([this, reactor, request, response] {
+    absl::Status status;
+    if (request->session_id().empty()) {
+      absl::StatusOr<std::vector<v1::SessionCheckpoint>> all =
+          env_.sessions->CheckpointAll(kCheckpointWait);
+      if (all.ok()) {
+        for (v1::SessionCheckpoint& c : *all) *response->add_checkpoints() = std::move(c);
+      }
+      status = all.status();
+    } else {
+      absl::StatusOr<std::shared_ptr<Session>> session =
+          env_.sessions->Get(request->session_id(), request->token());
+      absl::StatusOr<v1::SessionCheckpoint> one =
+          session.ok() ? env_.sessions->Checkpoint(**session, kCheckpointWait) : session.status();
+      if (one.ok()) *response->add_checkpoints() = std::move(*one);
+      status = one.status();
+    }
+    reactor->Finish(ToGrpcStatus(status));
+  });
   return reactor;
 }
 

@@ -1,10 +1,13 @@
 #include "session.h"
 
+#include <algorithm>
+#include <iostream>
 #include <random>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "checkpoint.h"
 #include "convert.h"
 #include "metrics.h"
 #include "muon/kernels/status_macros.h"
@@ -25,18 +28,25 @@ void SetTimestamp(absl::Time t, google::protobuf::Timestamp* ts) {
   ts->set_nanos(static_cast<int32_t>(ns % 1000000000));
 }
 
+absl::Time FromTimestamp(const google::protobuf::Timestamp& ts) {
+  return absl::FromUnixSeconds(ts.seconds()) + absl::Nanoseconds(ts.nanos());
+}
+
 }  // namespace
 
-Session::Session(std::string id, std::string token, std::string name, v1::SessionMode mode,
-                 uint32_t num_workers, std::vector<SessionParam> params)
-    : id_(std::move(id)),
-      token_(std::move(token)),
-      name_(std::move(name)),
-      mode_(mode),
-      num_workers_(num_workers),
-      params_(std::move(params)),
-      create_time_(absl::Now()),
-      last_(num_workers) {}
+Session::Session(SessionInit init)
+    : id_(std::move(init.id)),
+      token_(std::move(init.token)),
+      config_(std::move(init.config)),
+      mode_(init.mode),
+      num_workers_(init.num_workers),
+      params_(std::move(init.params)),
+      create_time_(init.create_time),
+      step_(init.step),
+      last_step_time_(init.last_step_time),
+      last_(std::move(init.records)) {
+  last_.resize(num_workers_);
+}
 
 absl::Status Session::CheckToken(absl::string_view token) const {
   if (token.empty() || token == token_) return absl::OkStatus();
@@ -102,6 +112,40 @@ void Session::EndWeightsUpload() {
   in_flight_ = false;
 }
 
+absl::Status Session::Hold(absl::Duration wait) {
+  absl::MutexLock lock(&mu_);
+  auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !in_flight_ || deleted_; };
+  mu_.AwaitWithTimeout(absl::Condition(&idle), wait);
+  if (deleted_) return absl::NotFoundError(absl::StrCat("session ", id_, " was deleted"));
+  if (in_flight_) {
+    return absl::DeadlineExceededError(
+        absl::StrCat("session ", id_, " had a step in flight for ", absl::FormatDuration(wait),
+                     "; retry once its step has ended"));
+  }
+  in_flight_ = true;
+  return absl::OkStatus();
+}
+
+void Session::Release() {
+  absl::MutexLock lock(&mu_);
+  in_flight_ = false;
+}
+
+Session::Snapshot Session::TakeSnapshot() const {
+  absl::MutexLock lock(&mu_);
+  return Snapshot{step_, last_step_time_, last_};
+}
+
+bool Session::durable() const {
+  absl::MutexLock lock(&mu_);
+  return durable_;
+}
+
+void Session::set_durable(bool durable) {
+  absl::MutexLock lock(&mu_);
+  durable_ = durable;
+}
+
 absl::Status Session::MarkDeleted() {
   absl::MutexLock lock(&mu_);
   if (deleted_) return absl::NotFoundError(absl::StrCat("session ", id_, " was deleted"));
@@ -120,7 +164,7 @@ uint64_t Session::step() const {
 
 void Session::FillInfo(bool with_params, v1::SessionInfo* info) const {
   info->set_session_id(id_);
-  info->set_name(name_);
+  info->set_name(config_.name());
   info->set_mode(mode_);
   info->set_num_workers(num_workers_);
   info->set_num_params(static_cast<uint32_t>(params_.size()));
@@ -149,8 +193,9 @@ void Session::FillInfo(bool with_params, v1::SessionInfo* info) const {
   }
 }
 
-SessionRegistry::SessionRegistry(Engine* engine, const Limits& limits, SessionReporter* metrics)
-    : engine_(engine), limits_(limits), metrics_(metrics) {}
+SessionRegistry::SessionRegistry(Engine* engine, const Limits& limits, SessionReporter* metrics,
+                                 DurabilityOptions durability)
+    : engine_(engine), limits_(limits), metrics_(metrics), durability_(durability) {}
 
 SessionRegistry::~SessionRegistry() {
   absl::MutexLock lock(&mu_);
@@ -159,30 +204,13 @@ SessionRegistry::~SessionRegistry() {
   }
 }
 
-absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Create(
+absl::StatusOr<std::vector<SessionParam>> SessionRegistry::RegisterParams(
     const v1::CreateSessionRequest& request) {
   if (limits_.max_params_per_session > 0 &&
       request.params_size() > limits_.max_params_per_session) {
     return absl::ResourceExhaustedError(
         absl::StrCat("the session has ", request.params_size(), " parameters; this server allows ",
                      limits_.max_params_per_session, " per session (--max_params_per_session)"));
-  }
-  uint32_t num_workers = request.num_workers() == 0 ? 1 : request.num_workers();
-  v1::SessionMode mode = request.mode();
-  if (mode == v1::SESSION_MODE_UNSPECIFIED) mode = v1::SESSION_MODE_UPDATES;
-  if (mode != v1::SESSION_MODE_UPDATES && mode != v1::SESSION_MODE_PARAMETER_SERVER) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("unknown mode value ", static_cast<int>(mode),
-                     "; use SESSION_MODE_UPDATES or SESSION_MODE_PARAMETER_SERVER"));
-  }
-  if (mode == v1::SESSION_MODE_UPDATES && num_workers != 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "num_workers is ", num_workers,
-        " but UPDATES mode has exactly one worker; use SESSION_MODE_PARAMETER_SERVER"));
-  }
-  if (num_workers > 4096) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("num_workers is ", num_workers, "; at most 4096 are supported"));
   }
   MUON_ASSIGN_OR_RETURN(std::vector<ParamSpec> specs, SpecsFromRequest(request));
 
@@ -202,15 +230,6 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Create(
         "allows ",
         limits_.max_bytes_per_session, " per session (--max_bytes_per_session)"));
   }
-  {
-    absl::MutexLock lock(&mu_);
-    if (static_cast<int64_t>(sessions_.size()) + reserved_ >= limits_.max_sessions) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "this server already has ", sessions_.size(), " sessions, its limit", " (--max_sessions=",
-          limits_.max_sessions, "); delete unused sessions or raise the limit"));
-    }
-    ++reserved_;
-  }
   absl::Status status;
   size_t registered = 0;
   for (; registered < params.size(); ++registered) {
@@ -222,22 +241,183 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Create(
     params[registered].engine_id = *id;
   }
   if (!status.ok()) {
-    for (size_t i = 0; i < registered; ++i) engine_->Unregister(params[i].engine_id).IgnoreError();
-    absl::MutexLock lock(&mu_);
-    --reserved_;
+    UnregisterParams(absl::MakeConstSpan(params.data(), registered));
     const std::string& who = params[registered].spec.name;
     return absl::Status(status.code(), absl::StrCat("registering parameter ", registered, " ('",
                                                     who, "'): ", status.message()));
   }
-  auto session = std::make_shared<Session>(RandomHex(8), RandomHex(16), request.name(), mode,
-                                           num_workers, std::move(params));
-  {
-    absl::MutexLock lock(&mu_);
-    --reserved_;
-    sessions_.emplace(session->id(), session);
+  return params;
+}
+
+void SessionRegistry::UnregisterParams(absl::Span<const SessionParam> params) {
+  for (const SessionParam& p : params) engine_->Unregister(p.engine_id).IgnoreError();
+}
+
+absl::Status SessionRegistry::Reserve() {
+  absl::MutexLock lock(&mu_);
+  if (static_cast<int64_t>(sessions_.size()) + reserved_ >= limits_.max_sessions) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "this server already has ", sessions_.size(), " sessions, its limit", " (--max_sessions=",
+        limits_.max_sessions, "); delete unused sessions or raise the limit"));
   }
+  ++reserved_;
+  return absl::OkStatus();
+}
+
+void SessionRegistry::AddReserved(std::shared_ptr<Session> session) {
+  absl::MutexLock lock(&mu_);
+  --reserved_;
+  if (session != nullptr) sessions_.emplace(session->id(), std::move(session));
+}
+
+absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Create(
+    const v1::CreateSessionRequest& request) {
+  uint32_t num_workers = request.num_workers() == 0 ? 1 : request.num_workers();
+  v1::SessionMode mode = request.mode();
+  if (mode == v1::SESSION_MODE_UNSPECIFIED) mode = v1::SESSION_MODE_UPDATES;
+  if (mode != v1::SESSION_MODE_UPDATES && mode != v1::SESSION_MODE_PARAMETER_SERVER) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown mode value ", static_cast<int>(mode),
+                     "; use SESSION_MODE_UPDATES or SESSION_MODE_PARAMETER_SERVER"));
+  }
+  if (mode == v1::SESSION_MODE_UPDATES && num_workers != 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "num_workers is ", num_workers,
+        " but UPDATES mode has exactly one worker; use SESSION_MODE_PARAMETER_SERVER"));
+  }
+  if (num_workers > 4096) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("num_workers is ", num_workers, "; at most 4096 are supported"));
+  }
+  MUON_RETURN_IF_ERROR(Reserve());
+  absl::StatusOr<std::vector<SessionParam>> params = RegisterParams(request);
+  if (!params.ok()) {
+    AddReserved(nullptr);
+    return params.status();
+  }
+  SessionInit init;
+  init.id = RandomHex(8);
+  init.token = RandomHex(16);
+  init.config = request;
+  init.mode = mode;
+  init.num_workers = num_workers;
+  init.params = std::move(*params);
+  init.create_time = absl::Now();
+  auto session = std::make_shared<Session>(std::move(init));
+  AddReserved(session);
   metrics_->SessionCreated();
   return session;
+}
+
+int SessionRegistry::RestoreAll() {
+  if (durability_.store == nullptr) return 0;
+  absl::StatusOr<std::vector<std::string>> paths = durability_.store->List();
+  if (!paths.ok()) {
+    std::cerr << "muon-server: cannot restore sessions: " << paths.status() << std::endl;
+    return 0;
+  }
+  int restored = 0;
+  for (const std::string& path : *paths) {
+    absl::Status status = Restore(path);
+    if (status.ok()) {
+      ++restored;
+    } else {
+      std::cerr << "muon-server: skipping checkpoint " << path << ": " << status << std::endl;
+    }
+  }
+  return restored;
+}
+
+absl::Status SessionRegistry::Restore(const std::string& path) {
+  MUON_ASSIGN_OR_RETURN(LoadedCheckpoint checkpoint, ReadCheckpoint(path));
+  const storage::CheckpointMeta& meta = checkpoint.meta;
+  {
+    absl::MutexLock lock(&mu_);
+    if (sessions_.contains(meta.session_id())) {
+      return absl::AlreadyExistsError(
+          absl::StrCat("session ", meta.session_id(), " is already on this server"));
+    }
+  }
+  SessionInit init;
+  init.id = meta.session_id();
+  init.token = meta.token();
+  init.config = meta.config();
+  init.mode = meta.config().mode() == v1::SESSION_MODE_PARAMETER_SERVER
+                  ? v1::SESSION_MODE_PARAMETER_SERVER
+                  : v1::SESSION_MODE_UPDATES;
+  init.num_workers = std::max<uint32_t>(1, meta.config().num_workers());
+  init.create_time = FromTimestamp(meta.create_time());
+  init.step = meta.step();
+  if (meta.has_last_step_time()) init.last_step_time = FromTimestamp(meta.last_step_time());
+  MUON_ASSIGN_OR_RETURN(init.records, RecordsFromCheckpoint(checkpoint, init.num_workers));
+  MUON_RETURN_IF_ERROR(Reserve());
+  absl::StatusOr<std::vector<SessionParam>> params = RegisterParams(meta.config());
+  if (!params.ok()) {
+    AddReserved(nullptr);
+    return params.status();
+  }
+  absl::Status status;
+  for (size_t i = 0; i < params->size() && status.ok(); ++i) {
+    absl::StatusOr<ParamState> state = ParamStateFromCheckpoint(checkpoint, static_cast<int>(i));
+    status = state.ok() ? engine_->ImportState((*params)[i].engine_id, *state) : state.status();
+  }
+  if (!status.ok()) {
+    UnregisterParams(*params);
+    AddReserved(nullptr);
+    return status;
+  }
+  init.params = std::move(*params);
+  AddReserved(std::make_shared<Session>(std::move(init)));
+  metrics_->SessionRestored();
+  return absl::OkStatus();
+}
+
+bool SessionRegistry::CheckpointsAtCommit(uint64_t step) const {
+  if (durability_.store == nullptr) return false;
+  if (durability_.strict) return true;
+  return durability_.every_steps > 0 && step % durability_.every_steps == 0;
+}
+
+absl::Status SessionRegistry::CheckpointCommit(Session& session,
+                                               const Session::Snapshot& snapshot) {
+  absl::StatusOr<v1::SessionCheckpoint> written =
+      durability_.store->Write(session, snapshot, *engine_);
+  session.set_durable(written.ok());
+  return written.status();
+}
+
+absl::StatusOr<v1::SessionCheckpoint> SessionRegistry::Checkpoint(Session& session,
+                                                                  absl::Duration wait) {
+  if (durability_.store == nullptr) {
+    return absl::FailedPreconditionError(
+        "this server has no checkpoint directory; start it with --checkpoint_dir=DIR");
+  }
+  MUON_RETURN_IF_ERROR(session.Hold(wait));
+  absl::StatusOr<v1::SessionCheckpoint> written =
+      durability_.store->Write(session, session.TakeSnapshot(), *engine_);
+  if (written.ok()) session.set_durable(true);
+  session.Release();
+  return written;
+}
+
+absl::StatusOr<std::vector<v1::SessionCheckpoint>> SessionRegistry::CheckpointAll(
+    absl::Duration wait) {
+  std::vector<std::shared_ptr<Session>> sessions = List();
+  std::sort(sessions.begin(), sessions.end(),
+            [](const auto& a, const auto& b) { return a->id() < b->id(); });
+  std::vector<v1::SessionCheckpoint> written;
+  absl::Status first_error;
+  for (const std::shared_ptr<Session>& session : sessions) {
+    absl::StatusOr<v1::SessionCheckpoint> one = Checkpoint(*session, wait);
+    if (one.ok()) {
+      written.push_back(std::move(*one));
+    } else if (!absl::IsNotFound(one.status()) && first_error.ok()) {
+      // NotFound: deleted meanwhile, nothing to keep.
+      first_error = one.status();
+    }
+  }
+  if (!first_error.ok()) return first_error;
+  return written;
 }
 
 absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Get(absl::string_view id,
@@ -278,6 +458,8 @@ absl::Status SessionRegistry::Delete(absl::string_view id, absl::string_view tok
     MUON_RETURN_IF_ERROR(engine_->Unregister(p.engine_id));
   }
   metrics_->SessionDeleted();
+  // Else the deleted session would come back at the next start.
+  if (durability_.store != nullptr) return durability_.store->Remove(session->id());
   return absl::OkStatus();
 }
 

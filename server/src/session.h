@@ -17,6 +17,7 @@
 
 namespace muon::server {
 
+class CheckpointStore;
 class SessionReporter;
 
 // One registered parameter of a session.
@@ -34,12 +35,30 @@ struct StepRecord {
   std::vector<std::shared_ptr<const v1::StepResponse>> responses;
 };
 
+// What a session starts from: a new session (step 0, no records) or one
+// restored from a checkpoint.
+struct SessionInit {
+  std::string id;
+  std::string token;
+  // The request that created it (name, mode, parameters, hyper-parameters),
+  // kept for checkpoints.
+  v1::CreateSessionRequest config;
+  v1::SessionMode mode = v1::SESSION_MODE_UPDATES;
+  uint32_t num_workers = 1;
+  std::vector<SessionParam> params;
+  absl::Time create_time;
+  uint64_t step = 0;
+  absl::Time last_step_time = absl::InfinitePast();
+  // Per worker (num_workers entries, null where none): the last committed
+  // step's responses.
+  std::vector<std::shared_ptr<const StepRecord>> records;
+};
+
 // A session: immutable configuration plus its step counter, the in-flight
 // flag and the last step's record. Thread-safe.
 class Session {
  public:
-  Session(std::string id, std::string token, std::string name, v1::SessionMode mode,
-          uint32_t num_workers, std::vector<SessionParam> params);
+  explicit Session(SessionInit init);
 
   const std::string& id() const { return id_; }
   // Secret; only CreateSession returns it.
@@ -47,6 +66,8 @@ class Session {
   v1::SessionMode mode() const { return mode_; }
   uint32_t num_workers() const { return num_workers_; }
   const std::vector<SessionParam>& params() const { return params_; }
+  const v1::CreateSessionRequest& config() const { return config_; }
+  absl::Time create_time() const { return create_time_; }
 
   // Ok for an empty token (tokens are not yet required) or the session's.
   // Unauthenticated otherwise.
@@ -74,6 +95,26 @@ class Session {
   absl::Status BeginWeightsUpload();
   void EndWeightsUpload();
 
+  // Holds the in-flight slot for a checkpoint, waiting up to `wait` for a
+  // step in flight to end: while held, the engine state is the committed
+  // step's. DeadlineExceeded when the session stayed busy; NotFound once
+  // deleted. REQUIRES: Release afterwards.
+  absl::Status Hold(absl::Duration wait);
+  void Release();
+
+  // The committed step and what a checkpoint of it records.
+  struct Snapshot {
+    uint64_t step = 0;
+    absl::Time last_step_time;
+    std::vector<std::shared_ptr<const StepRecord>> records;  // per worker
+  };
+  Snapshot TakeSnapshot() const;
+
+  // Strict durability: false from a failed checkpoint write of the committed
+  // step until a write succeeds; such a step is not acknowledged.
+  bool durable() const;
+  void set_durable(bool durable);
+
   // Marks the session deleted. FailedPrecondition while a step is in flight.
   absl::Status MarkDeleted();
 
@@ -84,7 +125,7 @@ class Session {
  private:
   const std::string id_;
   const std::string token_;
-  const std::string name_;
+  const v1::CreateSessionRequest config_;
   const v1::SessionMode mode_;
   const uint32_t num_workers_;
   const std::vector<SessionParam> params_;
@@ -94,17 +135,54 @@ class Session {
   uint64_t step_ ABSL_GUARDED_BY(mu_) = 0;
   bool in_flight_ ABSL_GUARDED_BY(mu_) = false;
   bool deleted_ ABSL_GUARDED_BY(mu_) = false;
-  absl::Time last_step_time_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
+  bool durable_ ABSL_GUARDED_BY(mu_) = true;
+  absl::Time last_step_time_ ABSL_GUARDED_BY(mu_);
   // Per worker: the last committed step's responses.
   std::vector<std::shared_ptr<const StepRecord>> last_ ABSL_GUARDED_BY(mu_);
+};
+
+// When sessions are written to disk (docs/operations.md, "Durability").
+struct DurabilityOptions {
+  // Null: no checkpoints.
+  const CheckpointStore* store = nullptr;
+  // Every step is on disk before it is acknowledged.
+  bool strict = false;
+  // Otherwise: a checkpoint at every Nth step of a session; 0: none.
+  int every_steps = 0;
 };
 
 // All sessions of the server. Thread-safe.
 class SessionRegistry {
  public:
-  // engine and metrics must outlive the registry.
-  SessionRegistry(Engine* engine, const Limits& limits, SessionReporter* metrics);
+  // engine, metrics and durability.store must outlive the registry.
+  SessionRegistry(Engine* engine, const Limits& limits, SessionReporter* metrics,
+                  DurabilityOptions durability = {});
   ~SessionRegistry();
+
+  // Restores every session of the checkpoint directory. A file that cannot
+  // be read or restored is skipped with a logged error (it stays on disk for
+  // an operator). Returns how many sessions were restored.
+  int RestoreAll();
+
+  bool checkpoints_enabled() const { return durability_.store != nullptr; }
+  bool strict() const { return durability_.store != nullptr && durability_.strict; }
+
+  // Whether the commit of `step` must write a checkpoint before the step is
+  // acknowledged.
+  bool CheckpointsAtCommit(uint64_t step) const;
+
+  // For a commit under way: the session is held (its step in flight) and the
+  // engine state is already `snapshot`'s step. Writes it; on failure marks
+  // the session not durable.
+  absl::Status CheckpointCommit(Session& session, const Session::Snapshot& snapshot);
+
+  // Holds the session (waiting up to `wait` for its step in flight) and
+  // writes its committed state. FailedPrecondition without a checkpoint
+  // directory.
+  absl::StatusOr<v1::SessionCheckpoint> Checkpoint(Session& session, absl::Duration wait);
+
+  // Checkpoint of every session; the first error after trying them all.
+  absl::StatusOr<std::vector<v1::SessionCheckpoint>> CheckpointAll(absl::Duration wait);
 
   // Validates the request, registers every parameter with the engine (all
   // or none) and adds the session. InvalidArgument for a bad request;
@@ -121,9 +199,20 @@ class SessionRegistry {
   absl::Status Delete(absl::string_view id, absl::string_view token);
 
  private:
+  absl::Status Restore(const std::string& path);
+  // Checks the limits on one session and registers its parameters with the
+  // engine, all or none.
+  absl::StatusOr<std::vector<SessionParam>> RegisterParams(const v1::CreateSessionRequest& request);
+  void UnregisterParams(absl::Span<const SessionParam> params);
+  // Counts a session being created against --max_sessions; AddReserved
+  // adds it (or, given null, just ends the reservation).
+  absl::Status Reserve();
+  void AddReserved(std::shared_ptr<Session> session);
+
   Engine* const engine_;
   const Limits limits_;
   SessionReporter* const metrics_;
+  const DurabilityOptions durability_;
 
   mutable absl::Mutex mu_;
   absl::flat_hash_map<std::string, std::shared_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);

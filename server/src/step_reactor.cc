@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <deque>
+#include <iostream>
 #include <memory>
 #include <optional>
 #include <utility>
@@ -366,6 +367,30 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
   }
 
   void StartReplay() {
+    if (env_->sessions->strict() && !session_->durable()) {
+      {
+        absl::MutexLock lock(&mu_);
+        ++refs_;
+      }
+      env_->pool->Schedule([this] {
+        absl::StatusOr<v1::SessionCheckpoint> written =
+            env_->sessions->Checkpoint(*session_, absl::ZeroDuration());
+        if (written.ok()) {
+          ReplayRecorded();
+        } else {
+          Fail(absl::UnavailableError(absl::StrCat(
+              "step ", replay_->step, " of session ", session_->id(),
+              " is applied but still not on disk (", written.status().message(),
+              "); retry it once the checkpoint directory is writable")));
+        }
+        Unref();
+      });
+      return;
+    }
+    ReplayRecorded();
+  }
+
+  void ReplayRecorded() {
     Actions actions;
     {
       absl::MutexLock lock(&mu_);
@@ -508,58 +533,104 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
 
   void CommitStep() {
     absl::Status status = txn_->Commit();
+    std::shared_ptr<const StepRecord> record;
+    if (!status.ok()) {
+      Actions actions;
+      {
+        absl::MutexLock lock(&mu_);
+        compute_running_ = false;
+        FailLocked(status, &actions);
+        ReleaseLocked();
+        TryFinishLocked(&actions);
+      }
+      Run(actions);
+      return;
+    }
+    {
+      absl::MutexLock lock(&mu_);
+      committed_ = true;
+      txn_.reset();
+      record_.responses.push_back(SummaryLocked());
+      record = std::make_shared<const StepRecord>(std::move(record_));
+    }
+    // Outside mu_: the write may take long, and the stream's reactions need
+    // mu_ meanwhile. The session stays held (in flight) until CommitStep.
+    absl::Status durable = WriteCheckpointIfDue(record);
     Actions actions;
     {
       absl::MutexLock lock(&mu_);
       compute_running_ = false;
-      if (!status.ok()) {
-        FailLocked(status, &actions);
-        ReleaseLocked();
-        TryFinishLocked(&actions);
+      session_->CommitStep(header_.worker_id(), record);
+      admitted_ = false;
+      if (!durable.ok()) {
+        FailLocked(durable, &actions);
+        TryFinishLocked(&actions);  // a stream that failed earlier waited for the release
       } else {
-        committed_ = true;
-        txn_.reset();
-        auto response = std::make_shared<v1::StepResponse>();
-        v1::StepSummary* summary = response->mutable_summary();
-        summary->set_step(record_.step);
-        for (uint32_t i : step_params_) summary->add_param_indices(i);
-        StepTimings timings;
-        timings.receive = receive_seconds_;
-        timings.queue = queue_seconds_;
-        timings.compute = compute_seconds_;
-        timings.send = send_seconds_;
-        timings.total = absl::ToDoubleSeconds(absl::Now() - start_time_);
-        v1::StepTimings* t = summary->mutable_timings();
-        t->set_receive_seconds(timings.receive);
-        t->set_queue_seconds(timings.queue);
-        t->set_compute_seconds(timings.compute);
-        t->set_send_seconds(timings.send);
-        t->set_total_seconds(timings.total);
-        env_->step_metrics->StepCommitted(timings, static_cast<int64_t>(step_params_.size()));
-        std::sort(ortho_.begin(), ortho_.end());
-        for (const auto& [index, error] : ortho_) {
-          env_->step_metrics->OrthogonalityError(session_->params()[index].spec.hp.ns_schedule,
-                                                 error);
-          // Server-side samples stay out of the reply: the client did not ask.
-          if (!header_.measure_orthogonality()) continue;
-          v1::OrthogonalityError* e = summary->add_orthogonality_errors();
-          e->set_param_index(index);
-          e->set_error(error);
-        }
-        summary->set_bytes_received(static_cast<uint64_t>(bytes_received_));
-        summary->set_bytes_sent(static_cast<uint64_t>(bytes_sent_));
-        summary->set_ns_flops(ns_flops_);
-        record_.responses.push_back(response);
-        session_->CommitStep(header_.worker_id(),
-                             std::make_shared<const StepRecord>(std::move(record_)));
-        admitted_ = false;
-        writes_.push_back(std::move(response));
+        writes_.push_back(record->responses.back());
         finish_requested_ = true;
         NextWriteLocked(&actions);
         TryFinishLocked(&actions);
       }
     }
     Run(actions);
+  }
+
+  // The summary of the step just committed in the engine; reports metrics.
+  StepResponsePtr SummaryLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    auto response = std::make_shared<v1::StepResponse>();
+    v1::StepSummary* summary = response->mutable_summary();
+    summary->set_step(record_.step);
+    for (uint32_t i : step_params_) summary->add_param_indices(i);
+    StepTimings timings;
+    timings.receive = receive_seconds_;
+    timings.queue = queue_seconds_;
+    timings.compute = compute_seconds_;
+    timings.send = send_seconds_;
+    timings.total = absl::ToDoubleSeconds(absl::Now() - start_time_);
+    v1::StepTimings* t = summary->mutable_timings();
+    t->set_receive_seconds(timings.receive);
+    t->set_queue_seconds(timings.queue);
+    t->set_compute_seconds(timings.compute);
+    t->set_send_seconds(timings.send);
+    t->set_total_seconds(timings.total);
+    env_->step_metrics->StepCommitted(timings, static_cast<int64_t>(step_params_.size()));
+    std::sort(ortho_.begin(), ortho_.end());
+    for (const auto& [index, error] : ortho_) {
+      env_->step_metrics->OrthogonalityError(session_->params()[index].spec.hp.ns_schedule, error);
+      // Server-side samples stay out of the reply: the client did not ask.
+      if (!header_.measure_orthogonality()) continue;
+      v1::OrthogonalityError* e = summary->add_orthogonality_errors();
+      e->set_param_index(index);
+      e->set_error(error);
+    }
+    summary->set_bytes_received(static_cast<uint64_t>(bytes_received_));
+    summary->set_bytes_sent(static_cast<uint64_t>(bytes_sent_));
+    summary->set_ns_flops(ns_flops_);
+    return response;
+  }
+
+  // Writes the session as of the step just committed in the engine when
+  // durability asks for it. Only a strict server fails the step on a failed
+  // write (the step stays applied in memory; its retry is answered once a
+  // write succeeds); otherwise the error is logged and the next checkpoint
+  // tries again.
+  absl::Status WriteCheckpointIfDue(const std::shared_ptr<const StepRecord>& record) {
+    SessionRegistry* sessions = env_->sessions;
+    if (!sessions->CheckpointsAtCommit(record->step)) return absl::OkStatus();
+    Session::Snapshot snapshot = session_->TakeSnapshot();
+    snapshot.step = record->step;
+    snapshot.last_step_time = absl::Now();
+    snapshot.records[header_.worker_id()] = record;
+    absl::Status status = sessions->CheckpointCommit(*session_, snapshot);
+    if (status.ok()) return status;
+    std::cerr << "muon-server: checkpoint of session " << session_->id() << " at step "
+              << record->step << " failed: " << status << std::endl;
+    if (!sessions->strict()) return absl::OkStatus();
+    return absl::UnavailableError(absl::StrCat(
+        "step ", record->step, " of session ", session_->id(),
+        " was applied but could not be written to disk (", status.message(),
+        "), and this server acknowledges only durable steps (--durability=strict); retry the "
+        "same step: it is answered once the checkpoint directory is writable again"));
   }
 
   // Shared ----------------------------------------------------------------

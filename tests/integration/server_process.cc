@@ -1,5 +1,6 @@
 #include "server_process.h"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
 #include <stdlib.h>
@@ -23,7 +24,7 @@ std::string TestEngine() {
 }
 
 absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(
-    const std::vector<std::string>& extra_flags) {
+    const std::vector<std::string>& extra_flags, const std::string& stderr_path) {
   const char* bin = std::getenv("MUON_SERVER_BIN");
   if (bin == nullptr) return absl::FailedPreconditionError("set MUON_SERVER_BIN");
   std::unique_ptr<ServerProcess> p(new ServerProcess());
@@ -37,9 +38,15 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(
   std::vector<char*> argv;
   for (std::string& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
-  if (posix_spawn(&p->pid_, bin, nullptr, nullptr, argv.data(), environ) != 0) {
-    return absl::InternalError(absl::StrCat("cannot start ", bin));
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  if (!stderr_path.empty()) {
+    posix_spawn_file_actions_addopen(&actions, 2, stderr_path.c_str(),
+                                     O_WRONLY | O_CREAT | O_APPEND, 0600);
   }
+  const int spawned = posix_spawn(&p->pid_, bin, &actions, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  if (spawned != 0) return absl::InternalError(absl::StrCat("cannot start ", bin));
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
   while (std::chrono::steady_clock::now() < deadline) {
     std::ifstream in(port_file);

@@ -21,8 +21,10 @@ std::string TestEngine();
 // kills the process if it is still running.
 class ServerProcess {
  public:
+  // stderr_path: where the server's stderr goes (appended); empty: the
+  // test's stderr.
   static absl::StatusOr<std::unique_ptr<ServerProcess>> Start(
-      const std::vector<std::string>& extra_flags = {});
+      const std::vector<std::string>& extra_flags = {}, const std::string& stderr_path = "");
   ~ServerProcess();
 
   int port() const { return port_; }

@@ -544,14 +544,6 @@ TEST_F(ServerTest, GetListDeleteSession) {
   EXPECT_CODE(Good(session, 1, RandomGradients(model, 1)).status, NOT_FOUND, session);
 }
 
-TEST_F(ServerTest, NotYetImplementedCallsSaySo) {
-  const std::string session = NewSession(SmallModel());
-  absl::StatusOr<std::vector<v1::SessionCheckpoint>> checkpoint =
-      client_->Checkpoint(&handles_[session]);
-  EXPECT_EQ(checkpoint.status().code(), absl::StatusCode::kUnimplemented);
-  EXPECT_THAT(std::string(checkpoint.status().message()), HasSubstr("Checkpoint"));
-}
-
 TEST_F(ServerTest, EightClientsOnEightSessionsMatchSerialRuns) {
   constexpr int kClients = 8;
   constexpr int kSteps = 4;

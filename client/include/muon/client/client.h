@@ -191,8 +191,8 @@ class Client {
   absl::Status DeleteSession(const SessionHandle& session);
 
   // Writes the session's state (or, with a null session, every session's) to
-  // the server's checkpoint directory. UNIMPLEMENTED on servers without
-  // checkpoints.
+  // the server's checkpoint directory. FAILED_PRECONDITION on a server
+  // without --checkpoint_dir.
   absl::StatusOr<std::vector<v1::SessionCheckpoint>> Checkpoint(const SessionHandle* session);
 
   // The generated stub on this client's channel, for calls this class does

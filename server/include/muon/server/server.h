@@ -36,8 +36,15 @@ struct ServerOptions {
   // CUDA device ordinal.
   int device = 0;
   Limits limits;
-  // Directory for checkpoints; empty: checkpoints disabled.
+  // Directory for checkpoints; empty: checkpoints disabled. Sessions found
+  // there are restored at start.
   std::string checkpoint_dir;
+  // "relaxed": checkpoints every checkpoint_every_steps steps, on the
+  // Checkpoint call and at shutdown. "strict": also every step, before the
+  // step is acknowledged. Needs checkpoint_dir.
+  std::string durability = "relaxed";
+  // Relaxed durability: checkpoint a session at every Nth step; 0: never.
+  int checkpoint_every_steps = 100;
   // Threads that run engine work; 0: one per core.
   int scheduler_threads = 0;
   // Largest UpdateChunk payload; clamped below max_message_bytes.
@@ -72,6 +79,13 @@ class Server {
 
   // Blocks until the server has shut down.
   void Wait();
+
+  // Sessions restored from checkpoint_dir at start.
+  int restored_sessions() const;
+
+  // Writes every session to checkpoint_dir (after Drain, at shutdown).
+  // FailedPrecondition without checkpoint_dir.
+  absl::StatusOr<int> CheckpointAll();
 
  private:
   explicit Server(std::unique_ptr<ServerImpl> impl);
