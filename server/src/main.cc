@@ -44,6 +44,9 @@ ABSL_FLAG(std::string, durability, "relaxed",
 ABSL_FLAG(int, checkpoint_every_steps, 100,
           "Relaxed durability: checkpoint each session every N steps; 0: never. Env "
           "MUON_CHECKPOINT_EVERY_STEPS.");
+ABSL_FLAG(double, worker_timeout_seconds, 120,
+          "PARAMETER_SERVER sessions: how long a step waits for all its workers before it fails "
+          "for all of them, unapplied. Env MUON_WORKER_TIMEOUT_SECONDS.");
 ABSL_FLAG(std::string, port_file, "",
           "Write the bound gRPC port to this file once serving. Env MUON_PORT_FILE.");
 ABSL_FLAG(int, scheduler_threads, 0,
@@ -90,6 +93,7 @@ bool FlagsFromEnv() {
          FromEnv(&FLAGS_checkpoint_dir, "MUON_CHECKPOINT_DIR") &&
          FromEnv(&FLAGS_durability, "MUON_DURABILITY") &&
          FromEnv(&FLAGS_checkpoint_every_steps, "MUON_CHECKPOINT_EVERY_STEPS") &&
+         FromEnv(&FLAGS_worker_timeout_seconds, "MUON_WORKER_TIMEOUT_SECONDS") &&
          FromEnv(&FLAGS_port_file, "MUON_PORT_FILE") &&
          FromEnv(&FLAGS_scheduler_threads, "MUON_SCHEDULER_THREADS") &&
          FromEnv(&FLAGS_update_chunk_bytes, "MUON_UPDATE_CHUNK_BYTES") &&
@@ -138,6 +142,7 @@ int main(int argc, char** argv) {
   options.checkpoint_dir = absl::GetFlag(FLAGS_checkpoint_dir);
   options.durability = absl::AsciiStrToLower(absl::GetFlag(FLAGS_durability));
   options.checkpoint_every_steps = absl::GetFlag(FLAGS_checkpoint_every_steps);
+  options.worker_timeout = absl::Seconds(absl::GetFlag(FLAGS_worker_timeout_seconds));
   options.scheduler_threads = absl::GetFlag(FLAGS_scheduler_threads);
   options.update_chunk_bytes = absl::GetFlag(FLAGS_update_chunk_bytes);
   options.orthogonality_sample_every = absl::GetFlag(FLAGS_orthogonality_sample_every);

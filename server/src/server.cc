@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
 #include "checkpoint.h"
 #include "metrics.h"
 #include "muon/kernels/engine.h"
@@ -33,10 +34,17 @@ class ServerImpl {
   std::unique_ptr<SessionRegistry> sessions;
   std::unique_ptr<OptimizerService> service;
   std::unique_ptr<grpc::Server> grpc_server;
+  // Fails parameter-server rounds whose workers are late.
+  std::thread watchdog;
+  absl::Notification stop_watchdog;
   int port = 0;
   int restored = 0;
 
   ~ServerImpl() {
+    if (watchdog.joinable()) {
+      stop_watchdog.Notify();
+      watchdog.join();
+    }
     if (grpc_server != nullptr) {
       grpc_server->Shutdown(std::chrono::system_clock::now());
       grpc_server->Wait();
@@ -82,6 +90,13 @@ class RpcCountingFactory final : public grpc::experimental::ServerInterceptorFac
   RpcReporter* const reporter_;
 };
 
+// The largest UpdateChunk payload: leaves room for the chunk's other fields
+// under the message limit.
+int64_t UpdateChunkBytes(const ServerOptions& o) {
+  return std::max<int64_t>(1024, std::min<int64_t>(o.update_chunk_bytes,
+                                                   o.limits.max_message_bytes - 1024));
+}
+
 absl::Status ValidateOptions(const ServerOptions& o) {
   if (o.listen.empty()) return absl::InvalidArgumentError("--listen is empty; use HOST:PORT");
   if (o.memory_budget_bytes < 0) {
@@ -107,6 +122,9 @@ absl::Status ValidateOptions(const ServerOptions& o) {
   if (o.durability == "strict" && o.checkpoint_dir.empty()) {
     return absl::InvalidArgumentError(
         "--durability=strict needs --checkpoint_dir=DIR to write each step to");
+  }
+  if (o.worker_timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("--worker_timeout_seconds must be > 0");
   }
   if (o.checkpoint_every_steps < 0) {
     return absl::InvalidArgumentError("--checkpoint_every_steps must be >= 0 (0: never)");
@@ -138,8 +156,12 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
     durability.strict = options.durability == "strict";
     durability.every_steps = options.checkpoint_every_steps;
   }
-  impl->sessions = std::make_unique<SessionRegistry>(impl->engine.get(), options.limits,
-                                                     impl->metrics->sessions(), durability);
+  RoundOptions rounds;
+  rounds.metrics = impl->metrics->steps();
+  rounds.worker_timeout = options.worker_timeout;
+  rounds.chunk_bytes = UpdateChunkBytes(options);
+  impl->sessions = std::make_unique<SessionRegistry>(
+      impl->engine.get(), options.limits, impl->metrics->sessions(), durability, rounds);
   // Before the port opens, so no client sees a server without its sessions.
   impl->restored = impl->sessions->RestoreAll();
   ServiceEnv env;
@@ -177,6 +199,11 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
                      " (address in use or not local?); pick another with --listen=HOST:PORT"));
   }
   impl->grpc_server->GetHealthCheckService()->SetServingStatus(true);
+  impl->watchdog = std::thread([sessions = impl->sessions.get(), stop = &impl->stop_watchdog] {
+    while (!stop->WaitForNotificationWithTimeout(absl::Milliseconds(100))) {
+      sessions->ExpireRounds(absl::Now());
+    }
+  });
   return std::unique_ptr<Server>(new Server(std::move(impl)));
 }
 

@@ -10,6 +10,7 @@
 #include "checkpoint.h"
 #include "convert.h"
 #include "metrics.h"
+#include "ps_round.h"
 #include "muon/kernels/status_macros.h"
 
 namespace muon::server {
@@ -54,33 +55,75 @@ absl::Status Session::CheckToken(absl::string_view token) const {
                                                  "; use the token CreateSession returned"));
 }
 
+Session::~Session() = default;
+
 absl::StatusOr<Session::Admission> Session::AdmitStep(uint64_t step, uint32_t worker) {
-  absl::MutexLock lock(&mu_);
-  if (deleted_) return absl::NotFoundError(absl::StrCat("session ", id_, " was deleted"));
-  if (step == 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("step numbers start at 1; session ", id_, " expects step ", step_ + 1));
-  }
-  if (step == step_ + 1) {
-    if (in_flight_) {
-      return absl::AbortedError(
-          absl::StrCat("session ", id_, " already has step ", step,
-                       " in flight on another stream; retry once that stream has ended"));
+  {
+    absl::MutexLock lock(&mu_);
+    if (deleted_) return absl::NotFoundError(absl::StrCat("session ", id_, " was deleted"));
+    if (step == 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("step numbers start at 1; session ", id_, " expects step ", step_ + 1));
     }
-    in_flight_ = true;
-    return Admission{};
+    if (step == step_ + 1) {
+      if (in_flight_) {
+        return absl::AbortedError(
+            absl::StrCat("session ", id_, " already has step ", step,
+                         " in flight on another stream; retry once that stream has ended"));
+      }
+      in_flight_ = true;
+      return Admission{};
+    }
+    if (step > step_) return AheadError(step);
   }
-  if (step > step_) {
-    return absl::FailedPreconditionError(absl::StrCat("step ", step, " is ahead of session ", id_,
-                                                      ": its last committed step is ", step_,
-                                                      ", so the expected step is ", step_ + 1));
-  }
+  MUON_ASSIGN_OR_RETURN(std::shared_ptr<const StepRecord> record, Recorded(step, worker));
+  return Admission{std::move(record)};
+}
+
+absl::Status Session::AheadError(uint64_t step) const {
+  return absl::FailedPreconditionError(absl::StrCat("step ", step, " is ahead of session ", id_,
+                                                    ": its last committed step is ", step_,
+                                                    ", so the expected step is ", step_ + 1));
+}
+
+absl::StatusOr<std::shared_ptr<const StepRecord>> Session::Recorded(uint64_t step,
+                                                                    uint32_t worker) const {
+  absl::MutexLock lock(&mu_);
   const std::shared_ptr<const StepRecord>& last = last_[worker];
-  if (last != nullptr && last->step == step) return Admission{last};
+  if (last != nullptr && last->step == step) return last;
   return absl::FailedPreconditionError(absl::StrCat(
       "step ", step, " of session ", id_, " was already committed and only the last step's updates",
       " are kept for retries; the session is at step ", step_, ", so the expected step is ",
       step_ + 1));
+}
+
+void Session::set_rounds(std::unique_ptr<ParameterServerRounds> rounds) {
+  rounds_ = std::move(rounds);
+}
+
+absl::Status Session::BeginRound() {
+  absl::MutexLock lock(&mu_);
+  if (deleted_) return absl::NotFoundError(absl::StrCat("session ", id_, " was deleted"));
+  if (in_flight_) {
+    return absl::AbortedError(absl::StrCat(
+        "session ", id_, " is being checkpointed or its weights uploaded; retry the step"));
+  }
+  in_flight_ = true;
+  return absl::OkStatus();
+}
+
+void Session::CommitRound(uint64_t step, std::vector<std::shared_ptr<const StepRecord>> records) {
+  absl::MutexLock lock(&mu_);
+  step_ = step;
+  last_ = std::move(records);
+  last_.resize(num_workers_);
+  last_step_time_ = absl::Now();
+  in_flight_ = false;
+}
+
+void Session::AbortRound() {
+  absl::MutexLock lock(&mu_);
+  in_flight_ = false;
 }
 
 void Session::CommitStep(uint32_t worker, std::shared_ptr<const StepRecord> record) {
@@ -194,8 +237,27 @@ void Session::FillInfo(bool with_params, v1::SessionInfo* info) const {
 }
 
 SessionRegistry::SessionRegistry(Engine* engine, const Limits& limits, SessionReporter* metrics,
-                                 DurabilityOptions durability)
-    : engine_(engine), limits_(limits), metrics_(metrics), durability_(durability) {}
+                                 DurabilityOptions durability, RoundOptions rounds)
+    : engine_(engine),
+      limits_(limits),
+      metrics_(metrics),
+      durability_(durability),
+      round_options_(rounds) {}
+
+std::shared_ptr<Session> SessionRegistry::NewSession(SessionInit init) {
+  auto session = std::make_shared<Session>(std::move(init));
+  if (session->mode() == v1::SESSION_MODE_PARAMETER_SERVER) {
+    session->set_rounds(
+        std::make_unique<ParameterServerRounds>(session.get(), engine_, this, round_options_));
+  }
+  return session;
+}
+
+void SessionRegistry::ExpireRounds(absl::Time now) {
+  for (const std::shared_ptr<Session>& session : List()) {
+    if (session->rounds() != nullptr) session->rounds()->ExpireIfLate(now);
+  }
+}
 
 SessionRegistry::~SessionRegistry() {
   absl::MutexLock lock(&mu_);
@@ -303,7 +365,7 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Create(
   init.num_workers = num_workers;
   init.params = std::move(*params);
   init.create_time = absl::Now();
-  auto session = std::make_shared<Session>(std::move(init));
+  std::shared_ptr<Session> session = NewSession(std::move(init));
   AddReserved(session);
   metrics_->SessionCreated();
   return session;
@@ -367,7 +429,7 @@ absl::Status SessionRegistry::Restore(const std::string& path) {
     return status;
   }
   init.params = std::move(*params);
-  AddReserved(std::make_shared<Session>(std::move(init)));
+  AddReserved(NewSession(std::move(init)));
   metrics_->SessionRestored();
   return absl::OkStatus();
 }

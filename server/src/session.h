@@ -18,7 +18,9 @@
 namespace muon::server {
 
 class CheckpointStore;
+class ParameterServerRounds;
 class SessionReporter;
+class StepReporter;
 
 // One registered parameter of a session.
 struct SessionParam {
@@ -59,6 +61,7 @@ struct SessionInit {
 class Session {
  public:
   explicit Session(SessionInit init);
+  ~Session();
 
   const std::string& id() const { return id_; }
   // Secret; only CreateSession returns it.
@@ -88,6 +91,20 @@ class Session {
   void CommitStep(uint32_t worker, std::shared_ptr<const StepRecord> record);
   // REQUIRES: a new step admitted for `worker`, its transaction destroyed.
   void AbortStep(uint32_t worker);
+
+  // PARAMETER_SERVER mode -------------------------------------------------
+  // The step rounds; null in UPDATES mode.
+  ParameterServerRounds* rounds() const { return rounds_.get(); }
+  void set_rounds(std::unique_ptr<ParameterServerRounds> rounds);
+  // Takes the in-flight slot for a round of the next step. Aborted while a
+  // checkpoint or an upload holds it; NotFound once deleted.
+  absl::Status BeginRound();
+  // Ends a round: its step is committed with one record per worker.
+  void CommitRound(uint64_t step, std::vector<std::shared_ptr<const StepRecord>> records);
+  void AbortRound();
+  // For a step at or before the committed one: `worker`'s record of it.
+  // FailedPrecondition (naming the expected step) when it is not kept.
+  absl::StatusOr<std::shared_ptr<const StepRecord>> Recorded(uint64_t step, uint32_t worker) const;
 
   // Holds the session's in-flight slot for a weights upload, so it cannot
   // interleave with a step. Aborted while a step or upload is in flight;
@@ -123,6 +140,9 @@ class Session {
   void FillInfo(bool with_params, v1::SessionInfo* info) const;
 
  private:
+  // FailedPrecondition for a step ahead of the next one.
+  absl::Status AheadError(uint64_t step) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
   const std::string id_;
   const std::string token_;
   const v1::CreateSessionRequest config_;
@@ -130,6 +150,7 @@ class Session {
   const uint32_t num_workers_;
   const std::vector<SessionParam> params_;
   const absl::Time create_time_;
+  std::unique_ptr<ParameterServerRounds> rounds_;  // set before the session is shared
 
   mutable absl::Mutex mu_;
   uint64_t step_ ABSL_GUARDED_BY(mu_) = 0;
@@ -151,12 +172,21 @@ struct DurabilityOptions {
   int every_steps = 0;
 };
 
+// How PARAMETER_SERVER rounds run (ps_round.h).
+struct RoundOptions {
+  StepReporter* metrics = nullptr;
+  // How long a round waits for all its workers, from its first stream.
+  absl::Duration worker_timeout = absl::Seconds(120);
+  // Largest UpdateChunk payload.
+  int64_t chunk_bytes = 1 << 20;
+};
+
 // All sessions of the server. Thread-safe.
 class SessionRegistry {
  public:
   // engine, metrics and durability.store must outlive the registry.
   SessionRegistry(Engine* engine, const Limits& limits, SessionReporter* metrics,
-                  DurabilityOptions durability = {});
+                  DurabilityOptions durability = {}, RoundOptions rounds = {});
   ~SessionRegistry();
 
   // Restores every session of the checkpoint directory. A file that cannot
@@ -175,6 +205,9 @@ class SessionRegistry {
   // engine state is already `snapshot`'s step. Writes it; on failure marks
   // the session not durable.
   absl::Status CheckpointCommit(Session& session, const Session::Snapshot& snapshot);
+
+  // Fails parameter-server rounds whose workers did not all arrive in time.
+  void ExpireRounds(absl::Time now);
 
   // Holds the session (waiting up to `wait` for its step in flight) and
   // writes its committed state. FailedPrecondition without a checkpoint
@@ -208,11 +241,14 @@ class SessionRegistry {
   // adds it (or, given null, just ends the reservation).
   absl::Status Reserve();
   void AddReserved(std::shared_ptr<Session> session);
+  // A session from `init`, with its rounds in PARAMETER_SERVER mode.
+  std::shared_ptr<Session> NewSession(SessionInit init);
 
   Engine* const engine_;
   const Limits limits_;
   SessionReporter* const metrics_;
   const DurabilityOptions durability_;
+  const RoundOptions round_options_;
 
   mutable absl::Mutex mu_;
   absl::flat_hash_map<std::string, std::shared_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);

@@ -7,6 +7,7 @@
 // with mu_ held: a reaction may run inline inside them.
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <deque>
 #include <iostream>
@@ -24,6 +25,7 @@
 #include "metrics.h"
 #include "muon/kernels/status_macros.h"
 #include "muon/server/status_util.h"
+#include "ps_round.h"
 #include "service.h"
 #include "session.h"
 #include "step_assembler.h"
@@ -44,7 +46,8 @@ absl::Status CheckChunkDType(const v1::TensorChunk& chunk, const SessionParam& p
       "; send gradients in the registered dtype"));
 }
 
-class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::StepResponse> {
+class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::StepResponse>,
+                          public RoundWaiter {
  public:
   StepReactor(const ServiceEnv* env, DrainGate* gate, grpc::CallbackServerContext* ctx)
       : env_(env), gate_(gate), ctx_(ctx) {
@@ -111,6 +114,28 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
                  &actions);
     }
     Run(actions);
+    LeaveRound();
+  }
+
+  // PARAMETER_SERVER: the round this stream waits on has ended.
+  void RoundDone(absl::StatusOr<std::shared_ptr<const StepRecord>> result) override {
+    if (!result.ok()) {
+      Fail(result.status());
+    } else {
+      Actions actions;
+      {
+        absl::MutexLock lock(&mu_);
+        if (!failed_) {
+          for (const StepResponsePtr& r : (*result)->responses) writes_.push_back(r);
+          committed_ = true;
+          finish_requested_ = true;
+          NextWriteLocked(&actions);
+          TryFinishLocked(&actions);
+        }
+      }
+      Run(actions);
+    }
+    Unref();  // the round's reference
   }
 
   void OnDone() override {
@@ -187,7 +212,8 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
               "the first message of a Step stream must be a StepHeader, not a gradient chunk");
         }
         env_->step_metrics->BytesReceived(static_cast<int64_t>(request_.gradient().data().size()));
-        if (phase_ == Phase::kReplay) return absl::OkStatus();  // already applied: ignore
+        // Already applied, or already contributed to the round: ignore.
+        if (phase_ == Phase::kReplay || phase_ == Phase::kWaiting) return absl::OkStatus();
         const v1::TensorChunk& chunk = request_.gradient();
         if (chunk.dtype() != v1::DTYPE_UNSPECIFIED &&
             chunk.param_index() < session_->params().size()) {
@@ -196,7 +222,12 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
         bool complete = false;
         MUON_RETURN_IF_ERROR(
             assembler_->Add(chunk.param_index(), chunk.offset(), chunk.data(), &complete));
-        if (complete) EnqueueReady(chunk.param_index());
+        if (!complete) return absl::OkStatus();
+        if (rounds_ != nullptr) {
+          round_tensors_[chunk.param_index()] = assembler_->Take(chunk.param_index());
+        } else {
+          EnqueueReady(chunk.param_index());
+        }
         return absl::OkStatus();
       }
       case v1::StepRequest::kEnd: {
@@ -209,6 +240,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
           StartReplay();
           return absl::OkStatus();
         }
+        if (phase_ == Phase::kWaiting) return absl::OkStatus();
         std::vector<uint32_t> listed(request_.end().param_indices().begin(),
                                      request_.end().param_indices().end());
         return OnEnd(std::move(listed), /*explicit_list=*/true);
@@ -238,18 +270,13 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
         return;
       }
       case Phase::kEnded:
-        return;  // reads stop after StepEnd; nothing to do
+      case Phase::kWaiting:
+        return;  // reads stop after StepEnd, or the round answers
     }
   }
 
   absl::Status OnHeader(const v1::StepHeader& header) {
     MUON_ASSIGN_OR_RETURN(session_, env_->sessions->Get(header.session_id(), header.token()));
-    if (session_->mode() == v1::SESSION_MODE_PARAMETER_SERVER) {
-      return absl::UnimplementedError(absl::StrCat(
-          "session ", session_->id(),
-          " is in PARAMETER_SERVER mode, whose steps this server version does not implement yet;"
-          " create the session with SESSION_MODE_UPDATES"));
-    }
     if (header.worker_id() >= session_->num_workers()) {
       return absl::InvalidArgumentError(
           absl::StrCat("worker_id ", header.worker_id(), " is out of range: session ",
@@ -267,6 +294,12 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
       MUON_ASSIGN_OR_RETURN(DType dtype, DTypeFromProto(header.update_dtype(), DType::kFloat32));
       update_dtype_ = dtype;
     }
+    const bool parameter_server = session_->mode() == v1::SESSION_MODE_PARAMETER_SERVER;
+    if (header.update_content() == v1::UPDATE_CONTENT_WEIGHTS && !parameter_server) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "StepHeader.update_content is WEIGHTS but session ", session_->id(),
+          " is in UPDATES mode, where the server holds no weights; leave it unset"));
+    }
     header_ = header;
     start_time_ = absl::Now();
 
@@ -274,6 +307,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
     // drain that begins now waits for its summary to be written.
     MUON_RETURN_IF_ERROR(gate_->StartStep());
     counted_step_ = true;
+    if (parameter_server) return JoinRound(header);
     absl::StatusOr<Session::Admission> admission =
         session_->AdmitStep(header.step(), header.worker_id());
     if (!admission.ok()) return admission.status();
@@ -335,6 +369,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
     }
     for (uint32_t i : indices) MUON_RETURN_IF_ERROR(assembler_->CheckComplete(i));
     std::sort(indices.begin(), indices.end());
+    if (rounds_ != nullptr) return Contribute(indices);
     {
       absl::MutexLock lock(&mu_);
       if (failed_) return absl::OkStatus();
@@ -346,6 +381,87 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
       ScheduleComputeLocked();
     }
     return absl::OkStatus();
+  }
+
+  // PARAMETER_SERVER: joins the round of the header's step.
+  absl::Status JoinRound(const v1::StepHeader& header) {
+    ParameterServerRounds* rounds = session_->rounds();
+    {
+      absl::MutexLock lock(&mu_);
+      ++refs_;  // the round's, while this stream is registered with it
+    }
+    absl::StatusOr<ParameterServerRounds::Admission> admission =
+        rounds->Join(header.step(), header.worker_id(), this);
+    if (!admission.ok() || admission->role == ParameterServerRounds::Role::kReplay) Unref();
+    if (!admission.ok()) return admission.status();
+    switch (admission->role) {
+      case ParameterServerRounds::Role::kReplay:
+        replay_ = std::move(admission->replay);
+        phase_ = Phase::kReplay;
+        return absl::OkStatus();
+      case ParameterServerRounds::Role::kWait:
+        rounds_ = rounds;
+        phase_ = Phase::kWaiting;
+        return absl::OkStatus();
+      case ParameterServerRounds::Role::kContribute:
+        break;
+    }
+    rounds_ = rounds;
+    round_id_ = admission->round;
+    std::vector<StepAssembler::Tensor> tensors;
+    tensors.reserve(session_->params().size());
+    for (const SessionParam& p : session_->params()) {
+      tensors.push_back(
+          {p.spec.name, p.tensor_bytes, static_cast<int64_t>(DTypeSize(p.spec.dtype))});
+    }
+    assembler_ = std::make_unique<StepAssembler>(std::move(tensors));
+    round_tensors_.resize(session_->params().size());
+    phase_ = Phase::kReceiving;
+    return absl::OkStatus();
+  }
+
+  // PARAMETER_SERVER: hands this worker's whole gradient to the round.
+  absl::Status Contribute(const std::vector<uint32_t>& indices) {
+    const std::vector<SessionParam>& params = session_->params();
+    if (indices.size() != params.size()) {
+      for (uint32_t i = 0; i < params.size(); ++i) {
+        if (!std::binary_search(indices.begin(), indices.end(), i)) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "a PARAMETER_SERVER step carries every parameter; parameter ", i, " ('",
+              params[i].spec.name, "') is missing"));
+        }
+      }
+    }
+    WorkerGradients gradients;
+    gradients.worker = header_.worker_id();
+    gradients.tensors = std::move(round_tensors_);
+    gradients.format.dtype = update_dtype_;
+    gradients.format.content = header_.update_content() == v1::UPDATE_CONTENT_UPDATE
+                                   ? v1::UPDATE_CONTENT_UPDATE
+                                   : v1::UPDATE_CONTENT_WEIGHTS;
+    if (header_.has_lr()) gradients.lr = header_.lr();
+    if (header_.has_lr_scale()) gradients.lr_scale = header_.lr_scale();
+    gradients.measure_orthogonality = header_.measure_orthogonality();
+    gradients.bytes_received = assembler_->bytes_received();
+    {
+      absl::MutexLock lock(&mu_);
+      ++refs_;
+    }
+    // Decoding and summing (and, for the last worker, the step) is engine
+    // work: off the reactor.
+    auto shared = std::make_shared<WorkerGradients>(std::move(gradients));
+    env_->pool->Schedule([this, shared] {
+      absl::Status status = rounds_.load()->Contribute(round_id_, std::move(*shared));
+      if (!status.ok()) Fail(status);
+      Unref();
+    });
+    return absl::OkStatus();
+  }
+
+  // PARAMETER_SERVER: this stream no longer waits on its round.
+  void LeaveRound() {
+    ParameterServerRounds* rounds = rounds_.load();
+    if (rounds != nullptr && rounds->Leave(this)) Unref();
   }
 
   void EnqueueReady(uint32_t index) {
@@ -642,6 +758,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
       FailLocked(status, &actions);
     }
     Run(actions);
+    LeaveRound();
   }
 
   // The first error wins; a committed or replayed step keeps its OK.
@@ -685,7 +802,8 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
     actions->finish = failed_ ? ToGrpcStatus(status_) : grpc::Status::OK;
   }
 
-  enum class Phase { kHeader, kReceiving, kReplay, kEnded };
+  // kWaiting: a PARAMETER_SERVER stream whose worker already contributed.
+  enum class Phase { kHeader, kReceiving, kReplay, kEnded, kWaiting };
 
   const ServiceEnv* const env_;
   DrainGate* const gate_;
@@ -700,9 +818,15 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
   Phase phase_ = Phase::kHeader;
   std::unique_ptr<StepAssembler> assembler_;
   std::shared_ptr<const StepRecord> replay_;
+  // PARAMETER_SERVER: this worker's complete gradients, by parameter.
+  std::vector<std::unique_ptr<std::byte[]>> round_tensors_;
 
   // Set by the header before any compute is scheduled; read-only afterwards.
   std::shared_ptr<Session> session_;
+  // PARAMETER_SERVER: the round this stream is registered with. Atomic:
+  // OnCancel reads it on another thread.
+  std::atomic<ParameterServerRounds*> rounds_{nullptr};
+  uint64_t round_id_ = 0;  // the round joined to contribute
   v1::StepHeader header_;
   std::optional<DType> update_dtype_;
   bool measure_orthogonality_ = false;  // asked by the client or sampled

@@ -119,6 +119,11 @@ class PushReactor final : public grpc::ServerReadReactor<v1::PushWeightsRequest>
     for (size_t k = 0; k < indices.size() && status.ok(); ++k) {
       status = env_->engine->SetWeights(session_->params()[indices[k]].engine_id, values[k]);
     }
+    // Pushes are rare and set what every later step builds on: on disk
+    // before they are acknowledged whenever checkpoints are on.
+    if (status.ok() && env_->sessions->checkpoints_enabled()) {
+      status = env_->sessions->CheckpointCommit(*session_, session_->TakeSnapshot());
+    }
     session_->EndWeightsUpload();
     MUON_RETURN_IF_ERROR(status);
     for (uint32_t i : indices) response_->add_param_indices(i);

@@ -19,11 +19,13 @@ DType ToDType(v1::DType dtype) {
 
 }  // namespace
 
-std::unique_ptr<Client> NewClient(const ServerProcess& server, size_t chunk_bytes) {
+std::unique_ptr<Client> NewClient(const ServerProcess& server, size_t chunk_bytes,
+                                  int max_step_attempts) {
   ClientOptions options;
   options.target = server.address();
   options.chunk_bytes = chunk_bytes;
-  options.max_step_attempts = 20;  // ride out ABORTED while a broken stream is torn down
+  // 20 by default: rides out ABORTED while a broken stream is torn down.
+  options.max_step_attempts = max_step_attempts;
   absl::StatusOr<std::unique_ptr<Client>> client = Client::Create(options);
   return client.ok() ? std::move(*client) : nullptr;
 }

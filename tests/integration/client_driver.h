@@ -13,7 +13,8 @@
 namespace muon::testing {
 
 // A client of `server` cutting gradients into `chunk_bytes` chunks.
-std::unique_ptr<Client> NewClient(const ServerProcess& server, size_t chunk_bytes = 1000);
+std::unique_ptr<Client> NewClient(const ServerProcess& server, size_t chunk_bytes = 1000,
+                                  int max_step_attempts = 20);
 
 // One step through the client: the updates it hands out (only after the
 // summary) and the summary; status carries the client's final error.

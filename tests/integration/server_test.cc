@@ -660,7 +660,6 @@ TEST_F(ServerTest, ParameterServerWeightsRoundTrip) {
   pulled = pull(v1::DTYPE_UNSPECIFIED, {}, &status);
   EXPECT_TRUE(pulled == weights);
 
-  EXPECT_CODE(Good(session, 1, weights).status, UNIMPLEMENTED, "PARAMETER_SERVER");
   pull(v1::DTYPE_UNSPECIFIED, {9}, &status);
   EXPECT_CODE(status, NOT_FOUND, "parameter index 9");
 

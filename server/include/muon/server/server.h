@@ -45,6 +45,9 @@ struct ServerOptions {
   std::string durability = "relaxed";
   // Relaxed durability: checkpoint a session at every Nth step; 0: never.
   int checkpoint_every_steps = 100;
+  // PARAMETER_SERVER: how long a step waits for all its workers before it
+  // fails for all of them, unapplied.
+  absl::Duration worker_timeout = absl::Seconds(120);
   // Threads that run engine work; 0: one per core.
   int scheduler_threads = 0;
   // Largest UpdateChunk payload; clamped below max_message_bytes.

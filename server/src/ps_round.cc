@@ -1,0 +1,363 @@
+#include "ps_round.h"
+
+#include <algorithm>
+#include <cmath>
+#include <iostream>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "convert.h"
+#include "metrics.h"
+#include "muon/kernels/status_macros.h"
+
+namespace muon::server {
+
+ParameterServerRounds::ParameterServerRounds(Session* session, Engine* engine,
+                                             SessionRegistry* registry, const Options& options)
+    : session_(session),
+      engine_(engine),
+      registry_(registry),
+      options_(options),
+      num_workers_(session->num_workers()) {}
+
+absl::StatusOr<ParameterServerRounds::Admission> ParameterServerRounds::Join(uint64_t step,
+                                                                             uint32_t worker,
+                                                                             RoundWaiter* waiter) {
+  absl::MutexLock lock(&mu_);
+  // The session's step only moves under mu_ (CommitRound), so it is stable
+  // here.
+  const uint64_t committed = session_->step();
+  if (step == 0) {
+    return absl::InvalidArgumentError(absl::StrCat("step numbers start at 1; session ",
+                                                   session_->id(), " expects step ",
+                                                   committed + 1));
+  }
+  if (step <= committed) {
+    MUON_ASSIGN_OR_RETURN(std::shared_ptr<const StepRecord> record,
+                          session_->Recorded(step, worker));
+    return Admission{Role::kReplay, std::move(record)};
+  }
+  if (step > committed + 1) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("step ", step, " is ahead of session ", session_->id(),
+                     ": its last committed step is ", committed, ", so the expected step is ",
+                     committed + 1));
+  }
+  if (!open_) {
+    MUON_RETURN_IF_ERROR(session_->BeginRound());
+    open_ = true;
+    ++round_;
+    step_ = step;
+    start_ = absl::Now();
+    deadline_ = start_ + options_.worker_timeout;
+    contributed_.assign(num_workers_, false);
+    contributions_ = 0;
+    formats_.assign(num_workers_, ReplyFormat{});
+    lr_.reset();
+    lr_scale_.reset();
+    measure_orthogonality_ = false;
+    bytes_received_ = 0;
+    sums_.clear();
+    for (const SessionParam& p : session_->params()) {
+      sums_.emplace_back(static_cast<size_t>(NumElements(p.spec.shape)), 0.0f);
+    }
+  }
+  for (const Waiting& w : waiting_) {
+    if (w.worker == worker && w.contributing) {
+      return absl::AbortedError(absl::StrCat(
+          "worker ", worker, " of session ", session_->id(), " already has a stream sending step ",
+          step, "; retry once that stream has ended"));
+    }
+  }
+  const bool contribute = !contributed_[worker] && !computing_;
+  waiting_.push_back({waiter, worker, contribute});
+  return Admission{contribute ? Role::kContribute : Role::kWait, nullptr, round_};
+}
+
+bool ParameterServerRounds::Leave(RoundWaiter* waiter) {
+  absl::MutexLock lock(&mu_);
+  auto it = std::find_if(waiting_.begin(), waiting_.end(),
+                         [waiter](const Waiting& w) { return w.waiter == waiter; });
+  if (it == waiting_.end()) return false;
+  waiting_.erase(it);
+  // A round nobody contributed to and nobody waits on holds the session
+  // for nothing: give it back now rather than at the timeout.
+  if (open_ && !computing_ && contributions_ == 0 && waiting_.empty()) {
+    CloseRoundLocked();
+    session_->AbortRound();
+  }
+  return true;
+}
+
+absl::Status ParameterServerRounds::Contribute(uint64_t round_id, WorkerGradients gradients) {
+  const std::vector<SessionParam>& params = session_->params();
+  const uint32_t worker = gradients.worker;
+  Gathered round;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!open_ || round_ != round_id || computing_) {
+      return absl::AbortedError(absl::StrCat(
+          "step ", step_, " of session ", session_->id(),
+          " was abandoned (a worker timed out) before these gradients arrived; send it again"));
+    }
+    if (contributed_[worker]) return absl::OkStatus();
+    if (contributions_ > 0 && (gradients.lr != lr_ || gradients.lr_scale != lr_scale_)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "worker ", worker, " sent step ", step_, " with a different lr or lr_scale than the "
+          "workers before it; every worker of a step must send the same schedule values"));
+    }
+    std::vector<float> decoded;
+    for (size_t i = 0; i < params.size(); ++i) {
+      const size_t n = sums_[i].size();
+      decoded.resize(n);
+      DecodeToFloat(params[i].spec.dtype, gradients.tensors[i].get(), n, decoded.data());
+      if (!std::all_of(decoded.begin(), decoded.end(), [](float v) { return std::isfinite(v); })) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("parameter ", i, " ('", params[i].spec.name, "'): worker ", worker,
+                         "'s gradient contains NaN or Inf; nothing of it was added"));
+      }
+    }
+    // Checked first, added after: a rejected gradient leaves no trace.
+    for (size_t i = 0; i < params.size(); ++i) {
+      const size_t n = sums_[i].size();
+      decoded.resize(n);
+      DecodeToFloat(params[i].spec.dtype, gradients.tensors[i].get(), n, decoded.data());
+      float* sum = sums_[i].data();
+      for (size_t j = 0; j < n; ++j) sum[j] += decoded[j];
+    }
+    contributed_[worker] = true;
+    ++contributions_;
+    formats_[worker] = gradients.format;
+    lr_ = gradients.lr;
+    lr_scale_ = gradients.lr_scale;
+    measure_orthogonality_ = measure_orthogonality_ || gradients.measure_orthogonality;
+    bytes_received_ += gradients.bytes_received;
+    for (Waiting& w : waiting_) {
+      if (w.worker == worker) w.contributing = false;
+    }
+    if (contributions_ < num_workers_) return absl::OkStatus();
+    computing_ = true;
+    round.step = step_;
+    round.sums = std::move(sums_);
+    round.formats = formats_;
+    round.lr = lr_;
+    round.lr_scale = lr_scale_;
+    round.measure_orthogonality = measure_orthogonality_;
+    round.bytes_received = bytes_received_;
+    round.start = start_;
+  }
+  // The last worker's thread does the step; the others' streams wait.
+  const uint64_t step = round.step;
+  absl::StatusOr<Computed> computed = Compute(std::move(round));
+  std::vector<std::pair<RoundWaiter*, uint32_t>> waiters;
+  {
+    absl::MutexLock lock(&mu_);
+    waiters = CloseRoundLocked();
+    if (computed.ok()) {
+      session_->CommitRound(step, computed->records);
+    } else {
+      session_->AbortRound();
+    }
+  }
+  for (const auto& [waiter, w] : waiters) {
+    if (!computed.ok()) {
+      waiter->RoundDone(computed.status());
+    } else if (!computed->ack.ok()) {
+      waiter->RoundDone(computed->ack);
+    } else {
+      waiter->RoundDone(computed->records[w]);
+    }
+  }
+  return absl::OkStatus();
+}
+
+std::vector<std::pair<RoundWaiter*, uint32_t>> ParameterServerRounds::CloseRoundLocked() {
+  std::vector<std::pair<RoundWaiter*, uint32_t>> waiters;
+  for (const Waiting& w : waiting_) waiters.emplace_back(w.waiter, w.worker);
+  waiting_.clear();
+  open_ = false;
+  computing_ = false;
+  sums_.clear();
+  contributed_.clear();
+  contributions_ = 0;
+  return waiters;
+}
+
+void ParameterServerRounds::ExpireIfLate(absl::Time now) {
+  std::vector<std::pair<RoundWaiter*, uint32_t>> waiters;
+  std::string missing;
+  uint64_t step = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!open_ || computing_ || now < deadline_) return;
+    std::vector<uint32_t> absent;
+    for (uint32_t w = 0; w < num_workers_; ++w) {
+      if (!contributed_[w]) absent.push_back(w);
+    }
+    missing = absl::StrJoin(absent, ", ");
+    step = step_;
+    waiters = CloseRoundLocked();
+    session_->AbortRound();
+  }
+  const absl::Status status = absl::AbortedError(absl::StrCat(
+      "step ", step, " of session ", session_->id(), " waited ",
+      absl::FormatDuration(options_.worker_timeout), " (--worker_timeout_seconds) for worker(s) ", missing,
+      " and was abandoned; nothing was applied. Every worker must send step ", step, " again"));
+  std::cerr << "muon-server: " << status.message() << std::endl;
+  for (const auto& [waiter, worker] : waiters) waiter->RoundDone(status);
+}
+
+absl::StatusOr<ParameterServerRounds::Computed> ParameterServerRounds::Compute(Gathered round) {
+  const std::vector<SessionParam>& params = session_->params();
+  const size_t n = params.size();
+  const absl::Time compute_start = absl::Now();
+  const float scale = 1.0f / static_cast<float>(num_workers_);
+  std::vector<std::vector<std::byte>> encoded(n);
+  std::vector<GradientInput> inputs(n);
+  std::vector<std::vector<float>> updates(n);
+  std::vector<UpdateOutput> outputs(n);
+  for (size_t i = 0; i < n; ++i) {
+    const SessionParam& p = params[i];
+    std::vector<float>& avg = round.sums[i];
+    for (float& v : avg) v *= scale;
+    inputs[i].param = p.engine_id;
+    inputs[i].dtype = p.spec.dtype;
+    // The engine takes gradients in the registered dtype, as a single
+    // worker would send them.
+    if (p.spec.dtype == DType::kFloat32) {
+      inputs[i].bytes = absl::MakeConstSpan(reinterpret_cast<const std::byte*>(avg.data()),
+                                            avg.size() * sizeof(float));
+    } else {
+      encoded[i].resize(avg.size() * DTypeSize(p.spec.dtype));
+      EncodeFromFloat(p.spec.dtype, avg.data(), avg.size(), encoded[i].data());
+      inputs[i].bytes = encoded[i];
+    }
+    if (round.lr.has_value() || round.lr_scale.has_value()) {
+      double lr = round.lr.value_or(p.spec.hp.lr);
+      if (round.lr_scale.has_value()) lr *= *round.lr_scale;
+      inputs[i].lr = lr;
+    }
+    updates[i].resize(avg.size());
+    outputs[i].param = p.engine_id;
+    outputs[i].dtype = DType::kFloat32;
+    outputs[i].bytes = absl::MakeSpan(reinterpret_cast<std::byte*>(updates[i].data()),
+                                      updates[i].size() * sizeof(float));
+  }
+  StepOptions step_options;
+  step_options.measure_orthogonality = round.measure_orthogonality;
+  MUON_ASSIGN_OR_RETURN(std::unique_ptr<StepTransaction> txn, engine_->BeginStep(step_options));
+  StepStats stats;
+  MUON_RETURN_IF_ERROR(txn->Compute(inputs, absl::MakeSpan(outputs), &stats));
+  MUON_RETURN_IF_ERROR(txn->Commit());
+  // Applied from here on: what follows reports it, and cannot undo it.
+  std::vector<std::vector<float>> weights(n);
+  std::vector<double> decay(n);
+  for (size_t i = 0; i < n; ++i) {
+    weights[i].resize(updates[i].size());
+    decay[i] = outputs[i].decay;
+    absl::Status got = engine_->GetWeights(params[i].engine_id, absl::MakeSpan(weights[i]));
+    if (!got.ok()) {
+      std::cerr << "muon-server: reading the weights of session " << session_->id()
+                << " after step " << round.step << ": " << got << std::endl;
+    }
+  }
+  const absl::Time now = absl::Now();
+  auto summary_response = std::make_shared<v1::StepResponse>();
+  v1::StepSummary* summary = summary_response->mutable_summary();
+  summary->set_step(round.step);
+  for (size_t i = 0; i < n; ++i) summary->add_param_indices(static_cast<uint32_t>(i));
+  StepTimings timings;
+  timings.receive = absl::ToDoubleSeconds(compute_start - round.start);
+  timings.compute = absl::ToDoubleSeconds(now - compute_start);
+  timings.total = absl::ToDoubleSeconds(now - round.start);
+  v1::StepTimings* t = summary->mutable_timings();
+  t->set_receive_seconds(timings.receive);
+  t->set_compute_seconds(timings.compute);
+  t->set_total_seconds(timings.total);
+  if (options_.metrics != nullptr) {
+    options_.metrics->StepCommitted(timings, static_cast<int64_t>(n));
+  }
+  for (size_t i = 0; i < n; ++i) {
+    if (!round.measure_orthogonality || params[i].spec.kind != OptimizerKind::kMuon) continue;
+    if (options_.metrics != nullptr) {
+      options_.metrics->OrthogonalityError(params[i].spec.hp.ns_schedule,
+                                           outputs[i].orthogonality_error);
+    }
+    v1::OrthogonalityError* e = summary->add_orthogonality_errors();
+    e->set_param_index(static_cast<uint32_t>(i));
+    e->set_error(outputs[i].orthogonality_error);
+  }
+  summary->set_bytes_received(static_cast<uint64_t>(round.bytes_received));
+  summary->set_ns_flops(stats.ns_flops);
+
+  // One answer per distinct format, shared by the workers that asked for it.
+  Computed computed;
+  computed.records.resize(num_workers_);
+  for (uint32_t w = 0; w < num_workers_; ++w) {
+    if (computed.records[w] != nullptr) continue;
+    auto record = std::make_shared<StepRecord>();
+    record->step = round.step;
+    record->responses = Responses(round.formats[w], weights, updates, decay);
+    uint64_t bytes_sent = 0;
+    for (const auto& r : record->responses) bytes_sent += r->update().data().size();
+    auto with_bytes = std::make_shared<v1::StepResponse>(*summary_response);
+    with_bytes->mutable_summary()->set_bytes_sent(bytes_sent);
+    record->responses.push_back(std::move(with_bytes));
+    std::shared_ptr<const StepRecord> shared = std::move(record);
+    for (uint32_t v = w; v < num_workers_; ++v) {
+      if (round.formats[v] == round.formats[w]) computed.records[v] = shared;
+    }
+  }
+  if (registry_->CheckpointsAtCommit(round.step)) {
+    Session::Snapshot snapshot = session_->TakeSnapshot();
+    snapshot.step = round.step;
+    snapshot.last_step_time = now;
+    snapshot.records = computed.records;
+    absl::Status written = registry_->CheckpointCommit(*session_, snapshot);
+    if (!written.ok()) {
+      std::cerr << "muon-server: checkpoint of session " << session_->id() << " at step "
+                << round.step << " failed: " << written << std::endl;
+      if (registry_->strict()) {
+        computed.ack = absl::UnavailableError(absl::StrCat(
+            "step ", round.step, " of session ", session_->id(),
+            " was applied but could not be written to disk (", written.message(),
+            "), and this server acknowledges only durable steps (--durability=strict); retry "
+            "the same step: it is answered once the checkpoint directory is writable again"));
+      }
+    }
+  }
+  return computed;
+}
+
+std::vector<std::shared_ptr<const v1::StepResponse>> ParameterServerRounds::Responses(
+    const ReplyFormat& format, const std::vector<std::vector<float>>& weights,
+    const std::vector<std::vector<float>>& updates, const std::vector<double>& decay) const {
+  std::vector<std::shared_ptr<const v1::StepResponse>> out;
+  const std::vector<SessionParam>& params = session_->params();
+  const bool send_weights = format.content != v1::UPDATE_CONTENT_UPDATE;
+  std::vector<std::byte> bytes;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const DType dtype = format.dtype.value_or(params[i].spec.dtype);
+    const std::vector<float>& values = send_weights ? weights[i] : updates[i];
+    bytes.resize(values.size() * DTypeSize(dtype));
+    EncodeFromFloat(dtype, values.data(), values.size(), bytes.data());
+    const int64_t total = static_cast<int64_t>(bytes.size());
+    for (int64_t offset = 0; offset < total; offset += options_.chunk_bytes) {
+      auto response = std::make_shared<v1::StepResponse>();
+      v1::UpdateChunk* chunk = response->mutable_update();
+      chunk->set_param_index(static_cast<uint32_t>(i));
+      chunk->set_offset(static_cast<uint64_t>(offset));
+      chunk->set_data(reinterpret_cast<const char*>(bytes.data()) + offset,
+                      static_cast<size_t>(std::min(options_.chunk_bytes, total - offset)));
+      chunk->set_dtype(DTypeToProto(dtype));
+      chunk->set_decay(send_weights ? 1.0 : decay[i]);
+      chunk->set_total_bytes(static_cast<uint64_t>(total));
+      chunk->set_content(send_weights ? v1::UPDATE_CONTENT_WEIGHTS : v1::UPDATE_CONTENT_UPDATE);
+      out.push_back(std::move(response));
+    }
+  }
+  return out;
+}
+
+}  // namespace muon::server

@@ -1,0 +1,323 @@
+// PARAMETER_SERVER sessions through the real server: W workers per step,
+// fp32 averaging, held weights, timeouts, broken and repeated streams.
+
+#include <gmock/gmock.h>
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "client_driver.h"
+#include "server_process.h"
+#include "step_harness.h"
+
+namespace muon::testing {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr double kWeightDecay = 0.1;
+
+// Gradients on a 1/256 grid, small enough that any sum of a few of them is
+// exact in fp32: the server's sum (in arrival order) then equals this
+// test's bit for bit.
+Tensors GridGradients(const Model& model, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  Tensors out;
+  for (uint32_t i = 0; i < model.specs.size(); ++i) {
+    const ParamSpec& s = model.specs[i];
+    const int64_t n = NumElements(s.shape);
+    std::vector<float> values(n);
+    for (float& v : values) v = std::round(normal(rng) * 256.0f) / 256.0f;
+    Bytes bytes(n * DTypeSize(s.dtype));
+    EncodeFromFloat(s.dtype, values.data(), n, bytes.data());
+    out[i] = std::move(bytes);
+  }
+  return out;
+}
+
+// The average of the workers' gradients as the server forms it: decoded,
+// summed in fp32, times 1/W, back in each parameter's dtype.
+Tensors Average(const Model& model, const std::vector<Tensors>& workers) {
+  Tensors out;
+  for (uint32_t i = 0; i < model.specs.size(); ++i) {
+    const DType dtype = model.specs[i].dtype;
+    const size_t n = NumElements(model.specs[i].shape);
+    std::vector<float> sum(n, 0.0f), one(n);
+    for (const Tensors& w : workers) {
+      DecodeToFloat(dtype, w.at(i).data(), n, one.data());
+      for (size_t j = 0; j < n; ++j) sum[j] += one[j];
+    }
+    const float scale = 1.0f / static_cast<float>(workers.size());
+    for (float& v : sum) v *= scale;
+    Bytes bytes(n * DTypeSize(dtype));
+    EncodeFromFloat(dtype, sum.data(), n, bytes.data());
+    out[i] = std::move(bytes);
+  }
+  return out;
+}
+
+// Held weights, fp32, by parameter.
+using Weights = std::map<uint32_t, std::vector<float>>;
+
+Weights InitialWeights(const Model& model) {
+  std::mt19937_64 rng(5);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  Weights w;
+  for (uint32_t i = 0; i < model.specs.size(); ++i) {
+    std::vector<float> v(NumElements(model.specs[i].shape));
+    for (float& x : v) x = normal(rng);
+    w[i] = std::move(v);
+  }
+  return w;
+}
+
+class ParameterServerTest : public ::testing::Test {
+ protected:
+  void StartServer(const std::vector<std::string>& flags = {}) {
+    auto server = ServerProcess::Start(flags);
+    ASSERT_TRUE(server.ok()) << server.status();
+    server_ = std::move(*server);
+    stub_ = v1::Optimizer::NewStub(server_->NewChannel());
+  }
+
+  SessionHandle Create(const Model& model, uint32_t workers) {
+    v1::CreateSessionRequest request = CreateRequest(model);
+    request.set_mode(v1::SESSION_MODE_PARAMETER_SERVER);
+    request.set_num_workers(workers);
+    request.mutable_hyper_params()->set_weight_decay(kWeightDecay);
+    auto client = NewClient(*server_);
+    absl::StatusOr<SessionHandle> handle = client->CreateSession(request);
+    EXPECT_TRUE(handle.ok()) << handle.status();
+    return handle.ok() ? *handle : SessionHandle{};
+  }
+
+  grpc::Status Push(const SessionHandle& session, const Weights& weights) {
+    grpc::ClientContext ctx;
+    v1::PushWeightsResponse response;
+    auto writer = stub_->PushWeights(&ctx, &response);
+    v1::PushWeightsRequest header;
+    header.mutable_header()->set_session_id(session.id);
+    header.mutable_header()->set_token(session.token);
+    header.mutable_header()->set_dtype(v1::DTYPE_FLOAT32);
+    writer->Write(header);
+    for (const auto& [index, values] : weights) {
+      v1::PushWeightsRequest r;
+      r.mutable_weights()->set_param_index(index);
+      r.mutable_weights()->set_data(values.data(), values.size() * sizeof(float));
+      writer->Write(r);
+    }
+    writer->WritesDone();
+    return writer->Finish();
+  }
+
+  Weights Pull(const SessionHandle& session, uint64_t* step = nullptr) {
+    grpc::ClientContext ctx;
+    v1::PullWeightsRequest r;
+    r.set_session_id(session.id);
+    r.set_token(session.token);
+    r.set_dtype(v1::DTYPE_FLOAT32);
+    auto reader = stub_->PullWeights(&ctx, r);
+    Weights out;
+    v1::PullWeightsResponse response;
+    while (reader->Read(&response)) {
+      std::vector<float>& dst = out[response.weights().param_index()];
+      dst.resize(response.total_bytes() / sizeof(float));
+      std::memcpy(reinterpret_cast<char*>(dst.data()) + response.weights().offset(),
+                  response.weights().data().data(), response.weights().data().size());
+      if (step != nullptr) *step = response.step();
+    }
+    EXPECT_TRUE(reader->Finish().ok());
+    return out;
+  }
+
+  // Every worker's step in its own thread and client.
+  std::vector<StepResult> AllWorkers(const SessionHandle& session, uint64_t step,
+                                     const std::vector<Tensors>& grads, int attempts = 20) {
+    std::vector<StepResult> results(grads.size());
+    std::vector<std::thread> threads;
+    for (size_t w = 0; w < grads.size(); ++w) {
+      threads.emplace_back([&, w] {
+        auto client = NewClient(*server_, 1000, attempts);
+        muon::StepOptions options;
+        options.worker_id = static_cast<uint32_t>(w);
+        results[w] = ClientStep(client.get(), session, step, grads[w], options);
+      });
+    }
+    for (std::thread& t : threads) t.join();
+    return results;
+  }
+
+  std::unique_ptr<ServerProcess> server_;
+  std::unique_ptr<v1::Optimizer::Stub> stub_;
+};
+
+// SmallModel without its bf16 parameter (the reference's updates are then
+// the fp32 values the server applies to its weights), with weight decay.
+Model Fp32Model() {
+  Model model = SmallModel();
+  model.params.pop_back();
+  model.specs.pop_back();
+  for (ParamSpec& spec : model.specs) spec.hp.weight_decay = kWeightDecay;
+  return model;
+}
+
+// W ← decay·W + update in fp32, as the engine applies it to held weights,
+// with the CPU engine's update for `grads`.
+void ApplyReference(const Model& model, Reference& reference, const Tensors& grads,
+                    Weights& weights) {
+  StepResult want = reference.Step(grads);
+  ASSERT_TRUE(want.status.ok());
+  for (uint32_t i = 0; i < model.specs.size(); ++i) {
+    const size_t n = weights[i].size();
+    std::vector<float> update(n);
+    DecodeToFloat(want.dtype.at(i), want.updates.at(i).data(), n, update.data());
+    const float decay = static_cast<float>(want.decay.at(i));
+    for (size_t j = 0; j < n; ++j) weights[i][j] = decay * weights[i][j] + update[j];
+  }
+}
+
+TEST_F(ParameterServerTest, ThreeWorkersEqualOneWorkerFeedingTheAverage) {
+  StartServer();
+  const Model model = Fp32Model();
+  const SessionHandle session = Create(model, 3);
+  Weights expected = InitialWeights(model);
+  ASSERT_TRUE(Push(session, expected).ok());
+  Reference reference(model);
+  for (uint64_t step = 1; step <= 4; ++step) {
+    std::vector<Tensors> grads;
+    for (uint64_t w = 0; w < 3; ++w) grads.push_back(GridGradients(model, 100 * step + w));
+    std::vector<StepResult> results = AllWorkers(session, step, grads);
+    ApplyReference(model, reference, Average(model, grads), expected);
+    for (size_t w = 0; w < results.size(); ++w) {
+      ASSERT_TRUE(results[w].status.ok()) << "worker " << w << ": "
+                                          << results[w].status.error_message();
+      ASSERT_TRUE(results[w].summary.has_value());
+      EXPECT_EQ(results[w].summary->step(), step);
+      // Every worker gets the new weights.
+      for (uint32_t i = 0; i < model.specs.size(); ++i) {
+        const DType dtype = model.specs[i].dtype;
+        std::vector<float> got(expected[i].size());
+        DecodeToFloat(dtype, results[w].updates.at(i).data(), got.size(), got.data());
+        Bytes want_bytes(got.size() * DTypeSize(dtype));
+        EncodeFromFloat(dtype, expected[i].data(), got.size(), want_bytes.data());
+        EXPECT_TRUE(results[w].updates.at(i) == want_bytes)
+            << "step " << step << " worker " << w << " parameter " << i;
+      }
+    }
+  }
+  uint64_t pulled_step = 0;
+  const Weights pulled = Pull(session, &pulled_step);
+  EXPECT_EQ(pulled_step, 4u);
+  for (uint32_t i = 0; i < model.specs.size(); ++i) {
+    EXPECT_TRUE(pulled.at(i) == expected.at(i)) << "parameter " << i;
+  }
+
+  // A worker resending the committed step is answered from the cache.
+  auto client = NewClient(*server_);
+  muon::StepOptions options;
+  options.worker_id = 1;
+  StepResult replay = ClientStep(client.get(), session, 4, GridGradients(model, 999), options);
+  ASSERT_TRUE(replay.status.ok()) << replay.status.error_message();
+  EXPECT_TRUE(replay.summary->replayed());
+  EXPECT_TRUE(Pull(session).at(0) == expected.at(0)) << "a replay must not apply again";
+}
+
+TEST_F(ParameterServerTest, WorkerThatBreaksMidStepAndResendsGivesTheSameResult) {
+  StartServer();
+  const Model model = Fp32Model();
+  const SessionHandle session = Create(model, 2);
+  Weights expected = InitialWeights(model);
+  ASSERT_TRUE(Push(session, expected).ok());
+  const std::vector<Tensors> grads = {GridGradients(model, 1), GridGradients(model, 2)};
+
+  // Worker 1's first stream breaks after a few chunks; worker 0 waits.
+  std::thread worker0([&] {
+    auto client = NewClient(*server_);
+    muon::StepOptions options;
+    options.worker_id = 0;
+    StepResult r = ClientStep(client.get(), session, 1, grads[0], options);
+    EXPECT_TRUE(r.status.ok()) << r.status.error_message();
+  });
+  StepCall broken;
+  broken.header.set_session_id(session.id);
+  broken.header.set_token(session.token);
+  broken.header.set_step(1);
+  broken.header.set_worker_id(1);
+  broken.body = GradientMessages(grads[1], 1000, 3);
+  broken.cancel_after = 5;
+  EXPECT_FALSE(RunStep(stub_.get(), broken).status.ok());
+
+  auto client = NewClient(*server_);
+  muon::StepOptions options;
+  options.worker_id = 1;
+  StepResult resent = ClientStep(client.get(), session, 1, grads[1], options);
+  worker0.join();
+  ASSERT_TRUE(resent.status.ok()) << resent.status.error_message();
+  EXPECT_FALSE(resent.summary->replayed());
+
+  Reference reference(model);
+  ApplyReference(model, reference, Average(model, grads), expected);
+  const Weights pulled = Pull(session);
+  for (uint32_t i = 0; i < model.specs.size(); ++i) {
+    EXPECT_TRUE(pulled.at(i) == expected.at(i)) << "parameter " << i;
+  }
+}
+
+TEST_F(ParameterServerTest, MissingWorkerFailsTheStepForAllAndChangesNothing) {
+  StartServer({"--worker_timeout_seconds=1"});
+  const Model model = SmallModel();
+  const SessionHandle session = Create(model, 3);
+  const Weights initial = InitialWeights(model);
+  ASSERT_TRUE(Push(session, initial).ok());
+  std::vector<Tensors> two = {GridGradients(model, 1), GridGradients(model, 2)};
+  std::vector<StepResult> results = AllWorkers(session, 1, two, /*attempts=*/1);
+  for (const StepResult& r : results) {
+    EXPECT_EQ(r.status.error_code(), grpc::StatusCode::ABORTED) << r.status.error_message();
+    EXPECT_THAT(r.status.error_message(), HasSubstr("worker(s) 2"));
+    EXPECT_THAT(r.status.error_message(), HasSubstr("nothing was applied"));
+  }
+  uint64_t step = 99;
+  const Weights pulled = Pull(session, &step);
+  EXPECT_EQ(step, 0u);
+  EXPECT_TRUE(pulled == initial);
+
+  // All three again: the step goes through.
+  two.push_back(GridGradients(model, 3));
+  for (const StepResult& r : AllWorkers(session, 1, two)) {
+    EXPECT_TRUE(r.status.ok()) << r.status.error_message();
+  }
+}
+
+TEST_F(ParameterServerTest, BadParameterServerStepsAreRejected) {
+  StartServer();
+  const Model model = SmallModel();
+  const SessionHandle session = Create(model, 2);
+  auto client = NewClient(*server_);
+  muon::StepOptions options;
+  options.worker_id = 2;
+  Tensors grads = GridGradients(model, 1);
+  StepResult r = ClientStep(client.get(), session, 1, grads, options);
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(r.status.error_message(), HasSubstr("worker_id 2 is out of range"));
+
+  options.worker_id = 0;
+  Tensors partial = {{0, grads.at(0)}};
+  r = ClientStep(client.get(), session, 1, partial, options);
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(r.status.error_message(), HasSubstr("carries every parameter"));
+
+  r = ClientStep(client.get(), session, 2, grads, options);
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(r.status.error_message(), HasSubstr("expected step is 1"));
+}
+
+}  // namespace
+}  // namespace muon::testing
