@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "auth.h"
 #include "metrics.h"
 #include "muon/server/status_util.h"
 #include "session.h"
@@ -107,17 +108,25 @@ grpc::ServerUnaryReactor* OptimizerService::GetSession(grpc::CallbackServerConte
                                                        const v1::GetSessionRequest* request,
                                                        v1::SessionInfo* response) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  // The admin token is accepted in place of the session's, so an operator
+  // can inspect any session.
+  const std::string token = RequestToken(request->token(), *ctx);
   absl::StatusOr<std::shared_ptr<Session>> session =
-      env_.sessions->Get(request->session_id(), request->token());
+      env_.sessions->GetAuthorized(request->session_id(), token, token);
   if (session.ok()) (*session)->FillInfo(/*with_params=*/true, response);
   reactor->Finish(ToGrpcStatus(session.status()));
   return reactor;
 }
 
 grpc::ServerUnaryReactor* OptimizerService::ListSessions(grpc::CallbackServerContext* ctx,
-                                                         const v1::ListSessionsRequest* /*request*/,
+                                                         const v1::ListSessionsRequest* request,
                                                          v1::ListSessionsResponse* response) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  absl::Status allowed = env_.sessions->CheckAdmin(RequestToken(request->admin_token(), *ctx));
+  if (!allowed.ok()) {
+    reactor->Finish(ToGrpcStatus(allowed));
+    return reactor;
+  }
   std::vector<std::shared_ptr<Session>> sessions = env_.sessions->List();
   std::sort(sessions.begin(), sessions.end(),
             [](const auto& a, const auto& b) { return a->id() < b->id(); });
@@ -130,8 +139,8 @@ grpc::ServerUnaryReactor* OptimizerService::DeleteSession(grpc::CallbackServerCo
                                                           const v1::DeleteSessionRequest* request,
                                                           v1::DeleteSessionResponse* /*response*/) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  env_.pool->Schedule([this, reactor, request] {
-    reactor->Finish(ToGrpcStatus(env_.sessions->Delete(request->session_id(), request->token())));
+  env_.pool->Schedule([this, reactor, request, token = RequestToken(request->token(), *ctx)] {
+    reactor->Finish(ToGrpcStatus(env_.sessions->Delete(request->session_id(), token)));
   });
   return reactor;
 }
@@ -152,8 +161,8 @@ grpc::ServerReadReactor<v1::PushWeightsRequest>* OptimizerService::PushWeights(
 }
 
 grpc::ServerWriteReactor<v1::PullWeightsResponse>* OptimizerService::PullWeights(
-    grpc::CallbackServerContext* /*ctx*/, const v1::PullWeightsRequest* request) {
-  return NewPullWeightsReactor(&env_, request);
+    grpc::CallbackServerContext* ctx, const v1::PullWeightsRequest* request) {
+  return NewPullWeightsReactor(&env_, ctx, request);
 }
 
 }  // namespace muon::server

@@ -1,10 +1,12 @@
 #include "session.h"
 
-#include <random>
+#include <sys/random.h>
+
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "auth.h"
 #include "convert.h"
 #include "metrics.h"
 #include "muon/kernels/status_macros.h"
@@ -12,10 +14,15 @@
 namespace muon::server {
 namespace {
 
-std::string RandomHex(int bytes) {
-  std::random_device rd;  // /dev/urandom on Linux
+// `bytes` bytes from the kernel's urandom source, in hex. Session tokens take
+// 16 (128 bits), too many to guess.
+absl::StatusOr<std::string> RandomHex(size_t bytes) {
+  unsigned char buf[32];
+  if (bytes > sizeof(buf) || getrandom(buf, bytes, 0) != static_cast<ssize_t>(bytes)) {
+    return absl::InternalError("cannot read random bytes for a session id and token (getrandom)");
+  }
   std::string out;
-  for (int i = 0; i < bytes; ++i) absl::StrAppendFormat(&out, "%02x", rd() & 0xff);
+  for (size_t i = 0; i < bytes; ++i) absl::StrAppendFormat(&out, "%02x", buf[i]);
   return out;
 }
 
@@ -38,10 +45,26 @@ Session::Session(std::string id, std::string token, std::string name, v1::Sessio
       create_time_(absl::Now()),
       last_(num_workers) {}
 
+namespace {
+
+absl::Status MissingToken(absl::string_view id) {
+  return absl::UnauthenticatedError(absl::StrCat(
+      "this call needs the token CreateSession returned for session ", id,
+      "; send it in the request's token field or as the metadata 'authorization: Bearer <token>'"));
+}
+
+absl::Status WrongToken(absl::string_view id) {
+  return absl::PermissionDeniedError(
+      absl::StrCat("the token sent is not the token of session ", id,
+                   " (nor the server's admin token); use the token CreateSession returned for it"));
+}
+
+}  // namespace
+
 absl::Status Session::CheckToken(absl::string_view token) const {
-  if (token.empty() || token == token_) return absl::OkStatus();
-  return absl::UnauthenticatedError(absl::StrCat("the token does not match session ", id_,
-                                                 "; use the token CreateSession returned"));
+  if (token.empty()) return MissingToken(id_);
+  if (!ConstantTimeEquals(token, token_)) return WrongToken(id_);
+  return absl::OkStatus();
 }
 
 absl::StatusOr<Session::Admission> Session::AdmitStep(uint64_t step, uint32_t worker) {
@@ -149,8 +172,9 @@ void Session::FillInfo(bool with_params, v1::SessionInfo* info) const {
   }
 }
 
-SessionRegistry::SessionRegistry(Engine* engine, const Limits& limits, SessionReporter* metrics)
-    : engine_(engine), limits_(limits), metrics_(metrics) {}
+SessionRegistry::SessionRegistry(Engine* engine, const Limits& limits, SessionReporter* metrics,
+                                 std::string admin_token)
+    : engine_(engine), limits_(limits), metrics_(metrics), admin_token_(std::move(admin_token)) {}
 
 SessionRegistry::~SessionRegistry() {
   absl::MutexLock lock(&mu_);
@@ -202,6 +226,8 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Create(
         "allows ",
         limits_.max_bytes_per_session, " per session (--max_bytes_per_session)"));
   }
+  MUON_ASSIGN_OR_RETURN(std::string session_id, RandomHex(8));
+  MUON_ASSIGN_OR_RETURN(std::string token, RandomHex(16));
   {
     absl::MutexLock lock(&mu_);
     if (static_cast<int64_t>(sessions_.size()) + reserved_ >= limits_.max_sessions) {
@@ -229,8 +255,8 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Create(
     return absl::Status(status.code(), absl::StrCat("registering parameter ", registered, " ('",
                                                     who, "'): ", status.message()));
   }
-  auto session = std::make_shared<Session>(RandomHex(8), RandomHex(16), request.name(), mode,
-                                           num_workers, std::move(params));
+  auto session = std::make_shared<Session>(std::move(session_id), std::move(token), request.name(),
+                                           mode, num_workers, std::move(params));
   {
     absl::MutexLock lock(&mu_);
     --reserved_;
@@ -240,8 +266,7 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Create(
   return session;
 }
 
-absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Get(absl::string_view id,
-                                                              absl::string_view token) const {
+absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Find(absl::string_view id) const {
   std::shared_ptr<Session> session;
   {
     absl::MutexLock lock(&mu_);
@@ -255,8 +280,40 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Get(absl::string_view 
                      "' on this server (deleted, or created on another server or before a "
                      "restart); create one with CreateSession"));
   }
+  return session;
+}
+
+absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Get(absl::string_view id,
+                                                              absl::string_view token) const {
+  MUON_ASSIGN_OR_RETURN(std::shared_ptr<Session> session, Find(id));
   MUON_RETURN_IF_ERROR(session->CheckToken(token));
   return session;
+}
+
+absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::GetAuthorized(
+    absl::string_view id, absl::string_view token, absl::string_view admin_token) const {
+  MUON_ASSIGN_OR_RETURN(std::shared_ptr<Session> session, Find(id));
+  const absl::Status as_session = session->CheckToken(token);
+  if (as_session.ok()) return session;
+  if (!admin_token_.empty() && !admin_token.empty()) {
+    if (ConstantTimeEquals(admin_token, admin_token_)) return session;
+    return WrongToken(id);
+  }
+  return as_session;
+}
+
+absl::Status SessionRegistry::CheckAdmin(absl::string_view admin_token) const {
+  if (admin_token_.empty()) return absl::OkStatus();
+  if (admin_token.empty()) {
+    return absl::UnauthenticatedError(
+        "this call needs the server's admin token (--admin_token); send it in the request's "
+        "admin_token field or as the metadata 'authorization: Bearer <token>'");
+  }
+  if (!ConstantTimeEquals(admin_token, admin_token_)) {
+    return absl::PermissionDeniedError(
+        "the admin token sent is not this server's (--admin_token); ask its operator for it");
+  }
+  return absl::OkStatus();
 }
 
 std::vector<std::shared_ptr<Session>> SessionRegistry::List() const {
@@ -268,7 +325,7 @@ std::vector<std::shared_ptr<Session>> SessionRegistry::List() const {
 }
 
 absl::Status SessionRegistry::Delete(absl::string_view id, absl::string_view token) {
-  MUON_ASSIGN_OR_RETURN(std::shared_ptr<Session> session, Get(id, token));
+  MUON_ASSIGN_OR_RETURN(std::shared_ptr<Session> session, GetAuthorized(id, token, token));
   MUON_RETURN_IF_ERROR(session->MarkDeleted());
   {
     absl::MutexLock lock(&mu_);

@@ -19,6 +19,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "auth.h"
 #include "convert.h"
 #include "metrics.h"
 #include "muon/kernels/status_macros.h"
@@ -242,7 +243,8 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
   }
 
   absl::Status OnHeader(const v1::StepHeader& header) {
-    MUON_ASSIGN_OR_RETURN(session_, env_->sessions->Get(header.session_id(), header.token()));
+    MUON_ASSIGN_OR_RETURN(
+        session_, env_->sessions->Get(header.session_id(), RequestToken(header.token(), *ctx_)));
     if (session_->mode() == v1::SESSION_MODE_PARAMETER_SERVER) {
       return absl::UnimplementedError(absl::StrCat(
           "session ", session_->id(),
