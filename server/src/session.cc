@@ -26,6 +26,20 @@ absl::StatusOr<std::string> RandomHex(size_t bytes) {
   return out;
 }
 
+absl::Status MissingToken(absl::string_view id) {
+  return absl::UnauthenticatedError(absl::StrCat(
+      "this call needs the token CreateSession returned for session ", id,
+      "; send it in the request's token field or as the metadata 'authorization: Bearer <token>'"));
+}
+
+// Never names the token sent: it may be another session's.
+absl::Status WrongToken(absl::string_view id) {
+  return absl::PermissionDeniedError(absl::StrCat(
+      "the token sent is not session ", id,
+      "'s; use the token CreateSession returned for it (GetSession, DeleteSession and Checkpoint "
+      "also take the server's admin token)"));
+}
+
 void SetTimestamp(absl::Time t, google::protobuf::Timestamp* ts) {
   const int64_t ns = absl::ToUnixNanos(t);
   ts->set_seconds(ns / 1000000000);
@@ -44,22 +58,6 @@ Session::Session(std::string id, std::string token, std::string name, v1::Sessio
       params_(std::move(params)),
       create_time_(absl::Now()),
       last_(num_workers) {}
-
-namespace {
-
-absl::Status MissingToken(absl::string_view id) {
-  return absl::UnauthenticatedError(absl::StrCat(
-      "this call needs the token CreateSession returned for session ", id,
-      "; send it in the request's token field or as the metadata 'authorization: Bearer <token>'"));
-}
-
-absl::Status WrongToken(absl::string_view id) {
-  return absl::PermissionDeniedError(
-      absl::StrCat("the token sent is not the token of session ", id,
-                   " (nor the server's admin token); use the token CreateSession returned for it"));
-}
-
-}  // namespace
 
 absl::Status Session::CheckToken(absl::string_view token) const {
   if (token.empty()) return MissingToken(id_);
