@@ -8,11 +8,12 @@ const os = require('os');
 const path = require('path');
 const { spawn, execFileSync } = require('child_process');
 
-function startServer() {
+function startServer(extraFlags = []) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'muon-node-'));
   const portFile = path.join(dir, 'port');
   const server = spawn(process.env.MUON_SERVER_BIN, [
     '--listen=127.0.0.1:0', `--port_file=${portFile}`, '--metrics_listen=', '--engine=cpu',
+    ...extraFlags,
   ], { stdio: 'ignore' });
   const deadline = Date.now() + 60000;
   return new Promise((resolve, reject) => {
@@ -37,5 +38,32 @@ test('example.js creates a session and runs one step', async () => {
     assert.match(out, /step 1 committed, 2 parameters/);
   } finally {
     server.kill('SIGTERM');
+  }
+});
+
+test('MuonClient speaks TLS to a TLS server, and plaintext is refused', async () => {
+  const { MuonClient } = require('./muon_client');
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'muon-node-tls-'));
+  const cert = path.join(dir, 'server.pem');
+  const key = path.join(dir, 'server.key');
+  // Self-signed for 127.0.0.1: the certificate is its own CA.
+  execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1',
+    '-nodes', '-days', '2', '-subj', '/CN=localhost', '-addext',
+    'subjectAltName=IP:127.0.0.1,DNS:localhost', '-keyout', key, '-out', cert], { stdio: 'ignore' });
+  const { server, address } = await startServer([`--tls_cert=${cert}`, `--tls_key=${key}`]);
+  const tls = new MuonClient(address, { rootCerts: fs.readFileSync(cert) });
+  const plain = new MuonClient(address);
+  try {
+    const session = await tls.createSession([{ name: 'w', shape: [4, 4] }]);
+    const { summary } = await tls.step(session, 1, new Map([[0, new Float32Array(16).fill(1)]]));
+    assert.strictEqual(summary.step, 1);
+    await tls.deleteSession(session);
+    await assert.rejects(plain.createSession([{ name: 'w', shape: [4, 4] }]),
+      (err) => err.code === 14); // UNAVAILABLE
+  } finally {
+    tls.close();
+    plain.close();
+    server.kill('SIGTERM');
+    fs.rmSync(dir, { recursive: true, force: true });
   }
 });

@@ -22,9 +22,19 @@ function loadService() {
 }
 
 class MuonClient {
-  constructor(address) {
+  // tls (optional), PEM Buffers: {rootCerts} for TLS (null: Node's default
+  // roots), plus {certChain, privateKey} for mutual TLS; {serverName}
+  // overrides the name checked in the server's certificate.
+  constructor(address, tls = null) {
     const Optimizer = loadService();
-    this.stub = new Optimizer(address, grpc.credentials.createInsecure());
+    if (!tls) {
+      this.stub = new Optimizer(address, grpc.credentials.createInsecure());
+      return;
+    }
+    const credentials = grpc.credentials.createSsl(
+      tls.rootCerts || null, tls.privateKey || null, tls.certChain || null);
+    const options = tls.serverName ? { 'grpc.ssl_target_name_override': tls.serverName } : {};
+    this.stub = new Optimizer(address, credentials, options);
   }
 
   close() {

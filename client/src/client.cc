@@ -3,6 +3,8 @@
 #include <grpcpp/generic/generic_stub.h>
 
 #include <algorithm>
+#include <fstream>
+#include <sstream>
 #include <thread>
 #include <utility>
 
@@ -50,6 +52,51 @@ absl::StatusOr<uint64_t> ParseHealthResponse(const std::string& bytes) {
   return absl::DataLossError("truncated grpc.health.v1.HealthCheckResponse");
 }
 
+absl::StatusOr<std::string> ReadFile(const std::string& path, absl::string_view field) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in.is_open()) {
+    return absl::InvalidArgumentError(absl::StrCat("cannot read ClientOptions.tls.", field, " '",
+                                                   path, "' (missing or not readable)"));
+  }
+  std::stringstream contents;
+  contents << in.rdbuf();
+  return contents.str();
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> Credentials(
+    const ClientOptions& options) {
+  const ClientTlsOptions& tls = options.tls;
+  const bool use_tls =
+      tls.enabled || !tls.ca_file.empty() || !tls.cert_file.empty() || !tls.key_file.empty();
+  if (options.credentials != nullptr) {
+    if (use_tls) {
+      return absl::InvalidArgumentError(
+          "set ClientOptions.credentials or ClientOptions.tls, not both");
+    }
+    return options.credentials;
+  }
+  if (!use_tls) return grpc::InsecureChannelCredentials();
+  if (tls.cert_file.empty() != tls.key_file.empty()) {
+    return absl::InvalidArgumentError(
+        "mutual TLS needs both ClientOptions.tls.cert_file and key_file; only one is set");
+  }
+  grpc::SslCredentialsOptions ssl;
+  if (!tls.ca_file.empty()) {
+    absl::StatusOr<std::string> ca = ReadFile(tls.ca_file, "ca_file");
+    if (!ca.ok()) return ca.status();
+    ssl.pem_root_certs = std::move(*ca);
+  }
+  if (!tls.cert_file.empty()) {
+    absl::StatusOr<std::string> cert = ReadFile(tls.cert_file, "cert_file");
+    if (!cert.ok()) return cert.status();
+    absl::StatusOr<std::string> key = ReadFile(tls.key_file, "key_file");
+    if (!key.ok()) return key.status();
+    ssl.pem_cert_chain = std::move(*cert);
+    ssl.pem_private_key = std::move(*key);
+  }
+  return grpc::SslCredentials(ssl);
+}
+
 }  // namespace
 
 absl::Status FromGrpcStatus(const grpc::Status& status) {
@@ -67,11 +114,12 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Create(const ClientOptions& opti
     return absl::InvalidArgumentError(absl::StrCat(
         "ClientOptions.max_step_attempts must be at least 1, got ", options.max_step_attempts));
   }
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials = Credentials(options);
+  if (!credentials.ok()) return credentials.status();
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
-  std::shared_ptr<grpc::ChannelCredentials> credentials =
-      options.credentials != nullptr ? options.credentials : grpc::InsecureChannelCredentials();
-  auto channel = grpc::CreateCustomChannel(options.target, credentials, args);
+  if (!options.tls.server_name.empty()) args.SetSslTargetNameOverride(options.tls.server_name);
+  auto channel = grpc::CreateCustomChannel(options.target, *credentials, args);
   return std::unique_ptr<Client>(new Client(options, std::move(channel)));
 }
 

@@ -36,9 +36,19 @@
 
 ABSL_FLAG(std::string, server, "127.0.0.1:50051", "Server address HOST:PORT.");
 ABSL_FLAG(std::string, admin_token, "",
-          "Bearer token sent on every call (and as admin token for `session list`).");
+          "The server's admin token: sent on every call as 'authorization: Bearer', so it "
+          "authorizes `session list`, `checkpoint` of every session, and `session get|delete` "
+          "without --token.");
 ABSL_FLAG(std::string, session, "", "Session id (session get|delete, bench, checkpoint).");
-ABSL_FLAG(std::string, token, "", "The session's token.");
+ABSL_FLAG(std::string, token, "",
+          "The session's token (session get|delete, bench, checkpoint --session).");
+ABSL_FLAG(std::string, tls_ca, "",
+          "PEM CA certificate(s) of the server's certificate; setting any --tls_* flag turns "
+          "TLS on (empty: gRPC's default roots).");
+ABSL_FLAG(std::string, tls_cert, "", "PEM client certificate chain, for mutual TLS.");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert.");
+ABSL_FLAG(std::string, tls_server_name, "",
+          "Name the server's certificate must carry, when not --server's host.");
 ABSL_FLAG(std::string, name, "muonctl", "Session name (session create, bench, load).");
 ABSL_FLAG(std::string, model, "",
           "Model preset: gpt2-small, gpt2-medium, llama-1b, small-256, small. "
@@ -72,9 +82,10 @@ constexpr char kUsage[] = R"(muonctl [flags] COMMAND
 Commands:
   health                            the server's grpc.health.v1 status
   session create [--model=small]    register a preset model; prints id, token, step
-  session get --session=ID          one session, its step and parameters
-  session list                      every session
-  session delete --session=ID
+  session get --session=ID --token=T
+                                    one session, its step and parameters
+  session list [--admin_token=A]    every session
+  session delete --session=ID --token=T
   checkpoint [--session=ID]         write checkpoints on the server
   bench --model=NAME --steps=N [--session=ID --keep]
                                     steps/s, bytes/s, latency by phase
@@ -83,7 +94,8 @@ Commands:
   coefficients --schedule=NAME --steps=N
                                     Newton-Schulz (a, b, c) per step; no server
 
-Every command but coefficients talks to --server (default 127.0.0.1:50051).
+Every command but coefficients talks to --server (default 127.0.0.1:50051),
+over TLS when any --tls_* flag is set. --admin_token stands in for --token.
 Errors print the status code and message and exit 1.)";
 
 // A failure of a command: printed as CODE: message, exit status 1.
@@ -97,6 +109,11 @@ absl::StatusOr<std::unique_ptr<Client>> Connect() {
   ClientOptions options;
   options.target = absl::GetFlag(FLAGS_server);
   options.bearer_token = absl::GetFlag(FLAGS_admin_token);
+  options.tls.ca_file = absl::GetFlag(FLAGS_tls_ca);
+  options.tls.cert_file = absl::GetFlag(FLAGS_tls_cert);
+  options.tls.key_file = absl::GetFlag(FLAGS_tls_key);
+  options.tls.server_name = absl::GetFlag(FLAGS_tls_server_name);
+  options.tls.enabled = !options.tls.server_name.empty();
   options.call_timeout = absl::GetFlag(FLAGS_timeout);
   options.max_step_attempts = 1 + std::max(0, absl::GetFlag(FLAGS_retries));
   options.chunk_bytes = static_cast<size_t>(std::max<int64_t>(0, absl::GetFlag(FLAGS_chunk_bytes)));

@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
+#include <sstream>
 #include <string>
 
 #include "absl/flags/flag.h"
@@ -57,6 +58,21 @@ ABSL_FLAG(int, update_chunk_bytes, 1 << 20,
 ABSL_FLAG(int, orthogonality_sample_every, 100,
           "Measure the orthogonality error (muon_orthogonality_error) on every Nth step of each "
           "session; 0: only when a client asks. Env MUON_ORTHOGONALITY_SAMPLE_EVERY.");
+ABSL_FLAG(std::string, admin_token, "",
+          "Operator token: required by ListSessions and Checkpoint of every session, accepted "
+          "for GetSession and DeleteSession of any session; empty: none. Prefer "
+          "--admin_token_file or the environment (a command line is visible to every user). Env "
+          "MUON_ADMIN_TOKEN.");
+ABSL_FLAG(std::string, admin_token_file, "",
+          "File holding the admin token (read once at start; a trailing newline is dropped). "
+          "Not together with --admin_token. Env MUON_ADMIN_TOKEN_FILE.");
+ABSL_FLAG(std::string, tls_cert, "",
+          "PEM certificate chain of the server: with --tls_key, the gRPC port speaks TLS "
+          "(/metrics stays plain HTTP). Env MUON_TLS_CERT.");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key for --tls_cert. Env MUON_TLS_KEY.");
+ABSL_FLAG(std::string, tls_client_ca, "",
+          "PEM CA certificate(s): clients must present a certificate signed by one (mutual "
+          "TLS). Needs --tls_cert and --tls_key. Env MUON_TLS_CLIENT_CA.");
 ABSL_FLAG(double, drain_timeout_seconds, 30,
           "On SIGTERM/SIGINT, how long to wait for in-flight steps. Env "
           "MUON_DRAIN_TIMEOUT_SECONDS.");
@@ -98,7 +114,44 @@ bool FlagsFromEnv() {
          FromEnv(&FLAGS_scheduler_threads, "MUON_SCHEDULER_THREADS") &&
          FromEnv(&FLAGS_update_chunk_bytes, "MUON_UPDATE_CHUNK_BYTES") &&
          FromEnv(&FLAGS_orthogonality_sample_every, "MUON_ORTHOGONALITY_SAMPLE_EVERY") &&
-         FromEnv(&FLAGS_drain_timeout_seconds, "MUON_DRAIN_TIMEOUT_SECONDS");
+         FromEnv(&FLAGS_drain_timeout_seconds, "MUON_DRAIN_TIMEOUT_SECONDS") &&
+         FromEnv(&FLAGS_admin_token, "MUON_ADMIN_TOKEN") &&
+         FromEnv(&FLAGS_admin_token_file, "MUON_ADMIN_TOKEN_FILE") &&
+         FromEnv(&FLAGS_tls_cert, "MUON_TLS_CERT") && FromEnv(&FLAGS_tls_key, "MUON_TLS_KEY") &&
+         FromEnv(&FLAGS_tls_client_ca, "MUON_TLS_CLIENT_CA");
+}
+
+// The admin token from --admin_token or --admin_token_file (never both);
+// false after printing why.
+bool AdminToken(std::string* token) {
+  const std::string value = absl::GetFlag(FLAGS_admin_token);
+  const std::string path = absl::GetFlag(FLAGS_admin_token_file);
+  if (!value.empty() && !path.empty()) {
+    std::cerr << "muon-server: set one of --admin_token and --admin_token_file (or "
+                 "MUON_ADMIN_TOKEN and MUON_ADMIN_TOKEN_FILE), not both\n";
+    return false;
+  }
+  if (path.empty()) {
+    *token = value;
+    return true;
+  }
+  std::ifstream in(path, std::ios::binary);
+  if (!in.is_open()) {
+    std::cerr << "muon-server: cannot read --admin_token_file=" << path << "\n";
+    return false;
+  }
+  std::stringstream contents;
+  contents << in.rdbuf();
+  *token = contents.str();
+  // Files written by editors and `echo` end with a newline that is no part
+  // of the token.
+  while (!token->empty() && (token->back() == '\n' || token->back() == '\r')) token->pop_back();
+  if (token->empty()) {
+    std::cerr << "muon-server: --admin_token_file=" << path
+              << " is empty; put the token in it, or leave the flag unset for no admin token\n";
+    return false;
+  }
+  return true;
 }
 
 // Written to a temporary name and renamed, so a reader never sees half a port.
@@ -146,6 +199,10 @@ int main(int argc, char** argv) {
   options.scheduler_threads = absl::GetFlag(FLAGS_scheduler_threads);
   options.update_chunk_bytes = absl::GetFlag(FLAGS_update_chunk_bytes);
   options.orthogonality_sample_every = absl::GetFlag(FLAGS_orthogonality_sample_every);
+  if (!AdminToken(&options.admin_token)) return 2;
+  options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
+  options.tls_key_file = absl::GetFlag(FLAGS_tls_key);
+  options.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
 
   absl::StatusOr<std::unique_ptr<muon::server::Server>> server =
       muon::server::Server::Create(options);
@@ -159,7 +216,11 @@ int main(int argc, char** argv) {
     return 1;
   }
   std::cerr << "muon-server: serving muon.v1.Optimizer on port " << (*server)->port() << " (engine "
-            << options.engine << ")";
+            << options.engine << ", "
+            << (options.tls_cert_file.empty()        ? "plaintext"
+                : options.tls_client_ca_file.empty() ? "TLS"
+                                                     : "mutual TLS")
+            << (options.admin_token.empty() ? ", no admin token" : ", admin token set") << ")";
   if (!options.checkpoint_dir.empty()) {
     std::cerr << "; " << (*server)->restored_sessions() << " session(s) restored from "
               << options.checkpoint_dir << ", durability " << options.durability;

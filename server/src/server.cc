@@ -7,6 +7,8 @@
 #include <grpcpp/server_builder.h>
 #include <grpcpp/support/server_interceptor.h>
 
+#include <fstream>
+#include <sstream>
 #include <thread>
 #include <utility>
 
@@ -129,13 +131,54 @@ absl::Status ValidateOptions(const ServerOptions& o) {
   if (o.checkpoint_every_steps < 0) {
     return absl::InvalidArgumentError("--checkpoint_every_steps must be >= 0 (0: never)");
   }
+  if (o.tls_cert_file.empty() != o.tls_key_file.empty()) {
+    return absl::InvalidArgumentError(
+        "TLS needs both --tls_cert and --tls_key (the server's certificate chain and its private "
+        "key, PEM); only one is set");
+  }
+  if (!o.tls_client_ca_file.empty() && o.tls_cert_file.empty()) {
+    return absl::InvalidArgumentError(
+        "--tls_client_ca (mutual TLS) needs --tls_cert and --tls_key too");
+  }
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> ReadPemFile(const std::string& path, absl::string_view flag) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in.is_open()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cannot read ", flag, "=", path, " (missing or not readable by the server)"));
+  }
+  std::stringstream contents;
+  contents << in.rdbuf();
+  if (contents.str().find("-----BEGIN ") == std::string::npos) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(flag, "=", path, " is not a PEM file (no -----BEGIN line)"));
+  }
+  return contents.str();
+}
+
+// Plaintext unless options name a certificate and key; mutual TLS with a
+// client CA.
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> Credentials(const ServerOptions& o) {
+  if (o.tls_cert_file.empty()) return grpc::InsecureServerCredentials();
+  grpc::SslServerCredentialsOptions ssl(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+  grpc::SslServerCredentialsOptions::PemKeyCertPair pair;
+  MUON_ASSIGN_OR_RETURN(pair.cert_chain, ReadPemFile(o.tls_cert_file, "--tls_cert"));
+  MUON_ASSIGN_OR_RETURN(pair.private_key, ReadPemFile(o.tls_key_file, "--tls_key"));
+  ssl.pem_key_cert_pairs.push_back(std::move(pair));
+  if (!o.tls_client_ca_file.empty()) {
+    MUON_ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadPemFile(o.tls_client_ca_file, "--tls_client_ca"));
+    ssl.client_certificate_request = GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
+  }
+  return grpc::SslServerCredentials(ssl);
 }
 
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& options) {
   MUON_RETURN_IF_ERROR(ValidateOptions(options));
+  MUON_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials, Credentials(options));
   auto impl = std::make_unique<ServerImpl>();
   EngineOptions engine_options;
   engine_options.memory_budget_bytes = options.memory_budget_bytes;
@@ -160,8 +203,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   rounds.metrics = impl->metrics->steps();
   rounds.worker_timeout = options.worker_timeout;
   rounds.chunk_bytes = UpdateChunkBytes(options);
-  impl->sessions = std::make_unique<SessionRegistry>(
-      impl->engine.get(), options.limits, impl->metrics->sessions(), durability, rounds);
+  impl->sessions = std::make_unique<SessionRegistry>(impl->engine.get(), options.limits,
+                                                     impl->metrics->sessions(), durability, rounds,
+                                                     options.admin_token);
   // Before the port opens, so no client sees a server without its sessions.
   impl->restored = impl->sessions->RestoreAll();
   ServiceEnv env;
@@ -175,7 +219,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &impl->port);
+  builder.AddListeningPort(options.listen, credentials, &impl->port);
   builder.RegisterService(impl->service.get());
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
   interceptors.push_back(std::make_unique<RpcCountingFactory>(impl->metrics->rpcs()));
@@ -196,7 +240,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
     impl->grpc_server.reset();
     return absl::UnavailableError(
         absl::StrCat("cannot listen on ", options.listen,
-                     " (address in use or not local?); pick another with --listen=HOST:PORT"));
+                     " (address in use or not local? with TLS, do --tls_cert and --tls_key "
+                     "match?); pick another with --listen=HOST:PORT"));
   }
   impl->grpc_server->GetHealthCheckService()->SetServingStatus(true);
   impl->watchdog = std::thread([sessions = impl->sessions.get(), stop = &impl->stop_watchdog] {

@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "auth.h"
 #include "metrics.h"
 #include "muon/server/status_util.h"
 #include "session.h"
@@ -110,17 +111,25 @@ grpc::ServerUnaryReactor* OptimizerService::GetSession(grpc::CallbackServerConte
                                                        const v1::GetSessionRequest* request,
                                                        v1::SessionInfo* response) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  // The admin token is accepted in place of the session's, so an operator
+  // can inspect any session.
+  const std::string token = RequestToken(request->token(), *ctx);
   absl::StatusOr<std::shared_ptr<Session>> session =
-      env_.sessions->Get(request->session_id(), request->token());
+      env_.sessions->GetAuthorized(request->session_id(), token, token);
   if (session.ok()) (*session)->FillInfo(/*with_params=*/true, response);
   reactor->Finish(ToGrpcStatus(session.status()));
   return reactor;
 }
 
 grpc::ServerUnaryReactor* OptimizerService::ListSessions(grpc::CallbackServerContext* ctx,
-                                                         const v1::ListSessionsRequest* /*request*/,
+                                                         const v1::ListSessionsRequest* request,
                                                          v1::ListSessionsResponse* response) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  absl::Status allowed = env_.sessions->CheckAdmin(RequestToken(request->admin_token(), *ctx));
+  if (!allowed.ok()) {
+    reactor->Finish(ToGrpcStatus(allowed));
+    return reactor;
+  }
   std::vector<std::shared_ptr<Session>> sessions = env_.sessions->List();
   std::sort(sessions.begin(), sessions.end(),
             [](const auto& a, const auto& b) { return a->id() < b->id(); });
@@ -133,8 +142,8 @@ grpc::ServerUnaryReactor* OptimizerService::DeleteSession(grpc::CallbackServerCo
                                                           const v1::DeleteSessionRequest* request,
                                                           v1::DeleteSessionResponse* /*response*/) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  env_.pool->Schedule([this, reactor, request] {
-    reactor->Finish(ToGrpcStatus(env_.sessions->Delete(request->session_id(), request->token())));
+  env_.pool->Schedule([this, reactor, request, token = RequestToken(request->token(), *ctx)] {
+    reactor->Finish(ToGrpcStatus(env_.sessions->Delete(request->session_id(), token)));
   });
   return reactor;
 }
@@ -148,19 +157,23 @@ grpc::ServerUnaryReactor* OptimizerService::Checkpoint(grpc::CallbackServerConte
         "this server has no checkpoint directory; start it with --checkpoint_dir=DIR")));
     return reactor;
   }
+  const std::string token = RequestToken(request->token(), *ctx);
+  const std::string admin_token = RequestToken(request->admin_token(), *ctx);
   // Writing waits for steps in flight and for the disk: off the reactor.
-  env_.pool->Schedule([this, reactor, request, response] {
+  env_.pool->Schedule([this, reactor, request, response, token, admin_token] {
     absl::Status status;
     if (request->session_id().empty()) {
+      status = env_.sessions->CheckAdmin(admin_token);
       absl::StatusOr<std::vector<v1::SessionCheckpoint>> all =
-          env_.sessions->CheckpointAll(kCheckpointWait);
+          status.ok() ? env_.sessions->CheckpointAll(kCheckpointWait)
+                      : absl::StatusOr<std::vector<v1::SessionCheckpoint>>(status);
       if (all.ok()) {
         for (v1::SessionCheckpoint& c : *all) *response->add_checkpoints() = std::move(c);
       }
       status = all.status();
     } else {
       absl::StatusOr<std::shared_ptr<Session>> session =
-          env_.sessions->Get(request->session_id(), request->token());
+          env_.sessions->GetAuthorized(request->session_id(), token, admin_token);
       absl::StatusOr<v1::SessionCheckpoint> one =
           session.ok() ? env_.sessions->Checkpoint(**session, kCheckpointWait) : session.status();
       if (one.ok()) *response->add_checkpoints() = std::move(*one);
@@ -177,8 +190,8 @@ grpc::ServerReadReactor<v1::PushWeightsRequest>* OptimizerService::PushWeights(
 }
 
 grpc::ServerWriteReactor<v1::PullWeightsResponse>* OptimizerService::PullWeights(
-    grpc::CallbackServerContext* /*ctx*/, const v1::PullWeightsRequest* request) {
-  return NewPullWeightsReactor(&env_, request);
+    grpc::CallbackServerContext* ctx, const v1::PullWeightsRequest* request) {
+  return NewPullWeightsReactor(&env_, ctx, request);
 }
 
 }  // namespace muon::server

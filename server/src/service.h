@@ -93,7 +93,7 @@ grpc::ServerBidiReactor<v1::StepRequest, v1::StepResponse>* NewStepReactor(
 grpc::ServerReadReactor<v1::PushWeightsRequest>* NewPushWeightsReactor(
     const ServiceEnv* env, grpc::CallbackServerContext* ctx, v1::PushWeightsResponse* response);
 grpc::ServerWriteReactor<v1::PullWeightsResponse>* NewPullWeightsReactor(
-    const ServiceEnv* env, const v1::PullWeightsRequest* request);
+    const ServiceEnv* env, grpc::CallbackServerContext* ctx, const v1::PullWeightsRequest* request);
 
 }  // namespace muon::server
 

@@ -1,12 +1,14 @@
 #include "session.h"
 
+#include <sys/random.h>
+
 #include <algorithm>
 #include <iostream>
-#include <random>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "auth.h"
 #include "checkpoint.h"
 #include "convert.h"
 #include "metrics.h"
@@ -16,11 +18,30 @@
 namespace muon::server {
 namespace {
 
-std::string RandomHex(int bytes) {
-  std::random_device rd;  // /dev/urandom on Linux
+// `bytes` bytes from the kernel's urandom source, in hex. Session tokens take
+// 16 (128 bits), too many to guess.
+absl::StatusOr<std::string> RandomHex(size_t bytes) {
+  unsigned char buf[32];
+  if (bytes > sizeof(buf) || getrandom(buf, bytes, 0) != static_cast<ssize_t>(bytes)) {
+    return absl::InternalError("cannot read random bytes for a session id and token (getrandom)");
+  }
   std::string out;
-  for (int i = 0; i < bytes; ++i) absl::StrAppendFormat(&out, "%02x", rd() & 0xff);
+  for (size_t i = 0; i < bytes; ++i) absl::StrAppendFormat(&out, "%02x", buf[i]);
   return out;
+}
+
+absl::Status MissingToken(absl::string_view id) {
+  return absl::UnauthenticatedError(absl::StrCat(
+      "this call needs the token CreateSession returned for session ", id,
+      "; send it in the request's token field or as the metadata 'authorization: Bearer <token>'"));
+}
+
+// Never names the token sent: it may be another session's.
+absl::Status WrongToken(absl::string_view id) {
+  return absl::PermissionDeniedError(absl::StrCat(
+      "the token sent is not session ", id,
+      "'s; use the token CreateSession returned for it (GetSession, DeleteSession and Checkpoint "
+      "also take the server's admin token)"));
 }
 
 void SetTimestamp(absl::Time t, google::protobuf::Timestamp* ts) {
@@ -50,9 +71,9 @@ Session::Session(SessionInit init)
 }
 
 absl::Status Session::CheckToken(absl::string_view token) const {
-  if (token.empty() || token == token_) return absl::OkStatus();
-  return absl::UnauthenticatedError(absl::StrCat("the token does not match session ", id_,
-                                                 "; use the token CreateSession returned"));
+  if (token.empty()) return MissingToken(id_);
+  if (!ConstantTimeEquals(token, token_)) return WrongToken(id_);
+  return absl::OkStatus();
 }
 
 Session::~Session() = default;
@@ -237,12 +258,14 @@ void Session::FillInfo(bool with_params, v1::SessionInfo* info) const {
 }
 
 SessionRegistry::SessionRegistry(Engine* engine, const Limits& limits, SessionReporter* metrics,
-                                 DurabilityOptions durability, RoundOptions rounds)
+                                 DurabilityOptions durability, RoundOptions rounds,
+                                 std::string admin_token)
     : engine_(engine),
       limits_(limits),
       metrics_(metrics),
       durability_(durability),
-      round_options_(rounds) {}
+      round_options_(rounds),
+      admin_token_(std::move(admin_token)) {}
 
 std::shared_ptr<Session> SessionRegistry::NewSession(SessionInit init) {
   auto session = std::make_shared<Session>(std::move(init));
@@ -357,9 +380,16 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Create(
     AddReserved(nullptr);
     return params.status();
   }
+  absl::StatusOr<std::string> id = RandomHex(8);
+  absl::StatusOr<std::string> token = RandomHex(16);
+  if (!id.ok() || !token.ok()) {
+    UnregisterParams(*params);
+    AddReserved(nullptr);
+    return id.ok() ? token.status() : id.status();
+  }
   SessionInit init;
-  init.id = RandomHex(8);
-  init.token = RandomHex(16);
+  init.id = std::move(*id);
+  init.token = std::move(*token);
   init.config = request;
   init.mode = mode;
   init.num_workers = num_workers;
@@ -482,8 +512,7 @@ absl::StatusOr<std::vector<v1::SessionCheckpoint>> SessionRegistry::CheckpointAl
   return written;
 }
 
-absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Get(absl::string_view id,
-                                                              absl::string_view token) const {
+absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Find(absl::string_view id) const {
   std::shared_ptr<Session> session;
   {
     absl::MutexLock lock(&mu_);
@@ -497,8 +526,40 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Get(absl::string_view 
                      "' on this server (deleted, or created on another server or before a "
                      "restart); create one with CreateSession"));
   }
+  return session;
+}
+
+absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Get(absl::string_view id,
+                                                              absl::string_view token) const {
+  MUON_ASSIGN_OR_RETURN(std::shared_ptr<Session> session, Find(id));
   MUON_RETURN_IF_ERROR(session->CheckToken(token));
   return session;
+}
+
+absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::GetAuthorized(
+    absl::string_view id, absl::string_view token, absl::string_view admin_token) const {
+  MUON_ASSIGN_OR_RETURN(std::shared_ptr<Session> session, Find(id));
+  const absl::Status as_session = session->CheckToken(token);
+  if (as_session.ok()) return session;
+  if (!admin_token_.empty() && !admin_token.empty()) {
+    if (ConstantTimeEquals(admin_token, admin_token_)) return session;
+    return WrongToken(id);
+  }
+  return as_session;
+}
+
+absl::Status SessionRegistry::CheckAdmin(absl::string_view admin_token) const {
+  if (admin_token_.empty()) return absl::OkStatus();
+  if (admin_token.empty()) {
+    return absl::UnauthenticatedError(
+        "this call needs the server's admin token (--admin_token); send it in the request's "
+        "admin_token field or as the metadata 'authorization: Bearer <token>'");
+  }
+  if (!ConstantTimeEquals(admin_token, admin_token_)) {
+    return absl::PermissionDeniedError(
+        "the admin token sent is not this server's (--admin_token); ask its operator for it");
+  }
+  return absl::OkStatus();
 }
 
 std::vector<std::shared_ptr<Session>> SessionRegistry::List() const {
@@ -510,7 +571,7 @@ std::vector<std::shared_ptr<Session>> SessionRegistry::List() const {
 }
 
 absl::Status SessionRegistry::Delete(absl::string_view id, absl::string_view token) {
-  MUON_ASSIGN_OR_RETURN(std::shared_ptr<Session> session, Get(id, token));
+  MUON_ASSIGN_OR_RETURN(std::shared_ptr<Session> session, GetAuthorized(id, token, token));
   MUON_RETURN_IF_ERROR(session->MarkDeleted());
   {
     absl::MutexLock lock(&mu_);

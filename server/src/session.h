@@ -72,8 +72,9 @@ class Session {
   const v1::CreateSessionRequest& config() const { return config_; }
   absl::Time create_time() const { return create_time_; }
 
-  // Ok for an empty token (tokens are not yet required) or the session's.
-  // Unauthenticated otherwise.
+  // Ok for the session's token. Unauthenticated for an empty token,
+  // PermissionDenied for any other. Compares in constant time; the messages
+  // never contain a token.
   absl::Status CheckToken(absl::string_view token) const;
 
   // What a Step header for `step` from `worker` gets.
@@ -185,8 +186,11 @@ struct RoundOptions {
 class SessionRegistry {
  public:
   // engine, metrics and durability.store must outlive the registry.
+  // admin_token: the operator's token (ServerOptions::admin_token); empty:
+  // none configured.
   SessionRegistry(Engine* engine, const Limits& limits, SessionReporter* metrics,
-                  DurabilityOptions durability = {}, RoundOptions rounds = {});
+                  DurabilityOptions durability = {}, RoundOptions rounds = {},
+                  std::string admin_token = "");
   ~SessionRegistry();
 
   // Restores every session of the checkpoint directory. A file that cannot
@@ -222,13 +226,31 @@ class SessionRegistry {
   // ResourceExhausted over a limit or the engine's memory budget.
   absl::StatusOr<std::shared_ptr<Session>> Create(const v1::CreateSessionRequest& request);
 
-  // NotFound for an unknown id; Unauthenticated for a wrong token.
+  // The session, for a call that presents its token (Step, PushWeights,
+  // PullWeights). InvalidArgument for an empty id; NotFound for an unknown
+  // one; Unauthenticated without a token; PermissionDenied for a wrong one.
   absl::StatusOr<std::shared_ptr<Session>> Get(absl::string_view id, absl::string_view token) const;
+
+  // The session, for a call an operator may make too (GetSession,
+  // DeleteSession, Checkpoint of one session): `token` is checked as the
+  // session's token and, when an admin token is configured, `admin_token` as
+  // that; either one suffices. Errors as Get: Unauthenticated when both are
+  // empty, PermissionDenied when neither matches.
+  absl::StatusOr<std::shared_ptr<Session>> GetAuthorized(absl::string_view id,
+                                                         absl::string_view token,
+                                                         absl::string_view admin_token) const;
+
+  // For calls over every session (ListSessions, Checkpoint of all sessions).
+  // Ok when no admin token is configured; otherwise Unauthenticated for an
+  // empty token, PermissionDenied for a wrong one.
+  absl::Status CheckAdmin(absl::string_view admin_token) const;
 
   std::vector<std::shared_ptr<Session>> List() const;
 
-  // Removes the session and frees its engine state. NotFound, Unauthenticated,
-  // FailedPrecondition while a step is in flight.
+  // Removes the session and frees its engine state. Authorized as
+  // GetAuthorized(id, token, token): the session's token or the admin token.
+  // NotFound, Unauthenticated, PermissionDenied, FailedPrecondition while a
+  // step is in flight.
   absl::Status Delete(absl::string_view id, absl::string_view token);
 
  private:
@@ -243,12 +265,15 @@ class SessionRegistry {
   void AddReserved(std::shared_ptr<Session> session);
   // A session from `init`, with its rounds in PARAMETER_SERVER mode.
   std::shared_ptr<Session> NewSession(SessionInit init);
+  // The session or NotFound; no token checked.
+  absl::StatusOr<std::shared_ptr<Session>> Find(absl::string_view id) const;
 
   Engine* const engine_;
   const Limits limits_;
   SessionReporter* const metrics_;
   const DurabilityOptions durability_;
   const RoundOptions round_options_;
+  const std::string admin_token_;
 
   mutable absl::Mutex mu_;
   absl::flat_hash_map<std::string, std::shared_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);

@@ -21,6 +21,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "auth.h"
 #include "convert.h"
 #include "metrics.h"
 #include "muon/kernels/status_macros.h"
@@ -276,7 +277,8 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
   }
 
   absl::Status OnHeader(const v1::StepHeader& header) {
-    MUON_ASSIGN_OR_RETURN(session_, env_->sessions->Get(header.session_id(), header.token()));
+    MUON_ASSIGN_OR_RETURN(
+        session_, env_->sessions->Get(header.session_id(), RequestToken(header.token(), *ctx_)));
     if (header.worker_id() >= session_->num_workers()) {
       return absl::InvalidArgumentError(
           absl::StrCat("worker_id ", header.worker_id(), " is out of range: session ",

@@ -10,6 +10,7 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "auth.h"
 #include "convert.h"
 #include "muon/kernels/status_macros.h"
 #include "muon/server/status_util.h"
@@ -55,7 +56,8 @@ class PushReactor final : public grpc::ServerReadReactor<v1::PushWeightsRequest>
         return absl::InvalidArgumentError("a second PushWeightsHeader on one stream");
       }
       const v1::PushWeightsHeader& header = request_.header();
-      MUON_ASSIGN_OR_RETURN(session_, env_->sessions->Get(header.session_id(), header.token()));
+      MUON_ASSIGN_OR_RETURN(
+          session_, env_->sessions->Get(header.session_id(), RequestToken(header.token(), *ctx_)));
       MUON_RETURN_IF_ERROR(RequireParameterServer(*session_, "PushWeights"));
       std::vector<StepAssembler::Tensor> tensors;
       for (const SessionParam& p : session_->params()) {
@@ -142,8 +144,10 @@ class PushReactor final : public grpc::ServerReadReactor<v1::PushWeightsRequest>
 
 class PullReactor final : public grpc::ServerWriteReactor<v1::PullWeightsResponse> {
  public:
-  PullReactor(const ServiceEnv* env, const v1::PullWeightsRequest* request) : env_(env) {
-    absl::Status status = Prepare(*request);
+  PullReactor(const ServiceEnv* env, grpc::CallbackServerContext* ctx,
+              const v1::PullWeightsRequest* request)
+      : env_(env) {
+    absl::Status status = Prepare(*request, RequestToken(request->token(), *ctx));
     if (!status.ok()) {
       Finish(ToGrpcStatus(status));
       return;
@@ -174,8 +178,8 @@ class PullReactor final : public grpc::ServerWriteReactor<v1::PullWeightsRespons
   void OnDone() override { delete this; }
 
  private:
-  absl::Status Prepare(const v1::PullWeightsRequest& request) {
-    MUON_ASSIGN_OR_RETURN(session_, env_->sessions->Get(request.session_id(), request.token()));
+  absl::Status Prepare(const v1::PullWeightsRequest& request, absl::string_view token) {
+    MUON_ASSIGN_OR_RETURN(session_, env_->sessions->Get(request.session_id(), token));
     MUON_RETURN_IF_ERROR(RequireParameterServer(*session_, "PullWeights"));
     const size_t n = session_->params().size();
     absl::flat_hash_set<uint32_t> seen;
@@ -240,8 +244,9 @@ grpc::ServerReadReactor<v1::PushWeightsRequest>* NewPushWeightsReactor(
 }
 
 grpc::ServerWriteReactor<v1::PullWeightsResponse>* NewPullWeightsReactor(
-    const ServiceEnv* env, const v1::PullWeightsRequest* request) {
-  return new PullReactor(env, request);
+    const ServiceEnv* env, grpc::CallbackServerContext* ctx,
+    const v1::PullWeightsRequest* request) {
+  return new PullReactor(env, ctx, request);
 }
 
 }  // namespace muon::server

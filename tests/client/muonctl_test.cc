@@ -152,7 +152,7 @@ TEST_F(MuonctlTest, SessionCreateGetListDelete) {
   EXPECT_FALSE(token.empty()) << Describe(created);
   EXPECT_EQ(Field(created.out, "step"), "0");
 
-  const Outcome got = Ctl({"session", "get", "--session=" + id});
+  const Outcome got = Ctl({"session", "get", "--session=" + id, "--token=" + token});
   ASSERT_EQ(got.exit_code, 0) << Describe(got);
   EXPECT_EQ(Field(got.out, "session_id"), id);
   EXPECT_EQ(Field(got.out, "name"), "cli-lifecycle");
@@ -175,7 +175,11 @@ TEST_F(MuonctlTest, SessionCreateGetListDelete) {
 
   const Outcome wrong_token = Ctl({"session", "get", "--session=" + id, "--token=not-" + token});
   EXPECT_EQ(wrong_token.exit_code, 1) << Describe(wrong_token);
-  EXPECT_THAT(wrong_token.err, StartsWith("muonctl: UNAUTHENTICATED: "));
+  EXPECT_THAT(wrong_token.err, StartsWith("muonctl: PERMISSION_DENIED: "));
+  const Outcome no_token = Ctl({"session", "get", "--session=" + id});
+  EXPECT_EQ(no_token.exit_code, 1) << Describe(no_token);
+  EXPECT_THAT(no_token.err, StartsWith("muonctl: UNAUTHENTICATED: "));
+  EXPECT_THAT(no_token.err, Not(HasSubstr(token)));
 
   const Outcome deleted = Ctl({"session", "delete", "--session=" + id, "--token=" + token});
   ASSERT_EQ(deleted.exit_code, 0) << Describe(deleted);
@@ -207,6 +211,60 @@ TEST_F(MuonctlTest, SessionCommandErrors) {
   const Outcome bad_command = Ctl({"frobnicate"});
   EXPECT_EQ(bad_command.exit_code, 1) << Describe(bad_command);
   EXPECT_THAT(bad_command.err, HasSubstr("unknown command \"frobnicate\""));
+}
+
+// --tls_ca and --admin_token against a TLS server with an admin token; the
+// certificate is self-signed, so it is its own CA.
+TEST(MuonctlSecurityTest, TlsAndAdminToken) {
+  char dir[] = "/tmp/muonctl-tls-XXXXXX";
+  ASSERT_NE(mkdtemp(dir), nullptr);
+  const std::string cert = absl::StrCat(dir, "/server.pem");
+  const std::string key = absl::StrCat(dir, "/server.key");
+  ASSERT_EQ(
+      std::system(absl::StrCat("openssl req -x509 -newkey ec -pkeyopt "
+                               "ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=localhost "
+                               "-addext subjectAltName=IP:127.0.0.1,DNS:localhost -keyout ",
+                               key, " -out ", cert, " >/dev/null 2>&1")
+                      .c_str()),
+      0);
+  auto server = testing::ServerProcess::Start(
+      {"--tls_cert=" + cert, "--tls_key=" + key, "--admin_token=ops-secret"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto ctl = [&](std::vector<std::string> args) {
+    args.insert(args.begin(), "--server=" + (*server)->address());
+    return Muonctl(args);
+  };
+
+  const Outcome plain = ctl({"session", "list", "--admin_token=ops-secret"});
+  EXPECT_EQ(plain.exit_code, 1) << Describe(plain);
+  EXPECT_THAT(plain.err, StartsWith("muonctl: UNAVAILABLE: "));
+
+  const Outcome created = ctl({"--tls_ca=" + cert, "session", "create", "--name=tls"});
+  ASSERT_EQ(created.exit_code, 0) << Describe(created);
+  const std::string id = Field(created.out, "session_id");
+  const std::string token = Field(created.out, "token");
+
+  const Outcome no_admin = ctl({"--tls_ca=" + cert, "session", "list"});
+  EXPECT_EQ(no_admin.exit_code, 1) << Describe(no_admin);
+  EXPECT_THAT(no_admin.err, StartsWith("muonctl: UNAUTHENTICATED: "));
+  const Outcome wrong_admin = ctl({"--tls_ca=" + cert, "session", "list", "--admin_token=nope"});
+  EXPECT_EQ(wrong_admin.exit_code, 1) << Describe(wrong_admin);
+  EXPECT_THAT(wrong_admin.err, StartsWith("muonctl: PERMISSION_DENIED: "));
+  const Outcome listed = ctl({"--tls_ca=" + cert, "--tls_server_name=localhost", "session", "list",
+                              "--admin_token=ops-secret"});
+  ASSERT_EQ(listed.exit_code, 0) << Describe(listed);
+  EXPECT_THAT(listed.out, HasSubstr(id));
+
+  const Outcome got =
+      ctl({"--tls_ca=" + cert, "session", "get", "--session=" + id, "--token=" + token});
+  EXPECT_EQ(got.exit_code, 0) << Describe(got);
+  // The admin token stands in for the session's token.
+  const Outcome deleted =
+      ctl({"--tls_ca=" + cert, "session", "delete", "--session=" + id, "--admin_token=ops-secret"});
+  EXPECT_EQ(deleted.exit_code, 0) << Describe(deleted);
+  std::remove(cert.c_str());
+  std::remove(key.c_str());
+  rmdir(dir);
 }
 
 TEST_F(MuonctlTest, BenchSmall256PrintsRatesAndPhasesAndDeletesItsSession) {

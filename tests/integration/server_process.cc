@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <fstream>
+#include <sstream>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -24,7 +25,7 @@ std::string TestEngine() {
 }
 
 absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(
-    const std::vector<std::string>& extra_flags, const std::string& stderr_path) {
+    const std::vector<std::string>& extra_flags, bool capture_stderr) {
   const char* bin = std::getenv("MUON_SERVER_BIN");
   if (bin == nullptr) return absl::FailedPreconditionError("set MUON_SERVER_BIN");
   std::unique_ptr<ServerProcess> p(new ServerProcess());
@@ -40,9 +41,10 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(
   argv.push_back(nullptr);
   posix_spawn_file_actions_t actions;
   posix_spawn_file_actions_init(&actions);
-  if (!stderr_path.empty()) {
-    posix_spawn_file_actions_addopen(&actions, 2, stderr_path.c_str(),
-                                     O_WRONLY | O_CREAT | O_APPEND, 0600);
+  if (capture_stderr) {
+    p->stderr_path_ = p->dir_ + "/stderr";
+    posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, p->stderr_path_.c_str(),
+                                     O_WRONLY | O_CREAT | O_TRUNC, 0600);
   }
   const int spawned = posix_spawn(&p->pid_, bin, &actions, nullptr, argv.data(), environ);
   posix_spawn_file_actions_destroy(&actions);
@@ -58,7 +60,8 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(
     int status = 0;
     if (waitpid(p->pid_, &status, WNOHANG) == p->pid_) {
       p->pid_ = -1;
-      return absl::InternalError("muon-server exited during start-up");
+      return absl::InternalError(
+          absl::StrCat("muon-server exited during start-up; its stderr: ", p->Stderr()));
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
@@ -72,8 +75,17 @@ ServerProcess::~ServerProcess() {
   }
   if (!dir_.empty()) {
     std::remove((dir_ + "/port").c_str());
+    if (!stderr_path_.empty()) std::remove(stderr_path_.c_str());
     rmdir(dir_.c_str());
   }
+}
+
+std::string ServerProcess::Stderr() const {
+  if (stderr_path_.empty()) return "";
+  std::ifstream in(stderr_path_);
+  std::stringstream contents;
+  contents << in.rdbuf();
+  return contents.str();
 }
 
 std::string ServerProcess::address() const { return absl::StrCat("127.0.0.1:", port_); }

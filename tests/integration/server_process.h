@@ -21,11 +21,14 @@ std::string TestEngine();
 // kills the process if it is still running.
 class ServerProcess {
  public:
-  // stderr_path: where the server's stderr goes (appended); empty: the
-  // test's stderr.
+  // capture_stderr: the server's stderr goes to a file (see Stderr) instead
+  // of the test's; a start-up failure then carries it in its message.
   static absl::StatusOr<std::unique_ptr<ServerProcess>> Start(
-      const std::vector<std::string>& extra_flags = {}, const std::string& stderr_path = "");
+      const std::vector<std::string>& extra_flags = {}, bool capture_stderr = false);
   ~ServerProcess();
+
+  // What the server wrote to stderr so far; empty unless captured.
+  std::string Stderr() const;
 
   int port() const { return port_; }
   std::string address() const;
@@ -42,6 +45,7 @@ class ServerProcess {
   pid_t pid_ = -1;
   int port_ = 0;
   std::string dir_;
+  std::string stderr_path_;
 };
 
 }  // namespace muon::testing

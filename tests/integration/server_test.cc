@@ -119,6 +119,7 @@ class ServerTest : public ::testing::Test {
   StepCall Call(const std::string& session, uint64_t step) {
     StepCall call;
     call.header.set_session_id(session);
+    call.header.set_token(handles_[session].token);
     call.header.set_step(step);
     return call;
   }
@@ -268,6 +269,7 @@ TEST_F(ServerTest, UpdatesStreamBeforeTheStepEndsButCommitOnlyAtTheEnd) {
     auto stream = stub_->Step(&ctx);
     v1::StepRequest header;
     header.mutable_header()->set_session_id(session);
+    header.mutable_header()->set_token(handles_[session].token);
     header.mutable_header()->set_step(1);
     ASSERT_TRUE(stream->Write(header));
     // Parameter 0 whole, parameter 1 in part: parameter 0's update must come
@@ -410,6 +412,8 @@ TEST_F(ServerTest, BadRequestsGetActionableErrorsAndChangeNothing) {
   {
     StepCall call = Call(session, 1);
     call.header.set_token("wrong");
+    EXPECT_CODE(RunStep(stub_.get(), call).status, PERMISSION_DENIED, "token");
+    call.header.clear_token();
     EXPECT_CODE(RunStep(stub_.get(), call).status, UNAUTHENTICATED, "token");
   }
   EXPECT_CODE(step({ChunkMessage(9, 0, part(0, 16))}), NOT_FOUND, "parameter index 9");
@@ -583,6 +587,7 @@ TEST_F(ServerTest, ParameterServerWeightsRoundTrip) {
     ASSERT_TRUE(stub_->CreateSession(&ctx, request, &created).ok());
   }
   const std::string session = created.session_id();
+  handles_[session].token = created.token();
   const Tensors weights = RandomGradients(model, 61);  // any finite values
 
   auto push = [&](const Tensors& tensors, size_t chunk) {
@@ -605,6 +610,7 @@ TEST_F(ServerTest, ParameterServerWeightsRoundTrip) {
     grpc::ClientContext ctx;
     v1::PullWeightsRequest r;
     r.set_session_id(session);
+    r.set_token(created.token());
     r.set_dtype(dtype);
     r.set_max_chunk_bytes(1024);
     for (uint32_t i : indices) r.add_param_indices(i);
@@ -646,6 +652,7 @@ TEST_F(ServerTest, ParameterServerWeightsRoundTrip) {
     auto writer = stub_->PushWeights(&ctx, &response);
     v1::PushWeightsRequest header;
     header.mutable_header()->set_session_id(session);
+    header.mutable_header()->set_token(created.token());
     writer->Write(header);
     v1::PushWeightsRequest chunk;
     *chunk.mutable_weights() = ChunkMessage(0, 0, partial[0]).gradient();
@@ -668,6 +675,7 @@ TEST_F(ServerTest, ParameterServerWeightsRoundTrip) {
   grpc::ClientContext ctx;
   v1::PullWeightsRequest r;
   r.set_session_id(updates_session);
+  r.set_token(handles_[updates_session].token);
   auto reader = stub_->PullWeights(&ctx, r);
   v1::PullWeightsResponse response;
   while (reader->Read(&response)) {
@@ -768,11 +776,13 @@ TEST(ServerLimitsTest, LimitsGiveResourceExhausted) {
   model.specs.push_back(big_spec);
 
   std::string session;
+  std::string token;
   for (int i = 0; i < 2; ++i) {
     grpc::ClientContext ctx;
     v1::CreateSessionResponse response;
     ASSERT_TRUE(stub->CreateSession(&ctx, CreateRequest(model), &response).ok());
     session = response.session_id();
+    token = response.token();
   }
   {
     grpc::ClientContext ctx;
@@ -783,6 +793,7 @@ TEST(ServerLimitsTest, LimitsGiveResourceExhausted) {
   const Tensors grads = RandomGradients(model, 7);
   StepCall call;
   call.header.set_session_id(session);
+  call.header.set_token(token);
   call.header.set_step(1);
   call.body = GradientMessages(grads, 100000, 0);  // over the 64 KiB limit
   EXPECT_EQ(RunStep(stub.get(), call).status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
@@ -841,10 +852,15 @@ TEST(ServerMetricsTest, MetricsCountSessionsAndSteps) {
   grpc::ClientContext ctx;
   v1::CreateSessionResponse created;
   ASSERT_TRUE(stub->CreateSession(&ctx, CreateRequest(model), &created).ok());
-  ASSERT_TRUE(GoodStep(stub.get(), created.session_id(), 1, RandomGradients(model, 1)).status.ok());
-  ASSERT_TRUE(GoodStep(stub.get(), created.session_id(), 1, RandomGradients(model, 1)).status.ok());
+  ASSERT_TRUE(
+      GoodStep(stub.get(), created.session_id(), created.token(), 1, RandomGradients(model, 1))
+          .status.ok());
+  ASSERT_TRUE(
+      GoodStep(stub.get(), created.session_id(), created.token(), 1, RandomGradients(model, 1))
+          .status.ok());
   EXPECT_FALSE(
-      GoodStep(stub.get(), created.session_id(), 5, RandomGradients(model, 1)).status.ok());
+      GoodStep(stub.get(), created.session_id(), created.token(), 5, RandomGradients(model, 1))
+          .status.ok());
   // The stream gauge drops when gRPC is done with the stream, just after
   // the client has its status.
   std::string metrics;
@@ -958,6 +974,7 @@ TEST(ServerRobustnessTest, GarbageNeverCrashesTheServer) {
   for (int trial = 0; trial < 200; ++trial) {
     StepCall call;
     call.header.set_session_id(created.session_id());
+    call.header.set_token(created.token());
     call.header.set_step(rng() % 3);
     call.send_header = rng() % 8 != 0;
     const int messages = static_cast<int>(rng() % 6);
@@ -983,14 +1000,17 @@ TEST(ServerRobustnessTest, GarbageNeverCrashesTheServer) {
   grpc::ClientContext get_ctx;
   v1::GetSessionRequest get;
   get.set_session_id(created.session_id());
+  get.set_token(created.token());
   v1::SessionInfo info;
   ASSERT_TRUE(stub->GetSession(&get_ctx, get, &info).ok());
   const Tensors grads = RandomGradients(model, 71);
   if (info.step() == 0) {
-    ExpectSameUpdates(GoodStep(stub.get(), created.session_id(), 1, grads), reference.Step(grads));
+    ExpectSameUpdates(GoodStep(stub.get(), created.session_id(), created.token(), 1, grads),
+                      reference.Step(grads));
   } else {
     // Random bytes happened to form a whole valid step: the server must still answer.
-    EXPECT_TRUE(GoodStep(stub.get(), created.session_id(), info.step() + 1, grads).status.ok());
+    EXPECT_TRUE(GoodStep(stub.get(), created.session_id(), created.token(), info.step() + 1, grads)
+                    .status.ok());
   }
 }
 
@@ -1010,6 +1030,7 @@ TEST(ServerSignalTest, SigtermDrainsTheInFlightStepAndExitsZero) {
   auto stream = stub->Step(&ctx);
   v1::StepRequest header;
   header.mutable_header()->set_session_id(created.session_id());
+  header.mutable_header()->set_token(created.token());
   header.mutable_header()->set_step(1);
   ASSERT_TRUE(stream->Write(header));
   const size_t half = body.size() / 2;

@@ -195,10 +195,11 @@ StepResult RunStepRetrying(v1::Optimizer::Stub* stub, const StepCall& call) {
   }
 }
 
-StepResult GoodStep(v1::Optimizer::Stub* stub, const std::string& session, uint64_t step,
-                    const Tensors& grads) {
+StepResult GoodStep(v1::Optimizer::Stub* stub, const std::string& session, const std::string& token,
+                    uint64_t step, const Tensors& grads) {
   StepCall call;
   call.header.set_session_id(session);
+  call.header.set_token(token);
   call.header.set_step(step);
   call.body = GradientMessages(grads, 1000, step * 7919 + 1);
   return RunStepRetrying(stub, call);

@@ -90,8 +90,8 @@ StepResult RunStep(v1::Optimizer::Stub* stub, const StepCall& call);
 StepResult RunStepRetrying(v1::Optimizer::Stub* stub, const StepCall& call);
 
 // A whole good step: all of `grads`, 1000-byte chunks shuffled, half-close.
-StepResult GoodStep(v1::Optimizer::Stub* stub, const std::string& session, uint64_t step,
-                    const Tensors& grads);
+StepResult GoodStep(v1::Optimizer::Stub* stub, const std::string& session, const std::string& token,
+                    uint64_t step, const Tensors& grads);
 
 }  // namespace muon::testing
 

@@ -114,7 +114,8 @@ def main():
         # A session kept alive, so muon_sessions and engine memory are non-zero.
         created = run([muonctl, "session", "create", server, "--model=small"])
         session = re.search(r"session_id: (\S+)", created).group(1)
-        info = run([muonctl, "session", "get", server, f"--session={session}"])
+        token = "--token=" + re.search(r"token: (\S+)", created).group(1)
+        info = run([muonctl, "session", "get", server, f"--session={session}", token])
         shapes = re.findall(r"^param \d+: \S+ \[([\dx]+)\] DTYPE_FLOAT32 OPTIMIZER_KIND_MUON",
                             info, re.M)
         params = int(re.search(r"num_params: (\d+)", info).group(1))
@@ -126,7 +127,7 @@ def main():
             for d in shape.split("x"):
                 n *= int(d)
             step_bytes += 4 * n
-        run([muonctl, "bench", server, f"--session={session}", "--keep", "--model=small",
+        run([muonctl, "bench", server, f"--session={session}", token, "--keep", "--model=small",
              f"--steps={STEPS}", f"--warmup={WARMUP}"])
         # One rejected call: GetSession of an unknown id is NOT_FOUND.
         subprocess.run([muonctl, "session", "get", server, "--session=0000000000000000"],

@@ -13,8 +13,9 @@ once).
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import grpc
 import numpy as np
@@ -210,15 +211,43 @@ class Session:
         self._client.delete_session(self.session_id, self.token)
 
 
+def _pem(value: Union[None, bytes, str, "os.PathLike[str]"]) -> Optional[bytes]:
+    """PEM bytes as given, or read from a file path."""
+    if value is None or isinstance(value, bytes):
+        return value
+    with open(value, "rb") as f:
+        return f.read()
+
+
 class MuonClient:
-    """Connection to one muon-server. Thread-safe; sessions are not."""
+    """Connection to one muon-server. Thread-safe; sessions are not.
+
+    TLS: pass root_certificates (the CA that signed the server's certificate;
+    omit it with tls=True for gRPC's default roots) and, for mutual TLS,
+    certificate_chain and private_key. Each is PEM bytes or a path to a PEM
+    file. server_name overrides the name the server's certificate must carry.
+    admin_token is sent by list_sessions unless one is passed there.
+    """
 
     def __init__(self, server: str, *, channel: Optional[grpc.Channel] = None,
-                 retry_backoff: float = 0.05):
-        self._channel = channel or grpc.insecure_channel(
-            server, options=[("grpc.max_receive_message_length", 8 << 20)])
+                 retry_backoff: float = 0.05, tls: bool = False,
+                 root_certificates=None, certificate_chain=None, private_key=None,
+                 server_name: Optional[str] = None, admin_token: str = ""):
+        if (certificate_chain is None) != (private_key is None):
+            raise ValueError("mutual TLS needs both certificate_chain and private_key")
+        options = [("grpc.max_receive_message_length", 8 << 20)]
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        if channel is None and (tls or root_certificates is not None
+                                or certificate_chain is not None):
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_pem(root_certificates), private_key=_pem(private_key),
+                certificate_chain=_pem(certificate_chain))
+            channel = grpc.secure_channel(server, credentials, options=options)
+        self._channel = channel or grpc.insecure_channel(server, options=options)
         self._stub = pb_grpc.OptimizerStub(self._channel)
         self._backoff = retry_backoff
+        self._admin_token = admin_token
 
     def close(self) -> None:
         self._channel.close()
@@ -256,9 +285,11 @@ class MuonClient:
             raise _error(e) from None
 
     def list_sessions(self, admin_token: str = "") -> List["pb.SessionInfo"]:
+        """Every session, without parameters. Needs the server's admin token
+        when it has one (this argument, else the client's admin_token)."""
         try:
             return list(self._stub.ListSessions(
-                pb.ListSessionsRequest(admin_token=admin_token)).sessions)
+                pb.ListSessionsRequest(admin_token=admin_token or self._admin_token)).sessions)
         except grpc.RpcError as e:
             raise _error(e) from None
 

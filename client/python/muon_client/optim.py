@@ -36,6 +36,10 @@ class RemoteMuon(torch.optim.Optimizer):
     calling step() again with the same gradients completes the step exactly
     once everywhere (servers that had committed replay their updates).
 
+    TLS: root_certificates, and for mutual TLS certificate_chain and
+    private_key (PEM bytes or file paths), go to every server's MuonClient;
+    tls_server_name overrides the name checked in their certificates.
+
     LR schedulers work: each step sends every group's current lr as a ratio to
     the lr the session was created with, which must be the same for all groups
     (true of the schedulers that scale every group by one factor).
@@ -45,7 +49,9 @@ class RemoteMuon(torch.optim.Optimizer):
                  nesterov: bool = True, weight_decay: float = 0.0, ns_schedule: str = "jordan",
                  ns_steps: int = 5, shape_scale: str = "spectral", momentum_form: str = "ema",
                  adamw_lr: float = 3e-4, betas=(0.9, 0.999), eps: float = 1e-8,
-                 wire_dtype: str = "float32", measure_orthogonality: bool = False):
+                 wire_dtype: str = "float32", measure_orthogonality: bool = False,
+                 root_certificates=None, certificate_chain=None, private_key=None,
+                 tls_server_name: Optional[str] = None):
         params = list(params)
         names = {}
         if params and not isinstance(params[0], dict):
@@ -64,7 +70,10 @@ class RemoteMuon(torch.optim.Optimizer):
         self._servers = [server] if isinstance(server, str) else list(server)
         if not self._servers:
             raise ValueError("RemoteMuon needs at least one server")
-        self._clients = [MuonClient(s) for s in self._servers]
+        self._clients = [MuonClient(s, root_certificates=root_certificates,
+                                    certificate_chain=certificate_chain, private_key=private_key,
+                                    server_name=tls_server_name)
+                         for s in self._servers]
         self._order: List[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
         specs = self._specs(names)
         # _shards[k]: the global indices of the parameters on server k.

@@ -53,15 +53,37 @@
 
 namespace muon {
 
+// TLS to a server started with --tls_cert/--tls_key (and, for mutual TLS,
+// --tls_client_ca). Files are PEM, read once by Client::Create.
+struct ClientTlsOptions {
+  // Speak TLS. Implied by any file below.
+  bool enabled = false;
+  // CA certificate(s) that signed the server's certificate; empty: gRPC's
+  // default roots ($GRPC_DEFAULT_SSL_ROOTS_FILE_PATH or the bundled ones).
+  std::string ca_file{};
+  // The client's certificate chain and private key, for mutual TLS: both or
+  // neither.
+  std::string cert_file{};
+  std::string key_file{};
+  // The name the server's certificate must carry, when it is not the
+  // target's host (e.g. connecting by IP to a certificate for a DNS name).
+  std::string server_name{};
+};
+
 struct ClientOptions {
   // gRPC target: "host:port", "dns:///host:port", "unix:/path". Required.
   std::string target{};
-  // Channel credentials. Null (the default): plaintext. Pass
-  // grpc::SslCredentials(...) for TLS or mutual TLS.
+  // TLS settings; plaintext unless enabled or a file is named.
+  ClientTlsOptions tls{};
+  // Channel credentials of your own (not together with `tls`). Null (the
+  // default): what `tls` says.
   std::shared_ptr<grpc::ChannelCredentials> credentials{};
   // When set, sent on every call as the metadata "authorization: Bearer
   // <token>", and as admin_token on ListSessions and on Checkpoint of every
-  // session. Session tokens travel separately (see SessionHandle).
+  // session. The server prefers a request's own token field, so session
+  // tokens (see SessionHandle) still name their session; a call without one
+  // (GetSession, DeleteSession of a hand-made handle with no token) is
+  // authorized by this token as the server's admin token.
   std::string bearer_token{};
   // Size of the gradient chunks sent in a step. Rounded down to a multiple
   // of 4 bytes (so it suits every dtype); at least 4. Default 1 MiB, well
@@ -151,7 +173,8 @@ class Client {
 
   // Opens a channel to options.target (lazily: an unreachable server shows
   // up as UNAVAILABLE on the first call). INVALID_ARGUMENT for an empty
-  // target or a bad chunk size or attempt count.
+  // target, a bad chunk size or attempt count, an unreadable TLS file, only
+  // one of tls.cert_file and tls.key_file, or both tls and credentials.
   static absl::StatusOr<std::unique_ptr<Client>> Create(const ClientOptions& options);
 
   Client(const Client&) = delete;

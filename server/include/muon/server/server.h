@@ -55,6 +55,18 @@ struct ServerOptions {
   // The server measures the orthogonality error (muon_orthogonality_error)
   // on every Nth step of each session; 0: only when a client asks.
   int orthogonality_sample_every = 100;
+  // The operator's token; empty: none. When set, ListSessions and Checkpoint
+  // of every session require it, and GetSession, DeleteSession and
+  // Checkpoint of one session accept it in place of the session's token.
+  std::string admin_token;
+  // PEM files of the server's certificate chain and private key: both set,
+  // the gRPC port speaks TLS; both empty, plaintext. The /metrics endpoint
+  // stays plain HTTP either way.
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  // PEM file of the CA that signs client certificates: set, clients must
+  // present a certificate it signed (mutual TLS). Requires the two above.
+  std::string tls_client_ca_file;
 };
 
 class ServerImpl;
@@ -64,8 +76,8 @@ class ServerImpl;
 class Server {
  public:
   // Creates the engine, binds the ports and starts serving.
-  // InvalidArgument for bad options; Unavailable when a port cannot be bound;
-  // whatever the engine factory returns.
+  // InvalidArgument for bad options or an unreadable TLS file; Unavailable
+  // when a port cannot be bound; whatever the engine factory returns.
   static absl::StatusOr<std::unique_ptr<Server>> Create(const ServerOptions& options);
   ~Server();
 
