@@ -64,6 +64,9 @@ ABSL_FLAG(int, warmup, 1, "bench: steps run first and left out of the figures.")
 ABSL_FLAG(bool, keep, false, "bench: keep the session instead of deleting it.");
 ABSL_FLAG(bool, measure_orthogonality, false, "bench: ask the server for orthogonality errors.");
 ABSL_FLAG(int, clients, 4, "load: concurrent sessions, one thread each.");
+ABSL_FLAG(int, workers, 1,
+          "load: workers per session; above 1, each session is a PARAMETER_SERVER session whose "
+          "workers (one thread each) send every step together.");
 ABSL_FLAG(absl::Duration, duration_limit, absl::Seconds(60),
           "load: stop starting new steps after this long.");
 ABSL_FLAG(absl::Duration, timeout, absl::Seconds(30), "Deadline of each unary call.");
@@ -89,7 +92,7 @@ Commands:
   checkpoint [--session=ID]         write checkpoints on the server
   bench --model=NAME --steps=N [--session=ID --keep]
                                     steps/s, bytes/s, latency by phase
-  load --clients=K --steps=S [--model=small] [--duration_limit=60s]
+  load --clients=K --steps=S [--workers=W] [--model=small] [--duration_limit=60s]
                                     K concurrent sessions; p50/p99 step latency
   coefficients --schedule=NAME --steps=N
                                     Newton-Schulz (a, b, c) per step; no server
@@ -486,8 +489,10 @@ absl::Duration StepGrace(absl::Duration limit) { return std::max(absl::Seconds(1
 int Load(Client& client) {
   const int clients = absl::GetFlag(FLAGS_clients);
   const int steps = absl::GetFlag(FLAGS_steps);
-  if (clients < 1 || steps < 1) {
-    return Fail(absl::InvalidArgumentError("--clients and --steps must be at least 1"));
+  const int workers = absl::GetFlag(FLAGS_workers);
+  if (clients < 1 || steps < 1 || workers < 1) {
+    return Fail(absl::InvalidArgumentError(
+        "--clients, --steps and --workers must be at least 1"));
   }
   const std::string model =
       absl::GetFlag(FLAGS_model).empty() ? "small" : absl::GetFlag(FLAGS_model);
@@ -501,7 +506,6 @@ int Load(Client& client) {
     int cut_off = 0;  // steps cancelled at the hard deadline
     absl::Status status;
   };
-  std::vector<Outcome> outcomes(clients);
   std::atomic<bool> stop{false};
   // Every client registers the same preset: one gradient source for all.
   absl::StatusOr<std::vector<PresetParam>> params = ModelPreset(model);
@@ -514,25 +518,38 @@ int Load(Client& client) {
   }
   const GradientSource source(std::move(tensors));
 
+  // Sessions are made before any step: the workers of one session then
+  // start together.
+  std::vector<Workload> sessions(clients);
+  for (int c = 0; c < clients; ++c) {
+    absl::StatusOr<v1::CreateSessionRequest> request =
+        PresetRequest(model, absl::StrCat(absl::GetFlag(FLAGS_name), "-", c));
+    if (!request.ok()) return Fail(request.status());
+    if (workers > 1) {
+      request->set_mode(v1::SESSION_MODE_PARAMETER_SERVER);
+      request->set_num_workers(static_cast<uint32_t>(workers));
+    }
+    absl::StatusOr<SessionHandle> session = client.CreateSession(*request);
+    if (!session.ok()) return Fail(session.status());
+    sessions[c].session = *session;
+  }
+  std::vector<Outcome> outcomes(clients * workers);
   const absl::Time start = absl::Now();
   std::vector<std::thread> threads;
-  for (int c = 0; c < clients; ++c) {
-    threads.emplace_back([&, c] {
-      Outcome& out = outcomes[c];
-      absl::StatusOr<Workload> w =
-          OpenWorkload(client, model, absl::StrCat(absl::GetFlag(FLAGS_name), "-", c), false);
-      if (!w.ok()) {
-        out.status = w.status();
-        stop = true;
-        return;
-      }
-      std::mt19937_64 rng(1000 + c);
+  for (int t = 0; t < clients * workers; ++t) {
+    threads.emplace_back([&, t] {
+      const int c = t / workers;
+      const uint32_t worker = static_cast<uint32_t>(t % workers);
+      Outcome& out = outcomes[t];
+      Workload w = sessions[c];
+      std::mt19937_64 rng(1000 + t);
       for (int i = 0; i < steps && !stop && absl::Now() < deadline; ++i) {
         const std::vector<Gradient> grads = source.Draw(rng);
         const absl::Time t0 = absl::Now();
         StepOptions options;
         options.timeout = hard_deadline - t0;
-        absl::StatusOr<StepResult> r = client.Step(w->session, w->next_step, grads, options);
+        options.worker_id = worker;
+        absl::StatusOr<StepResult> r = client.Step(w.session, w.next_step, grads, options);
         if (!r.ok()) {
           if (r.status().code() == absl::StatusCode::kDeadlineExceeded &&
               absl::Now() >= hard_deadline) {
@@ -545,15 +562,16 @@ int Load(Client& client) {
         }
         out.latency.Add(absl::ToDoubleSeconds(absl::Now() - t0));
         out.bytes += r->summary.bytes_received() + r->summary.bytes_sent();
-        ++w->next_step;
+        ++w.next_step;
       }
-      absl::Status deleted = client.DeleteSession(w->session);
+      if (worker != 0) return;  // worker 0 deletes the shared session
+      absl::Status deleted = client.DeleteSession(w.session);
       if (deleted.code() == absl::StatusCode::kFailedPrecondition && out.cut_off > 0) {
         // The server is still computing the cancelled step.
         absl::FPrintF(stderr,
                       "muonctl: session %s left on the server (its cancelled step is still in "
                       "flight); delete it with: muonctl session delete --session=%s --token=%s\n",
-                      w->session.id, w->session.id, w->session.token);
+                      w.session.id, w.session.id, w.session.token);
       } else if (out.status.ok()) {
         out.status = deleted;
       }
@@ -572,15 +590,16 @@ int Load(Client& client) {
     cut_off += o.cut_off;
     if (first_error.ok()) first_error = o.status;
   }
-  absl::PrintF("clients: %d, model %s, %d steps done of %d in %.3f s%s\n", clients, model,
-               latency.count(), clients * steps, elapsed,
+  // A parameter-server step is one per session, whatever its workers.
+  const int done = latency.count() / workers;
+  absl::PrintF("clients: %d, workers: %d, model %s, %d steps done of %d in %.3f s%s\n", clients,
+               workers, model, done, clients * steps, elapsed,
                absl::Now() >= deadline ? " (duration limit reached)" : "");
   if (cut_off > 0) {
     absl::PrintF("cut off: %d steps still running %s after the duration limit were cancelled\n",
                  cut_off, absl::FormatDuration(StepGrace(limit)));
   }
-  absl::PrintF("throughput: %.3f steps/s, %s/s\n", latency.count() / elapsed,
-               Bytes(bytes / elapsed));
+  absl::PrintF("throughput: %.3f steps/s, %s/s\n", done / elapsed, Bytes(bytes / elapsed));
   if (!first_error.ok()) return Fail(first_error);
   if (latency.count() == 0) {
     return Fail(absl::DeadlineExceededError(

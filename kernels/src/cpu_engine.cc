@@ -1,5 +1,7 @@
 // The CPU engine: fp32 state in host memory, Newton–Schulz on OpenBLAS.
 // It is the reference every other engine is tested against.
+#include <cblas.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -431,6 +433,11 @@ absl::StatusOr<std::unique_ptr<Engine>> CreateCpuEngine(const EngineOptions& opt
   if (options.memory_budget_bytes < 0) {
     return absl::InvalidArgumentError("memory budget must be >= 0 (0: no budget)");
   }
+  if (options.blas_threads < 0) {
+    return absl::InvalidArgumentError("BLAS threads must be >= 0 (0: OpenBLAS's default)");
+  }
+  // Process-wide: OpenBLAS has one thread count.
+  if (options.blas_threads > 0) openblas_set_num_threads(options.blas_threads);
   return std::make_unique<CpuEngine>(options);
 }
 

@@ -25,6 +25,10 @@ ABSL_FLAG(std::string, engine, "auto", "Engine: auto, cpu or cuda. Env MUON_ENGI
 ABSL_FLAG(int64_t, memory_budget_bytes, 0,
           "Optimizer state budget in bytes; 0: none. Env MUON_MEMORY_BUDGET_BYTES.");
 ABSL_FLAG(int, device, 0, "CUDA device ordinal. Env MUON_DEVICE.");
+ABSL_FLAG(int, blas_threads, 1,
+          "CPU engine: OpenBLAS threads per call; 0: OpenBLAS's default (OPENBLAS_NUM_THREADS, "
+          "else one per core). Sessions already run in parallel on --scheduler_threads; raise it "
+          "for one large session on an otherwise idle machine. Env MUON_BLAS_THREADS.");
 ABSL_FLAG(int, max_sessions, 1024, "Sessions at once. Env MUON_MAX_SESSIONS.");
 ABSL_FLAG(int, max_params_per_session, 100000,
           "Parameters per session. Env MUON_MAX_PARAMS_PER_SESSION.");
@@ -101,6 +105,7 @@ bool FlagsFromEnv() {
          FromEnv(&FLAGS_engine, "MUON_ENGINE") &&
          FromEnv(&FLAGS_memory_budget_bytes, "MUON_MEMORY_BUDGET_BYTES") &&
          FromEnv(&FLAGS_device, "MUON_DEVICE") &&
+         FromEnv(&FLAGS_blas_threads, "MUON_BLAS_THREADS") &&
          FromEnv(&FLAGS_max_sessions, "MUON_MAX_SESSIONS") &&
          FromEnv(&FLAGS_max_params_per_session, "MUON_MAX_PARAMS_PER_SESSION") &&
          FromEnv(&FLAGS_max_bytes_per_session, "MUON_MAX_BYTES_PER_SESSION") &&
@@ -187,6 +192,7 @@ int main(int argc, char** argv) {
   options.engine = absl::AsciiStrToLower(absl::GetFlag(FLAGS_engine));
   options.memory_budget_bytes = absl::GetFlag(FLAGS_memory_budget_bytes);
   options.device = absl::GetFlag(FLAGS_device);
+  options.blas_threads = absl::GetFlag(FLAGS_blas_threads);
   options.limits.max_sessions = absl::GetFlag(FLAGS_max_sessions);
   options.limits.max_params_per_session = absl::GetFlag(FLAGS_max_params_per_session);
   options.limits.max_bytes_per_session = absl::GetFlag(FLAGS_max_bytes_per_session);

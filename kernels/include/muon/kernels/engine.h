@@ -113,6 +113,9 @@ struct EngineOptions {
   int64_t memory_budget_bytes = 0;
   // CUDA device ordinal (CUDA engine only).
   int device = 0;
+  // CPU engine: OpenBLAS threads per BLAS call (process-wide); 0 leaves
+  // OpenBLAS's default (OPENBLAS_NUM_THREADS, else one per core).
+  int blas_threads = 0;
 };
 
 // The optimizer's compute: parameters' state and the step over batches of

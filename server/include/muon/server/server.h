@@ -35,6 +35,11 @@ struct ServerOptions {
   int64_t memory_budget_bytes = 0;
   // CUDA device ordinal.
   int device = 0;
+  // CPU engine: OpenBLAS threads per call; 0: OpenBLAS's default. The
+  // scheduler already runs different sessions' work in parallel, and a
+  // multi-threaded OpenBLAS called from several threads at once spins
+  // against itself (docs/performance.md, "Load").
+  int blas_threads = 1;
   Limits limits;
   // Directory for checkpoints; empty: checkpoints disabled. Sessions found
   // there are restored at start.
