@@ -15,7 +15,6 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
-#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
@@ -25,23 +24,13 @@
 #include "muon/server/status_util.h"
 #include "service.h"
 #include "session.h"
-#include "step_assembler.h"
+#include "step_reader.h"
 #include "thread_pool.h"
 
 namespace muon::server {
 namespace {
 
 using StepResponsePtr = std::shared_ptr<const v1::StepResponse>;
-
-absl::Status CheckChunkDType(const v1::TensorChunk& chunk, const SessionParam& param) {
-  absl::StatusOr<DType> dtype = DTypeFromProto(chunk.dtype(), param.spec.dtype);
-  if (!dtype.ok()) return dtype.status();
-  if (*dtype == param.spec.dtype) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrCat(
-      "parameter ", chunk.param_index(), " ('", param.spec.name, "'): gradient chunk is ",
-      DTypeName(*dtype), " but the parameter was registered as ", DTypeName(param.spec.dtype),
-      "; send gradients in the registered dtype"));
-}
 
 class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::StepResponse> {
  public:
@@ -169,54 +158,15 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
   }
 
   // Read path -------------------------------------------------------------
-  // (read reactions are serialized, so request_, phase_ and assembler_ need
-  // no lock.)
+  // (read reactions are serialized, so request_ and reader_ need no lock.)
 
   absl::Status HandleMessage(bool* keep_reading) {
-    switch (request_.kind_case()) {
-      case v1::StepRequest::kHeader:
-        if (phase_ != Phase::kHeader) {
-          return absl::InvalidArgumentError(
-              "a second StepHeader on one stream; send one header per Step stream");
-        }
-        return OnHeader(request_.header());
-      case v1::StepRequest::kGradient: {
-        if (phase_ == Phase::kHeader) {
-          return absl::InvalidArgumentError(
-              "the first message of a Step stream must be a StepHeader, not a gradient chunk");
-        }
-        env_->step_metrics->BytesReceived(static_cast<int64_t>(request_.gradient().data().size()));
-        if (phase_ == Phase::kReplay) return absl::OkStatus();  // already applied: ignore
-        const v1::TensorChunk& chunk = request_.gradient();
-        if (chunk.dtype() != v1::DTYPE_UNSPECIFIED &&
-            chunk.param_index() < session_->params().size()) {
-          MUON_RETURN_IF_ERROR(CheckChunkDType(chunk, session_->params()[chunk.param_index()]));
-        }
-        bool complete = false;
-        MUON_RETURN_IF_ERROR(
-            assembler_->Add(chunk.param_index(), chunk.offset(), chunk.data(), &complete));
-        if (complete) EnqueueReady(chunk.param_index());
-        return absl::OkStatus();
-      }
-      case v1::StepRequest::kEnd: {
-        if (phase_ == Phase::kHeader) {
-          return absl::InvalidArgumentError(
-              "the first message of a Step stream must be a StepHeader, not a StepEnd");
-        }
-        *keep_reading = false;
-        if (phase_ == Phase::kReplay) {
-          StartReplay();
-          return absl::OkStatus();
-        }
-        std::vector<uint32_t> listed(request_.end().param_indices().begin(),
-                                     request_.end().param_indices().end());
-        return OnEnd(std::move(listed), /*explicit_list=*/true);
-      }
-      case v1::StepRequest::KIND_NOT_SET:
-        break;
+    if (request_.has_gradient() && !reader_.expects_header()) {
+      env_->step_metrics->BytesReceived(static_cast<int64_t>(request_.gradient().data().size()));
     }
-    return absl::InvalidArgumentError(
-        "empty StepRequest: set one of header, gradient or end (is the client's proto current?)");
+    MUON_ASSIGN_OR_RETURN(StepReader::Event event, reader_.Read(request_));
+    if (request_.has_end()) *keep_reading = false;
+    return HandleEvent(std::move(event));
   }
 
   void OnHalfClose() {
@@ -224,21 +174,28 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
       Fail(absl::CancelledError("the step's stream was cancelled; nothing was applied"));
       return;
     }
-    switch (phase_) {
-      case Phase::kHeader:
-        Fail(absl::InvalidArgumentError("the Step stream ended before its StepHeader"));
-        return;
-      case Phase::kReplay:
+    absl::StatusOr<StepReader::Event> event = reader_.HalfClose();
+    absl::Status status = event.ok() ? HandleEvent(std::move(*event)) : event.status();
+    if (!status.ok()) Fail(status);
+  }
+
+  absl::Status HandleEvent(StepReader::Event event) {
+    switch (event.kind) {
+      case StepReader::Event::Kind::kNone:
+        return absl::OkStatus();
+      case StepReader::Event::Kind::kHeader:
+        return OnHeader(*event.header);
+      case StepReader::Event::Kind::kComplete:
+        EnqueueReady(event.index);
+        return absl::OkStatus();
+      case StepReader::Event::Kind::kEnd:
+        OnEnd(std::move(event.indices));
+        return absl::OkStatus();
+      case StepReader::Event::Kind::kReplay:
         StartReplay();
-        return;
-      case Phase::kReceiving: {
-        absl::Status status = OnEnd(assembler_->Started(), /*explicit_list=*/false);
-        if (!status.ok()) Fail(status);
-        return;
-      }
-      case Phase::kEnded:
-        return;  // reads stop after StepEnd; nothing to do
+        return absl::OkStatus();
     }
+    return absl::OkStatus();
   }
 
   absl::Status OnHeader(const v1::StepHeader& header) {
@@ -278,7 +235,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
     if (!admission.ok()) return admission.status();
     if (admission->replay != nullptr) {
       replay_ = std::move(admission->replay);
-      phase_ = Phase::kReplay;
+      reader_.Replay();
       return absl::OkStatus();
     }
     // The server samples every Nth step of each session for the
@@ -294,63 +251,32 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
     admitted_ = true;  // ReleaseLocked undoes the admission from here on
     if (!txn.ok()) return txn.status();
     txn_ = std::move(*txn);
-    std::vector<StepAssembler::Tensor> tensors;
-    tensors.reserve(session_->params().size());
+    std::vector<StepReader::Param> params;
+    params.reserve(session_->params().size());
     for (const SessionParam& p : session_->params()) {
-      tensors.push_back(
-          {p.spec.name, p.tensor_bytes, static_cast<int64_t>(DTypeSize(p.spec.dtype))});
+      params.push_back({p.spec.name, p.tensor_bytes, p.spec.dtype});
     }
-    assembler_ = std::make_unique<StepAssembler>(std::move(tensors));
+    reader_.Receive(session_->id(), std::move(params));
     record_.step = header.step();
-    phase_ = Phase::kReceiving;
     return absl::OkStatus();
   }
 
-  // The step's parameters are known: check them and commit once computed.
-  absl::Status OnEnd(std::vector<uint32_t> indices, bool explicit_list) {
-    phase_ = Phase::kEnded;
-    const size_t n = session_->params().size();
-    if (explicit_list) {
-      absl::flat_hash_set<uint32_t> seen;
-      for (uint32_t i : indices) {
-        if (i >= n) {
-          return absl::NotFoundError(absl::StrCat("StepEnd lists parameter index ", i,
-                                                  ", which is not in session ", session_->id(),
-                                                  " (indices 0..", n - 1, ")"));
-        }
-        if (!seen.insert(i).second) {
-          return absl::InvalidArgumentError(
-              absl::StrCat("StepEnd lists parameter index ", i, " twice"));
-        }
-      }
-      for (uint32_t i : assembler_->Started()) {
-        if (!seen.contains(i)) {
-          return absl::InvalidArgumentError(
-              absl::StrCat("parameter ", i, " ('", session_->params()[i].spec.name,
-                           "') received gradient chunks but is not listed in StepEnd; list it or "
-                           "do not send it"));
-        }
-      }
-    }
-    for (uint32_t i : indices) MUON_RETURN_IF_ERROR(assembler_->CheckComplete(i));
-    std::sort(indices.begin(), indices.end());
-    {
-      absl::MutexLock lock(&mu_);
-      if (failed_) return absl::OkStatus();
-      ended_ = true;
-      expected_ = indices.size();
-      step_params_ = std::move(indices);
-      receive_seconds_ = absl::ToDoubleSeconds(absl::Now() - start_time_);
-      bytes_received_ = assembler_->bytes_received();
-      ScheduleComputeLocked();
-    }
-    return absl::OkStatus();
+  // The step's parameters are known and complete: commit once computed.
+  void OnEnd(std::vector<uint32_t> indices) {
+    absl::MutexLock lock(&mu_);
+    if (failed_) return;
+    ended_ = true;
+    expected_ = indices.size();
+    step_params_ = std::move(indices);
+    receive_seconds_ = absl::ToDoubleSeconds(absl::Now() - start_time_);
+    bytes_received_ = reader_.bytes_received();
+    ScheduleComputeLocked();
   }
 
   void EnqueueReady(uint32_t index) {
     absl::MutexLock lock(&mu_);
     if (failed_) return;
-    ready_.push_back({index, assembler_->Take(index), absl::Now()});
+    ready_.push_back({index, reader_.Take(index), absl::Now()});
     ScheduleComputeLocked();
   }
 
@@ -614,8 +540,6 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
     actions->finish = failed_ ? ToGrpcStatus(status_) : grpc::Status::OK;
   }
 
-  enum class Phase { kHeader, kReceiving, kReplay, kEnded };
-
   const ServiceEnv* const env_;
   DrainGate* const gate_;
   grpc::CallbackServerContext* const ctx_;
@@ -626,8 +550,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
 
   // Read path only.
   v1::StepRequest request_;
-  Phase phase_ = Phase::kHeader;
-  std::unique_ptr<StepAssembler> assembler_;
+  StepReader reader_;
   std::shared_ptr<const StepRecord> replay_;
 
   // Set by the header before any compute is scheduled; read-only afterwards.
