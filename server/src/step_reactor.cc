@@ -83,6 +83,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
         FailLocked(absl::CancelledError("the stream broke while sending updates"), &actions);
       } else {
         if (!writes_.empty()) writes_.pop_front();
+        if (write_after_end_) ConfirmEndLocked();
         NextWriteLocked(&actions);
       }
       TryFinishLocked(&actions);
@@ -166,7 +167,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
     }
     MUON_ASSIGN_OR_RETURN(StepReader::Event event, reader_.Read(request_));
     if (request_.has_end()) *keep_reading = false;
-    return HandleEvent(std::move(event));
+    return HandleEvent(std::move(event), /*by_step_end=*/true);
   }
 
   void OnHalfClose() {
@@ -175,11 +176,13 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
       return;
     }
     absl::StatusOr<StepReader::Event> event = reader_.HalfClose();
-    absl::Status status = event.ok() ? HandleEvent(std::move(*event)) : event.status();
+    absl::Status status =
+        event.ok() ? HandleEvent(std::move(*event), /*by_step_end=*/false) : event.status();
     if (!status.ok()) Fail(status);
   }
 
-  absl::Status HandleEvent(StepReader::Event event) {
+  // by_step_end: the event came from a message, not from the end of reads.
+  absl::Status HandleEvent(StepReader::Event event, bool by_step_end) {
     switch (event.kind) {
       case StepReader::Event::Kind::kNone:
         return absl::OkStatus();
@@ -189,7 +192,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
         EnqueueReady(event.index);
         return absl::OkStatus();
       case StepReader::Event::Kind::kEnd:
-        OnEnd(std::move(event.indices));
+        OnEnd(std::move(event.indices), by_step_end);
         return absl::OkStatus();
       case StepReader::Event::Kind::kReplay:
         StartReplay();
@@ -262,15 +265,61 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
   }
 
   // The step's parameters are known and complete: commit once computed.
-  void OnEnd(std::vector<uint32_t> indices) {
-    absl::MutexLock lock(&mu_);
-    if (failed_) return;
-    ended_ = true;
-    expected_ = indices.size();
-    step_params_ = std::move(indices);
-    receive_seconds_ = absl::ToDoubleSeconds(absl::Now() - start_time_);
-    bytes_received_ = reader_.bytes_received();
-    ScheduleComputeLocked();
+  //
+  // gRPC ends reads with OnReadDone(false) both for a half-close and for a
+  // read that failed (a message over --max_message_bytes, one that does not
+  // parse); IsCancelled() may turn true only later. So a step ended without
+  // StepEnd commits only once an operation started after the end succeeded,
+  // which it cannot on a broken call: the initial metadata when nothing was
+  // sent yet, else the update NextWriteLocked held back.
+  void OnEnd(std::vector<uint32_t> indices, bool by_step_end) {
+    Actions actions;
+    bool probe = false;
+    {
+      absl::MutexLock lock(&mu_);
+      if (failed_) return;
+      ended_ = true;
+      reads_ended_ = true;
+      if (by_step_end) end_confirmed_ = true;
+      expected_ = indices.size();
+      step_params_ = std::move(indices);
+      receive_seconds_ = absl::ToDoubleSeconds(absl::Now() - start_time_);
+      bytes_received_ = reader_.bytes_received();
+      ScheduleComputeLocked();
+      if (!end_confirmed_ && !wrote_) {
+        wrote_ = true;
+        probing_ = true;
+        probe = true;
+      } else {
+        NextWriteLocked(&actions);
+      }
+    }
+    if (probe) StartSendInitialMetadata();
+    Run(actions);
+  }
+
+  void OnSendInitialMetadataDone(bool ok) override {
+    Actions actions;
+    {
+      absl::MutexLock lock(&mu_);
+      probing_ = false;
+      if (!ok) {
+        FailLocked(absl::CancelledError("the step's stream broke before its end; nothing was applied"),
+                   &actions);
+      } else {
+        ConfirmEndLocked();
+        NextWriteLocked(&actions);
+      }
+      TryFinishLocked(&actions);
+    }
+    Run(actions);
+  }
+
+  // The stream was whole after its end: the step may commit.
+  void ConfirmEndLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (end_confirmed_) return;
+    end_confirmed_ = true;
+    if (ended_ && !failed_) ScheduleComputeLocked();
   }
 
   void EnqueueReady(uint32_t index) {
@@ -303,6 +352,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
       writes_.push_back(std::move(summary));
       finish_requested_ = true;
       replayed_ = true;
+      reads_ended_ = true;
       NextWriteLocked(&actions);
       TryFinishLocked(&actions);
     }
@@ -325,7 +375,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
           TryFinishLocked(&actions);
           stop = true;
         } else if (ready_.empty()) {
-          if (!ended_ || computed_ != expected_ || committed_) {
+          if (!ended_ || computed_ != expected_ || committed_ || !end_confirmed_) {
             compute_running_ = false;
             return;
           }
@@ -526,15 +576,20 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
   }
 
   void NextWriteLocked(Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (writing_ || finished_ || writes_.empty()) return;
+    if (writing_ || probing_ || finished_ || writes_.empty()) return;
+    // While the client may still send, one update stays queued, so that a
+    // step ended by a half-close has a write left to confirm it (OnEnd).
+    if (!reads_ended_ && writes_.size() == 1) return;
     writing_ = true;
+    wrote_ = true;
+    write_after_end_ = reads_ended_;
     write_start_ = absl::Now();
     actions->write = writes_.front().get();
   }
 
   // Finishes once everything queued is written and the session is released.
   void TryFinishLocked(Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (!finish_requested_ || finished_ || writing_ || admitted_) return;
+    if (!finish_requested_ || finished_ || writing_ || probing_ || admitted_) return;
     if (!failed_ && !writes_.empty()) return;
     finished_ = true;
     actions->finish = failed_ ? ToGrpcStatus(status_) : grpc::Status::OK;
@@ -578,6 +633,13 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
   absl::Status status_ ABSL_GUARDED_BY(mu_);
   std::deque<StepResponsePtr> writes_ ABSL_GUARDED_BY(mu_);
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  // The end of the client's messages (StepEnd, half-close or failed read)
+  // and whether the stream was known whole then (see OnEnd).
+  bool reads_ended_ ABSL_GUARDED_BY(mu_) = false;
+  bool end_confirmed_ ABSL_GUARDED_BY(mu_) = false;
+  bool wrote_ ABSL_GUARDED_BY(mu_) = false;            // initial metadata is on its way
+  bool write_after_end_ ABSL_GUARDED_BY(mu_) = false;  // of the write in flight
+  bool probing_ ABSL_GUARDED_BY(mu_) = false;          // StartSendInitialMetadata in flight
   absl::Time write_start_ ABSL_GUARDED_BY(mu_);
   bool finish_requested_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
