@@ -304,8 +304,9 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
       absl::MutexLock lock(&mu_);
       probing_ = false;
       if (!ok) {
-        FailLocked(absl::CancelledError("the step's stream broke before its end; nothing was applied"),
-                   &actions);
+        FailLocked(
+            absl::CancelledError("the step's stream broke before its end; nothing was applied"),
+            &actions);
       } else {
         ConfirmEndLocked();
         NextWriteLocked(&actions);

@@ -102,10 +102,10 @@ absl::Status StepReader::CheckChunkDType(const v1::TensorChunk& chunk) const {
   absl::StatusOr<DType> dtype = DTypeFromProto(chunk.dtype(), param.dtype);
   if (!dtype.ok()) return dtype.status();
   if (*dtype == param.dtype) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrCat(
-      "parameter ", chunk.param_index(), " ('", param.name, "'): gradient chunk is ",
-      DTypeName(*dtype), " but the parameter was registered as ", DTypeName(param.dtype),
-      "; send gradients in the registered dtype"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("parameter ", chunk.param_index(), " ('", param.name, "'): gradient chunk is ",
+                   DTypeName(*dtype), " but the parameter was registered as ",
+                   DTypeName(param.dtype), "; send gradients in the registered dtype"));
 }
 
 absl::StatusOr<StepReader::Event> StepReader::End(std::vector<uint32_t> indices,

@@ -22,8 +22,8 @@
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
-#include "google/protobuf/stubs/logging.h"
 #include "convert.h"
+#include "google/protobuf/stubs/logging.h"
 #include "muon/kernels/types.h"
 #include "muon/v1/optimizer.pb.h"
 #include "step_reader.h"
@@ -31,20 +31,20 @@
 namespace muon::server {
 namespace {
 
-#define FUZZ_CHECK(cond)                                                          \
-  do {                                                                            \
-    if (!(cond)) {                                                                \
+#define FUZZ_CHECK(cond)                                                                \
+  do {                                                                                  \
+    if (!(cond)) {                                                                      \
       std::fprintf(stderr, "%s:%d: invariant failed: %s\n", __FILE__, __LINE__, #cond); \
-      std::abort();                                                               \
-    }                                                                             \
+      std::abort();                                                                     \
+    }                                                                                   \
   } while (0)
 
 const std::vector<StepReader::Param>& SessionParams() {
   static const auto* params = new std::vector<StepReader::Param>{
-      {"w", 4 * 3 * 4, DType::kFloat32},     // 4×3 fp32
-      {"h", 5 * 2, DType::kBFloat16},        // 5 bf16
-      {"f", 2 * 2 * 3 * 2, DType::kFloat16}, // 2×2×3 fp16
-      {"one", 4, DType::kFloat32},           // a scalar
+      {"w", 4 * 3 * 4, DType::kFloat32},      // 4×3 fp32
+      {"h", 5 * 2, DType::kBFloat16},         // 5 bf16
+      {"f", 2 * 2 * 3 * 2, DType::kFloat16},  // 2×2×3 fp16
+      {"one", 4, DType::kFloat32},            // a scalar
   };
   return *params;
 }
