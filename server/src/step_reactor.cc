@@ -17,7 +17,6 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
-#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
@@ -29,23 +28,13 @@
 #include "ps_round.h"
 #include "service.h"
 #include "session.h"
-#include "step_assembler.h"
+#include "step_reader.h"
 #include "thread_pool.h"
 
 namespace muon::server {
 namespace {
 
 using StepResponsePtr = std::shared_ptr<const v1::StepResponse>;
-
-absl::Status CheckChunkDType(const v1::TensorChunk& chunk, const SessionParam& param) {
-  absl::StatusOr<DType> dtype = DTypeFromProto(chunk.dtype(), param.spec.dtype);
-  if (!dtype.ok()) return dtype.status();
-  if (*dtype == param.spec.dtype) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrCat(
-      "parameter ", chunk.param_index(), " ('", param.spec.name, "'): gradient chunk is ",
-      DTypeName(*dtype), " but the parameter was registered as ", DTypeName(param.spec.dtype),
-      "; send gradients in the registered dtype"));
-}
 
 class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::StepResponse>,
                           public RoundWaiter {
@@ -99,6 +88,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
         FailLocked(absl::CancelledError("the stream broke while sending updates"), &actions);
       } else {
         if (!writes_.empty()) writes_.pop_front();
+        if (write_after_end_) ConfirmEndLocked();
         NextWriteLocked(&actions);
       }
       TryFinishLocked(&actions);
@@ -128,6 +118,10 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
         absl::MutexLock lock(&mu_);
         if (!failed_) {
           for (const StepResponsePtr& r : (*result)->responses) writes_.push_back(r);
+          // The round committed without this stream: nothing to hold back
+          // for (NextWriteLocked), and anything the client still sends is
+          // ignored.
+          reads_ended_ = true;
           committed_ = true;
           finish_requested_ = true;
           NextWriteLocked(&actions);
@@ -196,61 +190,15 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
   }
 
   // Read path -------------------------------------------------------------
-  // (read reactions are serialized, so request_, phase_ and assembler_ need
-  // no lock.)
+  // (read reactions are serialized, so request_ and reader_ need no lock.)
 
   absl::Status HandleMessage(bool* keep_reading) {
-    switch (request_.kind_case()) {
-      case v1::StepRequest::kHeader:
-        if (phase_ != Phase::kHeader) {
-          return absl::InvalidArgumentError(
-              "a second StepHeader on one stream; send one header per Step stream");
-        }
-        return OnHeader(request_.header());
-      case v1::StepRequest::kGradient: {
-        if (phase_ == Phase::kHeader) {
-          return absl::InvalidArgumentError(
-              "the first message of a Step stream must be a StepHeader, not a gradient chunk");
-        }
-        env_->step_metrics->BytesReceived(static_cast<int64_t>(request_.gradient().data().size()));
-        // Already applied, or already contributed to the round: ignore.
-        if (phase_ == Phase::kReplay || phase_ == Phase::kWaiting) return absl::OkStatus();
-        const v1::TensorChunk& chunk = request_.gradient();
-        if (chunk.dtype() != v1::DTYPE_UNSPECIFIED &&
-            chunk.param_index() < session_->params().size()) {
-          MUON_RETURN_IF_ERROR(CheckChunkDType(chunk, session_->params()[chunk.param_index()]));
-        }
-        bool complete = false;
-        MUON_RETURN_IF_ERROR(
-            assembler_->Add(chunk.param_index(), chunk.offset(), chunk.data(), &complete));
-        if (!complete) return absl::OkStatus();
-        if (rounds_ != nullptr) {
-          round_tensors_[chunk.param_index()] = assembler_->Take(chunk.param_index());
-        } else {
-          EnqueueReady(chunk.param_index());
-        }
-        return absl::OkStatus();
-      }
-      case v1::StepRequest::kEnd: {
-        if (phase_ == Phase::kHeader) {
-          return absl::InvalidArgumentError(
-              "the first message of a Step stream must be a StepHeader, not a StepEnd");
-        }
-        *keep_reading = false;
-        if (phase_ == Phase::kReplay) {
-          StartReplay();
-          return absl::OkStatus();
-        }
-        if (phase_ == Phase::kWaiting) return absl::OkStatus();
-        std::vector<uint32_t> listed(request_.end().param_indices().begin(),
-                                     request_.end().param_indices().end());
-        return OnEnd(std::move(listed), /*explicit_list=*/true);
-      }
-      case v1::StepRequest::KIND_NOT_SET:
-        break;
+    if (request_.has_gradient() && !reader_.expects_header()) {
+      env_->step_metrics->BytesReceived(static_cast<int64_t>(request_.gradient().data().size()));
     }
-    return absl::InvalidArgumentError(
-        "empty StepRequest: set one of header, gradient or end (is the client's proto current?)");
+    MUON_ASSIGN_OR_RETURN(StepReader::Event event, reader_.Read(request_));
+    if (request_.has_end()) *keep_reading = false;
+    return HandleEvent(std::move(event), /*by_step_end=*/true);
   }
 
   void OnHalfClose() {
@@ -258,22 +206,37 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
       Fail(absl::CancelledError("the step's stream was cancelled; nothing was applied"));
       return;
     }
-    switch (phase_) {
-      case Phase::kHeader:
-        Fail(absl::InvalidArgumentError("the Step stream ended before its StepHeader"));
-        return;
-      case Phase::kReplay:
-        StartReplay();
-        return;
-      case Phase::kReceiving: {
-        absl::Status status = OnEnd(assembler_->Started(), /*explicit_list=*/false);
-        if (!status.ok()) Fail(status);
-        return;
-      }
-      case Phase::kEnded:
-      case Phase::kWaiting:
-        return;  // reads stop after StepEnd, or the round answers
+    absl::StatusOr<StepReader::Event> event = reader_.HalfClose();
+    absl::Status status =
+        event.ok() ? HandleEvent(std::move(*event), /*by_step_end=*/false) : event.status();
+    if (!status.ok()) Fail(status);
+  }
+
+  // by_step_end: the event came from a message, not from the end of reads.
+  absl::Status HandleEvent(StepReader::Event event, bool by_step_end) {
+    switch (event.kind) {
+      case StepReader::Event::Kind::kNone:
+        return absl::OkStatus();
+      case StepReader::Event::Kind::kHeader:
+        return OnHeader(*event.header);
+      case StepReader::Event::Kind::kComplete:
+        if (rounds_ != nullptr) {
+          round_tensors_[event.index] = reader_.Take(event.index);
+        } else {
+          EnqueueReady(event.index);
+        }
+        return absl::OkStatus();
+      case StepReader::Event::Kind::kEnd:
+        if (rounds_ != nullptr) return Contribute(event.indices);
+        OnEnd(std::move(event.indices), by_step_end);
+        return absl::OkStatus();
+      case StepReader::Event::Kind::kReplay:
+        // A parameter-server stream whose worker already contributed waits
+        // for its round instead.
+        if (!waiting_for_round_) StartReplay();
+        return absl::OkStatus();
     }
+    return absl::OkStatus();
   }
 
   absl::Status OnHeader(const v1::StepHeader& header) {
@@ -315,7 +278,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
     if (!admission.ok()) return admission.status();
     if (admission->replay != nullptr) {
       replay_ = std::move(admission->replay);
-      phase_ = Phase::kReplay;
+      reader_.Replay();
       return absl::OkStatus();
     }
     // The server samples every Nth step of each session for the
@@ -331,58 +294,73 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
     admitted_ = true;  // ReleaseLocked undoes the admission from here on
     if (!txn.ok()) return txn.status();
     txn_ = std::move(*txn);
-    std::vector<StepAssembler::Tensor> tensors;
-    tensors.reserve(session_->params().size());
+    std::vector<StepReader::Param> params;
+    params.reserve(session_->params().size());
     for (const SessionParam& p : session_->params()) {
-      tensors.push_back(
-          {p.spec.name, p.tensor_bytes, static_cast<int64_t>(DTypeSize(p.spec.dtype))});
+      params.push_back({p.spec.name, p.tensor_bytes, p.spec.dtype});
     }
-    assembler_ = std::make_unique<StepAssembler>(std::move(tensors));
+    reader_.Receive(session_->id(), std::move(params));
     record_.step = header.step();
-    phase_ = Phase::kReceiving;
     return absl::OkStatus();
   }
 
-  // The step's parameters are known: check them and commit once computed.
-  absl::Status OnEnd(std::vector<uint32_t> indices, bool explicit_list) {
-    phase_ = Phase::kEnded;
-    const size_t n = session_->params().size();
-    if (explicit_list) {
-      absl::flat_hash_set<uint32_t> seen;
-      for (uint32_t i : indices) {
-        if (i >= n) {
-          return absl::NotFoundError(absl::StrCat("StepEnd lists parameter index ", i,
-                                                  ", which is not in session ", session_->id(),
-                                                  " (indices 0..", n - 1, ")"));
-        }
-        if (!seen.insert(i).second) {
-          return absl::InvalidArgumentError(
-              absl::StrCat("StepEnd lists parameter index ", i, " twice"));
-        }
-      }
-      for (uint32_t i : assembler_->Started()) {
-        if (!seen.contains(i)) {
-          return absl::InvalidArgumentError(
-              absl::StrCat("parameter ", i, " ('", session_->params()[i].spec.name,
-                           "') received gradient chunks but is not listed in StepEnd; list it or "
-                           "do not send it"));
-        }
-      }
-    }
-    for (uint32_t i : indices) MUON_RETURN_IF_ERROR(assembler_->CheckComplete(i));
-    std::sort(indices.begin(), indices.end());
-    if (rounds_ != nullptr) return Contribute(indices);
+  // The step's parameters are known and complete: commit once computed.
+  //
+  // gRPC ends reads with OnReadDone(false) both for a half-close and for a
+  // read that failed (a message over --max_message_bytes, one that does not
+  // parse); IsCancelled() may turn true only later. So a step ended without
+  // StepEnd commits only once an operation started after the end succeeded,
+  // which it cannot on a broken call: the initial metadata when nothing was
+  // sent yet, else the update NextWriteLocked held back.
+  void OnEnd(std::vector<uint32_t> indices, bool by_step_end) {
+    Actions actions;
+    bool probe = false;
     {
       absl::MutexLock lock(&mu_);
-      if (failed_) return absl::OkStatus();
+      if (failed_) return;
       ended_ = true;
+      reads_ended_ = true;
+      if (by_step_end) end_confirmed_ = true;
       expected_ = indices.size();
       step_params_ = std::move(indices);
       receive_seconds_ = absl::ToDoubleSeconds(absl::Now() - start_time_);
-      bytes_received_ = assembler_->bytes_received();
+      bytes_received_ = reader_.bytes_received();
       ScheduleComputeLocked();
+      if (!end_confirmed_ && !wrote_) {
+        wrote_ = true;
+        probing_ = true;
+        probe = true;
+      } else {
+        NextWriteLocked(&actions);
+      }
     }
-    return absl::OkStatus();
+    if (probe) StartSendInitialMetadata();
+    Run(actions);
+  }
+
+  void OnSendInitialMetadataDone(bool ok) override {
+    Actions actions;
+    {
+      absl::MutexLock lock(&mu_);
+      probing_ = false;
+      if (!ok) {
+        FailLocked(
+            absl::CancelledError("the step's stream broke before its end; nothing was applied"),
+            &actions);
+      } else {
+        ConfirmEndLocked();
+        NextWriteLocked(&actions);
+      }
+      TryFinishLocked(&actions);
+    }
+    Run(actions);
+  }
+
+  // The stream was whole after its end: the step may commit.
+  void ConfirmEndLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (end_confirmed_) return;
+    end_confirmed_ = true;
+    if (ended_ && !failed_) ScheduleComputeLocked();
   }
 
   // PARAMETER_SERVER: joins the round of the header's step.
@@ -399,26 +377,25 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
     switch (admission->role) {
       case ParameterServerRounds::Role::kReplay:
         replay_ = std::move(admission->replay);
-        phase_ = Phase::kReplay;
+        reader_.Replay();
         return absl::OkStatus();
       case ParameterServerRounds::Role::kWait:
         rounds_ = rounds;
-        phase_ = Phase::kWaiting;
+        waiting_for_round_ = true;
+        reader_.Replay();  // its chunks are ignored: they are in the round already
         return absl::OkStatus();
       case ParameterServerRounds::Role::kContribute:
         break;
     }
     rounds_ = rounds;
     round_id_ = admission->round;
-    std::vector<StepAssembler::Tensor> tensors;
-    tensors.reserve(session_->params().size());
+    std::vector<StepReader::Param> params;
+    params.reserve(session_->params().size());
     for (const SessionParam& p : session_->params()) {
-      tensors.push_back(
-          {p.spec.name, p.tensor_bytes, static_cast<int64_t>(DTypeSize(p.spec.dtype))});
+      params.push_back({p.spec.name, p.tensor_bytes, p.spec.dtype});
     }
-    assembler_ = std::make_unique<StepAssembler>(std::move(tensors));
+    reader_.Receive(session_->id(), std::move(params));
     round_tensors_.resize(session_->params().size());
-    phase_ = Phase::kReceiving;
     return absl::OkStatus();
   }
 
@@ -444,7 +421,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
     if (header_.has_lr()) gradients.lr = header_.lr();
     if (header_.has_lr_scale()) gradients.lr_scale = header_.lr_scale();
     gradients.measure_orthogonality = header_.measure_orthogonality();
-    gradients.bytes_received = assembler_->bytes_received();
+    gradients.bytes_received = reader_.bytes_received();
     {
       absl::MutexLock lock(&mu_);
       ++refs_;
@@ -469,7 +446,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
   void EnqueueReady(uint32_t index) {
     absl::MutexLock lock(&mu_);
     if (failed_) return;
-    ready_.push_back({index, assembler_->Take(index), absl::Now()});
+    ready_.push_back({index, reader_.Take(index), absl::Now()});
     ScheduleComputeLocked();
   }
 
@@ -520,6 +497,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
       writes_.push_back(std::move(summary));
       finish_requested_ = true;
       replayed_ = true;
+      reads_ended_ = true;
       NextWriteLocked(&actions);
       TryFinishLocked(&actions);
     }
@@ -542,7 +520,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
           TryFinishLocked(&actions);
           stop = true;
         } else if (ready_.empty()) {
-          if (!ended_ || computed_ != expected_ || committed_) {
+          if (!ended_ || computed_ != expected_ || committed_ || !end_confirmed_) {
             compute_running_ = false;
             return;
           }
@@ -790,22 +768,24 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
   }
 
   void NextWriteLocked(Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (writing_ || finished_ || writes_.empty()) return;
+    if (writing_ || probing_ || finished_ || writes_.empty()) return;
+    // While the client may still send, one update stays queued, so that a
+    // step ended by a half-close has a write left to confirm it (OnEnd).
+    if (!reads_ended_ && writes_.size() == 1) return;
     writing_ = true;
+    wrote_ = true;
+    write_after_end_ = reads_ended_;
     write_start_ = absl::Now();
     actions->write = writes_.front().get();
   }
 
   // Finishes once everything queued is written and the session is released.
   void TryFinishLocked(Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (!finish_requested_ || finished_ || writing_ || admitted_) return;
+    if (!finish_requested_ || finished_ || writing_ || probing_ || admitted_) return;
     if (!failed_ && !writes_.empty()) return;
     finished_ = true;
     actions->finish = failed_ ? ToGrpcStatus(status_) : grpc::Status::OK;
   }
-
-  // kWaiting: a PARAMETER_SERVER stream whose worker already contributed.
-  enum class Phase { kHeader, kReceiving, kReplay, kEnded, kWaiting };
 
   const ServiceEnv* const env_;
   DrainGate* const gate_;
@@ -817,8 +797,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
 
   // Read path only.
   v1::StepRequest request_;
-  Phase phase_ = Phase::kHeader;
-  std::unique_ptr<StepAssembler> assembler_;
+  StepReader reader_;
   std::shared_ptr<const StepRecord> replay_;
   // PARAMETER_SERVER: this worker's complete gradients, by parameter.
   std::vector<std::unique_ptr<std::byte[]>> round_tensors_;
@@ -829,6 +808,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
   // OnCancel reads it on another thread.
   std::atomic<ParameterServerRounds*> rounds_{nullptr};
   uint64_t round_id_ = 0;  // the round joined to contribute
+  bool waiting_for_round_ = false;  // joined as kWait: the round answers
   v1::StepHeader header_;
   std::optional<DType> update_dtype_;
   bool measure_orthogonality_ = false;  // asked by the client or sampled
@@ -852,6 +832,13 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
   absl::Status status_ ABSL_GUARDED_BY(mu_);
   std::deque<StepResponsePtr> writes_ ABSL_GUARDED_BY(mu_);
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  // The end of the client's messages (StepEnd, half-close or failed read)
+  // and whether the stream was known whole then (see OnEnd).
+  bool reads_ended_ ABSL_GUARDED_BY(mu_) = false;
+  bool end_confirmed_ ABSL_GUARDED_BY(mu_) = false;
+  bool wrote_ ABSL_GUARDED_BY(mu_) = false;            // initial metadata is on its way
+  bool write_after_end_ ABSL_GUARDED_BY(mu_) = false;  // of the write in flight
+  bool probing_ ABSL_GUARDED_BY(mu_) = false;          // StartSendInitialMetadata in flight
   absl::Time write_start_ ABSL_GUARDED_BY(mu_);
   bool finish_requested_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;

@@ -307,7 +307,7 @@ TEST_F(MuonctlTest, LoadRunsEveryStepOfEveryClientAndDeletesTheSessions) {
   const Outcome run =
       Ctl({"load", "--clients=4", "--steps=5", "--name=cli-load", "--duration_limit=600s"});
   ASSERT_EQ(run.exit_code, 0) << Describe(run);
-  EXPECT_THAT(run.out, HasSubstr("clients: 4, model small, 20 steps done of 20 in "));
+  EXPECT_THAT(run.out, HasSubstr("clients: 4, workers: 1, model small, 20 steps done of 20 in "));
   EXPECT_THAT(run.out, Not(HasSubstr("cut off")));
   EXPECT_THAT(run.out, HasSubstr("throughput: "));
   EXPECT_THAT(run.out, HasSubstr("step latency: p50 "));

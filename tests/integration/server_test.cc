@@ -796,7 +796,20 @@ TEST(ServerLimitsTest, LimitsGiveResourceExhausted) {
   call.header.set_token(token);
   call.header.set_step(1);
   call.body = GradientMessages(grads, 100000, 0);  // over the 64 KiB limit
-  EXPECT_EQ(RunStep(stub.get(), call).status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_CODE(RunStep(stub.get(), call).status, RESOURCE_EXHAUSTED,
+              "larger than max (100010 vs. 65536)");
+  // The five parameters before the oversized chunk were whole, but the
+  // broken stream must not have committed them (gRPC ends its reads as if
+  // the client had half-closed).
+  {
+    grpc::ClientContext ctx;
+    v1::GetSessionRequest get;
+    get.set_session_id(session);
+    get.set_token(token);
+    v1::SessionInfo info;
+    ASSERT_TRUE(stub->GetSession(&ctx, get, &info).ok());
+    EXPECT_EQ(info.step(), 0u);
+  }
 
   Reference reference(model);
   call.body = GradientMessages(grads, 60000, 0);
