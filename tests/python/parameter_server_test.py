@@ -141,6 +141,61 @@ class ParameterServerTest(unittest.TestCase):
             processes[worker] = run.start(worker)
         return run.finish(self, processes)
 
+    def test_bad_arguments_raise_before_any_call(self):
+        model = make_model(SEED)
+        ps = dict(server=self.server.address, mode="parameter_server", workers=WORKERS)
+        cases = [
+            (dict(ps, server=[self.server.address] * 2), "one server"),
+            (dict(ps, worker=WORKERS), "is not in"),
+            (dict(ps, worker=1), "needs the session_id and token"),
+            (dict(ps, session_id="s"), "both session_id and token"),
+            (dict(server=self.server.address, worker=1, workers=2), "are for mode"),
+            (dict(ps, mode="allreduce"), "unknown mode"),
+        ]
+        for kwargs, message in cases:
+            with self.subTest(message):
+                with self.assertRaisesRegex(ValueError, message):
+                    RemoteMuon(model.parameters(), **kwargs)
+
+    def test_attach_checks_the_number_of_workers(self):
+        model = make_model(SEED)
+        first = RemoteMuon(model.parameters(), server=self.server.address,
+                           mode="parameter_server", workers=2)
+        self.addCleanup(first.delete_sessions)
+        with self.assertRaisesRegex(ValueError, "not a parameter-server session of 3 workers"):
+            RemoteMuon(make_model(SEED).parameters(), server=self.server.address,
+                       mode="parameter_server", worker=1, workers=3,
+                       session_id=first.session_id, token=first.token)
+
+    def test_parameter_without_grad_sends_zeros(self):
+        model = make_model(SEED)
+        opt = RemoteMuon(model.named_parameters(), server=self.server.address,
+                         mode="parameter_server")
+        self.addCleanup(opt.delete_sessions)
+        backward(model, *shard(0, 1))
+        model[4].bias.grad = None
+        opt.step()
+        self.assertEqual(len(opt.last_summary.param_indices), len(list(model.parameters())))
+
+    def test_client_update_content_update_matches_the_pulled_weights(self):
+        client = MuonClient(self.server.address)
+        session = client.create_session([ParamSpec("w", (8, 4)), ParamSpec("b", (4,))],
+                                        mode="parameter_server", num_workers=1)
+        self.addCleanup(session.delete)
+        rng = np.random.default_rng(0)
+        weights = {0: rng.standard_normal((8, 4), dtype=np.float32),
+                   1: rng.standard_normal(4, dtype=np.float32)}
+        self.assertEqual(session.push_weights(weights), 0)
+        result = session.step({0: rng.standard_normal((8, 4)), 1: rng.standard_normal(4)},
+                              update_content="update")
+        self.assertEqual(result.weights, {})
+        step, pulled = session.pull_weights()
+        self.assertEqual(step, 1)
+        for i, w in weights.items():
+            np.testing.assert_allclose(pulled[i], result.decay[i] * w + result.updates[i],
+                                       rtol=0, atol=1e-6)
+            self.assertFalse(np.array_equal(pulled[i], w))
+
     def test_three_worker_processes_equal_one_worker_fed_the_average(self):
         self.assert_close(self.uninterrupted(), self.reference, "3 workers vs reference")
 
