@@ -60,16 +60,19 @@ class Run:
         self._dir = tempfile.TemporaryDirectory()
         self.session_file = os.path.join(self._dir.name, "session")
         self.wait_file = os.path.join(self._dir.name, "go")
+        self._processes = []
 
     def out(self, worker):
         return os.path.join(self._dir.name, f"worker{worker}.pt")
 
     def start(self, worker, *extra):
-        return subprocess.Popen(
+        process = subprocess.Popen(
             [sys.executable, WORKER_SCRIPT, f"--server={self.server}", f"--worker={worker}",
              f"--workers={WORKERS}", f"--steps={STEPS}", f"--session_file={self.session_file}",
              f"--out={self.out(worker)}", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self._processes.append(process)
+        return process
 
     def start_first(self):
         """Worker 0, once it has created the session."""
@@ -108,6 +111,11 @@ class Run:
         return final
 
     def close(self):
+        # A failed test leaves workers waiting for the others (or the wait file).
+        for process in self._processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
         self._dir.cleanup()
 
 

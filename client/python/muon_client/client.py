@@ -392,8 +392,8 @@ class MuonClient:
         yield pb.StepRequest(end=pb.StepEnd(param_indices=list(wire)))
 
     def _run_step(self, session: Session, step: int, wire: Mapping[int, bytes], *, lr, lr_scale,
-                  update_dtype, measure_orthogonality, retries, worker_id,
-                  update_content) -> StepResult:
+                  update_dtype, measure_orthogonality, retries, worker_id=0,
+                  update_content=None) -> StepResult:
         header = {"measure_orthogonality": measure_orthogonality, "worker_id": worker_id}
         if lr is not None:
             header["lr"] = float(lr)
