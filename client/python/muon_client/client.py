@@ -9,6 +9,11 @@ A step's updates are returned only after the server's summary, which is the
 commit: if the stream breaks first, nothing was applied on either side and the
 step is retried with the same step number (the server applies it exactly
 once).
+
+Parameter-server sessions (mode="parameter_server") hold the weights on the
+server: push_weights uploads them, each of num_workers workers sends every
+parameter's gradient with its worker_id, and each committed step returns the
+new weights (StepResult.weights). docs/parameter-server.md.
 """
 from __future__ import annotations
 
@@ -65,6 +70,9 @@ _SHAPE_SCALES = {
     "none": pb.SHAPE_SCALE_NONE,
 }
 _MOMENTUM_FORMS = {"ema": pb.MOMENTUM_FORM_EMA, "sum": pb.MOMENTUM_FORM_SUM}
+_MODES = {"updates": pb.SESSION_MODE_UPDATES,
+          "parameter_server": pb.SESSION_MODE_PARAMETER_SERVER}
+_CONTENTS = {"update": pb.UPDATE_CONTENT_UPDATE, "weights": pb.UPDATE_CONTENT_WEIGHTS}
 
 # Failures after which resending the same step is safe and may succeed.
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED}
@@ -164,12 +172,15 @@ def hyper_params(**hp) -> "pb.HyperParams":
 @dataclasses.dataclass
 class StepResult:
     """What a committed step returned: per parameter index, the update (fp32)
-    and the decay factor; apply W <- decay * W + update."""
+    and the decay factor; apply W <- decay * W + update. A parameter-server
+    step asked for weights (the default there) fills `weights`, the new
+    weights (fp32), instead of `updates` and `decay`."""
 
     step: int
     updates: Dict[int, np.ndarray]
     decay: Dict[int, float]
     summary: "pb.StepSummary"
+    weights: Dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 class Session:
@@ -186,11 +197,19 @@ class Session:
     def step(self, grads: Mapping[int, np.ndarray], *, lr_scale: Optional[float] = None,
              lr: Optional[float] = None, update_dtype: Optional[str] = None,
              measure_orthogonality: bool = False, retries: int = 3,
-             step_number: Optional[int] = None) -> StepResult:
+             step_number: Optional[int] = None, worker_id: int = 0,
+             update_content: Optional[str] = None) -> StepResult:
         """Runs the next step with these gradients (parameters left out keep
-        their state). Retries a broken stream up to `retries` times; raises
-        MuonServerError on a server error. `step_number` (default: the next)
-        may name the last committed step to have its updates replayed."""
+        their state). Retries a broken stream (and, in a parameter-server
+        session, a step that timed out waiting for other workers: ABORTED) up
+        to `retries` times; raises MuonServerError on a server error.
+        `step_number` (default: the next) may name the last committed step to
+        have its updates replayed.
+
+        Parameter-server sessions: `grads` must hold every parameter,
+        `worker_id` is this worker's id in [0, num_workers), and
+        `update_content` ("weights", the server's default there, or "update")
+        says what comes back. Leave `update_content` unset otherwise."""
         unknown = sorted(set(grads) - set(range(len(self.params))))
         if unknown:
             raise ValueError(f"parameter indices {unknown} are not in this session "
@@ -200,12 +219,21 @@ class Session:
         result = self._client._run_step(self, number, wire, lr=lr, lr_scale=lr_scale,
                                         update_dtype=update_dtype,
                                         measure_orthogonality=measure_orthogonality,
-                                        retries=retries)
+                                        retries=retries, worker_id=worker_id,
+                                        update_content=update_content)
         self.step_number = result.step
         return result
 
     def info(self) -> "pb.SessionInfo":
         return self._client.get_session(self.session_id, self.token)
+
+    def push_weights(self, weights: Mapping[int, np.ndarray], dtype: str = "float32") -> int:
+        """Parameter-server sessions: MuonClient.push_weights for this session."""
+        return self._client.push_weights(self, weights, dtype=dtype)
+
+    def pull_weights(self, indices: Iterable[int] = (), dtype: str = "float32"):
+        """Parameter-server sessions: MuonClient.pull_weights for this session."""
+        return self._client.pull_weights(self, indices, dtype=dtype)
 
     def delete(self) -> None:
         self._client.delete_session(self.session_id, self.token)
@@ -253,11 +281,16 @@ class MuonClient:
         self._channel.close()
 
     def create_session(self, params: Sequence[ParamSpec], *, name: str = "",
-                       adamw: Optional[Mapping[str, object]] = None, **hp) -> Session:
+                       adamw: Optional[Mapping[str, object]] = None, mode: str = "updates",
+                       num_workers: int = 1, **hp) -> Session:
         """Registers `params` with session-wide hyper-parameters `hp` (see
-        hyper_params) and AdamW-only ones `adamw`."""
+        hyper_params) and AdamW-only ones `adamw`. `mode` "parameter_server"
+        makes the server hold the weights (push them with push_weights), with
+        `num_workers` workers sending gradients each step."""
         request = pb.CreateSessionRequest(name=name, hyper_params=hyper_params(**hp),
-                                          adamw_hyper_params=hyper_params(**(adamw or {})))
+                                          adamw_hyper_params=hyper_params(**(adamw or {})),
+                                          mode=_lookup(_MODES, "session mode", mode),
+                                          num_workers=num_workers)
         for p in params:
             spec = request.params.add(name=p.name, shape=list(p.shape),
                                       dtype=_lookup(_DTYPES, "dtype", p.dtype))
@@ -299,6 +332,52 @@ class MuonClient:
         except grpc.RpcError as e:
             raise _error(e) from None
 
+    def push_weights(self, session: Session, weights: Mapping[int, np.ndarray],
+                     dtype: str = "float32") -> int:
+        """Parameter-server sessions: replaces the weights the server holds for
+        the parameters in `weights` ({index: array}), all at once and only if
+        every one is valid. Sent as `dtype`; the server keeps fp32. Returns the
+        session's step, which a push does not change."""
+        wire_dtype = _lookup(_DTYPES, "dtype", dtype)
+
+        def requests():
+            yield pb.PushWeightsRequest(header=pb.PushWeightsHeader(
+                session_id=session.session_id, token=session.token, dtype=wire_dtype))
+            for index, array in weights.items():
+                data = to_wire(array, dtype)
+                for offset in range(0, len(data), CHUNK_BYTES):
+                    yield pb.PushWeightsRequest(weights=pb.TensorChunk(
+                        param_index=index, offset=offset, dtype=wire_dtype,
+                        data=data[offset:offset + CHUNK_BYTES]))
+
+        try:
+            return self._stub.PushWeights(requests()).step
+        except grpc.RpcError as e:
+            raise _error(e) from None
+
+    def pull_weights(self, session: Session, indices: Iterable[int] = (),
+                     dtype: str = "float32"):
+        """Parameter-server sessions: the weights the server holds as of its
+        last committed step, as (step, {index: fp32 array}); `indices` empty:
+        every parameter. "float32" (the default) is exact: the server keeps fp32."""
+        request = pb.PullWeightsRequest(session_id=session.session_id, token=session.token,
+                                        param_indices=list(indices),
+                                        dtype=_lookup(_DTYPES, "dtype", dtype))
+        buffers: Dict[int, bytearray] = {}
+        dtypes: Dict[int, int] = {}
+        step = session.step_number
+        try:
+            for response in self._stub.PullWeights(request):
+                chunk = response.weights
+                buf = buffers.setdefault(chunk.param_index, bytearray(response.total_bytes))
+                buf[chunk.offset:chunk.offset + len(chunk.data)] = chunk.data
+                dtypes[chunk.param_index] = response.dtype
+                step = response.step
+        except grpc.RpcError as e:
+            raise _error(e) from None
+        return step, {i: from_wire(bytes(buf), dtypes[i], session.params[i].shape)
+                      for i, buf in buffers.items()}
+
     def _requests(self, session: Session, step: int, wire: Mapping[int, bytes], **header):
         yield pb.StepRequest(header=pb.StepHeader(session_id=session.session_id,
                                                   token=session.token, step=step, **header))
@@ -313,14 +392,17 @@ class MuonClient:
         yield pb.StepRequest(end=pb.StepEnd(param_indices=list(wire)))
 
     def _run_step(self, session: Session, step: int, wire: Mapping[int, bytes], *, lr, lr_scale,
-                  update_dtype, measure_orthogonality, retries) -> StepResult:
-        header = {"measure_orthogonality": measure_orthogonality}
+                  update_dtype, measure_orthogonality, retries, worker_id=0,
+                  update_content=None) -> StepResult:
+        header = {"measure_orthogonality": measure_orthogonality, "worker_id": worker_id}
         if lr is not None:
             header["lr"] = float(lr)
         if lr_scale is not None:
             header["lr_scale"] = float(lr_scale)
         if update_dtype is not None:
             header["update_dtype"] = _lookup(_DTYPES, "dtype", update_dtype)
+        if update_content is not None:
+            header["update_content"] = _lookup(_CONTENTS, "update content", update_content)
         attempt = 0
         while True:
             try:
@@ -337,16 +419,23 @@ class MuonClient:
         buffers: Dict[int, bytearray] = {}
         dtypes: Dict[int, int] = {}
         decay: Dict[int, float] = {}
+        weights = set()
         for response in self._stub.Step(self._requests(session, step, wire, **header)):
             if response.HasField("update"):
                 chunk = response.update
                 buf = buffers.setdefault(chunk.param_index, bytearray(chunk.total_bytes))
                 buf[chunk.offset:chunk.offset + len(chunk.data)] = chunk.data
                 dtypes[chunk.param_index] = chunk.dtype
-                decay[chunk.param_index] = chunk.decay
+                if chunk.content == pb.UPDATE_CONTENT_WEIGHTS:
+                    weights.add(chunk.param_index)
+                else:
+                    decay[chunk.param_index] = chunk.decay
             elif response.HasField("summary"):
                 summary = response.summary
-                updates = {i: from_wire(bytes(buf), dtypes[i], session.params[i].shape)
+                tensors = {i: from_wire(bytes(buf), dtypes[i], session.params[i].shape)
                            for i, buf in buffers.items()}
-                return StepResult(summary.step, updates, decay, summary)
+                return StepResult(summary.step,
+                                  {i: t for i, t in tensors.items() if i not in weights},
+                                  decay, summary,
+                                  {i: t for i, t in tensors.items() if i in weights})
         raise MuonServerError(grpc.StatusCode.INTERNAL, "step stream ended without a summary")

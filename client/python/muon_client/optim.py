@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import torch
 
-from .client import MuonClient, ParamSpec, Session, place
+from .client import MuonClient, ParamSpec, Session, pb, place
 
 _GROUP_HP = ("lr", "weight_decay", "momentum", "nesterov", "momentum_form", "ns_schedule",
              "ns_steps", "shape_scale", "betas", "eps")
@@ -43,6 +43,17 @@ class RemoteMuon(torch.optim.Optimizer):
     LR schedulers work: each step sends every group's current lr as a ratio to
     the lr the session was created with, which must be the same for all groups
     (true of the schedulers that scale every group by one factor).
+
+    mode="parameter_server": the server holds the weights and `workers`
+    processes train one model together (docs/parameter-server.md). One
+    server only. Worker 0 without session_id/token creates the session and
+    pushes its parameters as the initial weights; hand `opt.session_id` and
+    `opt.token` to the other workers, which attach with them and start from
+    the server's weights and step (pulled into their parameters; so does a
+    restarted worker). step() sends every parameter's gradient as this
+    `worker` (a parameter whose .grad is None sends zeros, which still moves
+    its momentum), waits until all workers' gradients are averaged and
+    applied, and copies the new weights (fp32, exact) into the parameters.
     """
 
     def __init__(self, params, server, lr: float = 0.02, momentum: float = 0.95,
@@ -51,7 +62,27 @@ class RemoteMuon(torch.optim.Optimizer):
                  adamw_lr: float = 3e-4, betas=(0.9, 0.999), eps: float = 1e-8,
                  wire_dtype: str = "float32", measure_orthogonality: bool = False,
                  root_certificates=None, certificate_chain=None, private_key=None,
-                 tls_server_name: Optional[str] = None):
+                 tls_server_name: Optional[str] = None, mode: str = "updates",
+                 worker: int = 0, workers: int = 1, session_id: Optional[str] = None,
+                 token: Optional[str] = None):
+        if mode not in ("updates", "parameter_server"):
+            raise ValueError(f"unknown mode {mode!r}; expected 'updates' or 'parameter_server'")
+        self._ps = mode == "parameter_server"
+        if self._ps:
+            if not isinstance(server, str) and len(server) != 1:
+                raise ValueError("parameter_server mode takes one server, not a list of "
+                                 f"{len(server)}")
+            if not 0 <= worker < workers:
+                raise ValueError(f"worker {worker} is not in [0, {workers})")
+            if (session_id is None) != (token is None):
+                raise ValueError("pass both session_id and token, or neither")
+            if session_id is None and worker != 0:
+                raise ValueError(f"worker {worker} needs the session_id and token of the "
+                                 "session worker 0 created")
+        elif session_id is not None or token is not None or worker != 0 or workers != 1:
+            raise ValueError("worker, workers, session_id and token are for "
+                             "mode='parameter_server' (updates mode: load_state_dict)")
+        self._worker = worker
         params = list(params)
         names = {}
         if params and not isinstance(params[0], dict):
@@ -80,13 +111,36 @@ class RemoteMuon(torch.optim.Optimizer):
         self._shards = [[] for _ in self._servers]
         for index, spec in enumerate(specs):
             self._shards[place(self._servers, spec.name)].append(index)
-        # A server that holds no parameter gets no session (None).
-        self._sessions = [client.create_session([specs[i] for i in shard]) if shard else None
-                          for client, shard in zip(self._clients, self._shards)]
         self._step = 0
+        if self._ps:
+            self._sessions = [self._parameter_server_session(specs, workers, session_id, token)]
+        else:
+            # A server that holds no parameter gets no session (None).
+            self._sessions = [client.create_session([specs[i] for i in shard]) if shard else None
+                              for client, shard in zip(self._clients, self._shards)]
         self._base_lr = [g["lr"] for g in self.param_groups]
         self._pool = ThreadPoolExecutor(max_workers=len(self._servers))
         self.last_summaries = []
+
+    @torch.no_grad()
+    def _parameter_server_session(self, specs, workers, session_id, token) -> Session:
+        client = self._clients[0]
+        if session_id is None:
+            session = client.create_session(specs, mode="parameter_server", num_workers=workers)
+            session.push_weights({i: p.detach().to("cpu", torch.float32).numpy()
+                                  for i, p in enumerate(self._order)})
+            return session
+        session = client.attach(session_id, token, specs)
+        info = session.info()
+        if info.mode != pb.SESSION_MODE_PARAMETER_SERVER or info.num_workers != workers:
+            raise ValueError(f"session {session_id} is not a parameter-server session of "
+                             f"{workers} workers (mode {info.mode}, {info.num_workers} workers)")
+        step, weights = session.pull_weights()
+        for i, w in weights.items():
+            self._order[i].copy_(torch.from_numpy(w))
+        session.step_number = step
+        self._step = step
+        return session
 
     def _specs(self, names) -> List[ParamSpec]:
         specs = []
@@ -115,6 +169,19 @@ class RemoteMuon(torch.optim.Optimizer):
         return self._sessions[0]
 
     @property
+    def session_id(self) -> str:
+        return self.session.session_id
+
+    @property
+    def token(self) -> str:
+        return self.session.token
+
+    @property
+    def step_number(self) -> int:
+        """The last committed step (in parameter-server mode, the server's)."""
+        return self._step
+
+    @property
     def last_summary(self):
         return self.last_summaries[0] if len(self.last_summaries) == 1 else None
 
@@ -139,6 +206,9 @@ class RemoteMuon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         lr_scale = self._lr_scale()
+        if self._ps:
+            self._parameter_server_step(lr_scale)
+            return loss
         calls = []
         for session, shard in zip(self._sessions, self._shards):
             if session is None:
@@ -171,6 +241,25 @@ class RemoteMuon(torch.optim.Optimizer):
         self.last_summaries = [r.summary for r in results]
         return loss
 
+    def _parameter_server_step(self, lr_scale):
+        grads = {}
+        for index, p in enumerate(self._order):
+            if p.grad is not None and p.grad.is_sparse:
+                raise RuntimeError("RemoteMuon does not support sparse gradients")
+            # The server needs every parameter from every worker.
+            g = torch.zeros_like(p) if p.grad is None else p.grad
+            grads[index] = g.detach().to("cpu", torch.float32).numpy()
+        # Weights come back in fp32 whatever the gradients' wire dtype, so
+        # every worker's parameters equal the server's exactly.
+        result = self.session.step(grads, lr_scale=lr_scale, measure_orthogonality=self._measure,
+                                   step_number=self._step + 1, worker_id=self._worker,
+                                   update_content="weights", update_dtype="float32")
+        for index, w in result.weights.items():
+            p = self._order[index]
+            p.copy_(torch.from_numpy(w).to(device=p.device, dtype=p.dtype))
+        self._step = result.step
+        self.last_summaries = [result.summary]
+
     def state_dict(self):
         # The optimizer state (momentum, moments) lives on the server(s): the
         # state dict names the sessions that hold it.
@@ -184,6 +273,9 @@ class RemoteMuon(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict):
+        if self._ps:
+            raise ValueError("parameter_server mode: construct RemoteMuon with session_id and "
+                             "token to attach; the server holds the weights and the step")
         remote = state_dict.get("remote")
         if remote is None:
             raise ValueError("not a RemoteMuon state dict (no 'remote' entry)")
