@@ -105,7 +105,7 @@ class ChartTest(unittest.TestCase):
         self.assertEqual(f["metrics_listen"], "0.0.0.0:9464")
         self.assertEqual(f["checkpoint_dir"], "/var/lib/muon/checkpoints")
         self.assertEqual(f["drain_timeout_seconds"], "45")
-        for absent in ("durability", "checkpoint_every", "tls_cert", "admin_token_file"):
+        for absent in ("durability", "checkpoint_every_steps", "tls_cert", "admin_token_file"):
             self.assertNotIn(absent, f)
         self.assertIn("preferredDuringSchedulingIgnoredDuringExecution",
                       sts["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"])
@@ -137,7 +137,7 @@ class ChartTest(unittest.TestCase):
         f = flags(docs)
         self.assertEqual(f["scheduler_threads"], "8")
         self.assertEqual(f["listen"], "0.0.0.0:6000")
-        self.assertEqual(f["checkpoint_every"], "100")
+        self.assertEqual(f["checkpoint_every_steps"], "100")
         self.assertEqual(f["admin_token_file"], "/etc/muon/admin/admin-token")
         dashboard = [c for c in docs["ConfigMap"] if c["metadata"]["name"].endswith("-dashboard")][0]
         self.assertEqual(json.loads(dashboard["data"]["muon-server.json"])["uid"], "muon-server")

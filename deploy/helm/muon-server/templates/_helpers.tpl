@@ -53,7 +53,7 @@ an extra flag given twice wins (absl keeps the last value).
 --durability={{ . }}
 {{- end }}
 {{- if $s.checkpointEvery }}
---checkpoint_every={{ $s.checkpointEvery | int64 }}
+--checkpoint_every_steps={{ $s.checkpointEvery | int64 }}
 {{- end }}
 {{- if .Values.tls.enabled }}
 --tls_cert=/etc/muon/tls/tls.crt
