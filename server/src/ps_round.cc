@@ -93,6 +93,21 @@ bool ParameterServerRounds::Leave(RoundWaiter* waiter) {
 absl::Status ParameterServerRounds::Contribute(uint64_t round_id, WorkerGradients gradients) {
   const std::vector<SessionParam>& params = session_->params();
   const uint32_t worker = gradients.worker;
+  // Decoded and checked before taking mu_, so workers do this in parallel;
+  // only the sum is serial.
+  std::vector<std::vector<float>> decoded(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    decoded[i].resize(static_cast<size_t>(NumElements(params[i].spec.shape)));
+    DecodeToFloat(params[i].spec.dtype, gradients.tensors[i].get(), decoded[i].size(),
+                  decoded[i].data());
+    gradients.tensors[i].reset();
+    if (!std::all_of(decoded[i].begin(), decoded[i].end(),
+                     [](float v) { return std::isfinite(v); })) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("parameter ", i, " ('", params[i].spec.name, "'): worker ", worker,
+                       "'s gradient contains NaN or Inf; nothing of it was added"));
+    }
+  }
   Gathered round;
   {
     absl::MutexLock lock(&mu_);
@@ -107,24 +122,10 @@ absl::Status ParameterServerRounds::Contribute(uint64_t round_id, WorkerGradient
           "worker ", worker, " sent step ", step_, " with a different lr or lr_scale than the "
           "workers before it; every worker of a step must send the same schedule values"));
     }
-    std::vector<float> decoded;
     for (size_t i = 0; i < params.size(); ++i) {
-      const size_t n = sums_[i].size();
-      decoded.resize(n);
-      DecodeToFloat(params[i].spec.dtype, gradients.tensors[i].get(), n, decoded.data());
-      if (!std::all_of(decoded.begin(), decoded.end(), [](float v) { return std::isfinite(v); })) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("parameter ", i, " ('", params[i].spec.name, "'): worker ", worker,
-                         "'s gradient contains NaN or Inf; nothing of it was added"));
-      }
-    }
-    // Checked first, added after: a rejected gradient leaves no trace.
-    for (size_t i = 0; i < params.size(); ++i) {
-      const size_t n = sums_[i].size();
-      decoded.resize(n);
-      DecodeToFloat(params[i].spec.dtype, gradients.tensors[i].get(), n, decoded.data());
       float* sum = sums_[i].data();
-      for (size_t j = 0; j < n; ++j) sum[j] += decoded[j];
+      const float* g = decoded[i].data();
+      for (size_t j = 0; j < decoded[i].size(); ++j) sum[j] += g[j];
     }
     contributed_[worker] = true;
     ++contributions_;

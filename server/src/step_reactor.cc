@@ -370,9 +370,15 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
       absl::MutexLock lock(&mu_);
       ++refs_;  // the round's, while this stream is registered with it
     }
+    // Set before joining, so that a cancel racing with the join leaves the
+    // round (Leave is a no-op for a stream it does not hold).
+    rounds_ = rounds;
     absl::StatusOr<ParameterServerRounds::Admission> admission =
         rounds->Join(header.step(), header.worker_id(), this);
-    if (!admission.ok() || admission->role == ParameterServerRounds::Role::kReplay) Unref();
+    if (!admission.ok() || admission->role == ParameterServerRounds::Role::kReplay) {
+      rounds_ = nullptr;
+      Unref();
+    }
     if (!admission.ok()) return admission.status();
     switch (admission->role) {
       case ParameterServerRounds::Role::kReplay:
@@ -380,14 +386,12 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
         reader_.Replay();
         return absl::OkStatus();
       case ParameterServerRounds::Role::kWait:
-        rounds_ = rounds;
         waiting_for_round_ = true;
         reader_.Replay();  // its chunks are ignored: they are in the round already
         return absl::OkStatus();
       case ParameterServerRounds::Role::kContribute:
         break;
     }
-    rounds_ = rounds;
     round_id_ = admission->round;
     std::vector<StepReader::Param> params;
     params.reserve(session_->params().size());
