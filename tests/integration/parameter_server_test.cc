@@ -5,8 +5,12 @@
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
+#include <signal.h>
+#include <stdlib.h>
+
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <memory>
 #include <random>
 #include <string>
@@ -294,6 +298,44 @@ TEST_F(ParameterServerTest, MissingWorkerFailsTheStepForAllAndChangesNothing) {
   for (const StepResult& r : AllWorkers(session, 1, two)) {
     EXPECT_TRUE(r.status.ok()) << r.status.error_message();
   }
+}
+
+TEST_F(ParameterServerTest, HeldWeightsSurviveKillNineUnderStrictDurability) {
+  char dir_template[] = "/tmp/muon-ps-ckpt-XXXXXX";
+  ASSERT_NE(mkdtemp(dir_template), nullptr);
+  const std::string dir = dir_template;
+  const std::vector<std::string> flags = {"--checkpoint_dir=" + dir, "--durability=strict"};
+  StartServer(flags);
+  const Model model = Fp32Model();
+  const SessionHandle session = Create(model, 2);
+  Weights expected = InitialWeights(model);
+  ASSERT_TRUE(Push(session, expected).ok());
+  Reference reference(model);
+  const std::vector<Tensors> step1 = {GridGradients(model, 11), GridGradients(model, 12)};
+  for (const StepResult& r : AllWorkers(session, 1, step1)) ASSERT_TRUE(r.status.ok());
+  ApplyReference(model, reference, Average(model, step1), expected);
+
+  server_->Signal(SIGKILL);
+  ASSERT_EQ(server_->WaitForExit(10), -SIGKILL);
+  StartServer(flags);
+  uint64_t step = 0;
+  const Weights restored = Pull(session, &step);
+  EXPECT_EQ(step, 1u);
+  ASSERT_EQ(restored.size(), model.specs.size()) << "the session was not restored";
+  for (uint32_t i = 0; i < model.specs.size(); ++i) {
+    EXPECT_TRUE(restored.at(i) == expected.at(i)) << "parameter " << i;
+  }
+  // The optimizer state came back too: the next step equals the reference's.
+  const std::vector<Tensors> step2 = {GridGradients(model, 21), GridGradients(model, 22)};
+  for (const StepResult& r : AllWorkers(session, 2, step2)) ASSERT_TRUE(r.status.ok());
+  ApplyReference(model, reference, Average(model, step2), expected);
+  const Weights after = Pull(session);
+  ASSERT_EQ(after.size(), model.specs.size());
+  for (uint32_t i = 0; i < model.specs.size(); ++i) {
+    EXPECT_TRUE(after.at(i) == expected.at(i)) << "parameter " << i;
+  }
+  std::error_code ignored;
+  std::filesystem::remove_all(dir, ignored);
 }
 
 TEST_F(ParameterServerTest, BadParameterServerStepsAreRejected) {
