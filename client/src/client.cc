@@ -232,7 +232,7 @@ absl::StatusOr<std::vector<v1::SessionCheckpoint>> Client::Checkpoint(
 
 absl::StatusOr<StepResult> Client::Step(const SessionHandle& session, uint64_t step,
                                         absl::Span<const Gradient> gradients,
-                                        const StepOptions& options) {
+                                        const StepCallOptions& options) {
   absl::flat_hash_set<uint32_t> seen;
   for (const Gradient& g : gradients) {
     if (!seen.insert(g.param_index).second) {
@@ -260,7 +260,7 @@ absl::StatusOr<StepResult> Client::Step(const SessionHandle& session, uint64_t s
 
 absl::StatusOr<StepResult> Client::StepOnce(const SessionHandle& session, uint64_t step,
                                             absl::Span<const Gradient> gradients,
-                                            const StepOptions& options) {
+                                            const StepCallOptions& options) {
   grpc::ClientContext context;
   Prepare(&context, options.timeout);
   std::unique_ptr<grpc::ClientReaderWriter<v1::StepRequest, v1::StepResponse>> stream =

@@ -428,7 +428,7 @@ int Bench(Client& client) {
   };
 
   std::mt19937_64 rng(7);
-  StepOptions options;
+  StepCallOptions options;
   options.measure_orthogonality = absl::GetFlag(FLAGS_measure_orthogonality);
   options.timeout = absl::GetFlag(FLAGS_step_timeout);
   Samples wall, receive, queue, compute, send, total, ortho;
@@ -546,7 +546,7 @@ int Load(Client& client) {
       for (int i = 0; i < steps && !stop && absl::Now() < deadline; ++i) {
         const std::vector<Gradient> grads = source.Draw(rng);
         const absl::Time t0 = absl::Now();
-        StepOptions options;
+        StepCallOptions options;
         options.timeout = hard_deadline - t0;
         options.worker_id = worker;
         absl::StatusOr<StepResult> r = client.Step(w.session, w.next_step, grads, options);

@@ -75,7 +75,7 @@ absl::StatusOr<ShardedSession> ShardedClient::CreateSession(
 
 absl::StatusOr<ShardedStepResult> ShardedClient::Step(ShardedSession& session, uint64_t step,
                                                       absl::Span<const Gradient> gradients,
-                                                      const StepOptions& options) {
+                                                      const StepCallOptions& options) {
   // Where each of the request's parameters lives: (shard, local index).
   std::vector<std::pair<size_t, uint32_t>> where;
   for (size_t k = 0; k < session.global_index.size(); ++k) {

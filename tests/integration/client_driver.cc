@@ -31,7 +31,7 @@ std::unique_ptr<Client> NewClient(const ServerProcess& server, size_t chunk_byte
 }
 
 StepResult ClientStep(Client* client, const SessionHandle& session, uint64_t step,
-                      const Tensors& grads, const muon::StepOptions& options) {
+                      const Tensors& grads, const muon::StepCallOptions& options) {
   std::vector<Gradient> gradients;
   for (const auto& [index, bytes] : grads) {
     Gradient g;

@@ -19,7 +19,7 @@ std::unique_ptr<Client> NewClient(const ServerProcess& server, size_t chunk_byte
 // One step through the client: the updates it hands out (only after the
 // summary) and the summary; status carries the client's final error.
 StepResult ClientStep(Client* client, const SessionHandle& session, uint64_t step,
-                      const Tensors& grads, const muon::StepOptions& options = {});
+                      const Tensors& grads, const muon::StepCallOptions& options = {});
 
 }  // namespace muon::testing
 

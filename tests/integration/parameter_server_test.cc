@@ -150,7 +150,7 @@ class ParameterServerTest : public ::testing::Test {
     for (size_t w = 0; w < grads.size(); ++w) {
       threads.emplace_back([&, w] {
         auto client = NewClient(*server_, 1000, attempts);
-        muon::StepOptions options;
+        muon::StepCallOptions options;
         options.worker_id = static_cast<uint32_t>(w);
         results[w] = ClientStep(client.get(), session, step, grads[w], options);
       });
@@ -226,7 +226,7 @@ TEST_F(ParameterServerTest, ThreeWorkersEqualOneWorkerFeedingTheAverage) {
 
   // A worker resending the committed step is answered from the cache.
   auto client = NewClient(*server_);
-  muon::StepOptions options;
+  muon::StepCallOptions options;
   options.worker_id = 1;
   StepResult replay = ClientStep(client.get(), session, 4, GridGradients(model, 999), options);
   ASSERT_TRUE(replay.status.ok()) << replay.status.error_message();
@@ -245,7 +245,7 @@ TEST_F(ParameterServerTest, WorkerThatBreaksMidStepAndResendsGivesTheSameResult)
   // Worker 1's first stream breaks after a few chunks; worker 0 waits.
   std::thread worker0([&] {
     auto client = NewClient(*server_);
-    muon::StepOptions options;
+    muon::StepCallOptions options;
     options.worker_id = 0;
     StepResult r = ClientStep(client.get(), session, 1, grads[0], options);
     EXPECT_TRUE(r.status.ok()) << r.status.error_message();
@@ -260,7 +260,7 @@ TEST_F(ParameterServerTest, WorkerThatBreaksMidStepAndResendsGivesTheSameResult)
   EXPECT_FALSE(RunStep(stub_.get(), broken).status.ok());
 
   auto client = NewClient(*server_);
-  muon::StepOptions options;
+  muon::StepCallOptions options;
   options.worker_id = 1;
   StepResult resent = ClientStep(client.get(), session, 1, grads[1], options);
   worker0.join();
@@ -343,7 +343,7 @@ TEST_F(ParameterServerTest, BadParameterServerStepsAreRejected) {
   const Model model = SmallModel();
   const SessionHandle session = Create(model, 2);
   auto client = NewClient(*server_);
-  muon::StepOptions options;
+  muon::StepCallOptions options;
   options.worker_id = 2;
   Tensors grads = GridGradients(model, 1);
   StepResult r = ClientStep(client.get(), session, 1, grads, options);

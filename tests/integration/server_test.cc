@@ -104,7 +104,7 @@ class ServerTest : public ::testing::Test {
   // One whole step through the real client (chunks, StepEnd, retries,
   // updates held until the summary).
   StepResult Good(const std::string& session, uint64_t step, const Tensors& grads,
-                  const muon::StepOptions& options = {}) {
+                  const muon::StepCallOptions& options = {}) {
     SessionHandle handle = handles_[session];
     handle.id = session;
     return ClientStep(client_.get(), handle, step, grads, options);
@@ -159,7 +159,7 @@ TEST_F(ServerTest, FullStepsThroughTheClientEqualTheCpuEngineBitForBit) {
   Reference reference(model);
   for (uint64_t step = 1; step <= 3; ++step) {
     const Tensors grads = RandomGradients(model, 200 + step);
-    muon::StepOptions options;
+    muon::StepCallOptions options;
     options.measure_orthogonality = true;
     if (step == 3) options.lr_scale = 0.5;
     StepResult got = Good(session, step, grads, options);

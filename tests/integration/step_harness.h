@@ -18,8 +18,7 @@
 #include "muon/kernels/types.h"
 #include "muon/v1/optimizer.grpc.pb.h"
 
-// kernels/engine.h and client/client.h both declare muon::StepOptions, so no
-// file may include both: this header names the engine only by declaration.
+// Only step_harness.cc needs the engine's definition.
 namespace muon {
 class Engine;
 }  // namespace muon

@@ -128,7 +128,7 @@ struct Gradient {
   v1::DType dtype = v1::DTYPE_UNSPECIFIED;
 };
 
-struct StepOptions {
+struct StepCallOptions {
   // This step's learning rate for every parameter (an LR schedule); unset:
   // each parameter's configured lr.
   std::optional<double> lr{};
@@ -202,7 +202,7 @@ class Client {
   // REQUIRES: no other Step of the same session is in flight.
   absl::StatusOr<StepResult> Step(const SessionHandle& session, uint64_t step,
                                   absl::Span<const Gradient> gradients,
-                                  const StepOptions& options = {});
+                                  const StepCallOptions& options = {});
 
   // The session with its parameters, resolved hyper-parameters and step.
   absl::StatusOr<v1::SessionInfo> GetSession(const SessionHandle& session);
@@ -231,7 +231,7 @@ class Client {
   // One attempt of Step: one stream.
   absl::StatusOr<StepResult> StepOnce(const SessionHandle& session, uint64_t step,
                                       absl::Span<const Gradient> gradients,
-                                      const StepOptions& options);
+                                      const StepCallOptions& options);
 
   const ClientOptions options_;
   const std::shared_ptr<grpc::Channel> channel_;

@@ -62,7 +62,7 @@ class ShardedClient {
   // success.
   absl::StatusOr<ShardedStepResult> Step(ShardedSession& session, uint64_t step,
                                          absl::Span<const Gradient> gradients,
-                                         const StepOptions& options = {});
+                                         const StepCallOptions& options = {});
 
   absl::Status DeleteSession(const ShardedSession& session);
 
