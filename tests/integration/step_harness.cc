@@ -82,7 +82,12 @@ v1::CreateSessionRequest CreateRequest(const Model& model, const std::string& na
 }
 
 Reference::Reference(const Model& model) : specs_(model.specs) {
-  engine_ = *CreateCpuEngine({});
+  // The server's default BLAS thread count: OpenBLAS chooses its kernels
+  // (small-matrix paths on AVX-512 machines among them) by thread count, so
+  // bit equality needs the same count on both sides.
+  EngineOptions options;
+  options.blas_threads = 1;
+  engine_ = *CreateCpuEngine(options);
   for (const ParamSpec& s : specs_) ids_.push_back(*engine_->Register(s));
 }
 
