@@ -90,19 +90,43 @@ bool ParameterServerRounds::Leave(RoundWaiter* waiter) {
   return true;
 }
 
+namespace {
+
+// Gradients are decoded a block at a time into a small buffer: a worker
+// never holds a second, fp32 copy of its whole gradient.
+constexpr size_t kDecodeBlock = 4096;
+
+bool AllFinite(DType dtype, const std::byte* bytes, size_t count) {
+  float block[kDecodeBlock];
+  const size_t width = DTypeSize(dtype);
+  for (size_t start = 0; start < count; start += kDecodeBlock) {
+    const size_t n = std::min(kDecodeBlock, count - start);
+    DecodeToFloat(dtype, bytes + start * width, n, block);
+    if (!std::all_of(block, block + n, [](float v) { return std::isfinite(v); })) return false;
+  }
+  return true;
+}
+
+void AddDecoded(DType dtype, const std::byte* bytes, size_t count, float* sum) {
+  float block[kDecodeBlock];
+  const size_t width = DTypeSize(dtype);
+  for (size_t start = 0; start < count; start += kDecodeBlock) {
+    const size_t n = std::min(kDecodeBlock, count - start);
+    DecodeToFloat(dtype, bytes + start * width, n, block);
+    for (size_t j = 0; j < n; ++j) sum[start + j] += block[j];
+  }
+}
+
+}  // namespace
+
 absl::Status ParameterServerRounds::Contribute(uint64_t round_id, WorkerGradients gradients) {
   const std::vector<SessionParam>& params = session_->params();
   const uint32_t worker = gradients.worker;
-  // Decoded and checked before taking mu_, so workers do this in parallel;
-  // only the sum is serial.
-  std::vector<std::vector<float>> decoded(params.size());
+  // Checked before taking mu_, so workers do this in parallel; only the sum
+  // is serial.
   for (size_t i = 0; i < params.size(); ++i) {
-    decoded[i].resize(static_cast<size_t>(NumElements(params[i].spec.shape)));
-    DecodeToFloat(params[i].spec.dtype, gradients.tensors[i].get(), decoded[i].size(),
-                  decoded[i].data());
-    gradients.tensors[i].reset();
-    if (!std::all_of(decoded[i].begin(), decoded[i].end(),
-                     [](float v) { return std::isfinite(v); })) {
+    if (!AllFinite(params[i].spec.dtype, gradients.tensors[i].get(),
+                   static_cast<size_t>(NumElements(params[i].spec.shape)))) {
       return absl::InvalidArgumentError(
           absl::StrCat("parameter ", i, " ('", params[i].spec.name, "'): worker ", worker,
                        "'s gradient contains NaN or Inf; nothing of it was added"));
@@ -123,9 +147,8 @@ absl::Status ParameterServerRounds::Contribute(uint64_t round_id, WorkerGradient
           "workers before it; every worker of a step must send the same schedule values"));
     }
     for (size_t i = 0; i < params.size(); ++i) {
-      float* sum = sums_[i].data();
-      const float* g = decoded[i].data();
-      for (size_t j = 0; j < decoded[i].size(); ++j) sum[j] += g[j];
+      AddDecoded(params[i].spec.dtype, gradients.tensors[i].get(), sums_[i].size(),
+                 sums_[i].data());
     }
     contributed_[worker] = true;
     ++contributions_;
@@ -148,6 +171,7 @@ absl::Status ParameterServerRounds::Contribute(uint64_t round_id, WorkerGradient
     round.bytes_received = bytes_received_;
     round.start = start_;
   }
+  gradients.tensors.clear();
   // The last worker's thread does the step; the others' streams wait.
   const uint64_t step = round.step;
   absl::StatusOr<Computed> computed = Compute(std::move(round));
