@@ -119,6 +119,7 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Create(const ClientOptions& opti
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
   if (!options.tls.server_name.empty()) args.SetSslTargetNameOverride(options.tls.server_name);
+  if (options.dedicated_connection) args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   auto channel = grpc::CreateCustomChannel(options.target, *credentials, args);
   return std::unique_ptr<Client>(new Client(options, std::move(channel)));
 }

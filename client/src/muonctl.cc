@@ -93,7 +93,8 @@ Commands:
   bench --model=NAME --steps=N [--session=ID --keep]
                                     steps/s, bytes/s, latency by phase
   load --clients=K --steps=S [--workers=W] [--model=small] [--duration_limit=60s]
-                                    K concurrent sessions; p50/p99 step latency
+                                    K concurrent sessions, one connection per
+                                    client and worker; p50/p99 step latency
   coefficients --schedule=NAME --steps=N
                                     Newton-Schulz (a, b, c) per step; no server
 
@@ -108,8 +109,9 @@ int Fail(const absl::Status& status) {
   return 1;
 }
 
-absl::StatusOr<std::unique_ptr<Client>> Connect() {
+absl::StatusOr<std::unique_ptr<Client>> Connect(bool dedicated_connection = false) {
   ClientOptions options;
+  options.dedicated_connection = dedicated_connection;
   options.target = absl::GetFlag(FLAGS_server);
   options.bearer_token = absl::GetFlag(FLAGS_admin_token);
   options.tls.ca_file = absl::GetFlag(FLAGS_tls_ca);
@@ -541,6 +543,14 @@ int Load(Client& client) {
       const int c = t / workers;
       const uint32_t worker = static_cast<uint32_t>(t % workers);
       Outcome& out = outcomes[t];
+      // Each its own connection, as separate training processes would have.
+      absl::StatusOr<std::unique_ptr<Client>> connected = Connect(/*dedicated_connection=*/true);
+      if (!connected.ok()) {
+        out.status = connected.status();
+        stop = true;
+        return;
+      }
+      Client& own = **connected;
       Workload w = sessions[c];
       std::mt19937_64 rng(1000 + t);
       for (int i = 0; i < steps && !stop && absl::Now() < deadline; ++i) {
@@ -549,7 +559,7 @@ int Load(Client& client) {
         StepCallOptions options;
         options.timeout = hard_deadline - t0;
         options.worker_id = worker;
-        absl::StatusOr<StepResult> r = client.Step(w.session, w.next_step, grads, options);
+        absl::StatusOr<StepResult> r = own.Step(w.session, w.next_step, grads, options);
         if (!r.ok()) {
           if (r.status().code() == absl::StatusCode::kDeadlineExceeded &&
               absl::Now() >= hard_deadline) {
@@ -565,7 +575,7 @@ int Load(Client& client) {
         ++w.next_step;
       }
       if (worker != 0) return;  // worker 0 deletes the shared session
-      absl::Status deleted = client.DeleteSession(w.session);
+      absl::Status deleted = own.DeleteSession(w.session);
       if (deleted.code() == absl::StatusCode::kFailedPrecondition && out.cut_off > 0) {
         // The server is still computing the cancelled step.
         absl::FPrintF(stderr,

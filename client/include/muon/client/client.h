@@ -101,6 +101,10 @@ struct ClientOptions {
   // Largest message the client accepts. Default 64 MiB (the server sends
   // update chunks of --update_chunk_bytes, 1 MiB by default).
   int max_receive_message_bytes = 64 << 20;
+  // gRPC shares one connection among the channels of a process that name the
+  // same target with the same settings. True: this client opens its own, as
+  // a separate process would (several workers in one process, load tests).
+  bool dedicated_connection = false;
 };
 
 // What names a session on every call. Returned by CreateSession; a session
