@@ -1,5 +1,6 @@
 // muon-server: flags (and MUON_* environment variables), signals, main.
 
+#include <malloc.h>
 #include <signal.h>
 
 #include <cstdio>
@@ -29,6 +30,11 @@ ABSL_FLAG(int, blas_threads, 1,
           "CPU engine: OpenBLAS threads per call; 0: OpenBLAS's default (OPENBLAS_NUM_THREADS, "
           "else one per core). Sessions already run in parallel on --scheduler_threads; raise it "
           "for one large session on an otherwise idle machine. Env MUON_BLAS_THREADS.");
+ABSL_FLAG(int, malloc_arenas, 2,
+          "glibc malloc arenas; 0: glibc's default (MALLOC_ARENA_MAX, else 8 per core). Steps "
+          "allocate large buffers on one gRPC thread and free them on another; with an arena "
+          "per thread much of the freed memory stays resident (docs/operations.md). Env "
+          "MUON_MALLOC_ARENAS.");
 ABSL_FLAG(int, max_sessions, 1024, "Sessions at once. Env MUON_MAX_SESSIONS.");
 ABSL_FLAG(int, max_params_per_session, 100000,
           "Parameters per session. Env MUON_MAX_PARAMS_PER_SESSION.");
@@ -106,6 +112,7 @@ bool FlagsFromEnv() {
          FromEnv(&FLAGS_memory_budget_bytes, "MUON_MEMORY_BUDGET_BYTES") &&
          FromEnv(&FLAGS_device, "MUON_DEVICE") &&
          FromEnv(&FLAGS_blas_threads, "MUON_BLAS_THREADS") &&
+         FromEnv(&FLAGS_malloc_arenas, "MUON_MALLOC_ARENAS") &&
          FromEnv(&FLAGS_max_sessions, "MUON_MAX_SESSIONS") &&
          FromEnv(&FLAGS_max_params_per_session, "MUON_MAX_PARAMS_PER_SESSION") &&
          FromEnv(&FLAGS_max_bytes_per_session, "MUON_MAX_BYTES_PER_SESSION") &&
@@ -178,6 +185,16 @@ int main(int argc, char** argv) {
       "Flags may also be set by MUON_<FLAG> environment variables.");
   if (!FlagsFromEnv()) return 2;
   absl::ParseCommandLine(argc, argv);
+  // Before any thread starts: arenas are made as threads first allocate.
+  const int arenas = absl::GetFlag(FLAGS_malloc_arenas);
+  if (arenas < 0) {
+    std::cerr << "muon-server: --malloc_arenas=" << arenas << " must be >= 0 (0: glibc's default)\n";
+    return 2;
+  }
+  if (arenas > 0 && mallopt(M_ARENA_MAX, arenas) != 1) {
+    std::cerr << "muon-server: glibc refused --malloc_arenas=" << arenas << "\n";
+    return 2;
+  }
 
   // Block the stop signals in every thread; main waits for them below.
   sigset_t stop_signals;

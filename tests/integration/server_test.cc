@@ -973,6 +973,8 @@ TEST(ServerConfigTest, EnvironmentSetsFlagsAndBadFlagsStopStartUp) {
   setenv("MUON_MAX_SESSIONS", "many", 1);
   EXPECT_FALSE(ServerProcess::Start().ok());
   unsetenv("MUON_MAX_SESSIONS");
+  EXPECT_FALSE(ServerProcess::Start({"--malloc_arenas=-1"}).ok());
+  EXPECT_TRUE(ServerProcess::Start({"--malloc_arenas=0"}).ok());
 }
 
 TEST(ServerRobustnessTest, GarbageNeverCrashesTheServer) {
