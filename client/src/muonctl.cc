@@ -67,6 +67,9 @@ ABSL_FLAG(int, clients, 4, "load: concurrent sessions, one thread each.");
 ABSL_FLAG(int, workers, 1,
           "load: workers per session; above 1, each session is a PARAMETER_SERVER session whose "
           "workers (one thread each) send every step together.");
+ABSL_FLAG(bool, parameter_server, false,
+          "load: PARAMETER_SERVER sessions even with one worker (the single-worker baseline of "
+          "a parameter-server capacity run).");
 ABSL_FLAG(absl::Duration, duration_limit, absl::Seconds(60),
           "load: stop starting new steps after this long.");
 ABSL_FLAG(absl::Duration, timeout, absl::Seconds(30), "Deadline of each unary call.");
@@ -92,7 +95,8 @@ Commands:
   checkpoint [--session=ID]         write checkpoints on the server
   bench --model=NAME --steps=N [--session=ID --keep]
                                     steps/s, bytes/s, latency by phase
-  load --clients=K --steps=S [--workers=W] [--model=small] [--duration_limit=60s]
+  load --clients=K --steps=S [--workers=W] [--parameter_server] [--model=small]
+       [--duration_limit=60s]
                                     K concurrent sessions, one connection per
                                     client and worker; p50/p99 step latency
   coefficients --schedule=NAME --steps=N
@@ -527,7 +531,7 @@ int Load(Client& client) {
     absl::StatusOr<v1::CreateSessionRequest> request =
         PresetRequest(model, absl::StrCat(absl::GetFlag(FLAGS_name), "-", c));
     if (!request.ok()) return Fail(request.status());
-    if (workers > 1) {
+    if (workers > 1 || absl::GetFlag(FLAGS_parameter_server)) {
       request->set_mode(v1::SESSION_MODE_PARAMETER_SERVER);
       request->set_num_workers(static_cast<uint32_t>(workers));
     }
@@ -602,8 +606,12 @@ int Load(Client& client) {
   }
   // A parameter-server step is one per session, whatever its workers.
   const int done = latency.count() / workers;
-  absl::PrintF("clients: %d, workers: %d, model %s, %d steps done of %d in %.3f s%s\n", clients,
-               workers, model, done, clients * steps, elapsed,
+  // As the server reports the sessions it made.
+  const bool parameter_server =
+      sessions[0].session.info.mode() == v1::SESSION_MODE_PARAMETER_SERVER;
+  absl::PrintF("clients: %d, workers: %d%s, model %s, %d steps done of %d in %.3f s%s\n", clients,
+               workers, parameter_server ? " (parameter server)" : "", model, done,
+               clients * steps, elapsed,
                absl::Now() >= deadline ? " (duration limit reached)" : "");
   if (cut_off > 0) {
     absl::PrintF("cut off: %d steps still running %s after the duration limit were cancelled\n",

@@ -317,6 +317,24 @@ TEST_F(MuonctlTest, LoadRunsEveryStepOfEveryClientAndDeletesTheSessions) {
   EXPECT_THAT(listed.out, Not(HasSubstr("name=cli-load-")));
 }
 
+TEST_F(MuonctlTest, LoadStepsParameterServerSessionsWithEveryWorker) {
+  for (const std::vector<std::string>& flags :
+       {std::vector<std::string>{"--workers=3"},
+        std::vector<std::string>{"--workers=1", "--parameter_server"}}) {
+    std::vector<std::string> args = {"load", "--clients=2", "--steps=3", "--name=cli-ps-load",
+                                     "--duration_limit=600s"};
+    args.insert(args.end(), flags.begin(), flags.end());
+    const Outcome run = Ctl(args);
+    ASSERT_EQ(run.exit_code, 0) << Describe(run);
+    EXPECT_THAT(run.out, HasSubstr("clients: 2, workers: " + flags[0].substr(10) +
+                                   " (parameter server), model small, 6 steps done of 6 in "));
+    EXPECT_THAT(run.out, Not(HasSubstr("cut off")));
+  }
+  const Outcome listed = Ctl({"session", "list"});
+  ASSERT_EQ(listed.exit_code, 0) << Describe(listed);
+  EXPECT_THAT(listed.out, Not(HasSubstr("name=cli-ps-load-")));
+}
+
 TEST_F(MuonctlTest, LoadReportsTheServersErrorAndExitsNonZero) {
   // The server refuses a negative learning rate at CreateSession.
   const Outcome run = Ctl({"load", "--clients=2", "--steps=1", "--lr=-1", "--name=cli-bad-load"});
