@@ -5,6 +5,7 @@
 # checkpoint/kill -9 test against the CUDA engine.
 #
 #   bench/gpu/load_check.sh [BUNDLE]      (default BUNDLE: .gpu)
+#   MUON_LOAD_WORKERS="1 2" bench/gpu/load_check.sh   (other worker counts)
 #
 # Make the bundle here and pack it (the OpenBLAS in it is large):
 #   ninja -C build muon-server muonctl muon_durability_test
@@ -20,9 +21,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 export MUON_BUILD=$bundle MUON_LOAD_SERVER_FLAGS=--engine=cuda
 status=0
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-for workers in 1 2 4 8 16; do
+for workers in ${MUON_LOAD_WORKERS:-1 2 4 8 16}; do
   echo "== parameter server, gpt2-small, $workers worker(s), fp32 wire"
-  bench/load.sh --clients=1 --workers=$workers --model=gpt2-small --steps=10 \
+  bench/load.sh --clients=1 --workers=$workers --parameter_server --model=gpt2-small --steps=10 \
     --duration_limit=150s 2>&1 | grep -E "clients:|throughput|latency|RSS after" || status=1
 done
 echo "== 16 clients x 200 steps, small"
