@@ -23,8 +23,16 @@ echo "server RSS before load: $(rss) kB"
 ( while kill -0 "$server" 2>/dev/null; do echo "$(date +%s.%N) $(rss)"; sleep 0.5; done ) \
   >"$dir/rss" &
 sampler=$!
-"$build/bin/muonctl" load --server="127.0.0.1:$(cat "$dir/port")" "${args[@]}"
+load_status=0
+"$build/bin/muonctl" load --server="127.0.0.1:$(cat "$dir/port")" "${args[@]}" || load_status=$?
 kill "$sampler"
+if ! kill -0 "$server" 2>/dev/null; then
+  wait "$server" && server_status=0 || server_status=$?
+  echo "muon-server exited during the load (status $server_status); its log:"
+  cat "$dir/server.log"
+  exit 1
+fi
 echo "server RSS after load: $(rss) kB"
 echo "RSS samples (kB), every 0.5 s:"
 awk '{print $2}' "$dir/rss" | paste -sd' '
+exit "$load_status"

@@ -299,6 +299,51 @@ TEST_F(ParameterServerTest, WorkerThatBreaksMidStepAndResendsGivesTheSameResult)
   ExpectSameStep(Pull(session), initial, expected, initial, "after the resend");
 }
 
+TEST_F(ParameterServerTest, NonFiniteGradientIsRefusedAndNothingOfItIsAdded) {
+  StartServer();
+  // An extra fp32 Muon parameter of 6144 elements: the NaN lies past the
+  // first block the server checks at a time.
+  Model model = Fp32Model();
+  model.params.push_back(model.params[0]);
+  model.params.back().set_name("big");
+  model.params.back().clear_shape();
+  model.params.back().add_shape(96);
+  model.params.back().add_shape(64);
+  model.specs.push_back(model.specs[0]);
+  model.specs.back().name = "big";
+  model.specs.back().shape = {96, 64};
+  const uint32_t big = static_cast<uint32_t>(model.specs.size() - 1);
+  const SessionHandle session = Create(model, 2);
+  Weights expected = InitialWeights(model);
+  ASSERT_TRUE(Push(session, expected).ok());
+  const std::vector<Tensors> grads = {GridGradients(model, 31), GridGradients(model, 32)};
+
+  std::thread worker0([&] {
+    auto client = NewClient(*server_);
+    muon::StepCallOptions options;
+    options.worker_id = 0;
+    StepResult r = ClientStep(client.get(), session, 1, grads[0], options);
+    EXPECT_TRUE(r.status.ok()) << r.status.error_message();
+  });
+  Tensors bad = grads[1];
+  const float nan = std::nanf("");
+  std::memcpy(bad.at(big).data() + 5000 * sizeof(float), &nan, sizeof(float));
+  auto client = NewClient(*server_);
+  muon::StepCallOptions options;
+  options.worker_id = 1;
+  StepResult refused = ClientStep(client.get(), session, 1, bad, options);
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(refused.status.error_message(), HasSubstr("'big'): worker 1's gradient contains NaN"));
+  StepResult resent = ClientStep(client.get(), session, 1, grads[1], options);
+  worker0.join();
+  ASSERT_TRUE(resent.status.ok()) << resent.status.error_message();
+
+  const Weights initial = expected;
+  Reference reference(model);
+  ApplyReference(model, reference, Average(model, grads), expected);
+  ExpectSameStep(Pull(session), initial, expected, initial, "after the refused gradient");
+}
+
 TEST_F(ParameterServerTest, MissingWorkerFailsTheStepForAllAndChangesNothing) {
   StartServer({"--worker_timeout_seconds=1"});
   const Model model = SmallModel();
