@@ -120,6 +120,13 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Create(const ClientOptions& opti
   args.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
   if (!options.tls.server_name.empty()) args.SetSslTargetNameOverride(options.tls.server_name);
   if (options.dedicated_connection) args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  // After a failed connect gRPC waits 1 s before trying again and fails every
+  // call at once meanwhile, so Step's retries (retry_backoff, doubling) would
+  // all fail on one bad connect. Debian's gRPC 1.51 reports a loopback connect
+  // as failed now and then (it reads connect's errno after other calls).
+  const int64_t reconnect_ms =
+      std::max<int64_t>(1, absl::ToInt64Milliseconds(options.retry_backoff));
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, static_cast<int>(reconnect_ms));
   auto channel = grpc::CreateCustomChannel(options.target, *credentials, args);
   return std::unique_ptr<Client>(new Client(options, std::move(channel)));
 }

@@ -263,7 +263,11 @@ class MuonClient:
                  server_name: Optional[str] = None, admin_token: str = ""):
         if (certificate_chain is None) != (private_key is None):
             raise ValueError("mutual TLS needs both certificate_chain and private_key")
-        options = [("grpc.max_receive_message_length", 8 << 20)]
+        # gRPC waits 1 s before reconnecting after a failed connect and fails
+        # every call meanwhile; the step retries (retry_backoff, doubling)
+        # must meet a fresh attempt.
+        options = [("grpc.max_receive_message_length", 8 << 20),
+                   ("grpc.initial_reconnect_backoff_ms", max(1, int(retry_backoff * 1000)))]
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
         if channel is None and (tls or root_certificates is not None

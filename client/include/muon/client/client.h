@@ -93,7 +93,8 @@ struct ClientOptions {
   // (a broken connection, a draining server), ABORTED (the server had not
   // yet torn down the previous, broken stream) and DATA_LOSS. Default 4.
   int max_step_attempts = 4;
-  // Wait before the first retry; doubles at every further retry.
+  // Wait before the first retry; doubles at every further retry. Also the
+  // channel's first reconnect delay after a failed connect.
   absl::Duration retry_backoff = absl::Milliseconds(50);
   // Deadline of each unary call (CreateSession, GetSession, ...).
   // absl::InfiniteDuration() for none.
