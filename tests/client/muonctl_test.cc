@@ -312,6 +312,8 @@ TEST_F(MuonctlTest, LoadRunsEveryStepOfEveryClientAndDeletesTheSessions) {
   EXPECT_THAT(run.out, HasSubstr("throughput: "));
   EXPECT_THAT(run.out, HasSubstr("step latency: p50 "));
   EXPECT_THAT(run.out, HasSubstr(" ms, p99 "));
+  EXPECT_THAT(run.out, HasSubstr("server, p50: gradients in "));
+  EXPECT_THAT(run.out, Not(HasSubstr("committed 0.000 ms"))) << "server timings not collected";
   const Outcome listed = Ctl({"session", "list"});
   ASSERT_EQ(listed.exit_code, 0) << Describe(listed);
   EXPECT_THAT(listed.out, Not(HasSubstr("name=cli-load-")));
