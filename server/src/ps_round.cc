@@ -1,8 +1,11 @@
 #include "ps_round.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <iostream>
+#include <string>
+#include <thread>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -19,7 +22,8 @@ ParameterServerRounds::ParameterServerRounds(Session* session, Engine* engine,
       engine_(engine),
       registry_(registry),
       options_(options),
-      num_workers_(session->num_workers()) {}
+      num_workers_(session->num_workers()),
+      sum_mu_(new absl::Mutex[session->params().size()]) {}
 
 absl::StatusOr<ParameterServerRounds::Admission> ParameterServerRounds::Join(uint64_t step,
                                                                              uint32_t worker,
@@ -53,6 +57,7 @@ absl::StatusOr<ParameterServerRounds::Admission> ParameterServerRounds::Join(uin
     deadline_ = start_ + options_.worker_timeout;
     contributed_.assign(num_workers_, false);
     contributions_ = 0;
+    adding_.assign(num_workers_, false);
     formats_.assign(num_workers_, ReplyFormat{});
     lr_.reset();
     lr_scale_.reset();
@@ -70,7 +75,7 @@ absl::StatusOr<ParameterServerRounds::Admission> ParameterServerRounds::Join(uin
           step, "; retry once that stream has ended"));
     }
   }
-  const bool contribute = !contributed_[worker] && !computing_;
+  const bool contribute = !contributed_[worker] && !adding_[worker] && !computing_;
   waiting_.push_back({waiter, worker, contribute});
   return Admission{contribute ? Role::kContribute : Role::kWait, nullptr, round_};
 }
@@ -83,7 +88,7 @@ bool ParameterServerRounds::Leave(RoundWaiter* waiter) {
   waiting_.erase(it);
   // A round nobody contributed to and nobody waits on holds the session
   // for nothing: give it back now rather than at the timeout.
-  if (open_ && !computing_ && contributions_ == 0 && waiting_.empty()) {
+  if (open_ && !computing_ && contributions_ == 0 && adders_ == 0 && waiting_.empty()) {
     CloseRoundLocked();
     session_->AbortRound();
   }
@@ -95,6 +100,10 @@ namespace {
 // Gradients are decoded a block at a time into a small buffer: a worker
 // never holds a second, fp32 copy of its whole gradient.
 constexpr size_t kDecodeBlock = 4096;
+
+// A reply is encoded on up to this many threads, one per this many bytes.
+constexpr int64_t kMaxEncodeThreads = 8;
+constexpr int64_t kEncodeBytesPerThread = int64_t{32} << 20;
 
 bool AllFinite(DType dtype, const std::byte* bytes, size_t count) {
   float block[kDecodeBlock];
@@ -122,8 +131,7 @@ void AddDecoded(DType dtype, const std::byte* bytes, size_t count, float* sum) {
 absl::Status ParameterServerRounds::Contribute(uint64_t round_id, WorkerGradients gradients) {
   const std::vector<SessionParam>& params = session_->params();
   const uint32_t worker = gradients.worker;
-  // Checked before taking mu_, so workers do this in parallel; only the sum
-  // is serial.
+  // All checked before anything is added, so a refused gradient adds nothing.
   for (size_t i = 0; i < params.size(); ++i) {
     if (!AllFinite(params[i].spec.dtype, gradients.tensors[i].get(),
                    static_cast<size_t>(NumElements(params[i].spec.shape)))) {
@@ -132,7 +140,7 @@ absl::Status ParameterServerRounds::Contribute(uint64_t round_id, WorkerGradient
                        "'s gradient contains NaN or Inf; nothing of it was added"));
     }
   }
-  Gathered round;
+  std::vector<std::vector<float>>* sums = nullptr;
   {
     absl::MutexLock lock(&mu_);
     if (!open_ || round_ != round_id || computing_) {
@@ -140,21 +148,35 @@ absl::Status ParameterServerRounds::Contribute(uint64_t round_id, WorkerGradient
           "step ", step_, " of session ", session_->id(),
           " was abandoned (a worker timed out) before these gradients arrived; send it again"));
     }
-    if (contributed_[worker]) return absl::OkStatus();
-    if (contributions_ > 0 && (gradients.lr != lr_ || gradients.lr_scale != lr_scale_)) {
+    if (contributed_[worker] || adding_[worker]) return absl::OkStatus();
+    if (contributions_ + adders_ > 0 && (gradients.lr != lr_ || gradients.lr_scale != lr_scale_)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "worker ", worker, " sent step ", step_, " with a different lr or lr_scale than the "
           "workers before it; every worker of a step must send the same schedule values"));
     }
-    for (size_t i = 0; i < params.size(); ++i) {
-      AddDecoded(params[i].spec.dtype, gradients.tensors[i].get(), sums_[i].size(),
-                 sums_[i].data());
-    }
+    lr_ = gradients.lr;
+    lr_scale_ = gradients.lr_scale;
+    adding_[worker] = true;
+    ++adders_;
+    sums = &sums_;
+  }
+  // Each worker starts at its own parameter, so that workers arriving
+  // together mostly add different parameters.
+  const size_t n = params.size();
+  for (size_t k = 0; k < n; ++k) {
+    const size_t i = (k + worker) % n;
+    absl::MutexLock lock(&sum_mu_[i]);
+    AddDecoded(params[i].spec.dtype, gradients.tensors[i].get(), (*sums)[i].size(),
+               (*sums)[i].data());
+  }
+  Gathered round;
+  {
+    absl::MutexLock lock(&mu_);
+    adding_[worker] = false;
+    --adders_;
     contributed_[worker] = true;
     ++contributions_;
     formats_[worker] = gradients.format;
-    lr_ = gradients.lr;
-    lr_scale_ = gradients.lr_scale;
     measure_orthogonality_ = measure_orthogonality_ || gradients.measure_orthogonality;
     bytes_received_ += gradients.bytes_received;
     for (Waiting& w : waiting_) {
@@ -206,6 +228,7 @@ std::vector<std::pair<RoundWaiter*, uint32_t>> ParameterServerRounds::CloseRound
   sums_.clear();
   contributed_.clear();
   contributions_ = 0;
+  adding_.clear();
   return waiters;
 }
 
@@ -215,7 +238,8 @@ void ParameterServerRounds::ExpireIfLate(absl::Time now) {
   uint64_t step = 0;
   {
     absl::MutexLock lock(&mu_);
-    if (!open_ || computing_ || now < deadline_) return;
+    // Adders finish soon, and hold sums_: the next tick expires the round.
+    if (!open_ || computing_ || adders_ > 0 || now < deadline_) return;
     std::vector<uint32_t> absent;
     for (uint32_t w = 0; w < num_workers_; ++w) {
       if (!contributed_[w]) absent.push_back(w);
@@ -358,29 +382,56 @@ absl::StatusOr<ParameterServerRounds::Computed> ParameterServerRounds::Compute(G
 std::vector<std::shared_ptr<const v1::StepResponse>> ParameterServerRounds::Responses(
     const ReplyFormat& format, const std::vector<std::vector<float>>& weights,
     const std::vector<std::vector<float>>& updates, const std::vector<double>& decay) const {
-  std::vector<std::shared_ptr<const v1::StepResponse>> out;
   const std::vector<SessionParam>& params = session_->params();
   const bool send_weights = format.content != v1::UPDATE_CONTENT_UPDATE;
-  std::vector<std::byte> bytes;
-  for (size_t i = 0; i < params.size(); ++i) {
+  std::vector<std::vector<std::shared_ptr<const v1::StepResponse>>> by_param(params.size());
+  auto encode = [&](size_t i) {
     const DType dtype = format.dtype.value_or(params[i].spec.dtype);
     const std::vector<float>& values = send_weights ? weights[i] : updates[i];
-    bytes.resize(values.size() * DTypeSize(dtype));
-    EncodeFromFloat(dtype, values.data(), values.size(), bytes.data());
-    const int64_t total = static_cast<int64_t>(bytes.size());
-    for (int64_t offset = 0; offset < total; offset += options_.chunk_bytes) {
+    const int64_t width = static_cast<int64_t>(DTypeSize(dtype));
+    const int64_t total = static_cast<int64_t>(values.size()) * width;
+    // Whole elements per chunk, so that each chunk is encoded on its own,
+    // straight into its message.
+    const int64_t chunk_bytes = std::max(width, options_.chunk_bytes / width * width);
+    for (int64_t offset = 0; offset < total; offset += chunk_bytes) {
+      const int64_t size = std::min(chunk_bytes, total - offset);
       auto response = std::make_shared<v1::StepResponse>();
       v1::UpdateChunk* chunk = response->mutable_update();
       chunk->set_param_index(static_cast<uint32_t>(i));
       chunk->set_offset(static_cast<uint64_t>(offset));
-      chunk->set_data(reinterpret_cast<const char*>(bytes.data()) + offset,
-                      static_cast<size_t>(std::min(options_.chunk_bytes, total - offset)));
+      std::string* data = chunk->mutable_data();
+      data->resize(static_cast<size_t>(size));
+      EncodeFromFloat(dtype, values.data() + offset / width, static_cast<size_t>(size / width),
+                      reinterpret_cast<std::byte*>(data->data()));
       chunk->set_dtype(DTypeToProto(dtype));
       chunk->set_decay(send_weights ? 1.0 : decay[i]);
       chunk->set_total_bytes(static_cast<uint64_t>(total));
       chunk->set_content(send_weights ? v1::UPDATE_CONTENT_WEIGHTS : v1::UPDATE_CONTENT_UPDATE);
-      out.push_back(std::move(response));
+      by_param[i].push_back(std::move(response));
     }
+  };
+  int64_t reply_bytes = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    reply_bytes += NumElements(params[i].spec.shape) *
+                   static_cast<int64_t>(DTypeSize(format.dtype.value_or(params[i].spec.dtype)));
+  }
+  // Every worker waits for this (0.5 GB for GPT-2 small in fp32): large
+  // replies are encoded on several threads, a parameter at a time.
+  const size_t threads = static_cast<size_t>(
+      std::min<int64_t>({kMaxEncodeThreads, static_cast<int64_t>(params.size()),
+                         1 + reply_bytes / kEncodeBytesPerThread}));
+  std::atomic<size_t> next{0};
+  auto work = [&] {
+    for (size_t i = next++; i < params.size(); i = next++) encode(i);
+  };
+  std::vector<std::thread> helpers;
+  for (size_t t = 1; t < threads; ++t) helpers.emplace_back(work);
+  work();
+  for (std::thread& t : helpers) t.join();
+
+  std::vector<std::shared_ptr<const v1::StepResponse>> out;
+  for (auto& chunks : by_param) {
+    for (auto& r : chunks) out.push_back(std::move(r));
   }
   return out;
 }

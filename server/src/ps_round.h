@@ -85,9 +85,9 @@ class ParameterServerRounds {
   // not be called); false when its RoundDone has been or is being called.
   bool Leave(RoundWaiter* waiter);
 
-  // Adds a worker's gradients to `round` (from its Join). The last of the W
-  // computes and commits the step on the calling thread and calls every
-  // waiter. InvalidArgument when they disagree with the round's (lr,
+  // Adds a worker's gradients to `round` (from its Join); workers add in
+  // parallel, each parameter under its own lock. The last of the W computes
+  // and commits the step on the calling thread and calls every waiter. InvalidArgument when they disagree with the round's (lr,
   // lr_scale) or hold NaN/Inf; Aborted when the round is gone (timed out).
   absl::Status Contribute(uint64_t round, WorkerGradients gradients);
 
@@ -146,14 +146,20 @@ class ParameterServerRounds {
   absl::Time deadline_ ABSL_GUARDED_BY(mu_);
   std::vector<bool> contributed_ ABSL_GUARDED_BY(mu_);
   uint32_t contributions_ ABSL_GUARDED_BY(mu_) = 0;
+  // Workers adding their gradients into sums_ outside mu_. While any is,
+  // the round is neither closed nor computed, so sums_ stays in place.
+  std::vector<bool> adding_ ABSL_GUARDED_BY(mu_);
+  uint32_t adders_ ABSL_GUARDED_BY(mu_) = 0;
   std::vector<ReplyFormat> formats_ ABSL_GUARDED_BY(mu_);
   std::optional<double> lr_ ABSL_GUARDED_BY(mu_);
   std::optional<double> lr_scale_ ABSL_GUARDED_BY(mu_);
   bool measure_orthogonality_ ABSL_GUARDED_BY(mu_) = false;
   int64_t bytes_received_ ABSL_GUARDED_BY(mu_) = 0;
   // Sum of the contributed gradients, fp32, by parameter; the average once
-  // computing.
+  // computing. The vectors are made and taken under mu_; their elements are
+  // added to under sum_mu_[i], so workers add different parameters at once.
   std::vector<std::vector<float>> sums_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<absl::Mutex[]> sum_mu_;
   std::vector<Waiting> waiting_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -214,7 +214,8 @@ void ApplyReference(const Model& model, Reference& reference, const Tensors& gra
 }
 
 TEST_F(ParameterServerTest, ThreeWorkersEqualOneWorkerFeedingTheAverage) {
-  StartServer();
+  // Replies in several chunks per parameter, of a size no dtype divides.
+  StartServer({"--update_chunk_bytes=1030"});
   const Model model = Fp32Model();
   const SessionHandle session = Create(model, 3);
   Weights expected = InitialWeights(model);
