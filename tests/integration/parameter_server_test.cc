@@ -160,6 +160,19 @@ class ParameterServerTest : public ::testing::Test {
     return results;
   }
 
+  // One worker's step in a thread of its own, which must succeed; `grads`
+  // must outlive the thread.
+  std::thread StepExpectingOk(const SessionHandle& session, uint64_t step, uint32_t worker,
+                              const Tensors& grads) {
+    return std::thread([this, session, step, worker, &grads] {
+      auto client = NewClient(*server_);
+      muon::StepCallOptions options;
+      options.worker_id = worker;
+      StepResult r = ClientStep(client.get(), session, step, grads, options);
+      EXPECT_TRUE(r.status.ok()) << "worker " << worker << ": " << r.status.error_message();
+    });
+  }
+
   std::unique_ptr<ServerProcess> server_;
   std::unique_ptr<v1::Optimizer::Stub> stub_;
 };
@@ -270,13 +283,7 @@ TEST_F(ParameterServerTest, WorkerThatBreaksMidStepAndResendsGivesTheSameResult)
   const std::vector<Tensors> grads = {GridGradients(model, 1), GridGradients(model, 2)};
 
   // Worker 1's first stream breaks after a few chunks; worker 0 waits.
-  std::thread worker0([&] {
-    auto client = NewClient(*server_);
-    muon::StepCallOptions options;
-    options.worker_id = 0;
-    StepResult r = ClientStep(client.get(), session, 1, grads[0], options);
-    EXPECT_TRUE(r.status.ok()) << r.status.error_message();
-  });
+  std::thread worker0 = StepExpectingOk(session, 1, 0, grads[0]);
   StepCall broken;
   broken.header.set_session_id(session.id);
   broken.header.set_token(session.token);
@@ -319,13 +326,7 @@ TEST_F(ParameterServerTest, NonFiniteGradientIsRefusedAndNothingOfItIsAdded) {
   ASSERT_TRUE(Push(session, expected).ok());
   const std::vector<Tensors> grads = {GridGradients(model, 31), GridGradients(model, 32)};
 
-  std::thread worker0([&] {
-    auto client = NewClient(*server_);
-    muon::StepCallOptions options;
-    options.worker_id = 0;
-    StepResult r = ClientStep(client.get(), session, 1, grads[0], options);
-    EXPECT_TRUE(r.status.ok()) << r.status.error_message();
-  });
+  std::thread worker0 = StepExpectingOk(session, 1, 0, grads[0]);
   Tensors bad = grads[1];
   const float nan = std::nanf("");
   std::memcpy(bad.at(big).data() + 5000 * sizeof(float), &nan, sizeof(float));
