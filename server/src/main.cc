@@ -188,7 +188,8 @@ int main(int argc, char** argv) {
   // Before any thread starts: arenas are made as threads first allocate.
   const int arenas = absl::GetFlag(FLAGS_malloc_arenas);
   if (arenas < 0) {
-    std::cerr << "muon-server: --malloc_arenas=" << arenas << " must be >= 0 (0: glibc's default)\n";
+    std::cerr << "muon-server: --malloc_arenas=" << arenas
+              << " must be >= 0 (0: glibc's default)\n";
     return 2;
   }
   if (arenas > 0 && mallopt(M_ARENA_MAX, arenas) != 1) {

@@ -105,25 +105,31 @@ constexpr size_t kDecodeBlock = 4096;
 constexpr int64_t kMaxEncodeThreads = 8;
 constexpr int64_t kEncodeBytesPerThread = int64_t{32} << 20;
 
-bool AllFinite(DType dtype, const std::byte* bytes, size_t count) {
+// Calls fn(first_index, block, n) over `count` values decoded kDecodeBlock at
+// a time; stops early when fn returns false. False when it stopped early.
+template <typename Fn>
+bool ForEachDecodedBlock(DType dtype, const std::byte* bytes, size_t count, Fn fn) {
   float block[kDecodeBlock];
   const size_t width = DTypeSize(dtype);
   for (size_t start = 0; start < count; start += kDecodeBlock) {
     const size_t n = std::min(kDecodeBlock, count - start);
     DecodeToFloat(dtype, bytes + start * width, n, block);
-    if (!std::all_of(block, block + n, [](float v) { return std::isfinite(v); })) return false;
+    if (!fn(start, block, n)) return false;
   }
   return true;
 }
 
+bool AllFinite(DType dtype, const std::byte* bytes, size_t count) {
+  return ForEachDecodedBlock(dtype, bytes, count, [](size_t, const float* block, size_t n) {
+    return std::all_of(block, block + n, [](float v) { return std::isfinite(v); });
+  });
+}
+
 void AddDecoded(DType dtype, const std::byte* bytes, size_t count, float* sum) {
-  float block[kDecodeBlock];
-  const size_t width = DTypeSize(dtype);
-  for (size_t start = 0; start < count; start += kDecodeBlock) {
-    const size_t n = std::min(kDecodeBlock, count - start);
-    DecodeToFloat(dtype, bytes + start * width, n, block);
-    for (size_t j = 0; j < n; ++j) sum[start + j] += block[j];
-  }
+  ForEachDecodedBlock(dtype, bytes, count, [sum](size_t first, const float* block, size_t n) {
+    for (size_t j = 0; j < n; ++j) sum[first + j] += block[j];
+    return true;
+  });
 }
 
 }  // namespace

@@ -87,8 +87,9 @@ class ParameterServerRounds {
 
   // Adds a worker's gradients to `round` (from its Join); workers add in
   // parallel, each parameter under its own lock. The last of the W computes
-  // and commits the step on the calling thread and calls every waiter. InvalidArgument when they disagree with the round's (lr,
-  // lr_scale) or hold NaN/Inf; Aborted when the round is gone (timed out).
+  // and commits the step on the calling thread and calls every waiter.
+  // InvalidArgument when they disagree with the round's (lr, lr_scale) or
+  // hold NaN/Inf; Aborted when the round is gone (timed out).
   absl::Status Contribute(uint64_t round, WorkerGradients gradients);
 
   // Fails the round when its workers did not all arrive by its deadline.
