@@ -257,7 +257,8 @@ void ParameterServerRounds::ExpireIfLate(absl::Time now) {
   }
   const absl::Status status = absl::AbortedError(absl::StrCat(
       "step ", step, " of session ", session_->id(), " waited ",
-      absl::FormatDuration(options_.worker_timeout), " (--worker_timeout_seconds) for worker(s) ", missing,
+      absl::FormatDuration(options_.worker_timeout),
+      " (--worker_timeout_seconds) for worker(s) ", missing,
       " and was abandoned; nothing was applied. Every worker must send step ", step, " again"));
   std::cerr << "muon-server: " << status.message() << std::endl;
   for (const auto& [waiter, worker] : waiters) waiter->RoundDone(status);

@@ -335,7 +335,8 @@ TEST_F(ParameterServerTest, NonFiniteGradientIsRefusedAndNothingOfItIsAdded) {
   options.worker_id = 1;
   StepResult refused = ClientStep(client.get(), session, 1, bad, options);
   EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-  EXPECT_THAT(refused.status.error_message(), HasSubstr("'big'): worker 1's gradient contains NaN"));
+  EXPECT_THAT(refused.status.error_message(),
+              HasSubstr("'big'): worker 1's gradient contains NaN"));
   StepResult resent = ClientStep(client.get(), session, 1, grads[1], options);
   worker0.join();
   ASSERT_TRUE(resent.status.ok()) << resent.status.error_message();
