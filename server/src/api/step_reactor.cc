@@ -291,7 +291,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
     options.measure_orthogonality = measure_orthogonality_;
     absl::StatusOr<std::unique_ptr<StepTransaction>> txn = env_->engine->BeginStep(options);
     absl::MutexLock lock(&mu_);
-    admitted_ = true;  // ReleaseLocked undoes the admission from here on
+    lease_ = std::move(admission->lease);  // ReleaseLocked aborts the step from here on
     if (!txn.ok()) return txn.status();
     txn_ = std::move(*txn);
     std::vector<StepReader::Param> params;
@@ -660,8 +660,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
     {
       absl::MutexLock lock(&mu_);
       compute_running_ = false;
-      session_->CommitStep(header_.worker_id(), record);
-      admitted_ = false;
+      lease_.CommitStep(header_.worker_id(), record);
       if (!durable.ok()) {
         FailLocked(durable, &actions);
         TryFinishLocked(&actions);  // a stream that failed earlier waited for the release
@@ -765,10 +764,9 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
   // Discards the transaction and frees the session for the next step.
   // REQUIRES: no compute running on txn_.
   void ReleaseLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (!admitted_) return;
+    if (!lease_.held()) return;
     txn_.reset();
-    session_->AbortStep(header_.worker_id());
-    admitted_ = false;
+    lease_.Release();
   }
 
   void NextWriteLocked(Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -785,7 +783,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
 
   // Finishes once everything queued is written and the session is released.
   void TryFinishLocked(Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (!finish_requested_ || finished_ || writing_ || probing_ || admitted_) return;
+    if (!finish_requested_ || finished_ || writing_ || probing_ || lease_.held()) return;
     if (!failed_ && !writes_.empty()) return;
     finished_ = true;
     actions->finish = failed_ ? ToGrpcStatus(status_) : grpc::Status::OK;
@@ -823,7 +821,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
 
   absl::Mutex mu_;
   int refs_ ABSL_GUARDED_BY(mu_) = 1;  // gRPC's, until OnDone; +1 per pool task
-  bool admitted_ ABSL_GUARDED_BY(mu_) = false;
+  Lease lease_ ABSL_GUARDED_BY(mu_);  // held from a new step's admission to its end
   bool compute_running_ ABSL_GUARDED_BY(mu_) = false;
   std::deque<Ready> ready_ ABSL_GUARDED_BY(mu_);
   bool ended_ ABSL_GUARDED_BY(mu_) = false;

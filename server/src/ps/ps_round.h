@@ -138,6 +138,8 @@ class ParameterServerRounds {
 
   absl::Mutex mu_;
   bool open_ ABSL_GUARDED_BY(mu_) = false;
+  // The session's in-flight slot, held while a round is open.
+  Lease lease_ ABSL_GUARDED_BY(mu_);
   // Counts rounds opened, so a contribution for an abandoned round is not
   // added to its successor of the same step.
   uint64_t round_ ABSL_GUARDED_BY(mu_) = 0;

@@ -76,7 +76,10 @@ absl::Status Session::CheckToken(absl::string_view token) const {
   return absl::OkStatus();
 }
 
-Session::~Session() = default;
+Session::~Session() {
+  // A round may hold the slot; its lease ends while mu_ still exists.
+  rounds_.reset();
+}
 
 absl::StatusOr<Session::Admission> Session::AdmitStep(uint64_t step, uint32_t worker) {
   {
@@ -87,24 +90,36 @@ absl::StatusOr<Session::Admission> Session::AdmitStep(uint64_t step, uint32_t wo
           absl::StrCat("step numbers start at 1; session ", id_, " expects step ", step_ + 1));
     }
     if (step == step_ + 1) {
-      if (in_flight_) {
-        return absl::AbortedError(
-            absl::StrCat("session ", id_, " already has step ", step,
-                         " in flight on another stream; retry once that stream has ended"));
-      }
-      in_flight_ = true;
-      return Admission{};
+      if (holder_.has_value()) return BusyError();
+      holder_ = LeasePurpose::kStep;
+      return Admission{nullptr, Lease(this, LeasePurpose::kStep)};
     }
     if (step > step_) return AheadError(step);
   }
   MUON_ASSIGN_OR_RETURN(std::shared_ptr<const StepRecord> record, Recorded(step, worker));
-  return Admission{std::move(record)};
+  return Admission{std::move(record), Lease()};
 }
 
 absl::Status Session::AheadError(uint64_t step) const {
   return absl::FailedPreconditionError(absl::StrCat("step ", step, " is ahead of session ", id_,
                                                     ": its last committed step is ", step_,
                                                     ", so the expected step is ", step_ + 1));
+}
+
+absl::Status Session::BusyError() const {
+  switch (*holder_) {
+    case LeasePurpose::kStep:
+    case LeasePurpose::kRound:
+      return absl::AbortedError(absl::StrCat("session ", id_, " already has step ", step_ + 1,
+                                             " in flight on another stream; retry once it ends"));
+    case LeasePurpose::kWeightsUpload:
+      return absl::AbortedError(
+          absl::StrCat("session ", id_, " is having its weights uploaded; retry once it ends"));
+    case LeasePurpose::kCheckpoint:
+      break;
+  }
+  return absl::AbortedError(
+      absl::StrCat("session ", id_, " is being checkpointed; retry once it ends"));
 }
 
 absl::StatusOr<std::shared_ptr<const StepRecord>> Session::Recorded(uint64_t step,
@@ -122,77 +137,43 @@ void Session::set_rounds(std::unique_ptr<ParameterServerRounds> rounds) {
   rounds_ = std::move(rounds);
 }
 
-absl::Status Session::BeginRound() {
+absl::StatusOr<Lease> Session::TryLease(LeasePurpose purpose) {
   absl::MutexLock lock(&mu_);
   if (deleted_) return absl::NotFoundError(absl::StrCat("session ", id_, " was deleted"));
-  if (in_flight_) {
-    return absl::AbortedError(absl::StrCat(
-        "session ", id_, " is being checkpointed or its weights uploaded; retry the step"));
-  }
-  in_flight_ = true;
-  return absl::OkStatus();
+  if (holder_.has_value()) return BusyError();
+  holder_ = purpose;
+  return Lease(this, purpose);
 }
 
-void Session::CommitRound(uint64_t step, std::vector<std::shared_ptr<const StepRecord>> records) {
+absl::StatusOr<Lease> Session::AwaitLease(absl::Duration wait) {
   absl::MutexLock lock(&mu_);
-  step_ = step;
-  last_ = std::move(records);
-  last_.resize(num_workers_);
-  last_step_time_ = absl::Now();
-  in_flight_ = false;
-}
-
-void Session::AbortRound() {
-  absl::MutexLock lock(&mu_);
-  in_flight_ = false;
-}
-
-void Session::CommitStep(uint32_t worker, std::shared_ptr<const StepRecord> record) {
-  absl::MutexLock lock(&mu_);
-  step_ = record->step;
-  last_[worker] = std::move(record);
-  last_step_time_ = absl::Now();
-  in_flight_ = false;
-}
-
-void Session::AbortStep(uint32_t /*worker*/) {
-  absl::MutexLock lock(&mu_);
-  in_flight_ = false;
-}
-
-absl::Status Session::BeginWeightsUpload() {
-  absl::MutexLock lock(&mu_);
-  if (deleted_) return absl::NotFoundError(absl::StrCat("session ", id_, " was deleted"));
-  if (in_flight_) {
-    return absl::AbortedError(
-        absl::StrCat("session ", id_, " has a step or upload in flight; retry once it ends"));
-  }
-  in_flight_ = true;
-  return absl::OkStatus();
-}
-
-void Session::EndWeightsUpload() {
-  absl::MutexLock lock(&mu_);
-  in_flight_ = false;
-}
-
-absl::Status Session::Hold(absl::Duration wait) {
-  absl::MutexLock lock(&mu_);
-  auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !in_flight_ || deleted_; };
+  auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return !holder_.has_value() || deleted_;
+  };
   mu_.AwaitWithTimeout(absl::Condition(&idle), wait);
   if (deleted_) return absl::NotFoundError(absl::StrCat("session ", id_, " was deleted"));
-  if (in_flight_) {
+  if (holder_.has_value()) {
     return absl::DeadlineExceededError(
-        absl::StrCat("session ", id_, " had a step in flight for ", absl::FormatDuration(wait),
-                     "; retry once its step has ended"));
+        absl::StrCat("session ", id_, " stayed busy for ", absl::FormatDuration(wait), " (",
+                     BusyError().message(), ")"));
   }
-  in_flight_ = true;
-  return absl::OkStatus();
+  holder_ = LeasePurpose::kCheckpoint;
+  return Lease(this, LeasePurpose::kCheckpoint);
 }
 
-void Session::Release() {
+void Session::EndLease() {
   absl::MutexLock lock(&mu_);
-  in_flight_ = false;
+  holder_.reset();
+}
+
+void Session::EndLeaseCommitted(
+    uint64_t step,
+    absl::FunctionRef<void(std::vector<std::shared_ptr<const StepRecord>>&)> update) {
+  absl::MutexLock lock(&mu_);
+  step_ = step;
+  update(last_);
+  last_step_time_ = absl::Now();
+  holder_.reset();
 }
 
 Session::Snapshot Session::TakeSnapshot() const {
@@ -213,9 +194,9 @@ void Session::set_durable(bool durable) {
 absl::Status Session::MarkDeleted() {
   absl::MutexLock lock(&mu_);
   if (deleted_) return absl::NotFoundError(absl::StrCat("session ", id_, " was deleted"));
-  if (in_flight_) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "session ", id_, " has step ", step_ + 1, " in flight; delete it once the step has ended"));
+  if (holder_.has_value()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cannot delete: ", BusyError().message()));
   }
   deleted_ = true;
   return absl::OkStatus();
@@ -484,11 +465,10 @@ absl::StatusOr<v1::SessionCheckpoint> SessionRegistry::Checkpoint(Session& sessi
     return absl::FailedPreconditionError(
         "this server has no checkpoint directory; start it with --checkpoint_dir=DIR");
   }
-  MUON_RETURN_IF_ERROR(session.Hold(wait));
+  MUON_ASSIGN_OR_RETURN(Lease lease, session.AwaitLease(wait));
   absl::StatusOr<v1::SessionCheckpoint> written =
       durability_.store->Write(session, session.TakeSnapshot(), *engine_);
   if (written.ok()) session.set_durable(true);
-  session.Release();
   return written;
 }
 

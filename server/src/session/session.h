@@ -3,17 +3,20 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
+#include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "muon/kernels/engine.h"
 #include "muon/server/server.h"
 #include "muon/v1/optimizer.pb.h"
+#include "session/lease.h"
 
 namespace muon::server {
 
@@ -57,7 +60,7 @@ struct SessionInit {
 };
 
 // A session: immutable configuration plus its step counter, the in-flight
-// flag and the last step's record. Thread-safe.
+// slot (lease.h) and the last step's record. Thread-safe.
 class Session {
  public:
   explicit Session(SessionInit init);
@@ -81,44 +84,30 @@ class Session {
   struct Admission {
     // Set for a retry of the last committed step: replay these responses.
     std::shared_ptr<const StepRecord> replay;
+    // Held for a new step (step == committed + 1): commit it with
+    // lease.CommitStep, or let it go to abort.
+    Lease lease;
   };
-  // A new step (step == committed + 1) marks the session in flight: the
-  // caller must then call CommitStep or AbortStep exactly once.
   // FailedPrecondition for a step ahead of or too far behind the session
-  // (naming the expected step); Aborted while another step is in flight;
-  // NotFound once deleted.
+  // (naming the expected step); Aborted while the slot is held; NotFound
+  // once deleted.
   absl::StatusOr<Admission> AdmitStep(uint64_t step, uint32_t worker);
-  // REQUIRES: a new step admitted for `worker`, its transaction committed.
-  void CommitStep(uint32_t worker, std::shared_ptr<const StepRecord> record);
-  // REQUIRES: a new step admitted for `worker`, its transaction destroyed.
-  void AbortStep(uint32_t worker);
+
+  // The in-flight slot for `purpose` (a round, a weights upload), now.
+  // Aborted (naming the holder) while it is held; NotFound once deleted.
+  absl::StatusOr<Lease> TryLease(LeasePurpose purpose);
+  // The slot for a checkpoint, waiting up to `wait` for the holder to end:
+  // while held, the engine state is the committed step's. DeadlineExceeded
+  // when the session stayed busy; NotFound once deleted.
+  absl::StatusOr<Lease> AwaitLease(absl::Duration wait);
 
   // PARAMETER_SERVER mode -------------------------------------------------
   // The step rounds; null in UPDATES mode.
   ParameterServerRounds* rounds() const { return rounds_.get(); }
   void set_rounds(std::unique_ptr<ParameterServerRounds> rounds);
-  // Takes the in-flight slot for a round of the next step. Aborted while a
-  // checkpoint or an upload holds it; NotFound once deleted.
-  absl::Status BeginRound();
-  // Ends a round: its step is committed with one record per worker.
-  void CommitRound(uint64_t step, std::vector<std::shared_ptr<const StepRecord>> records);
-  void AbortRound();
   // For a step at or before the committed one: `worker`'s record of it.
   // FailedPrecondition (naming the expected step) when it is not kept.
   absl::StatusOr<std::shared_ptr<const StepRecord>> Recorded(uint64_t step, uint32_t worker) const;
-
-  // Holds the session's in-flight slot for a weights upload, so it cannot
-  // interleave with a step. Aborted while a step or upload is in flight;
-  // NotFound once deleted. REQUIRES: EndWeightsUpload afterwards.
-  absl::Status BeginWeightsUpload();
-  void EndWeightsUpload();
-
-  // Holds the in-flight slot for a checkpoint, waiting up to `wait` for a
-  // step in flight to end: while held, the engine state is the committed
-  // step's. DeadlineExceeded when the session stayed busy; NotFound once
-  // deleted. REQUIRES: Release afterwards.
-  absl::Status Hold(absl::Duration wait);
-  void Release();
 
   // The committed step and what a checkpoint of it records.
   struct Snapshot {
@@ -133,7 +122,7 @@ class Session {
   bool durable() const;
   void set_durable(bool durable);
 
-  // Marks the session deleted. FailedPrecondition while a step is in flight.
+  // Marks the session deleted. FailedPrecondition while the slot is held.
   absl::Status MarkDeleted();
 
   uint64_t step() const;
@@ -141,8 +130,17 @@ class Session {
   void FillInfo(bool with_params, v1::SessionInfo* info) const;
 
  private:
+  friend class Lease;
   // FailedPrecondition for a step ahead of the next one.
   absl::Status AheadError(uint64_t step) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Aborted, naming what holds the slot.
+  absl::Status BusyError() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A lease ends: the slot is free, the step unchanged.
+  void EndLease();
+  // A lease ends with `step` committed; `update` sets the per-worker records.
+  void EndLeaseCommitted(
+      uint64_t step,
+      absl::FunctionRef<void(std::vector<std::shared_ptr<const StepRecord>>&)> update);
 
   const std::string id_;
   const std::string token_;
@@ -155,7 +153,8 @@ class Session {
 
   mutable absl::Mutex mu_;
   uint64_t step_ ABSL_GUARDED_BY(mu_) = 0;
-  bool in_flight_ ABSL_GUARDED_BY(mu_) = false;
+  // What holds the in-flight slot; unset while it is free.
+  std::optional<LeasePurpose> holder_ ABSL_GUARDED_BY(mu_);
   bool deleted_ ABSL_GUARDED_BY(mu_) = false;
   bool durable_ ABSL_GUARDED_BY(mu_) = true;
   absl::Time last_step_time_ ABSL_GUARDED_BY(mu_);
