@@ -14,12 +14,14 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
-#include "storage/checkpoint.h"
+#include "storage/checkpoint_store.h"
 #include "observability/metrics.h"
 #include "muon/kernels/engine.h"
 #include "muon/kernels/status_macros.h"
 #include "api/service.h"
-#include "session/session.h"
+#include "ps/ps_round.h"
+#include "session/durability.h"
+#include "session/registry.h"
 #include "util/thread_pool.h"
 
 namespace muon::server {
@@ -32,6 +34,7 @@ class ServerImpl {
   std::unique_ptr<Engine> engine;
   std::unique_ptr<Metrics> metrics;
   std::unique_ptr<CheckpointStore> checkpoints;
+  std::unique_ptr<Durability> durability;
   std::unique_ptr<ThreadPool> pool;
   std::unique_ptr<SessionRegistry> sessions;
   std::unique_ptr<OptimizerService> service;
@@ -204,8 +207,14 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   rounds.metrics = impl->metrics->steps();
   rounds.worker_timeout = options.worker_timeout;
   rounds.chunk_bytes = UpdateChunkBytes(options);
+  impl->durability = std::make_unique<Durability>(durability, impl->engine.get());
+  auto make_rounds = [engine = impl->engine.get(), durability = impl->durability.get(),
+                      rounds](Session* session) -> std::unique_ptr<SessionRounds> {
+    return std::make_unique<ParameterServerRounds>(session, engine, durability, rounds);
+  };
   impl->sessions = std::make_unique<SessionRegistry>(impl->engine.get(), options.limits,
-                                                     impl->metrics->sessions(), durability, rounds,
+                                                     impl->metrics->sessions(),
+                                                     impl->durability.get(), make_rounds,
                                                      options.admin_token);
   // Before the port opens, so no client sees a server without its sessions.
   impl->restored = impl->sessions->RestoreAll();
@@ -272,7 +281,7 @@ void Server::Wait() { impl_->grpc_server->Wait(); }
 int Server::restored_sessions() const { return impl_->restored; }
 
 absl::StatusOr<int> Server::CheckpointAll() {
-  if (!impl_->sessions->checkpoints_enabled()) {
+  if (!impl_->sessions->durability().enabled()) {
     return absl::FailedPreconditionError("no --checkpoint_dir");
   }
   MUON_ASSIGN_OR_RETURN(std::vector<v1::SessionCheckpoint> written,

@@ -17,10 +17,10 @@
 namespace muon::server {
 
 ParameterServerRounds::ParameterServerRounds(Session* session, Engine* engine,
-                                             SessionRegistry* registry, const Options& options)
+                                             const Durability* durability, const Options& options)
     : session_(session),
       engine_(engine),
-      registry_(registry),
+      durability_(durability),
       options_(options),
       num_workers_(session->num_workers()),
       sum_mu_(new absl::Mutex[session->params().size()]) {}
@@ -360,24 +360,8 @@ absl::StatusOr<ParameterServerRounds::Computed> ParameterServerRounds::Compute(G
       if (round.formats[v] == round.formats[w]) computed.records[v] = shared;
     }
   }
-  if (registry_->CheckpointsAtCommit(round.step)) {
-    Session::Snapshot snapshot = session_->TakeSnapshot();
-    snapshot.step = round.step;
-    snapshot.last_step_time = now;
-    snapshot.records = computed.records;
-    absl::Status written = registry_->CheckpointCommit(*session_, snapshot);
-    if (!written.ok()) {
-      std::cerr << "muon-server: checkpoint of session " << session_->id() << " at step "
-                << round.step << " failed: " << written << std::endl;
-      if (registry_->strict()) {
-        computed.ack = absl::UnavailableError(absl::StrCat(
-            "step ", round.step, " of session ", session_->id(),
-            " was applied but could not be written to disk (", written.message(),
-            "), and this server acknowledges only durable steps (--durability=strict); retry "
-            "the same step: it is answered once the checkpoint directory is writable again"));
-      }
-    }
-  }
+  computed.ack =
+      durability_->AtCommit(*session_, Session::Snapshot{round.step, now, computed.records});
   return computed;
 }
 

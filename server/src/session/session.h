@@ -1,5 +1,5 @@
-#ifndef MUON_SERVER_SRC_SESSION_H_
-#define MUON_SERVER_SRC_SESSION_H_
+#ifndef MUON_SERVER_SRC_SESSION_SESSION_H_
+#define MUON_SERVER_SRC_SESSION_SESSION_H_
 
 #include <cstdint>
 #include <memory>
@@ -8,22 +8,26 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
-#include "absl/container/flat_hash_map.h"
 #include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "muon/kernels/engine.h"
-#include "muon/server/server.h"
 #include "muon/v1/optimizer.pb.h"
 #include "session/lease.h"
+#include "storage/session_image.h"
 
 namespace muon::server {
 
-class CheckpointStore;
-class ParameterServerRounds;
-class SessionReporter;
-class StepReporter;
+// What a PARAMETER_SERVER session runs its steps with (ps/ implements it;
+// the registry's RoundsFactory makes it), so session/ does not depend on
+// ps/.
+class SessionRounds {
+ public:
+  virtual ~SessionRounds() = default;
+  // Fails the round when its workers did not all arrive by its deadline.
+  virtual void ExpireIfLate(absl::Time now) = 0;
+};
 
 // One registered parameter of a session.
 struct SessionParam {
@@ -31,13 +35,6 @@ struct SessionParam {
   ParamId engine_id = 0;
   int64_t tensor_bytes = 0;  // bytes of one gradient in spec.dtype
   int64_t state_bytes = 0;   // engine optimizer state
-};
-
-// The responses of a committed step (update chunks, then the summary), kept
-// to answer a retry of that step without applying it again.
-struct StepRecord {
-  uint64_t step = 0;
-  std::vector<std::shared_ptr<const v1::StepResponse>> responses;
 };
 
 // What a session starts from: a new session (step 0, no records) or one
@@ -103,8 +100,9 @@ class Session {
 
   // PARAMETER_SERVER mode -------------------------------------------------
   // The step rounds; null in UPDATES mode.
-  ParameterServerRounds* rounds() const { return rounds_.get(); }
-  void set_rounds(std::unique_ptr<ParameterServerRounds> rounds);
+  SessionRounds* rounds() const { return rounds_.get(); }
+  // REQUIRES: before the session is shared.
+  void set_rounds(std::unique_ptr<SessionRounds> rounds);
   // For a step at or before the committed one: `worker`'s record of it.
   // FailedPrecondition (naming the expected step) when it is not kept.
   absl::StatusOr<std::shared_ptr<const StepRecord>> Recorded(uint64_t step, uint32_t worker) const;
@@ -149,7 +147,7 @@ class Session {
   const uint32_t num_workers_;
   const std::vector<SessionParam> params_;
   const absl::Time create_time_;
-  std::unique_ptr<ParameterServerRounds> rounds_;  // set before the session is shared
+  std::unique_ptr<SessionRounds> rounds_;  // set before the session is shared
 
   mutable absl::Mutex mu_;
   uint64_t step_ ABSL_GUARDED_BY(mu_) = 0;
@@ -162,123 +160,6 @@ class Session {
   std::vector<std::shared_ptr<const StepRecord>> last_ ABSL_GUARDED_BY(mu_);
 };
 
-// When sessions are written to disk (docs/operations.md, "Durability").
-struct DurabilityOptions {
-  // Null: no checkpoints.
-  const CheckpointStore* store = nullptr;
-  // Every step is on disk before it is acknowledged.
-  bool strict = false;
-  // Otherwise: a checkpoint at every Nth step of a session; 0: none.
-  int every_steps = 0;
-};
-
-// How PARAMETER_SERVER rounds run (ps_round.h).
-struct RoundOptions {
-  StepReporter* metrics = nullptr;
-  // How long a round waits for all its workers, from its first stream.
-  absl::Duration worker_timeout = absl::Seconds(120);
-  // Largest UpdateChunk payload.
-  int64_t chunk_bytes = 1 << 20;
-};
-
-// All sessions of the server. Thread-safe.
-class SessionRegistry {
- public:
-  // engine, metrics and durability.store must outlive the registry.
-  // admin_token: the operator's token (ServerOptions::admin_token); empty:
-  // none configured.
-  SessionRegistry(Engine* engine, const Limits& limits, SessionReporter* metrics,
-                  DurabilityOptions durability = {}, RoundOptions rounds = {},
-                  std::string admin_token = "");
-  ~SessionRegistry();
-
-  // Restores every session of the checkpoint directory. A file that cannot
-  // be read or restored is skipped with a logged error (it stays on disk for
-  // an operator). Returns how many sessions were restored.
-  int RestoreAll();
-
-  bool checkpoints_enabled() const { return durability_.store != nullptr; }
-  bool strict() const { return durability_.store != nullptr && durability_.strict; }
-
-  // Whether the commit of `step` must write a checkpoint before the step is
-  // acknowledged.
-  bool CheckpointsAtCommit(uint64_t step) const;
-
-  // For a commit under way: the session is held (its step in flight) and the
-  // engine state is already `snapshot`'s step. Writes it; on failure marks
-  // the session not durable.
-  absl::Status CheckpointCommit(Session& session, const Session::Snapshot& snapshot);
-
-  // Fails parameter-server rounds whose workers did not all arrive in time.
-  void ExpireRounds(absl::Time now);
-
-  // Holds the session (waiting up to `wait` for its step in flight) and
-  // writes its committed state. FailedPrecondition without a checkpoint
-  // directory.
-  absl::StatusOr<v1::SessionCheckpoint> Checkpoint(Session& session, absl::Duration wait);
-
-  // Checkpoint of every session; the first error after trying them all.
-  absl::StatusOr<std::vector<v1::SessionCheckpoint>> CheckpointAll(absl::Duration wait);
-
-  // Validates the request, registers every parameter with the engine (all
-  // or none) and adds the session. InvalidArgument for a bad request;
-  // ResourceExhausted over a limit or the engine's memory budget.
-  absl::StatusOr<std::shared_ptr<Session>> Create(const v1::CreateSessionRequest& request);
-
-  // The session, for a call that presents its token (Step, PushWeights,
-  // PullWeights). InvalidArgument for an empty id; NotFound for an unknown
-  // one; Unauthenticated without a token; PermissionDenied for a wrong one.
-  absl::StatusOr<std::shared_ptr<Session>> Get(absl::string_view id, absl::string_view token) const;
-
-  // The session, for a call an operator may make too (GetSession,
-  // DeleteSession, Checkpoint of one session): `token` is checked as the
-  // session's token and, when an admin token is configured, `admin_token` as
-  // that; either one suffices. Errors as Get: Unauthenticated when both are
-  // empty, PermissionDenied when neither matches.
-  absl::StatusOr<std::shared_ptr<Session>> GetAuthorized(absl::string_view id,
-                                                         absl::string_view token,
-                                                         absl::string_view admin_token) const;
-
-  // For calls over every session (ListSessions, Checkpoint of all sessions).
-  // Ok when no admin token is configured; otherwise Unauthenticated for an
-  // empty token, PermissionDenied for a wrong one.
-  absl::Status CheckAdmin(absl::string_view admin_token) const;
-
-  std::vector<std::shared_ptr<Session>> List() const;
-
-  // Removes the session and frees its engine state. Authorized as
-  // GetAuthorized(id, token, token): the session's token or the admin token.
-  // NotFound, Unauthenticated, PermissionDenied, FailedPrecondition while a
-  // step is in flight.
-  absl::Status Delete(absl::string_view id, absl::string_view token);
-
- private:
-  absl::Status Restore(const std::string& path);
-  // Checks the limits on one session and registers its parameters with the
-  // engine, all or none.
-  absl::StatusOr<std::vector<SessionParam>> RegisterParams(const v1::CreateSessionRequest& request);
-  void UnregisterParams(absl::Span<const SessionParam> params);
-  // Counts a session being created against --max_sessions; AddReserved
-  // adds it (or, given null, just ends the reservation).
-  absl::Status Reserve();
-  void AddReserved(std::shared_ptr<Session> session);
-  // A session from `init`, with its rounds in PARAMETER_SERVER mode.
-  std::shared_ptr<Session> NewSession(SessionInit init);
-  // The session or NotFound; no token checked.
-  absl::StatusOr<std::shared_ptr<Session>> Find(absl::string_view id) const;
-
-  Engine* const engine_;
-  const Limits limits_;
-  SessionReporter* const metrics_;
-  const DurabilityOptions durability_;
-  const RoundOptions round_options_;
-  const std::string admin_token_;
-
-  mutable absl::Mutex mu_;
-  absl::flat_hash_map<std::string, std::shared_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);
-  int reserved_ ABSL_GUARDED_BY(mu_) = 0;  // creations under way
-};
-
 }  // namespace muon::server
 
-#endif  // MUON_SERVER_SRC_SESSION_H_
+#endif  // MUON_SERVER_SRC_SESSION_SESSION_H_
