@@ -39,7 +39,8 @@ class ServerImpl {
   std::unique_ptr<SessionRegistry> sessions;
   std::unique_ptr<OptimizerService> service;
   std::unique_ptr<grpc::Server> grpc_server;
-  // Fails parameter-server rounds whose workers are late.
+  // Fails parameter-server rounds whose workers are late; removes idle
+  // sessions.
   std::thread watchdog;
   absl::Notification stop_watchdog;
   int port = 0;
@@ -127,6 +128,9 @@ absl::Status ValidateOptions(const ServerOptions& o) {
   if (o.durability == "strict" && o.checkpoint_dir.empty()) {
     return absl::InvalidArgumentError(
         "--durability=strict needs --checkpoint_dir=DIR to write each step to");
+  }
+  if (o.limits.session_idle_ttl < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("--session_idle_ttl must be >= 0 (0: never)");
   }
   if (o.worker_timeout <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("--worker_timeout_seconds must be > 0");
@@ -256,7 +260,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   impl->grpc_server->GetHealthCheckService()->SetServingStatus(true);
   impl->watchdog = std::thread([sessions = impl->sessions.get(), stop = &impl->stop_watchdog] {
     while (!stop->WaitForNotificationWithTimeout(absl::Milliseconds(100))) {
-      sessions->ExpireRounds(absl::Now());
+      const absl::Time now = absl::Now();
+      sessions->ExpireRounds(now);
+      sessions->RemoveIdle(now);
     }
   });
   return std::unique_ptr<Server>(new Server(std::move(impl)));

@@ -266,8 +266,8 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Find(absl::string_view
     if (id.empty()) return absl::InvalidArgumentError("session_id is empty");
     return absl::NotFoundError(
         absl::StrCat("no session '", id,
-                     "' on this server (deleted, or created on another server or before a "
-                     "restart); create one with CreateSession"));
+                     "' on this server (deleted, idle longer than --session_idle_ttl, or created on "
+                     "another server or before a restart); create one with CreateSession"));
   }
   return session;
 }
@@ -276,6 +276,7 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Get(absl::string_view 
                                                               absl::string_view token) const {
   MUON_ASSIGN_OR_RETURN(std::shared_ptr<Session> session, Find(id));
   MUON_RETURN_IF_ERROR(session->CheckToken(token));
+  session->Touch();
   return session;
 }
 
@@ -283,7 +284,10 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::GetAuthorized(
     absl::string_view id, absl::string_view token, absl::string_view admin_token) const {
   MUON_ASSIGN_OR_RETURN(std::shared_ptr<Session> session, Find(id));
   const absl::Status as_session = session->CheckToken(token);
-  if (as_session.ok()) return session;
+  if (as_session.ok()) {
+    session->Touch();
+    return session;
+  }
   if (!admin_token_.empty() && !admin_token.empty()) {
     if (ConstantTimeEquals(admin_token, admin_token_)) return session;
     MUON_RETURN_IF_ERROR(session->CheckToken(admin_token));  // names neither token
@@ -317,15 +321,48 @@ std::vector<std::shared_ptr<Session>> SessionRegistry::List() const {
 absl::Status SessionRegistry::Delete(absl::string_view id, absl::string_view token) {
   MUON_ASSIGN_OR_RETURN(std::shared_ptr<Session> session, GetAuthorized(id, token, token));
   MUON_RETURN_IF_ERROR(session->MarkDeleted());
+  Drop(*session);
+  return durability_->Forget(session->id());
+}
+
+int SessionRegistry::RemoveIdle(absl::Time now) {
+  const absl::Duration ttl = limits_.session_idle_ttl;
+  if (ttl <= absl::ZeroDuration()) return 0;
+  int removed = 0;
+  for (const std::shared_ptr<Session>& session : List()) {
+    if (now - session->last_activity() < ttl) continue;
+    absl::StatusOr<Lease> lease = session->TryLease(LeasePurpose::kCheckpoint);
+    if (!lease.ok()) continue;  // busy, so not idle; or deleted meanwhile
+    const absl::Duration idle = now - session->last_activity();
+    if (idle < ttl) continue;  // used meanwhile
+    std::string kept;
+    if (durability_->enabled()) {
+      absl::StatusOr<v1::SessionCheckpoint> written = durability_->CheckpointHeld(*session);
+      if (!written.ok()) {
+        std::cerr << "muon-server: keeping idle session " << session->id()
+                  << ": its checkpoint failed: " << written.status() << std::endl;
+        session->Touch();  // the next try a TTL from now, not at every tick
+        continue;
+      }
+      kept = absl::StrCat("; its checkpoint ", written->path(), " stays");
+    }
+    session->Retire(std::move(*lease));
+    Drop(*session);
+    std::cerr << "muon-server: removed session " << session->id() << ", idle for "
+              << absl::FormatDuration(idle) << " (--session_idle_ttl="
+              << absl::FormatDuration(ttl) << ")" << kept << std::endl;
+    ++removed;
+  }
+  return removed;
+}
+
+void SessionRegistry::Drop(const Session& session) {
   {
     absl::MutexLock lock(&mu_);
-    sessions_.erase(session->id());
+    sessions_.erase(session.id());
   }
-  for (const SessionParam& p : session->params()) {
-    MUON_RETURN_IF_ERROR(engine_->Unregister(p.engine_id));
-  }
+  UnregisterParams(session.params());
   metrics_->SessionDeleted();
-  return durability_->Forget(session->id());
 }
 
 }  // namespace muon::server

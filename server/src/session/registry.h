@@ -49,6 +49,12 @@ class SessionRegistry {
   // Fails parameter-server rounds whose workers did not all arrive in time.
   void ExpireRounds(absl::Time now);
 
+  // Removes every session idle for Limits::session_idle_ttl at `now`, each
+  // checkpointed first when checkpoints are on (its file stays: a restart
+  // brings it back). A session busy now is not idle; one whose checkpoint
+  // fails stays, and is tried again a TTL later. Returns how many went.
+  int RemoveIdle(absl::Time now);
+
   // Checkpoint of every session; the first error after trying them all.
   absl::StatusOr<std::vector<v1::SessionCheckpoint>> CheckpointAll(absl::Duration wait);
 
@@ -86,6 +92,8 @@ class SessionRegistry {
 
  private:
   absl::Status Restore(SessionImage image);
+  // Takes a retired session out and frees its engine state.
+  void Drop(const Session& session);
   // Checks the limits on one session and registers its parameters with the
   // engine, all or none.
   absl::StatusOr<std::vector<SessionParam>> RegisterParams(const v1::CreateSessionRequest& request);

@@ -45,6 +45,7 @@ Session::Session(SessionInit init)
       create_time_(init.create_time),
       step_(init.step),
       last_step_time_(init.last_step_time),
+      last_activity_(absl::Now()),
       last_(std::move(init.records)) {
   last_.resize(num_workers_);
 }
@@ -142,7 +143,25 @@ absl::StatusOr<Lease> Session::AwaitLease(absl::Duration wait) {
 
 void Session::EndLease() {
   absl::MutexLock lock(&mu_);
+  if (*holder_ != LeasePurpose::kCheckpoint) last_activity_ = absl::Now();
   holder_.reset();
+}
+
+absl::Time Session::last_activity() const {
+  absl::MutexLock lock(&mu_);
+  return last_activity_;
+}
+
+void Session::Touch() {
+  absl::MutexLock lock(&mu_);
+  last_activity_ = absl::Now();
+}
+
+void Session::Retire(Lease lease) {
+  absl::MutexLock lock(&mu_);
+  deleted_ = true;
+  holder_.reset();
+  lease.session_ = nullptr;
 }
 
 void Session::EndLeaseCommitted(
@@ -152,6 +171,7 @@ void Session::EndLeaseCommitted(
   step_ = step;
   update(last_);
   last_step_time_ = absl::Now();
+  last_activity_ = last_step_time_;
   holder_.reset();
 }
 
@@ -215,6 +235,7 @@ void Session::FillInfo(bool with_params, v1::SessionInfo* info) const {
   if (last_step_time_ != absl::InfinitePast()) {
     SetTimestamp(last_step_time_, info->mutable_last_step_time());
   }
+  SetTimestamp(last_activity_, info->mutable_last_activity_time());
 }
 
 }  // namespace muon::server

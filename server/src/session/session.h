@@ -124,6 +124,15 @@ class Session {
   absl::Status MarkDeleted();
 
   uint64_t step() const;
+
+  // The last time its client used the session: created or restored, a call
+  // with its token (Touch), or a step, round or weights upload ending.
+  // Checkpoints are the server's, not the client's, and do not count.
+  absl::Time last_activity() const;
+  void Touch();
+  // Marks the session deleted, ending `lease` (held for this session)
+  // without counting as activity: the idle reaper's removal.
+  void Retire(Lease lease);
   // with_params: fill SessionInfo.params.
   void FillInfo(bool with_params, v1::SessionInfo* info) const;
 
@@ -156,6 +165,7 @@ class Session {
   bool deleted_ ABSL_GUARDED_BY(mu_) = false;
   bool durable_ ABSL_GUARDED_BY(mu_) = true;
   absl::Time last_step_time_ ABSL_GUARDED_BY(mu_);
+  absl::Time last_activity_ ABSL_GUARDED_BY(mu_);
   // Per worker: the last committed step's responses.
   std::vector<std::shared_ptr<const StepRecord>> last_ ABSL_GUARDED_BY(mu_);
 };

@@ -72,7 +72,8 @@ class DurabilityTest : public ::testing::Test {
 
   // strict, every_steps as DurabilityOptions; with_store false: no
   // checkpoint directory.
-  void Start(bool with_store, bool strict, int every_steps) {
+  void Start(bool with_store, bool strict, int every_steps,
+             absl::Duration idle_ttl = absl::Hours(24)) {
     DurabilityOptions options;
     if (with_store) {
       absl::StatusOr<std::unique_ptr<CheckpointStore>> store = CheckpointStore::Open(dir_);
@@ -83,7 +84,9 @@ class DurabilityTest : public ::testing::Test {
     options.strict = strict;
     options.every_steps = every_steps;
     durability_ = std::make_unique<Durability>(options, engine_.get());
-    registry_ = std::make_unique<SessionRegistry>(engine_.get(), Limits{}, metrics_->sessions(),
+    Limits limits;
+    limits.session_idle_ttl = idle_ttl;
+    registry_ = std::make_unique<SessionRegistry>(engine_.get(), limits, metrics_->sessions(),
                                                   durability_.get(), nullptr);
     absl::StatusOr<std::shared_ptr<Session>> session = registry_->Create(Request());
     ASSERT_THAT(session, IsOk());
@@ -246,6 +249,69 @@ TEST_F(DurabilityTest, CheckpointWaitsForTheLeaseAndImagesTheEngineState) {
   }
   ASSERT_THAT(durability_->Forget(session_->id()), IsOk());
   EXPECT_FALSE(OnDisk());
+}
+
+// Idle removal ------------------------------------------------------------
+
+TEST_F(DurabilityTest, IdleSessionIsCheckpointedThenRemoved) {
+  Start(/*with_store=*/true, /*strict=*/false, /*every_steps=*/0, absl::Hours(1));
+  ASSERT_THAT(Commit(1), IsOk());
+  const absl::Time active = session_->last_activity();
+  EXPECT_EQ(registry_->RemoveIdle(active + absl::Minutes(59)), 0);
+  EXPECT_EQ(registry_->List().size(), 1u);
+  EXPECT_EQ(registry_->RemoveIdle(active + absl::Hours(1)), 1);
+  EXPECT_TRUE(registry_->List().empty());
+  EXPECT_THAT(registry_->Get(session_->id(), session_->token()),
+              StatusIs(absl::StatusCode::kNotFound, HasSubstr("--session_idle_ttl")));
+  EXPECT_THAT(session_->AdmitStep(2, 0), StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_EQ(StepOnDisk(), 1u);  // the checkpoint stays for a restart
+}
+
+TEST_F(DurabilityTest, ActivityPostponesIdleRemoval) {
+  Start(/*with_store=*/false, /*strict=*/false, /*every_steps=*/0, absl::Hours(1));
+  const absl::Time created = session_->last_activity();
+  v1::SessionInfo info;
+  session_->FillInfo(/*with_params=*/false, &info);
+  EXPECT_TRUE(info.has_last_activity_time());
+  ASSERT_THAT(Commit(1), IsOk());
+  const absl::Time stepped = session_->last_activity();
+  EXPECT_GE(stepped, created);
+  ASSERT_THAT(registry_->Get(session_->id(), session_->token()), IsOk());
+  EXPECT_GE(session_->last_activity(), stepped);
+  // A checkpoint is the server's doing, not the client's.
+  { ASSERT_THAT(session_->AwaitLease(absl::ZeroDuration()), IsOk()); }
+  const absl::Time before = session_->last_activity();
+  { ASSERT_THAT(session_->AwaitLease(absl::ZeroDuration()), IsOk()); }
+  EXPECT_EQ(session_->last_activity(), before);
+  // Removed without a checkpoint directory too: its memory is what matters.
+  EXPECT_EQ(registry_->RemoveIdle(before + absl::Hours(2)), 1);
+}
+
+TEST_F(DurabilityTest, BusySessionIsNotIdle) {
+  Start(/*with_store=*/false, /*strict=*/false, /*every_steps=*/0, absl::Hours(1));
+  absl::StatusOr<Session::Admission> step = session_->AdmitStep(1, 0);
+  ASSERT_THAT(step, IsOk());
+  EXPECT_EQ(registry_->RemoveIdle(absl::Now() + absl::Hours(2)), 0);
+  EXPECT_EQ(registry_->List().size(), 1u);
+}
+
+TEST_F(DurabilityTest, FailedCheckpointKeepsTheIdleSession) {
+  Start(/*with_store=*/true, /*strict=*/false, /*every_steps=*/0, absl::Hours(1));
+  BreakDirectory();
+  const absl::Time later = absl::Now() + absl::Hours(2);
+  EXPECT_EQ(registry_->RemoveIdle(later), 0);
+  ASSERT_EQ(registry_->List().size(), 1u);
+  RepairDirectory();
+  // Tried again a TTL after the failed try, not at the next tick.
+  EXPECT_EQ(registry_->RemoveIdle(absl::Now() + absl::Minutes(30)), 0);
+  EXPECT_EQ(registry_->RemoveIdle(absl::Now() + absl::Hours(1)), 1);
+  EXPECT_TRUE(OnDisk());
+}
+
+TEST_F(DurabilityTest, ZeroTtlNeverRemoves) {
+  Start(/*with_store=*/false, /*strict=*/false, /*every_steps=*/0, absl::ZeroDuration());
+  EXPECT_EQ(registry_->RemoveIdle(absl::Now() + absl::Hours(24 * 365)), 0);
+  EXPECT_EQ(registry_->List().size(), 1u);
 }
 
 }  // namespace
