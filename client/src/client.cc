@@ -210,6 +210,17 @@ absl::StatusOr<std::vector<v1::SessionInfo>> Client::ListSessions() {
                                       std::make_move_iterator(response.mutable_sessions()->end()));
 }
 
+absl::StatusOr<v1::ServerInfo> Client::GetServerInfo(int32_t ns_steps) {
+  grpc::ClientContext context;
+  Prepare(&context, options_.call_timeout);
+  v1::GetServerInfoRequest request;
+  request.set_ns_steps(ns_steps);
+  v1::ServerInfo info;
+  grpc::Status status = stub_->GetServerInfo(&context, request, &info);
+  if (!status.ok()) return FromGrpcStatus(status);
+  return info;
+}
+
 absl::Status Client::DeleteSession(const SessionHandle& session) {
   grpc::ClientContext context;
   Prepare(&context, options_.call_timeout);

@@ -1,5 +1,6 @@
-// muonctl: health, sessions, a benchmark and a load generator for a
-// muon-server, and the Newton–Schulz coefficient tables. docs/muonctl.md.
+// muonctl: health, server info, sessions, a benchmark and a load generator
+// for a muon-server, and its Newton–Schulz coefficient tables. It knows only
+// the proto and the client library. docs/muonctl.md.
 
 #include <algorithm>
 #include <atomic>
@@ -29,9 +30,6 @@
 #include "absl/time/time.h"
 #include "model_presets.h"
 #include "muon/client/client.h"
-#include "muon/kernels/ns_schedule.h"
-#include "muon/kernels/status_macros.h"
-#include "muon/kernels/types.h"
 #include "stats.h"
 
 ABSL_FLAG(std::string, server, "127.0.0.1:50051", "Server address HOST:PORT.");
@@ -56,7 +54,9 @@ ABSL_FLAG(std::string, model, "",
 ABSL_FLAG(std::string, dtype, "float32", "Wire dtype of gradients: float32, bfloat16, float16.");
 ABSL_FLAG(std::string, schedule, "jordan",
           "Newton-Schulz schedule: jordan, dion, polar_express, aol, aol_dion, svd.");
-ABSL_FLAG(int, ns_steps, 5, "Newton-Schulz iterations of the session (bench, load, create).");
+ABSL_FLAG(int, ns_steps, 5,
+          "Newton-Schulz iterations of the session (bench, load, create), and the steps info "
+          "lists each schedule's coefficients for.");
 ABSL_FLAG(double, lr, 0.02, "Learning rate of the session (bench, load, create).");
 ABSL_FLAG(int, steps, 10,
           "bench, load: optimizer steps (per client for load). coefficients: NS steps.");
@@ -99,10 +99,12 @@ Commands:
        [--duration_limit=60s]
                                     K concurrent sessions, one connection per
                                     client and worker; p50/p99 step latency
+  info [--ns_steps=N]               the server's version, engine, devices, limits,
+                                    durability and schedules (GetServerInfo)
   coefficients --schedule=NAME --steps=N
-                                    Newton-Schulz (a, b, c) per step; no server
+                                    the server's Newton-Schulz (a, b, c) per step
 
-Every command but coefficients talks to --server (default 127.0.0.1:50051),
+Every command talks to --server (default 127.0.0.1:50051),
 over TLS when any --tls_* flag is set. --admin_token stands in for --token.
 Errors print the status code and message and exit 1.)";
 
@@ -157,8 +159,10 @@ absl::StatusOr<WireType> ParseWireType(const std::string& name) {
 
 absl::StatusOr<v1::CreateSessionRequest> PresetRequest(const std::string& model,
                                                        const std::string& name) {
-  MUON_ASSIGN_OR_RETURN(std::vector<PresetParam> params, ModelPreset(model));
-  MUON_ASSIGN_OR_RETURN(WireType wire, ParseWireType(absl::GetFlag(FLAGS_dtype)));
+  absl::StatusOr<std::vector<PresetParam>> params = ModelPreset(model);
+  if (!params.ok()) return params.status();
+  absl::StatusOr<WireType> wire = ParseWireType(absl::GetFlag(FLAGS_dtype));
+  if (!wire.ok()) return wire.status();
   v1::NsSchedule schedule;
   if (!v1::NsSchedule_Parse(absl::AsciiStrToUpper("NS_SCHEDULE_" + absl::GetFlag(FLAGS_schedule)),
                             &schedule)) {
@@ -171,12 +175,12 @@ absl::StatusOr<v1::CreateSessionRequest> PresetRequest(const std::string& model,
   request.mutable_hyper_params()->set_lr(absl::GetFlag(FLAGS_lr));
   request.mutable_hyper_params()->set_ns_schedule(schedule);
   request.mutable_hyper_params()->set_ns_steps(absl::GetFlag(FLAGS_ns_steps));
-  for (const PresetParam& p : params) {
+  for (const PresetParam& p : *params) {
     v1::ParameterSpec* spec = request.add_params();
     spec->set_name(p.name);
     spec->add_shape(p.rows);
     spec->add_shape(p.cols);
-    spec->set_dtype(wire.dtype);
+    spec->set_dtype(wire->dtype);
     spec->set_kind(v1::OPTIMIZER_KIND_MUON);
   }
   return request;
@@ -297,14 +301,21 @@ absl::StatusOr<Workload> OpenWorkload(Client& client, const std::string& model,
                                       const std::string& name, bool existing) {
   Workload w;
   if (existing) {
-    MUON_ASSIGN_OR_RETURN(w.session, SessionFromFlags());
-    MUON_ASSIGN_OR_RETURN(w.session.info, client.GetSession(w.session));
+    absl::StatusOr<SessionHandle> handle = SessionFromFlags();
+    if (!handle.ok()) return handle.status();
+    w.session = std::move(*handle);
+    absl::StatusOr<v1::SessionInfo> info = client.GetSession(w.session);
+    if (!info.ok()) return info.status();
+    w.session.info = std::move(*info);
     w.session.step = w.session.info.step();
     w.next_step = w.session.info.next_step();
     return w;
   }
-  MUON_ASSIGN_OR_RETURN(v1::CreateSessionRequest request, PresetRequest(model, name));
-  MUON_ASSIGN_OR_RETURN(w.session, client.CreateSession(request));
+  absl::StatusOr<v1::CreateSessionRequest> request = PresetRequest(model, name);
+  if (!request.ok()) return request.status();
+  absl::StatusOr<SessionHandle> created = client.CreateSession(*request);
+  if (!created.ok()) return created.status();
+  w.session = std::move(*created);
   w.next_step = w.session.step + 1;
   return w;
 }
@@ -334,9 +345,12 @@ int Health(Client& client) {
 void PrintSession(const v1::SessionInfo& info) {
   absl::PrintF(
       "session_id: %s\nname: %s\nmode: %s\nstep: %d\nnext_step: %d\nnum_params: %d\n"
-      "state_bytes: %d\n",
+      "state_bytes: %d\nlast_activity: %s\n",
       info.session_id(), info.name(), v1::SessionMode_Name(info.mode()), info.step(),
-      info.next_step(), info.num_params(), info.state_bytes());
+      info.next_step(), info.num_params(), info.state_bytes(),
+      absl::FormatTime(absl::RFC3339_sec,
+                       absl::FromUnixSeconds(info.last_activity_time().seconds()),
+                       absl::UTCTimeZone()));
   for (const v1::ParameterInfo& p : info.params()) {
     absl::PrintF("param %d: %s [%s] %s %s lr=%g\n", p.index(), p.name(),
                  absl::StrJoin(p.shape(), "x"), v1::DType_Name(p.dtype()),
@@ -637,13 +651,61 @@ int Load(Client& client) {
   return 0;
 }
 
-int Coefficients() {
-  absl::StatusOr<ScheduleKind> kind = ParseSchedule(absl::GetFlag(FLAGS_schedule));
-  if (!kind.ok()) return Fail(kind.status());
-  absl::StatusOr<NsCoefficients> c = MakeNsCoefficients(*kind, absl::GetFlag(FLAGS_steps));
-  if (!c.ok()) return Fail(c.status());
-  for (size_t i = 0; i < c->steps.size(); ++i) {
-    absl::PrintF("%d %.10f %.10f %.10f\n", i + 1, c->steps[i][0], c->steps[i][1], c->steps[i][2]);
+std::string FormatDuration(const google::protobuf::Duration& d) {
+  return absl::FormatDuration(absl::Seconds(d.seconds()) + absl::Nanoseconds(d.nanos()));
+}
+
+// The server's own coefficients, as its engine computes them.
+int Coefficients(Client& client) {
+  const std::string name = absl::GetFlag(FLAGS_schedule);
+  absl::StatusOr<v1::ServerInfo> info = client.GetServerInfo(absl::GetFlag(FLAGS_steps));
+  if (!info.ok()) return Fail(info.status());
+  std::vector<std::string> known;
+  for (const v1::ScheduleInfo& schedule : info->schedules()) {
+    known.push_back(schedule.name());
+    if (schedule.name() != name) continue;
+    for (int i = 0; i < schedule.steps_size(); ++i) {
+      const v1::NsStep& s = schedule.steps(i);
+      absl::PrintF("%d %.10f %.10f %.10f\n", i + 1, s.a(), s.b(), s.c());
+    }
+    return 0;
+  }
+  return Fail(absl::InvalidArgumentError(absl::StrCat("unknown --schedule=", name,
+                                                      "; the server knows ",
+                                                      absl::StrJoin(known, ", "))));
+}
+
+int Info(Client& client) {
+  absl::StatusOr<v1::ServerInfo> info = client.GetServerInfo(absl::GetFlag(FLAGS_ns_steps));
+  if (!info.ok()) return Fail(info.status());
+  absl::PrintF("version: %s\nengine: %s\n", info->version(), info->engine());
+  for (const v1::DeviceInfo& d : info->devices()) {
+    absl::PrintF("device: %s %d cores=%d memory_bytes=%d used_bytes=%d budget_bytes=%d\n",
+                 d.kind(), d.ordinal(), d.cores(), d.memory_bytes(), d.memory_used_bytes(),
+                 d.memory_budget_bytes());
+  }
+  const v1::ServerLimits& l = info->limits();
+  absl::PrintF(
+      "max_sessions: %d\nmax_params_per_session: %d\nmax_bytes_per_session: %d\n"
+      "max_message_bytes: %d\nmax_concurrent_streams: %d\nmemory_budget_bytes: %d\n"
+      "update_chunk_bytes: %d\nsession_idle_ttl: %s\nmax_workers: %d\nworker_timeout: %s\n"
+      "max_ns_steps: %d\n",
+      l.max_sessions(), l.max_params_per_session(), l.max_bytes_per_session(),
+      l.max_message_bytes(), l.max_concurrent_streams(), l.memory_budget_bytes(),
+      l.update_chunk_bytes(), FormatDuration(l.session_idle_ttl()), l.max_workers(),
+      FormatDuration(l.worker_timeout()), l.max_ns_steps());
+  absl::PrintF("durability: %s checkpoint_every_steps=%d\n", info->durability().mode(),
+               info->durability().checkpoint_every_steps());
+  absl::PrintF("admin_token_required: %s\northogonality_sample_every: %d\n",
+               info->admin_token_required() ? "true" : "false",
+               info->orthogonality_sample_every());
+  for (const v1::ScheduleInfo& s : info->schedules()) {
+    std::vector<std::string> steps;
+    for (const v1::NsStep& t : s.steps()) {
+      steps.push_back(absl::StrFormat("(%.4f, %.4f, %.4f)", t.a(), t.b(), t.c()));
+    }
+    absl::PrintF("schedule %s: %s%s\n", s.name(), s.aol() ? "aol " : "",
+                 steps.empty() ? "exact (SVD)" : absl::StrJoin(steps, " "));
   }
   return 0;
 }
@@ -656,15 +718,17 @@ int Main(int argc, char** argv) {
     return 2;
   }
   const std::string command = args[1];
-  if (command == "coefficients") return Coefficients();
-  if (command != "health" && command != "session" && command != "checkpoint" &&
-      command != "bench" && command != "load") {
+  if (command != "health" && command != "info" && command != "session" &&
+      command != "checkpoint" && command != "bench" && command != "load" &&
+      command != "coefficients") {
     return Fail(absl::InvalidArgumentError(
         absl::StrCat("unknown command \"", command, "\"; run muonctl --help")));
   }
   absl::StatusOr<std::unique_ptr<Client>> client = Connect();
   if (!client.ok()) return Fail(client.status());
   if (command == "health") return Health(**client);
+  if (command == "info") return Info(**client);
+  if (command == "coefficients") return Coefficients(**client);
   if (command == "session") return SessionCommand(**client, args);
   if (command == "checkpoint") return CheckpointCommand(**client);
   if (command == "bench") return Bench(**client);

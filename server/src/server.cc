@@ -228,6 +228,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   env.pool = impl->pool.get();
   env.step_metrics = impl->metrics->steps();
   env.options = options;
+  env.options.update_chunk_bytes = static_cast<int>(UpdateChunkBytes(options));
   impl->service = std::make_unique<OptimizerService>(std::move(env));
 
   grpc::EnableDefaultHealthCheckService(true);

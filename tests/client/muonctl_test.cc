@@ -349,26 +349,53 @@ TEST_F(MuonctlTest, LoadReportsTheServersErrorAndExitsNonZero) {
   EXPECT_THAT(listed.out, Not(HasSubstr("name=cli-bad-load")));
 }
 
-TEST(MuonctlNoServerTest, CoefficientsOfPolarExpress) {
-  const Outcome run = Muonctl({"coefficients", "--schedule=polar_express", "--steps=5"});
+// The coefficients come from the server (GetServerInfo): muonctl links no
+// kernels code.
+TEST_F(MuonctlTest, CoefficientsOfPolarExpress) {
+  const Outcome run = Ctl({"coefficients", "--schedule=polar_express", "--steps=5"});
   ASSERT_EQ(run.exit_code, 0) << Describe(run);
   const std::vector<std::string> lines = absl::StrSplit(run.out, '\n', absl::SkipEmpty());
   ASSERT_EQ(lines.size(), 5u) << Describe(run);
-  // DESIGN.md §1, exactly to 10 decimals; the first column is the step.
+  // Polar Express's published tuples, to 10 decimals; the first column is the step.
   EXPECT_EQ(lines[0], "1 8.2373124905 -23.1577474146 16.6805684114");
   EXPECT_EQ(lines[4], "5 2.3200073129 -1.6862169730 0.4206802734");
 }
 
-TEST(MuonctlNoServerTest, CoefficientsOfJordanAndUnknownSchedules) {
-  const Outcome jordan = Muonctl({"coefficients", "--schedule=jordan", "--steps=2"});
+TEST_F(MuonctlTest, CoefficientsOfJordanAndUnknownSchedules) {
+  const Outcome jordan = Ctl({"coefficients", "--schedule=jordan", "--steps=2"});
   ASSERT_EQ(jordan.exit_code, 0) << Describe(jordan);
   EXPECT_EQ(jordan.out,
             "1 3.4445000000 -4.7750000000 2.0315000000\n"
             "2 3.4445000000 -4.7750000000 2.0315000000\n");
-  const Outcome unknown = Muonctl({"coefficients", "--schedule=newton", "--steps=5"});
+  const Outcome unknown = Ctl({"coefficients", "--schedule=newton", "--steps=5"});
   EXPECT_EQ(unknown.exit_code, 1) << Describe(unknown);
   EXPECT_THAT(unknown.err, StartsWith("muonctl: INVALID_ARGUMENT: "));
+  EXPECT_THAT(unknown.err, HasSubstr("polar_express"));
   EXPECT_EQ(unknown.out, "");
+  const Outcome too_many = Ctl({"coefficients", "--schedule=jordan", "--steps=101"});
+  EXPECT_EQ(too_many.exit_code, 1) << Describe(too_many);
+  EXPECT_THAT(too_many.err, StartsWith("muonctl: INVALID_ARGUMENT: ns_steps is 101"));
+}
+
+TEST_F(MuonctlTest, InfoShowsVersionEngineLimitsDurabilityAndSchedules) {
+  const Outcome run = Ctl({"info", "--ns_steps=3"});
+  ASSERT_EQ(run.exit_code, 0) << Describe(run);
+  EXPECT_THAT(Field(run.out, "version"), ContainsRegex("^[0-9]+\\.[0-9]+\\.[0-9]+$"));
+  EXPECT_EQ(Field(run.out, "engine"), testing::TestEngine());
+  EXPECT_THAT(run.out, HasSubstr("device: " + testing::TestEngine() + " "));
+  // The server's defaults (ServerProcess passes none of these flags).
+  EXPECT_EQ(Field(run.out, "max_sessions"), "1024");
+  EXPECT_EQ(Field(run.out, "max_message_bytes"), "4194304");
+  EXPECT_EQ(Field(run.out, "max_concurrent_streams"), "256");
+  EXPECT_EQ(Field(run.out, "update_chunk_bytes"), "1048576");
+  EXPECT_EQ(Field(run.out, "session_idle_ttl"), "24h");
+  EXPECT_EQ(Field(run.out, "max_workers"), "4096");
+  EXPECT_EQ(Field(run.out, "max_ns_steps"), "100");
+  EXPECT_THAT(run.out, HasSubstr("durability: off "));
+  EXPECT_THAT(run.out, HasSubstr("schedule jordan: (3.4445, -4.7750, 2.0315) (3.4445, -4.7750, "
+                                 "2.0315) (3.4445, -4.7750, 2.0315)\n"));
+  EXPECT_THAT(run.out, HasSubstr("schedule svd: exact (SVD)\n"));
+  EXPECT_THAT(run.out, HasSubstr("schedule aol: aol "));
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "api/auth.h"
+#include "api/server_info.h"
 #include "observability/metrics.h"
 #include "muon/server/status_util.h"
 #include "session/registry.h"
@@ -192,6 +193,16 @@ grpc::ServerReadReactor<v1::PushWeightsRequest>* OptimizerService::PushWeights(
 grpc::ServerWriteReactor<v1::PullWeightsResponse>* OptimizerService::PullWeights(
     grpc::CallbackServerContext* ctx, const v1::PullWeightsRequest* request) {
   return NewPullWeightsReactor(&env_, ctx, request);
+}
+
+grpc::ServerUnaryReactor* OptimizerService::GetServerInfo(grpc::CallbackServerContext* ctx,
+                                                          const v1::GetServerInfoRequest* request,
+                                                          v1::ServerInfo* response) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  absl::StatusOr<v1::ServerInfo> info = DescribeServer(env_, request->ns_steps());
+  if (info.ok()) *response = std::move(*info);
+  reactor->Finish(ToGrpcStatus(info.status()));
+  return reactor;
 }
 
 }  // namespace muon::server

@@ -23,6 +23,7 @@ struct ServiceEnv {
   SessionRegistry* sessions = nullptr;
   ThreadPool* pool = nullptr;
   StepReporter* step_metrics = nullptr;
+  // As started, with update_chunk_bytes clamped under the message limit.
   ServerOptions options;
 };
 
@@ -79,6 +80,9 @@ class OptimizerService final : public v1::Optimizer::CallbackService {
       grpc::CallbackServerContext* ctx, v1::PushWeightsResponse* response) override;
   grpc::ServerWriteReactor<v1::PullWeightsResponse>* PullWeights(
       grpc::CallbackServerContext* ctx, const v1::PullWeightsRequest* request) override;
+  grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* ctx,
+                                          const v1::GetServerInfoRequest* request,
+                                          v1::ServerInfo* response) override;
 
  private:
   ServiceEnv env_;

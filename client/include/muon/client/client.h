@@ -215,6 +215,11 @@ class Client {
   // Every session on the server, without their parameters.
   absl::StatusOr<std::vector<v1::SessionInfo>> ListSessions();
 
+  // What the server is and allows: version, engine, devices, limits,
+  // durability, and each Newton–Schulz schedule's coefficients for
+  // `ns_steps` steps (0: the default, 5).
+  absl::StatusOr<v1::ServerInfo> GetServerInfo(int32_t ns_steps = 0);
+
   // Frees the session's state on the server. NOT_FOUND if unknown.
   absl::Status DeleteSession(const SessionHandle& session);
 
