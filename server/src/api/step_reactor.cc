@@ -552,9 +552,12 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
     std::vector<std::unique_ptr<std::byte[]>> updates(n);
     std::vector<int64_t> update_bytes(n);
     double queue_seconds = 0;
+    double queue_longest = 0;
     for (size_t i = 0; i < n; ++i) {
       const SessionParam& p = session_->params()[batch[i].index];
-      queue_seconds += absl::ToDoubleSeconds(start - batch[i].complete_time);
+      const double waited = absl::ToDoubleSeconds(start - batch[i].complete_time);
+      queue_seconds += waited;
+      queue_longest = std::max(queue_longest, waited);
       inputs[i].param = p.engine_id;
       inputs[i].dtype = p.spec.dtype;
       inputs[i].bytes = absl::MakeConstSpan(batch[i].gradient.get(), p.tensor_bytes);
@@ -602,6 +605,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
         FailLocked(status, &actions);
       } else if (!failed_) {
         queue_seconds_ += queue_seconds;
+        queue_longest_seconds_ = std::max(queue_longest_seconds_, queue_longest);
         compute_seconds_ += compute_seconds;
         ns_flops_ += stats.ns_flops;
         computed_ += n;
@@ -680,6 +684,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
     StepTimings timings;
     timings.receive = receive_seconds_;
     timings.queue = queue_seconds_;
+    timings.queue_longest = queue_longest_seconds_;
     timings.compute = compute_seconds_;
     timings.send = send_seconds_;
     timings.total = absl::ToDoubleSeconds(absl::Now() - start_time_);
@@ -831,7 +836,8 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
   StepRecord record_ ABSL_GUARDED_BY(mu_);
   std::vector<std::pair<uint32_t, double>> ortho_ ABSL_GUARDED_BY(mu_);
   double receive_seconds_ ABSL_GUARDED_BY(mu_) = 0;
-  double queue_seconds_ ABSL_GUARDED_BY(mu_) = 0;
+  double queue_seconds_ ABSL_GUARDED_BY(mu_) = 0;  // summed over parameters
+  double queue_longest_seconds_ ABSL_GUARDED_BY(mu_) = 0;
   double compute_seconds_ ABSL_GUARDED_BY(mu_) = 0;
   double send_seconds_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t bytes_received_ ABSL_GUARDED_BY(mu_) = 0;

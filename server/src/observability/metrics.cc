@@ -37,21 +37,24 @@ int CivetLog(const mg_connection* /*conn*/, const char* message) {
   return 1;
 }
 
-// Step latency runs from well under a millisecond (a small model on a GPU,
-// loopback) to tens of seconds (a large model's gradients over a slow link,
-// or a queue behind many sessions): roughly 1-2.5-5 per decade, 0.5 ms..60 s.
+// Step phases, measured (docs/metrics.md, "Buckets"): a small model's send
+// and queue take 0.1-0.5 ms on loopback, a GPT-2 medium step on the CPU
+// engine minutes. 1-2.5-5 per decade, 0.1 ms..5 min.
 const prometheus::Histogram::BucketBoundaries& LatencyBuckets() {
   static const auto* buckets = new prometheus::Histogram::BucketBoundaries{
-      0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60};
+      0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+      0.25,   0.5,     1,      2.5,   5,      10,    25,   60,    120,  300};
   return *buckets;
 }
 
-// ‖O·Oᵀ − I‖_F/√r: the SVD reference sits near 1e-6 (all in the first
-// bucket), tuned quintic schedules around 1e-2..3e-1, and 1 means the
-// orthogonalization failed outright.
+// ‖O·Oᵀ − I‖_F/√r, measured by schedule (docs/metrics.md, "Buckets"): SVD
+// about 2e-8, the tuned quintic schedules between 0.04 (aol_dion) and 0.37
+// (jordan), each in a bucket of its own; 1 and above means the
+// orthogonalization failed.
 const prometheus::Histogram::BucketBoundaries& OrthogonalityBuckets() {
   static const auto* buckets = new prometheus::Histogram::BucketBoundaries{
-      1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1};
+      1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075,
+      0.1,  0.15, 0.2,  0.25, 0.3,  0.4,  0.5,  0.75, 1};
   return *buckets;
 }
 
@@ -155,7 +158,7 @@ void StepReporter::StepEnded(StepOutcome outcome) {
 }
 void StepReporter::StepCommitted(const StepTimings& t, int64_t parameters) {
   phase_[0]->Observe(t.receive);
-  phase_[1]->Observe(t.queue);
+  phase_[1]->Observe(t.queue_longest);
   phase_[2]->Observe(t.compute);
   phase_[3]->Observe(t.send);
   phase_[4]->Observe(t.total);
@@ -209,8 +212,9 @@ Metrics::Metrics()
           .Name("muon_step_duration_seconds")
           .Help(
               "Committed steps' time by phase, seconds: receive (header to last gradient), queue "
-              "(gradient complete to compute start, summed over batches), compute (engine), send "
-              "(writing updates before the summary), total (header to commit).")
+              "(the longest any parameter's complete gradient waited for the engine), compute "
+              "(engine, summed over batches), send (writing updates before the summary), total "
+              "(header to commit).")
           .Register(r);
   for (int i = 0; i < 5; ++i) {
     steps_.phase_[i] = &duration.Add({{"phase", kPhaseNames[i]}}, LatencyBuckets());

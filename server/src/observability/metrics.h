@@ -40,10 +40,17 @@ enum class StepOutcome {
 // Outcome of a failed step from its final status code.
 StepOutcome OutcomeOfFailure(grpc::StatusCode code);
 
-// Per-step timings (StepSummary.timings), seconds.
+// Per-step timings, seconds: StepSummary.timings, and the queue wait the
+// histogram observes.
 struct StepTimings {
   double receive = 0;
+  // Complete gradients' wait for the engine, summed over parameters
+  // (StepSummary): grows with the parameter count, so it can exceed total.
   double queue = 0;
+  // The longest any one parameter's complete gradient waited: at most
+  // total, so it fits the latency buckets. muon_step_duration_seconds
+  // {phase="queue"} observes this.
+  double queue_longest = 0;
   double compute = 0;
   double send = 0;
   double total = 0;

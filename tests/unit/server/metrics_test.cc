@@ -6,8 +6,14 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <limits>
 #include <memory>
 #include <string>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 
 namespace muon::server {
 namespace {
@@ -96,6 +102,94 @@ TEST(MetricsTest, FailedStepOutcomes) {
   EXPECT_EQ(OutcomeOfFailure(grpc::StatusCode::ABORTED), StepOutcome::kAborted);
   EXPECT_EQ(OutcomeOfFailure(grpc::StatusCode::UNAVAILABLE), StepOutcome::kAborted);
   EXPECT_EQ(OutcomeOfFailure(grpc::StatusCode::INTERNAL), StepOutcome::kAborted);
+}
+
+// The bucket of `family`{label} that holds its single observation, as (lower
+// bound, upper bound); upper is +Inf for the overflow bucket.
+std::pair<double, double> BucketOf(const std::string& text, const std::string& family,
+                                   const std::string& label) {
+  const std::string prefix = absl::StrCat(family, "_bucket{", label, ",le=\"");
+  double lower = 0;
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    if (!absl::ConsumePrefix(&line, prefix)) continue;
+    const std::vector<absl::string_view> parts = absl::StrSplit(line, "\"} ");
+    if (parts.size() != 2) continue;
+    double upper = std::numeric_limits<double>::infinity();
+    if (parts[0] != "+Inf") {
+      EXPECT_TRUE(absl::SimpleAtod(parts[0], &upper)) << parts[0];
+    }
+    double count = 0;
+    EXPECT_TRUE(absl::SimpleAtod(parts[1], &count)) << parts[1];
+    if (count >= 1) return {lower, upper};
+    lower = upper;
+  }
+  ADD_FAILURE() << "no bucket of " << family << "{" << label << "} holds the observation";
+  return {0, 0};
+}
+
+// The queue phase of a step whose parameters waited in parallel: the sum
+// over parameters (StepSummary) is far above the step's own length and
+// overflowed the buckets; the histogram observes the longest single wait.
+TEST(MetricsTest, QueuePhaseObservesTheLongestWaitNotTheSum) {
+  std::unique_ptr<Metrics> metrics = NewMetrics();
+  // GPT-2 small on the CPU engine, measured: 48 parameters' waits summed to
+  // 43.8 s in a 40.2 s step; the longest one was 0.9 s.
+  metrics->steps()->StepCommitted(
+      {.receive = 0.62, .queue = 43.8, .queue_longest = 0.9, .compute = 39.8, .send = 0.09,
+       .total = 40.2},
+      /*parameters=*/48);
+  const std::string text = metrics->Text();
+  EXPECT_THAT(text, HasSubstr("muon_step_duration_seconds_sum{phase=\"queue\"} 0.9\n"));
+  EXPECT_EQ(BucketOf(text, "muon_step_duration_seconds", "phase=\"queue\""),
+            std::make_pair(0.5, 1.0));
+}
+
+// Phase values measured on the 2-core CPU test machine (docs/metrics.md,
+// "Buckets"): each lands in a finite bucket at most 2.5x wide.
+TEST(MetricsTest, MeasuredStepPhasesLandInNarrowFiniteBuckets) {
+  for (double seconds : {0.00018, 0.00042, 0.0008, 0.0053, 0.044, 0.27, 1.07, 40.2, 90.3, 129.9}) {
+    std::unique_ptr<Metrics> metrics = NewMetrics();
+    metrics->steps()->StepCommitted({.receive = seconds,
+                                     .queue = seconds,
+                                     .queue_longest = seconds,
+                                     .compute = seconds,
+                                     .send = seconds,
+                                     .total = seconds},
+                                    1);
+    const std::string text = metrics->Text();
+    for (const char* phase : {"receive", "queue", "compute", "send", "total"}) {
+      const auto [lower, upper] = BucketOf(text, "muon_step_duration_seconds",
+                                           absl::StrCat("phase=\"", phase, "\""));
+      EXPECT_LT(upper, std::numeric_limits<double>::infinity()) << phase << " " << seconds;
+      EXPECT_LE(upper, 2.5 * lower + 1e-12) << phase << " " << seconds;
+    }
+  }
+}
+
+// Each schedule's measured mean error (docs/metrics.md, "Buckets") in a
+// bucket of its own at most 1.5x wide; the exact SVD in the first bucket.
+TEST(MetricsTest, MeasuredOrthogonalityErrorsAreResolvedBySchedule) {
+  const std::pair<ScheduleKind, double> measured[] = {
+      {ScheduleKind::kAolDion, 0.0401}, {ScheduleKind::kDion, 0.0540},
+      {ScheduleKind::kAol, 0.0947},     {ScheduleKind::kPolarExpress, 0.179},
+      {ScheduleKind::kJordan, 0.373},
+  };
+  std::unique_ptr<Metrics> metrics = NewMetrics();
+  for (const auto& [schedule, error] : measured) {
+    metrics->steps()->OrthogonalityError(schedule, error);
+  }
+  metrics->steps()->OrthogonalityError(ScheduleKind::kSvd, 2.3e-8);
+  const std::string text = metrics->Text();
+  std::vector<double> uppers;
+  for (const auto& [schedule, error] : measured) {
+    const auto [lower, upper] =
+        BucketOf(text, "muon_orthogonality_error",
+                 absl::StrCat("schedule=\"", ScheduleName(schedule), "\""));
+    EXPECT_LE(upper, 1.5 * lower + 1e-12) << ScheduleName(schedule);
+    for (double other : uppers) EXPECT_NE(upper, other) << ScheduleName(schedule);
+    uppers.push_back(upper);
+  }
+  EXPECT_EQ(BucketOf(text, "muon_orthogonality_error", "schedule=\"svd\"").first, 0.0);
 }
 
 }  // namespace
