@@ -6,8 +6,9 @@ apt sources this machine already has, imported into podman (it stands in for
 debian:12-slim, which no registry here serves). The image under test is
 either MUON_IMAGE (tests/deploy/build_image.sh builds every stage and passes
 it) or, by default, the Dockerfile's runtime stage built from the binaries
-already built here (MUON_SERVER_BIN, MUONCTL_BIN): --build-arg BINARIES names
-a small image holding them at the build stage's paths.
+already built here (MUON_SERVER_BIN, MUONCTL_BIN): the Dockerfile as it is,
+with its build stage swapped for a small image holding them at the build
+stage's paths.
 
 The checks: the image's configuration (user, entrypoint, ports, volume,
 health check); a container on host networking with a non-default --listen
@@ -155,12 +156,19 @@ def build_fast_image(server_bin, muonctl_bin):
                     f"COPY {os.path.basename(server_bin)} {os.path.basename(muonctl_bin)} /src/build/bin/\n"
                     "COPY libprometheus-cpp-* /usr/lib/x86_64-linux-gnu/\n")
         podman("build", "--quiet", "-t", BINARIES, ctx)
+    with open(os.path.join(SOURCE, "deploy", "Dockerfile")) as f:
+        dockerfile = f.read()
+    build = re.search(r"^FROM \$\{DEBIAN_IMAGE\} AS build$.*?(?=^FROM )", dockerfile, re.M | re.S)
+    if not build:
+        raise AssertionError("deploy/Dockerfile: no build stage followed by the runtime stage")
     # The runtime stage reads only deploy/ from the context.
     with tempfile.TemporaryDirectory(dir=CACHE) as ctx:
         shutil.copytree(os.path.join(SOURCE, "deploy"), os.path.join(ctx, "deploy"), symlinks=True)
-        podman("build", "--format", "docker", "--network", "host", "--target", "runtime",
+        with open(os.path.join(ctx, "deploy", "Dockerfile"), "w") as f:
+            f.write(dockerfile[:build.start()] + f"FROM {BINARIES} AS build\n\n"
+                    + dockerfile[build.end():])
+        podman("build", "--format", "docker", "--network", "host",
                "-f", os.path.join(ctx, "deploy", "Dockerfile"), "--build-arg", "CUDA=OFF",
-               "--build-arg", f"BINARIES={BINARIES}", "--build-arg", f"DEBIAN_IMAGE={BASE}",
                "--build-arg", f"DEBIAN_SLIM_IMAGE={BASE}", "-t", FAST_IMAGE, ctx)
     return FAST_IMAGE
 
@@ -319,4 +327,8 @@ if __name__ == "__main__":
             print(f"{tool} not found; skipping (scripts/setup installs it)")
             sys.exit(SKIP)
     ENV = podman_env()
+    if sys.argv[1:] == ["--prepare"]:
+        # build_image.sh: the podman configuration and the base image only.
+        ensure_base()
+        sys.exit(0)
     unittest.main()
