@@ -170,6 +170,8 @@ def build_fast_image(server_bin, muonctl_bin):
         podman("build", "--format", "docker", "--network", "host",
                "-f", os.path.join(ctx, "deploy", "Dockerfile"), "--build-arg", "CUDA=OFF",
                "--build-arg", f"DEBIAN_SLIM_IMAGE={BASE}", "-t", FAST_IMAGE, ctx)
+    # The image this one replaced, untagged now: keep the cache from growing.
+    podman("image", "prune", "--force")
     return FAST_IMAGE
 
 
