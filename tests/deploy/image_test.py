@@ -136,9 +136,16 @@ def host_only_libraries(binaries):
         for soname, path in linked(b).items():
             if not soname.startswith("libprometheus-cpp-"):
                 paths[soname] = path
-    owned = run("dpkg", "-S", *paths.values(), check=False).stdout
+    def candidates(path):
+        # dpkg may list a file under /lib or /usr/lib (merged /usr), and by
+        # the path ldd shows or the one its symlinks lead to.
+        real = os.path.realpath(path)
+        return {path, real} | {p.replace("/usr/lib/", "/lib/", 1) for p in (path, real)}
+    query = set().union(*(candidates(p) for p in paths.values()))
+    owned = {line.partition(": ")[2] for line in
+             run("dpkg", "-S", *sorted(query), check=False).stdout.splitlines()}
     return {soname: os.path.realpath(path) for soname, path in paths.items()
-            if f": {path}\n" not in owned + "\n"}
+            if not candidates(path) & owned}
 
 
 def build_fast_image(server_bin, muonctl_bin):
@@ -185,7 +192,12 @@ class ImageTest(unittest.TestCase):
         if not cls.image:
             binaries = (os.environ["MUON_SERVER_BIN"], cls.muonctl_bin)
             cls.image = build_fast_image(*binaries)
-            for soname, path in sorted(host_only_libraries(binaries).items()):
+            host_only = host_only_libraries(binaries)
+            unexpected = sorted(s for s in host_only if not s.startswith(("libcublas", "libcudart")))
+            if unexpected:
+                raise AssertionError(f"the binaries load {unexpected}, which no Debian package "
+                                     "owns and the image cannot install")
+            for soname, path in sorted(host_only.items()):
                 cls.run_args += ["-v", f"{path}:/opt/muon-host-lib/{soname}:ro"]
             if cls.run_args:
                 cls.run_args += ["-e", "LD_LIBRARY_PATH=/opt/muon-host-lib"]
