@@ -102,7 +102,8 @@ int64_t UpdateChunkBytes(const ServerOptions& o) {
 absl::Status ValidateOptions(const ServerOptions& o) {
   if (o.listen.empty()) return absl::InvalidArgumentError("--listen is empty; use HOST:PORT");
   if (o.memory_budget_bytes < 0) {
-    return absl::InvalidArgumentError("--memory_budget_bytes must be >= 0 (0: no budget)");
+    return absl::InvalidArgumentError(
+        "--memory_budget_bytes must be >= 0 (0: the machine's memory)");
   }
   if (o.limits.max_sessions < 1) return absl::InvalidArgumentError("--max_sessions must be >= 1");
   if (o.limits.max_message_bytes < 64 * 1024) {
@@ -182,6 +183,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   auto impl = std::make_unique<ServerImpl>();
   EngineOptions engine_options;
   engine_options.memory_budget_bytes = options.memory_budget_bytes;
+  engine_options.memory_budget_setting = "--memory_budget_bytes";
   engine_options.device = options.device;
   engine_options.blas_threads = options.blas_threads;
   // The /metrics endpoint starts before the engine: its threads then do not

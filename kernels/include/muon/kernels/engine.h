@@ -6,11 +6,12 @@
 #include <limits>
 #include <memory>
 #include <optional>
-#include "absl/strings/string_view.h"
+#include <string>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "muon/kernels/types.h"
 
@@ -75,7 +76,7 @@ struct ParamState {
 
 struct MemoryUsage {
   int64_t used_bytes = 0;
-  int64_t budget_bytes = 0;  // 0: no budget
+  int64_t budget_bytes = 0;
 };
 
 // One step in progress: computes updates into shadow state and makes it
@@ -109,8 +110,12 @@ class StepTransaction {
 
 struct EngineOptions {
   // Budget for optimizer state (and, on the GPU, workspaces). Registering
-  // past it is ResourceExhausted. 0 means no budget.
+  // past it is ResourceExhausted. 0: the machine's memory, which is the CPU
+  // engine's host memory (physical memory, or the cgroup's limit when lower)
+  // and the CUDA engine's device memory. Must be >= 0.
   int64_t memory_budget_bytes = 0;
+  // What a budget error tells the caller to raise (the server: its flag).
+  std::string memory_budget_setting = "EngineOptions::memory_budget_bytes";
   // CUDA device ordinal (CUDA engine only).
   int device = 0;
   // CPU engine: OpenBLAS threads per BLAS call (process-wide); 0 leaves
