@@ -82,8 +82,14 @@ absl::Status CheckStepInput(const ParamSpec& spec, const GradientInput& grad,
   if (output.param != grad.param || output.bytes.size() != elements * DTypeSize(output.dtype)) {
     return bad(": update output does not match the gradient's parameter or size");
   }
-  if (grad.lr.has_value() && !(std::isfinite(*grad.lr) && *grad.lr >= 0)) {
-    return bad(": lr must be finite and >= 0");
+  if (grad.lr.has_value()) {
+    if (!(std::isfinite(*grad.lr) && *grad.lr >= 0)) {
+      return bad(": this step's lr is ", *grad.lr, "; it must be finite and >= 0");
+    }
+    if (!std::isfinite(*grad.lr * spec.hp.weight_decay)) {
+      return bad(": this step's lr·weight_decay (", *grad.lr, "·", spec.hp.weight_decay,
+                 ") overflows");
+    }
   }
   return absl::OkStatus();
 }

@@ -342,7 +342,7 @@ TEST_F(MuonctlTest, LoadReportsTheServersErrorAndExitsNonZero) {
   const Outcome run = Ctl({"load", "--clients=2", "--steps=1", "--lr=-1", "--name=cli-bad-load"});
   EXPECT_EQ(run.exit_code, 1) << Describe(run);
   EXPECT_THAT(run.err, HasSubstr("muonctl: INVALID_ARGUMENT: "));
-  EXPECT_THAT(run.err, HasSubstr("lr must be finite and >= 0"));
+  EXPECT_THAT(run.err, HasSubstr("lr is -1; it must be finite and >= 0"));
   EXPECT_THAT(run.out, Not(HasSubstr("step latency")));
   const Outcome listed = Ctl({"session", "list"});
   ASSERT_EQ(listed.exit_code, 0) << Describe(listed);

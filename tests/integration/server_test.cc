@@ -489,6 +489,68 @@ TEST_F(ServerTest, BadRequestsGetActionableErrorsAndChangeNothing) {
   ExpectSameUpdates(Good(session, 1, grads), reference.Step(grads));
 }
 
+TEST_F(ServerTest, FieldsOutOfRangeAreRefusedEvenWhereUnused) {
+  auto create = [&](const v1::CreateSessionRequest& request) {
+    grpc::ClientContext ctx;
+    v1::CreateSessionResponse response;
+    return stub_->CreateSession(&ctx, request, &response);
+  };
+  const v1::CreateSessionRequest request = CreateRequest(SmallModel());
+  {
+    v1::CreateSessionRequest r = request;  // 'b' is an AdamW parameter: momentum is unused
+    r.mutable_params(3)->mutable_overrides()->set_momentum(1.5);
+    EXPECT_CODE(create(r), INVALID_ARGUMENT, "momentum is 1.5");
+  }
+  {
+    v1::CreateSessionRequest r = request;  // 'w1' is Muon: eps is unused
+    r.mutable_params(0)->mutable_overrides()->set_adam_eps(-1);
+    EXPECT_CODE(create(r), INVALID_ARGUMENT, "adam_eps");
+  }
+  {
+    v1::CreateSessionRequest r = request;  // applies to no Muon parameter
+    r.mutable_adamw_hyper_params()->set_ns_steps(0);
+    EXPECT_CODE(create(r), INVALID_ARGUMENT, "adamw_hyper_params: ns_steps");
+  }
+  {
+    v1::CreateSessionRequest r = request;
+    r.mutable_hyper_params()->set_adam_beta2(1.0);
+    EXPECT_CODE(create(r), INVALID_ARGUMENT, "hyper_params: adam_beta2");
+  }
+  {
+    v1::CreateSessionRequest r = request;
+    r.mutable_hyper_params()->set_shape_scale(static_cast<v1::ShapeScale>(7));
+    EXPECT_CODE(create(r), INVALID_ARGUMENT, "shape_scale");
+  }
+  const std::string session = NewSession(SmallModel());
+  {
+    StepCall call = Call(session, 1);
+    call.header.set_update_content(static_cast<v1::UpdateContent>(9));
+    EXPECT_CODE(RunStep(stub_.get(), call).status, INVALID_ARGUMENT, "update_content value 9");
+  }
+  {
+    StepCall call = Call(session, 1);
+    call.header.set_lr(1e200);
+    call.header.set_lr_scale(1e200);
+    EXPECT_CODE(RunStep(stub_.get(), call).status, INVALID_ARGUMENT, "lr_scale");
+  }
+  EXPECT_EQ(SessionStep(session), 0u);
+}
+
+TEST_F(ServerTest, StepThatWouldOverflowTheStateIsRefusedAndTheSessionStaysUsable) {
+  const Model model = SmallModel();
+  const std::string session = NewSession(model);
+  // Finite fp32 gradients near the maximum: AdamW's g² overflows.
+  Tensors grads = RandomGradients(model, 43);
+  const float big = 0.9f * std::numeric_limits<float>::max();
+  Bytes& emb = grads.at(2);
+  for (size_t k = 0; k < emb.size(); k += sizeof big) std::memcpy(emb.data() + k, &big, sizeof big);
+  EXPECT_CODE(Good(session, 1, grads).status, INVALID_ARGUMENT, "non-finite");
+  EXPECT_EQ(SessionStep(session), 0u);
+  Reference reference(model);
+  const Tensors good = RandomGradients(model, 44);
+  ExpectSameUpdates(Good(session, 1, good), reference.Step(good));
+}
+
 TEST_F(ServerTest, BadSessionsAreRejected) {
   auto create = [&](const v1::CreateSessionRequest& request) {
     grpc::ClientContext ctx;
@@ -1029,6 +1091,26 @@ TEST(ServerRobustnessTest, GarbageNeverCrashesTheServer) {
     EXPECT_TRUE(GoodStep(stub.get(), created.session_id(), created.token(), info.step() + 1, grads)
                     .status.ok());
   }
+}
+
+TEST(ServerRobustnessTest, StateThatCannotBeAllocatedIsResourceExhaustedNamingTheFlag) {
+  auto server = ServerProcess::Start();  // default flags: the machine's memory is the budget
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto stub = v1::Optimizer::NewStub((*server)->NewChannel());
+  auto create = [&](const v1::CreateSessionRequest& request) {
+    grpc::ClientContext ctx;
+    v1::CreateSessionResponse response;
+    return stub->CreateSession(&ctx, request, &response);
+  };
+  for (const std::vector<int64_t>& shape :
+       {std::vector<int64_t>{1'000'000, 1'000'000}, std::vector<int64_t>{1'000'000'000'000}}) {
+    v1::CreateSessionRequest huge;
+    huge.add_params()->set_name("huge");
+    for (int64_t d : shape) huge.mutable_params(0)->add_shape(d);
+    EXPECT_CODE(create(huge), RESOURCE_EXHAUSTED, "--memory_budget_bytes");
+  }
+  // Still serving.
+  EXPECT_TRUE(create(CreateRequest(SmallModel())).ok());
 }
 
 TEST(ServerSignalTest, SigtermDrainsTheInFlightStepAndExitsZero) {

@@ -247,14 +247,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
           absl::StrCat("worker_id ", header.worker_id(), " is out of range: session ",
                        session_->id(), " has ", session_->num_workers(), " worker(s)"));
     }
-    if (header.has_lr() && !(std::isfinite(header.lr()) && header.lr() >= 0)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("StepHeader.lr is ", header.lr(), "; it must be finite and >= 0"));
-    }
-    if (header.has_lr_scale() && !(std::isfinite(header.lr_scale()) && header.lr_scale() >= 0)) {
-      return absl::InvalidArgumentError(absl::StrCat("StepHeader.lr_scale is ", header.lr_scale(),
-                                                     "; it must be finite and >= 0"));
-    }
+    MUON_RETURN_IF_ERROR(ValidateStepHeader(header));
     if (header.update_dtype() != v1::DTYPE_UNSPECIFIED) {
       MUON_ASSIGN_OR_RETURN(DType dtype, DTypeFromProto(header.update_dtype(), DType::kFloat32));
       update_dtype_ = dtype;

@@ -179,7 +179,8 @@ bool CudaAvailable();
 
 // For engine implementations: checks one Compute input against its
 // parameter's spec (gradient dtype and byte count, the output's parameter and
-// size, a finite lr >= 0). InvalidArgument naming the parameter.
+// size, a finite lr >= 0 whose lr·weight_decay is finite). InvalidArgument naming
+// the parameter.
 absl::Status CheckStepInput(const ParamSpec& spec, const GradientInput& grad,
                             const UpdateOutput& output);
 

@@ -134,7 +134,8 @@ class ParamTable {
       if (status.ok()) {
         const Param& p = **found;
         if (p.owner == txn) {
-          status = absl::InvalidArgumentError(absl::StrCat(Who(p.spec), " is given twice in one step"));
+          status =
+              absl::InvalidArgumentError(absl::StrCat(Who(p.spec), " is given twice in one step"));
         } else if (p.owner != nullptr) {
           status = absl::FailedPreconditionError(
               absl::StrCat(Who(p.spec), " is in another step in progress"));
