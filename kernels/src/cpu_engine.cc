@@ -37,6 +37,22 @@ absl::Status OutOfMemory(absl::string_view what) {
       absl::StrCat("out of host memory ", what, "; free sessions or run on a larger machine"));
 }
 
+// Host bytes a parameter can hold at once, charged at Register so that the
+// budget bounds the engine's peak: its state, the shadow copy a step writes,
+// and the step's fp32 buffers (decoded gradient and update; for Muon also
+// the Newton–Schulz batch copy and OrthogonalizeCpu's wide copy, Y and two
+// r×r matrices).
+int64_t ChargedBytes(const ParamSpec& spec) {
+  const int64_t n = NumElements(spec.shape);
+  int64_t step_floats = 2 * n;
+  if (spec.kind == OptimizerKind::kMuon) {
+    const MatrixView v = MatrixViewOf(spec.shape);
+    const int64_t r = std::min(v.rows, v.cols);
+    step_floats += 3 * n + 2 * r * r;
+  }
+  return 2 * StateBytes(spec) + step_floats * static_cast<int64_t>(sizeof(float));
+}
+
 struct Param {
   ParamSpec spec;
   MatrixView view;
@@ -80,7 +96,7 @@ class CpuEngine final : public Engine {
   absl::Status Unregister(ParamId id) override {
     absl::MutexLock lock(&mu_);
     MUON_ASSIGN_OR_RETURN(std::shared_ptr<Param> p, params_.Remove(id));
-    budget_.Release(StateBytes(p->spec));
+    budget_.Release(ChargedBytes(p->spec));
     return absl::OkStatus();
   }
 
@@ -148,9 +164,11 @@ class CpuEngine final : public Engine {
       MUON_ASSIGN_OR_RETURN(param->coeffs,
                             MakeNsCoefficients(spec.hp.ns_schedule, spec.hp.ns_steps));
     }
-    const int64_t bytes = StateBytes(spec);
+    const int64_t bytes = ChargedBytes(spec);
     absl::MutexLock lock(&mu_);
-    MUON_RETURN_IF_ERROR(budget_.Reserve(bytes, internal::Who(spec), "optimizer state"));
+    MUON_RETURN_IF_ERROR(budget_.Reserve(
+        bytes, internal::Who(spec),
+        "host memory (its optimizer state, the copy a step writes, and the step's buffers)"));
     try {
       if (spec.kind == OptimizerKind::kMuon) {
         param->momentum.assign(param->size, 0.0f);
