@@ -354,7 +354,7 @@ TEST(MuonctlNoServerTest, CoefficientsOfPolarExpress) {
   ASSERT_EQ(run.exit_code, 0) << Describe(run);
   const std::vector<std::string> lines = absl::StrSplit(run.out, '\n', absl::SkipEmpty());
   ASSERT_EQ(lines.size(), 5u) << Describe(run);
-  // DESIGN.md §1, exactly to 10 decimals; the first column is the step.
+  // docs/math.md, exactly to 10 decimals; the first column is the step.
   EXPECT_EQ(lines[0], "1 8.2373124905 -23.1577474146 16.6805684114");
   EXPECT_EQ(lines[4], "5 2.3200073129 -1.6862169730 0.4206802734");
 }

@@ -57,7 +57,7 @@ struct StepStats {
   double stage_seconds = 0;    // decode/copy gradients into engine memory
   double compute_seconds = 0;  // momentum, Newton–Schulz, AdamW, update
   double finish_seconds = 0;   // encode/copy updates out
-  int64_t ns_flops = 0;        // by the formula of DESIGN.md §1
+  int64_t ns_flops = 0;        // by the formula of docs/math.md, "Flops"
   int64_t parameters = 0;
 
   StepStats& operator+=(const StepStats& other);
@@ -187,7 +187,7 @@ absl::Status CheckStepInput(const ParamSpec& spec, const GradientInput& grad,
 // Bytes of optimizer state an engine keeps for a spec (fp32 state vectors).
 int64_t StateBytes(const ParamSpec& spec);
 
-// Newton–Schulz flops of one orthogonalization of `view`, DESIGN.md §1:
+// Newton–Schulz flops of one orthogonalization of `view`, docs/math.md:
 // steps·batch·(4·r²·c + 2·r³).
 int64_t NsFlops(const MatrixView& view, int steps);
 

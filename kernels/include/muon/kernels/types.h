@@ -24,7 +24,7 @@ enum class MomentumForm { kEma, kSum };
 // kSpectral = sqrt(max(1, m/n)), kRmsMatch = 0.2·sqrt(max(m, n)), kNone = 1.
 enum class ShapeScale { kSpectral, kRmsMatch, kNone };
 
-// Newton–Schulz coefficient schedules (DESIGN.md §1). kAol uses the Turbo-Muon
+// Newton–Schulz coefficient schedules (docs/math.md). kAol uses the Turbo-Muon
 // published tuples; kAolDion uses AOL preconditioning with the last four Dion
 // tuples (the later Turbo-Muon version). kSvd is the exact polar factor.
 enum class ScheduleKind { kJordan, kDion, kPolarExpress, kAol, kAolDion, kSvd };
