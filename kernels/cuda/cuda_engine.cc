@@ -60,11 +60,6 @@ double Seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
 }
 
-absl::Status OutOfHostMemory(absl::string_view what) {
-  return absl::ResourceExhaustedError(
-      absl::StrCat("out of host memory ", what, "; free sessions or run on a larger machine"));
-}
-
 // cudaMemset and pageable cudaMemcpy H2D may return before the device has
 // the data, and the step streams are non-blocking (no implicit ordering with
 // the legacy stream): wait before the data can be read by a step.
@@ -531,10 +526,6 @@ class CudaTransaction final : public StepTransaction {
   }
 
  private:
-  void Release(const std::vector<std::shared_ptr<Param>>& params) {
-    absl::MutexLock lock(&engine_->mu_);
-    ParamTable<Param>::Release(params);
-  }
   // Compute on claimed parameters; on error the caller releases them.
   absl::Status ComputeClaimed(const std::vector<std::shared_ptr<Param>>& params,
                               absl::Span<const GradientInput> grads,
@@ -557,19 +548,10 @@ absl::Status CudaTransaction::Compute(absl::Span<const GradientInput> grads,
                                       absl::Span<UpdateOutput> outputs, StepStats* stats) {
   if (committed_) return absl::FailedPreconditionError("step already committed");
   MUON_RETURN_IF_ERROR(engine_->UseDevice());
-  std::vector<std::shared_ptr<Param>> params;
-  absl::Status status;
-  try {
-    {
-      absl::MutexLock lock(&engine_->mu_);
-      MUON_ASSIGN_OR_RETURN(params, engine_->params_.Claim(this, grads, outputs));
-    }
-    status = ComputeClaimed(params, grads, outputs, stats);
-  } catch (const std::bad_alloc&) {
-    status = OutOfHostMemory("for the step's plan");
-  }
-  if (!status.ok()) Release(params);
-  return status;
+  return ClaimAndCompute(engine_->mu_, engine_->params_, this, grads, outputs,
+                         [&](const std::vector<std::shared_ptr<Param>>& params) {
+                           return ComputeClaimed(params, grads, outputs, stats);
+                         });
 }
 
 absl::Status CudaTransaction::ComputeClaimed(const std::vector<std::shared_ptr<Param>>& params,
@@ -589,7 +571,11 @@ absl::Status CudaTransaction::ComputeClaimed(const std::vector<std::shared_ptr<P
   absl::Status status;
   {
     absl::MutexLock compute(&engine_->compute_mu_);
-    status = Run(grads, outputs, items, local);
+    try {
+      status = Run(grads, outputs, items, local);
+    } catch (const std::bad_alloc&) {
+      status = OutOfHostMemory("for the step's plan");
+    }
   }
   if (!status.ok()) {
     // Work already enqueued may still touch the arena and pinned buffers the

@@ -32,11 +32,6 @@ double Seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
 }
 
-absl::Status OutOfMemory(absl::string_view what) {
-  return absl::ResourceExhaustedError(
-      absl::StrCat("out of host memory ", what, "; free sessions or run on a larger machine"));
-}
-
 // Host bytes a parameter can hold at once, charged at Register so that the
 // budget bounds the engine's peak: its state, the shadow copy a step writes,
 // and the step's fp32 buffers (decoded gradient and update; for Muon also
@@ -89,7 +84,7 @@ class CpuEngine final : public Engine {
     try {
       return RegisterValid(spec);
     } catch (const std::bad_alloc&) {
-      return OutOfMemory(absl::StrCat("for the optimizer state of ", internal::Who(spec)));
+      return internal::OutOfHostMemory(absl::StrCat("for the optimizer state of ", internal::Who(spec)));
     }
   }
 
@@ -130,7 +125,7 @@ class CpuEngine final : public Engine {
     try {
       return ParamState{p->step, p->momentum, p->exp_avg, p->exp_avg_sq, p->weights};
     } catch (const std::bad_alloc&) {
-      return OutOfMemory(absl::StrCat("exporting the state of ", internal::Who(p->spec)));
+      return internal::OutOfHostMemory(absl::StrCat("exporting the state of ", internal::Who(p->spec)));
     }
   }
 
@@ -202,22 +197,11 @@ class CpuTransaction final : public StepTransaction {
   absl::Status Compute(absl::Span<const GradientInput> grads, absl::Span<UpdateOutput> outputs,
                        StepStats* stats) override {
     if (committed_) return absl::FailedPreconditionError("step already committed");
-    std::vector<std::shared_ptr<Param>> params;
-    absl::Status status;
-    try {
-      {
-        absl::MutexLock lock(&engine_->mu_);
-        MUON_ASSIGN_OR_RETURN(params, engine_->params_.Claim(this, grads, outputs));
-      }
-      status = ComputeClaimed(params, grads, outputs, stats);
-    } catch (const std::bad_alloc&) {
-      status = OutOfMemory("for the step's buffers");
-    }
-    if (!status.ok()) {
-      absl::MutexLock lock(&engine_->mu_);
-      ParamTable<Param>::Release(params);
-    }
-    return status;
+    return internal::ClaimAndCompute(
+        engine_->mu_, engine_->params_, this, grads, outputs,
+        [&](const std::vector<std::shared_ptr<Param>>& params) {
+          return ComputeClaimed(params, grads, outputs, stats);
+        });
   }
 
   absl::Status Commit() override {

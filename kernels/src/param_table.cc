@@ -73,6 +73,11 @@ absl::Status CheckImport(const ParamSpec& spec, const ParamState& state) {
   return absl::OkStatus();
 }
 
+absl::Status OutOfHostMemory(absl::string_view what) {
+  return absl::ResourceExhaustedError(
+      absl::StrCat("out of host memory ", what, "; free sessions or run on a larger machine"));
+}
+
 absl::Status MemoryBudget::Reserve(int64_t bytes, absl::string_view who, absl::string_view what) {
   if (bytes > budget_ - used_) {
     return absl::ResourceExhaustedError(

@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <new>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -17,6 +18,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
 #include "muon/kernels/engine.h"
 #include "muon/kernels/internal/step_math.h"
@@ -50,6 +52,10 @@ absl::Status CheckWeightHolder(const ParamSpec& spec, size_t values);
 // spec's kind and hold_weights need (others empty), every value finite, and
 // step >= 0. InvalidArgument naming the parameter and the vector.
 absl::Status CheckImport(const ParamSpec& spec, const ParamState& state);
+
+// ResourceExhausted for a host allocation that failed (std::bad_alloc) while
+// doing `what`.
+absl::Status OutOfHostMemory(absl::string_view what);
 
 // The budget an engine's registrations are charged against.
 // Not thread-safe: the engine guards it with its mutex.
@@ -161,6 +167,33 @@ class ParamTable {
   std::unordered_map<ParamId, Ptr> params_;
   ParamId next_id_ = 1;
 };
+
+// One StepTransaction::Compute call: claims the inputs' parameters for `txn`
+// under `mu` (ParamTable::Claim), runs `compute(claimed)`, and releases the
+// claims again when it fails. std::bad_alloc anywhere is ResourceExhausted.
+template <typename Param, typename ComputeFn>
+absl::Status ClaimAndCompute(absl::Mutex& mu, ParamTable<Param>& table,
+                             const StepTransaction* txn, absl::Span<const GradientInput> grads,
+                             absl::Span<UpdateOutput> outputs, ComputeFn compute) {
+  std::vector<std::shared_ptr<Param>> claimed;
+  absl::Status status;
+  try {
+    {
+      absl::MutexLock lock(&mu);
+      absl::StatusOr<std::vector<std::shared_ptr<Param>>> got = table.Claim(txn, grads, outputs);
+      if (!got.ok()) return got.status();
+      claimed = *std::move(got);
+    }
+    status = compute(claimed);
+  } catch (const std::bad_alloc&) {
+    status = OutOfHostMemory("for a step's buffers");
+  }
+  if (!status.ok()) {
+    absl::MutexLock lock(&mu);
+    ParamTable<Param>::Release(claimed);
+  }
+  return status;
+}
 
 // The budget an engine gets when EngineOptions::memory_budget_bytes is 0 and
 // `machine_bytes` is what the machine has; also checks the options' ranges.
