@@ -251,8 +251,49 @@ TEST_F(ServerTest, BrokenStreamChangesNoState) {
   unfinished.cancel_after = unfinished.body.size();
   EXPECT_EQ(RunStep(stub_.get(), unfinished).status.error_code(), grpc::StatusCode::CANCELLED);
 
+  // Every chunk sent and a half-close, but no StepEnd: refused, not a step.
+  StepCall no_end = Call(session, 1);
+  no_end.body = GradientMessages(RandomGradients(model, 97), 1000, 0);
+  no_end.send_end = false;
+  EXPECT_CODE(RunStep(stub_.get(), no_end).status, INVALID_ARGUMENT, "without a StepEnd");
+  EXPECT_EQ(SessionStep(session), 0u);
+
   ExpectSameUpdates(Good(session, 1, g1), reference.Step(g1));
   EXPECT_EQ(SessionStep(session), 1u);
+}
+
+// A client may read every update before it half-closes: nothing is held back
+// for the half-close, and StepEnd alone commits.
+TEST_F(ServerTest, EveryUpdateArrivesBeforeTheHalfClose) {
+  const Model model = SmallModel();
+  const std::string session = NewSession(model);
+  Reference reference(model);
+  const Tensors grads = RandomGradients(model, 83);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  auto stream = stub_->Step(&ctx);
+  v1::StepRequest header;
+  *header.mutable_header() = Call(session, 1).header;
+  ASSERT_TRUE(stream->Write(header));
+  for (const v1::StepRequest& m : GradientMessages(grads, 1000, 0)) ASSERT_TRUE(stream->Write(m));
+  ASSERT_TRUE(stream->Write(EndMessage({0, 1, 2, 3, 4})));
+  StepResult got;
+  v1::StepResponse response;
+  while (!got.summary.has_value() && stream->Read(&response)) {
+    if (response.has_update()) {
+      const v1::UpdateChunk& u = response.update();
+      Bytes& dst = got.updates[u.param_index()];
+      dst.resize(u.total_bytes());
+      std::memcpy(dst.data() + u.offset(), u.data().data(), u.data().size());
+      got.decay[u.param_index()] = u.decay();
+    } else if (response.has_summary()) {
+      got.summary = response.summary();
+    }
+  }
+  ASSERT_TRUE(got.summary.has_value());
+  stream->WritesDone();
+  got.status = stream->Finish();
+  ExpectSameUpdates(got, reference.Step(grads));
 }
 
 TEST_F(ServerTest, UpdatesStreamBeforeTheStepEndsButCommitOnlyAtTheEnd) {
@@ -1062,6 +1103,7 @@ TEST(ServerSignalTest, SigtermDrainsTheInFlightStepAndExitsZero) {
     EXPECT_EQ(HealthStatus((*server)->NewChannel()), 2);
   }
   for (size_t i = half; i < body.size(); ++i) ASSERT_TRUE(stream->Write(body[i]));
+  ASSERT_TRUE(stream->Write(EndMessage({0, 1, 2, 3, 4})));
   stream->WritesDone();
   v1::StepResponse response;
   std::optional<v1::StepSummary> summary;
@@ -1072,6 +1114,43 @@ TEST(ServerSignalTest, SigtermDrainsTheInFlightStepAndExitsZero) {
   EXPECT_TRUE(status.ok()) << status.error_message();
   ASSERT_TRUE(summary.has_value());
   EXPECT_EQ(summary->step(), 1u);
+  EXPECT_EQ((*server)->WaitForExit(30), 0);
+}
+
+// A step the drain does not wait out is cut with UNAVAILABLE, which a
+// client retries, never CANCELLED; and it is not applied.
+TEST(ServerSignalTest, AStepCutByShutdownAnswersUnavailable) {
+  auto server = ServerProcess::Start({"--drain_timeout_seconds=0.2"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto stub = v1::Optimizer::NewStub((*server)->NewChannel());
+  const Model model = SmallModel();
+  grpc::ClientContext create_ctx;
+  v1::CreateSessionResponse created;
+  ASSERT_TRUE(stub->CreateSession(&create_ctx, CreateRequest(model), &created).ok());
+
+  grpc::ClientContext ctx;
+  auto stream = stub->Step(&ctx);
+  v1::StepRequest header;
+  header.mutable_header()->set_session_id(created.session_id());
+  header.mutable_header()->set_token(created.token());
+  header.mutable_header()->set_step(1);
+  ASSERT_TRUE(stream->Write(header));
+  const std::vector<v1::StepRequest> body = GradientMessages(RandomGradients(model, 52), 1000, 0);
+  for (size_t i = 0; i < body.size() / 2; ++i) ASSERT_TRUE(stream->Write(body[i]));
+  // An idle stream (no header yet) is cut the same way.
+  grpc::ClientContext idle_ctx;
+  auto idle = stub->Step(&idle_ctx);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+
+  (*server)->Signal(SIGTERM);
+  v1::StepResponse response;
+  while (stream->Read(&response)) {
+    EXPECT_FALSE(response.has_summary());
+  }
+  EXPECT_CODE(stream->Finish(), UNAVAILABLE, "shutting down");
+  while (idle->Read(&response)) {
+  }
+  EXPECT_CODE(idle->Finish(), UNAVAILABLE, "shutting down");
   EXPECT_EQ((*server)->WaitForExit(30), 0);
 }
 

@@ -162,9 +162,22 @@ StepResult RunStep(v1::Optimizer::Stub* stub, const StepCall& call) {
     *header.mutable_header() = call.header;
     ok = stream->Write(header);
   }
-  for (size_t i = 0; ok && i < call.body.size(); ++i) {
+  std::vector<v1::StepRequest> body = call.body;
+  const bool has_end = std::any_of(body.begin(), body.end(),
+                                   [](const v1::StepRequest& r) { return r.has_end(); });
+  if (call.send_end && !has_end) {
+    std::vector<uint32_t> indices;
+    for (const v1::StepRequest& r : body) {
+      if (r.has_gradient() && std::find(indices.begin(), indices.end(),
+                                        r.gradient().param_index()) == indices.end()) {
+        indices.push_back(r.gradient().param_index());
+      }
+    }
+    body.push_back(EndMessage(indices));
+  }
+  for (size_t i = 0; ok && i < body.size(); ++i) {
     if (call.cancel_after.has_value() && i == *call.cancel_after) break;
-    ok = stream->Write(call.body[i]);
+    ok = stream->Write(body[i]);
   }
   if (call.cancel_after.has_value()) {
     // Give the server time to take in what was sent, then break the stream.

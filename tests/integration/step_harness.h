@@ -80,6 +80,9 @@ struct StepCall {
   std::optional<size_t> cancel_after;
   // Send `header` as the first message (false: start with body[0]).
   bool send_header = true;
+  // Unless `body` has a StepEnd, end it with one listing the parameters its
+  // chunks name, as every client does (false: half-close without it).
+  bool send_end = true;
 };
 
 StepResult RunStep(v1::Optimizer::Stub* stub, const StepCall& call);
@@ -88,7 +91,7 @@ StepResult RunStep(v1::Optimizer::Stub* stub, const StepCall& call);
 // the session not yet torn down), as a client library would.
 StepResult RunStepRetrying(v1::Optimizer::Stub* stub, const StepCall& call);
 
-// A whole good step: all of `grads`, 1000-byte chunks shuffled, half-close.
+// A whole good step: all of `grads`, 1000-byte chunks shuffled, StepEnd.
 StepResult GoodStep(v1::Optimizer::Stub* stub, const std::string& session, const std::string& token,
                     uint64_t step, const Tensors& grads);
 
