@@ -94,6 +94,15 @@ Reference::Reference(const Model& model) : specs_(model.specs) {
 Reference::~Reference() = default;
 
 StepResult Reference::Step(const Tensors& grads, std::optional<double> lr_scale) {
+  return Run(grads, lr_scale, std::nullopt);
+}
+
+StepResult Reference::StepFp32(const Tensors& grads) {
+  return Run(grads, std::nullopt, DType::kFloat32);
+}
+
+StepResult Reference::Run(const Tensors& grads, std::optional<double> lr_scale,
+                          std::optional<DType> wire) {
   std::vector<GradientInput> in;
   std::vector<UpdateOutput> out;
   StepResult result;
@@ -101,17 +110,17 @@ StepResult Reference::Step(const Tensors& grads, std::optional<double> lr_scale)
     const ParamSpec& s = specs_[index];
     GradientInput g;
     g.param = ids_[index];
-    g.dtype = s.dtype;
+    g.dtype = wire.value_or(s.dtype);
     g.bytes = absl::MakeConstSpan(bytes);
     if (lr_scale.has_value()) g.lr = s.hp.lr * *lr_scale;
     in.push_back(g);
     result.updates[index].resize(bytes.size());
-    result.dtype[index] = s.dtype;
+    result.dtype[index] = g.dtype;
   }
   for (const auto& [index, bytes] : grads) {
     UpdateOutput o;
     o.param = ids_[index];
-    o.dtype = specs_[index].dtype;
+    o.dtype = wire.value_or(specs_[index].dtype);
     o.bytes = absl::MakeSpan(result.updates[index]);
     out.push_back(o);
   }

@@ -59,8 +59,14 @@ class Reference {
   ~Reference();
   // One committed step over `grads` (a subset of the parameters).
   StepResult Step(const Tensors& grads, std::optional<double> lr_scale = std::nullopt);
+  // One step with fp32 gradients and fp32 updates, whatever the parameters'
+  // dtypes (a parameter server's average, applied to weights it holds).
+  StepResult StepFp32(const Tensors& grads);
 
  private:
+  // `wire`: the dtype of gradients and updates; unset: each parameter's.
+  StepResult Run(const Tensors& grads, std::optional<double> lr_scale, std::optional<DType> wire);
+
   std::unique_ptr<Engine> engine_;
   std::vector<ParamSpec> specs_;
   std::vector<uint64_t> ids_;  // muon::ParamId
