@@ -18,7 +18,7 @@
 #include "muon/server/status_util.h"
 #include "observability/metrics.h"
 #include "ps/round_backend.h"
-#include "session/session.h"
+#include "session/registry.h"
 #include "step/step_header.h"
 #include "step/step_machine.h"
 #include "step/update_backend.h"
@@ -36,7 +36,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
         gate_(gate),
         ctx_(ctx),
         backend_env_{env->engine,
-                     env->sessions,
+                     &env->sessions->durability(),
                      env->step_metrics,
                      env->options.orthogonality_sample_every,
                      env->options.update_chunk_bytes,
@@ -195,7 +195,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
     // drain that begins now waits for its summary to be written.
     MUON_RETURN_IF_ERROR(gate_->StartStep());
     counted_step_ = true;
-    if (session->rounds() != nullptr) {
+    if (RoundsOf(*session) != nullptr) {
       return std::make_unique<RoundStepBackend>(backend_env_, std::move(session), this);
     }
     return std::make_unique<UpdateStepBackend>(backend_env_, std::move(session), this);

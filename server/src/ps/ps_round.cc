@@ -15,10 +15,10 @@
 namespace muon::server {
 
 ParameterServerRounds::ParameterServerRounds(Session* session, Engine* engine,
-                                             SessionRegistry* registry, const Options& options)
+                                             const Durability* durability, const Options& options)
     : session_(session),
       engine_(engine),
-      registry_(registry),
+      durability_(durability),
       options_(options),
       num_workers_(session->num_workers()),
       sum_mu_(new absl::Mutex[session->params().size()]) {}
@@ -27,7 +27,7 @@ absl::StatusOr<ParameterServerRounds::Admission> ParameterServerRounds::Join(uin
                                                                              uint32_t worker,
                                                                              RoundWaiter* waiter) {
   absl::MutexLock lock(&mu_);
-  // The session's step only moves under mu_ (CommitRound), so it is stable
+  // The session's step only moves under mu_ (lease_.CommitRound), so it is stable
   // here.
   const uint64_t committed = session_->step();
   if (step == 0) {
@@ -47,7 +47,7 @@ absl::StatusOr<ParameterServerRounds::Admission> ParameterServerRounds::Join(uin
                      committed + 1));
   }
   if (!open_) {
-    MUON_RETURN_IF_ERROR(session_->BeginRound());
+    MUON_ASSIGN_OR_RETURN(lease_, session_->TryLease(LeasePurpose::kRound));
     open_ = true;
     ++round_;
     step_ = step;
@@ -88,7 +88,6 @@ bool ParameterServerRounds::Leave(RoundWaiter* waiter) {
   // for nothing: give it back now rather than at the timeout.
   if (open_ && !computing_ && contributions_ == 0 && adders_ == 0 && waiting_.empty()) {
     CloseRoundLocked();
-    session_->AbortRound();
   }
   return true;
 }
@@ -200,12 +199,8 @@ absl::Status ParameterServerRounds::Contribute(uint64_t round_id, WorkerGradient
   std::vector<std::pair<RoundWaiter*, uint32_t>> waiters;
   {
     absl::MutexLock lock(&mu_);
+    if (computed.ok()) lease_.CommitRound(step, computed->records);
     waiters = CloseRoundLocked();
-    if (computed.ok()) {
-      session_->CommitRound(step, computed->records);
-    } else {
-      session_->AbortRound();
-    }
   }
   for (const auto& [waiter, w] : waiters) {
     if (!computed.ok()) {
@@ -223,6 +218,7 @@ std::vector<std::pair<RoundWaiter*, uint32_t>> ParameterServerRounds::CloseRound
   std::vector<std::pair<RoundWaiter*, uint32_t>> waiters;
   for (const Waiting& w : waiting_) waiters.emplace_back(w.waiter, w.worker);
   waiting_.clear();
+  lease_.Release();  // unless committed first: the step stays the session's
   open_ = false;
   computing_ = false;
   sums_.clear();
@@ -247,7 +243,6 @@ void ParameterServerRounds::ExpireIfLate(absl::Time now) {
     missing = absl::StrJoin(absent, ", ");
     step = step_;
     waiters = CloseRoundLocked();
-    session_->AbortRound();
   }
   const absl::Status status = absl::AbortedError(absl::StrCat(
       "step ", step, " of session ", session_->id(), " waited ",

@@ -11,7 +11,7 @@ namespace muon::server {
 
 RoundStepBackend::RoundStepBackend(const StepBackendEnv& env, std::shared_ptr<Session> session,
                                    StepEvents* events)
-    : env_(env), session_(std::move(session)), events_(events), rounds_(session_->rounds()) {}
+    : env_(env), session_(std::move(session)), events_(events), rounds_(RoundsOf(*session_)) {}
 
 absl::StatusOr<StepBackend::Admission> RoundStepBackend::Admit(const v1::StepHeader& header) {
   // Pinned before joining: the round may call RoundDone as soon as it holds
@@ -90,7 +90,7 @@ absl::Status RoundStepBackend::End(std::vector<uint32_t> indices, int64_t bytes_
 void RoundStepBackend::Replay() {
   events_->Schedule([this] {
     absl::StatusOr<std::vector<StepResponsePtr>> responses =
-        ReplayResponses(*env_.sessions, *session_, *replay_);
+        ReplayResponses(*env_.durability, *session_, *replay_);
     if (responses.ok()) {
       events_->Committed(std::move(*responses), /*replayed=*/true);
     } else {

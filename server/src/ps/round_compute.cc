@@ -15,7 +15,6 @@
 #include "muon/kernels/status_macros.h"
 #include "ps/ps_round.h"
 #include "step/chunker.h"
-#include "step/replay.h"
 #include "step/step_header.h"
 #include "step/step_summary.h"
 #include "wire/convert.h"
@@ -110,7 +109,8 @@ absl::StatusOr<ParameterServerRounds::Computed> ParameterServerRounds::Compute(G
       if (round.formats[v] == round.formats[w]) computed.records[v] = shared;
     }
   }
-  computed.ack = WriteCheckpointIfDue(*registry_, *session_, round.step, computed.records);
+  computed.ack =
+      durability_->AtCommit(*session_, Session::Snapshot{round.step, now, computed.records});
   return computed;
 }
 

@@ -44,7 +44,7 @@ absl::StatusOr<StepBackend::Admission> UpdateStepBackend::Admit(const v1::StepHe
   options.measure_orthogonality = measure_orthogonality_;
   absl::StatusOr<std::unique_ptr<StepTransaction>> txn = env_.engine->BeginStep(options);
   absl::MutexLock lock(&mu_);
-  admitted_ = true;
+  lease_ = std::move(admitted.lease);
   if (!txn.ok()) {
     ReleaseLocked();
     return txn.status();
@@ -77,7 +77,7 @@ absl::Status UpdateStepBackend::End(std::vector<uint32_t> indices, int64_t bytes
 void UpdateStepBackend::Replay() {
   events_->Schedule([this] {
     absl::StatusOr<std::vector<StepResponsePtr>> responses =
-        ReplayResponses(*env_.sessions, *session_, *replay_);
+        ReplayResponses(*env_.durability, *session_, *replay_);
     if (responses.ok()) {
       events_->Committed(std::move(*responses), /*replayed=*/true);
     } else {
@@ -241,15 +241,14 @@ void UpdateStepBackend::Commit() {
     record->responses.push_back(MakeSummary(std::move(summary), *session_, env_.metrics));
   }
   std::shared_ptr<const StepRecord> committed = std::move(record);
-  // The session stays held (in flight) until it records the commit, so the
-  // write sees this step's state; the stream's reactions go on meanwhile.
-  absl::Status durable =
-      WriteCheckpointIfDue(*env_.sessions, *session_, committed->step, {committed});
+  // The lease is held until it records the commit, so the write sees this
+  // step's state; the stream's reactions go on meanwhile.
+  absl::Status durable = env_.durability->AtCommit(
+      *session_, Session::Snapshot{committed->step, absl::Now(), {committed}});
   {
     absl::MutexLock lock(&mu_);
     running_ = false;
-    session_->CommitStep(header_.worker_id(), committed);
-    admitted_ = false;
+    lease_.CommitStep(header_.worker_id(), committed);
   }
   if (!durable.ok()) {
     events_->Failed(durable);
@@ -259,10 +258,9 @@ void UpdateStepBackend::Commit() {
 }
 
 void UpdateStepBackend::ReleaseLocked() {
-  if (!admitted_) return;
+  if (!lease_.held()) return;
   txn_.reset();
-  session_->AbortStep(header_.worker_id());
-  admitted_ = false;
+  lease_.Release();
 }
 
 }  // namespace muon::server

@@ -14,6 +14,8 @@
 #include "absl/time/time.h"
 #include "muon/kernels/engine.h"
 #include "observability/metrics.h"
+#include "session/durability.h"
+#include "session/lease.h"
 #include "session/session.h"
 #include "step/step_backend.h"
 
@@ -22,7 +24,7 @@ namespace muon::server {
 // What the step backends share. Everything outlives them.
 struct StepBackendEnv {
   Engine* engine = nullptr;
-  SessionRegistry* sessions = nullptr;
+  const Durability* durability = nullptr;
   StepReporter* metrics = nullptr;
   int orthogonality_sample_every = 0;  // ServerOptions
   int64_t update_chunk_bytes = 1 << 20;
@@ -59,8 +61,8 @@ class UpdateStepBackend final : public StepBackend {
   void Run();
   absl::StatusOr<std::vector<StepResponsePtr>> Compute(std::vector<Ready> batch);
   void Commit();
-  // Discards the transaction and frees the session. REQUIRES: no task
-  // using the transaction.
+  // Discards the transaction and ends the lease (the session's step
+  // unchanged). REQUIRES: no task using the transaction.
   void ReleaseLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const StepBackendEnv env_;
@@ -78,7 +80,7 @@ class UpdateStepBackend final : public StepBackend {
   std::unique_ptr<StepTransaction> txn_;
 
   absl::Mutex mu_;
-  bool admitted_ ABSL_GUARDED_BY(mu_) = false;  // holds the session's slot
+  Lease lease_ ABSL_GUARDED_BY(mu_);  // held from a new step's admission to its end
   bool running_ ABSL_GUARDED_BY(mu_) = false;   // a task is scheduled or running
   bool aborted_ ABSL_GUARDED_BY(mu_) = false;
   std::deque<Ready> ready_ ABSL_GUARDED_BY(mu_);

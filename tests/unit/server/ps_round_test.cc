@@ -16,7 +16,7 @@
 
 #include "muon/kernels/engine.h"
 #include "observability/metrics.h"
-#include "session/session.h"
+#include "session/registry.h"
 #include "status_matchers.h"
 
 namespace muon::server {
@@ -87,10 +87,15 @@ class RoundsTest : public ::testing::Test {
     rounds.metrics = metrics_->steps();
     rounds.worker_timeout = kTimeout;
     rounds.chunk_bytes = 40;  // several chunks per tensor
+    durability_ = std::make_unique<Durability>(DurabilityOptions{}, engine_.get());
+    auto make_rounds = [this, rounds](Session* session) -> std::unique_ptr<SessionRounds> {
+      return std::make_unique<ParameterServerRounds>(session, engine_.get(), durability_.get(),
+                                                     rounds);
+    };
     registry_ = std::make_unique<SessionRegistry>(engine_.get(), Limits{}, metrics_->sessions(),
-                                                  DurabilityOptions{}, rounds);
+                                                  durability_.get(), make_rounds);
     session_ = NewSession(2);
-    rounds_ = session_->rounds();
+    rounds_ = RoundsOf(*session_);
   }
 
   std::shared_ptr<Session> NewSession(uint32_t workers) {
@@ -120,6 +125,7 @@ class RoundsTest : public ::testing::Test {
 
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<Engine> engine_;
+  std::unique_ptr<Durability> durability_;
   std::unique_ptr<SessionRegistry> registry_;
   std::shared_ptr<Session> session_;
   ParameterServerRounds* rounds_ = nullptr;
@@ -155,8 +161,8 @@ TEST_F(RoundsTest, TwoWorkersCommitTheStepOfTheirAverage) {
   }
   std::shared_ptr<Session> single = NewSession(1);
   Waiter only;
-  const uint64_t single_round = Join(single->rounds(), 1, 0, &only);
-  ASSERT_THAT(single->rounds()->Contribute(single_round, Gradients(0, average)), IsOk());
+  const uint64_t single_round = Join(RoundsOf(*single), 1, 0, &only);
+  ASSERT_THAT(RoundsOf(*single)->Contribute(single_round, Gradients(0, average)), IsOk());
   ASSERT_TRUE(only.result.has_value());
   ASSERT_THAT(*only.result, IsOk());
   EXPECT_EQ(WeightsOf(***w0.result), WeightsOf(***only.result));
@@ -224,8 +230,8 @@ TEST_F(RoundsTest, ANonFiniteGradientIsRefusedAndAddsNothing) {
   }
   std::shared_ptr<Session> single = NewSession(1);
   Waiter only;
-  const uint64_t single_round = Join(single->rounds(), 1, 0, &only);
-  ASSERT_THAT(single->rounds()->Contribute(single_round, Gradients(0, average)), IsOk());
+  const uint64_t single_round = Join(RoundsOf(*single), 1, 0, &only);
+  ASSERT_THAT(RoundsOf(*single)->Contribute(single_round, Gradients(0, average)), IsOk());
   EXPECT_EQ(WeightsOf(***w0.result), WeightsOf(***only.result));
 }
 
@@ -267,11 +273,11 @@ TEST_F(RoundsTest, ACommittedStepIsReplayedAndAStepAheadRefused) {
 TEST_F(RoundsTest, TheLastWaiterLeavingAnEmptyRoundFreesTheSession) {
   Waiter w0;
   Join(rounds_, 1, 0, &w0);
-  EXPECT_THAT(session_->BeginWeightsUpload(), StatusIs(absl::StatusCode::kAborted));
+  EXPECT_THAT(session_->TryLease(LeasePurpose::kWeightsUpload),
+              StatusIs(absl::StatusCode::kAborted));
   EXPECT_TRUE(rounds_->Leave(&w0));
   EXPECT_FALSE(rounds_->Leave(&w0));  // not registered any more
-  EXPECT_THAT(session_->BeginWeightsUpload(), IsOk());
-  session_->EndWeightsUpload();
+  EXPECT_THAT(session_->TryLease(LeasePurpose::kWeightsUpload), IsOk());
 }
 
 TEST_F(RoundsTest, AskedOrthogonalityIsInTheSummaryForMuonParameters) {

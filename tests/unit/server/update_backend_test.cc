@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "observability/metrics.h"
-#include "session/session.h"
+#include "session/registry.h"
 #include "status_matchers.h"
 
 namespace muon::server {
@@ -75,7 +75,9 @@ class UpdateBackendTest : public ::testing::Test {
   void SetUp() override {
     metrics_ = *Metrics::Create("");
     engine_ = *CreateCpuEngine(EngineOptions{});
-    registry_ = std::make_unique<SessionRegistry>(engine_.get(), Limits{}, metrics_->sessions());
+    durability_ = std::make_unique<Durability>(DurabilityOptions{}, engine_.get());
+    registry_ = std::make_unique<SessionRegistry>(engine_.get(), Limits{}, metrics_->sessions(),
+                                                  durability_.get(), nullptr);
     v1::CreateSessionRequest request;
     v1::ParameterSpec* w = request.add_params();
     w->set_name("w");
@@ -86,7 +88,7 @@ class UpdateBackendTest : public ::testing::Test {
     b->add_shape(8);
     session_ = *registry_->Create(request);
     env_.engine = engine_.get();
-    env_.sessions = registry_.get();
+    env_.durability = durability_.get();
     env_.metrics = metrics_->steps();
     env_.update_chunk_bytes = 1030;  // no element size divides it
   }
@@ -115,6 +117,7 @@ class UpdateBackendTest : public ::testing::Test {
 
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<Engine> engine_;
+  std::unique_ptr<Durability> durability_;
   std::unique_ptr<SessionRegistry> registry_;
   std::shared_ptr<Session> session_;
   StepBackendEnv env_;
