@@ -52,14 +52,14 @@ void RoundStepBackend::Gradient(uint32_t index, std::unique_ptr<std::byte[]> byt
 
 absl::Status RoundStepBackend::End(std::vector<uint32_t> indices, int64_t bytes_received) {
   const std::vector<SessionParam>& params = session_->params();
-  for (uint32_t i = 0; i < params.size(); ++i) {
+  // The reader has checked that `indices` are exactly the parameters given.
+  for (uint32_t i = 0; indices.size() != params.size() && i < params.size(); ++i) {
     if (tensors_[i] == nullptr) {
       return absl::InvalidArgumentError(
           absl::StrCat("a PARAMETER_SERVER step carries every parameter; parameter ", i, " ('",
                        params[i].spec.name, "') is missing"));
     }
   }
-  (void)indices;  // every parameter, as just checked
   auto gradients = std::make_shared<WorkerGradients>();
   gradients->worker = header_.worker_id();
   gradients->tensors = std::move(tensors_);
