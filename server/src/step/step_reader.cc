@@ -119,7 +119,8 @@ absl::StatusOr<StepReader::Event> StepReader::End(std::vector<uint32_t> indices)
                                               " (indices 0..", n - 1, ")"));
     }
     if (!seen.insert(i).second) {
-      return absl::InvalidArgumentError(absl::StrCat("StepEnd lists parameter index ", i, " twice"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("StepEnd lists parameter index ", i, " twice"));
     }
   }
   for (uint32_t i : assembler_->Started()) {

@@ -122,7 +122,8 @@ void UpdateStepBackend::Run() {
           return;
         }
       } else {
-        batch.assign(std::make_move_iterator(ready_.begin()), std::make_move_iterator(ready_.end()));
+        batch.assign(std::make_move_iterator(ready_.begin()),
+                     std::make_move_iterator(ready_.end()));
         ready_.clear();
       }
     }
