@@ -14,6 +14,12 @@ RoundStepBackend::RoundStepBackend(const StepBackendEnv& env, std::shared_ptr<Se
     : env_(env), session_(std::move(session)), events_(events), rounds_(RoundsOf(*session_)) {}
 
 absl::StatusOr<StepBackend::Admission> RoundStepBackend::Admit(const v1::StepHeader& header) {
+  if (header.update_dtype() != v1::DTYPE_UNSPECIFIED) {
+    MUON_ASSIGN_OR_RETURN(format_.dtype, DTypeFromProto(header.update_dtype(), DType::kFloat32));
+  }
+  format_.content = header.update_content() == v1::UPDATE_CONTENT_UPDATE
+                        ? v1::UPDATE_CONTENT_UPDATE
+                        : v1::UPDATE_CONTENT_WEIGHTS;
   // Pinned before joining: the round may call RoundDone as soon as it holds
   // this backend.
   events_->Pin();
@@ -63,12 +69,7 @@ absl::Status RoundStepBackend::End(std::vector<uint32_t> indices, int64_t bytes_
   auto gradients = std::make_shared<WorkerGradients>();
   gradients->worker = header_.worker_id();
   gradients->tensors = std::move(tensors_);
-  if (header_.update_dtype() != v1::DTYPE_UNSPECIFIED) {
-    gradients->format.dtype = *DTypeFromProto(header_.update_dtype(), DType::kFloat32);  // checked
-  }
-  gradients->format.content = header_.update_content() == v1::UPDATE_CONTENT_UPDATE
-                                  ? v1::UPDATE_CONTENT_UPDATE
-                                  : v1::UPDATE_CONTENT_WEIGHTS;
+  gradients->format = format_;
   if (header_.has_lr()) gradients->lr = header_.lr();
   if (header_.has_lr_scale()) gradients->lr_scale = header_.lr_scale();
   gradients->measure_orthogonality = header_.measure_orthogonality();

@@ -41,6 +41,7 @@ class RoundStepBackend final : public StepBackend, public RoundWaiter {
   ParameterServerRounds* const rounds_;
 
   v1::StepHeader header_;
+  ReplyFormat format_;  // what this worker asked to get back
   // Registered with the round (kContribute, kWait): it holds a pin.
   bool joined_ = false;
   uint64_t round_ = 0;

@@ -24,6 +24,9 @@ UpdateStepBackend::~UpdateStepBackend() {
 }
 
 absl::StatusOr<StepBackend::Admission> UpdateStepBackend::Admit(const v1::StepHeader& header) {
+  if (header.update_dtype() != v1::DTYPE_UNSPECIFIED) {
+    MUON_ASSIGN_OR_RETURN(update_dtype_, DTypeFromProto(header.update_dtype(), DType::kFloat32));
+  }
   MUON_ASSIGN_OR_RETURN(Session::Admission admitted,
                         session_->AdmitStep(header.step(), header.worker_id()));
   Admission admission;
@@ -35,9 +38,6 @@ absl::StatusOr<StepBackend::Admission> UpdateStepBackend::Admit(const v1::StepHe
   }
   header_ = header;
   start_time_ = absl::Now();
-  if (header.update_dtype() != v1::DTYPE_UNSPECIFIED) {
-    update_dtype_ = *DTypeFromProto(header.update_dtype(), DType::kFloat32);  // checked
-  }
   measure_orthogonality_ = MeasuresOrthogonality(header.measure_orthogonality(), header.step(),
                                                  env_.orthogonality_sample_every);
   StepOptions options;
