@@ -50,9 +50,9 @@ Tensors GridGradients(const Model& model, uint64_t seed) {
   return out;
 }
 
-// The average of the workers' gradients as the server forms it: decoded,
-// summed in fp32, times 1/W, back in each parameter's dtype.
-Tensors Average(const Model& model, const std::vector<Tensors>& workers) {
+// The fp32 average of the workers' gradients, as the server forms it:
+// decoded, summed in fp32 in order, times 1/W, kept in fp32.
+Tensors Fp32Average(const Model& model, const std::vector<Tensors>& workers) {
   Tensors out;
   for (uint32_t i = 0; i < model.specs.size(); ++i) {
     const DType dtype = model.specs[i].dtype;
@@ -64,9 +64,23 @@ Tensors Average(const Model& model, const std::vector<Tensors>& workers) {
     }
     const float scale = 1.0f / static_cast<float>(workers.size());
     for (float& v : sum) v *= scale;
-    Bytes bytes(n * DTypeSize(dtype));
-    EncodeFromFloat(dtype, sum.data(), n, bytes.data());
+    Bytes bytes(n * sizeof(float));
+    std::memcpy(bytes.data(), sum.data(), bytes.size());
     out[i] = std::move(bytes);
+  }
+  return out;
+}
+
+// The same average back in each parameter's dtype (what a single worker
+// would send).
+Tensors Average(const Model& model, const std::vector<Tensors>& workers) {
+  Tensors out = Fp32Average(model, workers);
+  for (auto& [i, bytes] : out) {
+    const DType dtype = model.specs[i].dtype;
+    const size_t n = bytes.size() / sizeof(float);
+    Bytes encoded(n * DTypeSize(dtype));
+    EncodeFromFloat(dtype, reinterpret_cast<const float*>(bytes.data()), n, encoded.data());
+    bytes = std::move(encoded);
   }
   return out;
 }
@@ -275,27 +289,6 @@ TEST_F(ParameterServerTest, ThreeWorkersEqualOneWorkerFeedingTheAverage) {
   ASSERT_TRUE(replay.status.ok()) << replay.status.error_message();
   EXPECT_TRUE(replay.summary->replayed());
   EXPECT_TRUE(Pull(session) == held) << "a replay must not apply again";
-}
-
-// The fp32 average of the workers' gradients: decoded, summed, times 1/W,
-// kept in fp32.
-Tensors Fp32Average(const Model& model, const std::vector<Tensors>& workers) {
-  Tensors out;
-  for (uint32_t i = 0; i < model.specs.size(); ++i) {
-    const DType dtype = model.specs[i].dtype;
-    const size_t n = NumElements(model.specs[i].shape);
-    std::vector<float> sum(n, 0.0f), one(n);
-    for (const Tensors& w : workers) {
-      DecodeToFloat(dtype, w.at(i).data(), n, one.data());
-      for (size_t j = 0; j < n; ++j) sum[j] += one[j];
-    }
-    const float scale = 1.0f / static_cast<float>(workers.size());
-    for (float& v : sum) v *= scale;
-    Bytes bytes(n * sizeof(float));
-    std::memcpy(bytes.data(), sum.data(), bytes.size());
-    out[i] = std::move(bytes);
-  }
-  return out;
 }
 
 // Sum of every sample count of muon_orthogonality_error in a /metrics page.

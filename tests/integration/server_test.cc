@@ -1045,6 +1045,15 @@ TEST(ServerRobustnessTest, GarbageNeverCrashesTheServer) {
   }
 }
 
+// The header of step 1 of a session just created.
+v1::StepRequest FirstHeader(const v1::CreateSessionResponse& created) {
+  v1::StepRequest header;
+  header.mutable_header()->set_session_id(created.session_id());
+  header.mutable_header()->set_token(created.token());
+  header.mutable_header()->set_step(1);
+  return header;
+}
+
 TEST(ServerSignalTest, SigtermDrainsTheInFlightStepAndExitsZero) {
   auto server = ServerProcess::Start();
   ASSERT_TRUE(server.ok()) << server.status();
@@ -1059,11 +1068,7 @@ TEST(ServerSignalTest, SigtermDrainsTheInFlightStepAndExitsZero) {
   std::vector<v1::StepRequest> body = GradientMessages(grads, 1000, 0);
   grpc::ClientContext ctx;
   auto stream = stub->Step(&ctx);
-  v1::StepRequest header;
-  header.mutable_header()->set_session_id(created.session_id());
-  header.mutable_header()->set_token(created.token());
-  header.mutable_header()->set_step(1);
-  ASSERT_TRUE(stream->Write(header));
+  ASSERT_TRUE(stream->Write(FirstHeader(created)));
   const size_t half = body.size() / 2;
   for (size_t i = 0; i < half; ++i) ASSERT_TRUE(stream->Write(body[i]));
   std::this_thread::sleep_for(std::chrono::milliseconds(200));
@@ -1105,11 +1110,7 @@ TEST(ServerSignalTest, AStepCutByShutdownAnswersUnavailable) {
 
   grpc::ClientContext ctx;
   auto stream = stub->Step(&ctx);
-  v1::StepRequest header;
-  header.mutable_header()->set_session_id(created.session_id());
-  header.mutable_header()->set_token(created.token());
-  header.mutable_header()->set_step(1);
-  ASSERT_TRUE(stream->Write(header));
+  ASSERT_TRUE(stream->Write(FirstHeader(created)));
   const std::vector<v1::StepRequest> body = GradientMessages(RandomGradients(model, 52), 1000, 0);
   for (size_t i = 0; i < body.size() / 2; ++i) ASSERT_TRUE(stream->Write(body[i]));
   // An idle stream (no header yet) is cut the same way.

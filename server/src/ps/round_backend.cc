@@ -89,15 +89,7 @@ absl::Status RoundStepBackend::End(std::vector<uint32_t> indices, int64_t bytes_
 }
 
 void RoundStepBackend::Replay() {
-  events_->Schedule([this] {
-    absl::StatusOr<std::vector<StepResponsePtr>> responses =
-        ReplayResponses(*env_.durability, *session_, *replay_);
-    if (responses.ok()) {
-      events_->Committed(std::move(*responses), /*replayed=*/true);
-    } else {
-      events_->Failed(responses.status());
-    }
-  });
+  ScheduleReplay(events_, *env_.durability, *session_, replay_);
 }
 
 bool RoundStepBackend::Abort() {

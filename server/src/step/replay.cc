@@ -19,4 +19,17 @@ absl::StatusOr<std::vector<StepResponsePtr>> ReplayResponses(const Durability& d
   return responses;
 }
 
+void ScheduleReplay(StepEvents* events, const Durability& durability, Session& session,
+                    std::shared_ptr<const StepRecord> record) {
+  events->Schedule([events, &durability, &session, record = std::move(record)] {
+    absl::StatusOr<std::vector<StepResponsePtr>> responses =
+        ReplayResponses(durability, session, *record);
+    if (responses.ok()) {
+      events->Committed(std::move(*responses), /*replayed=*/true);
+    } else {
+      events->Failed(responses.status());
+    }
+  });
+}
+
 }  // namespace muon::server

@@ -19,6 +19,11 @@ absl::StatusOr<std::vector<StepResponsePtr>> ReplayResponses(const Durability& d
                                                              Session& session,
                                                              const StepRecord& record);
 
+// Answers a retry on `events`' pool with ReplayResponses: Committed
+// (replayed) or Failed. What both backends' Replay does.
+void ScheduleReplay(StepEvents* events, const Durability& durability, Session& session,
+                    std::shared_ptr<const StepRecord> record);
+
 }  // namespace muon::server
 
 #endif  // MUON_SERVER_SRC_STEP_REPLAY_H_

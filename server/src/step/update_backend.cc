@@ -75,15 +75,7 @@ absl::Status UpdateStepBackend::End(std::vector<uint32_t> indices, int64_t bytes
 }
 
 void UpdateStepBackend::Replay() {
-  events_->Schedule([this] {
-    absl::StatusOr<std::vector<StepResponsePtr>> responses =
-        ReplayResponses(*env_.durability, *session_, *replay_);
-    if (responses.ok()) {
-      events_->Committed(std::move(*responses), /*replayed=*/true);
-    } else {
-      events_->Failed(responses.status());
-    }
-  });
+  ScheduleReplay(events_, *env_.durability, *session_, replay_);
 }
 
 bool UpdateStepBackend::Abort() {

@@ -123,6 +123,25 @@ class RoundsTest : public ::testing::Test {
     return a->round;
   }
 
+  // The weights of a fresh one-worker session after one step fed the fp32
+  // average of g0 and g1.
+  std::vector<std::vector<float>> WeightsAfterAverage(const std::vector<std::vector<float>>& g0,
+                                                      const std::vector<std::vector<float>>& g1) {
+    std::vector<std::vector<float>> average = g0;
+    for (size_t i = 0; i < average.size(); ++i) {
+      for (size_t j = 0; j < average[i].size(); ++j) average[i][j] = (g0[i][j] + g1[i][j]) * 0.5f;
+    }
+    std::shared_ptr<Session> single = NewSession(1);
+    Waiter only;
+    const uint64_t round = Join(RoundsOf(*single), 1, 0, &only);
+    EXPECT_THAT(RoundsOf(*single)->Contribute(round, Gradients(0, average)), IsOk());
+    if (!only.result.has_value() || !only.result->ok()) {
+      ADD_FAILURE() << "the one-worker step did not commit";
+      return {};
+    }
+    return WeightsOf(***only.result);
+  }
+
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<Engine> engine_;
   std::unique_ptr<Durability> durability_;
@@ -155,17 +174,7 @@ TEST_F(RoundsTest, TwoWorkersCommitTheStepOfTheirAverage) {
   }
 
   // One worker fed the fp32 average gets the same weights, bit for bit.
-  std::vector<std::vector<float>> average = g0;
-  for (size_t i = 0; i < average.size(); ++i) {
-    for (size_t j = 0; j < average[i].size(); ++j) average[i][j] = (g0[i][j] + g1[i][j]) * 0.5f;
-  }
-  std::shared_ptr<Session> single = NewSession(1);
-  Waiter only;
-  const uint64_t single_round = Join(RoundsOf(*single), 1, 0, &only);
-  ASSERT_THAT(RoundsOf(*single)->Contribute(single_round, Gradients(0, average)), IsOk());
-  ASSERT_TRUE(only.result.has_value());
-  ASSERT_THAT(*only.result, IsOk());
-  EXPECT_EQ(WeightsOf(***w0.result), WeightsOf(***only.result));
+  EXPECT_EQ(WeightsOf(***w0.result), WeightsAfterAverage(g0, g1));
 }
 
 TEST_F(RoundsTest, AResentWorkerWaitsAndIsNotAddedTwice) {
@@ -224,15 +233,7 @@ TEST_F(RoundsTest, ANonFiniteGradientIsRefusedAndAddsNothing) {
   ASSERT_TRUE(w0.result.has_value());
   ASSERT_THAT(*w0.result, IsOk());
 
-  std::vector<std::vector<float>> average = g0;
-  for (size_t i = 0; i < average.size(); ++i) {
-    for (size_t j = 0; j < average[i].size(); ++j) average[i][j] = (g0[i][j] + g1[i][j]) * 0.5f;
-  }
-  std::shared_ptr<Session> single = NewSession(1);
-  Waiter only;
-  const uint64_t single_round = Join(RoundsOf(*single), 1, 0, &only);
-  ASSERT_THAT(RoundsOf(*single)->Contribute(single_round, Gradients(0, average)), IsOk());
-  EXPECT_EQ(WeightsOf(***w0.result), WeightsOf(***only.result));
+  EXPECT_EQ(WeightsOf(***w0.result), WeightsAfterAverage(g0, g1));
 }
 
 TEST_F(RoundsTest, ALateRoundExpiresForEveryWaiterAndAppliesNothing) {
