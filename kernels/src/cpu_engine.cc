@@ -277,7 +277,7 @@ absl::Status CpuTransaction::ComputeClaimed(const std::vector<std::shared_ptr<Pa
   for (size_t i = 0; i < params.size(); ++i) {
     const Param& p = *params[i];
     g[i].resize(p.size);
-    DecodeToFloat(p.spec.dtype, grads[i].bytes.data(), p.size, g[i].data());
+    DecodeToFloat(grads[i].dtype, grads[i].bytes.data(), p.size, g[i].data());
     if (!std::all_of(g[i].begin(), g[i].end(), [](float v) { return std::isfinite(v); })) {
       return absl::InvalidArgumentError(absl::StrCat("parameter '", p.spec.name,
                                                      "': gradient contains NaN or Inf"));
