@@ -12,6 +12,7 @@
 #include "muon/kernels/status_macros.h"
 #include "muon/kernels/types.h"
 #include "session/registry.h"
+#include "step/chunker.h"
 #include "storage/session_image.h"
 
 #ifndef MUON_VERSION
@@ -93,7 +94,9 @@ absl::StatusOr<v1::ServerInfo> DescribeServer(const ServiceEnv& env, int32_t ns_
   limits->set_max_message_bytes(o.limits.max_message_bytes);
   limits->set_max_concurrent_streams(static_cast<uint32_t>(o.limits.max_concurrent_streams));
   limits->set_memory_budget_bytes(memory.budget_bytes);
-  limits->set_update_chunk_bytes(o.update_chunk_bytes);
+  // Before rounding down to whole elements of the update's dtype.
+  limits->set_update_chunk_bytes(
+      ChunkPayloadBytes(o.update_chunk_bytes, o.limits.max_message_bytes, /*element_size=*/1));
   SetDuration(o.limits.session_idle_ttl, limits->mutable_session_idle_ttl());
   limits->set_max_workers(kMaxWorkers);
   SetDuration(o.worker_timeout, limits->mutable_worker_timeout());
