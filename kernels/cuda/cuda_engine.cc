@@ -328,7 +328,7 @@ absl::StatusOr<ParamId> CudaEngine::Register(const ParamSpec& spec) {
   p->vectors = (spec.kind == OptimizerKind::kMuon ? 1 : 2) + (spec.hold_weights ? 1 : 0);
   if (spec.kind == OptimizerKind::kMuon) {
     p->view = MatrixViewOf(spec.shape);
-    MUON_ASSIGN_OR_RETURN(p->coeffs, MakeNsCoefficients(spec.hp.ns_schedule, spec.hp.ns_steps));
+    MUON_ASSIGN_OR_RETURN(p->coeffs, MakeNsCoefficients(spec.hp, p->view));
     NsArgs probe;
     probe.coeffs = &p->coeffs;
     probe.batch = p->view.batch;
@@ -653,15 +653,16 @@ absl::Status CudaTransaction::Run(absl::Span<const GradientInput> grads,
                                   StepStats& local) {
   const auto start = std::chrono::steady_clock::now();
   CudaEngine& e = *engine_;
-  // Group Muon parameters by (rows, cols, schedule, steps): each group is one
+  // Group Muon parameters by (rows, cols, schedule, steps, Gram): each group is one
   // strided batch. AdamW parameters form one group of element-wise work.
-  std::map<std::tuple<int64_t, int64_t, ScheduleKind, int>, Group> by_shape;
+  std::map<std::tuple<int64_t, int64_t, ScheduleKind, int, bool>, Group> by_shape;
   Group adamw;
   adamw.muon = false;
   for (size_t i = 0; i < items.size(); ++i) {
     const Param& p = *items[i].param;
     if (p.spec.kind == OptimizerKind::kMuon) {
-      by_shape[{p.view.rows, p.view.cols, p.spec.hp.ns_schedule, p.spec.hp.ns_steps}]
+      by_shape[{p.view.rows, p.view.cols, p.spec.hp.ns_schedule, p.spec.hp.ns_steps,
+                p.coeffs.gram}]
           .items.push_back(i);
     } else {
       adamw.items.push_back(i);

@@ -78,8 +78,7 @@ class CpuEngine final : public Engine {
     param->size = NumElements(spec.shape);
     if (spec.kind == OptimizerKind::kMuon) {
       param->view = MatrixViewOf(spec.shape);
-      MUON_ASSIGN_OR_RETURN(param->coeffs,
-                            MakeNsCoefficients(spec.hp.ns_schedule, spec.hp.ns_steps));
+      MUON_ASSIGN_OR_RETURN(param->coeffs, MakeNsCoefficients(spec.hp, param->view));
     }
     const int64_t bytes = StateBytes(spec);
     absl::MutexLock lock(&mu_);
@@ -328,7 +327,7 @@ absl::Status CpuTransaction::Compute(absl::Span<const GradientInput> grads,
   std::vector<std::vector<float>> update(params.size());  // fp32, before encoding
   // Muon parameters grouped by (rows, cols, schedule, steps): each group is
   // one batch of same-shape matrices for Newton–Schulz.
-  std::map<std::tuple<int64_t, int64_t, ScheduleKind, int>, std::vector<size_t>> groups;
+  std::map<std::tuple<int64_t, int64_t, ScheduleKind, int, bool>, std::vector<size_t>> groups;
   for (size_t i = 0; i < params.size(); ++i) {
     const Param& p = *params[i];
     const HyperParams& hp = p.spec.hp;
@@ -349,7 +348,7 @@ absl::Status CpuTransaction::Compute(absl::Span<const GradientInput> grads,
         s.momentum[k] = b;
         update[i][k] = hp.nesterov ? gain * g[i][k] + beta * b : b;
       }
-      groups[{p.view.rows, p.view.cols, hp.ns_schedule, hp.ns_steps}].push_back(i);
+      groups[{p.view.rows, p.view.cols, hp.ns_schedule, hp.ns_steps, p.coeffs.gram}].push_back(i);
     } else {
       const double t = static_cast<double>(p.step + 1);
       const double bc1 = 1.0 - std::pow(hp.beta1, t);
