@@ -794,6 +794,7 @@ absl::Status CudaTransaction::Run(absl::Span<const GradientInput> grads,
         const Param& p = *it.param;
         MuonFinishParams fp;
         fp.d_o = d_x + it.matrix_offset * matrix;
+        fp.o_type = g.ns.type;
         fp.n = p.size;
         fp.scale = static_cast<float>(-static_cast<double>(it.lr) * p.shape_scale);
         fp.d_weights = p.Weights(p.current);

@@ -524,6 +524,11 @@ TEST_F(ServerTest, BadSessionsAreRejected) {
   }
   {
     v1::CreateSessionRequest r = request;
+    r.mutable_hyper_params()->set_ns_gram(static_cast<v1::NsGram>(7));
+    EXPECT_CODE(create(r), INVALID_ARGUMENT, "ns_gram");
+  }
+  {
+    v1::CreateSessionRequest r = request;
     r.set_num_workers(2);
     EXPECT_CODE(create(r), INVALID_ARGUMENT, "PARAMETER_SERVER");
   }

@@ -205,6 +205,8 @@ TEST(GramNewtonSchulzTest, TakesItsOwnPath) {
 
 TEST(GramNewtonSchulzTest, AutoUsesGramWhereItSavesFlops) {
   HyperParams hp;
+  EXPECT_EQ(hp.ns_gram, NsGram::kOff);
+  hp.ns_gram = NsGram::kAuto;
   const auto gram = [&](int64_t rows, int64_t cols) {
     return MakeNsCoefficients(hp, {1, rows, cols})->gram;
   };
