@@ -6,8 +6,12 @@
 // Each workload runs one BatchedNewtonSchulz per shape group, groups spread
 // over 4 streams (as the engine does), timed with CUDA events from the fork to
 // the join; the inputs are refilled with fresh random data before every
-// timed run. Both eager launches and a CUDA-graph replay of the same work are
-// timed; the median of each is reported. Benchmark code: failures exit.
+// timed run. Each workload and schedule runs in several variants (Variant:
+// fp16 or bf16 operands, plain or Gram Newton–Schulz, with or without its
+// restart, half-Gram products on or off), and the engine's Gram-auto choice
+// also as a CUDA-graph replay; the median of each is reported. Then whole
+// engine steps (ns_gram off and auto), and the accuracy of each variant
+// against the CPU engine's fp32 plain iteration. Benchmark code: failures exit.
 #include <cuda_runtime.h>
 
 #include <algorithm>

@@ -114,6 +114,10 @@ def load_peers(folder):
     if not folder:
         return peers
     sys.path.insert(0, folder)
+    # Turbo-Muon's functions are torch.compile(fullgraph=True, dynamic=False):
+    # one compile per input shape, more than the default limit of 8 over the
+    # four workloads (the 2026-12-02 run stopped there for Llama and 256²).
+    torch._dynamo.config.recompile_limit = 64
     try:
         from flash_muon import fast_newtonschulz
         peers["flash-muon (per matrix)"] = lambda d: [fast_newtonschulz(x) for b in d for x in b]
@@ -177,11 +181,12 @@ def main():
     p.add_argument("--peers_only", action="store_true", help="time only the peers")
     args = p.parse_args()
     if args.peers_only:
-        peers = load_peers(args.peers)
-        for w, shapes in WORKLOADS.items():
-            r = bench_peers(shapes, args.iters, peers)
-            print(f"peers {w:12s} " + "  ".join(f"{k}: {v:.3f} ms" for k, v in r.items()),
-                  flush=True)
+        # One peer at a time over every workload, each figure printed as it
+        # comes: a run cut short by its time limit keeps what it measured.
+        for name, fn in load_peers(args.peers).items():
+            for w, shapes in WORKLOADS.items():
+                for peer, ms in bench_peers(shapes, args.iters, {name: fn}).items():
+                    print(f"peer {peer} {w}: {ms:.3f} ms", flush=True)
         return
 
     tflops = gemm_tflops()
