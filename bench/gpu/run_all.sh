@@ -77,7 +77,8 @@ done
 # is the client under this machine's torch and grpcio.
 bundle_abs=$(cd "$bundle" && pwd)
 export MUON_SERVER_BIN=$bundle_abs/bin/muon-server
-export PYTHONPATH=$bundle_abs/python:$bundle_abs/src/client MUON_EXAMPLES=$bundle_abs/src/client/examples
+export PYTHONPATH=$bundle_abs/python:$bundle_abs/src/client
+export MUON_EXAMPLES=$bundle_abs/src/client/examples
 if [[ $parts == *" python "* ]]; then
   for test in client_test parameter_server_test remote_muon_test security_test sharding_test \
     train_tiny_test; do

@@ -12,8 +12,8 @@ With --peers DIR --peers_only, only the peers' own code from DIR:
 flash-muon's fast_newtonschulz (package flash_muon; 2-D only, so per matrix)
 and Turbo-Muon's Triton newton_schulz_triton_aol / _dion
 (newton_schulz_triton.py, batched by shape); their Triton autotuning and
-torch.compile take minutes, so run_all.sh runs them last. Timed with CUDA events, median, after warm-up, rotating
-over several freshly drawn input sets.
+torch.compile take minutes, so run_all.sh runs them last. Timed with CUDA events, median,
+after warm-up, rotating over several freshly drawn input sets.
 """
 import argparse
 import json
@@ -125,8 +125,10 @@ def load_peers(folder):
         print(f"flash-muon not run: {e!r}")
     try:
         import newton_schulz_triton as turbo
-        peers["Turbo-Muon triton dion (5)"] = lambda d: [turbo.newton_schulz_triton_dion(b) for b in d]
-        peers["Turbo-Muon triton aol (4)"] = lambda d: [turbo.newton_schulz_triton_aol(b) for b in d]
+        peers["Turbo-Muon triton dion (5)"] = lambda d: [
+            turbo.newton_schulz_triton_dion(b) for b in d]
+        peers["Turbo-Muon triton aol (4)"] = lambda d: [
+            turbo.newton_schulz_triton_aol(b) for b in d]
     except Exception as e:
         print(f"Turbo-Muon flash-newton-schulz not run: {e!r}")
     return peers
@@ -177,7 +179,8 @@ def main():
     p.add_argument("--ours", help="ns_bench --json output")
     p.add_argument("--json", help="write PyTorch figures here")
     p.add_argument("--iters", type=int, default=15)
-    p.add_argument("--peers", help="folder with the peers' code (flash_muon/, newton_schulz_triton.py)")
+    p.add_argument("--peers",
+                   help="folder with the peers' code (flash_muon/, newton_schulz_triton.py)")
     p.add_argument("--peers_only", action="store_true", help="time only the peers")
     args = p.parse_args()
     if args.peers_only:

@@ -197,7 +197,8 @@ double GramNsFlops(int64_t rows, int64_t cols, int steps, const std::vector<int>
 }
 
 bool GramNsPays(int64_t rows, int64_t cols, int steps, const std::vector<int>& restarts) {
-  return GramNsFlops(rows, cols, steps, restarts) <= kGramAutoRatio * PlainNsFlops(rows, cols, steps);
+  return GramNsFlops(rows, cols, steps, restarts) <=
+         kGramAutoRatio * PlainNsFlops(rows, cols, steps);
 }
 
 }  // namespace muon
