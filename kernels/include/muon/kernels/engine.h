@@ -113,6 +113,11 @@ struct EngineOptions {
   int64_t memory_budget_bytes = 0;
   // CUDA device ordinal (CUDA engine only).
   int device = 0;
+  // CUDA engine on several devices: one engine per listed ordinal, the
+  // parameters placed across them (sharded_engine.h); `device` is then
+  // unused. Empty or one entry: one device. Each device gets the whole
+  // memory budget.
+  std::vector<int> devices = {};
   // CPU engine: OpenBLAS threads per BLAS call (process-wide); 0 leaves
   // OpenBLAS's default (OPENBLAS_NUM_THREADS, else one per core).
   int blas_threads = 0;
