@@ -42,8 +42,9 @@ struct NsArgs {
   static constexpr int64_t kDefaultSymmetricMinRank = 1024;
 };
 
-// Orthogonalizes a batch of same-shape matrices on one stream: bf16
-// operands, fp32 accumulation, strided-batched cuBLASLt products.
+// Orthogonalizes a batch of same-shape matrices on one stream: fp16 (or
+// bf16, NsArgs::type) operands, fp32 accumulation, strided-batched cuBLASLt
+// products.
 //
 // The matrices are never transposed: a row-major m×n matrix is, to cuBLAS,
 // the column-major n×m matrix Mᵀ, so the wide orientation X (r×c, r ≤ c) is
