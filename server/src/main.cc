@@ -26,7 +26,9 @@ ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9464",
           "Prometheus /metrics address HOST:PORT; empty disables. Env MUON_METRICS_LISTEN.");
 ABSL_FLAG(std::string, engine, "auto", "Engine: auto, cpu or cuda. Env MUON_ENGINE.");
 ABSL_FLAG(int64_t, memory_budget_bytes, 0,
-          "Optimizer state budget in bytes; 0: none. Env MUON_MEMORY_BUDGET_BYTES.");
+          "Engine memory budget in bytes (optimizer state; GPU workspaces on CUDA); 0: the "
+          "machine's memory (host memory or the cgroup limit for the CPU engine, device memory "
+          "for CUDA). Env MUON_MEMORY_BUDGET_BYTES.");
 ABSL_FLAG(int, device, 0, "CUDA device ordinal. Env MUON_DEVICE.");
 ABSL_FLAG(std::vector<std::string>, devices, {},
           "CUDA engine on several devices: comma-separated ordinals (parameters placed across "
@@ -63,6 +65,9 @@ ABSL_FLAG(int, checkpoint_every_steps, 100,
 ABSL_FLAG(double, worker_timeout_seconds, 120,
           "PARAMETER_SERVER sessions: how long a step waits for all its workers before it fails "
           "for all of them, unapplied. Env MUON_WORKER_TIMEOUT_SECONDS.");
+ABSL_FLAG(absl::Duration, session_idle_ttl, absl::Hours(24),
+          "A session its client has not used for this long (e.g. 24h, 90m) is checkpointed, "
+          "when --checkpoint_dir is set, and removed; 0: never. Env MUON_SESSION_IDLE_TTL.");
 ABSL_FLAG(std::string, port_file, "",
           "Write the bound gRPC port to this file once serving. Env MUON_PORT_FILE.");
 ABSL_FLAG(int, scheduler_threads, 0,
@@ -101,7 +106,7 @@ bool FromEnv(absl::Flag<T>* flag, const char* env) {
   if (value == nullptr) return true;
   T parsed;
   std::string error;
-  if (!absl::ParseFlag(value, &parsed, &error)) {
+  if (!absl::ParseFlag(absl::string_view(value), &parsed, &error)) {
     std::cerr << "muon-server: bad " << env << "='" << value << "'"
               << (error.empty() ? " (not a value of the flag's type)" : ": " + error) << "\n";
     return false;
@@ -128,6 +133,7 @@ bool FlagsFromEnv() {
          FromEnv(&FLAGS_durability, "MUON_DURABILITY") &&
          FromEnv(&FLAGS_checkpoint_every_steps, "MUON_CHECKPOINT_EVERY_STEPS") &&
          FromEnv(&FLAGS_worker_timeout_seconds, "MUON_WORKER_TIMEOUT_SECONDS") &&
+         FromEnv(&FLAGS_session_idle_ttl, "MUON_SESSION_IDLE_TTL") &&
          FromEnv(&FLAGS_port_file, "MUON_PORT_FILE") &&
          FromEnv(&FLAGS_scheduler_threads, "MUON_SCHEDULER_THREADS") &&
          FromEnv(&FLAGS_update_chunk_bytes, "MUON_UPDATE_CHUNK_BYTES") &&
@@ -230,6 +236,7 @@ int main(int argc, char** argv) {
   options.limits.max_bytes_per_session = absl::GetFlag(FLAGS_max_bytes_per_session);
   options.limits.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   options.limits.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
+  options.limits.session_idle_ttl = absl::GetFlag(FLAGS_session_idle_ttl);
   options.checkpoint_dir = absl::GetFlag(FLAGS_checkpoint_dir);
   options.durability = absl::AsciiStrToLower(absl::GetFlag(FLAGS_durability));
   options.checkpoint_every_steps = absl::GetFlag(FLAGS_checkpoint_every_steps);

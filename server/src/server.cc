@@ -14,13 +14,15 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
-#include "checkpoint.h"
-#include "metrics.h"
+#include "storage/checkpoint_store.h"
+#include "observability/metrics.h"
 #include "muon/kernels/engine.h"
 #include "muon/kernels/status_macros.h"
-#include "service.h"
-#include "session.h"
-#include "thread_pool.h"
+#include "api/service.h"
+#include "ps/ps_round.h"
+#include "session/durability.h"
+#include "session/registry.h"
+#include "util/thread_pool.h"
 
 namespace muon::server {
 
@@ -32,11 +34,13 @@ class ServerImpl {
   std::unique_ptr<Engine> engine;
   std::unique_ptr<Metrics> metrics;
   std::unique_ptr<CheckpointStore> checkpoints;
+  std::unique_ptr<Durability> durability;
   std::unique_ptr<ThreadPool> pool;
   std::unique_ptr<SessionRegistry> sessions;
   std::unique_ptr<OptimizerService> service;
   std::unique_ptr<grpc::Server> grpc_server;
-  // Fails parameter-server rounds whose workers are late.
+  // Fails parameter-server rounds whose workers are late; removes idle
+  // sessions.
   std::thread watchdog;
   absl::Notification stop_watchdog;
   int port = 0;
@@ -92,17 +96,11 @@ class RpcCountingFactory final : public grpc::experimental::ServerInterceptorFac
   RpcReporter* const reporter_;
 };
 
-// The largest UpdateChunk payload: leaves room for the chunk's other fields
-// under the message limit.
-int64_t UpdateChunkBytes(const ServerOptions& o) {
-  return std::max<int64_t>(1024, std::min<int64_t>(o.update_chunk_bytes,
-                                                   o.limits.max_message_bytes - 1024));
-}
-
 absl::Status ValidateOptions(const ServerOptions& o) {
   if (o.listen.empty()) return absl::InvalidArgumentError("--listen is empty; use HOST:PORT");
   if (o.memory_budget_bytes < 0) {
-    return absl::InvalidArgumentError("--memory_budget_bytes must be >= 0 (0: no budget)");
+    return absl::InvalidArgumentError(
+        "--memory_budget_bytes must be >= 0 (0: the machine's memory)");
   }
   if (o.limits.max_sessions < 1) return absl::InvalidArgumentError("--max_sessions must be >= 1");
   if (o.limits.max_message_bytes < 64 * 1024) {
@@ -124,6 +122,9 @@ absl::Status ValidateOptions(const ServerOptions& o) {
   if (o.durability == "strict" && o.checkpoint_dir.empty()) {
     return absl::InvalidArgumentError(
         "--durability=strict needs --checkpoint_dir=DIR to write each step to");
+  }
+  if (o.limits.session_idle_ttl < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("--session_idle_ttl must be >= 0 (0: never)");
   }
   if (o.worker_timeout <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("--worker_timeout_seconds must be > 0");
@@ -182,6 +183,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   auto impl = std::make_unique<ServerImpl>();
   EngineOptions engine_options;
   engine_options.memory_budget_bytes = options.memory_budget_bytes;
+  engine_options.memory_budget_setting = "--memory_budget_bytes";
   engine_options.device = options.device;
   engine_options.devices = options.devices;
   engine_options.blas_threads = options.blas_threads;
@@ -204,9 +206,17 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   RoundOptions rounds;
   rounds.metrics = impl->metrics->steps();
   rounds.worker_timeout = options.worker_timeout;
-  rounds.chunk_bytes = UpdateChunkBytes(options);
+  rounds.chunk_bytes = options.update_chunk_bytes;
+  rounds.max_message_bytes = options.limits.max_message_bytes;
+  rounds.orthogonality_sample_every = options.orthogonality_sample_every;
+  impl->durability = std::make_unique<Durability>(durability, impl->engine.get());
+  auto make_rounds = [engine = impl->engine.get(), durability = impl->durability.get(),
+                      rounds](Session* session) -> std::unique_ptr<SessionRounds> {
+    return std::make_unique<ParameterServerRounds>(session, engine, durability, rounds);
+  };
   impl->sessions = std::make_unique<SessionRegistry>(impl->engine.get(), options.limits,
-                                                     impl->metrics->sessions(), durability, rounds,
+                                                     impl->metrics->sessions(),
+                                                     impl->durability.get(), make_rounds,
                                                      options.admin_token);
   // Before the port opens, so no client sees a server without its sessions.
   impl->restored = impl->sessions->RestoreAll();
@@ -248,7 +258,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   impl->grpc_server->GetHealthCheckService()->SetServingStatus(true);
   impl->watchdog = std::thread([sessions = impl->sessions.get(), stop = &impl->stop_watchdog] {
     while (!stop->WaitForNotificationWithTimeout(absl::Milliseconds(100))) {
-      sessions->ExpireRounds(absl::Now());
+      const absl::Time now = absl::Now();
+      sessions->ExpireRounds(now);
+      sessions->RemoveIdle(now);
     }
   });
   return std::unique_ptr<Server>(new Server(std::move(impl)));
@@ -263,7 +275,10 @@ bool Server::Drain(absl::Duration timeout) {
   impl_->service->gate().StartDraining();
   impl_->grpc_server->GetHealthCheckService()->SetServingStatus(false);
   const bool drained = impl_->service->gate().WaitForSteps(timeout);
-  // Calls still open (idle streams, a step that did not drain) are cancelled.
+  // Open streams (idle ones, a step that did not drain) answer UNAVAILABLE,
+  // never CANCELLED: the client retries them elsewhere or after the restart.
+  impl_->service->gate().StopStreams();
+  // What is still open after that is cancelled.
   impl_->grpc_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
   return drained;
 }
@@ -273,7 +288,7 @@ void Server::Wait() { impl_->grpc_server->Wait(); }
 int Server::restored_sessions() const { return impl_->restored; }
 
 absl::StatusOr<int> Server::CheckpointAll() {
-  if (!impl_->sessions->checkpoints_enabled()) {
+  if (!impl_->sessions->durability().enabled()) {
     return absl::FailedPreconditionError("no --checkpoint_dir");
   }
   MUON_ASSIGN_OR_RETURN(std::vector<v1::SessionCheckpoint> written,

@@ -45,7 +45,7 @@ absl::StatusOr<NsCoefficients> MakeNsCoefficients(ScheduleKind kind, int steps);
 absl::StatusOr<NsCoefficients> MakeNsCoefficients(const HyperParams& hp, const MatrixView& view);
 
 // Flops of one orthogonalization of a rows×cols matrix, every product
-// counted at 2·m·n·k: plain Newton–Schulz (DESIGN.md §1's
+// counted at 2·m·n·k: plain Newton–Schulz (docs/math.md's
 // steps·(4·r²·c + 2·r³)) or Gram Newton–Schulz with `coeffs.gram_restarts`.
 double PlainNsFlops(int64_t rows, int64_t cols, int steps);
 double GramNsFlops(int64_t rows, int64_t cols, int steps, const std::vector<int>& restarts);

@@ -10,7 +10,7 @@
 namespace muon {
 
 // Placement cost of one parameter, in estimated seconds of device work per
-// step: its Newton–Schulz flops (DESIGN.md §1) at kShardFlopRate plus its
+// step: its Newton–Schulz flops (docs/math.md) at kShardFlopRate plus its
 // state read and written at kShardByteRate (an H200's measured Newton–Schulz
 // rate and device-copy bandwidth, docs/performance.md).
 inline constexpr double kShardFlopRate = 5.9e14;

@@ -23,6 +23,9 @@ struct Limits {
   int max_message_bytes = 4 << 20;
   // Step streams open at once (all sessions).
   int max_concurrent_streams = 256;
+  // A session its client has not used for this long is checkpointed (with a
+  // checkpoint directory) and removed, freeing its memory. Zero: never.
+  absl::Duration session_idle_ttl = absl::Hours(24);
 };
 
 struct ServerOptions {
@@ -32,7 +35,7 @@ struct ServerOptions {
   std::string metrics_listen = "127.0.0.1:9464";
   // "auto", "cpu" or "cuda" (muon::CreateEngine).
   std::string engine = "auto";
-  // Engine memory budget for optimizer state; 0: none.
+  // Engine memory budget (EngineOptions::memory_budget_bytes); 0: the machine's memory.
   int64_t memory_budget_bytes = 0;
   // CUDA device ordinal.
   int device = 0;
