@@ -74,12 +74,15 @@ class ResilienceTest(unittest.TestCase):
     def test_a_stopped_server_is_an_error_in_bounded_time(self):
         server = self.server()
         cases = {
-            # No deadline hit: the keepalive finds the silent server.
-            "keepalive": dict(keepalive_time=1.0, keepalive_timeout=1.0, retry_window=2.0),
+            # The keepalive finds the silent server (UNAVAILABLE) long before
+            # the deadline (DEADLINE_EXCEEDED) would.
+            "keepalive": (dict(keepalive_time=1.0, keepalive_timeout=1.0, retry_window=2.0,
+                               step_timeout=60.0), grpc.StatusCode.UNAVAILABLE),
             # The keepalive would take its default 30 s: the deadline ends it.
-            "deadline": dict(step_timeout=1.0, retry_window=2.0),
+            "deadline": (dict(step_timeout=1.0, retry_window=2.0),
+                         grpc.StatusCode.DEADLINE_EXCEEDED),
         }
-        for what, timeouts in cases.items():
+        for what, (timeouts, code) in cases.items():
             with self.subTest(what):
                 model = make_model(self.seed)
                 opt = self.remote(model, server.address, **timeouts)
@@ -88,8 +91,7 @@ class ResilienceTest(unittest.TestCase):
                 with Stopped(server), self.assertRaises(MuonServerError) as ctx:
                     set_grads(model, 2)
                     opt.step()
-                self.assertIn(ctx.exception.code, (grpc.StatusCode.UNAVAILABLE,
-                                                   grpc.StatusCode.DEADLINE_EXCEEDED))
+                self.assertEqual(ctx.exception.code, code, ctx.exception.details)
                 self.assertIn("retry window", ctx.exception.details)
                 opt.step()  # the server is back: the same step completes
                 self.assertEqual(opt.step_number, 2)
