@@ -23,9 +23,12 @@ def make_model(seed):
 
 
 def set_grads(model, seed):
+    """Writes into existing .grad tensors, as backward() does after zero_grad()."""
     g = torch.Generator().manual_seed(seed)
     for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=g)
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad.copy_(torch.randn(p.shape, generator=g))
 
 
 class Stopped:

@@ -284,11 +284,28 @@ class Session:
         `worker_id` is this worker's id in [0, num_workers), and
         `update_content` ("weights", the server's default there, or "update")
         says what comes back. Leave `update_content` unset otherwise."""
+        return self.step_wire(self.encode(grads), lr_scale=lr_scale, lr=lr,
+                              update_dtype=update_dtype,
+                              measure_orthogonality=measure_orthogonality, retries=retries,
+                              step_number=step_number, worker_id=worker_id,
+                              update_content=update_content, cancel=cancel)
+
+    def encode(self, grads: Mapping[int, np.ndarray]) -> Dict[int, bytes]:
+        """The gradients as wire bytes (a copy: later changes to `grads` do
+        not reach a step sent, or resent, from them)."""
         unknown = sorted(set(grads) - set(range(len(self.params))))
         if unknown:
             raise ValueError(f"parameter indices {unknown} are not in this session "
                              f"({len(self.params)} parameters)")
-        wire = {i: to_wire(g, self.params[i].dtype) for i, g in grads.items()}
+        return {i: to_wire(g, self.params[i].dtype) for i, g in grads.items()}
+
+    def step_wire(self, wire: Mapping[int, bytes], *, lr_scale: Optional[float] = None,
+                  lr: Optional[float] = None, update_dtype: Optional[str] = None,
+                  measure_orthogonality: bool = False, retries: Optional[int] = None,
+                  step_number: Optional[int] = None, worker_id: int = 0,
+                  update_content: Optional[str] = None,
+                  cancel: Optional[CancelToken] = None) -> StepResult:
+        """step() with gradients already encoded (encode())."""
         number = self.step_number + 1 if step_number is None else step_number
         result = self._client._run_step(self, number, wire, lr=lr, lr_scale=lr_scale,
                                         update_dtype=update_dtype,

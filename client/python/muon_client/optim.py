@@ -138,7 +138,7 @@ class _Job:
     completed with the same gradients and hyper-parameters."""
 
     number: int
-    calls: list  # (unit, step_number, grads, kwargs)
+    calls: list  # (unit, step_number, wire-encoded gradients, kwargs)
     decay: Dict[int, float]  # global index -> 1 − lr·wd (updates mode)
 
 
@@ -149,7 +149,9 @@ class _DeferredInterrupt:
     def __enter__(self):
         self._signal = None
         self._previous = None
-        if threading.current_thread() is threading.main_thread():
+        # A handler installed outside Python (getsignal None) cannot be put back.
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is not None):
             self._previous = signal.signal(signal.SIGINT, self._record)
         return self
 
@@ -670,7 +672,7 @@ class RemoteMuon(torch.optim.Optimizer):
                     raise RuntimeError("RemoteMuon does not support sparse gradients")
                 grads[local] = g.detach().to("cpu", torch.float32).numpy()
                 decay[index] = 1.0 - lr * float(group["weight_decay"])
-            calls.append((unit, number - unit.offset, grads, dict(lr=lr)))
+            calls.append((unit, number - unit.offset, unit.session.encode(grads), dict(lr=lr)))
         return _Job(number, calls, decay)
 
     def _parameter_server_job(self) -> _Job:
@@ -692,7 +694,8 @@ class RemoteMuon(torch.optim.Optimizer):
         # every worker's parameters equal the server's exactly.
         kwargs = dict(lr_scale=None if ratio == 1.0 else ratio, worker_id=self._worker,
                       update_content="weights", update_dtype="float32")
-        return _Job(self._step + 1, [(unit, self._step + 1, grads, kwargs)], {})
+        return _Job(self._step + 1, [(unit, self._step + 1, unit.session.encode(grads), kwargs)],
+                    {})
 
     def _run(self, job: _Job, keep_on_error: bool = False) -> None:
         """Runs a job's calls in parallel and applies the results once all
@@ -701,9 +704,9 @@ class RemoteMuon(torch.optim.Optimizer):
         gradients) unless keep_on_error."""
         self._pending = job
         cancel = CancelToken()
-        futures = [self._pool.submit(unit.session.step, grads, step_number=number,
+        futures = [self._pool.submit(unit.session.step_wire, wire, step_number=number,
                                      measure_orthogonality=self._measure, cancel=cancel, **kwargs)
-                   for unit, number, grads, kwargs in job.calls]
+                   for unit, number, wire, kwargs in job.calls]
         try:
             waiting = futures
             while waiting:
