@@ -14,13 +14,13 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
-#include "checkpoint.h"
-#include "metrics.h"
+#include "storage/checkpoint.h"
+#include "observability/metrics.h"
 #include "muon/kernels/engine.h"
 #include "muon/kernels/status_macros.h"
-#include "service.h"
-#include "session.h"
-#include "thread_pool.h"
+#include "api/service.h"
+#include "session/session.h"
+#include "util/thread_pool.h"
 
 namespace muon::server {
 

@@ -49,8 +49,8 @@ compile() {  # source, extra flags...
   objects+=("$obj")
 }
 compile "$gen/muon/v1/optimizer.pb.cc"
-for f in tests/fuzz/step_reader_fuzz.cc server/src/step_reader.cc server/src/step_assembler.cc \
-         server/src/convert.cc kernels/src/types.cc; do
+for f in tests/fuzz/step_reader_fuzz.cc server/src/step/step_reader.cc server/src/step/step_assembler.cc \
+         server/src/wire/convert.cc kernels/src/types.cc; do
   compile "$src/$f" "${warn[@]}"
 done
 # shellcheck disable=SC2046

@@ -22,11 +22,11 @@
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
-#include "convert.h"
+#include "wire/convert.h"
 #include "google/protobuf/stubs/logging.h"
 #include "muon/kernels/types.h"
 #include "muon/v1/optimizer.pb.h"
-#include "step_reader.h"
+#include "step/step_reader.h"
 
 namespace muon::server {
 namespace {

@@ -16,7 +16,7 @@
 #include "muon/kernels/engine.h"
 #include "muon/storage/checkpoint.pb.h"
 #include "muon/v1/optimizer.pb.h"
-#include "session.h"
+#include "session/session.h"
 
 namespace muon::server {
 

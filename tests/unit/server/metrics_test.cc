@@ -1,7 +1,7 @@
 // The reporters against a Metrics that serves nothing: what each call adds to
 // the exposition text a scrape would read.
 
-#include "metrics.h"
+#include "observability/metrics.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>

@@ -1,11 +1,11 @@
-#include "step_reader.h"
+#include "step/step_reader.h"
 
 #include <algorithm>
 #include <utility>
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
-#include "convert.h"
+#include "wire/convert.h"
 #include "muon/kernels/status_macros.h"
 
 namespace muon::server {

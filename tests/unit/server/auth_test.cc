@@ -1,4 +1,4 @@
-#include "auth.h"
+#include "api/auth.h"
 
 #include <gtest/gtest.h>
 

@@ -10,14 +10,14 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
-#include "auth.h"
-#include "convert.h"
+#include "api/auth.h"
+#include "wire/convert.h"
 #include "muon/kernels/status_macros.h"
 #include "muon/server/status_util.h"
-#include "service.h"
-#include "session.h"
-#include "step_assembler.h"
-#include "thread_pool.h"
+#include "api/service.h"
+#include "session/session.h"
+#include "step/step_assembler.h"
+#include "util/thread_pool.h"
 
 namespace muon::server {
 namespace {

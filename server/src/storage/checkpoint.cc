@@ -1,4 +1,4 @@
-#include "checkpoint.h"
+#include "storage/checkpoint.h"
 
 #include <dirent.h>
 #include <fcntl.h>

@@ -17,7 +17,7 @@
 #include "absl/time/time.h"
 #include "muon/kernels/engine.h"
 #include "muon/v1/optimizer.pb.h"
-#include "session.h"
+#include "session/session.h"
 
 namespace muon::server {
 

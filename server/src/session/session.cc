@@ -1,4 +1,4 @@
-#include "session.h"
+#include "session/session.h"
 
 #include <sys/random.h>
 
@@ -8,11 +8,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "auth.h"
-#include "checkpoint.h"
-#include "convert.h"
-#include "metrics.h"
-#include "ps_round.h"
+#include "api/auth.h"
+#include "storage/checkpoint.h"
+#include "wire/convert.h"
+#include "observability/metrics.h"
+#include "ps/ps_round.h"
 #include "muon/kernels/status_macros.h"
 
 namespace muon::server {

@@ -1,4 +1,4 @@
-#include "step_assembler.h"
+#include "step/step_assembler.h"
 
 #include <cstring>
 #include <utility>

@@ -1,4 +1,4 @@
-#include "metrics.h"
+#include "observability/metrics.h"
 
 #include <CivetServer.h>
 #include <google/protobuf/descriptor.h>

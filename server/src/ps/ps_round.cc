@@ -1,4 +1,4 @@
-#include "ps_round.h"
+#include "ps/ps_round.h"
 
 #include <algorithm>
 #include <atomic>
@@ -10,8 +10,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "convert.h"
-#include "metrics.h"
+#include "wire/convert.h"
+#include "observability/metrics.h"
 #include "muon/kernels/status_macros.h"
 
 namespace muon::server {

@@ -1,14 +1,14 @@
-#include "service.h"
+#include "api/service.h"
 
 #include <algorithm>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "auth.h"
-#include "metrics.h"
+#include "api/auth.h"
+#include "observability/metrics.h"
 #include "muon/server/status_util.h"
-#include "session.h"
-#include "thread_pool.h"
+#include "session/session.h"
+#include "util/thread_pool.h"
 
 namespace muon::server {
 

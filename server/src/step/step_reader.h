@@ -12,7 +12,7 @@
 #include "absl/status/statusor.h"
 #include "muon/kernels/types.h"
 #include "muon/v1/optimizer.pb.h"
-#include "step_assembler.h"
+#include "step/step_assembler.h"
 
 namespace muon::server {
 
