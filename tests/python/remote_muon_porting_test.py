@@ -2,6 +2,7 @@
 MuonWithAuxAdam, and as a torch.optim.Optimizer: constructors, group keys,
 the default split, schedulers, add_param_group, logging, lifecycle."""
 import copy
+import io
 import math
 import pickle
 import unittest
@@ -449,7 +450,81 @@ class PortingTest(unittest.TestCase):
             with self.subTest(how.__name__), self.assertRaisesRegex(TypeError, "state_dict"):
                 how(opt)
 
-    def test_state_dict_holds_every_session_and_reloads(self):
+    def train_steps(self, model, opt, tokens, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            model(tokens).logsumexp(dim=1).mean().backward()
+            opt.step()
+
+    def test_state_dict_is_a_snapshot_in_torch_shape(self):
+        torch.manual_seed(self.seed)
+        model = TokenNet()
+        tokens = torch.randint(0, 40, (16, 6))
+        opt = self.remote(model)
+        self.train_steps(model, opt, tokens, 3)
+        state = opt.state_dict()
+        names = [n for g in opt.param_groups for n in g["param_names"]]
+        kinds = [g["kind"] for g in opt.param_groups for _ in g["params"]]
+        self.assertEqual(sorted(state["state"]), list(range(len(names))))
+        for index, entry in state["state"].items():
+            if kinds[index] == "muon":
+                self.assertEqual(sorted(entry), ["momentum_buffer"], names[index])
+            else:
+                self.assertEqual(sorted(entry), ["exp_avg", "exp_avg_sq", "step"], names[index])
+                self.assertEqual(float(entry["step"]), 3.0)
+        self.assertEqual(state["remote"], {"step": 3})
+        for session in opt.sessions:  # no session pointer, no token
+            self.assertNotIn(session.token, repr(state))
+        # A snapshot: stepping on does not change what was saved.
+        saved = {i: {k: v.clone() for k, v in e.items()} for i, e in state["state"].items()}
+        self.train_steps(model, opt, tokens, 1)
+        for i, entry in saved.items():
+            for k, v in entry.items():
+                self.assertTrue(torch.equal(state["state"][i][k], v))
+
+    def test_load_state_dict_continues_bit_identically_on_another_server(self):
+        other = ServerProcess()
+        self.addCleanup(other.stop)
+        torch.manual_seed(self.seed)
+        model = TokenNet()
+        tokens = torch.randint(0, 40, (16, 6))
+        opt = self.remote(model, lr=0.03, adamw_lr=1e-3)
+        self.train_steps(model, opt, tokens, 3)
+        buffer = io.BytesIO()
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+        self.train_steps(model, opt, tokens, 3)  # the original runs on to step 6
+        for where in (self.server.address, other.address):
+            with self.subTest(where):
+                buffer.seek(0)
+                saved = torch.load(buffer)
+                resumed = TokenNet()
+                resumed.load_state_dict(saved["model"])
+                opt2 = RemoteMuon(resumed, server=where)  # other defaults: the state dict's win
+                self.addCleanup(opt2.close)
+                opt2.load_state_dict(saved["opt"])
+                self.assertEqual(opt2.step_number, 3)
+                self.assertEqual(opt2.param_groups[0]["lr"], 0.03)
+                self.train_steps(resumed, opt2, tokens, 3)
+                for p, q in zip(model.parameters(), resumed.parameters()):
+                    self.assertTrue(torch.equal(p, q), f"seed {self.seed}")
+
+    def test_a_bad_state_dict_changes_nothing(self):
+        model = TokenNet()
+        opt = self.remote(model)
+        good = opt.state_dict()
+        sessions = [s.session_id for s in opt.sessions]
+        before = self.session_count()
+        wrong_shape = copy.deepcopy(good)
+        wrong_shape["state"] = {0: {"momentum_buffer": torch.zeros(3, 3)}}
+        missing = copy.deepcopy(good)
+        missing["state"] = {8: {"exp_avg": torch.zeros(40)}}
+        for bad, message in ((wrong_shape, "shape"), (missing, "lacks")):
+            with self.subTest(message), self.assertRaisesRegex(ValueError, message):
+                opt.load_state_dict(bad)
+            self.assertEqual([s.session_id for s in opt.sessions], sessions)
+            self.assertEqual(self.session_count(), before)
+
+    def test_handles_reattach_to_live_sessions(self):
         torch.manual_seed(self.seed)
         model = TokenNet()
         twin = copy.deepcopy(model)
@@ -457,14 +532,12 @@ class PortingTest(unittest.TestCase):
         opts = [self.remote(model), self.remote(twin)]
         for step in range(3):
             if step == 2:
-                state = opts[1].state_dict()
+                handles = opts[1].handles()
                 opts[1].close(delete=False)  # as a trainer that stopped
                 opts[1] = self.remote(twin)
-                opts[1].load_state_dict(state)
+                opts[1].attach(handles)
             for m, o in zip((model, twin), opts):
-                o.zero_grad()
-                m(tokens).logsumexp(dim=1).mean().backward()
-                o.step()
+                self.train_steps(m, o, tokens, 1)
         for p, q in zip(model.parameters(), twin.parameters()):
             self.assertTrue(torch.equal(p, q))
         np.testing.assert_array_equal([s.info().step for s in opts[1].sessions], [3, 3])

@@ -129,7 +129,6 @@ class RemoteMuonTest(unittest.TestCase):
                 first_opt = RemoteMuon(resumed.parameters(), server=self.server.address)
                 first_opt.load_state_dict(state)
                 self.assertEqual(first_opt.step_number, 2)
-                self.assertEqual([s.step_number for s in first_opt.sessions], [2, 2])
         for a, b in zip(control.parameters(), resumed.parameters()):
             self.assertTrue(torch.equal(a, b))
 

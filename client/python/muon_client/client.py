@@ -74,6 +74,8 @@ _MOMENTUM_FORMS = {"ema": pb.MOMENTUM_FORM_EMA, "sum": pb.MOMENTUM_FORM_SUM}
 _MODES = {"updates": pb.SESSION_MODE_UPDATES,
           "parameter_server": pb.SESSION_MODE_PARAMETER_SERVER}
 _CONTENTS = {"update": pb.UPDATE_CONTENT_UPDATE, "weights": pb.UPDATE_CONTENT_WEIGHTS}
+_STATE_NAMES = {pb.STATE_TENSOR_MOMENTUM: "momentum", pb.STATE_TENSOR_EXP_AVG: "exp_avg",
+                pb.STATE_TENSOR_EXP_AVG_SQ: "exp_avg_sq"}
 
 # Failures after which resending the same step is safe and may succeed: the
 # step number makes a resent step apply exactly once, and a step that ran out
@@ -326,6 +328,15 @@ class Session:
         """Parameter-server sessions: MuonClient.pull_weights for this session."""
         return self._client.pull_weights(self, indices, dtype=dtype)
 
+    def export_state(self):
+        """MuonClient.export_state for this session."""
+        return self._client.export_state(self)
+
+    def import_state(self, param_steps: Sequence[int],
+                     tensors: Mapping[int, Mapping[str, np.ndarray]]) -> int:
+        """MuonClient.import_state for this session."""
+        return self._client.import_state(self, param_steps, tensors)
+
     def delete(self) -> None:
         self._client.delete_session(self.session_id, self.token)
 
@@ -516,6 +527,58 @@ class MuonClient:
             raise self._unreachable(e, "PullWeights") from None
         return step, {i: from_wire(bytes(buf), dtypes[i], session.params[i].shape)
                       for i, buf in buffers.items()}
+
+    def export_state(self, session: Session):
+        """Updates-mode sessions: a copy of the optimizer state as of the last
+        committed step, as (step, param_steps, {index: {name: fp32 array}}),
+        names "momentum" (Muon) or "exp_avg" and "exp_avg_sq" (AdamW);
+        param_steps[i]: the steps parameter i has applied. Exact (fp32)."""
+        request = pb.ExportStateRequest(session_id=session.session_id, token=session.token)
+        buffers: Dict[tuple, bytearray] = {}
+        step, param_steps = session.step_number, []
+        try:
+            for response in self._stub.ExportState(request, timeout=self.timeouts.step,
+                                                   wait_for_ready=True):
+                step = response.step
+                if response.param_steps:
+                    param_steps = list(response.param_steps)
+                chunk = response.chunk
+                key = (chunk.param_index, chunk.tensor)
+                buf = buffers.setdefault(key, bytearray(chunk.total_bytes))
+                buf[chunk.offset:chunk.offset + len(chunk.data)] = chunk.data
+        except grpc.RpcError as e:
+            raise self._unreachable(e, "ExportState") from None
+        tensors: Dict[int, Dict[str, np.ndarray]] = {}
+        for (index, tensor), buf in buffers.items():
+            tensors.setdefault(index, {})[_STATE_NAMES[tensor]] = from_wire(
+                bytes(buf), pb.DTYPE_FLOAT32, session.params[index].shape)
+        return step, param_steps, tensors
+
+    def import_state(self, session: Session, param_steps: Sequence[int],
+                     tensors: Mapping[int, Mapping[str, np.ndarray]]) -> int:
+        """Updates-mode sessions that have not stepped: sets every parameter's
+        state (what export_state returned, from any server), all at once and
+        only if all of it is valid. Returns the session's step (unchanged)."""
+        codes = {name: code for code, name in _STATE_NAMES.items()}
+
+        def requests():
+            yield pb.ImportStateRequest(header=pb.ImportStateHeader(
+                session_id=session.session_id, token=session.token,
+                param_steps=[int(n) for n in param_steps]))
+            for index, named in tensors.items():
+                for name, array in named.items():
+                    data = to_wire(array, "float32")
+                    for offset in range(0, len(data), CHUNK_BYTES):
+                        yield pb.ImportStateRequest(chunk=pb.StateChunk(
+                            param_index=index, tensor=_lookup(codes, "state tensor", name),
+                            offset=offset, data=data[offset:offset + CHUNK_BYTES],
+                            total_bytes=len(data)))
+
+        try:
+            return self._stub.ImportState(requests(), timeout=self.timeouts.step,
+                                          wait_for_ready=True).step
+        except grpc.RpcError as e:
+            raise self._unreachable(e, "ImportState") from None
 
     def _requests(self, session: Session, step: int, wire: Mapping[int, bytes], **header):
         yield pb.StepRequest(header=pb.StepHeader(session_id=session.session_id,

@@ -738,30 +738,149 @@ class RemoteMuon(torch.optim.Optimizer):
 
     # ------------------------------------------------------------ state dict
 
+    def _registered_now(self) -> List[dict]:
+        return [self._fixed(g, self._kind(g, f"param group {gi}"),
+                            self._server_hp(g, self._kind(g, f"param group {gi}"),
+                                            f"param group {gi}"))
+                for gi, g in enumerate(self.param_groups)]
+
     def state_dict(self):
-        # The optimizer state (momentum, moments) lives on the server(s): the
-        # state dict names the sessions that hold it.
+        """torch's state dict with the optimizer state copied from the
+        server(s): per parameter index, "momentum_buffer" (Muon) or
+        "exp_avg", "exp_avg_sq" and "step" (AdamW), fp32, exact; parameters
+        that never stepped have no entry, as in torch. "remote" holds the
+        optimizer's step. No session id or token: handles() gives those."""
         state = super().state_dict()
-        state["remote"] = {
-            "step": self._step,
-            "sessions": [{"server": self._servers[u.server], "group": u.group,
-                          "session_id": u.session.session_id, "token": u.session.token,
-                          "session_step": u.session.step_number} for u in self._units],
-        }
+        state["remote"] = {"step": self._step}
+        if self._ps:
+            return state  # the server's checkpoints keep a parameter-server session
+        snapshot = {}
+        for unit in self._units:
+            _, param_steps, tensors = unit.session.export_state()
+            kind = self._kind(self.param_groups[unit.group], f"param group {unit.group}")
+            for local, named in tensors.items():
+                index = unit.indices[local]
+                device = self._order[index].device
+                if kind == "muon":
+                    if not named["momentum"].any():
+                        continue
+                    entry = {"momentum_buffer": torch.from_numpy(named["momentum"]).to(device)}
+                else:
+                    if param_steps[local] == 0:
+                        continue
+                    entry = {"exp_avg": torch.from_numpy(named["exp_avg"]).to(device),
+                             "exp_avg_sq": torch.from_numpy(named["exp_avg_sq"]).to(device),
+                             "step": torch.tensor(float(param_steps[local]))}
+                snapshot[index] = entry
+        state["state"] = snapshot
         return state
 
+    def _state_for(self, unit: _Unit, state: dict):
+        """The import of one unit: (param_steps, {local: {name: array}}) from
+        a torch-shaped state (zeros where a parameter has no entry)."""
+        kind = self._kind(self.param_groups[unit.group], f"param group {unit.group}")
+        names = ("momentum_buffer",) if kind == "muon" else ("exp_avg", "exp_avg_sq", "step")
+        steps, tensors = [], {}
+        for local, index in enumerate(unit.indices):
+            p = self._order[index]
+            entry = state.get(index, {})
+            missing = [n for n in names if n not in entry]
+            if entry and missing:
+                raise ValueError(f"state of parameter {index} ({self._names[index]}, {kind}) "
+                                 f"lacks {missing}; it has {sorted(entry)}")
+            arrays = {}
+            for name in names[:2] if kind == "adamw" else names:
+                value = entry.get(name)
+                value = torch.zeros(p.shape) if value is None else torch.as_tensor(value)
+                if tuple(value.shape) != tuple(p.shape):
+                    raise ValueError(f"state of parameter {index} ({self._names[index]}): "
+                                     f"{name} has shape {tuple(value.shape)}, the parameter "
+                                     f"{tuple(p.shape)}")
+                arrays["momentum" if name == "momentum_buffer" else name] = (
+                    value.detach().to("cpu", torch.float32).numpy())
+            steps.append(int(entry["step"]) if kind == "adamw" and entry else 0)
+            tensors[local] = arrays
+        return steps, tensors
+
     def load_state_dict(self, state_dict):
+        """Restores a state_dict() (or a torch.optim.Muon/KellerJordan state
+        dict of the same groups) into new sessions on this optimizer's
+        servers, which continue bit-identically; any server works. Nothing
+        changes when it fails."""
         if self._ps:
             raise ValueError("parameter_server mode: construct RemoteMuon with session_id and "
                              "token to attach; the server holds the weights and the step")
-        remote = state_dict.get("remote")
-        if remote is None:
-            raise ValueError("not a RemoteMuon state dict (no 'remote' entry)")
-        saved = remote["sessions"]
+        if "sessions" in state_dict.get("remote", {}):
+            raise ValueError("this state dict points at sessions (an older RemoteMuon's); "
+                             "re-attach with attach(), or save a new one with state_dict()")
+        saved_groups, saved_state = self.param_groups, self.state
+        old = [dict(g) for g in saved_groups]
+        try:
+            super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+            for group, before in zip(self.param_groups, old):
+                group.setdefault("param_names", before["param_names"])
+                if "kind" not in group and "use_muon" not in group:
+                    group["kind"] = self._kind(before, "param group")
+            state = {int(k): v for k, v in state_dict.get("state", {}).items()}
+            unknown = sorted(set(state) - set(range(len(self._order))))
+            if unknown:
+                raise ValueError(f"state for parameter indices {unknown}; this optimizer has "
+                                 f"{len(self._order)} parameters")
+            registered = self._registered_now()
+            units = []
+            try:
+                for gi in range(len(self.param_groups)):
+                    units += self._create_units(gi)
+                for unit in units:
+                    unit.session.import_state(*self._state_for(unit, state))
+            except BaseException:
+                for unit in units:
+                    try:
+                        unit.session.delete()
+                    except MuonServerError as e:
+                        _LOG.warning("RemoteMuon: session %s not deleted: %s",
+                                     unit.session.session_id, e)
+                raise
+        except BaseException:
+            self.param_groups, self.state = saved_groups, saved_state
+            raise
+        self._replace_units(units, int(state_dict.get("remote", {}).get("step", 0)))
+        self._registered = registered
+
+    def _replace_units(self, units: List[_Unit], step: int) -> None:
+        for unit in self._units:
+            try:
+                unit.session.delete()
+            except MuonServerError as e:
+                _LOG.warning("RemoteMuon: session %s not deleted: %s",
+                             unit.session.session_id, e)
+        for unit in units:
+            unit.offset = step - unit.session.step_number
+        self._units = units
+        self._step = step
+        self._pending = None
+
+    def handles(self) -> dict:
+        """The sessions themselves (server, group, id, token, step): the
+        cheap way for a restarted trainer to continue on live sessions
+        (attach()). Holds the sessions' tokens: keep it private."""
+        return {"step": self._step,
+                "sessions": [{"server": self._servers[u.server], "group": u.group,
+                              "session_id": u.session.session_id, "token": u.session.token,
+                              "session_step": u.session.step_number} for u in self._units]}
+
+    def attach(self, handles: dict) -> None:
+        """Continues on the live sessions of handles() (same groups and
+        servers), checking each is still at the step recorded there; this
+        optimizer's own sessions are deleted."""
+        if self._ps:
+            raise ValueError("parameter_server mode: construct RemoteMuon with session_id and "
+                             "token to attach")
+        saved = handles["sessions"]
         layout = [(self._servers[u.server], u.group) for u in self._units]
         theirs = [(s["server"], s.get("group")) for s in saved]
         if theirs != layout:
-            raise ValueError(f"state dict has sessions for (server, group) {theirs}; this "
+            raise ValueError(f"handles name sessions for (server, group) {theirs}; this "
                              f"optimizer has {layout}")
         units = []
         for unit, s in zip(self._units, saved):
@@ -769,18 +888,7 @@ class RemoteMuon(torch.optim.Optimizer):
                                                   unit.session.params)
             if session.step_number != s["session_step"]:
                 raise ValueError(f"session {s['session_id']} is at step "
-                                 f"{session.step_number}, the state dict at step "
+                                 f"{session.step_number}, the handles at step "
                                  f"{s['session_step']}")
-            units.append(_Unit(unit.server, unit.group, unit.indices, session,
-                               remote["step"] - session.step_number))
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "remote"})
-        for unit in self._units:
-            unit.session.delete()
-        self._units = units
-        self._step = remote["step"]
-        self._pending = None
-        self._registered = [
-            self._fixed(g, self._kind(g, f"param group {gi}"),
-                        self._server_hp(g, self._kind(g, f"param group {gi}"),
-                                        f"param group {gi}"))
-            for gi, g in enumerate(self.param_groups)]
+            units.append(_Unit(unit.server, unit.group, unit.indices, session, 0))
+        self._replace_units(units, handles["step"])
