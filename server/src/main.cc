@@ -58,6 +58,9 @@ ABSL_FLAG(int, checkpoint_every_steps, 100,
 ABSL_FLAG(double, worker_timeout_seconds, 120,
           "PARAMETER_SERVER sessions: how long a step waits for all its workers before it fails "
           "for all of them, unapplied. Env MUON_WORKER_TIMEOUT_SECONDS.");
+ABSL_FLAG(absl::Duration, session_idle_ttl, absl::Hours(24),
+          "A session its client has not used for this long (e.g. 24h, 90m) is checkpointed, "
+          "when --checkpoint_dir is set, and removed; 0: never. Env MUON_SESSION_IDLE_TTL.");
 ABSL_FLAG(std::string, port_file, "",
           "Write the bound gRPC port to this file once serving. Env MUON_PORT_FILE.");
 ABSL_FLAG(int, scheduler_threads, 0,
@@ -96,7 +99,7 @@ bool FromEnv(absl::Flag<T>* flag, const char* env) {
   if (value == nullptr) return true;
   T parsed;
   std::string error;
-  if (!absl::ParseFlag(value, &parsed, &error)) {
+  if (!absl::ParseFlag(absl::string_view(value), &parsed, &error)) {
     std::cerr << "muon-server: bad " << env << "='" << value << "'"
               << (error.empty() ? " (not a value of the flag's type)" : ": " + error) << "\n";
     return false;
@@ -122,6 +125,7 @@ bool FlagsFromEnv() {
          FromEnv(&FLAGS_durability, "MUON_DURABILITY") &&
          FromEnv(&FLAGS_checkpoint_every_steps, "MUON_CHECKPOINT_EVERY_STEPS") &&
          FromEnv(&FLAGS_worker_timeout_seconds, "MUON_WORKER_TIMEOUT_SECONDS") &&
+         FromEnv(&FLAGS_session_idle_ttl, "MUON_SESSION_IDLE_TTL") &&
          FromEnv(&FLAGS_port_file, "MUON_PORT_FILE") &&
          FromEnv(&FLAGS_scheduler_threads, "MUON_SCHEDULER_THREADS") &&
          FromEnv(&FLAGS_update_chunk_bytes, "MUON_UPDATE_CHUNK_BYTES") &&
@@ -216,6 +220,7 @@ int main(int argc, char** argv) {
   options.limits.max_bytes_per_session = absl::GetFlag(FLAGS_max_bytes_per_session);
   options.limits.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   options.limits.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
+  options.limits.session_idle_ttl = absl::GetFlag(FLAGS_session_idle_ttl);
   options.checkpoint_dir = absl::GetFlag(FLAGS_checkpoint_dir);
   options.durability = absl::AsciiStrToLower(absl::GetFlag(FLAGS_durability));
   options.checkpoint_every_steps = absl::GetFlag(FLAGS_checkpoint_every_steps);

@@ -14,12 +14,14 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
-#include "storage/checkpoint.h"
+#include "storage/checkpoint_store.h"
 #include "observability/metrics.h"
 #include "muon/kernels/engine.h"
 #include "muon/kernels/status_macros.h"
 #include "api/service.h"
-#include "session/session.h"
+#include "ps/ps_round.h"
+#include "session/durability.h"
+#include "session/registry.h"
 #include "util/thread_pool.h"
 
 namespace muon::server {
@@ -32,11 +34,13 @@ class ServerImpl {
   std::unique_ptr<Engine> engine;
   std::unique_ptr<Metrics> metrics;
   std::unique_ptr<CheckpointStore> checkpoints;
+  std::unique_ptr<Durability> durability;
   std::unique_ptr<ThreadPool> pool;
   std::unique_ptr<SessionRegistry> sessions;
   std::unique_ptr<OptimizerService> service;
   std::unique_ptr<grpc::Server> grpc_server;
-  // Fails parameter-server rounds whose workers are late.
+  // Fails parameter-server rounds whose workers are late; removes idle
+  // sessions.
   std::thread watchdog;
   absl::Notification stop_watchdog;
   int port = 0;
@@ -125,6 +129,9 @@ absl::Status ValidateOptions(const ServerOptions& o) {
     return absl::InvalidArgumentError(
         "--durability=strict needs --checkpoint_dir=DIR to write each step to");
   }
+  if (o.limits.session_idle_ttl < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("--session_idle_ttl must be >= 0 (0: never)");
+  }
   if (o.worker_timeout <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("--worker_timeout_seconds must be > 0");
   }
@@ -204,8 +211,14 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   rounds.metrics = impl->metrics->steps();
   rounds.worker_timeout = options.worker_timeout;
   rounds.chunk_bytes = UpdateChunkBytes(options);
+  impl->durability = std::make_unique<Durability>(durability, impl->engine.get());
+  auto make_rounds = [engine = impl->engine.get(), durability = impl->durability.get(),
+                      rounds](Session* session) -> std::unique_ptr<SessionRounds> {
+    return std::make_unique<ParameterServerRounds>(session, engine, durability, rounds);
+  };
   impl->sessions = std::make_unique<SessionRegistry>(impl->engine.get(), options.limits,
-                                                     impl->metrics->sessions(), durability, rounds,
+                                                     impl->metrics->sessions(),
+                                                     impl->durability.get(), make_rounds,
                                                      options.admin_token);
   // Before the port opens, so no client sees a server without its sessions.
   impl->restored = impl->sessions->RestoreAll();
@@ -247,7 +260,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   impl->grpc_server->GetHealthCheckService()->SetServingStatus(true);
   impl->watchdog = std::thread([sessions = impl->sessions.get(), stop = &impl->stop_watchdog] {
     while (!stop->WaitForNotificationWithTimeout(absl::Milliseconds(100))) {
-      sessions->ExpireRounds(absl::Now());
+      const absl::Time now = absl::Now();
+      sessions->ExpireRounds(now);
+      sessions->RemoveIdle(now);
     }
   });
   return std::unique_ptr<Server>(new Server(std::move(impl)));
@@ -272,7 +287,7 @@ void Server::Wait() { impl_->grpc_server->Wait(); }
 int Server::restored_sessions() const { return impl_->restored; }
 
 absl::StatusOr<int> Server::CheckpointAll() {
-  if (!impl_->sessions->checkpoints_enabled()) {
+  if (!impl_->sessions->durability().enabled()) {
     return absl::FailedPreconditionError("no --checkpoint_dir");
   }
   MUON_ASSIGN_OR_RETURN(std::vector<v1::SessionCheckpoint> written,

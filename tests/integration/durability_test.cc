@@ -361,6 +361,55 @@ TEST(DurabilityTest, CorruptOrForeignFilesAreSkippedWithALoggedError) {
   EXPECT_TRUE(std::filesystem::exists(truncated));
 }
 
+// A session nobody uses for --session_idle_ttl is checkpointed and removed;
+// a restart brings it back from its checkpoint, at the step it had.
+TEST(DurabilityTest, IdleSessionIsCheckpointedThenRemoved) {
+  TempDir dir;
+  const std::vector<std::string> flags = {"--checkpoint_dir=" + dir.path(),
+                                          "--checkpoint_every_steps=0", "--session_idle_ttl=1s"};
+  Trainer trainer;
+  SessionHandle session;
+  {
+    auto server = Start(flags, /*capture_stderr=*/true);
+    ASSERT_NE(server, nullptr);
+    auto client = ClientOf(*server);
+    absl::StatusOr<SessionHandle> created = client->CreateSession(Request());
+    ASSERT_TRUE(created.ok()) << created.status();
+    session = *created;
+    for (uint64_t step = 1; step <= 3; ++step) {
+      ASSERT_TRUE(trainer.Step(client.get(), session, step).ok());
+    }
+    absl::StatusOr<v1::SessionInfo> info = client->GetSession(session);
+    ASSERT_TRUE(info.ok()) << info.status();
+    ASSERT_TRUE(info->has_last_activity_time());
+    EXPECT_GE(info->last_activity_time().seconds(), info->last_step_time().seconds());
+    // Polled, not timed: the session goes once it has idled for 1 s.
+    for (int i = 0; i < 600; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      absl::StatusOr<std::vector<v1::SessionInfo>> listed = client->ListSessions();
+      ASSERT_TRUE(listed.ok()) << listed.status();
+      if (listed->empty()) break;
+    }
+    absl::StatusOr<v1::SessionInfo> gone = client->GetSession(session);
+    EXPECT_EQ(gone.status().code(), absl::StatusCode::kNotFound) << gone.status();
+    EXPECT_THAT(gone.status().message(), HasSubstr("--session_idle_ttl"));
+    EXPECT_THAT(server->Stderr(), HasSubstr("removed session " + session.id));
+    EXPECT_TRUE(std::filesystem::exists(dir.path() + "/" + session.id + ".ckpt"));
+  }
+  auto server = Start({"--checkpoint_dir=" + dir.path(), "--session_idle_ttl=0"});
+  ASSERT_NE(server, nullptr);
+  auto client = ClientOf(*server);
+  EXPECT_EQ(SessionStep(client.get(), session), 3u);
+  ASSERT_TRUE(trainer.Step(client.get(), session, 4).ok());
+}
+
+TEST(DurabilityTest, BadSessionIdleTtlStopsStartUp) {
+  absl::StatusOr<std::unique_ptr<ServerProcess>> server =
+      ServerProcess::Start({"--session_idle_ttl=-1s"}, /*capture_stderr=*/true);
+  ASSERT_FALSE(server.ok());
+  EXPECT_THAT(server.status().message(), HasSubstr("--session_idle_ttl must be >= 0"));
+}
+
 TEST(DurabilityTest, BadDurabilityFlagsStopStartUpAndNoDirectoryRefusesCheckpoints) {
   EXPECT_FALSE(ServerProcess::Start({"--durability=strict"}).ok())
       << "strict durability without a directory must not start";

@@ -6,13 +6,9 @@
 #include <string>
 
 #include "absl/strings/string_view.h"
+#include "util/constant_time.h"  // ConstantTimeEquals, for the token checks
 
 namespace muon::server {
-
-// True when a and b hold the same bytes. Its time depends only on the
-// lengths, never on where the bytes differ, so a caller probing a token
-// learns nothing from how long a wrong guess takes.
-bool ConstantTimeEquals(absl::string_view a, absl::string_view b);
 
 // The token a call presents: `field` (the request's token field) when set,
 // else the metadata "authorization: Bearer <token>", else empty.

@@ -7,7 +7,7 @@
 #include "api/auth.h"
 #include "observability/metrics.h"
 #include "muon/server/status_util.h"
-#include "session/session.h"
+#include "session/registry.h"
 #include "util/thread_pool.h"
 
 namespace muon::server {
@@ -152,7 +152,7 @@ grpc::ServerUnaryReactor* OptimizerService::Checkpoint(grpc::CallbackServerConte
                                                        const v1::CheckpointRequest* request,
                                                        v1::CheckpointResponse* response) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  if (!env_.sessions->checkpoints_enabled()) {
+  if (!env_.sessions->durability().enabled()) {
     reactor->Finish(ToGrpcStatus(absl::FailedPreconditionError(
         "this server has no checkpoint directory; start it with --checkpoint_dir=DIR")));
     return reactor;
@@ -175,7 +175,7 @@ grpc::ServerUnaryReactor* OptimizerService::Checkpoint(grpc::CallbackServerConte
       absl::StatusOr<std::shared_ptr<Session>> session =
           env_.sessions->GetAuthorized(request->session_id(), token, admin_token);
       absl::StatusOr<v1::SessionCheckpoint> one =
-          session.ok() ? env_.sessions->Checkpoint(**session, kCheckpointWait) : session.status();
+          session.ok() ? env_.sessions->durability().Checkpoint(**session, kCheckpointWait) : session.status();
       if (one.ok()) *response->add_checkpoints() = std::move(*one);
       status = one.status();
     }

@@ -27,7 +27,7 @@
 #include "muon/server/status_util.h"
 #include "ps/ps_round.h"
 #include "api/service.h"
-#include "session/session.h"
+#include "session/registry.h"
 #include "step/step_reader.h"
 #include "util/thread_pool.h"
 
@@ -291,7 +291,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
     options.measure_orthogonality = measure_orthogonality_;
     absl::StatusOr<std::unique_ptr<StepTransaction>> txn = env_->engine->BeginStep(options);
     absl::MutexLock lock(&mu_);
-    admitted_ = true;  // ReleaseLocked undoes the admission from here on
+    lease_ = std::move(admission->lease);  // ReleaseLocked aborts the step from here on
     if (!txn.ok()) return txn.status();
     txn_ = std::move(*txn);
     std::vector<StepReader::Param> params;
@@ -365,7 +365,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
 
   // PARAMETER_SERVER: joins the round of the header's step.
   absl::Status JoinRound(const v1::StepHeader& header) {
-    ParameterServerRounds* rounds = session_->rounds();
+    ParameterServerRounds* rounds = RoundsOf(*session_);
     {
       absl::MutexLock lock(&mu_);
       ++refs_;  // the round's, while this stream is registered with it
@@ -466,21 +466,18 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
   }
 
   void StartReplay() {
-    if (env_->sessions->strict() && !session_->durable()) {
+    const Durability& durability = env_->sessions->durability();
+    if (durability.ReplayNeedsWrite(*session_)) {
       {
         absl::MutexLock lock(&mu_);
         ++refs_;
       }
-      env_->pool->Schedule([this] {
-        absl::StatusOr<v1::SessionCheckpoint> written =
-            env_->sessions->Checkpoint(*session_, absl::ZeroDuration());
+      env_->pool->Schedule([this, durability = &durability] {
+        absl::Status written = durability->WriteBeforeReplay(*session_, replay_->step);
         if (written.ok()) {
           ReplayRecorded();
         } else {
-          Fail(absl::UnavailableError(absl::StrCat(
-              "step ", replay_->step, " of session ", session_->id(),
-              " is applied but still not on disk (", written.status().message(),
-              "); retry it once the checkpoint directory is writable")));
+          Fail(written);
         }
         Unref();
       });
@@ -660,8 +657,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
     {
       absl::MutexLock lock(&mu_);
       compute_running_ = false;
-      session_->CommitStep(header_.worker_id(), record);
-      admitted_ = false;
+      lease_.CommitStep(header_.worker_id(), record);
       if (!durable.ok()) {
         FailLocked(durable, &actions);
         TryFinishLocked(&actions);  // a stream that failed earlier waited for the release
@@ -710,27 +706,14 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
   }
 
   // Writes the session as of the step just committed in the engine when
-  // durability asks for it. Only a strict server fails the step on a failed
-  // write (the step stays applied in memory; its retry is answered once a
-  // write succeeds); otherwise the error is logged and the next checkpoint
-  // tries again.
+  // durability asks for it (session/durability.h says what a failed write
+  // means).
   absl::Status WriteCheckpointIfDue(const std::shared_ptr<const StepRecord>& record) {
-    SessionRegistry* sessions = env_->sessions;
-    if (!sessions->CheckpointsAtCommit(record->step)) return absl::OkStatus();
     Session::Snapshot snapshot = session_->TakeSnapshot();
     snapshot.step = record->step;
     snapshot.last_step_time = absl::Now();
     snapshot.records[header_.worker_id()] = record;
-    absl::Status status = sessions->CheckpointCommit(*session_, snapshot);
-    if (status.ok()) return status;
-    std::cerr << "muon-server: checkpoint of session " << session_->id() << " at step "
-              << record->step << " failed: " << status << std::endl;
-    if (!sessions->strict()) return absl::OkStatus();
-    return absl::UnavailableError(absl::StrCat(
-        "step ", record->step, " of session ", session_->id(),
-        " was applied but could not be written to disk (", status.message(),
-        "), and this server acknowledges only durable steps (--durability=strict); retry the "
-        "same step: it is answered once the checkpoint directory is writable again"));
+    return env_->sessions->durability().AtCommit(*session_, snapshot);
   }
 
   // Shared ----------------------------------------------------------------
@@ -765,10 +748,9 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
   // Discards the transaction and frees the session for the next step.
   // REQUIRES: no compute running on txn_.
   void ReleaseLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (!admitted_) return;
+    if (!lease_.held()) return;
     txn_.reset();
-    session_->AbortStep(header_.worker_id());
-    admitted_ = false;
+    lease_.Release();
   }
 
   void NextWriteLocked(Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -785,7 +767,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
 
   // Finishes once everything queued is written and the session is released.
   void TryFinishLocked(Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (!finish_requested_ || finished_ || writing_ || probing_ || admitted_) return;
+    if (!finish_requested_ || finished_ || writing_ || probing_ || lease_.held()) return;
     if (!failed_ && !writes_.empty()) return;
     finished_ = true;
     actions->finish = failed_ ? ToGrpcStatus(status_) : grpc::Status::OK;
@@ -823,7 +805,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
 
   absl::Mutex mu_;
   int refs_ ABSL_GUARDED_BY(mu_) = 1;  // gRPC's, until OnDone; +1 per pool task
-  bool admitted_ ABSL_GUARDED_BY(mu_) = false;
+  Lease lease_ ABSL_GUARDED_BY(mu_);  // held from a new step's admission to its end
   bool compute_running_ ABSL_GUARDED_BY(mu_) = false;
   std::deque<Ready> ready_ ABSL_GUARDED_BY(mu_);
   bool ended_ ABSL_GUARDED_BY(mu_) = false;

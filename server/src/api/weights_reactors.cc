@@ -15,7 +15,7 @@
 #include "muon/kernels/status_macros.h"
 #include "muon/server/status_util.h"
 #include "api/service.h"
-#include "session/session.h"
+#include "session/registry.h"
 #include "step/step_assembler.h"
 #include "util/thread_pool.h"
 
@@ -116,17 +116,15 @@ class PushReactor final : public grpc::ServerReadReactor<v1::PushWeightsRequest>
             absl::StrCat("parameter ", i, " ('", p.spec.name, "'): weights contain NaN or Inf"));
       }
     }
-    MUON_RETURN_IF_ERROR(session_->BeginWeightsUpload());
+    MUON_ASSIGN_OR_RETURN(Lease lease, session_->TryLease(LeasePurpose::kWeightsUpload));
     absl::Status status;
     for (size_t k = 0; k < indices.size() && status.ok(); ++k) {
       status = env_->engine->SetWeights(session_->params()[indices[k]].engine_id, values[k]);
     }
     // Pushes are rare and set what every later step builds on: on disk
     // before they are acknowledged whenever checkpoints are on.
-    if (status.ok() && env_->sessions->checkpoints_enabled()) {
-      status = env_->sessions->CheckpointCommit(*session_, session_->TakeSnapshot());
-    }
-    session_->EndWeightsUpload();
+    if (status.ok()) status = env_->sessions->durability().AfterUpload(*session_);
+    lease.Release();
     MUON_RETURN_IF_ERROR(status);
     for (uint32_t i : indices) response_->add_param_indices(i);
     response_->set_step(session_->step());

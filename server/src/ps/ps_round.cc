@@ -17,10 +17,10 @@
 namespace muon::server {
 
 ParameterServerRounds::ParameterServerRounds(Session* session, Engine* engine,
-                                             SessionRegistry* registry, const Options& options)
+                                             const Durability* durability, const Options& options)
     : session_(session),
       engine_(engine),
-      registry_(registry),
+      durability_(durability),
       options_(options),
       num_workers_(session->num_workers()),
       sum_mu_(new absl::Mutex[session->params().size()]) {}
@@ -29,7 +29,7 @@ absl::StatusOr<ParameterServerRounds::Admission> ParameterServerRounds::Join(uin
                                                                              uint32_t worker,
                                                                              RoundWaiter* waiter) {
   absl::MutexLock lock(&mu_);
-  // The session's step only moves under mu_ (CommitRound), so it is stable
+  // The session's step only moves under mu_ (lease_.CommitRound), so it is stable
   // here.
   const uint64_t committed = session_->step();
   if (step == 0) {
@@ -49,7 +49,7 @@ absl::StatusOr<ParameterServerRounds::Admission> ParameterServerRounds::Join(uin
                      committed + 1));
   }
   if (!open_) {
-    MUON_RETURN_IF_ERROR(session_->BeginRound());
+    MUON_ASSIGN_OR_RETURN(lease_, session_->TryLease(LeasePurpose::kRound));
     open_ = true;
     ++round_;
     step_ = step;
@@ -90,7 +90,6 @@ bool ParameterServerRounds::Leave(RoundWaiter* waiter) {
   // for nothing: give it back now rather than at the timeout.
   if (open_ && !computing_ && contributions_ == 0 && adders_ == 0 && waiting_.empty()) {
     CloseRoundLocked();
-    session_->AbortRound();
   }
   return true;
 }
@@ -206,12 +205,8 @@ absl::Status ParameterServerRounds::Contribute(uint64_t round_id, WorkerGradient
   std::vector<std::pair<RoundWaiter*, uint32_t>> waiters;
   {
     absl::MutexLock lock(&mu_);
+    if (computed.ok()) lease_.CommitRound(step, computed->records);
     waiters = CloseRoundLocked();
-    if (computed.ok()) {
-      session_->CommitRound(step, computed->records);
-    } else {
-      session_->AbortRound();
-    }
   }
   for (const auto& [waiter, w] : waiters) {
     if (!computed.ok()) {
@@ -229,6 +224,7 @@ std::vector<std::pair<RoundWaiter*, uint32_t>> ParameterServerRounds::CloseRound
   std::vector<std::pair<RoundWaiter*, uint32_t>> waiters;
   for (const Waiting& w : waiting_) waiters.emplace_back(w.waiter, w.worker);
   waiting_.clear();
+  lease_.Release();  // unless committed first: the step stays the session's
   open_ = false;
   computing_ = false;
   sums_.clear();
@@ -253,7 +249,6 @@ void ParameterServerRounds::ExpireIfLate(absl::Time now) {
     missing = absl::StrJoin(absent, ", ");
     step = step_;
     waiters = CloseRoundLocked();
-    session_->AbortRound();
   }
   const absl::Status status = absl::AbortedError(absl::StrCat(
       "step ", step, " of session ", session_->id(), " waited ",
@@ -365,24 +360,8 @@ absl::StatusOr<ParameterServerRounds::Computed> ParameterServerRounds::Compute(G
       if (round.formats[v] == round.formats[w]) computed.records[v] = shared;
     }
   }
-  if (registry_->CheckpointsAtCommit(round.step)) {
-    Session::Snapshot snapshot = session_->TakeSnapshot();
-    snapshot.step = round.step;
-    snapshot.last_step_time = now;
-    snapshot.records = computed.records;
-    absl::Status written = registry_->CheckpointCommit(*session_, snapshot);
-    if (!written.ok()) {
-      std::cerr << "muon-server: checkpoint of session " << session_->id() << " at step "
-                << round.step << " failed: " << written << std::endl;
-      if (registry_->strict()) {
-        computed.ack = absl::UnavailableError(absl::StrCat(
-            "step ", round.step, " of session ", session_->id(),
-            " was applied but could not be written to disk (", written.message(),
-            "), and this server acknowledges only durable steps (--durability=strict); retry "
-            "the same step: it is answered once the checkpoint directory is writable again"));
-      }
-    }
-  }
+  computed.ack =
+      durability_->AtCommit(*session_, Session::Snapshot{round.step, now, computed.records});
   return computed;
 }
 

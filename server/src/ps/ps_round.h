@@ -17,12 +17,21 @@
 #include "absl/time/time.h"
 #include "muon/kernels/engine.h"
 #include "muon/v1/optimizer.pb.h"
+#include "session/durability.h"
 #include "session/session.h"
 
 namespace muon::server {
 
-class SessionRegistry;
 class StepReporter;
+
+// How PARAMETER_SERVER rounds run.
+struct RoundOptions {
+  StepReporter* metrics = nullptr;
+  // How long a round waits for all its workers, from its first stream.
+  absl::Duration worker_timeout = absl::Seconds(120);
+  // Largest UpdateChunk payload.
+  int64_t chunk_bytes = 1 << 20;
+};
 
 // A worker's stream waiting for its round to end.
 class RoundWaiter {
@@ -55,12 +64,12 @@ struct WorkerGradients {
 };
 
 // The rounds of one PARAMETER_SERVER session. Thread-safe.
-class ParameterServerRounds {
+class ParameterServerRounds final : public SessionRounds {
  public:
   using Options = RoundOptions;
 
   // Everything outlives the rounds; `session` owns them.
-  ParameterServerRounds(Session* session, Engine* engine, SessionRegistry* registry,
+  ParameterServerRounds(Session* session, Engine* engine, const Durability* durability,
                         const Options& options);
 
   enum class Role {
@@ -93,7 +102,7 @@ class ParameterServerRounds {
   absl::Status Contribute(uint64_t round, WorkerGradients gradients);
 
   // Fails the round when its workers did not all arrive by its deadline.
-  void ExpireIfLate(absl::Time now);
+  void ExpireIfLate(absl::Time now) override;
 
  private:
   struct Waiting {
@@ -132,12 +141,14 @@ class ParameterServerRounds {
 
   Session* const session_;
   Engine* const engine_;
-  SessionRegistry* const registry_;
+  const Durability* const durability_;
   const Options options_;
   const uint32_t num_workers_;
 
   absl::Mutex mu_;
   bool open_ ABSL_GUARDED_BY(mu_) = false;
+  // The session's in-flight slot, held while a round is open.
+  Lease lease_ ABSL_GUARDED_BY(mu_);
   // Counts rounds opened, so a contribution for an abandoned round is not
   // added to its successor of the same step.
   uint64_t round_ ABSL_GUARDED_BY(mu_) = 0;
@@ -163,6 +174,12 @@ class ParameterServerRounds {
   std::unique_ptr<absl::Mutex[]> sum_mu_;
   std::vector<Waiting> waiting_ ABSL_GUARDED_BY(mu_);
 };
+
+// The rounds of a PARAMETER_SERVER session (the only SessionRounds there
+// is); null in UPDATES mode.
+inline ParameterServerRounds* RoundsOf(const Session& session) {
+  return static_cast<ParameterServerRounds*>(session.rounds());
+}
 
 }  // namespace muon::server
 

@@ -22,6 +22,9 @@ struct Limits {
   int max_message_bytes = 4 << 20;
   // Step streams open at once (all sessions).
   int max_concurrent_streams = 256;
+  // A session its client has not used for this long is checkpointed (with a
+  // checkpoint directory) and removed, freeing its memory. Zero: never.
+  absl::Duration session_idle_ttl = absl::Hours(24);
 };
 
 struct ServerOptions {
