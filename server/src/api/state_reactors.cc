@@ -15,6 +15,9 @@
 #include "api/service.h"
 #include "muon/kernels/status_macros.h"
 #include "muon/server/status_util.h"
+#include "session/durability.h"
+#include "session/lease.h"
+#include "session/registry.h"
 #include "session/session.h"
 #include "step/step_assembler.h"
 #include "util/thread_pool.h"
@@ -51,24 +54,6 @@ std::vector<float>* Field(ParamState& state, v1::StateTensor tensor) {
       return nullptr;
   }
 }
-
-// Holds a session's in-flight slot for the scope (Session::Hold).
-class HeldSession {
- public:
-  explicit HeldSession(Session* session) : session_(session) {}
-  absl::Status Acquire() {
-    absl::Status status = session_->Hold(kStateWait);
-    held_ = status.ok();
-    return status;
-  }
-  ~HeldSession() {
-    if (held_) session_->Release();
-  }
-
- private:
-  Session* const session_;
-  bool held_ = false;
-};
 
 class ExportReactor final : public grpc::ServerWriteReactor<v1::ExportStateResponse> {
  public:
@@ -122,8 +107,8 @@ class ExportReactor final : public grpc::ServerWriteReactor<v1::ExportStateRespo
     std::vector<ParamState> states;
     uint64_t step = 0;
     {
-      HeldSession held(session_.get());
-      MUON_RETURN_IF_ERROR(held.Acquire());
+      // While held, the engine state is the committed step's.
+      MUON_ASSIGN_OR_RETURN(Lease lease, session_->AwaitLease(kStateWait));
       step = session_->step();
       for (const SessionParam& p : session_->params()) {
         MUON_ASSIGN_OR_RETURN(ParamState state, env_->engine->ExportState(p.engine_id));
@@ -262,8 +247,7 @@ class ImportReactor final : public grpc::ServerReadReactor<v1::ImportStateReques
 
   // All or nothing: every value is checked before any parameter changes.
   absl::Status Apply() {
-    HeldSession held(session_.get());
-    MUON_RETURN_IF_ERROR(held.Acquire());
+    MUON_ASSIGN_OR_RETURN(Lease lease, session_->AwaitLease(kStateWait));
     if (session_->step() != 0) {
       return absl::FailedPreconditionError(
           absl::StrCat("ImportState: session ", session_->id(), " is at step ",
@@ -295,11 +279,8 @@ class ImportReactor final : public grpc::ServerReadReactor<v1::ImportStateReques
       MUON_RETURN_IF_ERROR(env_->engine->ImportState(params[i].engine_id, states[i]));
     }
     // What later steps build on: on disk before it is acknowledged whenever
-    // checkpoints are on, as PushWeights does.
-    if (env_->sessions->checkpoints_enabled()) {
-      MUON_RETURN_IF_ERROR(
-          env_->sessions->CheckpointCommit(*session_, session_->TakeSnapshot()));
-    }
+    // checkpoints are on, as a weights upload.
+    MUON_RETURN_IF_ERROR(env_->sessions->durability().AfterUpload(*session_));
     response_->set_step(session_->step());
     return absl::OkStatus();
   }
