@@ -511,6 +511,7 @@ absl::Status CudaEngine::ArenaFor(size_t bytes) {
 // and where each one's bytes live in the pinned buffers and the arena.
 struct Item {
   std::shared_ptr<Param> param;
+  HyperParams hp;  // this step's (StepHyperParams)
   size_t grad_bytes = 0, out_bytes = 0;
   size_t in_offset = 0, out_offset = 0;  // pinned
   size_t grad_offset = 0;                // arena: gradient in
@@ -620,11 +621,12 @@ absl::Status CudaTransaction::Compute(absl::Span<const GradientInput> grads,
   MUON_ASSIGN_OR_RETURN(std::vector<std::shared_ptr<Param>> params, Claim(grads, outputs));
   std::vector<Item> items(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
-    const HyperParams& hp = params[i]->spec.hp;
+    items[i].hp = StepHyperParams(params[i]->spec, grads[i]);
+    const HyperParams& hp = items[i].hp;
     items[i].param = params[i];
     items[i].grad_bytes = grads[i].bytes.size();
     items[i].out_bytes = outputs[i].bytes.size();
-    const double lr = grads[i].lr.value_or(hp.lr);
+    const double lr = hp.lr;
     items[i].lr = static_cast<float>(lr);
     outputs[i].decay = 1.0 - lr * hp.weight_decay;
     items[i].decay = static_cast<float>(outputs[i].decay);
@@ -759,7 +761,7 @@ absl::Status CudaTransaction::Run(absl::Span<const GradientInput> grads,
       for (size_t i : g.items) {
         const Item& it = items[i];
         const Param& p = *it.param;
-        const HyperParams& hp = p.spec.hp;
+        const HyperParams& hp = it.hp;
         MomentumParams mp;
         mp.d_grad = d_arena + it.grad_offset;
         mp.grad_type = static_cast<int>(p.spec.dtype);
@@ -806,7 +808,7 @@ absl::Status CudaTransaction::Run(absl::Span<const GradientInput> grads,
       for (size_t i : g.items) {
         const Item& it = items[i];
         const Param& p = *it.param;
-        const HyperParams& hp = p.spec.hp;
+        const HyperParams& hp = it.hp;
         const double t = static_cast<double>(p.step + 1);
         AdamWParams ap;
         ap.d_grad = d_arena + it.grad_offset;

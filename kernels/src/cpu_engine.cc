@@ -331,10 +331,10 @@ absl::Status CpuTransaction::Compute(absl::Span<const GradientInput> grads,
   std::map<std::tuple<int64_t, int64_t, ScheduleKind, int>, std::vector<size_t>> groups;
   for (size_t i = 0; i < params.size(); ++i) {
     const Param& p = *params[i];
-    const HyperParams& hp = p.spec.hp;
+    const HyperParams hp = StepHyperParams(p.spec, grads[i]);
     Shadow& s = shadows[i];
     s.param = params[i];
-    const double lr = grads[i].lr.value_or(hp.lr);
+    const double lr = hp.lr;
     outputs[i].decay = 1.0 - lr * hp.weight_decay;
     outputs[i].orthogonality_error = std::numeric_limits<double>::quiet_NaN();
     update[i].resize(p.size);
@@ -396,7 +396,7 @@ absl::Status CpuTransaction::Compute(absl::Span<const GradientInput> grads,
         for (int64_t k = 0; k < v.batch; ++k) err += OrthogonalityError(v.rows, v.cols, o + k * size);
         outputs[i].orthogonality_error = err / static_cast<double>(v.batch);
       }
-      const double lr = grads[i].lr.value_or(p.spec.hp.lr);
+      const double lr = StepHyperParams(p.spec, grads[i]).lr;
       const float scale = static_cast<float>(-lr * ShapeScaleFactor(p.spec.hp.shape_scale, v));
       for (int64_t k = 0; k < p.size; ++k) update[i][k] = scale * o[k];
     }

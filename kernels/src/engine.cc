@@ -85,7 +85,27 @@ absl::Status CheckStepInput(const ParamSpec& spec, const GradientInput& grad,
   if (grad.lr.has_value() && !(std::isfinite(*grad.lr) && *grad.lr >= 0)) {
     return bad(": lr must be finite and >= 0");
   }
+  if (grad.hyper_params.has_value()) {
+    ParamSpec stepped = spec;
+    stepped.hp = StepHyperParams(spec, grad);
+    MUON_RETURN_IF_ERROR(ValidateSpec(stepped));
+  }
   return absl::OkStatus();
+}
+
+HyperParams StepHyperParams(const ParamSpec& spec, const GradientInput& grad) {
+  HyperParams hp = spec.hp;
+  if (grad.hyper_params.has_value()) {
+    const HyperParams& step = *grad.hyper_params;
+    hp.weight_decay = step.weight_decay;
+    hp.momentum = step.momentum;
+    hp.nesterov = step.nesterov;
+    hp.beta1 = step.beta1;
+    hp.beta2 = step.beta2;
+    hp.eps = step.eps;
+  }
+  hp.lr = grad.lr.value_or(spec.hp.lr);
+  return hp;
 }
 
 int64_t StateBytes(const ParamSpec& spec) {

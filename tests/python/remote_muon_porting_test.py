@@ -13,7 +13,7 @@ import torch
 
 from muon_client import MuonClient, MuonServerError, RemoteMuon, muon_param_groups
 from muon_client.client import pb
-from reference import MuonReference, rel_err
+from reference import AdamWReference, MuonReference, rel_err
 from server_fixture import ServerProcess
 
 JORDAN = (3.4445, -4.7750, 2.0315)
@@ -383,19 +383,50 @@ class PortingTest(unittest.TestCase):
             for p, w in zip((a, b), weights):
                 self.assertLess(rel_err(p.detach().numpy(), w), 1e-5, f"seed {self.seed}")
 
+    def test_momentum_nesterov_betas_and_eps_are_read_every_step(self):
+        torch.manual_seed(self.seed)
+        w = torch.nn.Parameter(torch.randn(12, 8))
+        v = torch.nn.Parameter(torch.randn(8))
+        opt = self.remote([w, v], lr=0.03, momentum=0.85, weight_decay=0.0, adamw_lr=1e-3,
+                          adamw_betas=(0.9, 0.999), adamw_eps=1e-8)
+        muon = MuonReference(w.shape, lr=0.03, momentum=0.85)
+        adamw = AdamWReference(v.shape, lr=1e-3)
+        weights = [w.detach().double().numpy().copy(), v.detach().double().numpy().copy()]
+        for step in range(6):
+            # Momentum warm-up as in modded-nanogpt, cycled betas as OneCycleLR's.
+            muon.beta = opt.param_groups[0]["momentum"] = 0.85 + 0.02 * step
+            if step == 3:
+                muon.nesterov = opt.param_groups[0]["nesterov"] = False
+            if step >= 2:
+                opt.param_groups[1]["betas"] = (0.85, 0.99)
+                adamw.b1, adamw.b2 = 0.85, 0.99
+            if step == 4:
+                adamw.eps = opt.param_groups[1]["eps"] = 1e-6
+            w.grad, v.grad = torch.randn_like(w), torch.randn_like(v)
+            for i, (ref, p) in enumerate(((muon, w), (adamw, v))):
+                decay, update = ref.step(p.grad.numpy())
+                weights[i] = decay * weights[i] + update
+            opt.step()
+            for p, want in zip((w, v), weights):
+                self.assertLess(rel_err(p.detach().numpy(), want), 1e-5,
+                                f"step {step}, seed {self.seed}")
+
     def test_changing_what_the_server_fixes_raises_and_sends_nothing(self):
         w = torch.nn.Parameter(torch.randn(8, 6))
         v = torch.nn.Parameter(torch.randn(6))
         opt = self.remote([w, v])
-        for gi, key, value in ((0, "momentum", 0.85), (0, "nesterov", False), (1, "betas",
-                                                                                (0.9, 0.99))):
+        for gi, key, value in ((0, "ns_steps", 4), (0, "adjust_lr_fn", "match_rms_adamw"),
+                               (1, "wire_dtype", "bfloat16")):
             with self.subTest(key):
-                saved = opt.param_groups[gi][key]
-                opt.param_groups[gi][key] = value
+                group = opt.param_groups[gi]
+                saved = dict(group)
+                group[key] = value
                 w.grad, v.grad = torch.randn_like(w), torch.randn_like(v)
-                with self.assertRaisesRegex(ValueError, f"{key} changed"):
+                changed = "shape_scale" if key == "adjust_lr_fn" else key
+                with self.assertRaisesRegex(ValueError, f"{changed} changed"):
                     opt.step()
-                opt.param_groups[gi][key] = saved
+                group.clear()
+                group.update(saved)
         self.assertEqual([s.info().step for s in opt.sessions], [0, 0])
         opt.step()
         self.assertEqual([s.info().step for s in opt.sessions], [1, 1])

@@ -306,14 +306,20 @@ class Session:
                   measure_orthogonality: bool = False, retries: Optional[int] = None,
                   step_number: Optional[int] = None, worker_id: int = 0,
                   update_content: Optional[str] = None,
-                  cancel: Optional[CancelToken] = None) -> StepResult:
-        """step() with gradients already encoded (encode())."""
+                  cancel: Optional[CancelToken] = None,
+                  param_options: Optional[Mapping[int, Mapping[str, object]]] = None
+                  ) -> StepResult:
+        """step() with gradients already encoded (encode()). `param_options`:
+        {index: hyper-parameters for this step} (hyper_params keys lr,
+        weight_decay, momentum, nesterov, betas, eps), replacing the
+        configured ones (updates sessions)."""
         number = self.step_number + 1 if step_number is None else step_number
         result = self._client._run_step(self, number, wire, lr=lr, lr_scale=lr_scale,
                                         update_dtype=update_dtype,
                                         measure_orthogonality=measure_orthogonality,
                                         retries=retries, worker_id=worker_id,
-                                        update_content=update_content, cancel=cancel)
+                                        update_content=update_content, cancel=cancel,
+                                        param_options=param_options)
         self.step_number = result.step
         return result
 
@@ -595,8 +601,13 @@ class MuonClient:
 
     def _run_step(self, session: Session, step: int, wire: Mapping[int, bytes], *, lr, lr_scale,
                   update_dtype, measure_orthogonality, retries=None, worker_id=0,
-                  update_content=None, cancel: Optional[CancelToken] = None) -> StepResult:
+                  update_content=None, cancel: Optional[CancelToken] = None,
+                  param_options=None) -> StepResult:
         header = {"measure_orthogonality": measure_orthogonality, "worker_id": worker_id}
+        if param_options:
+            header["param_options"] = [
+                pb.ParamStepOptions(param_index=i, hyper_params=hyper_params(**hp))
+                for i, hp in sorted(param_options.items())]
         if lr is not None:
             header["lr"] = float(lr)
         if lr_scale is not None:

@@ -49,6 +49,9 @@ _COMMON_KEYS = ("params", "param_names", "kind", "use_muon", "wire_dtype", "init
 # What a step may change: lr goes in the step header, weight decay is
 # applied here (W ← (1 − lr·wd)·W + update).
 _PER_STEP = ("lr", "weight_decay")
+# Sent in the step header's param_options when they differ from the values
+# the session was created with (updates mode).
+_PER_STEP_OPTIONS = ("momentum", "nesterov", "betas", "eps")
 
 _ADJUST_TO_SCALE = {None: "spectral", "original": "spectral", "match_rms_adamw": "rms_match"}
 _WIRE_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -457,9 +460,11 @@ class RemoteMuon(torch.optim.Optimizer):
             kind = self._kind(group, where)
             now = self._fixed(group, kind, self._server_hp(group, kind, where))
             for key, was in self._registered[gi].items():
+                if not self._ps and key in _PER_STEP_OPTIONS:
+                    continue
                 if now.get(key) != was:
                     per_step = ("lr (by one factor for all groups)" if self._ps
-                                else "lr and weight_decay")
+                                else "lr, weight_decay, momentum, nesterov, betas and eps")
                     raise ValueError(
                         f"{where}: {key} changed from {was!r} to {now.get(key)!r} after its "
                         f"session was created; muon-server takes only {per_step} per step. "
@@ -672,8 +677,21 @@ class RemoteMuon(torch.optim.Optimizer):
                     raise RuntimeError("RemoteMuon does not support sparse gradients")
                 grads[local] = g.detach().to("cpu", torch.float32).numpy()
                 decay[index] = 1.0 - lr * float(group["weight_decay"])
-            calls.append((unit, number - unit.offset, unit.session.encode(grads), dict(lr=lr)))
+            kwargs = dict(lr=lr)
+            options = self._step_options(unit.group)
+            if options:
+                kwargs["param_options"] = {local: options for local in range(len(unit.indices))}
+            calls.append((unit, number - unit.offset, unit.session.encode(grads), kwargs))
         return _Job(number, calls, decay)
+
+    def _step_options(self, gi: int) -> dict:
+        """The group's hyper-parameters that differ from its session's
+        configuration, for this step's header."""
+        group = self.param_groups[gi]
+        kind = self._kind(group, f"param group {gi}")
+        now = self._server_hp(group, kind, f"param group {gi}")
+        return {k: now[k] for k in _PER_STEP_OPTIONS
+                if k in now and now[k] != self._registered[gi].get(k)}
 
     def _parameter_server_job(self) -> _Job:
         ratios = {g["lr"] / base if base else 1.0

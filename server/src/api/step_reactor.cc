@@ -28,6 +28,7 @@
 #include "ps/ps_round.h"
 #include "api/service.h"
 #include "session/registry.h"
+#include "step/step_options.h"
 #include "step/step_reader.h"
 #include "util/thread_pool.h"
 
@@ -247,19 +248,14 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
           absl::StrCat("worker_id ", header.worker_id(), " is out of range: session ",
                        session_->id(), " has ", session_->num_workers(), " worker(s)"));
     }
-    if (header.has_lr() && !(std::isfinite(header.lr()) && header.lr() >= 0)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("StepHeader.lr is ", header.lr(), "; it must be finite and >= 0"));
-    }
-    if (header.has_lr_scale() && !(std::isfinite(header.lr_scale()) && header.lr_scale() >= 0)) {
-      return absl::InvalidArgumentError(absl::StrCat("StepHeader.lr_scale is ", header.lr_scale(),
-                                                     "; it must be finite and >= 0"));
-    }
+    const bool parameter_server = session_->mode() == v1::SESSION_MODE_PARAMETER_SERVER;
+    std::vector<const ParamSpec*> specs;
+    for (const SessionParam& p : session_->params()) specs.push_back(&p.spec);
+    MUON_ASSIGN_OR_RETURN(step_inputs_, StepInputsFromHeader(header, specs, parameter_server));
     if (header.update_dtype() != v1::DTYPE_UNSPECIFIED) {
       MUON_ASSIGN_OR_RETURN(DType dtype, DTypeFromProto(header.update_dtype(), DType::kFloat32));
       update_dtype_ = dtype;
     }
-    const bool parameter_server = session_->mode() == v1::SESSION_MODE_PARAMETER_SERVER;
     if (header.update_content() == v1::UPDATE_CONTENT_WEIGHTS && !parameter_server) {
       return absl::InvalidArgumentError(absl::StrCat(
           "StepHeader.update_content is WEIGHTS but session ", session_->id(),
@@ -558,11 +554,8 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
       inputs[i].param = p.engine_id;
       inputs[i].dtype = p.spec.dtype;
       inputs[i].bytes = absl::MakeConstSpan(batch[i].gradient.get(), p.tensor_bytes);
-      if (header_.has_lr() || header_.has_lr_scale()) {
-        double lr = header_.has_lr() ? header_.lr() : p.spec.hp.lr;
-        if (header_.has_lr_scale()) lr *= header_.lr_scale();
-        inputs[i].lr = lr;
-      }
+      inputs[i].lr = step_inputs_[batch[i].index].lr;
+      inputs[i].hyper_params = step_inputs_[batch[i].index].hyper_params;
       const DType out_dtype = update_dtype_.value_or(p.spec.dtype);
       update_bytes[i] = NumElements(p.spec.shape) * static_cast<int64_t>(DTypeSize(out_dtype));
       updates[i].reset(new std::byte[update_bytes[i]]);
@@ -796,6 +789,8 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
   uint64_t round_id_ = 0;  // the round joined to contribute
   bool waiting_for_round_ = false;  // joined as kWait: the round answers
   v1::StepHeader header_;
+  // Per parameter: this step's lr and hyper-parameters, from the header.
+  std::vector<ParamStepInput> step_inputs_;
   std::optional<DType> update_dtype_;
   bool measure_orthogonality_ = false;  // asked by the client or sampled
   absl::Time start_time_;
