@@ -539,6 +539,38 @@ class PortingTest(unittest.TestCase):
                 for p, q in zip(model.parameters(), resumed.parameters()):
                     self.assertTrue(torch.equal(p, q), f"seed {self.seed}")
 
+    def test_loads_a_keller_jordan_state_dict(self):
+        g = torch.Generator().manual_seed(self.seed)
+        tokens = torch.randint(0, 40, (128, 6), generator=g)
+        labels = torch.randint(0, 40, (128,), generator=g)
+
+        def train(model, opt, steps):
+            curve = []
+            for _ in range(steps):
+                opt.zero_grad()
+                loss = torch.nn.functional.cross_entropy(model(tokens), labels)
+                loss.backward()
+                opt.step()
+                curve.append(loss.item())
+            return curve
+
+        torch.manual_seed(self.seed)
+        local = TokenNet().double()
+        groups = self.kj_groups(local)
+        for group in groups:
+            for k, v in (dict(lr=0.02, momentum=0.95, weight_decay=0) if group["use_muon"] else
+                         dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-10, weight_decay=0)).items():
+                group.setdefault(k, v)
+        local_opt = KellerJordanFormulas(groups)
+        train(local, local_opt, 5)
+        # A checkpoint of the local run, continued on the server.
+        remote = TokenNet()
+        remote.load_state_dict({k: v.float() for k, v in local.state_dict().items()})
+        opt = self.remote(self.kj_groups(remote))
+        opt.load_state_dict(local_opt.state_dict())
+        self.assertEqual(opt.step_number, 0)
+        self.assert_same_losses(train(remote, opt, 10), train(local, local_opt, 10))
+
     def test_a_bad_state_dict_changes_nothing(self):
         model = TokenNet()
         opt = self.remote(model)

@@ -189,9 +189,14 @@ class RemoteMuon(torch.optim.Optimizer):
 
     step() sends the gradients of parameters whose .grad is set, waits for
     the server's commit and only then updates them in place. Each group's
-    lr and weight_decay are read at every step (any scheduler works, per
-    group); other hyper-parameters are fixed once the group's session
-    exists, and step() raises ValueError naming one that changed.
+    lr, weight_decay, momentum, nesterov, betas and eps are read at every
+    step (any scheduler works, per group); the Newton–Schulz settings, shape
+    scale, momentum form, kind and wire dtype are fixed once the group's
+    session exists, and step() raises ValueError naming one that changed.
+
+    state_dict() copies the optimizer state from the server(s) in torch's
+    shape; load_state_dict() imports it into new sessions on any server and
+    continues bit-identically. handles()/attach() re-attach to live sessions.
 
     Each group has its own session on each server that holds some of its
     parameters; with several servers each parameter lives on one, chosen by
@@ -216,7 +221,7 @@ class RemoteMuon(torch.optim.Optimizer):
     them and start from the server's weights and step. step() sends every
     parameter's gradient as this `worker` (zeros where .grad is None), and
     copies the new weights (fp32, exact) into the parameters. Groups' lr may
-    change only by one common factor, weight_decay not at all.
+    change only by one common factor, the other hyper-parameters not at all.
     """
 
     def __init__(self, params, server, lr: Optional[float] = None,
