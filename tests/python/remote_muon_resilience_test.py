@@ -1,7 +1,6 @@
 """RemoteMuon when the server stalls, restarts or is not up yet, and when
 the training process is interrupted."""
 import _thread
-import os
 import signal
 import subprocess
 import sys

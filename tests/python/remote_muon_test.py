@@ -3,7 +3,6 @@ import copy
 import unittest
 
 import grpc
-import numpy as np
 import torch
 
 from muon_client import MuonServerError, RemoteMuon

@@ -14,7 +14,7 @@ import logging
 import math
 import signal
 import threading
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch
 
