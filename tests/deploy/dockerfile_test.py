@@ -1,6 +1,6 @@
-"""deploy/Dockerfile, read (no container engine here): its runtime stage installs
-the Debian packages owning every library the built binaries load, and its
-user, ports, volume and health check agree with the Helm chart.
+"""deploy/Dockerfile, read: its runtime stage installs the Debian packages
+owning every library the built binaries load, and its user, ports, volume and
+health check agree with the Helm chart. image_test.py builds and runs it.
 
 MUON_BINARIES (colon-separated paths of the built muon-server and muonctl)
 enables the library check; without it only the static checks run.
@@ -76,10 +76,15 @@ class DockerfileTest(unittest.TestCase):
         with open(os.path.join(CHART, "values.yaml")) as f:
             cls.values = yaml.safe_load(f)
 
-    def test_two_stages_and_the_build_runs_scripts_setup(self):
-        self.assertEqual(len(self.stages), 2)
+    def test_stages_and_the_build_runs_scripts_setup(self):
+        self.assertEqual([s[0] for s in self.stages], ["FROM ${DEBIAN_IMAGE} AS build",
+                                                       "FROM ${DEBIAN_SLIM_IMAGE} AS runtime"])
         self.assertTrue(any("/tmp/setup" in r for r in instructions(self.stages[0], "RUN")))
         self.assertIn("COPY scripts/setup /tmp/setup", self.stages[0])
+        # image_test.py swaps the build stage for prebuilt binaries: the
+        # runtime stage takes nothing else from it.
+        self.assertEqual(sorted(c.split()[0] for c in instructions(self.runtime, "COPY")),
+                         ["--from=build", "--from=build", "deploy/muon-healthcheck"])
 
     def test_runtime_entrypoint_user_ports_volume_health(self):
         (entrypoint,) = instructions(self.runtime, "ENTRYPOINT")
@@ -98,7 +103,9 @@ class DockerfileTest(unittest.TestCase):
         self.assertIn(f"MUON_CHECKPOINT_DIR={volume}", env)
         (health,) = instructions(self.runtime, "HEALTHCHECK")
         command = yaml.safe_load(health.split("CMD", 1)[1])
-        self.assertEqual(command, ["muonctl", f"--server=127.0.0.1:{ports['grpc']}", "health"])
+        # The script finds the listen address (image_test.py runs it).
+        self.assertEqual(command, ["muon-healthcheck"])
+        self.assertIn("deploy/muon-healthcheck /usr/local/bin/", instructions(self.runtime, "COPY"))
 
     @unittest.skipUnless(os.environ.get("MUON_BINARIES"), "MUON_BINARIES not set")
     def test_runtime_installs_every_library_the_binaries_load(self):

@@ -5,7 +5,11 @@ Starts muon-server (MUON_SERVER_BIN) on 127.0.0.1:0 with a free metrics port,
 runs a known number of steps with muonctl (MUONCTL_BIN), starts Debian's
 prometheus (PROMETHEUS_BIN, default /usr/bin/prometheus) scraping it every
 second, and checks through Prometheus's HTTP query API that every family
-arrived with the counts the steps imply. Everything it starts is stopped and
+arrived with the counts the steps imply. Then, after a short load that
+Prometheus scrapes, every query of the Grafana dashboard (MUON_DASHBOARD,
+deploy/grafana/muon-server.json; its variables set as Grafana would for this
+one target) must return series with a finite value, and its variables'
+label_values() queries must find the target. Everything it starts is stopped and
 its temporary directory removed, pass or fail; the whole run is bounded by
 DEADLINE_SECONDS.
 
@@ -13,6 +17,7 @@ Exit 0: pass; 1: a check failed; 77: prometheus is not installed (CTest skip).
 """
 
 import json
+import math
 import os
 import re
 import shutil
@@ -22,12 +27,17 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 
 STEPS = 5
 WARMUP = 1
-DEADLINE_SECONDS = 120
+LOAD_STEPS = 5
+DEADLINE_SECONDS = 180
+# What Grafana puts for $__rate_interval at this dashboard's refresh: a
+# window that holds the short load and several 1 s scrapes.
+RATE_INTERVAL = "1m"
 SKIP = 77
 
 
@@ -69,6 +79,57 @@ def query(prom_port, expr):
         float(s["value"][1])
         for s in body["data"]["result"]
     }
+
+
+def series(prom_port, expr):
+    """The raw result of an instant query: [(labels, value)], or Prometheus's
+    error as a string."""
+    url = f"http://127.0.0.1:{prom_port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            body = json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.read().decode(errors="replace")
+    except OSError as e:
+        return str(e)
+    if body.get("status") != "success":
+        return str(body)
+    return [(s["metric"], float(s["value"][1])) for s in body["data"]["result"]]
+
+
+def label_values(prom_port, label, match):
+    """Grafana's label_values(match, label) through Prometheus's label API."""
+    url = (f"http://127.0.0.1:{prom_port}/api/v1/label/{label}/values?"
+           + urllib.parse.urlencode({"match[]": match}))
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return json.load(r).get("data", [])
+    except OSError:
+        return []
+
+
+def check_dashboard(prom_port, dashboard, variables):
+    """Every panel target's expr, with the dashboard's variables substituted,
+    returns at least one series with a finite value. Returns failures."""
+    failures = []
+    with open(dashboard) as f:
+        panels = json.load(f)["panels"]
+    for panel in panels:
+        for target in panel.get("targets", []):
+            expr = target["expr"].replace("$__rate_interval", RATE_INTERVAL)
+            for name, value in variables.items():
+                expr = expr.replace("$" + name, value)
+            if "$" in expr:
+                failures.append(f"dashboard {panel['title']!r} {target['refId']}: unknown variable in {expr}")
+                continue
+            got = series(prom_port, expr)
+            finite = [v for _, v in got if math.isfinite(v)] if isinstance(got, list) else []
+            if not finite:
+                failures.append(f"dashboard {panel['title']!r} {target['refId']}: {expr} returned "
+                                f"{got or 'no series'}")
+            else:
+                print(f"ok   dashboard {panel['title']!r} {target['refId']}: {len(got)} series")
+    return failures
 
 
 def scalar(prom_port, expr):
@@ -197,6 +258,27 @@ def main():
                                   '{schedule="jordan"})')
         if ortho is None or not 1e-4 <= ortho <= 1:
             failures.append(f"p50 of the orthogonality error: got {ortho}, want in [1e-4, 1]")
+
+        # The dashboard: a short load while Prometheus scrapes, then every
+        # panel's query.
+        dashboard = os.environ.get("MUON_DASHBOARD")
+        if not dashboard:
+            raise RuntimeError("set MUON_DASHBOARD to deploy/grafana/muon-server.json")
+        run([muonctl, "bench", server, "--model=small", f"--steps={LOAD_STEPS}", "--warmup=0"])
+        total = steps + LOAD_STEPS
+        wait_for("the load's steps to be scraped",
+                 lambda: scalar(prom_port, 'muon_steps_total{outcome="ok"}') == total, deadline)
+        instance = f"127.0.0.1:{metrics_port}"
+        for label, match, want in (("job", "muon_sessions", "muon"),
+                                   ("instance", 'muon_sessions{job=~"muon"}', instance)):
+            got = label_values(prom_port, label, match)
+            if want not in got:
+                failures.append(f"dashboard variable {label}: label_values({match}, {label}) "
+                                f"gave {got}, want {want}")
+        # "All" of one job and one instance, as Grafana substitutes it: the
+        # values regex-escaped, in a PromQL string (so "\\.").
+        failures += check_dashboard(prom_port, dashboard,
+                                    {"job": "muon", "instance": instance.replace(".", "\\\\.")})
     except (RuntimeError, TimeoutError, subprocess.TimeoutExpired, AttributeError) as e:
         failures.append(f"{type(e).__name__}: {e}")
     finally:
