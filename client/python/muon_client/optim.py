@@ -233,9 +233,10 @@ class RemoteMuon(torch.optim.Optimizer):
                  momentum_form: Optional[str] = None, adamw_lr: Optional[float] = None,
                  adamw_betas=None, adamw_eps: Optional[float] = None,
                  adamw_weight_decay: Optional[float] = None, wire_dtype="float32",
-                 measure_orthogonality: bool = False, step_timeout: float = 600.0,
-                 retry_window: float = 120.0, connect_timeout: float = 60.0,
-                 keepalive_time: float = 20.0, keepalive_timeout: float = 10.0,
+                 measure_orthogonality: bool = False, step_timeout: Optional[float] = None,
+                 retry_window: Optional[float] = None, connect_timeout: Optional[float] = None,
+                 keepalive_time: Optional[float] = None,
+                 keepalive_timeout: Optional[float] = None,
                  root_certificates=None, certificate_chain=None, private_key=None,
                  tls_server_name: Optional[str] = None, mode: str = "updates",
                  worker: int = 0, workers: int = 1, session_id: Optional[str] = None,
@@ -297,9 +298,11 @@ class RemoteMuon(torch.optim.Optimizer):
         self._servers = [server] if isinstance(server, str) else list(server)
         if not self._servers:
             raise ValueError("RemoteMuon needs at least one server")
-        timeouts = Timeouts(step=step_timeout, retry_window=retry_window,
-                            connect=connect_timeout, keepalive_time=keepalive_time,
-                            keepalive_timeout=keepalive_timeout)
+        # Unset: Timeouts' defaults (600, 120, 60, 20 and 10 s).
+        given_timeouts = dict(step=step_timeout, retry_window=retry_window,
+                              connect=connect_timeout, keepalive_time=keepalive_time,
+                              keepalive_timeout=keepalive_timeout)
+        timeouts = Timeouts(**{k: v for k, v in given_timeouts.items() if v is not None})
         self._clients = [MuonClient(s, root_certificates=root_certificates,
                                     certificate_chain=certificate_chain, private_key=private_key,
                                     server_name=tls_server_name, timeouts=timeouts)
