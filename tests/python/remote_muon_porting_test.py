@@ -143,8 +143,8 @@ class PortingTest(unittest.TestCase):
     def setUp(self):
         self.seed = int(torch.seed() % (2 ** 31))
 
-    def remote(self, params, **kwargs):
-        opt = RemoteMuon(params, server=self.server.address, **kwargs)
+    def remote(self, params, *args, **kwargs):
+        opt = RemoteMuon(params, *args, server=self.server.address, **kwargs)
         self.addCleanup(opt.close)
         return opt
 
@@ -263,6 +263,11 @@ class PortingTest(unittest.TestCase):
                          (2e-3, 0.85, 0.99, 0.0))
         self.assertNotIn("momentum", opt.param_groups[1])
         self.assertNotIn("betas", opt.param_groups[0])
+        # torch.optim.Muon's positions: lr, weight_decay, momentum, nesterov.
+        positional = self.remote([model.hidden2.weight], 0.03, 0.2, 0.9, False)
+        hp = positional.sessions[0].info().params[0].hyper_params
+        self.assertEqual((hp.lr, hp.weight_decay, hp.momentum, hp.nesterov),
+                         (0.03, 0.2, 0.9, False))
 
     def test_ns_coefficients_and_adjust_lr_fn_map_to_server_settings(self):
         dion = [(4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377),

@@ -179,10 +179,10 @@ class RemoteMuon(torch.optim.Optimizer):
     by KellerJordan's `use_muon`, or by its parameters' shapes. Unknown
     group keys are a TypeError naming the valid ones.
 
-    Hyper-parameters take torch.optim.Muon's names and meaning (lr,
-    weight_decay, momentum, nesterov, ns_coefficients, eps — the
+    Hyper-parameters take torch.optim.Muon's names, positions and meaning
+    (lr, weight_decay, momentum, nesterov, ns_coefficients, eps — the
     Newton–Schulz normalisation's —, ns_steps, adjust_lr_fn, use_addmm) and
-    its defaults; use_muon groups take KellerJordan's per-group defaults.
+    its defaults; `server` (keyword) is the muon-server address or a list; use_muon groups take KellerJordan's per-group defaults.
     AdamW groups: adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay, with
     KellerJordan's defaults (3e-4, (0.9, 0.95), 1e-10, 0). The server's own
     choices are there too: ns_schedule, shape_scale, momentum_form.
@@ -224,12 +224,12 @@ class RemoteMuon(torch.optim.Optimizer):
     change only by one common factor, the other hyper-parameters not at all.
     """
 
-    def __init__(self, params, server, lr: Optional[float] = None,
+    def __init__(self, params, lr: Optional[float] = None,
                  weight_decay: Optional[float] = None, momentum: Optional[float] = None,
                  nesterov: Optional[bool] = None, ns_coefficients=None,
                  eps: Optional[float] = None, ns_steps: Optional[int] = None,
                  adjust_lr_fn: Optional[str] = None, use_addmm: Optional[bool] = None, *,
-                 ns_schedule: Optional[str] = None, shape_scale: Optional[str] = None,
+                 server, ns_schedule: Optional[str] = None, shape_scale: Optional[str] = None,
                  momentum_form: Optional[str] = None, adamw_lr: Optional[float] = None,
                  adamw_betas=None, adamw_eps: Optional[float] = None,
                  adamw_weight_decay: Optional[float] = None, wire_dtype="float32",
