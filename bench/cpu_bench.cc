@@ -1,6 +1,6 @@
 // CPU engine benchmarks: Newton–Schulz on OpenBLAS and a full Muon step,
 // next to OpenBLAS's own sgemm rate measured in the same run. GFLOP/s count
-// the flops of DESIGN.md §1 (muon::NsFlops), so ours/sgemm is the efficiency.
+// the flops of docs/math.md (muon::NsFlops), so ours/sgemm is the efficiency.
 // Every benchmark uses wall-clock time (UseRealTime): the default CPU time is
 // the main thread's only, and OpenBLAS works on its own threads too.
 #include <cblas.h>
@@ -71,7 +71,7 @@ void BM_Sgemm(benchmark::State& state) {
       benchmark::Counter(2.0 * m * n * k * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
-// One full Muon step through the Engine for the GPT-2-small shapes (DESIGN.md §5).
+// One full Muon step through the Engine for the GPT-2-small shapes (docs/performance.md).
 void BM_Gpt2SmallStep(benchmark::State& state) {
   const auto kind = static_cast<muon::ScheduleKind>(state.range(0));
   const int d = 768, layers = 12;

@@ -9,7 +9,7 @@
 #
 # Make the bundle here and pack it (the OpenBLAS in it is large):
 #   ninja -C build muon-server muonctl muon_durability_test
-#   /work/shared/tools/gpu-bundle .gpu build/bin/muon-server build/bin/muonctl \
+#   scripts/gpu-bundle .gpu build/bin/muon-server build/bin/muonctl \
 #     build/bin/muon_durability_test
 #   tar -C .gpu -cJf gpu.tar.xz . && rm -rf .gpu && mkdir .gpu && mv gpu.tar.xz .gpu/
 set -uo pipefail

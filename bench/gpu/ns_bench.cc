@@ -1,4 +1,4 @@
-// Times the CUDA engine's batched Newton–Schulz on the DESIGN.md §5
+// Times the CUDA engine's batched Newton–Schulz on the docs/performance.md
 // workloads, and the cuBLAS bf16 GEMM rate, on the current GPU.
 //
 //   ns_bench [--iters N] [--warmup N] [--json FILE]
@@ -55,7 +55,7 @@ struct Workload {
   std::vector<Shape> shapes;
 };
 
-// DESIGN.md §5.
+// docs/performance.md, "Workloads".
 std::vector<Workload> Workloads() {
   const auto gpt2 = [](std::string name, int64_t d, int64_t layers) {
     return Workload{std::move(name),

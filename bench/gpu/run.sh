@@ -3,10 +3,10 @@
 #
 #   bench/gpu/run.sh [BUNDLE]      (default BUNDLE: .gpu)
 #
-# BUNDLE is what /work/shared/tools/gpu-bundle made from a build here:
+# BUNDLE is what scripts/gpu-bundle made from a build here:
 #   cmake -S . -B build-cuda -G Ninja -DMUON_CUDA=ON
 #   ninja -C build-cuda cuda_engine_test ns_bench
-#   /work/shared/tools/gpu-bundle .gpu build-cuda/bin/cuda_engine_test build-cuda/bin/ns_bench
+#   scripts/gpu-bundle .gpu build-cuda/bin/cuda_engine_test build-cuda/bin/ns_bench
 # Logs and JSON go to $OUT (or /tmp/muon-gpu-bench); the table prints last.
 set -uo pipefail
 bundle=${1:-.gpu}

@@ -8,7 +8,7 @@
 #
 # Make the bundle here, and pack it (the OpenBLAS in it is large):
 #   ninja -C build muon-server muonctl muon_python_stubs
-#   /work/shared/tools/gpu-bundle .gpu build/bin/muon-server build/bin/muonctl /usr/bin/iperf3
+#   scripts/gpu-bundle .gpu build/bin/muon-server build/bin/muonctl /usr/bin/iperf3
 #   cp -r build/python/muon .gpu/python/
 #   tar -C .gpu -cJf gpu.tar.xz . && rm -rf .gpu && mkdir .gpu && mv gpu.tar.xz .gpu/
 # The GPU machine's python3 must have torch and grpcio.

@@ -3,7 +3,7 @@
 # on a GPU machine, from a bundle made here:
 #   ninja -C build muon-server muonctl cuda_engine_test muon_server_integration_test \
 #     muon_server_security_test muon_durability_test muon_parameter_server_test
-#   /work/shared/tools/gpu-bundle .gpu build/bin/{muon-server,muonctl,cuda_engine_test} \
+#   scripts/gpu-bundle .gpu build/bin/{muon-server,muonctl,cuda_engine_test} \
 #     build/bin/{muon_server_integration_test,muon_server_security_test,muon_durability_test} \
 #     build/bin/muon_parameter_server_test
 #   tar -C .gpu -cJf gpu.tar.xz . && rm -rf .gpu && mkdir .gpu && mv gpu.tar.xz .gpu/

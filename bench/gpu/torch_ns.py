@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PyTorch Newton-Schulz on the DESIGN.md §5 workloads (the comparison for
+"""PyTorch Newton-Schulz on the docs/performance.md workloads (the comparison for
 ns_bench), and the table that puts the two side by side.
 
   torch_ns.py [--ours ours.json] [--json torch.json] [--iters N]
@@ -21,7 +21,7 @@ WORKLOADS = {
     "llama-1b": [(2048, 2048, 32), (512, 2048, 32), (8192, 2048, 32), (2048, 8192, 16)],
     "512x256^2": [(256, 256, 512)],
 }
-# DESIGN.md §5: PyTorch best, Turbo-Muon 5-step, Turbo-Muon AOL 4-step (ms).
+# docs/performance.md, "Workloads": PyTorch best, Turbo-Muon 5-step, Turbo-Muon AOL 4-step (ms).
 DESIGN = {
     "gpt2-small": (6.2, 4.22, 3.13),
     "gpt2-medium": (22.2, 15.1, 11.4),
@@ -121,8 +121,8 @@ def main():
         ours = json.load(f)
     rate = ours["gemm_tflops"]
     print(f"\nOurs on {ours['gpu']}; cuBLASLt bf16 GEMM {rate:.0f} TFLOP/s (PyTorch {tflops:.0f}).")
-    print("target = Turbo-Muon (DESIGN.md §5; 5-step for jordan/polar_express, AOL 4-step for aol),"
-          " scaled by our PyTorch/DESIGN's PyTorch where those differ by >10%.")
+    print("target = Turbo-Muon (docs/performance.md; 5-step for jordan/polar_express, AOL 4-step for aol),"
+          " scaled by our PyTorch/that table's PyTorch where those differ by >10%.")
     hdr = ("| workload | schedule | ours ms (graph; full / half Gram) | PyTorch best ms | PyTorch/ours |"
            " target ms | vs target | floor ms @measured | floor ms @800 | ours % of floor |")
     print(hdr)

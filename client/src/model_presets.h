@@ -1,7 +1,7 @@
 #ifndef MUON_CLIENT_SRC_MODEL_PRESETS_H_
 #define MUON_CLIENT_SRC_MODEL_PRESETS_H_
 
-// The matrix shapes muonctl registers for `bench` and `load` (DESIGN.md §5).
+// The matrix shapes muonctl registers for `bench` and `load` (docs/performance.md, "Workloads").
 
 #include <cstdint>
 #include <string>
@@ -29,7 +29,7 @@ absl::StatusOr<std::vector<PresetParam>> ModelPreset(absl::string_view name);
 std::vector<std::string> ModelPresetNames();
 
 // Newton–Schulz flops of one step over `params` with `ns_steps` iterations:
-// per matrix steps·(4·r²·c + 2·r³), r = min, c = max (DESIGN.md §1).
+// per matrix steps·(4·r²·c + 2·r³), r = min, c = max (docs/math.md).
 double NsFlops(const std::vector<PresetParam>& params, int ns_steps);
 
 }  // namespace muon::muonctl

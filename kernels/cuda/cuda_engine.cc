@@ -16,8 +16,8 @@
 #include <map>
 #include <thread>
 #include <memory>
+#include <new>
 #include <tuple>
-#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -27,6 +27,8 @@
 #include "cuda_check.h"
 #include "device_kernels.h"
 #include "lt_gemm.h"
+#include "muon/kernels/internal/param_table.h"
+#include "muon/kernels/internal/step_math.h"
 #include "muon/kernels/ns_schedule.h"
 #include "muon/kernels/status_macros.h"
 #include "ns_cuda.h"
@@ -56,18 +58,6 @@ size_t AlignUp(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 
 double Seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
-}
-
-double ShapeScaleFactor(ShapeScale scale, const MatrixView& v) {
-  switch (scale) {
-    case ShapeScale::kSpectral:
-      return std::sqrt(std::max(1.0, static_cast<double>(v.rows) / static_cast<double>(v.cols)));
-    case ShapeScale::kRmsMatch:
-      return 0.2 * std::sqrt(static_cast<double>(std::max(v.rows, v.cols)));
-    case ShapeScale::kNone:
-      return 1.0;
-  }
-  return 1.0;
 }
 
 // cudaMemset and pageable cudaMemcpy H2D may return before the device has
@@ -187,7 +177,7 @@ struct Param {
   std::array<DeviceBuffer, 2> state;
   int current = 0;
   int64_t step = 0;
-  const CudaTransaction* owner = nullptr;
+  const StepTransaction* owner = nullptr;
 
   float* Vector(int copy, int index) const {
     return reinterpret_cast<float*>(state[copy].bytes()) + index * size;
@@ -226,40 +216,28 @@ class CudaEngine final : public Engine {
   absl::Status Unregister(ParamId id) override;
   absl::StatusOr<ParamSpec> Spec(ParamId id) const override {
     absl::MutexLock lock(&mu_);
-    MUON_ASSIGN_OR_RETURN(std::shared_ptr<Param> p, FindLocked(id));
+    MUON_ASSIGN_OR_RETURN(std::shared_ptr<Param> p, params_.Find(id));
     return p->spec;
   }
   absl::StatusOr<std::unique_ptr<StepTransaction>> BeginStep(const StepOptions& options) override;
   absl::Status SetWeights(ParamId id, absl::Span<const float> values) override;
   absl::Status GetWeights(ParamId id, absl::Span<float> values) const override;
   absl::StatusOr<ParamState> ExportState(ParamId id) const override;
+  absl::StatusOr<ParamState> ExportLocked(const Param& p) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status ImportState(ParamId id, const ParamState& state) override;
   MemoryUsage Memory() const override {
     absl::MutexLock lock(&mu_);
-    return {used_bytes_, options_.memory_budget_bytes};
+    return budget_.Usage();
   }
 
   ~CudaEngine() override;
 
  private:
   friend class CudaTransaction;
-  explicit CudaEngine(const EngineOptions& options) : options_(options) {}
+  CudaEngine(const EngineOptions& options, int64_t budget_bytes)
+      : options_(options), budget_(budget_bytes, options.memory_budget_setting) {}
 
-  absl::StatusOr<std::shared_ptr<Param>> FindLocked(ParamId id) const
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    auto it = params_.find(id);
-    if (it == params_.end()) return absl::NotFoundError(absl::StrCat("unknown parameter id ", id));
-    return it->second;
-  }
-  absl::StatusOr<std::shared_ptr<Param>> IdleLocked(ParamId id) const
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    MUON_ASSIGN_OR_RETURN(std::shared_ptr<Param> p, FindLocked(id));
-    if (p->owner != nullptr) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("parameter '", p->spec.name, "' is in a step in progress"));
-    }
-    return p;
-  }
+  absl::StatusOr<ParamId> RegisterValid(const ParamSpec& spec);
   absl::Status UseDevice() const {
     RETURN_IF_CUDA_ERROR(cudaSetDevice(options_.device), "selecting the CUDA device");
     return absl::OkStatus();
@@ -270,9 +248,8 @@ class CudaEngine final : public Engine {
 
   const EngineOptions options_;
   mutable absl::Mutex mu_;
-  std::unordered_map<ParamId, std::shared_ptr<Param>> params_ ABSL_GUARDED_BY(mu_);
-  ParamId next_id_ ABSL_GUARDED_BY(mu_) = 1;
-  int64_t used_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  ParamTable<Param> params_ ABSL_GUARDED_BY(mu_);
+  MemoryBudget budget_ ABSL_GUARDED_BY(mu_);
   int64_t workspace_reserved_ ABSL_GUARDED_BY(mu_) = 0;
 
   // Device work is serialized: one step at a time owns the streams, the
@@ -290,16 +267,16 @@ class CudaEngine final : public Engine {
 };
 
 absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const EngineOptions& options) {
-  if (options.memory_budget_bytes < 0) {
-    return absl::InvalidArgumentError("memory budget must be >= 0 (0: no budget)");
-  }
-  auto engine = std::unique_ptr<CudaEngine>(new CudaEngine(options));
-  MUON_RETURN_IF_ERROR(engine->UseDevice());
+  RETURN_IF_CUDA_ERROR(cudaSetDevice(options.device), "selecting the CUDA device");
+  size_t free_bytes = 0, total_bytes = 0;
+  RETURN_IF_CUDA_ERROR(cudaMemGetInfo(&free_bytes, &total_bytes), "reading the device's memory");
+  MUON_ASSIGN_OR_RETURN(const int64_t budget,
+                        ResolveBudget(options, static_cast<int64_t>(total_bytes)));
+  auto engine = std::unique_ptr<CudaEngine>(new CudaEngine(options, budget));
   const int64_t fixed = kStreams * static_cast<int64_t>(LtGemm::kWorkspaceBytes);
-  if (options.memory_budget_bytes > 0 && fixed > options.memory_budget_bytes) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("the CUDA engine needs ", fixed, " bytes of cuBLASLt workspace; the memory "
-                     "budget is ", options.memory_budget_bytes));
+  {
+    absl::MutexLock lock(&engine->mu_);
+    MUON_RETURN_IF_ERROR(engine->budget_.Reserve(fixed, "the CUDA engine", "cuBLASLt workspace"));
   }
   absl::MutexLock compute(&engine->compute_mu_);
   MUON_ASSIGN_OR_RETURN(engine->gemm_, LtGemm::Create());
@@ -307,8 +284,6 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const EngineOptio
     RETURN_IF_CUDA_ERROR(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "creating streams");
   }
   MUON_RETURN_IF_ERROR(engine->gemm_workspace_.Allocate(fixed, "cuBLASLt workspace"));
-  absl::MutexLock lock(&engine->mu_);
-  engine->used_bytes_ = fixed;
   return engine;
 }
 
@@ -322,6 +297,14 @@ CudaEngine::~CudaEngine() {
 
 absl::StatusOr<ParamId> CudaEngine::Register(const ParamSpec& spec) {
   MUON_RETURN_IF_ERROR(ValidateSpec(spec));
+  try {
+    return RegisterValid(spec);
+  } catch (const std::bad_alloc&) {
+    return OutOfHostMemory(absl::StrCat("registering ", Who(spec)));
+  }
+}
+
+absl::StatusOr<ParamId> CudaEngine::RegisterValid(const ParamSpec& spec) {
   auto p = std::make_shared<Param>();
   p->spec = spec;
   p->size = NumElements(spec.shape);
@@ -339,26 +322,20 @@ absl::StatusOr<ParamId> CudaEngine::Register(const ParamSpec& spec) {
     if (absl::Status s = BatchedNewtonSchulz::CanImplement(probe); !s.ok()) {
       return absl::Status(s.code(), absl::StrCat("parameter '", spec.name, "': ", s.message()));
     }
-    p->shape_scale = ShapeScaleFactor(spec.hp.shape_scale, p->view);
+    p->shape_scale = internal::ShapeScaleFactor(spec.hp.shape_scale, p->view);
   }
   const int64_t workspace = StepWorkspaceBytes(spec, p->coeffs);
   p->reserved_bytes = 2 * StateBytes(spec) + workspace;
   {
     absl::MutexLock lock(&mu_);
-    if (options_.memory_budget_bytes > 0 &&
-        used_bytes_ + p->reserved_bytes > options_.memory_budget_bytes) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "parameter '", spec.name, "' ", ShapeString(spec.shape), " needs ", p->reserved_bytes,
-          " bytes of GPU memory (2 copies of its optimizer state and its step workspace); ",
-          used_bytes_, " of the ", options_.memory_budget_bytes,
-          "-byte budget are in use"));
-    }
-    used_bytes_ += p->reserved_bytes;
+    MUON_RETURN_IF_ERROR(budget_.Reserve(
+        p->reserved_bytes, Who(spec),
+        "GPU memory (2 copies of its optimizer state and its step workspace)"));
     workspace_reserved_ += workspace;
   }
   const auto unreserve = [&] {
     absl::MutexLock lock(&mu_);
-    used_bytes_ -= p->reserved_bytes;
+    budget_.Release(p->reserved_bytes);
     workspace_reserved_ -= workspace;
   };
   const std::string what = absl::StrCat("optimizer state of parameter '", spec.name, "'");
@@ -377,19 +354,16 @@ absl::StatusOr<ParamId> CudaEngine::Register(const ParamSpec& spec) {
     }
   }
   absl::MutexLock lock(&mu_);
-  const ParamId id = next_id_++;
-  params_.emplace(id, std::move(p));
-  return id;
+  return params_.Add(std::move(p));
 }
 
 absl::Status CudaEngine::Unregister(ParamId id) {
   std::shared_ptr<Param> p;
   {
     absl::MutexLock lock(&mu_);
-    MUON_ASSIGN_OR_RETURN(p, IdleLocked(id));
-    used_bytes_ -= p->reserved_bytes;
+    MUON_ASSIGN_OR_RETURN(p, params_.Remove(id));
+    budget_.Release(p->reserved_bytes);
     workspace_reserved_ -= p->reserved_bytes - 2 * StateBytes(p->spec);
-    params_.erase(id);
   }
   MUON_RETURN_IF_ERROR(UseDevice());
   p.reset();  // frees the device state outside the lock
@@ -399,15 +373,8 @@ absl::Status CudaEngine::Unregister(ParamId id) {
 absl::Status CudaEngine::SetWeights(ParamId id, absl::Span<const float> values) {
   MUON_RETURN_IF_ERROR(UseDevice());
   absl::MutexLock lock(&mu_);
-  MUON_ASSIGN_OR_RETURN(std::shared_ptr<Param> p, IdleLocked(id));
-  if (!p->spec.hold_weights) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("parameter '", p->spec.name, "' does not hold weights"));
-  }
-  if (values.size() != static_cast<size_t>(p->size)) {
-    return absl::InvalidArgumentError(absl::StrCat("parameter '", p->spec.name, "' has ", p->size,
-                                                   " weights, not ", values.size()));
-  }
+  MUON_ASSIGN_OR_RETURN(std::shared_ptr<Param> p,
+                        params_.FindHolder(id, values.size(), /*idle=*/true));
   RETURN_IF_CUDA_ERROR(cudaMemcpy(p->Weights(p->current), values.data(), p->size * sizeof(float),
                                   cudaMemcpyHostToDevice),
                        absl::StrCat("setting weights of '", p->spec.name, "'"));
@@ -417,15 +384,8 @@ absl::Status CudaEngine::SetWeights(ParamId id, absl::Span<const float> values) 
 absl::Status CudaEngine::GetWeights(ParamId id, absl::Span<float> values) const {
   MUON_RETURN_IF_ERROR(UseDevice());
   absl::MutexLock lock(&mu_);
-  MUON_ASSIGN_OR_RETURN(std::shared_ptr<Param> p, FindLocked(id));
-  if (!p->spec.hold_weights) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("parameter '", p->spec.name, "' does not hold weights"));
-  }
-  if (values.size() != static_cast<size_t>(p->size)) {
-    return absl::InvalidArgumentError(absl::StrCat("parameter '", p->spec.name, "' has ", p->size,
-                                                   " weights, not ", values.size()));
-  }
+  MUON_ASSIGN_OR_RETURN(std::shared_ptr<Param> p,
+                        params_.FindHolder(id, values.size(), /*idle=*/false));
   RETURN_IF_CUDA_ERROR(cudaMemcpy(values.data(), p->Weights(p->current), p->size * sizeof(float),
                                   cudaMemcpyDeviceToHost),
                        absl::StrCat("reading weights of '", p->spec.name, "'"));
@@ -435,7 +395,16 @@ absl::Status CudaEngine::GetWeights(ParamId id, absl::Span<float> values) const 
 absl::StatusOr<ParamState> CudaEngine::ExportState(ParamId id) const {
   MUON_RETURN_IF_ERROR(UseDevice());
   absl::MutexLock lock(&mu_);
-  MUON_ASSIGN_OR_RETURN(std::shared_ptr<Param> p, FindLocked(id));
+  MUON_ASSIGN_OR_RETURN(std::shared_ptr<Param> p, params_.Find(id));
+  try {
+    return ExportLocked(*p);
+  } catch (const std::bad_alloc&) {
+    return OutOfHostMemory(absl::StrCat("exporting the state of ", Who(p->spec)));
+  }
+}
+
+absl::StatusOr<ParamState> CudaEngine::ExportLocked(const Param& param) const {
+  const Param* p = &param;
   ParamState state;
   state.step = p->step;
   const bool muon = p->spec.kind == OptimizerKind::kMuon;
@@ -458,21 +427,10 @@ absl::StatusOr<ParamState> CudaEngine::ExportState(ParamId id) const {
 absl::Status CudaEngine::ImportState(ParamId id, const ParamState& state) {
   MUON_RETURN_IF_ERROR(UseDevice());
   absl::MutexLock lock(&mu_);
-  MUON_ASSIGN_OR_RETURN(std::shared_ptr<Param> p, IdleLocked(id));
+  MUON_ASSIGN_OR_RETURN(std::shared_ptr<Param> p, params_.FindIdle(id));
+  MUON_RETURN_IF_ERROR(CheckImport(p->spec, state));
   const bool muon = p->spec.kind == OptimizerKind::kMuon;
   const size_t n = static_cast<size_t>(p->size);
-  const auto check = [&](const std::vector<float>& have, size_t want,
-                         absl::string_view what) -> absl::Status {
-    if (have.size() == want) return absl::OkStatus();
-    return absl::InvalidArgumentError(absl::StrCat("state of parameter '", p->spec.name, "': ",
-                                                   what, " has ", have.size(),
-                                                   " values, expected ", want));
-  };
-  MUON_RETURN_IF_ERROR(check(state.momentum, muon ? n : 0, "momentum"));
-  MUON_RETURN_IF_ERROR(check(state.exp_avg, muon ? 0 : n, "exp_avg"));
-  MUON_RETURN_IF_ERROR(check(state.exp_avg_sq, muon ? 0 : n, "exp_avg_sq"));
-  MUON_RETURN_IF_ERROR(check(state.weights, p->spec.hold_weights ? n : 0, "weights"));
-  if (state.step < 0) return absl::InvalidArgumentError("state step must be >= 0");
   std::vector<const std::vector<float>*> order;
   if (muon) {
     order = {&state.momentum};
@@ -521,7 +479,7 @@ struct Item {
   // another element size, in the same pass.
   size_t update_offset = 0;
   int64_t matrix_offset = 0;             // first matrix in its group's batch
-  float lr = 0;
+  double lr = 0;
   float decay = 1;
 };
 
@@ -531,6 +489,16 @@ struct Group {
   size_t x_offset = 0, ws_offset = 0, error_offset = 0;
   bool muon = true;
 };
+
+// A finite gradient can still overflow fp32 state (values near the fp32
+// maximum, or a sum-form momentum that keeps growing); committing it would
+// leave Inf/NaN in the state and zero updates from then on.
+absl::Status NonFiniteResultError(const ParamSpec& spec) {
+  return absl::InvalidArgumentError(absl::StrCat(
+      Who(spec), ": this step's gradient would make the optimizer state or the update "
+      "non-finite in fp32; the step is refused and the state is unchanged (scale the gradient "
+      "down, e.g. clip it)"));
+}
 
 class CudaTransaction final : public StepTransaction {
  public:
@@ -559,12 +527,10 @@ class CudaTransaction final : public StepTransaction {
   }
 
  private:
-  absl::StatusOr<std::vector<std::shared_ptr<Param>>> Claim(absl::Span<const GradientInput> grads,
-                                                            absl::Span<UpdateOutput> outputs);
-  void Release(const std::vector<std::shared_ptr<Param>>& params) {
-    absl::MutexLock lock(&engine_->mu_);
-    for (const auto& p : params) p->owner = nullptr;
-  }
+  // Compute on claimed parameters; on error the caller releases them.
+  absl::Status ComputeClaimed(const std::vector<std::shared_ptr<Param>>& params,
+                              absl::Span<const GradientInput> grads,
+                              absl::Span<UpdateOutput> outputs, StepStats* stats);
   absl::Status Run(absl::Span<const GradientInput> grads, absl::Span<UpdateOutput> outputs,
                    std::vector<Item>& items, StepStats& local)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(engine_->compute_mu_);
@@ -579,46 +545,19 @@ absl::StatusOr<std::unique_ptr<StepTransaction>> CudaEngine::BeginStep(const Ste
   return std::make_unique<CudaTransaction>(this, options);
 }
 
-absl::StatusOr<std::vector<std::shared_ptr<Param>>> CudaTransaction::Claim(
-    absl::Span<const GradientInput> grads, absl::Span<UpdateOutput> outputs) {
-  if (committed_) return absl::FailedPreconditionError("step already committed");
-  if (grads.size() != outputs.size()) {
-    return absl::InvalidArgumentError(absl::StrCat(grads.size(), " gradients but ",
-                                                   outputs.size(), " update outputs"));
-  }
-  absl::MutexLock lock(&engine_->mu_);
-  std::vector<std::shared_ptr<Param>> params;
-  for (size_t i = 0; i < grads.size(); ++i) {
-    const GradientInput& g = grads[i];
-    absl::StatusOr<std::shared_ptr<Param>> found = engine_->FindLocked(g.param);
-    absl::Status status = found.status();
-    if (status.ok()) {
-      const Param& p = **found;
-      const std::string who =
-          absl::StrCat("parameter '", p.spec.name, "' ", ShapeString(p.spec.shape));
-      if (p.owner == this) {
-        status = absl::InvalidArgumentError(absl::StrCat(who, " is given twice in one step"));
-      } else if (p.owner != nullptr) {
-        status =
-            absl::FailedPreconditionError(absl::StrCat(who, " is in another step in progress"));
-      } else {
-        status = CheckStepInput(p.spec, g, outputs[i]);
-      }
-    }
-    if (!status.ok()) {
-      for (auto& p : params) p->owner = nullptr;
-      return status;
-    }
-    (*found)->owner = this;
-    params.push_back(*std::move(found));
-  }
-  return params;
-}
-
 absl::Status CudaTransaction::Compute(absl::Span<const GradientInput> grads,
                                       absl::Span<UpdateOutput> outputs, StepStats* stats) {
+  if (committed_) return absl::FailedPreconditionError("step already committed");
   MUON_RETURN_IF_ERROR(engine_->UseDevice());
-  MUON_ASSIGN_OR_RETURN(std::vector<std::shared_ptr<Param>> params, Claim(grads, outputs));
+  return ClaimAndCompute(engine_->mu_, engine_->params_, this, grads, outputs,
+                         [&](const std::vector<std::shared_ptr<Param>>& params) {
+                           return ComputeClaimed(params, grads, outputs, stats);
+                         });
+}
+
+absl::Status CudaTransaction::ComputeClaimed(const std::vector<std::shared_ptr<Param>>& params,
+                                             absl::Span<const GradientInput> grads,
+                                             absl::Span<UpdateOutput> outputs, StepStats* stats) {
   std::vector<Item> items(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     items[i].hp = StepHyperParams(params[i]->spec, grads[i]);
@@ -626,27 +565,29 @@ absl::Status CudaTransaction::Compute(absl::Span<const GradientInput> grads,
     items[i].param = params[i];
     items[i].grad_bytes = grads[i].bytes.size();
     items[i].out_bytes = outputs[i].bytes.size();
-    const double lr = hp.lr;
-    items[i].lr = static_cast<float>(lr);
-    outputs[i].decay = 1.0 - lr * hp.weight_decay;
+    items[i].lr = hp.lr;
+    outputs[i].decay = DecayFactor(items[i].lr, hp.weight_decay);
     items[i].decay = static_cast<float>(outputs[i].decay);
   }
   StepStats local;
   absl::Status status;
   {
     absl::MutexLock compute(&engine_->compute_mu_);
-    status = Run(grads, outputs, items, local);
+    try {
+      status = Run(grads, outputs, items, local);
+    } catch (const std::bad_alloc&) {
+      status = OutOfHostMemory("for the step's plan");
+    }
   }
   if (!status.ok()) {
     // Work already enqueued may still touch the arena and pinned buffers the
     // next step reuses; drain it (its own errors add nothing to `status`).
     for (cudaStream_t s : engine_->streams_) cudaStreamSynchronize(s);
-    Release(params);
     return status;
   }
   local.parameters = static_cast<int64_t>(params.size());
   if (stats != nullptr) *stats += local;
-  for (auto& p : params) computed_.push_back(std::move(p));
+  computed_.insert(computed_.end(), params.begin(), params.end());
   return absl::OkStatus();
 }
 
@@ -764,16 +705,13 @@ absl::Status CudaTransaction::Run(absl::Span<const GradientInput> grads,
         const HyperParams& hp = it.hp;
         MomentumParams mp;
         mp.d_grad = d_arena + it.grad_offset;
-        mp.grad_type = static_cast<int>(p.spec.dtype);
+        mp.grad_type = static_cast<int>(grads[i].dtype);
         mp.d_momentum = p.Vector(p.current, 0);
         mp.d_momentum_out = p.Vector(1 - p.current, 0);
         mp.d_m = d_x + it.matrix_offset * matrix;
         mp.n = p.size;
-        mp.beta = static_cast<float>(hp.momentum);
-        // 1 − β from double, as the CPU engine (1.0f − float(β) is off by β's rounding).
-        mp.gain = hp.momentum_form == MomentumForm::kEma ? static_cast<float>(1.0 - hp.momentum)
-                                                         : 1.0f;
-        mp.nesterov = hp.nesterov;
+        mp.coeffs = MakeMomentumCoefficients(hp.momentum, hp.momentum_form == MomentumForm::kEma,
+                                             hp.nesterov);
         mp.d_nonfinite = d_flags + i;
         RETURN_IF_CUDA_ERROR(LaunchMomentum(mp, stream), context);
       }
@@ -796,12 +734,13 @@ absl::Status CudaTransaction::Run(absl::Span<const GradientInput> grads,
         MuonFinishParams fp;
         fp.d_o = d_x + it.matrix_offset * matrix;
         fp.n = p.size;
-        fp.scale = static_cast<float>(-static_cast<double>(it.lr) * p.shape_scale);
+        fp.scale = MuonUpdateScale(it.lr, p.shape_scale);
         fp.d_weights = p.Weights(p.current);
         fp.d_weights_out = p.Weights(1 - p.current);
         fp.decay = it.decay;
         fp.d_out = d_arena + it.update_offset;
         fp.out_type = static_cast<int>(outputs[i].dtype);
+        fp.d_nonfinite = d_flags + i;
         RETURN_IF_CUDA_ERROR(LaunchMuonFinish(fp, stream), context);
       }
     } else {
@@ -809,23 +748,16 @@ absl::Status CudaTransaction::Run(absl::Span<const GradientInput> grads,
         const Item& it = items[i];
         const Param& p = *it.param;
         const HyperParams& hp = it.hp;
-        const double t = static_cast<double>(p.step + 1);
         AdamWParams ap;
         ap.d_grad = d_arena + it.grad_offset;
-        ap.grad_type = static_cast<int>(p.spec.dtype);
+        ap.grad_type = static_cast<int>(grads[i].dtype);
         ap.d_m = p.Vector(p.current, 0);
         ap.d_v = p.Vector(p.current, 1);
         ap.d_m_out = p.Vector(1 - p.current, 0);
         ap.d_v_out = p.Vector(1 - p.current, 1);
         ap.n = p.size;
-        ap.beta1 = static_cast<float>(hp.beta1);
-        ap.beta2 = static_cast<float>(hp.beta2);
-        ap.one_minus_beta1 = static_cast<float>(1.0 - hp.beta1);
-        ap.one_minus_beta2 = static_cast<float>(1.0 - hp.beta2);
-        ap.eps = static_cast<float>(hp.eps);
-        ap.lr = it.lr;
-        ap.bias_correction1 = static_cast<float>(1.0 - std::pow(hp.beta1, t));
-        ap.bias_correction2 = static_cast<float>(1.0 - std::pow(hp.beta2, t));
+        ap.coeffs =
+            MakeAdamWCoefficients<float>(hp.beta1, hp.beta2, hp.eps, it.lr, p.step + 1);
         ap.d_weights = p.Weights(p.current);
         ap.d_weights_out = p.Weights(1 - p.current);
         ap.decay = it.decay;
@@ -863,10 +795,13 @@ absl::Status CudaTransaction::Run(absl::Span<const GradientInput> grads,
                        context);
   const int* flags = reinterpret_cast<const int*>(e.pinned_results_.bytes());
   for (size_t i = 0; i < items.size(); ++i) {
-    if (flags[i] != 0) {
+    if ((flags[i] & kNonFiniteGradient) != 0) {
       return absl::InvalidArgumentError(absl::StrCat(
           "parameter '", items[i].param->spec.name, "': gradient contains NaN or Inf"));
     }
+  }
+  for (size_t i = 0; i < items.size(); ++i) {
+    if (flags[i] != 0) return NonFiniteResultError(items[i].param->spec);
   }
   for (size_t i = 0; i < items.size(); ++i) {
     outputs[i].orthogonality_error = std::numeric_limits<double>::quiet_NaN();

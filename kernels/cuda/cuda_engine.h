@@ -19,9 +19,9 @@ int CudaDeviceCount();
 // Optimizer state is fp32 in device memory, double-buffered so a transaction
 // writes the second copy and Commit swaps them. Newton–Schulz runs in bf16 on
 // cuBLASLt with fp32 accumulation. kSvd is Unimplemented (Register fails).
-// Memory accounted against options.memory_budget_bytes: a fixed 128 MiB of
-// cuBLASLt workspaces, and per parameter 2× its state plus the step workspace
-// it can need (see docs/performance-cuda.md).
+// Memory accounted against options.memory_budget_bytes (0: the device's
+// memory): a fixed 128 MiB of cuBLASLt workspaces, and per parameter 2× its
+// state plus the step workspace it can need (docs/performance.md, "Memory").
 absl::StatusOr<std::unique_ptr<Engine>> CreateCudaEngineImpl(const EngineOptions& options);
 
 }  // namespace muon::internal

@@ -58,43 +58,64 @@ __device__ T BlockSum(T v) {
   return v;
 }
 
+// ORs the block's NonFiniteBits into *flag. Every thread of the block calls it.
+__device__ void ReportNonFinite(bool bad_gradient, bool bad_result, int* flag) {
+  const int bits = (__syncthreads_or(bad_gradient) ? kNonFiniteGradient : 0) |
+                   (__syncthreads_or(bad_result) ? kNonFiniteResult : 0);
+  if (bits != 0 && threadIdx.x == 0) atomicOr(flag, bits);
+}
+
 __global__ void MomentumKernel(MomentumParams p) {
-  bool bad = false;
+  bool bad_gradient = false, bad_result = false;
   for (int64_t i = blockIdx.x * int64_t{kThreads} + threadIdx.x; i < p.n;
        i += int64_t{gridDim.x} * kThreads) {
     const float g = Decode(p.d_grad, p.grad_type, i);
-    bad |= !isfinite(g);
-    const float b = p.beta * p.d_momentum[i] + p.gain * g;
+    float b;
+    // M in bf16 can round to Inf where the fp32 value was finite.
+    const __nv_bfloat16 m = __float2bfloat16_rn(MomentumStep(p.coeffs, p.d_momentum[i], g, &b));
     p.d_momentum_out[i] = b;
-    p.d_m[i] = __float2bfloat16_rn(p.nesterov ? p.gain * g + p.beta * b : b);
+    p.d_m[i] = m;
+    bad_gradient |= !isfinite(g);
+    bad_result |= !isfinite(b) || !isfinite(__bfloat162float(m));
   }
-  if (__syncthreads_or(bad) && threadIdx.x == 0) atomicExch(p.d_nonfinite, 1);
+  ReportNonFinite(bad_gradient, bad_result, p.d_nonfinite);
 }
 
 __global__ void AdamWKernel(AdamWParams p) {
-  bool bad = false;
+  bool bad_gradient = false, bad_result = false;
   for (int64_t i = blockIdx.x * int64_t{kThreads} + threadIdx.x; i < p.n;
        i += int64_t{gridDim.x} * kThreads) {
     const float g = Decode(p.d_grad, p.grad_type, i);
-    bad |= !isfinite(g);
-    const float m = p.beta1 * p.d_m[i] + p.one_minus_beta1 * g;
-    const float v = p.beta2 * p.d_v[i] + p.one_minus_beta2 * g * g;
+    float m, v;
+    const float u = AdamWStep(p.coeffs, p.d_m[i], p.d_v[i], g, &m, &v);
     p.d_m_out[i] = m;
     p.d_v_out[i] = v;
-    const float u = -p.lr * (m / p.bias_correction1) / (sqrtf(v / p.bias_correction2) + p.eps);
-    if (p.d_weights != nullptr) p.d_weights_out[i] = p.decay * p.d_weights[i] + u;
+    bad_gradient |= !isfinite(g);
+    bad_result |= !isfinite(m) || !isfinite(v) || !isfinite(u);
+    if (p.d_weights != nullptr) {
+      const float w = DecayedWeight(p.decay, p.d_weights[i], u);
+      p.d_weights_out[i] = w;
+      bad_result |= !isfinite(w);
+    }
     Encode(p.d_out, p.out_type, i, u);
   }
-  if (__syncthreads_or(bad) && threadIdx.x == 0) atomicExch(p.d_nonfinite, 1);
+  ReportNonFinite(bad_gradient, bad_result, p.d_nonfinite);
 }
 
 __global__ void MuonFinishKernel(MuonFinishParams p) {
+  bool bad_result = false;
   for (int64_t i = blockIdx.x * int64_t{kThreads} + threadIdx.x; i < p.n;
        i += int64_t{gridDim.x} * kThreads) {
-    const float u = p.scale * __bfloat162float(p.d_o[i]);
-    if (p.d_weights != nullptr) p.d_weights_out[i] = p.decay * p.d_weights[i] + u;
+    const float u = MuonUpdate(p.scale, __bfloat162float(p.d_o[i]));
+    bad_result |= !isfinite(u);
+    if (p.d_weights != nullptr) {
+      const float w = DecayedWeight(p.decay, p.d_weights[i], u);
+      p.d_weights_out[i] = w;
+      bad_result |= !isfinite(w);
+    }
     Encode(p.d_out, p.out_type, i, u);
   }
+  ReportNonFinite(false, bad_result, p.d_nonfinite);
 }
 
 // Eight bf16 in one 16-byte access: the batched kernels below are bound by

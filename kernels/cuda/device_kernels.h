@@ -12,14 +12,22 @@
 
 #include <cstdint>
 
+#include "muon/kernels/internal/step_math.h"
+
 namespace muon::internal {
 
 // Wire dtypes as the kernels see them; engine code static_asserts these
 // against muon::DType.
 enum WireType : int { kWireF32 = 0, kWireBF16 = 1, kWireF16 = 2 };
 
-// B' = β·B + gain·G; M = nesterov ? gain·G + β·B' : B' (gain = 1−β for EMA,
-// 1 for sum), M cast to bf16. Sets *d_nonfinite when G holds NaN/Inf.
+// Bits the step kernels OR into a parameter's d_nonfinite flag.
+enum NonFiniteBits : int {
+  kNonFiniteGradient = 1,  // the gradient holds NaN/Inf
+  kNonFiniteResult = 2,    // new state, update or weights would not be finite
+};
+
+// MomentumStep (step_math.h) per element: the shadow buffer B' and the
+// Newton–Schulz input M, cast to bf16. ORs NonFiniteBits into *d_nonfinite.
 struct MomentumParams {
   const void* d_grad = nullptr;  // n elements of grad_type
   int grad_type = kWireF32;
@@ -27,15 +35,14 @@ struct MomentumParams {
   float* d_momentum_out = nullptr;    // shadow state
   __nv_bfloat16* d_m = nullptr;       // Newton–Schulz input
   int64_t n = 0;
-  float beta = 0;
-  float gain = 0;
-  bool nesterov = true;
+  MomentumCoefficients coeffs;
   int* d_nonfinite = nullptr;
 };
 cudaError_t LaunchMomentum(const MomentumParams& p, cudaStream_t stream);
 
-// AdamW moments and update u = −lr·m̂/(√v̂+ε), then the common tail: held
-// weights W' = decay·W + u and u encoded to out_type.
+// AdamWStep (step_math.h, in float) per element, then the common tail: held
+// weights W' = decay·W + u and u encoded to out_type. ORs NonFiniteBits into
+// *d_nonfinite.
 struct AdamWParams {
   const void* d_grad = nullptr;
   int grad_type = kWireF32;
@@ -44,11 +51,7 @@ struct AdamWParams {
   float* d_m_out = nullptr;
   float* d_v_out = nullptr;
   int64_t n = 0;
-  float beta1 = 0, beta2 = 0, eps = 0;
-  // 1 − β1 and 1 − β2 rounded once from double (1.0f − float(0.999) is 1.3e-5 off).
-  float one_minus_beta1 = 0, one_minus_beta2 = 0;
-  float lr = 0;
-  float bias_correction1 = 1, bias_correction2 = 1;  // 1 − β^t
+  AdamWCoefficients<float> coeffs;
   const float* d_weights = nullptr;  // null when the engine holds no weights
   float* d_weights_out = nullptr;
   float decay = 1;
@@ -58,17 +61,19 @@ struct AdamWParams {
 };
 cudaError_t LaunchAdamW(const AdamWParams& p, cudaStream_t stream);
 
-// u = scale·O (O from Newton–Schulz), held weights W' = decay·W + u, u
-// encoded to out_type.
+// u = MuonUpdate(scale, O) (O from Newton–Schulz), held weights
+// W' = decay·W + u, u encoded to out_type. ORs kNonFiniteResult into
+// *d_nonfinite when u or W' is not finite.
 struct MuonFinishParams {
   const __nv_bfloat16* d_o = nullptr;
   int64_t n = 0;
-  float scale = 0;  // −lr·shape scale
+  float scale = 0;  // MuonUpdateScale: −lr·shape scale
   const float* d_weights = nullptr;
   float* d_weights_out = nullptr;
   float decay = 1;
   void* d_out = nullptr;
   int out_type = kWireF32;
+  int* d_nonfinite = nullptr;
 };
 cudaError_t LaunchMuonFinish(const MuonFinishParams& p, cudaStream_t stream);
 

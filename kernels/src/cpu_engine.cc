@@ -3,12 +3,14 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <bit>
 #include <chrono>
+#include <cstdint>
 #include <cmath>
 #include <map>
 #include <memory>
+#include <new>
 #include <tuple>
-#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -17,28 +19,49 @@
 #include "absl/synchronization/mutex.h"
 #include "muon/kernels/cpu_ns.h"
 #include "muon/kernels/engine.h"
+#include "muon/kernels/internal/param_table.h"
+#include "muon/kernels/internal/step_math.h"
 #include "muon/kernels/ns_schedule.h"
 #include "muon/kernels/status_macros.h"
 
 namespace muon {
 namespace {
 
-class CpuTransaction;
+using internal::ParamTable;
 
-double ShapeScaleFactor(ShapeScale scale, const MatrixView& v) {
-  switch (scale) {
-    case ShapeScale::kSpectral:
-      return std::sqrt(std::max(1.0, static_cast<double>(v.rows) / static_cast<double>(v.cols)));
-    case ShapeScale::kRmsMatch:
-      return 0.2 * std::sqrt(static_cast<double>(std::max(v.rows, v.cols)));
-    case ShapeScale::kNone:
-      return 1.0;
+// Whether every value added was finite, kept as the largest exponent field
+// seen: an integer max, which the compiler vectorizes along with the loop
+// (a bool chain of isfinite kept the loops scalar).
+class FiniteTracker {
+ public:
+  void Add(float x) {
+    max_exponent_ = std::max(max_exponent_, std::bit_cast<uint32_t>(x) & kExponent);
   }
-  return 1.0;
-}
+  bool all_finite() const { return max_exponent_ != kExponent; }
+
+ private:
+  static constexpr uint32_t kExponent = 0x7f800000u;
+  uint32_t max_exponent_ = 0;
+};
 
 double Seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
+}
+
+// Host bytes a parameter can hold at once, charged at Register so that the
+// budget bounds the engine's peak: its state, the shadow copy a step writes,
+// and the step's fp32 buffers (decoded gradient and update; for Muon also
+// the Newton–Schulz batch copy and OrthogonalizeCpu's wide copy, Y and two
+// r×r matrices).
+int64_t ChargedBytes(const ParamSpec& spec) {
+  const int64_t n = NumElements(spec.shape);
+  int64_t step_floats = 2 * n;
+  if (spec.kind == OptimizerKind::kMuon) {
+    const MatrixView v = MatrixViewOf(spec.shape);
+    const int64_t r = std::min(v.rows, v.cols);
+    step_floats += 3 * n + 2 * r * r;
+  }
+  return 2 * StateBytes(spec) + step_floats * static_cast<int64_t>(sizeof(float));
 }
 
 struct Param {
@@ -53,7 +76,7 @@ struct Param {
   std::vector<float> exp_avg_sq;
   std::vector<float> weights;
   // The open transaction computing this parameter, if any.
-  const CpuTransaction* owner = nullptr;
+  const StepTransaction* owner = nullptr;
 };
 
 // The state a transaction computed for one parameter, swapped in at Commit.
@@ -67,12 +90,85 @@ struct Shadow {
 
 class CpuEngine final : public Engine {
  public:
-  explicit CpuEngine(const EngineOptions& options) : options_(options) {}
+  CpuEngine(int64_t budget_bytes, const EngineOptions& options)
+      : budget_(budget_bytes, options.memory_budget_setting) {}
 
   absl::string_view name() const override { return "cpu"; }
 
   absl::StatusOr<ParamId> Register(const ParamSpec& spec) override {
     MUON_RETURN_IF_ERROR(ValidateSpec(spec));
+    try {
+      return RegisterValid(spec);
+    } catch (const std::bad_alloc&) {
+      return internal::OutOfHostMemory(
+          absl::StrCat("for the optimizer state of ", internal::Who(spec)));
+    }
+  }
+
+  absl::Status Unregister(ParamId id) override {
+    absl::MutexLock lock(&mu_);
+    MUON_ASSIGN_OR_RETURN(std::shared_ptr<Param> p, params_.Remove(id));
+    budget_.Release(ChargedBytes(p->spec));
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<ParamSpec> Spec(ParamId id) const override {
+    absl::MutexLock lock(&mu_);
+    MUON_ASSIGN_OR_RETURN(std::shared_ptr<Param> p, params_.Find(id));
+    return p->spec;
+  }
+
+  absl::StatusOr<std::unique_ptr<StepTransaction>> BeginStep(const StepOptions& options) override;
+
+  absl::Status SetWeights(ParamId id, absl::Span<const float> values) override {
+    absl::MutexLock lock(&mu_);
+    MUON_ASSIGN_OR_RETURN(std::shared_ptr<Param> p,
+                          params_.FindHolder(id, values.size(), /*idle=*/true));
+    std::copy(values.begin(), values.end(), p->weights.begin());
+    return absl::OkStatus();
+  }
+
+  absl::Status GetWeights(ParamId id, absl::Span<float> values) const override {
+    absl::MutexLock lock(&mu_);
+    MUON_ASSIGN_OR_RETURN(std::shared_ptr<Param> p,
+                          params_.FindHolder(id, values.size(), /*idle=*/false));
+    std::copy(p->weights.begin(), p->weights.end(), values.begin());
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<ParamState> ExportState(ParamId id) const override {
+    absl::MutexLock lock(&mu_);
+    MUON_ASSIGN_OR_RETURN(std::shared_ptr<Param> p, params_.Find(id));
+    try {
+      return ParamState{p->step, p->momentum, p->exp_avg, p->exp_avg_sq, p->weights};
+    } catch (const std::bad_alloc&) {
+      return internal::OutOfHostMemory(
+          absl::StrCat("exporting the state of ", internal::Who(p->spec)));
+    }
+  }
+
+  absl::Status ImportState(ParamId id, const ParamState& state) override {
+    absl::MutexLock lock(&mu_);
+    MUON_ASSIGN_OR_RETURN(std::shared_ptr<Param> p, params_.FindIdle(id));
+    MUON_RETURN_IF_ERROR(internal::CheckImport(p->spec, state));
+    // Sizes match, so the copies allocate nothing.
+    p->step = state.step;
+    std::copy(state.momentum.begin(), state.momentum.end(), p->momentum.begin());
+    std::copy(state.exp_avg.begin(), state.exp_avg.end(), p->exp_avg.begin());
+    std::copy(state.exp_avg_sq.begin(), state.exp_avg_sq.end(), p->exp_avg_sq.begin());
+    std::copy(state.weights.begin(), state.weights.end(), p->weights.begin());
+    return absl::OkStatus();
+  }
+
+  MemoryUsage Memory() const override {
+    absl::MutexLock lock(&mu_);
+    return budget_.Usage();
+  }
+
+ private:
+  friend class CpuTransaction;
+
+  absl::StatusOr<ParamId> RegisterValid(const ParamSpec& spec) {
     auto param = std::make_shared<Param>();
     param->spec = spec;
     param->size = NumElements(spec.shape);
@@ -81,139 +177,29 @@ class CpuEngine final : public Engine {
       MUON_ASSIGN_OR_RETURN(param->coeffs,
                             MakeNsCoefficients(spec.hp.ns_schedule, spec.hp.ns_steps));
     }
-    const int64_t bytes = StateBytes(spec);
+    const int64_t bytes = ChargedBytes(spec);
     absl::MutexLock lock(&mu_);
-    if (options_.memory_budget_bytes > 0 && used_bytes_ + bytes > options_.memory_budget_bytes) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "parameter '", spec.name, "' needs ", bytes, " bytes of optimizer state; ", used_bytes_,
-          " of the ", options_.memory_budget_bytes, "-byte memory budget are in use"));
+    MUON_RETURN_IF_ERROR(budget_.Reserve(
+        bytes, internal::Who(spec),
+        "host memory (its optimizer state, the copy a step writes, and the step's buffers)"));
+    try {
+      if (spec.kind == OptimizerKind::kMuon) {
+        param->momentum.assign(param->size, 0.0f);
+      } else {
+        param->exp_avg.assign(param->size, 0.0f);
+        param->exp_avg_sq.assign(param->size, 0.0f);
+      }
+      if (spec.hold_weights) param->weights.assign(param->size, 0.0f);
+    } catch (const std::bad_alloc&) {
+      budget_.Release(bytes);
+      throw;
     }
-    if (spec.kind == OptimizerKind::kMuon) {
-      param->momentum.assign(param->size, 0.0f);
-    } else {
-      param->exp_avg.assign(param->size, 0.0f);
-      param->exp_avg_sq.assign(param->size, 0.0f);
-    }
-    if (spec.hold_weights) param->weights.assign(param->size, 0.0f);
-    used_bytes_ += bytes;
-    const ParamId id = next_id_++;
-    params_.emplace(id, std::move(param));
-    return id;
+    return params_.Add(std::move(param));
   }
 
-  absl::Status Unregister(ParamId id) override {
-    absl::MutexLock lock(&mu_);
-    MUON_ASSIGN_OR_RETURN(std::shared_ptr<Param> p, FindLocked(id));
-    if (p->owner != nullptr) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("parameter '", p->spec.name, "' is in a step in progress"));
-    }
-    used_bytes_ -= StateBytes(p->spec);
-    params_.erase(id);
-    return absl::OkStatus();
-  }
-
-  absl::StatusOr<ParamSpec> Spec(ParamId id) const override {
-    absl::MutexLock lock(&mu_);
-    MUON_ASSIGN_OR_RETURN(std::shared_ptr<Param> p, FindLocked(id));
-    return p->spec;
-  }
-
-  absl::StatusOr<std::unique_ptr<StepTransaction>> BeginStep(const StepOptions& options) override;
-
-  absl::Status SetWeights(ParamId id, absl::Span<const float> values) override {
-    absl::MutexLock lock(&mu_);
-    MUON_ASSIGN_OR_RETURN(std::shared_ptr<Param> p, IdleHolderLocked(id, values.size()));
-    p->weights.assign(values.begin(), values.end());
-    return absl::OkStatus();
-  }
-
-  absl::Status GetWeights(ParamId id, absl::Span<float> values) const override {
-    absl::MutexLock lock(&mu_);
-    MUON_ASSIGN_OR_RETURN(std::shared_ptr<Param> p, FindLocked(id));
-    if (!p->spec.hold_weights) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("parameter '", p->spec.name, "' does not hold weights"));
-    }
-    if (values.size() != static_cast<size_t>(p->size)) {
-      return absl::InvalidArgumentError(absl::StrCat("parameter '", p->spec.name, "' has ",
-                                                     p->size, " weights, not ", values.size()));
-    }
-    std::copy(p->weights.begin(), p->weights.end(), values.begin());
-    return absl::OkStatus();
-  }
-
-  absl::StatusOr<ParamState> ExportState(ParamId id) const override {
-    absl::MutexLock lock(&mu_);
-    MUON_ASSIGN_OR_RETURN(std::shared_ptr<Param> p, FindLocked(id));
-    return ParamState{p->step, p->momentum, p->exp_avg, p->exp_avg_sq, p->weights};
-  }
-
-  absl::Status ImportState(ParamId id, const ParamState& state) override {
-    absl::MutexLock lock(&mu_);
-    MUON_ASSIGN_OR_RETURN(std::shared_ptr<Param> p, FindLocked(id));
-    if (p->owner != nullptr) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("parameter '", p->spec.name, "' is in a step in progress"));
-    }
-    const auto check = [&](const std::vector<float>& have, const std::vector<float>& want,
-                           absl::string_view what) -> absl::Status {
-      if (have.size() == want.size()) return absl::OkStatus();
-      return absl::InvalidArgumentError(absl::StrCat("state of parameter '", p->spec.name, "': ",
-                                                     what, " has ", have.size(),
-                                                     " values, expected ", want.size()));
-    };
-    MUON_RETURN_IF_ERROR(check(state.momentum, p->momentum, "momentum"));
-    MUON_RETURN_IF_ERROR(check(state.exp_avg, p->exp_avg, "exp_avg"));
-    MUON_RETURN_IF_ERROR(check(state.exp_avg_sq, p->exp_avg_sq, "exp_avg_sq"));
-    MUON_RETURN_IF_ERROR(check(state.weights, p->weights, "weights"));
-    if (state.step < 0) return absl::InvalidArgumentError("state step must be >= 0");
-    p->step = state.step;
-    p->momentum = state.momentum;
-    p->exp_avg = state.exp_avg;
-    p->exp_avg_sq = state.exp_avg_sq;
-    p->weights = state.weights;
-    return absl::OkStatus();
-  }
-
-  MemoryUsage Memory() const override {
-    absl::MutexLock lock(&mu_);
-    return {used_bytes_, options_.memory_budget_bytes};
-  }
-
- private:
-  friend class CpuTransaction;
-
-  absl::StatusOr<std::shared_ptr<Param>> FindLocked(ParamId id) const
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    auto it = params_.find(id);
-    if (it == params_.end()) return absl::NotFoundError(absl::StrCat("unknown parameter id ", id));
-    return it->second;
-  }
-
-  absl::StatusOr<std::shared_ptr<Param>> IdleHolderLocked(ParamId id, size_t values) const
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    MUON_ASSIGN_OR_RETURN(std::shared_ptr<Param> p, FindLocked(id));
-    if (!p->spec.hold_weights) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("parameter '", p->spec.name, "' does not hold weights"));
-    }
-    if (p->owner != nullptr) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("parameter '", p->spec.name, "' is in a step in progress"));
-    }
-    if (values != static_cast<size_t>(p->size)) {
-      return absl::InvalidArgumentError(absl::StrCat("parameter '", p->spec.name, "' has ",
-                                                     p->size, " weights, not ", values));
-    }
-    return p;
-  }
-
-  const EngineOptions options_;
   mutable absl::Mutex mu_;
-  std::unordered_map<ParamId, std::shared_ptr<Param>> params_ ABSL_GUARDED_BY(mu_);
-  ParamId next_id_ ABSL_GUARDED_BY(mu_) = 1;
-  int64_t used_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  ParamTable<Param> params_ ABSL_GUARDED_BY(mu_);
+  internal::MemoryBudget budget_ ABSL_GUARDED_BY(mu_);
 };
 
 class CpuTransaction final : public StepTransaction {
@@ -227,7 +213,14 @@ class CpuTransaction final : public StepTransaction {
   }
 
   absl::Status Compute(absl::Span<const GradientInput> grads, absl::Span<UpdateOutput> outputs,
-                       StepStats* stats) override;
+                       StepStats* stats) override {
+    if (committed_) return absl::FailedPreconditionError("step already committed");
+    return internal::ClaimAndCompute(
+        engine_->mu_, engine_->params_, this, grads, outputs,
+        [&](const std::vector<std::shared_ptr<Param>>& params) {
+          return ComputeClaimed(params, grads, outputs, stats);
+        });
+  }
 
   absl::Status Commit() override {
     absl::MutexLock lock(&engine_->mu_);
@@ -247,10 +240,11 @@ class CpuTransaction final : public StepTransaction {
   }
 
  private:
-  // Claims the parameters of one Compute call after validating every input.
-  absl::StatusOr<std::vector<std::shared_ptr<Param>>> Claim(absl::Span<const GradientInput> grads,
-                                                            absl::Span<UpdateOutput> outputs);
-  void Release(const std::vector<std::shared_ptr<Param>>& params);
+  // The work of Compute on claimed parameters. On error the caller releases
+  // them; nothing of this call is kept.
+  absl::Status ComputeClaimed(const std::vector<std::shared_ptr<Param>>& params,
+                              absl::Span<const GradientInput> grads,
+                              absl::Span<UpdateOutput> outputs, StepStats* stats);
 
   CpuEngine* const engine_;
   const StepOptions options_;
@@ -262,50 +256,19 @@ absl::StatusOr<std::unique_ptr<StepTransaction>> CpuEngine::BeginStep(const Step
   return std::make_unique<CpuTransaction>(this, options);
 }
 
-absl::StatusOr<std::vector<std::shared_ptr<Param>>> CpuTransaction::Claim(
-    absl::Span<const GradientInput> grads, absl::Span<UpdateOutput> outputs) {
-  if (committed_) return absl::FailedPreconditionError("step already committed");
-  if (grads.size() != outputs.size()) {
-    return absl::InvalidArgumentError(absl::StrCat(grads.size(), " gradients but ",
-                                                   outputs.size(), " update outputs"));
-  }
-  absl::MutexLock lock(&engine_->mu_);
-  std::vector<std::shared_ptr<Param>> params;
-  for (size_t i = 0; i < grads.size(); ++i) {
-    const GradientInput& g = grads[i];
-    absl::StatusOr<std::shared_ptr<Param>> found = engine_->FindLocked(g.param);
-    absl::Status status = found.status();
-    if (status.ok()) {
-      const Param& p = **found;
-      const std::string who =
-          absl::StrCat("parameter '", p.spec.name, "' ", ShapeString(p.spec.shape));
-      if (p.owner == this) {
-        status = absl::InvalidArgumentError(absl::StrCat(who, " is given twice in one step"));
-      } else if (p.owner != nullptr) {
-        status =
-            absl::FailedPreconditionError(absl::StrCat(who, " is in another step in progress"));
-      } else {
-        status = CheckStepInput(p.spec, g, outputs[i]);
-      }
-    }
-    if (!status.ok()) {
-      for (auto& p : params) p->owner = nullptr;
-      return status;
-    }
-    (*found)->owner = this;
-    params.push_back(*std::move(found));
-  }
-  return params;
+// A finite gradient can still overflow fp32 state (values near the fp32
+// maximum, or a sum-form momentum that keeps growing); committing it would
+// leave Inf/NaN in the state and zero updates from then on.
+absl::Status Overflow(const Param& p, absl::string_view what) {
+  return absl::InvalidArgumentError(absl::StrCat(
+      internal::Who(p.spec), ": this step's gradient would make the ", what,
+      " non-finite in fp32; the step is refused and the state is unchanged (scale the gradient "
+      "down, e.g. clip it)"));
 }
 
-void CpuTransaction::Release(const std::vector<std::shared_ptr<Param>>& params) {
-  absl::MutexLock lock(&engine_->mu_);
-  for (const auto& p : params) p->owner = nullptr;
-}
-
-absl::Status CpuTransaction::Compute(absl::Span<const GradientInput> grads,
-                                     absl::Span<UpdateOutput> outputs, StepStats* stats) {
-  MUON_ASSIGN_OR_RETURN(std::vector<std::shared_ptr<Param>> params, Claim(grads, outputs));
+absl::Status CpuTransaction::ComputeClaimed(const std::vector<std::shared_ptr<Param>>& params,
+                                            absl::Span<const GradientInput> grads,
+                                            absl::Span<UpdateOutput> outputs, StepStats* stats) {
   StepStats local;
   auto start = std::chrono::steady_clock::now();
 
@@ -314,9 +277,8 @@ absl::Status CpuTransaction::Compute(absl::Span<const GradientInput> grads,
   for (size_t i = 0; i < params.size(); ++i) {
     const Param& p = *params[i];
     g[i].resize(p.size);
-    DecodeToFloat(p.spec.dtype, grads[i].bytes.data(), p.size, g[i].data());
+    DecodeToFloat(grads[i].dtype, grads[i].bytes.data(), p.size, g[i].data());
     if (!std::all_of(g[i].begin(), g[i].end(), [](float v) { return std::isfinite(v); })) {
-      Release(params);
       return absl::InvalidArgumentError(absl::StrCat("parameter '", p.spec.name,
                                                      "': gradient contains NaN or Inf"));
     }
@@ -335,39 +297,34 @@ absl::Status CpuTransaction::Compute(absl::Span<const GradientInput> grads,
     Shadow& s = shadows[i];
     s.param = params[i];
     const double lr = hp.lr;
-    outputs[i].decay = 1.0 - lr * hp.weight_decay;
+    outputs[i].decay = internal::DecayFactor(lr, hp.weight_decay);
     outputs[i].orthogonality_error = std::numeric_limits<double>::quiet_NaN();
     update[i].resize(p.size);
+    FiniteTracker finite;
     if (p.spec.kind == OptimizerKind::kMuon) {
-      const float beta = static_cast<float>(hp.momentum);
-      const bool ema = hp.momentum_form == MomentumForm::kEma;
-      // 1 − β in double: 1.0f − float(β) loses β's rounding (2.4e-7 relative for 0.95).
-      const float gain = ema ? static_cast<float>(1.0 - hp.momentum) : 1.0f;  // weight of G
+      const internal::MomentumCoefficients c = internal::MakeMomentumCoefficients(
+          hp.momentum, hp.momentum_form == MomentumForm::kEma, hp.nesterov);
       s.momentum.resize(p.size);
       for (int64_t k = 0; k < p.size; ++k) {
-        const float b = beta * p.momentum[k] + gain * g[i][k];
-        s.momentum[k] = b;
-        update[i][k] = hp.nesterov ? gain * g[i][k] + beta * b : b;
+        update[i][k] = internal::MomentumStep(c, p.momentum[k], g[i][k], &s.momentum[k]);
+        finite.Add(s.momentum[k]);
+        finite.Add(update[i][k]);
       }
+      if (!finite.all_finite()) return Overflow(p, "momentum");
       groups[{p.view.rows, p.view.cols, hp.ns_schedule, hp.ns_steps}].push_back(i);
     } else {
-      const double t = static_cast<double>(p.step + 1);
-      const double bc1 = 1.0 - std::pow(hp.beta1, t);
-      const double bc2 = 1.0 - std::pow(hp.beta2, t);
-      const float b1 = static_cast<float>(hp.beta1), b2 = static_cast<float>(hp.beta2);
-      // 1 − β in double: 1.0f − float(0.999) is 1.3e-5 off (1.7e-4 for 0.9999).
-      const float c1 = static_cast<float>(1.0 - hp.beta1), c2 = static_cast<float>(1.0 - hp.beta2);
+      const auto c = internal::MakeAdamWCoefficients<double>(hp.beta1, hp.beta2, hp.eps, lr,
+                                                             p.step + 1);
       s.exp_avg.resize(p.size);
       s.exp_avg_sq.resize(p.size);
       for (int64_t k = 0; k < p.size; ++k) {
-        const float gk = g[i][k];
-        const float m = b1 * p.exp_avg[k] + c1 * gk;
-        const float v = b2 * p.exp_avg_sq[k] + c2 * gk * gk;
-        s.exp_avg[k] = m;
-        s.exp_avg_sq[k] = v;
-        const double denom = std::sqrt(v / bc2) + hp.eps;
-        update[i][k] = static_cast<float>(-lr * (m / bc1) / denom);
+        update[i][k] = internal::AdamWStep(c, p.exp_avg[k], p.exp_avg_sq[k], g[i][k],
+                                           &s.exp_avg[k], &s.exp_avg_sq[k]);
+        finite.Add(s.exp_avg[k]);
+        finite.Add(s.exp_avg_sq[k]);
+        finite.Add(update[i][k]);
       }
+      if (!finite.all_finite()) return Overflow(p, "AdamW moments or update");
     }
   }
 
@@ -382,10 +339,7 @@ absl::Status CpuTransaction::Compute(absl::Span<const GradientInput> grads,
                 batch.begin() + j * per_param);
     }
     const MatrixView all{v.batch * static_cast<int64_t>(members.size()), v.rows, v.cols};
-    if (absl::Status s = OrthogonalizeCpu(first.coeffs, all, batch.data()); !s.ok()) {
-      Release(params);
-      return s;
-    }
+    MUON_RETURN_IF_ERROR(OrthogonalizeCpu(first.coeffs, all, batch.data()));
     local.ns_flops += NsFlops(all, static_cast<int>(first.coeffs.steps.size()));
     for (size_t j = 0; j < members.size(); ++j) {
       const size_t i = members[j];
@@ -397,8 +351,14 @@ absl::Status CpuTransaction::Compute(absl::Span<const GradientInput> grads,
         outputs[i].orthogonality_error = err / static_cast<double>(v.batch);
       }
       const double lr = StepHyperParams(p.spec, grads[i]).lr;
-      const float scale = static_cast<float>(-lr * ShapeScaleFactor(p.spec.hp.shape_scale, v));
-      for (int64_t k = 0; k < p.size; ++k) update[i][k] = scale * o[k];
+      const float scale =
+          internal::MuonUpdateScale(lr, internal::ShapeScaleFactor(p.spec.hp.shape_scale, v));
+      FiniteTracker finite;
+      for (int64_t k = 0; k < p.size; ++k) {
+        update[i][k] = internal::MuonUpdate(scale, o[k]);
+        finite.Add(update[i][k]);
+      }
+      if (!finite.all_finite()) return Overflow(p, "update");
     }
   }
 
@@ -407,9 +367,12 @@ absl::Status CpuTransaction::Compute(absl::Span<const GradientInput> grads,
     if (p.spec.hold_weights) {
       const float decay = static_cast<float>(outputs[i].decay);
       shadows[i].weights.resize(p.size);
+      FiniteTracker finite;
       for (int64_t k = 0; k < p.size; ++k) {
-        shadows[i].weights[k] = decay * p.weights[k] + update[i][k];
+        shadows[i].weights[k] = internal::DecayedWeight(decay, p.weights[k], update[i][k]);
+        finite.Add(shadows[i].weights[k]);
       }
+      if (!finite.all_finite()) return Overflow(p, "weights");
     }
   }
   local.compute_seconds = Seconds(start);
@@ -423,6 +386,7 @@ absl::Status CpuTransaction::Compute(absl::Span<const GradientInput> grads,
   local.parameters = static_cast<int64_t>(params.size());
   if (stats != nullptr) *stats += local;
 
+  shadows_.reserve(shadows_.size() + shadows.size());
   for (Shadow& s : shadows) shadows_.push_back(std::move(s));
   return absl::OkStatus();
 }
@@ -430,15 +394,14 @@ absl::Status CpuTransaction::Compute(absl::Span<const GradientInput> grads,
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Engine>> CreateCpuEngine(const EngineOptions& options) {
-  if (options.memory_budget_bytes < 0) {
-    return absl::InvalidArgumentError("memory budget must be >= 0 (0: no budget)");
-  }
+  MUON_ASSIGN_OR_RETURN(const int64_t budget,
+                        internal::ResolveBudget(options, internal::HostMemoryBytes()));
   if (options.blas_threads < 0) {
     return absl::InvalidArgumentError("BLAS threads must be >= 0 (0: OpenBLAS's default)");
   }
   // Process-wide: OpenBLAS has one thread count.
   if (options.blas_threads > 0) openblas_set_num_threads(options.blas_threads);
-  return std::make_unique<CpuEngine>(options);
+  return std::make_unique<CpuEngine>(budget, options);
 }
 
 }  // namespace muon

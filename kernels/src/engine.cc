@@ -71,19 +71,25 @@ absl::Status CheckStepInput(const ParamSpec& spec, const GradientInput& grad,
         absl::StrCat("parameter '", spec.name, "' ", ShapeString(spec.shape), what...));
   };
   const size_t elements = static_cast<size_t>(NumElements(spec.shape));
-  if (grad.dtype != spec.dtype) {
+  if (grad.dtype != spec.dtype && grad.dtype != DType::kFloat32) {
     return bad(": gradient dtype ", DTypeName(grad.dtype), ", registered as ",
-               DTypeName(spec.dtype));
+               DTypeName(spec.dtype), " (send it in that dtype or in fp32)");
   }
-  const size_t want = elements * DTypeSize(spec.dtype);
+  const size_t want = elements * DTypeSize(grad.dtype);
   if (grad.bytes.size() != want) {
     return bad(": gradient has ", grad.bytes.size(), " bytes, expected ", want);
   }
   if (output.param != grad.param || output.bytes.size() != elements * DTypeSize(output.dtype)) {
     return bad(": update output does not match the gradient's parameter or size");
   }
-  if (grad.lr.has_value() && !(std::isfinite(*grad.lr) && *grad.lr >= 0)) {
-    return bad(": lr must be finite and >= 0");
+  if (grad.lr.has_value()) {
+    if (!(std::isfinite(*grad.lr) && *grad.lr >= 0)) {
+      return bad(": this step's lr is ", *grad.lr, "; it must be finite and >= 0");
+    }
+    if (!std::isfinite(*grad.lr * spec.hp.weight_decay)) {
+      return bad(": this step's lr·weight_decay (", *grad.lr, "·", spec.hp.weight_decay,
+                 ") overflows");
+    }
   }
   if (grad.hyper_params.has_value()) {
     ParamSpec stepped = spec;

@@ -137,21 +137,44 @@ absl::Status ValidateSpec(const ParamSpec& spec) {
   if (spec.kind == OptimizerKind::kMuon && spec.shape.size() < 2) {
     return bad("Muon needs a tensor of 2 or more dimensions; use AdamW for vectors");
   }
-  const HyperParams& hp = spec.hp;
-  if (!std::isfinite(hp.lr) || hp.lr < 0) return bad("lr must be finite and >= 0");
-  if (!std::isfinite(hp.weight_decay) || hp.weight_decay < 0) {
-    return bad("weight_decay must be finite and >= 0");
+  if (NameOf(spec.dtype, kDTypes) == "?") return bad("unknown dtype");
+  if (spec.kind != OptimizerKind::kMuon && spec.kind != OptimizerKind::kAdamW) {
+    return bad("unknown optimizer kind");
   }
-  if (spec.kind == OptimizerKind::kMuon) {
-    if (!(hp.momentum >= 0 && hp.momentum < 1)) return bad("momentum must be in [0, 1)");
-    if (hp.ns_schedule != ScheduleKind::kSvd && (hp.ns_steps < 1 || hp.ns_steps > 100)) {
-      return bad("ns_steps must be in [1, 100]");
-    }
-  } else {
-    if (!(hp.beta1 >= 0 && hp.beta1 < 1)) return bad("beta1 must be in [0, 1)");
-    if (!(hp.beta2 >= 0 && hp.beta2 < 1)) return bad("beta2 must be in [0, 1)");
-    if (!(hp.eps > 0) || !std::isfinite(hp.eps)) return bad("eps must be finite and > 0");
+  if (absl::Status s = ValidateHyperParams(spec.hp); !s.ok()) return bad(s.message());
+  return absl::OkStatus();
+}
+
+absl::Status ValidateHyperParams(const HyperParams& hp) {
+  const auto bad = [](absl::string_view field, auto value, absl::string_view range) {
+    return absl::InvalidArgumentError(absl::StrCat(field, " is ", value, "; it must be ", range));
+  };
+  // Every field is checked whichever optimizer the parameter uses: a value
+  // out of range is a mistake even where it has no effect.
+  if (!(std::isfinite(hp.lr) && hp.lr >= 0)) return bad("lr", hp.lr, "finite and >= 0");
+  if (!(std::isfinite(hp.weight_decay) && hp.weight_decay >= 0)) {
+    return bad("weight_decay", hp.weight_decay, "finite and >= 0");
   }
+  if (!std::isfinite(hp.lr * hp.weight_decay)) {
+    return absl::InvalidArgumentError(absl::StrCat("lr·weight_decay (", hp.lr, "·",
+                                                   hp.weight_decay, ") overflows; lower either"));
+  }
+  if (!(hp.momentum >= 0 && hp.momentum < 1)) return bad("momentum", hp.momentum, "in [0, 1)");
+  if (MomentumFormName(hp.momentum_form) == "?") {
+    return bad("momentum_form", static_cast<int>(hp.momentum_form), "ema or sum");
+  }
+  if (ScheduleName(hp.ns_schedule) == "?") {
+    return bad("ns_schedule", static_cast<int>(hp.ns_schedule), "a known schedule");
+  }
+  if (hp.ns_steps < kMinNsSteps || hp.ns_steps > kMaxNsSteps) {
+    return bad("ns_steps", hp.ns_steps, absl::StrCat("in [", kMinNsSteps, ", ", kMaxNsSteps, "]"));
+  }
+  if (ShapeScaleName(hp.shape_scale) == "?") {
+    return bad("shape_scale", static_cast<int>(hp.shape_scale), "spectral, rms_match or none");
+  }
+  if (!(hp.beta1 >= 0 && hp.beta1 < 1)) return bad("adam_beta1", hp.beta1, "in [0, 1)");
+  if (!(hp.beta2 >= 0 && hp.beta2 < 1)) return bad("adam_beta2", hp.beta2, "in [0, 1)");
+  if (!(std::isfinite(hp.eps) && hp.eps > 0)) return bad("adam_eps", hp.eps, "finite and > 0");
   return absl::OkStatus();
 }
 

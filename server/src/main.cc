@@ -24,7 +24,9 @@ ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9464",
           "Prometheus /metrics address HOST:PORT; empty disables. Env MUON_METRICS_LISTEN.");
 ABSL_FLAG(std::string, engine, "auto", "Engine: auto, cpu or cuda. Env MUON_ENGINE.");
 ABSL_FLAG(int64_t, memory_budget_bytes, 0,
-          "Optimizer state budget in bytes; 0: none. Env MUON_MEMORY_BUDGET_BYTES.");
+          "Engine memory budget in bytes (optimizer state; GPU workspaces on CUDA); 0: the "
+          "machine's memory (host memory or the cgroup limit for the CPU engine, device memory "
+          "for CUDA). Env MUON_MEMORY_BUDGET_BYTES.");
 ABSL_FLAG(int, device, 0, "CUDA device ordinal. Env MUON_DEVICE.");
 ABSL_FLAG(int, blas_threads, 1,
           "CPU engine: OpenBLAS threads per call; 0: OpenBLAS's default (OPENBLAS_NUM_THREADS, "

@@ -96,17 +96,11 @@ class RpcCountingFactory final : public grpc::experimental::ServerInterceptorFac
   RpcReporter* const reporter_;
 };
 
-// The largest UpdateChunk payload: leaves room for the chunk's other fields
-// under the message limit.
-int64_t UpdateChunkBytes(const ServerOptions& o) {
-  return std::max<int64_t>(1024, std::min<int64_t>(o.update_chunk_bytes,
-                                                   o.limits.max_message_bytes - 1024));
-}
-
 absl::Status ValidateOptions(const ServerOptions& o) {
   if (o.listen.empty()) return absl::InvalidArgumentError("--listen is empty; use HOST:PORT");
   if (o.memory_budget_bytes < 0) {
-    return absl::InvalidArgumentError("--memory_budget_bytes must be >= 0 (0: no budget)");
+    return absl::InvalidArgumentError(
+        "--memory_budget_bytes must be >= 0 (0: the machine's memory)");
   }
   if (o.limits.max_sessions < 1) return absl::InvalidArgumentError("--max_sessions must be >= 1");
   if (o.limits.max_message_bytes < 64 * 1024) {
@@ -189,6 +183,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   auto impl = std::make_unique<ServerImpl>();
   EngineOptions engine_options;
   engine_options.memory_budget_bytes = options.memory_budget_bytes;
+  engine_options.memory_budget_setting = "--memory_budget_bytes";
   engine_options.device = options.device;
   engine_options.blas_threads = options.blas_threads;
   // The /metrics endpoint starts before the engine: its threads then do not
@@ -210,7 +205,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   RoundOptions rounds;
   rounds.metrics = impl->metrics->steps();
   rounds.worker_timeout = options.worker_timeout;
-  rounds.chunk_bytes = UpdateChunkBytes(options);
+  rounds.chunk_bytes = options.update_chunk_bytes;
+  rounds.max_message_bytes = options.limits.max_message_bytes;
+  rounds.orthogonality_sample_every = options.orthogonality_sample_every;
   impl->durability = std::make_unique<Durability>(durability, impl->engine.get());
   auto make_rounds = [engine = impl->engine.get(), durability = impl->durability.get(),
                       rounds](Session* session) -> std::unique_ptr<SessionRounds> {
@@ -277,7 +274,10 @@ bool Server::Drain(absl::Duration timeout) {
   impl_->service->gate().StartDraining();
   impl_->grpc_server->GetHealthCheckService()->SetServingStatus(false);
   const bool drained = impl_->service->gate().WaitForSteps(timeout);
-  // Calls still open (idle streams, a step that did not drain) are cancelled.
+  // Open streams (idle ones, a step that did not drain) answer UNAVAILABLE,
+  // never CANCELLED: the client retries them elsewhere or after the restart.
+  impl_->service->gate().StopStreams();
+  // What is still open after that is cancelled.
   impl_->grpc_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
   return drained;
 }

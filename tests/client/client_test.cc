@@ -181,7 +181,7 @@ TEST(ClientTest, KeepsTheGrpcCodeAndMessage) {
   EXPECT_TRUE(FromGrpcStatus(grpc::Status::OK).ok());
 }
 
-// --- Presets (DESIGN.md §5) -----------------------------------------------
+// --- Presets (docs/performance.md, "Workloads") ----------------------------
 
 int64_t Elements(const std::vector<PresetParam>& params) {
   int64_t n = 0;
@@ -224,7 +224,7 @@ TEST(ModelPresetTest, ShapesOfDesignSection5) {
 }
 
 TEST(ModelPresetTest, FlopsMatchTheDesignTable) {
-  // DESIGN.md §5: GFLOP of 5 Newton-Schulz steps over each model.
+  // docs/performance.md, "Workloads": GFLOP of 5 Newton-Schulz steps over each model.
   EXPECT_NEAR(muonctl::NsFlops(*ModelPreset("gpt2-small"), 5) / 1e9, 1522, 1);
   EXPECT_NEAR(muonctl::NsFlops(*ModelPreset("gpt2-medium"), 5) / 1e9, 7216, 1);
   EXPECT_NEAR(muonctl::NsFlops(*ModelPreset("llama-1b"), 5) / 1e9, 45741, 1);

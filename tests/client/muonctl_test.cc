@@ -342,7 +342,7 @@ TEST_F(MuonctlTest, LoadReportsTheServersErrorAndExitsNonZero) {
   const Outcome run = Ctl({"load", "--clients=2", "--steps=1", "--lr=-1", "--name=cli-bad-load"});
   EXPECT_EQ(run.exit_code, 1) << Describe(run);
   EXPECT_THAT(run.err, HasSubstr("muonctl: INVALID_ARGUMENT: "));
-  EXPECT_THAT(run.err, HasSubstr("lr must be finite and >= 0"));
+  EXPECT_THAT(run.err, HasSubstr("lr is -1; it must be finite and >= 0"));
   EXPECT_THAT(run.out, Not(HasSubstr("step latency")));
   const Outcome listed = Ctl({"session", "list"});
   ASSERT_EQ(listed.exit_code, 0) << Describe(listed);
@@ -354,7 +354,7 @@ TEST(MuonctlNoServerTest, CoefficientsOfPolarExpress) {
   ASSERT_EQ(run.exit_code, 0) << Describe(run);
   const std::vector<std::string> lines = absl::StrSplit(run.out, '\n', absl::SkipEmpty());
   ASSERT_EQ(lines.size(), 5u) << Describe(run);
-  // DESIGN.md §1, exactly to 10 decimals; the first column is the step.
+  // docs/math.md, exactly to 10 decimals; the first column is the step.
   EXPECT_EQ(lines[0], "1 8.2373124905 -23.1577474146 16.6805684114");
   EXPECT_EQ(lines[4], "5 2.3200073129 -1.6862169730 0.4206802734");
 }

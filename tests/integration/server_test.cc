@@ -251,8 +251,61 @@ TEST_F(ServerTest, BrokenStreamChangesNoState) {
   unfinished.cancel_after = unfinished.body.size();
   EXPECT_EQ(RunStep(stub_.get(), unfinished).status.error_code(), grpc::StatusCode::CANCELLED);
 
+  // Every chunk sent and a half-close, but no StepEnd: refused, not a step.
+  StepCall no_end = Call(session, 1);
+  no_end.body = GradientMessages(RandomGradients(model, 97), 1000, 0);
+  no_end.send_end = false;
+  EXPECT_CODE(RunStep(stub_.get(), no_end).status, INVALID_ARGUMENT, "without a StepEnd");
+  EXPECT_EQ(SessionStep(session), 0u);
+
   ExpectSameUpdates(Good(session, 1, g1), reference.Step(g1));
   EXPECT_EQ(SessionStep(session), 1u);
+}
+
+// A client may read every update before it ends the step: nothing is held
+// back for the end of the stream, and StepEnd alone commits.
+TEST_F(ServerTest, EveryUpdateArrivesBeforeTheStepEnds) {
+  const Model model = SmallModel();
+  const std::string session = NewSession(model);
+  Reference reference(model);
+  const Tensors grads = RandomGradients(model, 83);
+  grpc::ClientContext ctx;
+  // Only a bound on a broken server, which would hold an update back.
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+  auto stream = stub_->Step(&ctx);
+  v1::StepRequest header;
+  *header.mutable_header() = Call(session, 1).header;
+  ASSERT_TRUE(stream->Write(header));
+  for (const v1::StepRequest& m : GradientMessages(grads, 1000, 0)) ASSERT_TRUE(stream->Write(m));
+  StepResult got;
+  std::map<uint32_t, uint64_t> received;
+  auto complete = [&] {
+    if (received.size() != grads.size()) return false;
+    for (const auto& [index, bytes] : got.updates) {
+      if (received[index] != bytes.size()) return false;
+    }
+    return true;
+  };
+  v1::StepResponse response;
+  while (!complete()) {
+    ASSERT_TRUE(stream->Read(&response)) << stream->Finish().error_message();
+    ASSERT_TRUE(response.has_update());
+    const v1::UpdateChunk& u = response.update();
+    Bytes& dst = got.updates[u.param_index()];
+    dst.resize(u.total_bytes());
+    std::memcpy(dst.data() + u.offset(), u.data().data(), u.data().size());
+    got.decay[u.param_index()] = u.decay();
+    received[u.param_index()] += u.data().size();
+  }
+  EXPECT_EQ(SessionStep(session), 0u);  // computed, not committed
+  ASSERT_TRUE(stream->Write(EndMessage({0, 1, 2, 3, 4})));
+  stream->WritesDone();
+  ASSERT_TRUE(stream->Read(&response));
+  ASSERT_TRUE(response.has_summary());
+  got.summary = response.summary();
+  EXPECT_FALSE(stream->Read(&response));
+  got.status = stream->Finish();
+  ExpectSameUpdates(got, reference.Step(grads));
 }
 
 TEST_F(ServerTest, UpdatesStreamBeforeTheStepEndsButCommitOnlyAtTheEnd) {
@@ -487,6 +540,68 @@ TEST_F(ServerTest, BadRequestsGetActionableErrorsAndChangeNothing) {
   // After all that, the session is as new.
   Reference reference(model);
   ExpectSameUpdates(Good(session, 1, grads), reference.Step(grads));
+}
+
+TEST_F(ServerTest, FieldsOutOfRangeAreRefusedEvenWhereUnused) {
+  auto create = [&](const v1::CreateSessionRequest& request) {
+    grpc::ClientContext ctx;
+    v1::CreateSessionResponse response;
+    return stub_->CreateSession(&ctx, request, &response);
+  };
+  const v1::CreateSessionRequest request = CreateRequest(SmallModel());
+  {
+    v1::CreateSessionRequest r = request;  // 'b' is an AdamW parameter: momentum is unused
+    r.mutable_params(3)->mutable_overrides()->set_momentum(1.5);
+    EXPECT_CODE(create(r), INVALID_ARGUMENT, "momentum is 1.5");
+  }
+  {
+    v1::CreateSessionRequest r = request;  // 'w1' is Muon: eps is unused
+    r.mutable_params(0)->mutable_overrides()->set_adam_eps(-1);
+    EXPECT_CODE(create(r), INVALID_ARGUMENT, "adam_eps");
+  }
+  {
+    v1::CreateSessionRequest r = request;  // applies to no Muon parameter
+    r.mutable_adamw_hyper_params()->set_ns_steps(0);
+    EXPECT_CODE(create(r), INVALID_ARGUMENT, "adamw_hyper_params: ns_steps");
+  }
+  {
+    v1::CreateSessionRequest r = request;
+    r.mutable_hyper_params()->set_adam_beta2(1.0);
+    EXPECT_CODE(create(r), INVALID_ARGUMENT, "hyper_params: adam_beta2");
+  }
+  {
+    v1::CreateSessionRequest r = request;
+    r.mutable_hyper_params()->set_shape_scale(static_cast<v1::ShapeScale>(7));
+    EXPECT_CODE(create(r), INVALID_ARGUMENT, "shape_scale");
+  }
+  const std::string session = NewSession(SmallModel());
+  {
+    StepCall call = Call(session, 1);
+    call.header.set_update_content(static_cast<v1::UpdateContent>(9));
+    EXPECT_CODE(RunStep(stub_.get(), call).status, INVALID_ARGUMENT, "update_content value 9");
+  }
+  {
+    StepCall call = Call(session, 1);
+    call.header.set_lr(1e200);
+    call.header.set_lr_scale(1e200);
+    EXPECT_CODE(RunStep(stub_.get(), call).status, INVALID_ARGUMENT, "lr_scale");
+  }
+  EXPECT_EQ(SessionStep(session), 0u);
+}
+
+TEST_F(ServerTest, StepThatWouldOverflowTheStateIsRefusedAndTheSessionStaysUsable) {
+  const Model model = SmallModel();
+  const std::string session = NewSession(model);
+  // Finite fp32 gradients near the maximum: AdamW's g² overflows.
+  Tensors grads = RandomGradients(model, 43);
+  const float big = 0.9f * std::numeric_limits<float>::max();
+  Bytes& emb = grads.at(2);
+  for (size_t k = 0; k < emb.size(); k += sizeof big) std::memcpy(emb.data() + k, &big, sizeof big);
+  EXPECT_CODE(Good(session, 1, grads).status, INVALID_ARGUMENT, "non-finite");
+  EXPECT_EQ(SessionStep(session), 0u);
+  Reference reference(model);
+  const Tensors good = RandomGradients(model, 44);
+  ExpectSameUpdates(Good(session, 1, good), reference.Step(good));
 }
 
 TEST_F(ServerTest, BadSessionsAreRejected) {
@@ -818,43 +933,6 @@ TEST(ServerLimitsTest, LimitsGiveResourceExhausted) {
   EXPECT_GE(got.update_messages, 3);
 }
 
-// A free TCP port on 127.0.0.1 (bound, read, closed).
-int FreePort() {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = 0;
-  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
-  socklen_t len = sizeof addr;
-  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  close(fd);
-  return ntohs(addr.sin_port);
-}
-
-// GET http://127.0.0.1:port/path; the whole response, headers included.
-std::string HttpGet(int port, const std::string& path) {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
-    close(fd);
-    return "";
-  }
-  const std::string request = "GET " + path + " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
-  if (write(fd, request.data(), request.size()) != static_cast<ssize_t>(request.size())) {
-    close(fd);
-    return "";
-  }
-  std::string out;
-  char buf[4096];
-  for (ssize_t n; (n = read(fd, buf, sizeof buf)) > 0;) out.append(buf, n);
-  close(fd);
-  return out;
-}
-
 TEST(ServerMetricsTest, MetricsCountSessionsAndSteps) {
   const int metrics_port = FreePort();
   auto server =
@@ -899,18 +977,22 @@ TEST(ServerMetricsTest, MetricsCountSessionsAndSteps) {
   EXPECT_THAT(metrics, HasSubstr("muon_grpc_requests_total{code=\"OK\",method=\"Step\"} 2"));
   EXPECT_THAT(metrics, HasSubstr("muon_grpc_requests_total{code=\"FAILED_PRECONDITION\","
                                  "method=\"Step\"} 1"));
-  EXPECT_THAT(metrics, HasSubstr("muon_engine_memory_bytes{kind=\"budget\"} 0"));
+  // The default budget is the machine's memory, never 0.
+  EXPECT_THAT(metrics, HasSubstr("muon_engine_memory_bytes{kind=\"budget\"} "));
+  EXPECT_THAT(metrics, Not(HasSubstr("muon_engine_memory_bytes{kind=\"budget\"} 0\n")));
   EXPECT_THAT(metrics, Not(HasSubstr("muon_engine_memory_bytes{kind=\"used\"} 0\n")));
 }
 
 TEST(ServerLimitsTest, SessionShapeAndMemoryLimits) {
   // SmallModel: 5 parameters; state 64·32·4 + 2·16·24·4 + 40·8·8 + 32·8 + 32·64·4 bytes.
-  // The budget check needs an engine whose fixed overhead fits 30 kB: the
-  // CPU engine's (the CUDA engine reserves its GEMM workspace first).
+  // The budget check needs an engine whose fixed overhead fits 200 kB: the
+  // CPU engine's (the CUDA engine reserves its GEMM workspace first), which
+  // charges a 64×64 Muon parameter 16 KiB of state, 16 KiB for the copy a
+  // step writes and 7·16 KiB of step buffers (144 KiB).
   const bool budget = TestEngine() == "cpu";
   std::vector<std::string> flags = {"--max_params_per_session=4", "--max_bytes_per_session=100000",
                                     "--max_concurrent_streams=2"};
-  if (budget) flags.push_back("--memory_budget_bytes=30000");
+  if (budget) flags.push_back("--memory_budget_bytes=200000");
   auto server = ServerProcess::Start(flags);
   ASSERT_TRUE(server.ok()) << server.status();
   auto stub = v1::Optimizer::NewStub((*server)->NewChannel());
@@ -1029,6 +1111,35 @@ TEST(ServerRobustnessTest, GarbageNeverCrashesTheServer) {
   }
 }
 
+TEST(ServerRobustnessTest, StateThatCannotBeAllocatedIsResourceExhaustedNamingTheFlag) {
+  auto server = ServerProcess::Start();  // default flags: the machine's memory is the budget
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto stub = v1::Optimizer::NewStub((*server)->NewChannel());
+  auto create = [&](const v1::CreateSessionRequest& request) {
+    grpc::ClientContext ctx;
+    v1::CreateSessionResponse response;
+    return stub->CreateSession(&ctx, request, &response);
+  };
+  for (const std::vector<int64_t>& shape :
+       {std::vector<int64_t>{1'000'000, 1'000'000}, std::vector<int64_t>{1'000'000'000'000}}) {
+    v1::CreateSessionRequest huge;
+    huge.add_params()->set_name("huge");
+    for (int64_t d : shape) huge.mutable_params(0)->add_shape(d);
+    EXPECT_CODE(create(huge), RESOURCE_EXHAUSTED, "--memory_budget_bytes");
+  }
+  // Still serving.
+  EXPECT_TRUE(create(CreateRequest(SmallModel())).ok());
+}
+
+// The header of step 1 of a session just created.
+v1::StepRequest FirstHeader(const v1::CreateSessionResponse& created) {
+  v1::StepRequest header;
+  header.mutable_header()->set_session_id(created.session_id());
+  header.mutable_header()->set_token(created.token());
+  header.mutable_header()->set_step(1);
+  return header;
+}
+
 TEST(ServerSignalTest, SigtermDrainsTheInFlightStepAndExitsZero) {
   auto server = ServerProcess::Start();
   ASSERT_TRUE(server.ok()) << server.status();
@@ -1043,11 +1154,7 @@ TEST(ServerSignalTest, SigtermDrainsTheInFlightStepAndExitsZero) {
   std::vector<v1::StepRequest> body = GradientMessages(grads, 1000, 0);
   grpc::ClientContext ctx;
   auto stream = stub->Step(&ctx);
-  v1::StepRequest header;
-  header.mutable_header()->set_session_id(created.session_id());
-  header.mutable_header()->set_token(created.token());
-  header.mutable_header()->set_step(1);
-  ASSERT_TRUE(stream->Write(header));
+  ASSERT_TRUE(stream->Write(FirstHeader(created)));
   const size_t half = body.size() / 2;
   for (size_t i = 0; i < half; ++i) ASSERT_TRUE(stream->Write(body[i]));
   std::this_thread::sleep_for(std::chrono::milliseconds(200));
@@ -1062,6 +1169,7 @@ TEST(ServerSignalTest, SigtermDrainsTheInFlightStepAndExitsZero) {
     EXPECT_EQ(HealthStatus((*server)->NewChannel()), 2);
   }
   for (size_t i = half; i < body.size(); ++i) ASSERT_TRUE(stream->Write(body[i]));
+  ASSERT_TRUE(stream->Write(EndMessage({0, 1, 2, 3, 4})));
   stream->WritesDone();
   v1::StepResponse response;
   std::optional<v1::StepSummary> summary;
@@ -1072,6 +1180,39 @@ TEST(ServerSignalTest, SigtermDrainsTheInFlightStepAndExitsZero) {
   EXPECT_TRUE(status.ok()) << status.error_message();
   ASSERT_TRUE(summary.has_value());
   EXPECT_EQ(summary->step(), 1u);
+  EXPECT_EQ((*server)->WaitForExit(30), 0);
+}
+
+// A step the drain does not wait out is cut with UNAVAILABLE, which a
+// client retries, never CANCELLED; and it is not applied.
+TEST(ServerSignalTest, AStepCutByShutdownAnswersUnavailable) {
+  auto server = ServerProcess::Start({"--drain_timeout_seconds=0.2"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto stub = v1::Optimizer::NewStub((*server)->NewChannel());
+  const Model model = SmallModel();
+  grpc::ClientContext create_ctx;
+  v1::CreateSessionResponse created;
+  ASSERT_TRUE(stub->CreateSession(&create_ctx, CreateRequest(model), &created).ok());
+
+  grpc::ClientContext ctx;
+  auto stream = stub->Step(&ctx);
+  ASSERT_TRUE(stream->Write(FirstHeader(created)));
+  const std::vector<v1::StepRequest> body = GradientMessages(RandomGradients(model, 52), 1000, 0);
+  for (size_t i = 0; i < body.size() / 2; ++i) ASSERT_TRUE(stream->Write(body[i]));
+  // An idle stream (no header yet) is cut the same way.
+  grpc::ClientContext idle_ctx;
+  auto idle = stub->Step(&idle_ctx);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+
+  (*server)->Signal(SIGTERM);
+  v1::StepResponse response;
+  while (stream->Read(&response)) {
+    EXPECT_FALSE(response.has_summary());
+  }
+  EXPECT_CODE(stream->Finish(), UNAVAILABLE, "shutting down");
+  while (idle->Read(&response)) {
+  }
+  EXPECT_CODE(idle->Finish(), UNAVAILABLE, "shutting down");
   EXPECT_EQ((*server)->WaitForExit(30), 0);
 }
 

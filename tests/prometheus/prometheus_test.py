@@ -226,7 +226,6 @@ def main():
             'muon_grpc_requests_total{method="Step",code="OK"}': steps,
             'muon_grpc_requests_total{method="CreateSession",code="OK"}': 1,
             'muon_grpc_requests_total{method="GetSession",code="NOT_FOUND"}': 1,
-            'muon_engine_memory_bytes{kind="budget"}': 0,
         }
         for phase in ("receive", "queue", "compute", "send", "total"):
             expected[f'muon_step_duration_seconds_count{{phase="{phase}"}}'] = steps
@@ -250,6 +249,10 @@ def main():
         if used is None or used < step_bytes:
             failures.append(f'muon_engine_memory_bytes{{kind="used"}}: got {used}, '
                             f"want >= {step_bytes} (the session's momentum)")
+        budget = scalar(prom_port, 'muon_engine_memory_bytes{kind="budget"}')
+        if budget is None or budget < used:
+            failures.append(f'muon_engine_memory_bytes{{kind="budget"}}: got {budget}, '
+                            "want the machine's memory (the default), at least what is used")
         p50 = scalar(prom_port, 'histogram_quantile(0.5, muon_step_duration_seconds_bucket'
                                 '{phase="total"})')
         if p50 is None or not 0 < p50 <= 60:

@@ -1,4 +1,4 @@
-"""Muon and AdamW in float64 numpy, from DESIGN.md's formulas, for checking
+"""Muon and AdamW in float64 numpy, from docs/math.md's formulas, for checking
 what the server returns."""
 import numpy as np
 

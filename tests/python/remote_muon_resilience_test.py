@@ -162,7 +162,7 @@ class ResilienceTest(unittest.TestCase):
             except subprocess.TimeoutExpired:
                 self.fail("the process did not exit after Ctrl-C")
         self.assertNotEqual(process.returncode, 0)
-        self.assertIn("KeyboardInterrupt", err)
+        self.assertIn("KeyboardInterrupt", err, f"exit status {process.returncode}")
 
     def interrupted_run(self, hold_upstream):
         """Step 1 is interrupted while the proxy holds one direction; then

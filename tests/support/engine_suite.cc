@@ -107,7 +107,8 @@ std::vector<MuonCase> MuonCases() {
         std::tuple{ScheduleKind::kAol, 4, std::vector<int64_t>{24, 40}},
         std::tuple{ScheduleKind::kAolDion, 4, std::vector<int64_t>{40, 24}},
         std::tuple{ScheduleKind::kJordan, 3, std::vector<int64_t>{24, 40}},
-        std::tuple{ScheduleKind::kSvd, 0, std::vector<int64_t>{20, 30}}}) {
+        // SVD ignores the step count, which must still be in range.
+        std::tuple{ScheduleKind::kSvd, 1, std::vector<int64_t>{20, 30}}}) {
     s = MuonSpec("", shape);
     s.hp.ns_schedule = kind;
     s.hp.ns_steps = steps;
@@ -997,6 +998,114 @@ TEST_P(EngineContractTest, StepStatsCountTheWork) {
   EXPECT_EQ(stats.parameters, 3);
   EXPECT_EQ(stats.ns_flops, NsFlops({1, 16, 32}, 5) + NsFlops({3, 8, 4}, 5));
   EXPECT_EQ(NsFlops({1, 16, 32}, 5), 5 * (4 * 16 * 16 * 32 + 2 * 16 * 16 * 16));
+}
+
+TEST_P(EngineContractTest, HyperParametersOutOfRangeAreRejectedWhereUnused) {
+  const EngineUnderTest& under = GetParam();
+  Harness h(under, 0);
+  MUON_START_OR_SKIP(h, under);
+  const int64_t base = h.engine().Memory().used_bytes;
+  const auto reg = [&](bool muon, const std::function<void(ParamSpec&)>& edit) {
+    ParamSpec spec = muon ? MuonSpec("p", {4, 4}) : AdamWSpec("p", {4});
+    edit(spec);
+    return h.engine().Register(spec);
+  };
+  const auto invalid = [](const char* field) {
+    return StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(field));
+  };
+  // Muon fields on AdamW parameters and AdamW fields on Muon parameters.
+  EXPECT_THAT(reg(false, [](ParamSpec& s) { s.hp.momentum = 1.5; }), invalid("momentum"));
+  EXPECT_THAT(reg(false, [](ParamSpec& s) { s.hp.ns_steps = 0; }), invalid("ns_steps"));
+  EXPECT_THAT(reg(false, [](ParamSpec& s) { s.hp.ns_steps = 101; }), invalid("ns_steps"));
+  EXPECT_THAT(reg(true, [](ParamSpec& s) { s.hp.beta1 = 1.0; }), invalid("adam_beta1"));
+  EXPECT_THAT(reg(true, [](ParamSpec& s) { s.hp.beta2 = -0.1; }), invalid("adam_beta2"));
+  EXPECT_THAT(reg(true, [](ParamSpec& s) { s.hp.eps = 0; }), invalid("adam_eps"));
+  EXPECT_THAT(reg(true, [](ParamSpec& s) {
+                s.hp.ns_schedule = ScheduleKind::kSvd;
+                s.hp.ns_steps = 0;
+              }),
+              invalid("ns_steps"));
+  EXPECT_THAT(reg(true, [](ParamSpec& s) {
+                s.hp.lr = 1e300;
+                s.hp.weight_decay = 1e300;
+              }),
+              invalid("weight_decay"));
+  // Enum values outside their definitions (a C++ caller can cast any int).
+  EXPECT_THAT(reg(false, [](ParamSpec& s) { s.hp.shape_scale = static_cast<ShapeScale>(7); }),
+              invalid("shape_scale"));
+  EXPECT_THAT(reg(false, [](ParamSpec& s) { s.hp.momentum_form = static_cast<MomentumForm>(2); }),
+              invalid("momentum_form"));
+  EXPECT_THAT(reg(false, [](ParamSpec& s) { s.hp.ns_schedule = static_cast<ScheduleKind>(9); }),
+              invalid("ns_schedule"));
+  EXPECT_THAT(reg(true, [](ParamSpec& s) { s.dtype = static_cast<DType>(3); }), invalid("dtype"));
+  EXPECT_THAT(reg(true, [](ParamSpec& s) { s.kind = static_cast<OptimizerKind>(2); }),
+              invalid("kind"));
+  EXPECT_EQ(h.engine().Memory().used_bytes, base);  // nothing was registered
+}
+
+TEST_P(EngineContractTest, DefaultBudgetIsTheMachinesMemory) {
+  const EngineUnderTest& under = GetParam();
+  Harness h(under, 0);
+  MUON_START_OR_SKIP(h, under);
+  EXPECT_GT(h.engine().Memory().budget_bytes, 0);
+  // 10^12 elements: 8 TB of AdamW state, 4 TB of momentum. Refused, not a
+  // crash, and the error says which setting to raise.
+  for (const ParamSpec& spec : {AdamWSpec("huge", {1'000'000'000'000}),
+                                MuonSpec("huge", {1'000'000, 1'000'000})}) {
+    EXPECT_THAT(h.engine().Register(spec),
+                StatusIs(absl::StatusCode::kResourceExhausted,
+                         HasSubstr("EngineOptions::memory_budget_bytes")));
+  }
+  EXPECT_THAT(h.engine().Register(MuonSpec("w", {8, 8})), IsOk());
+  Harness named(under, 0);
+  ASSERT_THAT(named.Start({.memory_budget_setting = "--some_flag"}), IsOk());
+  EXPECT_THAT(named.engine().Register(AdamWSpec("huge", {1'000'000'000'000})),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("--some_flag")));
+  EXPECT_THAT(under.create({.memory_budget_bytes = -1}).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+TEST_P(EngineContractTest, StepThatWouldOverflowTheStateIsRefusedAndChangesNothing) {
+  const EngineUnderTest& under = GetParam();
+  const Seeded seeded;
+  Harness h(under, seeded.seed);
+  MUON_START_OR_SKIP(h, under);
+  // Finite gradients near the fp32 maximum: the sum-form momentum's Nesterov
+  // input g + β·B overflows on the first step, AdamW's g² at once.
+  ParamSpec w = MuonSpec("w", {8, 6});
+  w.hp.momentum_form = MomentumForm::kSum;
+  ParamSpec held = MuonSpec("held", {6, 8});
+  held.hold_weights = true;
+  const ParamSpec b = AdamWSpec("b", {6});
+  const ParamId iw = h.Register(w), iheld = h.Register(held), ib = h.Register(b);
+  ASSERT_THAT(h.engine().SetWeights(iheld, std::vector<float>(48, 1.0f)), IsOk());
+  // A committed first step, so the refused one has real state to keep.
+  ASSERT_THAT(h.Step({iw, iheld, ib}, {w, held, b},
+                     {h.Gradient(w), h.Gradient(held), h.Gradient(b)})
+                  .status,
+              IsOk());
+  const ParamState before_w = h.State(iw), before_held = h.State(iheld), before_b = h.State(ib);
+  const float big = 0.9f * std::numeric_limits<float>::max();
+  const auto overflow = StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("non-finite"));
+  EXPECT_THAT(h.Step({iw}, {w}, {std::vector<float>(48, big)}).status, overflow);
+  EXPECT_THAT(h.Step({ib}, {b}, {std::vector<float>(6, big)}).status, overflow);
+  // A finite update that would overflow the held weights.
+  ASSERT_THAT(h.engine().SetWeights(iheld, std::vector<float>(48, big)), IsOk());
+  const ParamState big_held = h.State(iheld);
+  EXPECT_THAT(h.Step({iheld}, {held}, {h.Gradient(held)}, /*lr=*/1e38).status, overflow);
+  ExpectSameState(under.tolerance, h.State(iw), before_w);
+  ExpectSameState(under.tolerance, h.State(ib), before_b);
+  ExpectSameState(under.tolerance, h.State(iheld), big_held);
+  EXPECT_EQ(before_held.step, big_held.step);
+  // The parameters stay usable: the next ordinary step commits.
+  ASSERT_THAT(h.engine().SetWeights(iheld, std::vector<float>(48, 1.0f)), IsOk());
+  const StepResult next = h.Step({iw, iheld, ib}, {w, held, b},
+                                 {h.Gradient(w), h.Gradient(held), h.Gradient(b)});
+  ASSERT_THAT(next.status, IsOk());
+  EXPECT_EQ(h.State(iw).step, before_w.step + 1);
+  for (const auto& u : next.updates) {
+    EXPECT_TRUE(std::all_of(u.begin(), u.end(), [](float v) { return std::isfinite(v); }));
+  }
 }
 
 }  // namespace muon::testing

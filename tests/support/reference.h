@@ -1,7 +1,7 @@
 #ifndef MUON_TESTS_SUPPORT_REFERENCE_H_
 #define MUON_TESTS_SUPPORT_REFERENCE_H_
 
-// Float64 references for the engine tests: DESIGN.md §1's formulas written
+// Float64 references for the engine tests: docs/math.md's formulas written
 // out plainly, random matrices with chosen singular values, and LAPACK SVD.
 
 #include <array>
@@ -37,7 +37,7 @@ std::vector<double> SingularValues(const Matrix& m);
 // Exact polar factor U·Vᵀ (LAPACK dgesvd).
 Matrix Polar(const Matrix& m);
 
-// Newton–Schulz in float64 with the given per-step coefficients, DESIGN.md §1
+// Newton–Schulz in float64 with the given per-step coefficients, docs/math.md
 // (Frobenius normalization by safety·‖M‖_F + 1e-7, or AOL rescaling).
 Matrix NewtonSchulz(const Matrix& m, const std::vector<std::array<double, 3>>& steps,
                     double norm_safety, bool aol);

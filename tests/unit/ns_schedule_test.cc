@@ -9,7 +9,7 @@ namespace muon {
 namespace {
 
 TEST(NsScheduleTest, PolarExpressMatchesDesignTable) {
-  // DESIGN.md §1, to the 10 decimals printed there.
+  // docs/math.md, to the 10 decimals printed there.
   const double want[5][3] = {{8.2373124905, -23.1577474146, 16.6805684114},
                              {4.0824419991, -2.8930477353, 0.5252849257},
                              {3.9263479923, -2.8547468035, 0.5318022423},

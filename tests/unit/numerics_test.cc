@@ -1,6 +1,6 @@
 // Newton–Schulz on the CPU engine against float64 references: where each
 // schedule puts singular values, agreement with a float64 re-implementation of
-// DESIGN.md §1, and the errors on Gaussian inputs that docs/numerics.md quotes.
+// docs/math.md, and the errors on Gaussian inputs that docs/numerics.md quotes.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -22,12 +22,12 @@ using testing::Matrix;
 struct Bounds {
   ScheduleKind kind;
   int steps;
-  // Fixed bounds (DESIGN.md §1), or derived from the input (lo, hi unused).
+  // Fixed bounds (docs/math.md), or derived from the input (lo, hi unused).
   double lo, hi;
   bool derived = false;
 };
 
-// jordan and polar_express: DESIGN.md §1's figures. dion, aol, aol_dion: no
+// jordan and polar_express: docs/math.md's figures. dion, aol, aol_dion: no
 // published figure, so the bound is derived per input (see DerivedBounds).
 constexpr Bounds kBounds[] = {
     {ScheduleKind::kJordan, 5, 0.45, 1.22},
@@ -195,7 +195,7 @@ TEST(NewtonSchulzTest, RejectsEmptyViews) {
             absl::StatusCode::kInvalidArgument);
 }
 
-// Gaussian 768×2304 (DESIGN.md §1's reference figures: jordan 0.31 / 0.17,
+// Gaussian 768×2304 (docs/math.md's reference figures: jordan 0.31 / 0.17,
 // polar_express 0.19 / 0.10, measured with PyTorch). Prints every schedule's
 // figures for docs/numerics.md.
 TEST(NewtonSchulzTest, GaussianErrorsMatchDesignFigures) {

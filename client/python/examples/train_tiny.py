@@ -4,7 +4,7 @@
     train_tiny.py --server=127.0.0.1:50051 --steps=200 [--check]
 
 With --check it also trains the same model from the same seed with a local
-pure-PyTorch Muon written from DESIGN.md's formulas, prints both final losses
+pure-PyTorch Muon written from docs/math.md's formulas, prints both final losses
 on its last line, and exits non-zero if the two loss curves differ anywhere
 by more than 1% of the first loss or the loss did not halve.
 """
@@ -51,7 +51,7 @@ def newton_schulz(m, steps=5):
 
 
 class LocalMuon(torch.optim.Optimizer):
-    """Muon for matrices, AdamW for the rest, as DESIGN.md §1 writes them."""
+    """Muon for matrices, AdamW for the rest, as docs/math.md writes them."""
 
     def __init__(self, params, lr, adamw_lr, momentum=0.95, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0):

@@ -261,7 +261,8 @@ Metrics::Metrics()
                      .Name("muon_engine_memory_bytes")
                      .Help(
                          "Engine memory (optimizer state, workspaces; device memory on the CUDA "
-                         "engine), bytes: used, and budget (0: no budget).")
+                         "engine), bytes: used, and budget (--memory_budget_bytes; by default "
+                         "the machine's memory).")
                      .Register(r);
   memory_used_ = &memory.Add({{"kind", "used"}});
   memory_budget_ = &memory.Add({{"kind", "budget"}});

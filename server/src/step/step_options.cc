@@ -1,29 +1,14 @@
 #include "step/step_options.h"
 
-#include <cmath>
-
 #include "absl/strings/str_cat.h"
 #include "muon/kernels/status_macros.h"
+#include "step/step_header.h"
 #include "wire/convert.h"
 
 namespace muon::server {
 
 absl::StatusOr<std::vector<ParamStepInput>> StepInputsFromHeader(
-    const v1::StepHeader& header, absl::Span<const ParamSpec* const> specs,
-    bool parameter_server) {
-  if (header.has_lr() && !(std::isfinite(header.lr()) && header.lr() >= 0)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("StepHeader.lr is ", header.lr(), "; it must be finite and >= 0"));
-  }
-  if (header.has_lr_scale() && !(std::isfinite(header.lr_scale()) && header.lr_scale() >= 0)) {
-    return absl::InvalidArgumentError(absl::StrCat("StepHeader.lr_scale is ", header.lr_scale(),
-                                                   "; it must be finite and >= 0"));
-  }
-  if (parameter_server && header.param_options_size() > 0) {
-    return absl::InvalidArgumentError(
-        "StepHeader.param_options is for UPDATES sessions; a parameter-server step takes the "
-        "session's hyper-parameters, with lr and lr_scale");
-  }
+    const v1::StepHeader& header, absl::Span<const ParamSpec* const> specs) {
   std::vector<ParamStepInput> inputs(specs.size());
   std::vector<const v1::HyperParams*> options(specs.size(), nullptr);
   for (const v1::ParamStepOptions& o : header.param_options()) {
@@ -52,13 +37,11 @@ absl::StatusOr<std::vector<ParamStepInput>> StepInputsFromHeader(
   for (size_t i = 0; i < specs.size(); ++i) {
     const ParamSpec& spec = *specs[i];
     const v1::HyperParams* o = options[i];
-    if (header.has_lr() || header.has_lr_scale() || (o != nullptr && o->has_lr())) {
-      double lr = o != nullptr && o->has_lr() ? o->lr()
-                  : header.has_lr()           ? header.lr()
-                                              : spec.hp.lr;
-      if (header.has_lr_scale()) lr *= header.lr_scale();
-      inputs[i].lr = lr;
-    }
+    std::optional<double> lr = header.has_lr() ? std::optional<double>(header.lr()) : std::nullopt;
+    if (o != nullptr && o->has_lr()) lr = o->lr();
+    inputs[i].lr = StepLr(lr, header.has_lr_scale() ? std::optional<double>(header.lr_scale())
+                                                    : std::nullopt,
+                          spec.hp.lr);
     if (o == nullptr) continue;
     MUON_ASSIGN_OR_RETURN(
         HyperParams hp,

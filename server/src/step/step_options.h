@@ -18,14 +18,13 @@ struct ParamStepInput {
   std::optional<HyperParams> hyper_params;
 };
 
-// A Step header's per-step settings (lr, lr_scale, param_options) as one
-// ParamStepInput per parameter of `specs` (the session's, by index).
-// InvalidArgument naming the field for a value out of range, a field fixed at
-// registration, an unknown or repeated parameter index, or param_options in a
-// parameter-server session.
+// An UPDATES step header's per-step settings (lr, lr_scale, param_options)
+// as one ParamStepInput per parameter of `specs` (the session's, by index).
+// REQUIRES: CheckStepHeader accepted the header. InvalidArgument naming the
+// field for a value out of range, a field fixed at registration, or an
+// unknown or repeated parameter index.
 absl::StatusOr<std::vector<ParamStepInput>> StepInputsFromHeader(
-    const v1::StepHeader& header, absl::Span<const ParamSpec* const> specs,
-    bool parameter_server);
+    const v1::StepHeader& header, absl::Span<const ParamSpec* const> specs);
 
 }  // namespace muon::server
 

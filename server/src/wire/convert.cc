@@ -161,6 +161,38 @@ void HyperParamsToProto(const HyperParams& hp, v1::HyperParams* out) {
   out->set_adam_eps(hp.eps);
 }
 
+absl::Status ValidateStepHeader(const v1::StepHeader& header) {
+  const auto in_range = [](double v) { return std::isfinite(v) && v >= 0; };
+  if (header.has_lr() && !in_range(header.lr())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("StepHeader.lr is ", header.lr(), "; it must be finite and >= 0"));
+  }
+  if (header.has_lr_scale() && !in_range(header.lr_scale())) {
+    return absl::InvalidArgumentError(absl::StrCat("StepHeader.lr_scale is ", header.lr_scale(),
+                                                   "; it must be finite and >= 0"));
+  }
+  if (header.has_lr() && header.has_lr_scale() && !in_range(header.lr() * header.lr_scale())) {
+    return absl::InvalidArgumentError(absl::StrCat("StepHeader.lr·lr_scale (", header.lr(), "·",
+                                                   header.lr_scale(), ") overflows"));
+  }
+  if (absl::StatusOr<DType> dtype = DTypeFromProto(header.update_dtype(), DType::kFloat32);
+      !dtype.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("StepHeader.update_dtype: ", dtype.status().message()));
+  }
+  switch (header.update_content()) {
+    case v1::UPDATE_CONTENT_UNSPECIFIED:
+    case v1::UPDATE_CONTENT_UPDATE:
+    case v1::UPDATE_CONTENT_WEIGHTS:
+      break;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat(
+          "StepHeader: unknown update_content value ", static_cast<int>(header.update_content()),
+          "; use UPDATE_CONTENT_UPDATE or UPDATE_CONTENT_WEIGHTS (see muon/v1/optimizer.proto)"));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::vector<ParamSpec>> SpecsFromRequest(const v1::CreateSessionRequest& request) {
   if (request.params_size() == 0) {
     return absl::InvalidArgumentError("CreateSession needs at least one parameter in `params`");
@@ -170,6 +202,14 @@ absl::StatusOr<std::vector<ParamSpec>> SpecsFromRequest(const v1::CreateSessionR
   MUON_ASSIGN_OR_RETURN(
       HyperParams adamw_hp,
       ApplyOverrides(session_hp, request.adamw_hyper_params(), "adamw_hyper_params"));
+  // Checked even where no parameter would use them: a value out of range is a
+  // mistake whether or not it takes effect.
+  if (absl::Status s = ValidateHyperParams(session_hp); !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("hyper_params: ", s.message()));
+  }
+  if (absl::Status s = ValidateHyperParams(adamw_hp); !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("adamw_hyper_params: ", s.message()));
+  }
   const bool hold_weights = request.mode() == v1::SESSION_MODE_PARAMETER_SERVER;
   std::vector<ParamSpec> specs;
   specs.reserve(request.params_size());

@@ -23,8 +23,16 @@ absl::StatusOr<HyperParams> ApplyOverrides(const HyperParams& base,
                                            absl::string_view where);
 void HyperParamsToProto(const HyperParams& hp, v1::HyperParams* out);
 
+// A StepHeader's own fields: lr and lr_scale finite and >= 0 (their product
+// too), update_dtype and update_content defined values. InvalidArgument
+// naming the field. Session-dependent checks (worker_id, content WEIGHTS
+// outside PARAMETER_SERVER mode) are the step's.
+absl::Status ValidateStepHeader(const v1::StepHeader& header);
+
 // The engine specs of a CreateSession request, every default resolved and
-// every spec validated. InvalidArgument naming the parameter.
+// every spec validated, and the session's hyper_params and adamw_hyper_params
+// in range even where no parameter uses them. InvalidArgument naming the
+// parameter or the field.
 absl::StatusOr<std::vector<ParamSpec>> SpecsFromRequest(const v1::CreateSessionRequest& request);
 
 }  // namespace muon::server

@@ -6,11 +6,12 @@
 #include <limits>
 #include <memory>
 #include <optional>
-#include "absl/strings/string_view.h"
+#include <string>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "muon/kernels/types.h"
 
@@ -24,6 +25,8 @@ using ParamId = uint64_t;
 // for the duration of the call.
 struct GradientInput {
   ParamId param = 0;
+  // The parameter's registered dtype, or fp32 for any parameter (a
+  // parameter server's averaged gradient, kept at full precision).
   DType dtype = DType::kFloat32;
   absl::Span<const std::byte> bytes;
   // This step's learning rate (a client's LR schedule); the registered lr
@@ -66,7 +69,7 @@ struct StepStats {
   double stage_seconds = 0;    // decode/copy gradients into engine memory
   double compute_seconds = 0;  // momentum, Newton–Schulz, AdamW, update
   double finish_seconds = 0;   // encode/copy updates out
-  int64_t ns_flops = 0;        // by the formula of DESIGN.md §1
+  int64_t ns_flops = 0;        // by the formula of docs/math.md, "Flops"
   int64_t parameters = 0;
 
   StepStats& operator+=(const StepStats& other);
@@ -85,7 +88,7 @@ struct ParamState {
 
 struct MemoryUsage {
   int64_t used_bytes = 0;
-  int64_t budget_bytes = 0;  // 0: no budget
+  int64_t budget_bytes = 0;
 };
 
 // One step in progress: computes updates into shadow state and makes it
@@ -119,8 +122,12 @@ class StepTransaction {
 
 struct EngineOptions {
   // Budget for optimizer state (and, on the GPU, workspaces). Registering
-  // past it is ResourceExhausted. 0 means no budget.
+  // past it is ResourceExhausted. 0: the machine's memory, which is the CPU
+  // engine's host memory (physical memory, or the cgroup's limit when lower)
+  // and the CUDA engine's device memory. Must be >= 0.
   int64_t memory_budget_bytes = 0;
+  // What a budget error tells the caller to raise (the server: its flag).
+  std::string memory_budget_setting = "EngineOptions::memory_budget_bytes";
   // CUDA device ordinal (CUDA engine only).
   int device = 0;
   // CPU engine: OpenBLAS threads per BLAS call (process-wide); 0 leaves
@@ -184,15 +191,16 @@ bool CudaAvailable();
 
 // For engine implementations: checks one Compute input against its
 // parameter's spec (gradient dtype and byte count, the output's parameter and
-// size, a finite lr >= 0, per-step hyper-parameters in the ranges
-// registration allows). InvalidArgument naming the parameter.
+// size, a finite lr >= 0 whose lr·weight_decay is finite, per-step
+// hyper-parameters in the ranges registration allows). InvalidArgument
+// naming the parameter.
 absl::Status CheckStepInput(const ParamSpec& spec, const GradientInput& grad,
                             const UpdateOutput& output);
 
 // Bytes of optimizer state an engine keeps for a spec (fp32 state vectors).
 int64_t StateBytes(const ParamSpec& spec);
 
-// Newton–Schulz flops of one orthogonalization of `view`, DESIGN.md §1:
+// Newton–Schulz flops of one orthogonalization of `view`, docs/math.md:
 // steps·batch·(4·r²·c + 2·r³).
 int64_t NsFlops(const MatrixView& view, int steps);
 

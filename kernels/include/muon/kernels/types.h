@@ -7,6 +7,7 @@
 #include "absl/strings/string_view.h"
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 
 namespace muon {
@@ -23,7 +24,7 @@ enum class MomentumForm { kEma, kSum };
 // kSpectral = sqrt(max(1, m/n)), kRmsMatch = 0.2·sqrt(max(m, n)), kNone = 1.
 enum class ShapeScale { kSpectral, kRmsMatch, kNone };
 
-// Newton–Schulz coefficient schedules (DESIGN.md §1). kAol uses the Turbo-Muon
+// Newton–Schulz coefficient schedules (docs/math.md). kAol uses the Turbo-Muon
 // published tuples; kAolDion uses AOL preconditioning with the last four Dion
 // tuples (the later Turbo-Muon version). kSvd is the exact polar factor.
 enum class ScheduleKind { kJordan, kDion, kPolarExpress, kAol, kAolDion, kSvd };
@@ -57,6 +58,15 @@ struct HyperParams {
   double eps = 1e-8;
 };
 
+// Newton–Schulz steps a schedule may be asked for (kSvd ignores the count but
+// it must still be in range).
+inline constexpr int kMinNsSteps = 1;
+inline constexpr int kMaxNsSteps = 100;
+
+// Checks every field against its range (docs/api.md, "Hyper-parameters"),
+// whichever optimizer would use it. InvalidArgument naming the field.
+absl::Status ValidateHyperParams(const HyperParams& hp);
+
 // A parameter as registered with an engine.
 struct ParamSpec {
   std::string name;             // for error messages only
@@ -83,7 +93,8 @@ int64_t NumElements(const std::vector<int64_t>& shape);
 std::string ShapeString(const std::vector<int64_t>& shape);
 
 // Validates a spec: non-empty shape with positive dims, Muon tensors of ≥ 2
-// dims, hyper-parameters in range. InvalidArgument naming the problem.
+// dims, every enum a defined value, ValidateHyperParams. InvalidArgument
+// naming the problem.
 absl::Status ValidateSpec(const ParamSpec& spec);
 
 // Conversions between wire dtypes and fp32. `bytes` must hold count elements.

@@ -34,7 +34,7 @@ struct ServerOptions {
   std::string metrics_listen = "127.0.0.1:9464";
   // "auto", "cpu" or "cuda" (muon::CreateEngine).
   std::string engine = "auto";
-  // Engine memory budget for optimizer state; 0: none.
+  // Engine memory budget (EngineOptions::memory_budget_bytes); 0: the machine's memory.
   int64_t memory_budget_bytes = 0;
   // CUDA device ordinal.
   int device = 0;
