@@ -469,6 +469,7 @@ absl::Status CudaEngine::ArenaFor(size_t bytes) {
 // and where each one's bytes live in the pinned buffers and the arena.
 struct Item {
   std::shared_ptr<Param> param;
+  HyperParams hp;  // this step's (StepHyperParams)
   size_t grad_bytes = 0, out_bytes = 0;
   size_t in_offset = 0, out_offset = 0;  // pinned
   size_t grad_offset = 0;                // arena: gradient in
@@ -559,11 +560,12 @@ absl::Status CudaTransaction::ComputeClaimed(const std::vector<std::shared_ptr<P
                                              absl::Span<UpdateOutput> outputs, StepStats* stats) {
   std::vector<Item> items(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
-    const HyperParams& hp = params[i]->spec.hp;
+    items[i].hp = StepHyperParams(params[i]->spec, grads[i]);
+    const HyperParams& hp = items[i].hp;
     items[i].param = params[i];
     items[i].grad_bytes = grads[i].bytes.size();
     items[i].out_bytes = outputs[i].bytes.size();
-    items[i].lr = grads[i].lr.value_or(hp.lr);
+    items[i].lr = hp.lr;
     outputs[i].decay = DecayFactor(items[i].lr, hp.weight_decay);
     items[i].decay = static_cast<float>(outputs[i].decay);
   }
@@ -701,7 +703,7 @@ absl::Status CudaTransaction::Run(absl::Span<const GradientInput> grads,
       for (size_t i : g.items) {
         const Item& it = items[i];
         const Param& p = *it.param;
-        const HyperParams& hp = p.spec.hp;
+        const HyperParams& hp = it.hp;
         MomentumParams mp;
         mp.d_grad = d_arena + it.grad_offset;
         mp.grad_type = static_cast<int>(grads[i].dtype);
@@ -747,7 +749,7 @@ absl::Status CudaTransaction::Run(absl::Span<const GradientInput> grads,
       for (size_t i : g.items) {
         const Item& it = items[i];
         const Param& p = *it.param;
-        const HyperParams& hp = p.spec.hp;
+        const HyperParams& hp = it.hp;
         AdamWParams ap;
         ap.d_grad = d_arena + it.grad_offset;
         ap.grad_type = static_cast<int>(grads[i].dtype);

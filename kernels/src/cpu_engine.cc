@@ -292,10 +292,10 @@ absl::Status CpuTransaction::ComputeClaimed(const std::vector<std::shared_ptr<Pa
   std::map<std::tuple<int64_t, int64_t, ScheduleKind, int, bool>, std::vector<size_t>> groups;
   for (size_t i = 0; i < params.size(); ++i) {
     const Param& p = *params[i];
-    const HyperParams& hp = p.spec.hp;
+    const HyperParams hp = StepHyperParams(p.spec, grads[i]);
     Shadow& s = shadows[i];
     s.param = params[i];
-    const double lr = grads[i].lr.value_or(hp.lr);
+    const double lr = hp.lr;
     outputs[i].decay = internal::DecayFactor(lr, hp.weight_decay);
     outputs[i].orthogonality_error = std::numeric_limits<double>::quiet_NaN();
     update[i].resize(p.size);
@@ -349,7 +349,7 @@ absl::Status CpuTransaction::ComputeClaimed(const std::vector<std::shared_ptr<Pa
         for (int64_t k = 0; k < v.batch; ++k) err += OrthogonalityError(v.rows, v.cols, o + k * size);
         outputs[i].orthogonality_error = err / static_cast<double>(v.batch);
       }
-      const double lr = grads[i].lr.value_or(p.spec.hp.lr);
+      const double lr = StepHyperParams(p.spec, grads[i]).lr;
       const float scale =
           internal::MuonUpdateScale(lr, internal::ShapeScaleFactor(p.spec.hp.shape_scale, v));
       FiniteTracker finite;

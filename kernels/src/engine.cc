@@ -115,7 +115,27 @@ absl::Status CheckStepInput(const ParamSpec& spec, const GradientInput& grad,
                  ") overflows");
     }
   }
+  if (grad.hyper_params.has_value()) {
+    ParamSpec stepped = spec;
+    stepped.hp = StepHyperParams(spec, grad);
+    MUON_RETURN_IF_ERROR(ValidateSpec(stepped));
+  }
   return absl::OkStatus();
+}
+
+HyperParams StepHyperParams(const ParamSpec& spec, const GradientInput& grad) {
+  HyperParams hp = spec.hp;
+  if (grad.hyper_params.has_value()) {
+    const HyperParams& step = *grad.hyper_params;
+    hp.weight_decay = step.weight_decay;
+    hp.momentum = step.momentum;
+    hp.nesterov = step.nesterov;
+    hp.beta1 = step.beta1;
+    hp.beta2 = step.beta2;
+    hp.eps = step.eps;
+  }
+  hp.lr = grad.lr.value_or(spec.hp.lr);
+  return hp;
 }
 
 int64_t StateBytes(const ParamSpec& spec) {
