@@ -174,8 +174,7 @@ class CpuEngine final : public Engine {
     param->size = NumElements(spec.shape);
     if (spec.kind == OptimizerKind::kMuon) {
       param->view = MatrixViewOf(spec.shape);
-      MUON_ASSIGN_OR_RETURN(param->coeffs,
-                            MakeNsCoefficients(spec.hp.ns_schedule, spec.hp.ns_steps));
+      MUON_ASSIGN_OR_RETURN(param->coeffs, MakeNsCoefficients(spec.hp, param->view));
     }
     const int64_t bytes = ChargedBytes(spec);
     absl::MutexLock lock(&mu_);
@@ -290,13 +289,13 @@ absl::Status CpuTransaction::ComputeClaimed(const std::vector<std::shared_ptr<Pa
   std::vector<std::vector<float>> update(params.size());  // fp32, before encoding
   // Muon parameters grouped by (rows, cols, schedule, steps): each group is
   // one batch of same-shape matrices for Newton–Schulz.
-  std::map<std::tuple<int64_t, int64_t, ScheduleKind, int>, std::vector<size_t>> groups;
+  std::map<std::tuple<int64_t, int64_t, ScheduleKind, int, bool>, std::vector<size_t>> groups;
   for (size_t i = 0; i < params.size(); ++i) {
     const Param& p = *params[i];
-    const HyperParams& hp = p.spec.hp;
+    const HyperParams hp = StepHyperParams(p.spec, grads[i]);
     Shadow& s = shadows[i];
     s.param = params[i];
-    const double lr = grads[i].lr.value_or(hp.lr);
+    const double lr = hp.lr;
     outputs[i].decay = internal::DecayFactor(lr, hp.weight_decay);
     outputs[i].orthogonality_error = std::numeric_limits<double>::quiet_NaN();
     update[i].resize(p.size);
@@ -311,7 +310,7 @@ absl::Status CpuTransaction::ComputeClaimed(const std::vector<std::shared_ptr<Pa
         finite.Add(update[i][k]);
       }
       if (!finite.all_finite()) return Overflow(p, "momentum");
-      groups[{p.view.rows, p.view.cols, hp.ns_schedule, hp.ns_steps}].push_back(i);
+      groups[{p.view.rows, p.view.cols, hp.ns_schedule, hp.ns_steps, p.coeffs.gram}].push_back(i);
     } else {
       const auto c = internal::MakeAdamWCoefficients<double>(hp.beta1, hp.beta2, hp.eps, lr,
                                                              p.step + 1);
@@ -350,7 +349,7 @@ absl::Status CpuTransaction::ComputeClaimed(const std::vector<std::shared_ptr<Pa
         for (int64_t k = 0; k < v.batch; ++k) err += OrthogonalityError(v.rows, v.cols, o + k * size);
         outputs[i].orthogonality_error = err / static_cast<double>(v.batch);
       }
-      const double lr = grads[i].lr.value_or(p.spec.hp.lr);
+      const double lr = StepHyperParams(p.spec, grads[i]).lr;
       const float scale =
           internal::MuonUpdateScale(lr, internal::ShapeScaleFactor(p.spec.hp.shape_scale, v));
       FiniteTracker finite;

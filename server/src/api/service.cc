@@ -222,4 +222,14 @@ grpc::ServerUnaryReactor* OptimizerService::GetServerInfo(grpc::CallbackServerCo
   return reactor;
 }
 
+grpc::ServerWriteReactor<v1::ExportStateResponse>* OptimizerService::ExportState(
+    grpc::CallbackServerContext* ctx, const v1::ExportStateRequest* request) {
+  return NewExportStateReactor(&env_, ctx, request);
+}
+
+grpc::ServerReadReactor<v1::ImportStateRequest>* OptimizerService::ImportState(
+    grpc::CallbackServerContext* ctx, v1::ImportStateResponse* response) {
+  return NewImportStateReactor(&env_, ctx, response);
+}
+
 }  // namespace muon::server

@@ -99,6 +99,10 @@ class OptimizerService final : public v1::Optimizer::CallbackService {
   grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* ctx,
                                           const v1::GetServerInfoRequest* request,
                                           v1::ServerInfo* response) override;
+  grpc::ServerWriteReactor<v1::ExportStateResponse>* ExportState(
+      grpc::CallbackServerContext* ctx, const v1::ExportStateRequest* request) override;
+  grpc::ServerReadReactor<v1::ImportStateRequest>* ImportState(
+      grpc::CallbackServerContext* ctx, v1::ImportStateResponse* response) override;
 
  private:
   ServiceEnv env_;
@@ -114,6 +118,12 @@ grpc::ServerReadReactor<v1::PushWeightsRequest>* NewPushWeightsReactor(
     const ServiceEnv* env, grpc::CallbackServerContext* ctx, v1::PushWeightsResponse* response);
 grpc::ServerWriteReactor<v1::PullWeightsResponse>* NewPullWeightsReactor(
     const ServiceEnv* env, grpc::CallbackServerContext* ctx, const v1::PullWeightsRequest* request);
+
+// ExportState and ImportState reactors (state_reactors.cc).
+grpc::ServerWriteReactor<v1::ExportStateResponse>* NewExportStateReactor(
+    const ServiceEnv* env, grpc::CallbackServerContext* ctx, const v1::ExportStateRequest* request);
+grpc::ServerReadReactor<v1::ImportStateRequest>* NewImportStateReactor(
+    const ServiceEnv* env, grpc::CallbackServerContext* ctx, v1::ImportStateResponse* response);
 
 }  // namespace muon::server
 
