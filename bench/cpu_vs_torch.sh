@@ -23,7 +23,7 @@ for _ in $(seq 200); do [[ -s "$dir/port" ]] && break; sleep 0.05; done
 load() { cut -d' ' -f1 /proc/loadavg; }
 # Seconds of one engine step (jordan) at $1 compute threads.
 engine() {
-  "$build/bin/muon_cpu_bench" --benchmark_filter="BM_Gpt2SmallStep/0/$1\$" \
+  "$build/bin/muon_cpu_bench" --benchmark_filter="BM_Gpt2SmallStep/0/$1/" \
     --benchmark_format=json 2>/dev/null |
     python3 -c 'import json, sys; print(json.load(sys.stdin)["benchmarks"][0]["real_time"] / 1e3)'
 }

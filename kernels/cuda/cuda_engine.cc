@@ -703,7 +703,7 @@ absl::Status CudaTransaction::Run(absl::Span<const GradientInput> grads,
         const HyperParams& hp = p.spec.hp;
         MomentumParams mp;
         mp.d_grad = d_arena + it.grad_offset;
-        mp.grad_type = static_cast<int>(p.spec.dtype);
+        mp.grad_type = static_cast<int>(grads[i].dtype);
         mp.d_momentum = p.Vector(p.current, 0);
         mp.d_momentum_out = p.Vector(1 - p.current, 0);
         mp.d_m = d_x + it.matrix_offset * matrix;
@@ -748,7 +748,7 @@ absl::Status CudaTransaction::Run(absl::Span<const GradientInput> grads,
         const HyperParams& hp = p.spec.hp;
         AdamWParams ap;
         ap.d_grad = d_arena + it.grad_offset;
-        ap.grad_type = static_cast<int>(p.spec.dtype);
+        ap.grad_type = static_cast<int>(grads[i].dtype);
         ap.d_m = p.Vector(p.current, 0);
         ap.d_v = p.Vector(p.current, 1);
         ap.d_m_out = p.Vector(1 - p.current, 0);

@@ -327,7 +327,7 @@ absl::Status StepMuon(Param& p, const GradientInput& grad, UpdateOutput& out, bo
   const int64_t n = p.size;
   if (ws->m.size() < static_cast<size_t>(n)) ws->m.resize(n);
   float* m = ws->m.data();
-  DecodeToFloat(p.spec.dtype, grad.bytes.data(), n, m);
+  DecodeToFloat(grad.dtype, grad.bytes.data(), n, m);
   FiniteTracker gradient;
   for (int64_t k = 0; k < n; ++k) gradient.Add(m[k]);
   if (!gradient.all_finite()) return GradientNotFinite(p);
@@ -389,12 +389,12 @@ absl::Status StepAdamW(Param& p, const GradientInput& grad, UpdateOutput& out, T
   const auto c = internal::MakeAdamWCoefficients<double>(hp.beta1, hp.beta2, hp.eps,
                                                          grad.lr.value_or(hp.lr), p.step + 1);
   const float decay = static_cast<float>(out.decay);
-  const size_t in_size = DTypeSize(p.spec.dtype), out_size = DTypeSize(out.dtype);
+  const size_t in_size = DTypeSize(grad.dtype), out_size = DTypeSize(out.dtype);
   FiniteTracker gradient, moments, weights;
   float g[kChunk], u[kChunk];
   for (int64_t off = 0; off < p.size; off += kChunk) {
     const int64_t len = std::min(kChunk, p.size - off);
-    DecodeToFloat(p.spec.dtype, grad.bytes.data() + off * in_size, len, g);
+    DecodeToFloat(grad.dtype, grad.bytes.data() + off * in_size, len, g);
     for (int64_t k = 0; k < len; ++k) gradient.Add(g[k]);
     const float* m = p.state.exp_avg.data() + off;
     const float* v = p.state.exp_avg_sq.data() + off;

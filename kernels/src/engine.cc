@@ -71,11 +71,11 @@ absl::Status CheckStepInput(const ParamSpec& spec, const GradientInput& grad,
         absl::StrCat("parameter '", spec.name, "' ", ShapeString(spec.shape), what...));
   };
   const size_t elements = static_cast<size_t>(NumElements(spec.shape));
-  if (grad.dtype != spec.dtype) {
+  if (grad.dtype != spec.dtype && grad.dtype != DType::kFloat32) {
     return bad(": gradient dtype ", DTypeName(grad.dtype), ", registered as ",
-               DTypeName(spec.dtype));
+               DTypeName(spec.dtype), " (send it in that dtype or in fp32)");
   }
-  const size_t want = elements * DTypeSize(spec.dtype);
+  const size_t want = elements * DTypeSize(grad.dtype);
   if (grad.bytes.size() != want) {
     return bad(": gradient has ", grad.bytes.size(), " bytes, expected ", want);
   }

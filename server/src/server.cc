@@ -96,13 +96,6 @@ class RpcCountingFactory final : public grpc::experimental::ServerInterceptorFac
   RpcReporter* const reporter_;
 };
 
-// The largest UpdateChunk payload: leaves room for the chunk's other fields
-// under the message limit.
-int64_t UpdateChunkBytes(const ServerOptions& o) {
-  return std::max<int64_t>(1024, std::min<int64_t>(o.update_chunk_bytes,
-                                                   o.limits.max_message_bytes - 1024));
-}
-
 absl::Status ValidateOptions(const ServerOptions& o) {
   if (o.listen.empty()) return absl::InvalidArgumentError("--listen is empty; use HOST:PORT");
   if (o.memory_budget_bytes < 0) {
@@ -213,7 +206,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   RoundOptions rounds;
   rounds.metrics = impl->metrics->steps();
   rounds.worker_timeout = options.worker_timeout;
-  rounds.chunk_bytes = UpdateChunkBytes(options);
+  rounds.chunk_bytes = options.update_chunk_bytes;
+  rounds.max_message_bytes = options.limits.max_message_bytes;
+  rounds.orthogonality_sample_every = options.orthogonality_sample_every;
   impl->durability = std::make_unique<Durability>(durability, impl->engine.get());
   auto make_rounds = [engine = impl->engine.get(), durability = impl->durability.get(),
                       rounds](Session* session) -> std::unique_ptr<SessionRounds> {
@@ -280,7 +275,10 @@ bool Server::Drain(absl::Duration timeout) {
   impl_->service->gate().StartDraining();
   impl_->grpc_server->GetHealthCheckService()->SetServingStatus(false);
   const bool drained = impl_->service->gate().WaitForSteps(timeout);
-  // Calls still open (idle streams, a step that did not drain) are cancelled.
+  // Open streams (idle ones, a step that did not drain) answer UNAVAILABLE,
+  // never CANCELLED: the client retries them elsewhere or after the restart.
+  impl_->service->gate().StopStreams();
+  // What is still open after that is cancelled.
   impl_->grpc_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
   return drained;
 }

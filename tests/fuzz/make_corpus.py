@@ -55,10 +55,16 @@ def encode(mode, messages):
 
 def seeds():
     everything = [c for i in range(len(PARAMS)) for c in whole(i, PARAMS[i][2] * 2)]
-    yield "full_half_close", encode(0, [header()] + everything)
+    # A half-close without StepEnd is refused, however complete the step.
+    yield "no_step_end", encode(0, [header()] + everything)
     yield "full_step_end", encode(0, [header()] + everything + [end([0, 1, 2, 3])])
+    # The same through StepMachine (mode bit 2) and its fake backend.
+    yield "machine_step_end", encode(4, [header()] + everything + [end([0, 1, 2, 3])])
+    yield "machine_no_step_end", encode(4, [header()] + everything)
+    yield "machine_replay", encode(6, [header()] + everything + [end([0])])
     yield "subset_reversed", encode(0, [header()] + whole(2, 4)[::-1] + [end([2])])
-    yield "one_chunk_each", encode(0, [header()] + [c for i in range(4) for c in whole(i, 64)])
+    yield "one_chunk_each", encode(0, [header()] + [c for i in range(4) for c in whole(i, 64)]
+                                   + [end([0, 1, 2, 3])])
     yield "missing_chunk", encode(0, [header()] + whole(0, 8)[1:] + [end([0])])
     yield "overlap", encode(0, [header(), chunk(0, 0, bytes(8)), chunk(0, 4, bytes(8))])
     yield "out_of_bounds", encode(0, [header(), chunk(1, 8, bytes(4))])
@@ -73,6 +79,7 @@ def seeds():
     yield "two_headers", encode(0, [header(), header()])
     yield "empty_request", encode(0, [header(), pb.StepRequest()])
     yield "replay", encode(2, [header()] + everything + [end([0])])
+    yield "replay_no_step_end", encode(2, [header()] + everything)
     create = pb.CreateSessionRequest(name="seed")
     p = create.params.add(name="w", shape=[4, 3], dtype=pb.DTYPE_BFLOAT16)
     p.overrides.lr = 0.01

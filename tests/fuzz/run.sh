@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the Step read-path fuzz target with clang (libFuzzer, ASan, UBSan)
+# Builds the Step read-path fuzz target (StepReader and StepMachine) with clang (libFuzzer, ASan, UBSan)
 # and runs it over the seed corpus for a bounded time; fails on any crash,
 # sanitizer report or broken invariant.
 #
@@ -49,14 +49,15 @@ compile() {  # source, extra flags...
   objects+=("$obj")
 }
 compile "$gen/muon/v1/optimizer.pb.cc"
-for f in tests/fuzz/step_reader_fuzz.cc server/src/step/step_reader.cc server/src/step/step_assembler.cc \
+for f in tests/fuzz/step_reader_fuzz.cc server/src/step/step_machine.cc server/src/step/step_reader.cc \
+         server/src/step/step_assembler.cc \
          server/src/wire/convert.cc kernels/src/types.cc; do
   compile "$src/$f" "${warn[@]}"
 done
 # shellcheck disable=SC2046
 "$cxx" "${flags[@]}" "${objects[@]}" -o "$out/step_reader_fuzz" \
   $(pkg-config --libs protobuf absl_statusor absl_status absl_strings absl_str_format \
-      absl_flat_hash_set absl_raw_hash_set absl_hash)
+      absl_flat_hash_set absl_raw_hash_set absl_hash absl_time)
 
 # Fresh inputs go to a scratch corpus; the committed seeds stay untouched.
 work=$out/corpus

@@ -1,13 +1,16 @@
-// libFuzzer target over the Step read path (StepReader on StepAssembler, the
-// code StepReactor runs) and the CreateSession validator (SpecsFromRequest).
+// libFuzzer target over the Step read path (StepReader on StepAssembler, and
+// StepMachine over them, the code the Step reactor runs) and the
+// CreateSession validator (SpecsFromRequest).
 //
 // Input: one mode byte, then records of a 2-byte little-endian length and
 // that many bytes.
 // - mode even: a Step stream on a fixed session of four parameters of every
 //   dtype. Each record is a serialized StepRequest (records that do not parse
 //   are dropped, as gRPC drops them before the reactor); the input's end is
-//   the client's half-close. Mode bit 1 answers the header as a retry of a
-//   committed step (replay) instead of a new step.
+//   the client's half-close, which must be refused unless StepEnd came first.
+//   Mode bit 1 answers the header as a retry of a committed step (replay)
+//   instead of a new step. Mode bit 2 drives StepMachine with a fake backend
+//   instead of StepReader alone.
 // - mode odd: the first record is a serialized CreateSessionRequest.
 // Every event is checked against a shadow copy of the accepted bytes.
 
@@ -26,6 +29,7 @@
 #include "google/protobuf/stubs/logging.h"
 #include "muon/kernels/types.h"
 #include "muon/v1/optimizer.pb.h"
+#include "step/step_machine.h"
 #include "step/step_reader.h"
 
 namespace muon::server {
@@ -198,7 +202,95 @@ void FuzzStep(uint8_t mode, const std::vector<std::string>& records) {
     if (!request.ParseFromString(record)) continue;
     if (!handle(reader.Read(request), &request)) return;
   }
-  handle(reader.HalfClose(), nullptr);
+  // Still reading: the step never ended, so the half-close must refuse it.
+  const absl::StatusOr<StepReader::Event> half_close = reader.HalfClose();
+  FUZZ_CHECK(!half_close.ok());
+  CheckError(half_close.status());
+}
+
+// A backend that accepts everything the machine hands it and checks what it
+// is handed.
+class FuzzBackend final : public StepBackend {
+ public:
+  FuzzBackend(bool replay, const std::vector<StepReader::Param>& params, bool* ended)
+      : replay_(replay), params_(params), ended_(ended), given_(params.size(), false) {}
+  absl::StatusOr<Admission> Admit(const v1::StepHeader&) override {
+    Admission a;
+    a.role = replay_ ? Role::kReplay : Role::kReceive;
+    a.session_id = "fuzz";
+    if (!replay_) a.params = params_;
+    return a;
+  }
+  void Gradient(uint32_t index, std::unique_ptr<std::byte[]> bytes) override {
+    FUZZ_CHECK(!replay_ && !*ended_);
+    FUZZ_CHECK(index < params_.size() && !given_[index] && bytes != nullptr);
+    given_[index] = true;
+  }
+  absl::Status End(std::vector<uint32_t> indices, int64_t bytes_received) override {
+    FUZZ_CHECK(!replay_ && !*ended_);
+    for (size_t k = 0; k < indices.size(); ++k) {
+      FUZZ_CHECK(indices[k] < params_.size() && given_[indices[k]]);
+      if (k > 0) FUZZ_CHECK(indices[k - 1] < indices[k]);
+    }
+    FUZZ_CHECK(bytes_received >= 0);
+    *ended_ = true;
+    return absl::OkStatus();
+  }
+  void Replay() override {
+    FUZZ_CHECK(replay_ && !*ended_);
+    *ended_ = true;
+  }
+  bool Abort() override {
+    FUZZ_CHECK(!*ended_);  // a step the fuzzer never commits is never aborted after its end
+    return true;
+  }
+  void Sent(double) override {}
+
+ private:
+  const bool replay_;
+  const std::vector<StepReader::Param>& params_;
+  bool* const ended_;
+  std::vector<bool> given_;
+};
+
+void FuzzMachine(uint8_t mode, const std::vector<std::string>& records) {
+  const bool replay = (mode & 2) != 0;
+  bool ended = false;
+  StepMachine machine([&](const v1::StepHeader&) -> absl::StatusOr<std::unique_ptr<StepBackend>> {
+    return std::make_unique<FuzzBackend>(replay, SessionParams(), &ended);
+  });
+  bool finished = false;
+  bool reading = machine.Start().read;
+  auto after = [&](const StepMachine::Actions& a) {
+    FUZZ_CHECK(!finished || (!a.read && a.write == nullptr && !a.finish.has_value()));
+    FUZZ_CHECK(a.write == nullptr);  // the fake backend sends nothing
+    if (a.finish.has_value()) {
+      finished = true;
+      FUZZ_CHECK(!a.finish->ok());  // nothing is committed here
+      FUZZ_CHECK(!a.finish->message().empty());
+    }
+    reading = a.read;
+  };
+  for (const std::string& record : records) {
+    if (!reading) break;
+    v1::StepRequest request;
+    if (!request.ParseFromString(record)) continue;
+    after(machine.ReadDone(request));
+  }
+  if (reading) {
+    FUZZ_CHECK(!ended);
+    after(machine.ReadsEnded());
+    FUZZ_CHECK(finished);  // a half-close before StepEnd ends the stream
+    CheckError(machine.status());
+  } else if (ended) {
+    FUZZ_CHECK(!finished && machine.phase() == StepMachine::Phase::kEnded);
+    after(machine.Failed(absl::InvalidArgumentError("fuzz: the backend refuses the step")));
+    FUZZ_CHECK(finished);
+  } else {
+    FUZZ_CHECK(finished);
+    CheckError(machine.status());
+  }
+  FUZZ_CHECK(machine.phase() == StepMachine::Phase::kDone);
 }
 
 void FuzzCreateSession(const std::vector<std::string>& records) {
@@ -237,6 +329,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::vector<std::string> records = muon::server::Records(data, size);
   if (data[0] & 1) {
     muon::server::FuzzCreateSession(records);
+  } else if (data[0] & 4) {
+    muon::server::FuzzMachine(data[0], records);
   } else {
     muon::server::FuzzStep(data[0], records);
   }

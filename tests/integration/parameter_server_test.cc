@@ -11,8 +11,10 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <random>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -48,9 +50,9 @@ Tensors GridGradients(const Model& model, uint64_t seed) {
   return out;
 }
 
-// The average of the workers' gradients as the server forms it: decoded,
-// summed in fp32, times 1/W, back in each parameter's dtype.
-Tensors Average(const Model& model, const std::vector<Tensors>& workers) {
+// The fp32 average of the workers' gradients, as the server forms it:
+// decoded, summed in fp32 in order, times 1/W, kept in fp32.
+Tensors Fp32Average(const Model& model, const std::vector<Tensors>& workers) {
   Tensors out;
   for (uint32_t i = 0; i < model.specs.size(); ++i) {
     const DType dtype = model.specs[i].dtype;
@@ -62,9 +64,23 @@ Tensors Average(const Model& model, const std::vector<Tensors>& workers) {
     }
     const float scale = 1.0f / static_cast<float>(workers.size());
     for (float& v : sum) v *= scale;
-    Bytes bytes(n * DTypeSize(dtype));
-    EncodeFromFloat(dtype, sum.data(), n, bytes.data());
+    Bytes bytes(n * sizeof(float));
+    std::memcpy(bytes.data(), sum.data(), bytes.size());
     out[i] = std::move(bytes);
+  }
+  return out;
+}
+
+// The same average back in each parameter's dtype (what a single worker
+// would send).
+Tensors Average(const Model& model, const std::vector<Tensors>& workers) {
+  Tensors out = Fp32Average(model, workers);
+  for (auto& [i, bytes] : out) {
+    const DType dtype = model.specs[i].dtype;
+    const size_t n = bytes.size() / sizeof(float);
+    Bytes encoded(n * DTypeSize(dtype));
+    EncodeFromFloat(dtype, reinterpret_cast<const float*>(bytes.data()), n, encoded.data());
+    bytes = std::move(encoded);
   }
   return out;
 }
@@ -212,10 +228,11 @@ void ExpectSameStep(const Weights& got, const Weights& got_before, const Weights
 }
 
 // W ← decay·W + update in fp32, as the engine applies it to held weights,
-// with the CPU engine's update for `grads`.
+// with the CPU engine's update for `grads` (`fp32`: fp32 gradients, for any
+// parameter dtype).
 void ApplyReference(const Model& model, Reference& reference, const Tensors& grads,
-                    Weights& weights) {
-  StepResult want = reference.Step(grads);
+                    Weights& weights, bool fp32 = false) {
+  StepResult want = fp32 ? reference.StepFp32(grads) : reference.Step(grads);
   ASSERT_TRUE(want.status.ok());
   for (uint32_t i = 0; i < model.specs.size(); ++i) {
     const size_t n = weights[i].size();
@@ -272,6 +289,102 @@ TEST_F(ParameterServerTest, ThreeWorkersEqualOneWorkerFeedingTheAverage) {
   ASSERT_TRUE(replay.status.ok()) << replay.status.error_message();
   EXPECT_TRUE(replay.summary->replayed());
   EXPECT_TRUE(Pull(session) == held) << "a replay must not apply again";
+}
+
+// Sum of every sample count of muon_orthogonality_error in a /metrics page.
+double OrthogonalitySamples(const std::string& metrics) {
+  double total = 0;
+  std::istringstream lines(metrics);
+  for (std::string line; std::getline(lines, line);) {
+    if (line.rfind("muon_orthogonality_error_count", 0) != 0) continue;
+    total += std::stod(line.substr(line.rfind(' ') + 1));
+  }
+  return total;
+}
+
+// Averages of bf16 gradients need more bits than bf16 holds: the engine
+// gets the average in fp32. The step is sampled for the orthogonality
+// histogram as an update step would be, without the client asking.
+TEST_F(ParameterServerTest, TheAverageReachesTheEngineInFp32AndIsSampled) {
+  const int metrics_port = FreePort();
+  StartServer({"--orthogonality_sample_every=1",
+               "--metrics_listen=127.0.0.1:" + std::to_string(metrics_port)});
+  Model model = SmallModel();  // its last parameter: 32×64 bf16 Muon
+  model.params = {model.params.back()};
+  model.specs = {model.specs.back()};
+  ASSERT_EQ(model.specs[0].dtype, DType::kBFloat16);
+  model.specs[0].hp.weight_decay = kWeightDecay;
+  const SessionHandle session = Create(model, 2);
+  Weights expected = InitialWeights(model);
+  ASSERT_TRUE(Push(session, expected).ok());
+  const std::vector<Tensors> grads = {RandomGradients(model, 1), RandomGradients(model, 2)};
+  // The test can fail: the bf16 rounding of the average changes it.
+  EXPECT_FALSE(Fp32Average(model, {Average(model, grads)}) == Fp32Average(model, grads));
+
+  std::vector<StepResult> results = AllWorkers(session, 1, grads);
+  for (const StepResult& r : results) {
+    ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+    EXPECT_EQ(r.summary->orthogonality_errors_size(), 0);  // not asked: not in the reply
+  }
+  Weights before = expected;
+  Reference reference(model);
+  ApplyReference(model, reference, Fp32Average(model, grads), expected, /*fp32=*/true);
+  ExpectSameStep(Pull(session), InitialWeights(model), expected, before, "step 1");
+  EXPECT_EQ(OrthogonalitySamples(HttpGet(metrics_port, "/metrics")), 1);
+}
+
+// PullWeights cuts its chunks like every reply: whole elements, never over
+// the maximum asked for, small maxima included.
+TEST_F(ParameterServerTest, PullWeightsHonoursTheRequestedChunkSize) {
+  StartServer();
+  const Model model = Fp32Model();
+  const SessionHandle session = Create(model, 1);
+  const Weights pushed = InitialWeights(model);
+  ASSERT_TRUE(Push(session, pushed).ok());
+  struct Case {
+    v1::DType dtype;
+    uint32_t max_chunk_bytes;
+    uint32_t want_chunk_bytes;
+  };
+  for (const Case& c : {Case{v1::DTYPE_FLOAT32, 100, 100}, Case{v1::DTYPE_FLOAT32, 1030, 1028},
+                        Case{v1::DTYPE_FLOAT32, 6, 4}, Case{v1::DTYPE_BFLOAT16, 7, 6},
+                        Case{v1::DTYPE_FLOAT16, 2, 2}}) {
+    grpc::ClientContext ctx;
+    v1::PullWeightsRequest r;
+    r.set_session_id(session.id);
+    r.set_token(session.token);
+    r.set_dtype(c.dtype);
+    r.set_max_chunk_bytes(c.max_chunk_bytes);
+    auto reader = stub_->PullWeights(&ctx, r);
+    std::map<uint32_t, uint64_t> covered;
+    v1::PullWeightsResponse response;
+    while (reader->Read(&response)) {
+      const v1::TensorChunk& chunk = response.weights();
+      const uint64_t size = chunk.data().size();
+      EXPECT_LE(size, c.want_chunk_bytes) << c.max_chunk_bytes;
+      if (chunk.offset() + size < response.total_bytes()) {
+        EXPECT_EQ(size, c.want_chunk_bytes) << c.max_chunk_bytes;
+      }
+      EXPECT_EQ(chunk.offset(), covered[chunk.param_index()]);
+      covered[chunk.param_index()] += size;
+    }
+    EXPECT_TRUE(reader->Finish().ok()) << c.max_chunk_bytes;
+    EXPECT_EQ(covered.size(), model.specs.size());
+  }
+  // Less than one element cannot be honoured.
+  grpc::ClientContext ctx;
+  v1::PullWeightsRequest r;
+  r.set_session_id(session.id);
+  r.set_token(session.token);
+  r.set_dtype(v1::DTYPE_FLOAT32);
+  r.set_max_chunk_bytes(3);
+  auto reader = stub_->PullWeights(&ctx, r);
+  v1::PullWeightsResponse response;
+  while (reader->Read(&response)) {
+  }
+  const grpc::Status status = reader->Finish();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(status.error_message(), HasSubstr("max_chunk_bytes is 3"));
 }
 
 TEST_F(ParameterServerTest, WorkerThatBreaksMidStepAndResendsGivesTheSameResult) {

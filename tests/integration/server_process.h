@@ -19,6 +19,13 @@ std::string TestEngine();
 // The real muon-server binary as a child process on 127.0.0.1:0, its port
 // read from --port_file. The binary is $MUON_SERVER_BIN. The destructor
 // kills the process if it is still running.
+// A free TCP port on 127.0.0.1 (bound, read, closed).
+int FreePort();
+
+// GET http://127.0.0.1:port/path; the whole response, headers included;
+// empty when nothing listens there.
+std::string HttpGet(int port, const std::string& path);
+
 class ServerProcess {
  public:
   // capture_stderr: the server's stderr goes to a file (see Stderr) instead

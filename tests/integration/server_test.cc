@@ -251,8 +251,61 @@ TEST_F(ServerTest, BrokenStreamChangesNoState) {
   unfinished.cancel_after = unfinished.body.size();
   EXPECT_EQ(RunStep(stub_.get(), unfinished).status.error_code(), grpc::StatusCode::CANCELLED);
 
+  // Every chunk sent and a half-close, but no StepEnd: refused, not a step.
+  StepCall no_end = Call(session, 1);
+  no_end.body = GradientMessages(RandomGradients(model, 97), 1000, 0);
+  no_end.send_end = false;
+  EXPECT_CODE(RunStep(stub_.get(), no_end).status, INVALID_ARGUMENT, "without a StepEnd");
+  EXPECT_EQ(SessionStep(session), 0u);
+
   ExpectSameUpdates(Good(session, 1, g1), reference.Step(g1));
   EXPECT_EQ(SessionStep(session), 1u);
+}
+
+// A client may read every update before it ends the step: nothing is held
+// back for the end of the stream, and StepEnd alone commits.
+TEST_F(ServerTest, EveryUpdateArrivesBeforeTheStepEnds) {
+  const Model model = SmallModel();
+  const std::string session = NewSession(model);
+  Reference reference(model);
+  const Tensors grads = RandomGradients(model, 83);
+  grpc::ClientContext ctx;
+  // Only a bound on a broken server, which would hold an update back.
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+  auto stream = stub_->Step(&ctx);
+  v1::StepRequest header;
+  *header.mutable_header() = Call(session, 1).header;
+  ASSERT_TRUE(stream->Write(header));
+  for (const v1::StepRequest& m : GradientMessages(grads, 1000, 0)) ASSERT_TRUE(stream->Write(m));
+  StepResult got;
+  std::map<uint32_t, uint64_t> received;
+  auto complete = [&] {
+    if (received.size() != grads.size()) return false;
+    for (const auto& [index, bytes] : got.updates) {
+      if (received[index] != bytes.size()) return false;
+    }
+    return true;
+  };
+  v1::StepResponse response;
+  while (!complete()) {
+    ASSERT_TRUE(stream->Read(&response)) << stream->Finish().error_message();
+    ASSERT_TRUE(response.has_update());
+    const v1::UpdateChunk& u = response.update();
+    Bytes& dst = got.updates[u.param_index()];
+    dst.resize(u.total_bytes());
+    std::memcpy(dst.data() + u.offset(), u.data().data(), u.data().size());
+    got.decay[u.param_index()] = u.decay();
+    received[u.param_index()] += u.data().size();
+  }
+  EXPECT_EQ(SessionStep(session), 0u);  // computed, not committed
+  ASSERT_TRUE(stream->Write(EndMessage({0, 1, 2, 3, 4})));
+  stream->WritesDone();
+  ASSERT_TRUE(stream->Read(&response));
+  ASSERT_TRUE(response.has_summary());
+  got.summary = response.summary();
+  EXPECT_FALSE(stream->Read(&response));
+  got.status = stream->Finish();
+  ExpectSameUpdates(got, reference.Step(grads));
 }
 
 TEST_F(ServerTest, UpdatesStreamBeforeTheStepEndsButCommitOnlyAtTheEnd) {
@@ -880,43 +933,6 @@ TEST(ServerLimitsTest, LimitsGiveResourceExhausted) {
   EXPECT_GE(got.update_messages, 3);
 }
 
-// A free TCP port on 127.0.0.1 (bound, read, closed).
-int FreePort() {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = 0;
-  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
-  socklen_t len = sizeof addr;
-  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  close(fd);
-  return ntohs(addr.sin_port);
-}
-
-// GET http://127.0.0.1:port/path; the whole response, headers included.
-std::string HttpGet(int port, const std::string& path) {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
-    close(fd);
-    return "";
-  }
-  const std::string request = "GET " + path + " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
-  if (write(fd, request.data(), request.size()) != static_cast<ssize_t>(request.size())) {
-    close(fd);
-    return "";
-  }
-  std::string out;
-  char buf[4096];
-  for (ssize_t n; (n = read(fd, buf, sizeof buf)) > 0;) out.append(buf, n);
-  close(fd);
-  return out;
-}
-
 TEST(ServerMetricsTest, MetricsCountSessionsAndSteps) {
   const int metrics_port = FreePort();
   auto server =
@@ -1115,6 +1131,15 @@ TEST(ServerRobustnessTest, StateThatCannotBeAllocatedIsResourceExhaustedNamingTh
   EXPECT_TRUE(create(CreateRequest(SmallModel())).ok());
 }
 
+// The header of step 1 of a session just created.
+v1::StepRequest FirstHeader(const v1::CreateSessionResponse& created) {
+  v1::StepRequest header;
+  header.mutable_header()->set_session_id(created.session_id());
+  header.mutable_header()->set_token(created.token());
+  header.mutable_header()->set_step(1);
+  return header;
+}
+
 TEST(ServerSignalTest, SigtermDrainsTheInFlightStepAndExitsZero) {
   auto server = ServerProcess::Start();
   ASSERT_TRUE(server.ok()) << server.status();
@@ -1129,11 +1154,7 @@ TEST(ServerSignalTest, SigtermDrainsTheInFlightStepAndExitsZero) {
   std::vector<v1::StepRequest> body = GradientMessages(grads, 1000, 0);
   grpc::ClientContext ctx;
   auto stream = stub->Step(&ctx);
-  v1::StepRequest header;
-  header.mutable_header()->set_session_id(created.session_id());
-  header.mutable_header()->set_token(created.token());
-  header.mutable_header()->set_step(1);
-  ASSERT_TRUE(stream->Write(header));
+  ASSERT_TRUE(stream->Write(FirstHeader(created)));
   const size_t half = body.size() / 2;
   for (size_t i = 0; i < half; ++i) ASSERT_TRUE(stream->Write(body[i]));
   std::this_thread::sleep_for(std::chrono::milliseconds(200));
@@ -1148,6 +1169,7 @@ TEST(ServerSignalTest, SigtermDrainsTheInFlightStepAndExitsZero) {
     EXPECT_EQ(HealthStatus((*server)->NewChannel()), 2);
   }
   for (size_t i = half; i < body.size(); ++i) ASSERT_TRUE(stream->Write(body[i]));
+  ASSERT_TRUE(stream->Write(EndMessage({0, 1, 2, 3, 4})));
   stream->WritesDone();
   v1::StepResponse response;
   std::optional<v1::StepSummary> summary;
@@ -1158,6 +1180,39 @@ TEST(ServerSignalTest, SigtermDrainsTheInFlightStepAndExitsZero) {
   EXPECT_TRUE(status.ok()) << status.error_message();
   ASSERT_TRUE(summary.has_value());
   EXPECT_EQ(summary->step(), 1u);
+  EXPECT_EQ((*server)->WaitForExit(30), 0);
+}
+
+// A step the drain does not wait out is cut with UNAVAILABLE, which a
+// client retries, never CANCELLED; and it is not applied.
+TEST(ServerSignalTest, AStepCutByShutdownAnswersUnavailable) {
+  auto server = ServerProcess::Start({"--drain_timeout_seconds=0.2"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto stub = v1::Optimizer::NewStub((*server)->NewChannel());
+  const Model model = SmallModel();
+  grpc::ClientContext create_ctx;
+  v1::CreateSessionResponse created;
+  ASSERT_TRUE(stub->CreateSession(&create_ctx, CreateRequest(model), &created).ok());
+
+  grpc::ClientContext ctx;
+  auto stream = stub->Step(&ctx);
+  ASSERT_TRUE(stream->Write(FirstHeader(created)));
+  const std::vector<v1::StepRequest> body = GradientMessages(RandomGradients(model, 52), 1000, 0);
+  for (size_t i = 0; i < body.size() / 2; ++i) ASSERT_TRUE(stream->Write(body[i]));
+  // An idle stream (no header yet) is cut the same way.
+  grpc::ClientContext idle_ctx;
+  auto idle = stub->Step(&idle_ctx);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+
+  (*server)->Signal(SIGTERM);
+  v1::StepResponse response;
+  while (stream->Read(&response)) {
+    EXPECT_FALSE(response.has_summary());
+  }
+  EXPECT_CODE(stream->Finish(), UNAVAILABLE, "shutting down");
+  while (idle->Read(&response)) {
+  }
+  EXPECT_CODE(idle->Finish(), UNAVAILABLE, "shutting down");
   EXPECT_EQ((*server)->WaitForExit(30), 0);
 }
 

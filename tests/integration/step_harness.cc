@@ -94,6 +94,15 @@ Reference::Reference(const Model& model) : specs_(model.specs) {
 Reference::~Reference() = default;
 
 StepResult Reference::Step(const Tensors& grads, std::optional<double> lr_scale) {
+  return Run(grads, lr_scale, std::nullopt);
+}
+
+StepResult Reference::StepFp32(const Tensors& grads) {
+  return Run(grads, std::nullopt, DType::kFloat32);
+}
+
+StepResult Reference::Run(const Tensors& grads, std::optional<double> lr_scale,
+                          std::optional<DType> wire) {
   std::vector<GradientInput> in;
   std::vector<UpdateOutput> out;
   StepResult result;
@@ -101,17 +110,17 @@ StepResult Reference::Step(const Tensors& grads, std::optional<double> lr_scale)
     const ParamSpec& s = specs_[index];
     GradientInput g;
     g.param = ids_[index];
-    g.dtype = s.dtype;
+    g.dtype = wire.value_or(s.dtype);
     g.bytes = absl::MakeConstSpan(bytes);
     if (lr_scale.has_value()) g.lr = s.hp.lr * *lr_scale;
     in.push_back(g);
     result.updates[index].resize(bytes.size());
-    result.dtype[index] = s.dtype;
+    result.dtype[index] = g.dtype;
   }
   for (const auto& [index, bytes] : grads) {
     UpdateOutput o;
     o.param = ids_[index];
-    o.dtype = specs_[index].dtype;
+    o.dtype = wire.value_or(specs_[index].dtype);
     o.bytes = absl::MakeSpan(result.updates[index]);
     out.push_back(o);
   }
@@ -162,9 +171,22 @@ StepResult RunStep(v1::Optimizer::Stub* stub, const StepCall& call) {
     *header.mutable_header() = call.header;
     ok = stream->Write(header);
   }
-  for (size_t i = 0; ok && i < call.body.size(); ++i) {
+  std::vector<v1::StepRequest> body = call.body;
+  const bool has_end = std::any_of(body.begin(), body.end(),
+                                   [](const v1::StepRequest& r) { return r.has_end(); });
+  if (call.send_end && !has_end) {
+    std::vector<uint32_t> indices;
+    for (const v1::StepRequest& r : body) {
+      if (r.has_gradient() && std::find(indices.begin(), indices.end(),
+                                        r.gradient().param_index()) == indices.end()) {
+        indices.push_back(r.gradient().param_index());
+      }
+    }
+    body.push_back(EndMessage(indices));
+  }
+  for (size_t i = 0; ok && i < body.size(); ++i) {
     if (call.cancel_after.has_value() && i == *call.cancel_after) break;
-    ok = stream->Write(call.body[i]);
+    ok = stream->Write(body[i]);
   }
   if (call.cancel_after.has_value()) {
     // Give the server time to take in what was sent, then break the stream.

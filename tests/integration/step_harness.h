@@ -59,8 +59,14 @@ class Reference {
   ~Reference();
   // One committed step over `grads` (a subset of the parameters).
   StepResult Step(const Tensors& grads, std::optional<double> lr_scale = std::nullopt);
+  // One step with fp32 gradients and fp32 updates, whatever the parameters'
+  // dtypes (a parameter server's average, applied to weights it holds).
+  StepResult StepFp32(const Tensors& grads);
 
  private:
+  // `wire`: the dtype of gradients and updates; unset: each parameter's.
+  StepResult Run(const Tensors& grads, std::optional<double> lr_scale, std::optional<DType> wire);
+
   std::unique_ptr<Engine> engine_;
   std::vector<ParamSpec> specs_;
   std::vector<uint64_t> ids_;  // muon::ParamId
@@ -80,6 +86,9 @@ struct StepCall {
   std::optional<size_t> cancel_after;
   // Send `header` as the first message (false: start with body[0]).
   bool send_header = true;
+  // Unless `body` has a StepEnd, end it with one listing the parameters its
+  // chunks name, as every client does (false: half-close without it).
+  bool send_end = true;
 };
 
 StepResult RunStep(v1::Optimizer::Stub* stub, const StepCall& call);
@@ -88,7 +97,7 @@ StepResult RunStep(v1::Optimizer::Stub* stub, const StepCall& call);
 // the session not yet torn down), as a client library would.
 StepResult RunStepRetrying(v1::Optimizer::Stub* stub, const StepCall& call);
 
-// A whole good step: all of `grads`, 1000-byte chunks shuffled, half-close.
+// A whole good step: all of `grads`, 1000-byte chunks shuffled, StepEnd.
 StepResult GoodStep(v1::Optimizer::Stub* stub, const std::string& session, const std::string& token,
                     uint64_t step, const Tensors& grads);
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "api/auth.h"
@@ -12,25 +13,41 @@
 
 namespace muon::server {
 
-absl::Status DrainGate::OpenStream(int max_streams) {
+absl::Status DrainGate::OpenStream(int max_streams, Stream* stream) {
   absl::MutexLock lock(&mu_);
   if (draining_) {
     return absl::UnavailableError(
         "the server is shutting down and takes no new steps; retry after it restarts or against "
         "another replica");
   }
-  if (max_streams > 0 && streams_ >= max_streams) {
+  if (max_streams > 0 && static_cast<int>(streams_.size()) >= max_streams) {
     return absl::ResourceExhaustedError(
-        absl::StrCat("this server already has ", streams_, " Step streams open, its limit",
+        absl::StrCat("this server already has ", streams_.size(), " Step streams open, its limit",
                      " (--max_concurrent_streams=", max_streams, "); retry later"));
   }
-  ++streams_;
+  streams_.insert(stream);
   return absl::OkStatus();
 }
 
-void DrainGate::CloseStream() {
+void DrainGate::CloseStream(Stream* stream) {
   absl::MutexLock lock(&mu_);
-  --streams_;
+  streams_.erase(stream);
+}
+
+void DrainGate::StopStreams() {
+  std::vector<Stream*> open;
+  {
+    absl::MutexLock lock(&mu_);
+    for (Stream* s : streams_) {
+      s->Pin();
+      open.push_back(s);
+    }
+  }
+  // Outside mu_: a stream that finishes closes itself here.
+  for (Stream* s : open) {
+    s->Stop();
+    s->Unpin();
+  }
 }
 
 absl::Status DrainGate::StartStep() {

@@ -4,6 +4,7 @@
 #include <memory>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
@@ -30,9 +31,22 @@ struct ServiceEnv {
 // draining. Thread-safe.
 class DrainGate {
  public:
+  // An open Step stream, which the gate stops when the server shuts down.
+  class Stream {
+   public:
+    // The server is shutting down: finish now (UNAVAILABLE unless done).
+    virtual void Stop() = 0;
+    // Keep the stream alive across a Stop; one Unpin per Pin.
+    virtual void Pin() = 0;
+    virtual void Unpin() = 0;
+
+   protected:
+    ~Stream() = default;
+  };
+
   // Unavailable while draining; ResourceExhausted over max_streams.
-  absl::Status OpenStream(int max_streams);
-  void CloseStream();
+  absl::Status OpenStream(int max_streams, Stream* stream);
+  void CloseStream(Stream* stream);
   // Unavailable while draining; otherwise counts a step stream in flight
   // until EndStep (when the stream is done).
   absl::Status StartStep();
@@ -42,11 +56,14 @@ class DrainGate {
   bool draining() const;
   // Waits until no step is in flight; false on timeout.
   bool WaitForSteps(absl::Duration timeout);
+  // Stops every open stream, so that each answers UNAVAILABLE before gRPC's
+  // shutdown cancels what is left.
+  void StopStreams();
 
  private:
   mutable absl::Mutex mu_;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
-  int streams_ ABSL_GUARDED_BY(mu_) = 0;
+  absl::flat_hash_set<Stream*> streams_ ABSL_GUARDED_BY(mu_);
   int steps_ ABSL_GUARDED_BY(mu_) = 0;
 };
 

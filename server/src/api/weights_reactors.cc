@@ -4,6 +4,7 @@
 #include <cmath>
 #include <deque>
 #include <memory>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -16,6 +17,7 @@
 #include "muon/server/status_util.h"
 #include "api/service.h"
 #include "session/registry.h"
+#include "step/chunker.h"
 #include "step/step_assembler.h"
 #include "util/thread_pool.h"
 
@@ -194,33 +196,44 @@ class PullReactor final : public grpc::ServerWriteReactor<v1::PullWeightsRespons
     for (uint32_t i : indices_) {
       MUON_ASSIGN_OR_RETURN(DType dtype,
                             DTypeFromProto(request.dtype(), session_->params()[i].spec.dtype));
+      // Chunks hold whole elements (step/chunker.h): a maximum below one
+      // cannot be honoured.
+      if (request.max_chunk_bytes() != 0 && request.max_chunk_bytes() < DTypeSize(dtype)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "max_chunk_bytes is ", request.max_chunk_bytes(), " but parameter ", i, " ('",
+            session_->params()[i].spec.name, "') is sent as ", DTypeName(dtype), ", ",
+            DTypeSize(dtype), " bytes an element; ask for at least one element (0: the default)"));
+      }
       dtypes_.push_back(dtype);
     }
     return absl::OkStatus();
   }
 
   absl::Status Build(const v1::PullWeightsRequest& request) {
-    const int64_t limit = env_->options.limits.max_message_bytes - 1024;
-    int64_t chunk_bytes = request.max_chunk_bytes() == 0
-                              ? env_->options.update_chunk_bytes
-                              : static_cast<int64_t>(request.max_chunk_bytes());
-    chunk_bytes = std::max<int64_t>(1024, std::min(chunk_bytes, limit));
+    const int64_t requested = request.max_chunk_bytes() == 0
+                                  ? env_->options.update_chunk_bytes
+                                  : static_cast<int64_t>(request.max_chunk_bytes());
     const uint64_t step = session_->step();
     for (size_t k = 0; k < indices_.size(); ++k) {
       const SessionParam& p = session_->params()[indices_[k]];
       const int64_t n = NumElements(p.spec.shape);
       std::vector<float> values(n);
       MUON_RETURN_IF_ERROR(env_->engine->GetWeights(p.engine_id, absl::MakeSpan(values)));
-      const int64_t total = n * static_cast<int64_t>(DTypeSize(dtypes_[k]));
-      std::string bytes(total, '\0');
-      EncodeFromFloat(dtypes_[k], values.data(), n, reinterpret_cast<std::byte*>(bytes.data()));
-      for (int64_t offset = 0; offset < total; offset += chunk_bytes) {
+      const int64_t width = static_cast<int64_t>(DTypeSize(dtypes_[k]));
+      const int64_t chunk_bytes =
+          ChunkPayloadBytes(requested, env_->options.limits.max_message_bytes, width);
+      for (const ChunkRange& range : CutIntoChunks(n * width, chunk_bytes)) {
         v1::PullWeightsResponse& r = responses_.emplace_back();
-        r.mutable_weights()->set_param_index(indices_[k]);
-        r.mutable_weights()->set_offset(static_cast<uint64_t>(offset));
-        r.mutable_weights()->set_data(bytes.substr(offset, std::min(chunk_bytes, total - offset)));
+        v1::TensorChunk* chunk = r.mutable_weights();
+        chunk->set_param_index(indices_[k]);
+        chunk->set_offset(static_cast<uint64_t>(range.offset));
+        std::string* data = chunk->mutable_data();
+        data->resize(static_cast<size_t>(range.size));
+        EncodeFromFloat(dtypes_[k], values.data() + range.offset / width,
+                        static_cast<size_t>(range.size / width),
+                        reinterpret_cast<std::byte*>(data->data()));
         r.set_dtype(DTypeToProto(dtypes_[k]));
-        r.set_total_bytes(static_cast<uint64_t>(total));
+        r.set_total_bytes(static_cast<uint64_t>(n * width));
         r.set_step(step);
       }
     }

@@ -1,11 +1,9 @@
 #include "ps/ps_round.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <iostream>
 #include <string>
-#include <thread>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -99,10 +97,6 @@ namespace {
 // Gradients are decoded a block at a time into a small buffer: a worker
 // never holds a second, fp32 copy of its whole gradient.
 constexpr size_t kDecodeBlock = 4096;
-
-// A reply is encoded on up to this many threads, one per this many bytes.
-constexpr int64_t kMaxEncodeThreads = 8;
-constexpr int64_t kEncodeBytesPerThread = int64_t{32} << 20;
 
 // Calls fn(first_index, block, n) over `count` values decoded kDecodeBlock at
 // a time; stops early when fn returns false. False when it stopped early.
@@ -257,169 +251,6 @@ void ParameterServerRounds::ExpireIfLate(absl::Time now) {
       " and was abandoned; nothing was applied. Every worker must send step ", step, " again"));
   std::cerr << "muon-server: " << status.message() << std::endl;
   for (const auto& [waiter, worker] : waiters) waiter->RoundDone(status);
-}
-
-absl::StatusOr<ParameterServerRounds::Computed> ParameterServerRounds::Compute(Gathered round) {
-  const std::vector<SessionParam>& params = session_->params();
-  const size_t n = params.size();
-  const absl::Time compute_start = absl::Now();
-  const float scale = 1.0f / static_cast<float>(num_workers_);
-  std::vector<std::vector<std::byte>> encoded(n);
-  std::vector<GradientInput> inputs(n);
-  std::vector<std::vector<float>> updates(n);
-  std::vector<UpdateOutput> outputs(n);
-  for (size_t i = 0; i < n; ++i) {
-    const SessionParam& p = params[i];
-    std::vector<float>& avg = round.sums[i];
-    for (float& v : avg) v *= scale;
-    inputs[i].param = p.engine_id;
-    inputs[i].dtype = p.spec.dtype;
-    // The engine takes gradients in the registered dtype, as a single
-    // worker would send them.
-    if (p.spec.dtype == DType::kFloat32) {
-      inputs[i].bytes = absl::MakeConstSpan(reinterpret_cast<const std::byte*>(avg.data()),
-                                            avg.size() * sizeof(float));
-    } else {
-      encoded[i].resize(avg.size() * DTypeSize(p.spec.dtype));
-      EncodeFromFloat(p.spec.dtype, avg.data(), avg.size(), encoded[i].data());
-      inputs[i].bytes = encoded[i];
-    }
-    if (round.lr.has_value() || round.lr_scale.has_value()) {
-      double lr = round.lr.value_or(p.spec.hp.lr);
-      if (round.lr_scale.has_value()) lr *= *round.lr_scale;
-      inputs[i].lr = lr;
-    }
-    updates[i].resize(avg.size());
-    outputs[i].param = p.engine_id;
-    outputs[i].dtype = DType::kFloat32;
-    outputs[i].bytes = absl::MakeSpan(reinterpret_cast<std::byte*>(updates[i].data()),
-                                      updates[i].size() * sizeof(float));
-  }
-  StepOptions step_options;
-  step_options.measure_orthogonality = round.measure_orthogonality;
-  MUON_ASSIGN_OR_RETURN(std::unique_ptr<StepTransaction> txn, engine_->BeginStep(step_options));
-  StepStats stats;
-  MUON_RETURN_IF_ERROR(txn->Compute(inputs, absl::MakeSpan(outputs), &stats));
-  MUON_RETURN_IF_ERROR(txn->Commit());
-  // Applied from here on: what follows reports it, and cannot undo it.
-  std::vector<std::vector<float>> weights(n);
-  std::vector<double> decay(n);
-  for (size_t i = 0; i < n; ++i) {
-    weights[i].resize(updates[i].size());
-    decay[i] = outputs[i].decay;
-    absl::Status got = engine_->GetWeights(params[i].engine_id, absl::MakeSpan(weights[i]));
-    if (!got.ok()) {
-      std::cerr << "muon-server: reading the weights of session " << session_->id()
-                << " after step " << round.step << ": " << got << std::endl;
-    }
-  }
-  const absl::Time now = absl::Now();
-  auto summary_response = std::make_shared<v1::StepResponse>();
-  v1::StepSummary* summary = summary_response->mutable_summary();
-  summary->set_step(round.step);
-  for (size_t i = 0; i < n; ++i) summary->add_param_indices(static_cast<uint32_t>(i));
-  StepTimings timings;
-  timings.receive = absl::ToDoubleSeconds(compute_start - round.start);
-  timings.compute = absl::ToDoubleSeconds(now - compute_start);
-  timings.total = absl::ToDoubleSeconds(now - round.start);
-  v1::StepTimings* t = summary->mutable_timings();
-  t->set_receive_seconds(timings.receive);
-  t->set_compute_seconds(timings.compute);
-  t->set_total_seconds(timings.total);
-  if (options_.metrics != nullptr) {
-    options_.metrics->StepCommitted(timings, static_cast<int64_t>(n));
-  }
-  for (size_t i = 0; i < n; ++i) {
-    if (!round.measure_orthogonality || params[i].spec.kind != OptimizerKind::kMuon) continue;
-    if (options_.metrics != nullptr) {
-      options_.metrics->OrthogonalityError(params[i].spec.hp.ns_schedule,
-                                           outputs[i].orthogonality_error);
-    }
-    v1::OrthogonalityError* e = summary->add_orthogonality_errors();
-    e->set_param_index(static_cast<uint32_t>(i));
-    e->set_error(outputs[i].orthogonality_error);
-  }
-  summary->set_bytes_received(static_cast<uint64_t>(round.bytes_received));
-  summary->set_ns_flops(stats.ns_flops);
-
-  // One answer per distinct format, shared by the workers that asked for it.
-  Computed computed;
-  computed.records.resize(num_workers_);
-  for (uint32_t w = 0; w < num_workers_; ++w) {
-    if (computed.records[w] != nullptr) continue;
-    auto record = std::make_shared<StepRecord>();
-    record->step = round.step;
-    record->responses = Responses(round.formats[w], weights, updates, decay);
-    uint64_t bytes_sent = 0;
-    for (const auto& r : record->responses) bytes_sent += r->update().data().size();
-    auto with_bytes = std::make_shared<v1::StepResponse>(*summary_response);
-    with_bytes->mutable_summary()->set_bytes_sent(bytes_sent);
-    record->responses.push_back(std::move(with_bytes));
-    std::shared_ptr<const StepRecord> shared = std::move(record);
-    for (uint32_t v = w; v < num_workers_; ++v) {
-      if (round.formats[v] == round.formats[w]) computed.records[v] = shared;
-    }
-  }
-  computed.ack =
-      durability_->AtCommit(*session_, Session::Snapshot{round.step, now, computed.records});
-  return computed;
-}
-
-std::vector<std::shared_ptr<const v1::StepResponse>> ParameterServerRounds::Responses(
-    const ReplyFormat& format, const std::vector<std::vector<float>>& weights,
-    const std::vector<std::vector<float>>& updates, const std::vector<double>& decay) const {
-  const std::vector<SessionParam>& params = session_->params();
-  const bool send_weights = format.content != v1::UPDATE_CONTENT_UPDATE;
-  std::vector<std::vector<std::shared_ptr<const v1::StepResponse>>> by_param(params.size());
-  auto encode = [&](size_t i) {
-    const DType dtype = format.dtype.value_or(params[i].spec.dtype);
-    const std::vector<float>& values = send_weights ? weights[i] : updates[i];
-    const int64_t width = static_cast<int64_t>(DTypeSize(dtype));
-    const int64_t total = static_cast<int64_t>(values.size()) * width;
-    // Whole elements per chunk, so that each chunk is encoded on its own,
-    // straight into its message.
-    const int64_t chunk_bytes = std::max(width, options_.chunk_bytes / width * width);
-    for (int64_t offset = 0; offset < total; offset += chunk_bytes) {
-      const int64_t size = std::min(chunk_bytes, total - offset);
-      auto response = std::make_shared<v1::StepResponse>();
-      v1::UpdateChunk* chunk = response->mutable_update();
-      chunk->set_param_index(static_cast<uint32_t>(i));
-      chunk->set_offset(static_cast<uint64_t>(offset));
-      std::string* data = chunk->mutable_data();
-      data->resize(static_cast<size_t>(size));
-      EncodeFromFloat(dtype, values.data() + offset / width, static_cast<size_t>(size / width),
-                      reinterpret_cast<std::byte*>(data->data()));
-      chunk->set_dtype(DTypeToProto(dtype));
-      chunk->set_decay(send_weights ? 1.0 : decay[i]);
-      chunk->set_total_bytes(static_cast<uint64_t>(total));
-      chunk->set_content(send_weights ? v1::UPDATE_CONTENT_WEIGHTS : v1::UPDATE_CONTENT_UPDATE);
-      by_param[i].push_back(std::move(response));
-    }
-  };
-  int64_t reply_bytes = 0;
-  for (size_t i = 0; i < params.size(); ++i) {
-    reply_bytes += NumElements(params[i].spec.shape) *
-                   static_cast<int64_t>(DTypeSize(format.dtype.value_or(params[i].spec.dtype)));
-  }
-  // Every worker waits for this (0.5 GB for GPT-2 small in fp32): large
-  // replies are encoded on several threads, a parameter at a time.
-  const size_t threads = static_cast<size_t>(
-      std::min<int64_t>({kMaxEncodeThreads, static_cast<int64_t>(params.size()),
-                         1 + reply_bytes / kEncodeBytesPerThread}));
-  std::atomic<size_t> next{0};
-  auto work = [&] {
-    for (size_t i = next++; i < params.size(); i = next++) encode(i);
-  };
-  std::vector<std::thread> helpers;
-  for (size_t t = 1; t < threads; ++t) helpers.emplace_back(work);
-  work();
-  for (std::thread& t : helpers) t.join();
-
-  std::vector<std::shared_ptr<const v1::StepResponse>> out;
-  for (auto& chunks : by_param) {
-    for (auto& r : chunks) out.push_back(std::move(r));
-  }
-  return out;
 }
 
 }  // namespace muon::server

@@ -29,8 +29,12 @@ struct RoundOptions {
   StepReporter* metrics = nullptr;
   // How long a round waits for all its workers, from its first stream.
   absl::Duration worker_timeout = absl::Seconds(120);
-  // Largest UpdateChunk payload.
+  // Largest UpdateChunk payload asked for, and the message limit it must
+  // fit in (step/chunker.h).
   int64_t chunk_bytes = 1 << 20;
+  int64_t max_message_bytes = 4 << 20;
+  // Every Nth step is measured for the orthogonality histogram (0: never).
+  int orthogonality_sample_every = 0;
 };
 
 // A worker's stream waiting for its round to end.

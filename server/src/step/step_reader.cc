@@ -51,7 +51,7 @@ absl::StatusOr<StepReader::Event> StepReader::Read(const v1::StepRequest& reques
       }
       std::vector<uint32_t> listed(request.end().param_indices().begin(),
                                    request.end().param_indices().end());
-      return End(std::move(listed), /*explicit_list=*/true);
+      return End(std::move(listed));
     }
     case v1::StepRequest::KIND_NOT_SET:
       break;
@@ -64,13 +64,13 @@ absl::StatusOr<StepReader::Event> StepReader::HalfClose() {
   switch (phase_) {
     case Phase::kHeader:
       return absl::InvalidArgumentError("the Step stream ended before its StepHeader");
-    case Phase::kReplay: {
-      Event event;
-      event.kind = Event::Kind::kReplay;
-      return event;
-    }
     case Phase::kReceiving:
-      return End(assembler_->Started(), /*explicit_list=*/false);
+    case Phase::kReplay:
+      // A stream cut after its last chunk must never pass for a finished
+      // step, so only StepEnd ends one.
+      return absl::InvalidArgumentError(
+          "the Step stream ended without a StepEnd; nothing was applied. Send "
+          "StepEnd{param_indices} as the step's last message, then half-close");
     case Phase::kEnded:
       break;  // reads stop after StepEnd; nothing to do
   }
@@ -108,30 +108,27 @@ absl::Status StepReader::CheckChunkDType(const v1::TensorChunk& chunk) const {
                    DTypeName(param.dtype), "; send gradients in the registered dtype"));
 }
 
-absl::StatusOr<StepReader::Event> StepReader::End(std::vector<uint32_t> indices,
-                                                  bool explicit_list) {
+absl::StatusOr<StepReader::Event> StepReader::End(std::vector<uint32_t> indices) {
   phase_ = Phase::kEnded;
   const size_t n = params_.size();
-  if (explicit_list) {
-    absl::flat_hash_set<uint32_t> seen;
-    for (uint32_t i : indices) {
-      if (i >= n) {
-        return absl::NotFoundError(absl::StrCat("StepEnd lists parameter index ", i,
-                                                ", which is not in session ", session_id_,
-                                                " (indices 0..", n - 1, ")"));
-      }
-      if (!seen.insert(i).second) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("StepEnd lists parameter index ", i, " twice"));
-      }
+  absl::flat_hash_set<uint32_t> seen;
+  for (uint32_t i : indices) {
+    if (i >= n) {
+      return absl::NotFoundError(absl::StrCat("StepEnd lists parameter index ", i,
+                                              ", which is not in session ", session_id_,
+                                              " (indices 0..", n - 1, ")"));
     }
-    for (uint32_t i : assembler_->Started()) {
-      if (!seen.contains(i)) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("parameter ", i, " ('", params_[i].name,
-                         "') received gradient chunks but is not listed in StepEnd; list it or "
-                         "do not send it"));
-      }
+    if (!seen.insert(i).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("StepEnd lists parameter index ", i, " twice"));
+    }
+  }
+  for (uint32_t i : assembler_->Started()) {
+    if (!seen.contains(i)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("parameter ", i, " ('", params_[i].name,
+                       "') received gradient chunks but is not listed in StepEnd; list it or "
+                       "do not send it"));
     }
   }
   for (uint32_t i : indices) MUON_RETURN_IF_ERROR(assembler_->CheckComplete(i));

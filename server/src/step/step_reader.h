@@ -17,7 +17,7 @@
 namespace muon::server {
 
 // The read side of one Step stream without gRPC: the order of messages
-// (header first and once, StepEnd last), each gradient chunk checked against
+// (header first and once, StepEnd last and required), each gradient chunk checked against
 // its parameter (dtype, bounds, overlap) and assembled, and the step's
 // parameter list checked when the stream ends. StepReactor drives it with
 // each message it reads; the fuzz target (tests/fuzz) drives it the same way.
@@ -54,8 +54,8 @@ class StepReader {
   // or kReplay event, the caller reads no further.
   absl::StatusOr<Event> Read(const v1::StepRequest& request);
 
-  // The client half-closed. InvalidArgument before a header, or when the
-  // step's started parameters are incomplete.
+  // The client half-closed. InvalidArgument before a header or a StepEnd
+  // (nothing of the step is applied); no event after StepEnd.
   absl::StatusOr<Event> HalfClose();
 
   // After a kHeader event: the header starts a new step of session
@@ -79,9 +79,8 @@ class StepReader {
   enum class Phase { kHeader, kReceiving, kReplay, kEnded };
 
   absl::Status CheckChunkDType(const v1::TensorChunk& chunk) const;
-  // The step's parameters are known (listed by StepEnd when explicit):
-  // check them.
-  absl::StatusOr<Event> End(std::vector<uint32_t> indices, bool explicit_list);
+  // StepEnd listed the step's parameters: check them.
+  absl::StatusOr<Event> End(std::vector<uint32_t> indices);
 
   Phase phase_ = Phase::kHeader;
   std::string session_id_;

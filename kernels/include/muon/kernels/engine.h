@@ -25,6 +25,8 @@ using ParamId = uint64_t;
 // for the duration of the call.
 struct GradientInput {
   ParamId param = 0;
+  // The parameter's registered dtype, or fp32 for any parameter (a
+  // parameter server's averaged gradient, kept at full precision).
   DType dtype = DType::kFloat32;
   absl::Span<const std::byte> bytes;
   // This step's learning rate (a client's LR schedule); the registered lr

@@ -1,0 +1,111 @@
+#include "ps/round_backend.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "muon/kernels/status_macros.h"
+#include "step/replay.h"
+#include "wire/convert.h"
+
+namespace muon::server {
+
+RoundStepBackend::RoundStepBackend(const StepBackendEnv& env, std::shared_ptr<Session> session,
+                                   StepEvents* events)
+    : env_(env), session_(std::move(session)), events_(events), rounds_(RoundsOf(*session_)) {}
+
+absl::StatusOr<StepBackend::Admission> RoundStepBackend::Admit(const v1::StepHeader& header) {
+  if (header.update_dtype() != v1::DTYPE_UNSPECIFIED) {
+    MUON_ASSIGN_OR_RETURN(format_.dtype, DTypeFromProto(header.update_dtype(), DType::kFloat32));
+  }
+  format_.content = header.update_content() == v1::UPDATE_CONTENT_UPDATE
+                        ? v1::UPDATE_CONTENT_UPDATE
+                        : v1::UPDATE_CONTENT_WEIGHTS;
+  // Pinned before joining: the round may call RoundDone as soon as it holds
+  // this backend.
+  events_->Pin();
+  absl::StatusOr<ParameterServerRounds::Admission> joined =
+      rounds_->Join(header.step(), header.worker_id(), this);
+  if (!joined.ok() || joined->role == ParameterServerRounds::Role::kReplay) events_->Unpin();
+  if (!joined.ok()) return joined.status();
+  Admission admission;
+  admission.session_id = session_->id();
+  switch (joined->role) {
+    case ParameterServerRounds::Role::kReplay:
+      replay_ = std::move(joined->replay);
+      admission.role = Role::kReplay;
+      return admission;
+    case ParameterServerRounds::Role::kWait:
+      joined_ = true;
+      admission.role = Role::kWait;
+      return admission;
+    case ParameterServerRounds::Role::kContribute:
+      break;
+  }
+  joined_ = true;
+  header_ = header;
+  round_ = joined->round;
+  tensors_.resize(session_->params().size());
+  admission.role = Role::kReceive;
+  for (const SessionParam& p : session_->params()) {
+    admission.params.push_back({p.spec.name, p.tensor_bytes, p.spec.dtype});
+  }
+  return admission;
+}
+
+void RoundStepBackend::Gradient(uint32_t index, std::unique_ptr<std::byte[]> bytes) {
+  tensors_[index] = std::move(bytes);
+}
+
+absl::Status RoundStepBackend::End(std::vector<uint32_t> indices, int64_t bytes_received) {
+  const std::vector<SessionParam>& params = session_->params();
+  // The reader has checked that `indices` are exactly the parameters given.
+  for (uint32_t i = 0; indices.size() != params.size() && i < params.size(); ++i) {
+    if (tensors_[i] == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("a PARAMETER_SERVER step carries every parameter; parameter ", i, " ('",
+                       params[i].spec.name, "') is missing"));
+    }
+  }
+  auto gradients = std::make_shared<WorkerGradients>();
+  gradients->worker = header_.worker_id();
+  gradients->tensors = std::move(tensors_);
+  gradients->format = format_;
+  if (header_.has_lr()) gradients->lr = header_.lr();
+  if (header_.has_lr_scale()) gradients->lr_scale = header_.lr_scale();
+  gradients->measure_orthogonality = header_.measure_orthogonality();
+  gradients->bytes_received = bytes_received;
+  // Decoding and summing (and, for the last worker, the step) is engine
+  // work: off the reactor.
+  events_->Schedule([this, gradients] {
+    absl::Status status = rounds_->Contribute(round_, std::move(*gradients));
+    if (status.ok()) return;  // the round answers
+    // Out of the round, so that the worker's retry is not refused as a
+    // second live stream.
+    const bool left = rounds_->Leave(this);
+    events_->Failed(status);
+    if (left) events_->Unpin();
+  });
+  return absl::OkStatus();
+}
+
+void RoundStepBackend::Replay() {
+  ScheduleReplay(events_, *env_.durability, *session_, replay_);
+}
+
+bool RoundStepBackend::Abort() {
+  if (!joined_) return true;
+  if (!rounds_->Leave(this)) return false;  // RoundDone is on its way
+  events_->Unpin();
+  return true;
+}
+
+void RoundStepBackend::RoundDone(absl::StatusOr<std::shared_ptr<const StepRecord>> result) {
+  if (result.ok()) {
+    events_->Committed((*result)->responses, /*replayed=*/false);
+  } else {
+    events_->Failed(result.status());
+  }
+  events_->Unpin();  // the last use of this
+}
+
+}  // namespace muon::server

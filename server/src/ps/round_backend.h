@@ -1,0 +1,54 @@
+#ifndef MUON_SERVER_SRC_PS_ROUND_BACKEND_H_
+#define MUON_SERVER_SRC_PS_ROUND_BACKEND_H_
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "ps/ps_round.h"
+#include "session/session.h"
+#include "step/step_backend.h"
+#include "step/update_backend.h"
+
+namespace muon::server {
+
+// PARAMETER_SERVER mode: a worker's stream joins the round of its step,
+// collects the worker's whole gradient and adds it to the round at
+// StepEnd; the round's last worker steps the engine and every waiting
+// stream gets its answer (RoundDone → Committed or Failed).
+// Thread-safe as the machine needs it: the stream's calls are serialized;
+// RoundDone comes from another worker's thread.
+class RoundStepBackend final : public StepBackend, public RoundWaiter {
+ public:
+  RoundStepBackend(const StepBackendEnv& env, std::shared_ptr<Session> session,
+                   StepEvents* events);
+
+  absl::StatusOr<Admission> Admit(const v1::StepHeader& header) override;
+  void Gradient(uint32_t index, std::unique_ptr<std::byte[]> bytes) override;
+  absl::Status End(std::vector<uint32_t> indices, int64_t bytes_received) override;
+  void Replay() override;
+  bool Abort() override;
+  void Sent(double) override {}
+
+  void RoundDone(absl::StatusOr<std::shared_ptr<const StepRecord>> result) override;
+
+ private:
+  const StepBackendEnv env_;
+  const std::shared_ptr<Session> session_;
+  StepEvents* const events_;
+  ParameterServerRounds* const rounds_;
+
+  v1::StepHeader header_;
+  ReplyFormat format_;  // what this worker asked to get back
+  // Registered with the round (kContribute, kWait): it holds a pin.
+  bool joined_ = false;
+  uint64_t round_ = 0;
+  std::shared_ptr<const StepRecord> replay_;
+  std::vector<std::unique_ptr<std::byte[]>> tensors_;  // by parameter index
+};
+
+}  // namespace muon::server
+
+#endif  // MUON_SERVER_SRC_PS_ROUND_BACKEND_H_

@@ -1,0 +1,259 @@
+#include "step/update_backend.h"
+
+#include <algorithm>
+#include <iterator>
+#include <string>
+
+#include "absl/time/clock.h"
+#include "muon/kernels/status_macros.h"
+#include "step/chunker.h"
+#include "step/replay.h"
+#include "step/step_header.h"
+#include "step/step_summary.h"
+#include "wire/convert.h"
+
+namespace muon::server {
+
+UpdateStepBackend::UpdateStepBackend(const StepBackendEnv& env, std::shared_ptr<Session> session,
+                                     StepEvents* events)
+    : env_(env), session_(std::move(session)), events_(events) {}
+
+UpdateStepBackend::~UpdateStepBackend() {
+  absl::MutexLock lock(&mu_);
+  ReleaseLocked();
+}
+
+absl::StatusOr<StepBackend::Admission> UpdateStepBackend::Admit(const v1::StepHeader& header) {
+  if (header.update_dtype() != v1::DTYPE_UNSPECIFIED) {
+    MUON_ASSIGN_OR_RETURN(update_dtype_, DTypeFromProto(header.update_dtype(), DType::kFloat32));
+  }
+  MUON_ASSIGN_OR_RETURN(Session::Admission admitted,
+                        session_->AdmitStep(header.step(), header.worker_id()));
+  Admission admission;
+  admission.session_id = session_->id();
+  if (admitted.replay != nullptr) {
+    replay_ = std::move(admitted.replay);
+    admission.role = Role::kReplay;
+    return admission;
+  }
+  header_ = header;
+  start_time_ = absl::Now();
+  measure_orthogonality_ = MeasuresOrthogonality(header.measure_orthogonality(), header.step(),
+                                                 env_.orthogonality_sample_every);
+  StepOptions options;
+  options.measure_orthogonality = measure_orthogonality_;
+  absl::StatusOr<std::unique_ptr<StepTransaction>> txn = env_.engine->BeginStep(options);
+  absl::MutexLock lock(&mu_);
+  lease_ = std::move(admitted.lease);
+  if (!txn.ok()) {
+    ReleaseLocked();
+    return txn.status();
+  }
+  txn_ = std::move(*txn);
+  admission.role = Role::kReceive;
+  for (const SessionParam& p : session_->params()) {
+    admission.params.push_back({p.spec.name, p.tensor_bytes, p.spec.dtype});
+  }
+  return admission;
+}
+
+void UpdateStepBackend::Gradient(uint32_t index, std::unique_ptr<std::byte[]> bytes) {
+  absl::MutexLock lock(&mu_);
+  if (aborted_) return;
+  ready_.push_back({index, std::move(bytes), absl::Now()});
+  ScheduleLocked();
+}
+
+absl::Status UpdateStepBackend::End(std::vector<uint32_t> indices, int64_t bytes_received) {
+  absl::MutexLock lock(&mu_);
+  ended_ = true;
+  step_params_ = std::move(indices);
+  timings_.receive = absl::ToDoubleSeconds(absl::Now() - start_time_);
+  bytes_received_ = bytes_received;
+  ScheduleLocked();
+  return absl::OkStatus();
+}
+
+void UpdateStepBackend::Replay() {
+  ScheduleReplay(events_, *env_.durability, *session_, replay_);
+}
+
+bool UpdateStepBackend::Abort() {
+  absl::MutexLock lock(&mu_);
+  aborted_ = true;
+  ready_.clear();
+  if (running_) return false;  // the task ends with a terminal event
+  ReleaseLocked();
+  return true;
+}
+
+void UpdateStepBackend::Sent(double seconds) {
+  absl::MutexLock lock(&mu_);
+  timings_.send += seconds;
+}
+
+void UpdateStepBackend::ScheduleLocked() {
+  if (running_) return;
+  running_ = true;
+  events_->Schedule([this] { Run(); });
+}
+
+void UpdateStepBackend::Run() {
+  for (;;) {
+    std::vector<Ready> batch;
+    {
+      absl::MutexLock lock(&mu_);
+      if (aborted_) {
+        running_ = false;
+        ReleaseLocked();
+        break;
+      }
+      if (ready_.empty()) {
+        if (!ended_ || computed_ != step_params_.size()) {
+          running_ = false;
+          return;
+        }
+      } else {
+        batch.assign(std::make_move_iterator(ready_.begin()),
+                     std::make_move_iterator(ready_.end()));
+        ready_.clear();
+      }
+    }
+    if (batch.empty()) {
+      Commit();
+      return;
+    }
+    absl::StatusOr<std::vector<StepResponsePtr>> updates = Compute(std::move(batch));
+    if (!updates.ok()) {
+      {
+        absl::MutexLock lock(&mu_);
+        running_ = false;
+        ReleaseLocked();
+      }
+      events_->Failed(updates.status());
+      return;
+    }
+    events_->Updates(std::move(*updates));
+  }
+  events_->Failed(absl::AbortedError("the step was abandoned; nothing was applied"));
+}
+
+absl::StatusOr<std::vector<StepResponsePtr>> UpdateStepBackend::Compute(std::vector<Ready> batch) {
+  const absl::Time start = absl::Now();
+  const size_t n = batch.size();
+  std::vector<GradientInput> inputs(n);
+  std::vector<UpdateOutput> outputs(n);
+  std::vector<std::string> updates(n);
+  double queue_seconds = 0;
+  const std::optional<double> lr =
+      header_.has_lr() ? std::optional<double>(header_.lr()) : std::nullopt;
+  const std::optional<double> lr_scale =
+      header_.has_lr_scale() ? std::optional<double>(header_.lr_scale()) : std::nullopt;
+  for (size_t i = 0; i < n; ++i) {
+    const SessionParam& p = session_->params()[batch[i].index];
+    queue_seconds += absl::ToDoubleSeconds(start - batch[i].complete_time);
+    inputs[i].param = p.engine_id;
+    inputs[i].dtype = p.spec.dtype;
+    inputs[i].bytes = absl::MakeConstSpan(batch[i].gradient.get(), p.tensor_bytes);
+    inputs[i].lr = StepLr(lr, lr_scale, p.spec.hp.lr);
+    const DType out_dtype = update_dtype_.value_or(p.spec.dtype);
+    updates[i].resize(static_cast<size_t>(NumElements(p.spec.shape)) * DTypeSize(out_dtype));
+    outputs[i].param = p.engine_id;
+    outputs[i].dtype = out_dtype;
+    outputs[i].bytes = absl::MakeSpan(reinterpret_cast<std::byte*>(updates[i].data()),
+                                      updates[i].size());
+  }
+  StepStats stats;
+  MUON_RETURN_IF_ERROR(txn_->Compute(inputs, absl::MakeSpan(outputs), &stats));
+  const double compute_seconds = absl::ToDoubleSeconds(absl::Now() - start);
+
+  std::vector<StepResponsePtr> responses;
+  int64_t bytes_sent = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t total = static_cast<int64_t>(updates[i].size());
+    const int64_t chunk_bytes =
+        ChunkPayloadBytes(env_.update_chunk_bytes, env_.max_message_bytes,
+                          static_cast<int64_t>(DTypeSize(outputs[i].dtype)));
+    for (const ChunkRange& range : CutIntoChunks(total, chunk_bytes)) {
+      auto response = std::make_shared<v1::StepResponse>();
+      v1::UpdateChunk* chunk = response->mutable_update();
+      chunk->set_param_index(batch[i].index);
+      chunk->set_offset(static_cast<uint64_t>(range.offset));
+      chunk->set_data(updates[i].data() + range.offset, static_cast<size_t>(range.size));
+      chunk->set_dtype(DTypeToProto(outputs[i].dtype));
+      chunk->set_decay(outputs[i].decay);
+      chunk->set_total_bytes(static_cast<uint64_t>(total));
+      chunk->set_content(v1::UPDATE_CONTENT_UPDATE);
+      responses.push_back(std::move(response));
+    }
+    bytes_sent += total;
+  }
+  absl::MutexLock lock(&mu_);
+  timings_.queue += queue_seconds;
+  timings_.compute += compute_seconds;
+  ns_flops_ += stats.ns_flops;
+  computed_ += n;
+  bytes_sent_ += bytes_sent;
+  for (size_t i = 0; i < n; ++i) {
+    if (measure_orthogonality_ &&
+        session_->params()[batch[i].index].spec.kind == OptimizerKind::kMuon) {
+      ortho_.emplace_back(batch[i].index, outputs[i].orthogonality_error);
+    }
+  }
+  responses_.insert(responses_.end(), responses.begin(), responses.end());
+  return responses;
+}
+
+void UpdateStepBackend::Commit() {
+  absl::Status status = txn_->Commit();
+  if (!status.ok()) {
+    {
+      absl::MutexLock lock(&mu_);
+      running_ = false;
+      ReleaseLocked();
+    }
+    events_->Failed(status);
+    return;
+  }
+  auto record = std::make_shared<StepRecord>();
+  record->step = header_.step();
+  {
+    absl::MutexLock lock(&mu_);
+    txn_.reset();
+    SummaryInput summary;
+    summary.step = header_.step();
+    summary.param_indices = step_params_;
+    summary.timings = timings_;
+    summary.timings.total = absl::ToDoubleSeconds(absl::Now() - start_time_);
+    summary.orthogonality = std::move(ortho_);
+    summary.reply_orthogonality = header_.measure_orthogonality();
+    summary.bytes_received = bytes_received_;
+    summary.bytes_sent = bytes_sent_;
+    summary.ns_flops = ns_flops_;
+    record->responses = std::move(responses_);
+    record->responses.push_back(MakeSummary(std::move(summary), *session_, env_.metrics));
+  }
+  std::shared_ptr<const StepRecord> committed = std::move(record);
+  // The lease is held until it records the commit, so the write sees this
+  // step's state; the stream's reactions go on meanwhile.
+  absl::Status durable = env_.durability->AtCommit(
+      *session_, Session::Snapshot{committed->step, absl::Now(), {committed}});
+  {
+    absl::MutexLock lock(&mu_);
+    running_ = false;
+    lease_.CommitStep(header_.worker_id(), committed);
+  }
+  if (!durable.ok()) {
+    events_->Failed(durable);
+  } else {
+    events_->Committed({committed->responses.back()}, /*replayed=*/false);
+  }
+}
+
+void UpdateStepBackend::ReleaseLocked() {
+  if (!lease_.held()) return;
+  txn_.reset();
+  lease_.Release();
+}
+
+}  // namespace muon::server

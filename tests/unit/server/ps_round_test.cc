@@ -1,0 +1,301 @@
+// Parameter-server rounds without gRPC: a registry and the CPU engine in
+// this process, workers played by direct Join/Contribute calls.
+
+#include "ps/ps_round.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <optional>
+#include <random>
+#include <vector>
+
+#include "muon/kernels/engine.h"
+#include "observability/metrics.h"
+#include "session/registry.h"
+#include "status_matchers.h"
+
+namespace muon::server {
+namespace {
+
+using ::muon::testing::IsOk;
+using ::muon::testing::StatusIs;
+using ::testing::HasSubstr;
+using Role = ParameterServerRounds::Role;
+
+constexpr absl::Duration kTimeout = absl::Seconds(60);
+
+struct Waiter final : RoundWaiter {
+  void RoundDone(absl::StatusOr<std::shared_ptr<const StepRecord>> r) override {
+    EXPECT_FALSE(result.has_value()) << "RoundDone called twice";
+    result = std::move(r);
+  }
+  std::optional<absl::StatusOr<std::shared_ptr<const StepRecord>>> result;
+};
+
+// An 8×4 Muon matrix and a 4-vector (AdamW), fp32.
+const std::vector<int64_t> kSizes = {32, 4};
+
+std::vector<std::vector<float>> RandomGradient(uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<std::vector<float>> out;
+  for (int64_t n : kSizes) {
+    std::vector<float> v(n);
+    for (float& x : v) x = normal(rng);
+    out.push_back(std::move(v));
+  }
+  return out;
+}
+
+WorkerGradients Gradients(uint32_t worker, const std::vector<std::vector<float>>& values) {
+  WorkerGradients g;
+  g.worker = worker;
+  for (const std::vector<float>& v : values) {
+    auto bytes = std::make_unique<std::byte[]>(v.size() * sizeof(float));
+    std::memcpy(bytes.get(), v.data(), v.size() * sizeof(float));
+    g.tensors.push_back(std::move(bytes));
+  }
+  return g;
+}
+
+// The weights a record's WEIGHTS chunks carry, fp32, by parameter.
+std::vector<std::vector<float>> WeightsOf(const StepRecord& record) {
+  std::vector<std::vector<float>> out(kSizes.size());
+  for (const auto& r : record.responses) {
+    if (!r->has_update()) continue;
+    const v1::UpdateChunk& u = r->update();
+    EXPECT_EQ(u.content(), v1::UPDATE_CONTENT_WEIGHTS);
+    std::vector<float>& dst = out.at(u.param_index());
+    dst.resize(u.total_bytes() / sizeof(float));
+    std::memcpy(reinterpret_cast<char*>(dst.data()) + u.offset(), u.data().data(),
+                u.data().size());
+  }
+  return out;
+}
+
+class RoundsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    metrics_ = *Metrics::Create("");
+    engine_ = *CreateCpuEngine(EngineOptions{});
+    RoundOptions rounds;
+    rounds.metrics = metrics_->steps();
+    rounds.worker_timeout = kTimeout;
+    rounds.chunk_bytes = 40;  // several chunks per tensor
+    durability_ = std::make_unique<Durability>(DurabilityOptions{}, engine_.get());
+    auto make_rounds = [this, rounds](Session* session) -> std::unique_ptr<SessionRounds> {
+      return std::make_unique<ParameterServerRounds>(session, engine_.get(), durability_.get(),
+                                                     rounds);
+    };
+    registry_ = std::make_unique<SessionRegistry>(engine_.get(), Limits{}, metrics_->sessions(),
+                                                  durability_.get(), make_rounds);
+    session_ = NewSession(2);
+    rounds_ = RoundsOf(*session_);
+  }
+
+  std::shared_ptr<Session> NewSession(uint32_t workers) {
+    v1::CreateSessionRequest request;
+    request.set_mode(v1::SESSION_MODE_PARAMETER_SERVER);
+    request.set_num_workers(workers);
+    v1::ParameterSpec* w = request.add_params();
+    w->set_name("w");
+    w->add_shape(8);
+    w->add_shape(4);
+    v1::ParameterSpec* b = request.add_params();
+    b->set_name("b");
+    b->add_shape(4);
+    absl::StatusOr<std::shared_ptr<Session>> session = registry_->Create(request);
+    EXPECT_THAT(session, IsOk());
+    return *session;
+  }
+
+  uint64_t Join(ParameterServerRounds* rounds, uint64_t step, uint32_t worker, Waiter* waiter,
+                Role want = Role::kContribute) {
+    absl::StatusOr<ParameterServerRounds::Admission> a = rounds->Join(step, worker, waiter);
+    EXPECT_THAT(a, IsOk());
+    if (!a.ok()) return 0;
+    EXPECT_EQ(a->role, want);
+    return a->round;
+  }
+
+  // The weights of a fresh one-worker session after one step fed the fp32
+  // average of g0 and g1.
+  std::vector<std::vector<float>> WeightsAfterAverage(const std::vector<std::vector<float>>& g0,
+                                                      const std::vector<std::vector<float>>& g1) {
+    std::vector<std::vector<float>> average = g0;
+    for (size_t i = 0; i < average.size(); ++i) {
+      for (size_t j = 0; j < average[i].size(); ++j) average[i][j] = (g0[i][j] + g1[i][j]) * 0.5f;
+    }
+    std::shared_ptr<Session> single = NewSession(1);
+    Waiter only;
+    const uint64_t round = Join(RoundsOf(*single), 1, 0, &only);
+    EXPECT_THAT(RoundsOf(*single)->Contribute(round, Gradients(0, average)), IsOk());
+    if (!only.result.has_value() || !only.result->ok()) {
+      ADD_FAILURE() << "the one-worker step did not commit";
+      return {};
+    }
+    return WeightsOf(***only.result);
+  }
+
+  std::unique_ptr<Metrics> metrics_;
+  std::unique_ptr<Engine> engine_;
+  std::unique_ptr<Durability> durability_;
+  std::unique_ptr<SessionRegistry> registry_;
+  std::shared_ptr<Session> session_;
+  ParameterServerRounds* rounds_ = nullptr;
+};
+
+TEST_F(RoundsTest, TwoWorkersCommitTheStepOfTheirAverage) {
+  const auto g0 = RandomGradient(1), g1 = RandomGradient(2);
+  Waiter w0, w1;
+  const uint64_t round = Join(rounds_, 1, 0, &w0);
+  EXPECT_EQ(Join(rounds_, 1, 1, &w1), round);
+  ASSERT_THAT(rounds_->Contribute(round, Gradients(0, g0)), IsOk());
+  EXPECT_FALSE(w0.result.has_value());  // waits for worker 1
+  EXPECT_EQ(session_->step(), 0u);
+  ASSERT_THAT(rounds_->Contribute(round, Gradients(1, g1)), IsOk());
+  ASSERT_TRUE(w0.result.has_value() && w1.result.has_value());
+  ASSERT_THAT(*w0.result, IsOk());
+  ASSERT_THAT(*w1.result, IsOk());
+  EXPECT_EQ(session_->step(), 1u);
+  const StepRecord& record = ***w0.result;
+  EXPECT_EQ(record.step, 1u);
+  ASSERT_TRUE(record.responses.back()->has_summary());
+  EXPECT_THAT(record.responses.back()->summary().param_indices(), ::testing::ElementsAre(0, 1));
+  for (const auto& r : record.responses) {
+    if (r->has_update()) {
+      EXPECT_LE(r->update().data().size(), 40u);
+    }
+  }
+
+  // One worker fed the fp32 average gets the same weights, bit for bit.
+  EXPECT_EQ(WeightsOf(***w0.result), WeightsAfterAverage(g0, g1));
+}
+
+TEST_F(RoundsTest, AResentWorkerWaitsAndIsNotAddedTwice) {
+  Waiter first, resent, other;
+  const uint64_t round = Join(rounds_, 1, 0, &first);
+  ASSERT_THAT(rounds_->Contribute(round, Gradients(0, RandomGradient(1))), IsOk());
+  EXPECT_TRUE(rounds_->Leave(&first));  // its stream broke after contributing
+  Join(rounds_, 1, 0, &resent, Role::kWait);
+  Join(rounds_, 1, 1, &other);
+  ASSERT_THAT(rounds_->Contribute(round, Gradients(1, RandomGradient(2))), IsOk());
+  EXPECT_FALSE(first.result.has_value());
+  ASSERT_TRUE(resent.result.has_value() && other.result.has_value());
+  EXPECT_THAT(*resent.result, IsOk());
+  EXPECT_EQ(session_->step(), 1u);
+}
+
+TEST_F(RoundsTest, ASecondLiveStreamOfAWorkerIsAborted) {
+  Waiter a, b;
+  Join(rounds_, 1, 0, &a);
+  EXPECT_THAT(rounds_->Join(1, 0, &b),
+              StatusIs(absl::StatusCode::kAborted, HasSubstr("already has a stream")));
+  EXPECT_TRUE(rounds_->Leave(&a));
+}
+
+TEST_F(RoundsTest, WorkersMustAgreeOnTheLearningRate) {
+  Waiter w0, w1;
+  const uint64_t round = Join(rounds_, 1, 0, &w0);
+  Join(rounds_, 1, 1, &w1);
+  WorkerGradients g0 = Gradients(0, RandomGradient(1));
+  g0.lr = 0.1;
+  ASSERT_THAT(rounds_->Contribute(round, std::move(g0)), IsOk());
+  WorkerGradients g1 = Gradients(1, RandomGradient(2));
+  g1.lr = 0.2;
+  EXPECT_THAT(rounds_->Contribute(round, std::move(g1)),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("same schedule values")));
+  EXPECT_FALSE(w0.result.has_value());
+  // Worker 1 resends with the round's lr: the step goes through.
+  WorkerGradients again = Gradients(1, RandomGradient(2));
+  again.lr = 0.1;
+  ASSERT_THAT(rounds_->Contribute(round, std::move(again)), IsOk());
+  ASSERT_TRUE(w0.result.has_value());
+  EXPECT_THAT(*w0.result, IsOk());
+}
+
+TEST_F(RoundsTest, ANonFiniteGradientIsRefusedAndAddsNothing) {
+  Waiter w0, w1;
+  const uint64_t round = Join(rounds_, 1, 0, &w0);
+  Join(rounds_, 1, 1, &w1);
+  auto bad = RandomGradient(1);
+  bad[1][2] = std::numeric_limits<float>::infinity();
+  EXPECT_THAT(rounds_->Contribute(round, Gradients(0, bad)),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("NaN or Inf")));
+  const auto g0 = RandomGradient(3), g1 = RandomGradient(4);
+  ASSERT_THAT(rounds_->Contribute(round, Gradients(0, g0)), IsOk());
+  ASSERT_THAT(rounds_->Contribute(round, Gradients(1, g1)), IsOk());
+  ASSERT_TRUE(w0.result.has_value());
+  ASSERT_THAT(*w0.result, IsOk());
+
+  EXPECT_EQ(WeightsOf(***w0.result), WeightsAfterAverage(g0, g1));
+}
+
+TEST_F(RoundsTest, ALateRoundExpiresForEveryWaiterAndAppliesNothing) {
+  Waiter w0;
+  const uint64_t round = Join(rounds_, 1, 0, &w0);
+  ASSERT_THAT(rounds_->Contribute(round, Gradients(0, RandomGradient(1))), IsOk());
+  rounds_->ExpireIfLate(absl::Now());  // not late yet
+  EXPECT_FALSE(w0.result.has_value());
+  rounds_->ExpireIfLate(absl::Now() + 2 * kTimeout);
+  ASSERT_TRUE(w0.result.has_value());
+  EXPECT_THAT(*w0.result, StatusIs(absl::StatusCode::kAborted, HasSubstr("worker(s) 1")));
+  EXPECT_EQ(session_->step(), 0u);
+  // A contribution for the abandoned round is not added to its successor.
+  Waiter late;
+  const uint64_t next = Join(rounds_, 1, 1, &late);
+  EXPECT_NE(next, round);
+  EXPECT_THAT(rounds_->Contribute(round, Gradients(1, RandomGradient(2))),
+              StatusIs(absl::StatusCode::kAborted, HasSubstr("abandoned")));
+  EXPECT_TRUE(rounds_->Leave(&late));
+}
+
+TEST_F(RoundsTest, ACommittedStepIsReplayedAndAStepAheadRefused) {
+  Waiter w0, w1;
+  const uint64_t round = Join(rounds_, 1, 0, &w0);
+  Join(rounds_, 1, 1, &w1);
+  ASSERT_THAT(rounds_->Contribute(round, Gradients(0, RandomGradient(1))), IsOk());
+  ASSERT_THAT(rounds_->Contribute(round, Gradients(1, RandomGradient(2))), IsOk());
+  Waiter retry;
+  absl::StatusOr<ParameterServerRounds::Admission> replay = rounds_->Join(1, 1, &retry);
+  ASSERT_THAT(replay, IsOk());
+  EXPECT_EQ(replay->role, Role::kReplay);
+  EXPECT_EQ(replay->replay, **w1.result);
+  EXPECT_THAT(rounds_->Join(3, 0, &retry),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("expected step is 2")));
+  EXPECT_THAT(rounds_->Join(0, 0, &retry), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+TEST_F(RoundsTest, TheLastWaiterLeavingAnEmptyRoundFreesTheSession) {
+  Waiter w0;
+  Join(rounds_, 1, 0, &w0);
+  EXPECT_THAT(session_->TryLease(LeasePurpose::kWeightsUpload),
+              StatusIs(absl::StatusCode::kAborted));
+  EXPECT_TRUE(rounds_->Leave(&w0));
+  EXPECT_FALSE(rounds_->Leave(&w0));  // not registered any more
+  EXPECT_THAT(session_->TryLease(LeasePurpose::kWeightsUpload), IsOk());
+}
+
+TEST_F(RoundsTest, AskedOrthogonalityIsInTheSummaryForMuonParameters) {
+  Waiter w0, w1;
+  const uint64_t round = Join(rounds_, 1, 0, &w0);
+  Join(rounds_, 1, 1, &w1);
+  WorkerGradients g0 = Gradients(0, RandomGradient(1));
+  g0.measure_orthogonality = true;
+  ASSERT_THAT(rounds_->Contribute(round, std::move(g0)), IsOk());
+  ASSERT_THAT(rounds_->Contribute(round, Gradients(1, RandomGradient(2))), IsOk());
+  ASSERT_TRUE(w1.result.has_value());
+  ASSERT_THAT(*w1.result, IsOk());
+  const v1::StepSummary& summary = (**w1.result)->responses.back()->summary();
+  ASSERT_EQ(summary.orthogonality_errors_size(), 1);
+  EXPECT_EQ(summary.orthogonality_errors(0).param_index(), 0u);
+  EXPECT_TRUE(std::isfinite(summary.orthogonality_errors(0).error()));
+}
+
+}  // namespace
+}  // namespace muon::server

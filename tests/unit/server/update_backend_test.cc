@@ -1,0 +1,220 @@
+// UpdateStepBackend with the CPU engine and a fake StepEvents whose pool is a
+// queue the test runs by hand: every task boundary is a point where the test
+// can cancel.
+
+#include "step/update_backend.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <deque>
+#include <limits>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "observability/metrics.h"
+#include "session/registry.h"
+#include "status_matchers.h"
+
+namespace muon::server {
+namespace {
+
+using ::muon::testing::IsOk;
+using ::muon::testing::StatusIs;
+using ::testing::HasSubstr;
+
+class FakeEvents final : public StepEvents {
+ public:
+  void Schedule(absl::AnyInvocable<void() &&> work) override { tasks.push_back(std::move(work)); }
+  void Pin() override { ++pins; }
+  void Unpin() override { --pins; }
+  void Updates(std::vector<StepResponsePtr> responses) override {
+    for (StepResponsePtr& r : responses) updates.push_back(std::move(r));
+  }
+  void Committed(std::vector<StepResponsePtr> responses, bool replayed_step) override {
+    EXPECT_FALSE(terminal());
+    committed = std::move(responses);
+    replayed = replayed_step;
+  }
+  void Failed(absl::Status status) override {
+    EXPECT_FALSE(terminal());
+    failed = std::move(status);
+  }
+
+  void RunAll() {
+    while (!tasks.empty()) {
+      absl::AnyInvocable<void() &&> task = std::move(tasks.front());
+      tasks.pop_front();
+      std::move(task)();
+    }
+  }
+  bool terminal() const { return committed.has_value() || failed.has_value(); }
+
+  std::deque<absl::AnyInvocable<void() &&>> tasks;
+  int pins = 0;
+  std::vector<StepResponsePtr> updates;
+  std::optional<std::vector<StepResponsePtr>> committed;
+  bool replayed = false;
+  std::optional<absl::Status> failed;
+};
+
+// A 16×8 Muon matrix and an 8-vector (AdamW), fp32.
+std::unique_ptr<std::byte[]> Gradient(int64_t n, float value) {
+  auto bytes = std::make_unique<std::byte[]>(n * sizeof(float));
+  std::vector<float> v(n);
+  for (int64_t i = 0; i < n; ++i) v[i] = value * static_cast<float>(i % 7 - 3);
+  std::memcpy(bytes.get(), v.data(), n * sizeof(float));
+  return bytes;
+}
+
+class UpdateBackendTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    metrics_ = *Metrics::Create("");
+    engine_ = *CreateCpuEngine(EngineOptions{});
+    durability_ = std::make_unique<Durability>(DurabilityOptions{}, engine_.get());
+    registry_ = std::make_unique<SessionRegistry>(engine_.get(), Limits{}, metrics_->sessions(),
+                                                  durability_.get(), nullptr);
+    v1::CreateSessionRequest request;
+    v1::ParameterSpec* w = request.add_params();
+    w->set_name("w");
+    w->add_shape(16);
+    w->add_shape(8);
+    v1::ParameterSpec* b = request.add_params();
+    b->set_name("b");
+    b->add_shape(8);
+    session_ = *registry_->Create(request);
+    env_.engine = engine_.get();
+    env_.durability = durability_.get();
+    env_.metrics = metrics_->steps();
+    env_.update_chunk_bytes = 1030;  // no element size divides it
+  }
+
+  std::unique_ptr<UpdateStepBackend> Backend() {
+    return std::make_unique<UpdateStepBackend>(env_, session_, &events_);
+  }
+
+  static v1::StepHeader Header(uint64_t step) {
+    v1::StepHeader h;
+    h.set_step(step);
+    return h;
+  }
+
+  // One whole committed step 1.
+  void CommitStepOne() {
+    auto backend = Backend();
+    ASSERT_THAT(backend->Admit(Header(1)), IsOk());
+    backend->Gradient(0, Gradient(128, 0.5f));
+    backend->Gradient(1, Gradient(8, 0.25f));
+    ASSERT_THAT(backend->End({0, 1}, 544), IsOk());
+    events_.RunAll();
+    ASSERT_TRUE(events_.committed.has_value());
+    events_ = FakeEvents();
+  }
+
+  std::unique_ptr<Metrics> metrics_;
+  std::unique_ptr<Engine> engine_;
+  std::unique_ptr<Durability> durability_;
+  std::unique_ptr<SessionRegistry> registry_;
+  std::shared_ptr<Session> session_;
+  StepBackendEnv env_;
+  FakeEvents events_;
+};
+
+TEST_F(UpdateBackendTest, UpdatesStreamInWholeElementsAndTheSummaryCommits) {
+  auto backend = Backend();
+  absl::StatusOr<StepBackend::Admission> admission = backend->Admit(Header(1));
+  ASSERT_THAT(admission, IsOk());
+  EXPECT_EQ(admission->role, StepBackend::Role::kReceive);
+  ASSERT_EQ(admission->params.size(), 2u);
+  EXPECT_EQ(admission->params[0].bytes, 512);
+
+  backend->Gradient(0, Gradient(128, 0.5f));
+  events_.RunAll();
+  ASSERT_EQ(events_.updates.size(), 1u);  // 512 bytes, one chunk
+  EXPECT_EQ(session_->step(), 0u);        // computed, not committed
+  backend->Gradient(1, Gradient(8, 0.25f));
+  ASSERT_THAT(backend->End({0, 1}, 544), IsOk());
+  events_.RunAll();
+  ASSERT_TRUE(events_.committed.has_value());
+  EXPECT_FALSE(events_.replayed);
+  ASSERT_EQ(events_.committed->size(), 1u);
+  const v1::StepSummary& summary = events_.committed->front()->summary();
+  EXPECT_EQ(summary.step(), 1u);
+  EXPECT_EQ(summary.bytes_received(), 544u);
+  EXPECT_EQ(summary.bytes_sent(), 544u);
+  EXPECT_EQ(session_->step(), 1u);
+  for (const StepResponsePtr& r : events_.updates) {
+    EXPECT_EQ(r->update().data().size() % 4, 0u);
+    EXPECT_LE(r->update().data().size(), 1028u);
+  }
+}
+
+TEST_F(UpdateBackendTest, AnAbortWhileATaskIsPendingEndsWithFailedAndFreesTheSession) {
+  auto backend = Backend();
+  ASSERT_THAT(backend->Admit(Header(1)), IsOk());
+  backend->Gradient(0, Gradient(128, 0.5f));
+  EXPECT_FALSE(backend->Abort());  // its task is scheduled
+  EXPECT_FALSE(events_.terminal());
+  events_.RunAll();
+  ASSERT_TRUE(events_.failed.has_value());
+  EXPECT_THAT(*events_.failed, StatusIs(absl::StatusCode::kAborted));
+  EXPECT_TRUE(events_.updates.empty());
+  EXPECT_EQ(session_->step(), 0u);
+  events_ = FakeEvents();
+  CommitStepOne();  // the session is free for the same step
+}
+
+TEST_F(UpdateBackendTest, AnAbortWithNothingRunningFreesTheSessionAtOnce) {
+  auto backend = Backend();
+  ASSERT_THAT(backend->Admit(Header(1)), IsOk());
+  EXPECT_TRUE(backend->Abort());
+  EXPECT_TRUE(events_.tasks.empty());
+  CommitStepOne();
+}
+
+TEST_F(UpdateBackendTest, ASecondStepWhileOneIsInFlightIsAborted) {
+  auto first = Backend();
+  ASSERT_THAT(first->Admit(Header(1)), IsOk());
+  EXPECT_THAT(Backend()->Admit(Header(1)), StatusIs(absl::StatusCode::kAborted));
+  EXPECT_TRUE(first->Abort());
+}
+
+TEST_F(UpdateBackendTest, AnEngineErrorFailsTheStepAndFreesTheSession) {
+  auto backend = Backend();
+  ASSERT_THAT(backend->Admit(Header(1)), IsOk());
+  std::unique_ptr<std::byte[]> bad = Gradient(8, 1.0f);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::memcpy(bad.get() + 4, &nan, sizeof nan);
+  backend->Gradient(1, std::move(bad));
+  events_.RunAll();
+  ASSERT_TRUE(events_.failed.has_value());
+  EXPECT_THAT(*events_.failed, StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("NaN")));
+  EXPECT_TRUE(backend->Abort());  // nothing left to let go
+  events_ = FakeEvents();
+  CommitStepOne();
+}
+
+TEST_F(UpdateBackendTest, ARetryOfTheCommittedStepIsReplayed) {
+  CommitStepOne();
+  auto backend = Backend();
+  absl::StatusOr<StepBackend::Admission> admission = backend->Admit(Header(1));
+  ASSERT_THAT(admission, IsOk());
+  EXPECT_EQ(admission->role, StepBackend::Role::kReplay);
+  backend->Replay();
+  EXPECT_FALSE(events_.terminal());  // answered off the caller's thread
+  events_.RunAll();
+  ASSERT_TRUE(events_.committed.has_value());
+  EXPECT_TRUE(events_.replayed);
+  EXPECT_TRUE(events_.committed->back()->summary().replayed());
+  EXPECT_EQ(events_.committed->size(), 3u);  // two updates, then the summary
+  EXPECT_EQ(session_->step(), 1u);
+  EXPECT_THAT(Backend()->Admit(Header(3)),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("expected step is 2")));
+}
+
+}  // namespace
+}  // namespace muon::server
