@@ -6,8 +6,12 @@
 // Each workload runs one BatchedNewtonSchulz per shape group, groups spread
 // over 4 streams (as the engine does), timed with CUDA events from the fork to
 // the join; the inputs are refilled with fresh random data before every
-// timed run. Both eager launches and a CUDA-graph replay of the same work are
-// timed; the median of each is reported. Benchmark code: failures exit.
+// timed run. Each workload and schedule runs in several variants (Variant:
+// fp16 or bf16 operands, plain or Gram Newton–Schulz, with or without its
+// restart, half-Gram products on or off), and the engine's Gram-auto choice
+// also as a CUDA-graph replay; the median of each is reported. Then whole
+// engine steps (ns_gram off and auto), and the accuracy of each variant
+// against the CPU engine's fp32 plain iteration. Benchmark code: failures exit.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -16,11 +20,15 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <optional>
+#include <random>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "lt_gemm.h"
+#include "muon/kernels/cpu_ns.h"
 #include "muon/kernels/engine.h"
 #include "muon/kernels/ns_schedule.h"
 #include "ns_cuda.h"
@@ -80,23 +88,40 @@ double Median(std::vector<float> v) {
   return v[v.size() / 2];
 }
 
+// How one timed run orthogonalizes: operand type, where Gram Newton–Schulz
+// runs, its restarts (unset: MakeNsCoefficients's), the half-Gram threshold.
+struct Variant {
+  const char* name;
+  internal::NsType type = internal::NsType::kF16;
+  NsGram gram = NsGram::kOff;
+  std::optional<std::vector<int>> restarts;
+  int64_t symmetric_min_rank = NsArgs::kDefaultSymmetricMinRank;
+};
+
 class Runner {
  public:
   Runner(LtGemm* gemm, const Workload& w, const NsCoefficients& coeffs, char* d_gemm_ws,
-         std::vector<cudaStream_t> streams, int64_t symmetric_min_rank)
-      : gemm_(gemm), coeffs_(coeffs), d_gemm_ws_(d_gemm_ws), streams_(std::move(streams)) {
+         std::vector<cudaStream_t> streams, const Variant& variant)
+      : gemm_(gemm), d_gemm_ws_(d_gemm_ws), streams_(std::move(streams)) {
+    const int steps = static_cast<int>(coeffs.steps.size());
     for (const Shape& s : w.shapes) {
       Group g;
-      g.args.coeffs = &coeffs_;
+      g.coeffs = std::make_unique<NsCoefficients>(coeffs);
+      if (variant.restarts) g.coeffs->gram_restarts = *variant.restarts;
+      g.coeffs->gram = variant.gram == NsGram::kOn ||
+                       (variant.gram == NsGram::kAuto &&
+                        GramNsPays(s.rows, s.cols, steps, g.coeffs->gram_restarts));
+      g.args.coeffs = g.coeffs.get();
+      g.args.type = variant.type;
       g.args.batch = s.count;
       g.args.rows = s.rows;
       g.args.cols = s.cols;
-      g.args.symmetric_min_rank = symmetric_min_rank;
+      g.args.symmetric_min_rank = variant.symmetric_min_rank;
       g.elements = s.count * s.rows * s.cols;
       Check(cudaMalloc(&g.args.d_x, g.elements * sizeof(__nv_bfloat16)), "cudaMalloc x");
       Check(cudaMalloc(&g.d_ws, BatchedNewtonSchulz::WorkspaceBytes(g.args)), "cudaMalloc ws");
-      flops_ += NsFlops({s.count, s.rows, s.cols}, static_cast<int>(coeffs.steps.size()));
-      groups_.push_back(g);
+      flops_ += NsFlops({s.count, s.rows, s.cols}, steps);
+      groups_.push_back(std::move(g));
     }
     // Largest groups first, so the long products start early.
     std::sort(groups_.begin(), groups_.end(),
@@ -155,12 +180,12 @@ class Runner {
 
  private:
   struct Group {
+    std::unique_ptr<NsCoefficients> coeffs;  // stable address for args.coeffs
     NsArgs args;
     int64_t elements = 0;
     void* d_ws = nullptr;
   };
   LtGemm* gemm_;
-  NsCoefficients coeffs_;
   char* d_gemm_ws_;
   std::vector<cudaStream_t> streams_;
   std::vector<Group> groups_;
@@ -219,7 +244,7 @@ double GemmTflops(LtGemm& gemm, char* d_ws, cudaStream_t main) {
 // Newton–Schulz, updates out) for every matrix of a workload, bf16 on the
 // wire: wall-clock median and the engine's phase split. The wire bytes over
 // the measured host↔device copy rate bound it from below.
-void EngineStep(const Workload& w, int iters) {
+void EngineStep(const Workload& w, int iters, NsGram gram) {
   auto engine = CreateCudaEngine({});
   Check(engine.status(), "CreateCudaEngine");
   std::vector<ParamId> ids;
@@ -234,6 +259,7 @@ void EngineStep(const Workload& w, int iters) {
       spec.name = w.name + "." + std::to_string(ids.size());
       spec.shape = {s.rows, s.cols};
       spec.dtype = DType::kBFloat16;
+      spec.hp.ns_gram = gram;
       auto id = (*engine)->Register(spec);
       Check(id.status(), "Register");
       ids.push_back(*id);
@@ -265,9 +291,10 @@ void EngineStep(const Workload& w, int iters) {
     last = stats;
   }
   std::sort(wall.begin(), wall.end());
-  std::printf("engine step %-12s %zu matrices, %.0f MB in+out (bf16): median %.2f ms "
+  std::printf("engine step %-12s gram %-4s %zu matrices, %.0f MB in+out (bf16): median %.2f ms "
               "(last step: stage %.2f, compute %.2f, finish %.2f ms)\n",
-              w.name.c_str(), ids.size(), bytes / 1e6, wall[wall.size() / 2],
+              w.name.c_str(), std::string(NsGramName(gram)).c_str(), ids.size(), bytes / 1e6,
+              wall[wall.size() / 2],
               last.stage_seconds * 1e3, last.compute_seconds * 1e3, last.finish_seconds * 1e3);
 }
 
@@ -284,6 +311,101 @@ double CopyRate(cudaStream_t main) {
   cudaFreeHost(h);
   cudaFree(d);
   return n / (ms * 1e-3) / 1e9;
+}
+
+// Accuracy of each way of running Newton–Schulz on the GPU against the CPU
+// engine's fp32 plain iteration on the same bf16 input (a Gaussian matrix
+// per shape): relative Frobenius difference of O, and ‖O·Oᵀ − I‖_F/√r.
+void Accuracy(LtGemm* gemm, char* d_gemm_ws, cudaStream_t main) {
+  struct AccVariant {
+    const char* name;
+    internal::NsType type;
+    bool gram;
+    std::optional<std::vector<int>> restarts;
+  };
+  const AccVariant variants[] = {
+      {"plain bf16", internal::NsType::kBF16, false, std::nullopt},
+      {"plain fp16", internal::NsType::kF16, false, std::nullopt},
+      {"gram bf16", internal::NsType::kBF16, true, std::nullopt},
+      {"gram fp16", internal::NsType::kF16, true, std::nullopt},
+      {"gram fp16 no restart", internal::NsType::kF16, true, std::vector<int>{}},
+      {"gram fp16 every step", internal::NsType::kF16, true, std::vector<int>{1, 2, 3, 4}},
+  };
+  const Shape shapes[] = {{768, 3072, 1}, {3072, 768, 1}, {768, 2304, 1}, {1024, 4096, 1},
+                          {256, 256, 1}};
+  const Schedule schedules[] = {{"jordan", ScheduleKind::kJordan, 5},
+                                {"polar_express", ScheduleKind::kPolarExpress, 5},
+                                {"dion", ScheduleKind::kDion, 5},
+                                {"aol", ScheduleKind::kAol, 4},
+                                {"aol_dion", ScheduleKind::kAolDion, 4}};
+  std::printf("\naccuracy vs the CPU engine (fp32, plain), Gaussian input in bf16: "
+              "relative difference of O / orthogonality error\n");
+  std::printf("%-10s %-14s", "shape", "schedule");
+  for (const AccVariant& v : variants) std::printf(" %22s", v.name);
+  std::printf(" %10s\n", "cpu ortho");
+  std::mt19937_64 rng(2026);
+  for (const Shape& shape : shapes) {
+    const int64_t n = shape.rows * shape.cols, r = std::min(shape.rows, shape.cols);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::vector<float> input(n);
+    for (float& v : input) v = normal(rng);
+    std::vector<std::byte> bf16(n * 2);
+    EncodeFromFloat(DType::kBFloat16, input.data(), n, bf16.data());
+    DecodeToFloat(DType::kBFloat16, bf16.data(), n, input.data());
+    __nv_bfloat16* d_x;
+    double* d_err;
+    Check(cudaMalloc(&d_x, n * 2), "malloc");
+    Check(cudaMalloc(&d_err, sizeof(double)), "malloc");
+    for (const Schedule& sch : schedules) {
+      NsCoefficients plain = *MakeNsCoefficients(sch.kind, sch.steps);
+      std::vector<float> want = input;
+      Check(OrthogonalizeCpu(plain, {1, shape.rows, shape.cols}, want.data()), "cpu ns");
+      double want_norm = 0;
+      for (float v : want) want_norm += static_cast<double>(v) * v;
+      std::printf("%5ldx%-4ld %-14s", static_cast<long>(shape.rows), static_cast<long>(shape.cols),
+                  sch.name.c_str());
+      for (const AccVariant& v : variants) {
+        NsCoefficients co = plain;
+        co.gram = v.gram;
+        if (v.restarts) co.gram_restarts = *v.restarts;
+        NsArgs args;
+        args.coeffs = &co;
+        args.type = v.type;
+        args.batch = 1;
+        args.rows = shape.rows;
+        args.cols = shape.cols;
+        args.d_x = d_x;
+        args.d_error = d_err;
+        args.d_gemm_workspace = d_gemm_ws;
+        void* d_ws;
+        Check(cudaMalloc(&d_ws, BatchedNewtonSchulz::WorkspaceBytes(args)), "malloc");
+        Check(cudaMemcpyAsync(d_x, bf16.data(), n * 2, cudaMemcpyHostToDevice, main), "copy");
+        Check(cudaMemsetAsync(d_err, 0, sizeof(double), main), "memset");
+        BatchedNewtonSchulz ns(gemm);
+        Check(ns.Run(args, d_ws, main), "ns");
+        std::vector<std::byte> out(n * 2);
+        double err_sum = 0;
+        Check(cudaMemcpyAsync(out.data(), d_x, n * 2, cudaMemcpyDeviceToHost, main), "copy");
+        Check(cudaMemcpyAsync(&err_sum, d_err, sizeof(double), cudaMemcpyDeviceToHost, main),
+              "copy");
+        Check(cudaStreamSynchronize(main), "sync");
+        cudaFree(d_ws);
+        std::vector<float> got(n);
+        DecodeToFloat(v.type == internal::NsType::kF16 ? DType::kFloat16 : DType::kBFloat16,
+                      out.data(), n, got.data());
+        double diff = 0;
+        for (int64_t i = 0; i < n; ++i) {
+          const double d = static_cast<double>(got[i]) - want[i];
+          diff += d * d;
+        }
+        std::printf("      %7.2e / %7.4f", std::sqrt(diff / want_norm),
+                    std::sqrt(err_sum / static_cast<double>(r)));
+      }
+      std::printf(" %10.4f\n", OrthogonalityError(shape.rows, shape.cols, want.data()));
+    }
+    cudaFree(d_x);
+    cudaFree(d_err);
+  }
 }
 
 int Main(int argc, char** argv) {
@@ -322,45 +444,59 @@ int Main(int argc, char** argv) {
   std::string json = std::string("{\"gpu\": \"") + prop.name + "\", \"gemm_tflops\": " +
                      std::to_string(tflops) + ", \"rows\": [";
   bool first = true;
-  std::printf("%-12s %-14s %5s %9s %10s %10s %10s %10s\n", "workload", "schedule", "steps",
-              "GFLOP", "eager ms", "graph ms", "full-Gram", "half-Gram");
+  // The engine's default is "gram auto" (fp16, Gram where GramNsPays).
+  constexpr int64_t kHalf = NsArgs::kDefaultSymmetricMinRank;
+  const Variant variants[] = {
+      {"plain", internal::NsType::kF16, NsGram::kOff, std::nullopt, kHalf},
+      {"plain_bf16", internal::NsType::kBF16, NsGram::kOff, std::nullopt, kHalf},
+      {"gram_auto", internal::NsType::kF16, NsGram::kAuto, std::nullopt, kHalf},
+      {"gram_all", internal::NsType::kF16, NsGram::kOn, std::nullopt, kHalf},
+      {"gram_auto_no_restart", internal::NsType::kF16, NsGram::kAuto, std::vector<int>{}, kHalf},
+      {"plain_full_gram", internal::NsType::kF16, NsGram::kOff, std::nullopt,
+       std::numeric_limits<int64_t>::max()},
+  };
+  constexpr int kVariants = sizeof(variants) / sizeof(variants[0]);
+  std::printf("%-12s %-14s %5s %8s", "workload", "schedule", "steps", "GFLOP");
+  for (const Variant& v : variants) std::printf(" %12.12s", v.name);
+  std::printf(" %12s\n", "graph(auto)");
   for (const Workload& w : Workloads()) {
     for (const Schedule& s : schedules) {
       auto coeffs = MakeNsCoefficients(s.kind, s.steps);
       Check(coeffs.status(), "coefficients");
-      // The engine's default, then the half-Gram products off and on for
-      // every shape (r % 16 == 0), to measure where they pay.
-      double ms[4];
-      const int64_t min_ranks[3] = {NsArgs::kDefaultSymmetricMinRank,
-                                    std::numeric_limits<int64_t>::max(), 16};
+      double ms[kVariants + 1];
       int64_t flops = 0;
-      for (int v = 0; v < 3; ++v) {
-        Runner runner(gemm->get(), w, *coeffs, d_gemm_ws, streams, min_ranks[v]);
+      for (int v = 0; v < kVariants; ++v) {
+        Runner runner(gemm->get(), w, *coeffs, d_gemm_ws, streams, variants[v]);
         const auto fill = [&](int i) { runner.Fill(static_cast<uint64_t>(i) + 1, main); };
         ms[v] = TimeMedian(main, warmup, iters, fill, [&] { runner.Enqueue(main); });
-        if (v == 0) {
+        if (variants[v].gram == NsGram::kAuto && !variants[v].restarts) {
           runner.Capture(main);
-          ms[3] = TimeMedian(main, warmup, iters, fill, [&] { runner.Replay(main); });
+          ms[kVariants] = TimeMedian(main, warmup, iters, fill, [&] { runner.Replay(main); });
         }
         Check(cudaStreamSynchronize(main), "sync");
         flops = runner.flops();
       }
-      std::printf("%-12s %-14s %5d %9.0f %10.3f %10.3f %10.3f %10.3f\n", w.name.c_str(),
-                  s.name.c_str(), s.steps, flops / 1e9, ms[0], ms[3], ms[1], ms[2]);
-      char row[512];
-      std::snprintf(row, sizeof(row),
-                    "%s{\"workload\": \"%s\", \"schedule\": \"%s\", \"steps\": %d, "
-                    "\"gflop\": %.3f, \"eager_ms\": %.4f, \"graph_ms\": %.4f, "
-                    "\"full_gram_ms\": %.4f, \"half_gram_ms\": %.4f}",
-                    first ? "" : ", ", w.name.c_str(), s.name.c_str(), s.steps, flops / 1e9,
-                    ms[0], ms[3], ms[1], ms[2]);
+      std::printf("%-12s %-14s %5d %8.0f", w.name.c_str(), s.name.c_str(), s.steps, flops / 1e9);
+      for (int v = 0; v <= kVariants; ++v) std::printf(" %12.3f", ms[v]);
+      std::printf("\n");
+      std::string row = std::string(first ? "" : ", ") + "{\"workload\": \"" + w.name +
+                        "\", \"schedule\": \"" + s.name + "\", \"steps\": " +
+                        std::to_string(s.steps) + ", \"gflop\": " + std::to_string(flops / 1e9);
+      for (int v = 0; v < kVariants; ++v) {
+        row += std::string(", \"") + variants[v].name + "_ms\": " + std::to_string(ms[v]);
+      }
+      row += ", \"graph_ms\": " + std::to_string(ms[kVariants]) + "}";
       json += row;
       first = false;
     }
   }
   json += "]}\n";
   std::printf("pinned host->device copy: %.1f GB/s\n", CopyRate(main));
-  for (const Workload& w : Workloads()) EngineStep(w, 10);
+  for (const Workload& w : Workloads()) {
+    EngineStep(w, 10, NsGram::kOff);
+    EngineStep(w, 10, NsGram::kAuto);
+  }
+  Accuracy(gemm->get(), d_gemm_ws, main);
   if (!json_path.empty()) {
     FILE* f = std::fopen(json_path.c_str(), "w");
     if (f == nullptr) {

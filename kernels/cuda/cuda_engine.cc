@@ -311,7 +311,7 @@ absl::StatusOr<ParamId> CudaEngine::RegisterValid(const ParamSpec& spec) {
   p->vectors = (spec.kind == OptimizerKind::kMuon ? 1 : 2) + (spec.hold_weights ? 1 : 0);
   if (spec.kind == OptimizerKind::kMuon) {
     p->view = MatrixViewOf(spec.shape);
-    MUON_ASSIGN_OR_RETURN(p->coeffs, MakeNsCoefficients(spec.hp.ns_schedule, spec.hp.ns_steps));
+    MUON_ASSIGN_OR_RETURN(p->coeffs, MakeNsCoefficients(spec.hp, p->view));
     NsArgs probe;
     probe.coeffs = &p->coeffs;
     probe.batch = p->view.batch;
@@ -469,6 +469,7 @@ absl::Status CudaEngine::ArenaFor(size_t bytes) {
 // and where each one's bytes live in the pinned buffers and the arena.
 struct Item {
   std::shared_ptr<Param> param;
+  HyperParams hp;  // this step's (StepHyperParams)
   size_t grad_bytes = 0, out_bytes = 0;
   size_t in_offset = 0, out_offset = 0;  // pinned
   size_t grad_offset = 0;                // arena: gradient in
@@ -559,11 +560,12 @@ absl::Status CudaTransaction::ComputeClaimed(const std::vector<std::shared_ptr<P
                                              absl::Span<UpdateOutput> outputs, StepStats* stats) {
   std::vector<Item> items(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
-    const HyperParams& hp = params[i]->spec.hp;
+    items[i].hp = StepHyperParams(params[i]->spec, grads[i]);
+    const HyperParams& hp = items[i].hp;
     items[i].param = params[i];
     items[i].grad_bytes = grads[i].bytes.size();
     items[i].out_bytes = outputs[i].bytes.size();
-    items[i].lr = grads[i].lr.value_or(hp.lr);
+    items[i].lr = hp.lr;
     outputs[i].decay = DecayFactor(items[i].lr, hp.weight_decay);
     items[i].decay = static_cast<float>(outputs[i].decay);
   }
@@ -594,15 +596,16 @@ absl::Status CudaTransaction::Run(absl::Span<const GradientInput> grads,
                                   StepStats& local) {
   const auto start = std::chrono::steady_clock::now();
   CudaEngine& e = *engine_;
-  // Group Muon parameters by (rows, cols, schedule, steps): each group is one
+  // Group Muon parameters by (rows, cols, schedule, steps, Gram): each group is one
   // strided batch. AdamW parameters form one group of element-wise work.
-  std::map<std::tuple<int64_t, int64_t, ScheduleKind, int>, Group> by_shape;
+  std::map<std::tuple<int64_t, int64_t, ScheduleKind, int, bool>, Group> by_shape;
   Group adamw;
   adamw.muon = false;
   for (size_t i = 0; i < items.size(); ++i) {
     const Param& p = *items[i].param;
     if (p.spec.kind == OptimizerKind::kMuon) {
-      by_shape[{p.view.rows, p.view.cols, p.spec.hp.ns_schedule, p.spec.hp.ns_steps}]
+      by_shape[{p.view.rows, p.view.cols, p.spec.hp.ns_schedule, p.spec.hp.ns_steps,
+                p.coeffs.gram}]
           .items.push_back(i);
     } else {
       adamw.items.push_back(i);
@@ -700,7 +703,7 @@ absl::Status CudaTransaction::Run(absl::Span<const GradientInput> grads,
       for (size_t i : g.items) {
         const Item& it = items[i];
         const Param& p = *it.param;
-        const HyperParams& hp = p.spec.hp;
+        const HyperParams& hp = it.hp;
         MomentumParams mp;
         mp.d_grad = d_arena + it.grad_offset;
         mp.grad_type = static_cast<int>(grads[i].dtype);
@@ -731,6 +734,7 @@ absl::Status CudaTransaction::Run(absl::Span<const GradientInput> grads,
         const Param& p = *it.param;
         MuonFinishParams fp;
         fp.d_o = d_x + it.matrix_offset * matrix;
+        fp.o_type = g.ns.type;
         fp.n = p.size;
         fp.scale = MuonUpdateScale(it.lr, p.shape_scale);
         fp.d_weights = p.Weights(p.current);
@@ -745,7 +749,7 @@ absl::Status CudaTransaction::Run(absl::Span<const GradientInput> grads,
       for (size_t i : g.items) {
         const Item& it = items[i];
         const Param& p = *it.param;
-        const HyperParams& hp = p.spec.hp;
+        const HyperParams& hp = it.hp;
         AdamWParams ap;
         ap.d_grad = d_arena + it.grad_offset;
         ap.grad_type = static_cast<int>(grads[i].dtype);

@@ -8,6 +8,7 @@
 // the orientation Newton–Schulz works on.
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -19,6 +20,10 @@ namespace muon::internal {
 // Wire dtypes as the kernels see them; engine code static_asserts these
 // against muon::DType.
 enum WireType : int { kWireF32 = 0, kWireBF16 = 1, kWireF16 = 2 };
+
+// Element type of Newton–Schulz's operands: X, A = X·Xᵀ, B and the Gram
+// path's matrices (ns_cuda.h). Its input M is always bf16.
+enum class NsType { kBF16, kF16 };
 
 // Bits the step kernels OR into a parameter's d_nonfinite flag.
 enum NonFiniteBits : int {
@@ -65,7 +70,8 @@ cudaError_t LaunchAdamW(const AdamWParams& p, cudaStream_t stream);
 // W' = decay·W + u, u encoded to out_type. ORs kNonFiniteResult into
 // *d_nonfinite when u or W' is not finite.
 struct MuonFinishParams {
-  const __nv_bfloat16* d_o = nullptr;
+  const void* d_o = nullptr;  // o_type elements
+  NsType o_type = NsType::kF16;
   int64_t n = 0;
   float scale = 0;  // MuonUpdateScale: −lr·shape scale
   const float* d_weights = nullptr;
@@ -86,10 +92,12 @@ struct SumSquaresParams {
 };
 cudaError_t LaunchSumSquares(const SumSquaresParams& p, cudaStream_t stream);
 
-// y_b = x_b / (safety·sqrt(d_sumsq[b]) + 1e-7); y may equal x.
+// y_b = x_b / (safety·sqrt(d_sumsq[b]) + 1e-7), y of y_type; y may equal x
+// (each element is read and written by one thread).
 struct NormalizeParams {
   const __nv_bfloat16* d_x = nullptr;
-  __nv_bfloat16* d_y = nullptr;
+  void* d_y = nullptr;
+  NsType y_type = NsType::kF16;
   int64_t batch = 0;
   int64_t n = 0;
   const float* d_sumsq = nullptr;
@@ -102,9 +110,10 @@ cudaError_t LaunchNormalize(const NormalizeParams& p, cudaStream_t stream);
 // matrices stored either column-major with ld c (`x_rows_contiguous`: row i of
 // the wide matrix is contiguous) or column-major with ld r.
 struct AolParams {
-  const __nv_bfloat16* d_x = nullptr;
-  __nv_bfloat16* d_y = nullptr;  // may equal d_x
-  __nv_bfloat16* d_a = nullptr;
+  NsType type = NsType::kF16;  // of X, Y and A
+  const void* d_x = nullptr;
+  void* d_y = nullptr;  // may equal d_x
+  void* d_a = nullptr;
   int64_t batch = 0;
   int64_t r = 0, c = 0;
   bool x_rows_contiguous = true;
@@ -114,6 +123,17 @@ struct AolParams {
   float* d_scale = nullptr;  // batch·r floats of workspace
 };
 cudaError_t LaunchAol(const AolParams& p, cudaStream_t stream);
+
+// D_b = X_b + shift·I for each r×r X_b (Gram Newton–Schulz's P = a·I + Z).
+struct AddIdentityParams {
+  NsType type = NsType::kF16;
+  const void* d_x = nullptr;
+  void* d_d = nullptr;
+  int64_t batch = 0;
+  int64_t r = 0;
+  float shift = 0;
+};
+cudaError_t LaunchAddIdentity(const AddIdentityParams& p, cudaStream_t stream);
 
 // d_error[b] += Σ_ij (G_ij − δ_ij)² for each fp32 r×r G (the caller zeroes it).
 struct OrthoErrorParams {

@@ -70,9 +70,9 @@ absl::StatusOr<const LtGemm::Plan*> LtGemm::PlanFor(const GemmDesc& d) {
                          context);
   // Stored shapes: A is m×k (k×m when transposed), B is k×n (n×k when transposed).
   const bool ta = d.trans_a != CUBLAS_OP_N, tb = d.trans_b != CUBLAS_OP_N;
-  MUON_RETURN_IF_ERROR(MakeLayout(CUDA_R_16BF, ta ? d.k : d.m, ta ? d.m : d.k, d.lda,
+  MUON_RETURN_IF_ERROR(MakeLayout(d.ab_type, ta ? d.k : d.m, ta ? d.m : d.k, d.lda,
                                       d.stride_a, d.batch, &plan->a));
-  MUON_RETURN_IF_ERROR(MakeLayout(CUDA_R_16BF, tb ? d.n : d.k, tb ? d.k : d.n, d.ldb,
+  MUON_RETURN_IF_ERROR(MakeLayout(d.ab_type, tb ? d.n : d.k, tb ? d.k : d.n, d.ldb,
                                       d.stride_b, d.batch, &plan->b));
   MUON_RETURN_IF_ERROR(MakeLayout(d.c_type, d.m, d.n, d.ldc, d.stride_c, d.batch, &plan->c));
 

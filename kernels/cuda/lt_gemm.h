@@ -17,8 +17,8 @@ namespace muon::internal {
 // One strided-batched product in cuBLAS's column-major terms:
 //   D_b = alpha·op(A_b)·op(B_b) + beta·C_b,  b < batch,
 // op(A) m×k, op(B) k×n, C and D m×n with leading dimension ldc (C and D may
-// be different buffers of the same layout). A and B are bf16; C and D are
-// bf16 or fp32 (c_type); accumulation is fp32.
+// be different buffers of the same layout). A and B are bf16 or fp16
+// (ab_type); C and D are ab_type or fp32 (c_type); accumulation is fp32.
 struct GemmDesc {
   cublasOperation_t trans_a = CUBLAS_OP_N;
   cublasOperation_t trans_b = CUBLAS_OP_N;
@@ -26,11 +26,12 @@ struct GemmDesc {
   int64_t lda = 0, ldb = 0, ldc = 0;
   int64_t stride_a = 0, stride_b = 0, stride_c = 0;  // elements between batch members
   int64_t batch = 1;
+  cudaDataType_t ab_type = CUDA_R_16BF;
   cudaDataType_t c_type = CUDA_R_16BF;
 
   auto Key() const {
     return std::tuple(trans_a, trans_b, m, n, k, lda, ldb, ldc, stride_a, stride_b, stride_c,
-                      batch, c_type);
+                      batch, ab_type, c_type);
   }
 };
 

@@ -4,6 +4,7 @@
 #include <array>
 #include <limits>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "cuda_check.h"
@@ -19,7 +20,7 @@ size_t AlignUp(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 struct Layout {
   int64_t r, c;
   bool rows_contiguous;  // the wide matrix is stored with ld c (rows ≤ cols)
-  size_t pong, a, b, scalars, total;  // byte offsets into the workspace
+  size_t pong, a, b, scalars, gram, total;  // byte offsets into the workspace
 };
 
 Layout LayoutOf(const NsArgs& args) {
@@ -32,7 +33,9 @@ Layout LayoutOf(const NsArgs& args) {
   l.a = l.pong + AlignUp(args.batch * l.r * l.c * bf16);
   l.b = l.a + AlignUp(args.batch * l.r * l.r * bf16);
   l.scalars = l.b + AlignUp(args.batch * l.r * l.r * bf16);
-  l.total = l.scalars + AlignUp(args.batch * l.r * sizeof(float));
+  l.gram = l.scalars + AlignUp(args.batch * l.r * sizeof(float));
+  const bool gram = args.coeffs != nullptr && args.coeffs->gram;
+  l.total = l.gram + (gram ? 4 * AlignUp(args.batch * l.r * l.r * bf16) : 0);
   return l;
 }
 
@@ -199,6 +202,8 @@ std::array<Block, 2> HalfUpdate(const Layout& l, int64_t batch) {
                 h}};
 }
 
+cudaDataType_t CudaType(NsType t) { return t == NsType::kF16 ? CUDA_R_16F : CUDA_R_16BF; }
+
 // Grids put the batch in blockIdx.y, which CUDA bounds by 65535.
 constexpr int64_t kMaxChunk = 65535;
 
@@ -251,25 +256,65 @@ absl::Status BatchedNewtonSchulz::Run(const NsArgs& args, void* d_workspace, cud
     const std::string context =
         absl::StrCat("Newton-Schulz on ", batch, " matrices ", args.rows, "x", args.cols);
 
-    // Each step moves X to the other buffer; start where the last step then
-    // lands in d_x.
-    const bool half = l.r >= args.symmetric_min_rank && l.r % 16 == 0;
-    __nv_bfloat16* d_cur = steps % 2 == 0 ? d_x : d_pong;
-    __nv_bfloat16* d_next = steps % 2 == 0 ? d_pong : d_x;
+    const cudaDataType_t type = CudaType(args.type);
+    // D = alpha·op(first + off.a)·op(second + off.b) + beta·(c + off.cd) into d + off.cd.
+    const auto run = [&](const Block& off, float alpha, const __nv_bfloat16* first,
+                         const __nv_bfloat16* second, float beta, const __nv_bfloat16* c,
+                         __nv_bfloat16* d) {
+      GemmDesc desc = off.desc;
+      desc.ab_type = desc.c_type = type;
+      return gemm_->Run(desc, alpha, first + off.a, second + off.b, beta, c + off.cd, d + off.cd,
+                        args.d_gemm_workspace, stream);
+    };
+    // X' = alpha·(B·X) + beta·X for an r×r B (symmetric) and the wide X.
+    const auto update = [&](float alpha, const __nv_bfloat16* d_bm, float beta,
+                            const __nv_bfloat16* d_in, __nv_bfloat16* d_out) {
+      return l.rows_contiguous ? run({UpdateDesc(l, batch)}, alpha, d_in, d_bm, beta, d_in, d_out)
+                               : run({UpdateDesc(l, batch)}, alpha, d_bm, d_in, beta, d_in, d_out);
+    };
+    const Block gram_full{GramDesc(l, batch, CUDA_R_16BF)};
+    const Block square{SquareDesc(l, batch)};
+
+    // Segments of the Gram iteration: the steps after which X is formed.
+    std::vector<int> ends;
+    if (co.gram) {
+      for (int k : co.gram_restarts) {
+        if (k > 0 && k < steps) ends.push_back(k);
+      }
+      std::sort(ends.begin(), ends.end());
+      ends.erase(std::unique(ends.begin(), ends.end()), ends.end());
+      ends.push_back(steps);
+    }
+    // Each step (each segment, for Gram) moves X to the other buffer; start
+    // where the last one then lands in d_x.
+    const int moves = co.gram ? static_cast<int>(ends.size()) : steps;
+    const bool half = !co.gram && l.r >= args.symmetric_min_rank && l.r % 16 == 0;
+    __nv_bfloat16* d_cur = moves % 2 == 0 ? d_x : d_pong;
+    __nv_bfloat16* d_next = moves % 2 == 0 ? d_pong : d_x;
+
+    RETURN_IF_CUDA_ERROR(cudaMemsetAsync(d_scalars, 0, batch * sizeof(float), stream), context);
+    RETURN_IF_CUDA_ERROR(LaunchSumSquares({d_x, batch, n, d_scalars}, stream), context);
+    NormalizeParams np;
+    np.d_x = d_x;
+    np.d_y = d_cur;
+    np.y_type = args.type;
+    np.batch = batch;
+    np.n = n;
+    np.d_sumsq = d_scalars;
+    np.safety = co.aol ? 1.0f : static_cast<float>(co.norm_safety);
+    RETURN_IF_CUDA_ERROR(LaunchNormalize(np, stream), context);
     bool gram_ready = false;
     if (co.aol) {
       if (half) {
         for (const Block& blk : HalfGram(l, batch)) {
-          MUON_RETURN_IF_ERROR(gemm_->Run(blk.desc, 1.0f, d_x + blk.a, d_x + blk.b, 0.0f,
-                                          d_a + blk.cd, d_a + blk.cd, args.d_gemm_workspace,
-                                          stream));
+          MUON_RETURN_IF_ERROR(run(blk, 1.0f, d_cur, d_cur, 0.0f, d_a, d_a));
         }
       } else {
-        MUON_RETURN_IF_ERROR(gemm_->Run(GramDesc(l, batch, CUDA_R_16BF), 1.0f, d_x, d_x, 0.0f,
-                                        d_a, d_a, args.d_gemm_workspace, stream));
+        MUON_RETURN_IF_ERROR(run(gram_full, 1.0f, d_cur, d_cur, 0.0f, d_a, d_a));
       }
       AolParams p;
-      p.d_x = d_x;
+      p.type = args.type;
+      p.d_x = d_cur;
       p.d_y = d_cur;
       p.d_a = d_a;
       p.batch = batch;
@@ -280,22 +325,44 @@ absl::Status BatchedNewtonSchulz::Run(const NsArgs& args, void* d_workspace, cud
       p.d_scale = d_scalars;
       RETURN_IF_CUDA_ERROR(LaunchAol(p, stream), context);
       gram_ready = true;
-    } else {
-      RETURN_IF_CUDA_ERROR(cudaMemsetAsync(d_scalars, 0, batch * sizeof(float), stream), context);
-      RETURN_IF_CUDA_ERROR(LaunchSumSquares({d_x, batch, n, d_scalars}, stream), context);
-      RETURN_IF_CUDA_ERROR(LaunchNormalize({d_x, d_cur, batch, n, d_scalars,
-                                            static_cast<float>(co.norm_safety)},
-                                           stream),
-                           context);
     }
-    // D = alpha·op(first + off.a)·op(second + off.b) + beta·(c + off.cd) into d + off.cd.
-    const auto run = [&](const Block& off, float alpha, const __nv_bfloat16* first,
-                         const __nv_bfloat16* second, float beta, const __nv_bfloat16* c,
-                         __nv_bfloat16* d) {
-      return gemm_->Run(off.desc, alpha, first + off.a, second + off.b, beta, c + off.cd,
-                        d + off.cd, args.d_gemm_workspace, stream);
-    };
-    for (const auto& [ca, cb, cc] : co.steps) {
+    if (co.gram) {
+      const size_t rr_bytes = AlignUp(batch * l.r * l.r * sizeof(__nv_bfloat16));
+      __nv_bfloat16* d_r = d_a;
+      __nv_bfloat16* d_z = d_b;
+      __nv_bfloat16* d_r2 = reinterpret_cast<__nv_bfloat16*>(base + l.gram);
+      __nv_bfloat16* d_w = reinterpret_cast<__nv_bfloat16*>(base + l.gram + rr_bytes);
+      __nv_bfloat16* d_p = reinterpret_cast<__nv_bfloat16*>(base + l.gram + 2 * rr_bytes);
+      __nv_bfloat16* d_p2 = reinterpret_cast<__nv_bfloat16*>(base + l.gram + 3 * rr_bytes);
+      int first_step = 0;
+      for (int end : ends) {
+        if (!gram_ready) MUON_RETURN_IF_ERROR(run(gram_full, 1.0f, d_cur, d_cur, 0.0f, d_r, d_r));
+        gram_ready = false;
+        for (int j = first_step; j < end; ++j) {
+          const auto& [ca, cb, cc] = co.steps[j];
+          const float a = static_cast<float>(ca);
+          MUON_RETURN_IF_ERROR(run(square, static_cast<float>(cc), d_r, d_r,
+                                   static_cast<float>(cb), d_r, d_z));
+          if (j == first_step) {
+            RETURN_IF_CUDA_ERROR(LaunchAddIdentity({args.type, d_z, d_p, batch, l.r, a}, stream),
+                                 context);
+          } else {
+            MUON_RETURN_IF_ERROR(run(square, 1.0f, d_p, d_z, a, d_p, d_p2));
+            std::swap(d_p, d_p2);
+          }
+          if (j + 1 < end) {
+            MUON_RETURN_IF_ERROR(run(square, 1.0f, d_z, d_z, 2 * a, d_z, d_w));
+            MUON_RETURN_IF_ERROR(run(square, 1.0f, d_w, d_r, a * a, d_r, d_r2));
+            std::swap(d_r, d_r2);
+          }
+        }
+        MUON_RETURN_IF_ERROR(update(1.0f, d_p, 0.0f, d_cur, d_next));
+        std::swap(d_cur, d_next);
+        first_step = end;
+      }
+    }
+    for (int step = 0; !co.gram && step < steps; ++step) {
+      const auto& [ca, cb, cc] = co.steps[step];
       const float a = static_cast<float>(ca), b = static_cast<float>(cb),
                   c = static_cast<float>(cc);
       if (half) {
@@ -315,16 +382,9 @@ absl::Status BatchedNewtonSchulz::Run(const NsArgs& args, void* d_workspace, cud
           }
         }
       } else {
-        if (!gram_ready) {
-          MUON_RETURN_IF_ERROR(run({GramDesc(l, batch, CUDA_R_16BF)}, 1.0f, d_cur, d_cur, 0.0f,
-                                   d_a, d_a));
-        }
-        MUON_RETURN_IF_ERROR(run({SquareDesc(l, batch)}, c, d_a, d_a, b, d_a, d_b));
-        if (l.rows_contiguous) {
-          MUON_RETURN_IF_ERROR(run({UpdateDesc(l, batch)}, 1.0f, d_cur, d_b, a, d_cur, d_next));
-        } else {
-          MUON_RETURN_IF_ERROR(run({UpdateDesc(l, batch)}, 1.0f, d_b, d_cur, a, d_cur, d_next));
-        }
+        if (!gram_ready) MUON_RETURN_IF_ERROR(run(gram_full, 1.0f, d_cur, d_cur, 0.0f, d_a, d_a));
+        MUON_RETURN_IF_ERROR(run(square, c, d_a, d_a, b, d_a, d_b));
+        MUON_RETURN_IF_ERROR(update(1.0f, d_b, a, d_cur, d_next));
       }
       gram_ready = false;
       std::swap(d_cur, d_next);
@@ -333,8 +393,10 @@ absl::Status BatchedNewtonSchulz::Run(const NsArgs& args, void* d_workspace, cud
       // O·Oᵀ in fp32 (the error is a difference from I: bf16 would round it
       // away), in the A and B buffers, which together hold batch·r² floats.
       auto* d_gram = reinterpret_cast<float*>(d_a);
-      MUON_RETURN_IF_ERROR(gemm_->Run(GramDesc(l, batch, CUDA_R_32F), 1.0f, d_x, d_x, 0.0f,
-                                      d_gram, d_gram, args.d_gemm_workspace, stream));
+      GemmDesc desc = GramDesc(l, batch, CUDA_R_32F);
+      desc.ab_type = type;
+      MUON_RETURN_IF_ERROR(gemm_->Run(desc, 1.0f, d_x, d_x, 0.0f, d_gram, d_gram,
+                                      args.d_gemm_workspace, stream));
       RETURN_IF_CUDA_ERROR(LaunchOrthoError({d_gram, batch, l.r, args.d_error + first}, stream),
                            context);
     }

@@ -8,19 +8,26 @@
 #include <cstdint>
 
 #include "absl/status/status.h"
+#include "device_kernels.h"
 #include "lt_gemm.h"
 #include "muon/kernels/ns_schedule.h"
 
 namespace muon::internal {
 
-// One batched Newton–Schulz run over `batch` row-major rows×cols bf16
-// matrices stored back to back in d_x (in: M, out: O ≈ U·Vᵀ, same layout).
+// One batched Newton–Schulz run over `batch` row-major rows×cols matrices
+// stored back to back in d_x: in, M as bf16; out, O ≈ U·Vᵀ as `type`
+// elements (2 bytes each either way), same layout.
 struct NsArgs {
   const NsCoefficients* coeffs = nullptr;
   int64_t batch = 0;
   int64_t rows = 0;
   int64_t cols = 0;
   __nv_bfloat16* d_x = nullptr;
+  // The products' operand type. fp16 by default: X, A and B are bounded by
+  // the normalization (‖X‖₂ ≤ 1, |A_ij| ≤ 1, |B_ij| ≤ |b| + |c|), so fp16's
+  // 3 more mantissa bits cost no range, and its products run at bf16's rate
+  // (docs/numerics.md measures both).
+  NsType type = NsType::kF16;
   // When not null: d_error[b] += Σ(O·Oᵀ − I)² of matrix b on its wide
   // orientation (the caller zeroes it; error = sqrt(d_error[b] / r)).
   double* d_error = nullptr;
@@ -35,8 +42,9 @@ struct NsArgs {
   static constexpr int64_t kDefaultSymmetricMinRank = 1024;
 };
 
-// Orthogonalizes a batch of same-shape matrices on one stream: bf16
-// operands, fp32 accumulation, strided-batched cuBLASLt products.
+// Orthogonalizes a batch of same-shape matrices on one stream: fp16 (or
+// bf16, NsArgs::type) operands, fp32 accumulation, strided-batched cuBLASLt
+// products.
 //
 // The matrices are never transposed: a row-major m×n matrix is, to cuBLAS,
 // the column-major n×m matrix Mᵀ, so the wide orientation X (r×c, r ≤ c) is
@@ -46,7 +54,17 @@ struct NsArgs {
 // The buffers ping-pong between d_x and the workspace, starting so that the
 // last step writes d_x.
 //
-// Half-Gram variant (large r): with h = r/2, A = X·Xᵀ is computed as its top
+// Normalization: M's Frobenius norm (bf16 in, fp32 sums), X = M/(safety·‖M‖)
+// in `type`; AOL then scales X's rows in place (AOL is invariant to a
+// scale of M, and the normalized X cannot overflow fp16).
+//
+// Gram Newton–Schulz (coeffs->gram; ns_schedule.h): per segment R = X·Xᵀ,
+// then per step Z = c·R·R + b·R, P = Z + a·I (first step) or
+// P' = a·P + P·Z, and, before another step of the segment, W = Z·Z + 2a·Z,
+// R' = a²·R + W·R; X' = P·X at the segment's end. All r×r; only R = X·Xᵀ and
+// X' = P·X touch the long dimension. Full (not half-Gram) products.
+//
+// Half-Gram variant (large r, plain iteration): with h = r/2, A = X·Xᵀ is computed as its top
 // block row A[0:h, :] and A[h:r, h:r]; A21 stays unwritten and is never read.
 // B = c·A·A + b·A is computed the same way from A's complete blocks
 // (A[h:r, :] = A[:, h:r]ᵀ by symmetry), and X' = a·X + B·X as two half
@@ -61,7 +79,8 @@ class BatchedNewtonSchulz {
   // InvalidArgument for empty or oversized shapes; Unimplemented for kSvd
   // (the exact polar factor is CPU-only).
   static absl::Status CanImplement(const NsArgs& args);
-  // Device workspace Run needs: a second X, A and B, and per-row scalars.
+  // Device workspace Run needs: a second X, A and B, per-row scalars, and
+  // four more r×r matrices per matrix for Gram Newton–Schulz.
   static size_t WorkspaceBytes(const NsArgs& args);
   // REQUIRES: CanImplement(args).ok(); d_workspace 256-byte aligned with
   // WorkspaceBytes(args) bytes.

@@ -215,8 +215,7 @@ class CpuEngine final : public Engine {
     param->size = NumElements(spec.shape);
     if (spec.kind == OptimizerKind::kMuon) {
       param->view = MatrixViewOf(spec.shape);
-      MUON_ASSIGN_OR_RETURN(param->coeffs,
-                            MakeNsCoefficients(spec.hp.ns_schedule, spec.hp.ns_steps));
+      MUON_ASSIGN_OR_RETURN(param->coeffs, MakeNsCoefficients(spec.hp, param->view));
     }
     const int64_t bytes = ChargedBytes(spec);
     absl::MutexLock lock(&mu_);
@@ -334,7 +333,7 @@ absl::Status StepMuon(Param& p, const GradientInput& grad, UpdateOutput& out, bo
   t->stage = Seconds(start);
   start = std::chrono::steady_clock::now();
 
-  const HyperParams& hp = p.spec.hp;
+  const HyperParams hp = StepHyperParams(p.spec, grad);
   const internal::MomentumCoefficients c = internal::MakeMomentumCoefficients(
       hp.momentum, hp.momentum_form == MomentumForm::kEma, hp.nesterov);
   const float* b = p.state.momentum.data();
@@ -355,8 +354,8 @@ absl::Status StepMuon(Param& p, const GradientInput& grad, UpdateOutput& out, bo
     }
     out.orthogonality_error = err / static_cast<double>(p.view.batch);
   }
-  const float scale = internal::MuonUpdateScale(
-      grad.lr.value_or(hp.lr), internal::ShapeScaleFactor(hp.shape_scale, p.view));
+  const float scale =
+      internal::MuonUpdateScale(hp.lr, internal::ShapeScaleFactor(hp.shape_scale, p.view));
   FiniteTracker update;
   for (int64_t k = 0; k < n; ++k) {
     m[k] = internal::MuonUpdate(scale, m[k]);
@@ -385,9 +384,9 @@ absl::Status StepMuon(Param& p, const GradientInput& grad, UpdateOutput& out, bo
 // time (decode, moments, update, held weights, encode): no workspace.
 absl::Status StepAdamW(Param& p, const GradientInput& grad, UpdateOutput& out, TaskTimes* t) {
   const auto start = std::chrono::steady_clock::now();
-  const HyperParams& hp = p.spec.hp;
-  const auto c = internal::MakeAdamWCoefficients<double>(hp.beta1, hp.beta2, hp.eps,
-                                                         grad.lr.value_or(hp.lr), p.step + 1);
+  const HyperParams hp = StepHyperParams(p.spec, grad);
+  const auto c =
+      internal::MakeAdamWCoefficients<double>(hp.beta1, hp.beta2, hp.eps, hp.lr, p.step + 1);
   const float decay = static_cast<float>(out.decay);
   const size_t in_size = DTypeSize(grad.dtype), out_size = DTypeSize(out.dtype);
   FiniteTracker gradient, moments, weights;
@@ -435,8 +434,8 @@ absl::Status CpuTransaction::ComputeClaimed(const std::vector<std::shared_ptr<Pa
     cost[i] = p.spec.kind == OptimizerKind::kMuon
                   ? NsFlops(p.view, static_cast<int>(p.coeffs.steps.size()))
                   : p.size;
-    outputs[i].decay = internal::DecayFactor(grads[i].lr.value_or(p.spec.hp.lr),
-                                             p.spec.hp.weight_decay);
+    const HyperParams hp = StepHyperParams(p.spec, grads[i]);
+    outputs[i].decay = internal::DecayFactor(hp.lr, hp.weight_decay);
     outputs[i].orthogonality_error = std::numeric_limits<double>::quiet_NaN();
   }
   std::vector<size_t> order(count);

@@ -42,31 +42,38 @@ void Gram(const float* x, int r, int c, float* a) {
   }
 }
 
+// Normalizes the wide r×c x in place for the first step: AOL row scaling
+// (leaving the scaled Gram matrix in a, r×r; returns true) or division by
+// norm_safety·‖x‖_F (returns false).
+bool Normalize(const NsCoefficients& coeffs, int r, int c, float* x, float* a) {
+  const int64_t rc = static_cast<int64_t>(r) * c;
+  if (!coeffs.aol) {
+    const double norm = cblas_snrm2(static_cast<int>(rc), x, 1);
+    cblas_sscal(static_cast<int>(rc), static_cast<float>(1.0 / (coeffs.norm_safety * norm + 1e-7)),
+                x, 1);
+    return false;
+  }
+  // AOL: scale row i by d_i = 1/sqrt(Σ_j |A_ij|); the scaled Gram matrix
+  // diag(d)·A·diag(d) is the first iteration's A.
+  Gram(x, r, c, a);
+  std::vector<float> d(r);
+  for (int i = 0; i < r; ++i) {
+    double sum = 0;
+    for (int j = 0; j < r; ++j) sum += std::fabs(a[i * r + j]);
+    d[i] = static_cast<float>(1.0 / std::sqrt(std::max(sum, 1e-7)));
+  }
+  for (int i = 0; i < r; ++i) {
+    cblas_sscal(c, d[i], x + static_cast<int64_t>(i) * c, 1);
+    for (int j = 0; j < r; ++j) a[i * r + j] *= d[i] * d[j];
+  }
+  return true;
+}
+
 // Newton–Schulz on one wide r×c matrix in place. Work buffers: a, b (r×r), y (r×c).
 void NewtonSchulzWide(const NsCoefficients& coeffs, int r, int c, float* x, float* a, float* b,
                       float* y) {
   const int64_t rc = static_cast<int64_t>(r) * c;
-  bool gram_ready = false;
-  if (coeffs.aol) {
-    // AOL: scale row i by d_i = 1/sqrt(Σ_j |A_ij|); the scaled Gram matrix
-    // diag(d)·A·diag(d) is the first iteration's A.
-    Gram(x, r, c, a);
-    std::vector<float> d(r);
-    for (int i = 0; i < r; ++i) {
-      double sum = 0;
-      for (int j = 0; j < r; ++j) sum += std::fabs(a[i * r + j]);
-      d[i] = static_cast<float>(1.0 / std::sqrt(std::max(sum, 1e-7)));
-    }
-    for (int i = 0; i < r; ++i) {
-      cblas_sscal(c, d[i], x + static_cast<int64_t>(i) * c, 1);
-      for (int j = 0; j < r; ++j) a[i * r + j] *= d[i] * d[j];
-    }
-    gram_ready = true;
-  } else {
-    const double norm = cblas_snrm2(static_cast<int>(rc), x, 1);
-    cblas_sscal(static_cast<int>(rc), static_cast<float>(1.0 / (coeffs.norm_safety * norm + 1e-7)),
-                x, 1);
-  }
+  bool gram_ready = Normalize(coeffs, r, c, x, a);
   for (const auto& [ca, cb, cc] : coeffs.steps) {
     if (!gram_ready) Gram(x, r, c, a);
     gram_ready = false;
@@ -79,6 +86,62 @@ void NewtonSchulzWide(const NsCoefficients& coeffs, int r, int c, float* x, floa
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, r, c, r, 1.0f, b, r, x, c,
                 static_cast<float>(ca), y, c);
     std::copy(y, y + rc, x);
+  }
+}
+
+// D = alpha·A·B + beta·C for r×r row-major matrices (D may not alias A or B).
+void Square(int r, float alpha, const float* a, const float* b, float beta, const float* c,
+            float* d) {
+  const int64_t rr = static_cast<int64_t>(r) * r;
+  if (c != d) std::copy(c, c + rr, d);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, r, r, r, alpha, a, r, b, r, beta, d, r);
+}
+
+// Gram Newton–Schulz (NsCoefficients::gram) on one wide r×c matrix in
+// place. Per step, with R the current Gram matrix:
+//   Z = b·R + c·R²            (so Q = a·I + Z)
+//   P = a·I + Z on a segment's first step, else P ← a·P + P·Z  (P·Q)
+//   R ← a²·R + (Z² + 2a·Z)·R  (Q²·R) on all but a segment's last step
+// and X ← P·X at the end of each segment. Work: six r×r buffers in g, y (r×c).
+void GramNewtonSchulzWide(const NsCoefficients& coeffs, int r, int c, float* x,
+                          std::vector<float>* g, float* y) {
+  const int64_t rr = static_cast<int64_t>(r) * r, rc = static_cast<int64_t>(r) * c;
+  float* rm = g[0].data();
+  float* rn = g[1].data();
+  float* z = g[2].data();
+  float* w = g[3].data();
+  float* pm = g[4].data();
+  float* pn = g[5].data();
+  bool gram_ready = Normalize(coeffs, r, c, x, rm);
+  const int steps = static_cast<int>(coeffs.steps.size());
+  for (int first = 0; first < steps;) {
+    int end = steps;
+    for (int k : coeffs.gram_restarts) {
+      if (k > first && k < end) end = k;
+    }
+    if (!gram_ready) Gram(x, r, c, rm);
+    gram_ready = false;
+    for (int j = first; j < end; ++j) {
+      const auto& [ca, cb, cc] = coeffs.steps[j];
+      const float a = static_cast<float>(ca);
+      Square(r, static_cast<float>(cc), rm, rm, static_cast<float>(cb), rm, z);
+      if (j == first) {
+        std::copy(z, z + rr, pm);
+        for (int i = 0; i < r; ++i) pm[i * r + i] += a;
+      } else {
+        Square(r, 1.0f, pm, z, a, pm, pn);
+        std::swap(pm, pn);
+      }
+      if (j + 1 < end) {
+        Square(r, 1.0f, z, z, 2 * a, z, w);
+        Square(r, 1.0f, w, rm, a * a, rm, rn);
+        std::swap(rm, rn);
+      }
+    }
+    // Y = P·X: P r×r (ld r), X r×c (ld c).
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, r, c, r, 1.0f, pm, r, x, c, 0.0f, y, c);
+    std::copy(y, y + rc, x);
+    first = end;
   }
 }
 
@@ -117,6 +180,10 @@ absl::Status OrthogonalizeCpu(const NsCoefficients& coeffs, const MatrixView& vi
   const int c = static_cast<int>(std::max(view.rows, view.cols));
   const int64_t size = view.rows * view.cols;
   std::vector<float> wide(size), a(static_cast<int64_t>(r) * r), b(a.size()), y(size);
+  std::vector<float> gram_work[6];
+  if (coeffs.gram) {
+    for (std::vector<float>& g : gram_work) g.resize(a.size());
+  }
   for (int64_t k = 0; k < view.batch; ++k) {
     float* mat = x + k * size;
     ToWide(mat, view.rows, view.cols, wide.data());
@@ -125,6 +192,8 @@ absl::Status OrthogonalizeCpu(const NsCoefficients& coeffs, const MatrixView& vi
       if (!zero) {
         if (absl::Status s = PolarSvdWide(r, c, wide.data()); !s.ok()) return s;
       }
+    } else if (coeffs.gram) {
+      GramNewtonSchulzWide(coeffs, r, c, wide.data(), gram_work, y.data());
     } else {
       NewtonSchulzWide(coeffs, r, c, wide.data(), a.data(), b.data(), y.data());
     }

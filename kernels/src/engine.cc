@@ -2,8 +2,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "muon/kernels/sharded_engine.h"
 #include "muon/kernels/status_macros.h"
 
 #ifdef MUON_HAVE_CUDA
@@ -42,11 +45,32 @@ absl::StatusOr<std::unique_ptr<Engine>> CreateCudaEngine(const EngineOptions& op
   if (devices <= 0) {
     return absl::FailedPreconditionError("no usable CUDA device; run with --engine=cpu");
   }
-  if (options.device < 0 || options.device >= devices) {
-    return absl::InvalidArgumentError(absl::StrCat("CUDA device ", options.device,
-                                                   " does not exist; this machine has ", devices));
+  const std::vector<int> ordinals =
+      options.devices.empty() ? std::vector<int>{options.device} : options.devices;
+  for (size_t i = 0; i < ordinals.size(); ++i) {
+    if (ordinals[i] < 0 || ordinals[i] >= devices) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "CUDA device ", ordinals[i], " does not exist; this machine has ", devices));
+    }
+    if (std::find(ordinals.begin(), ordinals.begin() + i, ordinals[i]) != ordinals.begin() + i) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("CUDA device ", ordinals[i], " is listed twice"));
+    }
   }
-  return internal::CreateCudaEngineImpl(options);
+  if (ordinals.size() == 1) {
+    EngineOptions one = options;
+    one.device = ordinals.front();
+    return internal::CreateCudaEngineImpl(one);
+  }
+  std::vector<std::unique_ptr<Engine>> engines;
+  for (int ordinal : ordinals) {
+    EngineOptions one = options;
+    one.device = ordinal;
+    one.devices.clear();
+    MUON_ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, internal::CreateCudaEngineImpl(one));
+    engines.push_back(std::move(engine));
+  }
+  return CreateShardedEngine(std::move(engines));
 #else
   (void)options;
   return absl::FailedPreconditionError(
@@ -91,7 +115,27 @@ absl::Status CheckStepInput(const ParamSpec& spec, const GradientInput& grad,
                  ") overflows");
     }
   }
+  if (grad.hyper_params.has_value()) {
+    ParamSpec stepped = spec;
+    stepped.hp = StepHyperParams(spec, grad);
+    MUON_RETURN_IF_ERROR(ValidateSpec(stepped));
+  }
   return absl::OkStatus();
+}
+
+HyperParams StepHyperParams(const ParamSpec& spec, const GradientInput& grad) {
+  HyperParams hp = spec.hp;
+  if (grad.hyper_params.has_value()) {
+    const HyperParams& step = *grad.hyper_params;
+    hp.weight_decay = step.weight_decay;
+    hp.momentum = step.momentum;
+    hp.nesterov = step.nesterov;
+    hp.beta1 = step.beta1;
+    hp.beta2 = step.beta2;
+    hp.eps = step.eps;
+  }
+  hp.lr = grad.lr.value_or(spec.hp.lr);
+  return hp;
 }
 
 int64_t StateBytes(const ParamSpec& spec) {

@@ -149,7 +149,56 @@ absl::StatusOr<NsCoefficients> MakeNsCoefficients(ScheduleKind kind, int steps) 
     case ScheduleKind::kSvd:
       break;
   }
+  if (steps >= 2) c.gram_restarts = {(steps + 1) / 2};
   return c;
+}
+
+absl::StatusOr<NsCoefficients> MakeNsCoefficients(const HyperParams& hp, const MatrixView& view) {
+  absl::StatusOr<NsCoefficients> c = MakeNsCoefficients(hp.ns_schedule, hp.ns_steps);
+  if (!c.ok() || c->kind == ScheduleKind::kSvd) return c;
+  switch (hp.ns_gram) {
+    case NsGram::kOn:
+      c->gram = true;
+      break;
+    case NsGram::kOff:
+      c->gram = false;
+      break;
+    case NsGram::kAuto:
+      c->gram = GramNsPays(view.rows, view.cols, static_cast<int>(c->steps.size()),
+                           c->gram_restarts);
+      break;
+  }
+  return c;
+}
+
+double PlainNsFlops(int64_t rows, int64_t cols, int steps) {
+  const double r = static_cast<double>(std::min(rows, cols));
+  const double c = static_cast<double>(std::max(rows, cols));
+  return steps * (4 * r * r * c + 2 * r * r * r);
+}
+
+double GramNsFlops(int64_t rows, int64_t cols, int steps, const std::vector<int>& restarts) {
+  const double r = static_cast<double>(std::min(rows, cols));
+  const double c = static_cast<double>(std::max(rows, cols));
+  double flops = 0;
+  int done = 0;
+  while (done < steps) {
+    int next = steps;
+    for (int k : restarts) {
+      if (k > done && k < next) next = k;
+    }
+    const int k = next - done;
+    // R = X·Xᵀ and X ← P·X (r²c each), then per step R² and, on all but the
+    // segment's first step, P·Q, and on all but its last, Q² and Q²·R (r³ each).
+    flops += 2 * (2 * r * r * c) + (4.0 * k - 3) * 2 * r * r * r;
+    done = next;
+  }
+  return flops;
+}
+
+bool GramNsPays(int64_t rows, int64_t cols, int steps, const std::vector<int>& restarts) {
+  return GramNsFlops(rows, cols, steps, restarts) <=
+         kGramAutoRatio * PlainNsFlops(rows, cols, steps);
 }
 
 }  // namespace muon

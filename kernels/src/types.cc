@@ -43,6 +43,8 @@ constexpr std::array<std::pair<absl::string_view, ScheduleKind>, 6> kSchedules =
     {"svd", ScheduleKind::kSvd}}};
 constexpr std::array<std::pair<absl::string_view, ShapeScale>, 3> kShapeScales = {{
     {"spectral", ShapeScale::kSpectral}, {"rms_match", ShapeScale::kRmsMatch}, {"none", ShapeScale::kNone}}};
+constexpr std::array<std::pair<absl::string_view, NsGram>, 3> kNsGrams = {{
+    {"auto", NsGram::kAuto}, {"off", NsGram::kOff}, {"on", NsGram::kOn}}};
 constexpr std::array<std::pair<absl::string_view, MomentumForm>, 2> kMomentumForms = {{
     {"ema", MomentumForm::kEma}, {"sum", MomentumForm::kSum}}};
 
@@ -97,6 +99,10 @@ absl::StatusOr<ScheduleKind> ParseSchedule(absl::string_view name) {
 absl::string_view ShapeScaleName(ShapeScale scale) { return NameOf(scale, kShapeScales); }
 absl::StatusOr<ShapeScale> ParseShapeScale(absl::string_view name) {
   return ParseName("shape scale", name, kShapeScales);
+}
+absl::string_view NsGramName(NsGram mode) { return NameOf(mode, kNsGrams); }
+absl::StatusOr<NsGram> ParseNsGram(absl::string_view name) {
+  return ParseName("Gram Newton-Schulz mode", name, kNsGrams);
 }
 absl::string_view MomentumFormName(MomentumForm form) { return NameOf(form, kMomentumForms); }
 absl::StatusOr<MomentumForm> ParseMomentumForm(absl::string_view name) {

@@ -9,11 +9,13 @@
 #include <iostream>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "muon/server/server.h"
@@ -28,6 +30,9 @@ ABSL_FLAG(int64_t, memory_budget_bytes, 0,
           "machine's memory (host memory or the cgroup limit for the CPU engine, device memory "
           "for CUDA). Env MUON_MEMORY_BUDGET_BYTES.");
 ABSL_FLAG(int, device, 0, "CUDA device ordinal. Env MUON_DEVICE.");
+ABSL_FLAG(std::vector<std::string>, devices, {},
+          "CUDA engine on several devices: comma-separated ordinals (parameters placed across "
+          "them by cost); empty: --device alone. Env MUON_DEVICES.");
 ABSL_FLAG(int, blas_threads, 1,
           "CPU engine with --compute_threads=1: OpenBLAS threads per call; 0: OpenBLAS's default "
           "(OPENBLAS_NUM_THREADS, else one per core). With more compute threads each BLAS call "
@@ -120,6 +125,7 @@ bool FlagsFromEnv() {
          FromEnv(&FLAGS_engine, "MUON_ENGINE") &&
          FromEnv(&FLAGS_memory_budget_bytes, "MUON_MEMORY_BUDGET_BYTES") &&
          FromEnv(&FLAGS_device, "MUON_DEVICE") &&
+         FromEnv(&FLAGS_devices, "MUON_DEVICES") &&
          FromEnv(&FLAGS_blas_threads, "MUON_BLAS_THREADS") &&
          FromEnv(&FLAGS_compute_threads, "MUON_COMPUTE_THREADS") &&
          FromEnv(&FLAGS_malloc_arenas, "MUON_MALLOC_ARENAS") &&
@@ -221,6 +227,14 @@ int main(int argc, char** argv) {
   options.engine = absl::AsciiStrToLower(absl::GetFlag(FLAGS_engine));
   options.memory_budget_bytes = absl::GetFlag(FLAGS_memory_budget_bytes);
   options.device = absl::GetFlag(FLAGS_device);
+  for (const std::string& d : absl::GetFlag(FLAGS_devices)) {
+    int ordinal = 0;
+    if (!absl::SimpleAtoi(d, &ordinal)) {
+      std::cerr << "muon-server: bad --devices entry '" << d << "' (want a device ordinal)\n";
+      return 2;
+    }
+    options.devices.push_back(ordinal);
+  }
   options.blas_threads = absl::GetFlag(FLAGS_blas_threads);
   options.compute_threads = absl::GetFlag(FLAGS_compute_threads);
   options.limits.max_sessions = absl::GetFlag(FLAGS_max_sessions);

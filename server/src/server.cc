@@ -185,6 +185,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   engine_options.memory_budget_bytes = options.memory_budget_bytes;
   engine_options.memory_budget_setting = "--memory_budget_bytes";
   engine_options.device = options.device;
+  engine_options.devices = options.devices;
   engine_options.blas_threads = options.blas_threads;
   engine_options.compute_threads = options.compute_threads;
   // The /metrics endpoint starts before the engine: its threads then do not

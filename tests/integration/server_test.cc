@@ -151,6 +151,18 @@ TEST_F(ServerTest, CreateSessionResolvesDefaults) {
   EXPECT_EQ(response.session().params(4).tensor_bytes(), 32 * 64 * 2);
   EXPECT_DOUBLE_EQ(response.session().params(0).hyper_params().lr(), 0.02);
   EXPECT_EQ(response.session().params(0).hyper_params().ns_schedule(), v1::NS_SCHEDULE_JORDAN);
+  EXPECT_EQ(response.session().params(0).hyper_params().ns_gram(), v1::NS_GRAM_OFF);
+}
+
+TEST_F(ServerTest, CreateSessionTakesNsGram) {
+  const Model model = SmallModel();
+  v1::CreateSessionRequest request = CreateRequest(model);
+  request.mutable_hyper_params()->set_ns_gram(v1::NS_GRAM_AUTO);
+  request.mutable_params(0)->mutable_overrides()->set_ns_gram(v1::NS_GRAM_ON);
+  absl::StatusOr<SessionHandle> handle = client_->CreateSession(request);
+  ASSERT_TRUE(handle.ok()) << handle.status();
+  EXPECT_EQ(handle->info.params(0).hyper_params().ns_gram(), v1::NS_GRAM_ON);
+  EXPECT_EQ(handle->info.params(1).hyper_params().ns_gram(), v1::NS_GRAM_AUTO);
 }
 
 TEST_F(ServerTest, FullStepsThroughTheClientEqualTheCpuEngineBitForBit) {
@@ -636,6 +648,11 @@ TEST_F(ServerTest, BadSessionsAreRejected) {
     v1::CreateSessionRequest r = request;
     r.mutable_hyper_params()->set_ns_steps(0);
     EXPECT_CODE(create(r), INVALID_ARGUMENT, "");
+  }
+  {
+    v1::CreateSessionRequest r = request;
+    r.mutable_hyper_params()->set_ns_gram(static_cast<v1::NsGram>(7));
+    EXPECT_CODE(create(r), INVALID_ARGUMENT, "ns_gram");
   }
   {
     v1::CreateSessionRequest r = request;

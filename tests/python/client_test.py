@@ -99,6 +99,53 @@ class ClientTest(unittest.TestCase):
         np.testing.assert_array_equal(replay.updates[0], first.updates[0])
         self.assertEqual(session.info().step, 1)
 
+    def test_param_options_set_this_steps_hyper_parameters(self):
+        shape = (24, 16)
+        session = self.client.create_session(
+            [ParamSpec("w", shape), ParamSpec("b", (16,))], lr=0.02, momentum=0.9,
+            adamw={"lr": 1e-3})
+        muon = MuonReference(shape, lr=0.02, momentum=0.9)
+        adamw = AdamWReference((16,), lr=1e-3)
+        for step, (m, nesterov, wd, b1, eps) in enumerate(
+                ((0.9, True, 0.0, 0.9, 1e-8), (0.5, False, 0.1, 0.5, 1e-3),
+                 (0.95, True, 0.2, 0.8, 1e-6))):
+            gw, gb = self.grad(*shape), self.grad(16)
+            muon.beta, muon.nesterov, muon.wd = m, nesterov, wd
+            adamw.b1, adamw.eps, adamw.wd = b1, eps, wd
+            result = session.step_wire(session.encode({0: gw, 1: gb}), param_options={
+                0: dict(momentum=m, nesterov=nesterov, weight_decay=wd),
+                1: dict(betas=(b1, 0.999), eps=eps, weight_decay=wd)})
+            for i, (ref, g) in enumerate(((muon, gw), (adamw, gb))):
+                decay, update = ref.step(g)
+                self.assertLess(rel_err(result.updates[i], update), 1e-4, (step, self._seed))
+                self.assertAlmostEqual(result.decay[i], decay, places=12)
+
+    def test_bad_param_options_are_refused_and_change_nothing(self):
+        session = self.client.create_session([ParamSpec("w", (8, 8)), ParamSpec("b", (8,))])
+        g = session.encode({0: self.grad(8, 8), 1: self.grad(8)})
+        cases = [
+            ({0: dict(ns_steps=3)}, "fixed when the session is created"),
+            ({0: dict(shape_scale="none")}, "fixed when the session is created"),
+            ({2: dict(momentum=0.9)}, "names parameter 2"),
+            ({0: dict(momentum=1.5)}, "momentum is 1.5"),
+            ({1: dict(betas=(0.9, 1.0))}, "adam_beta2 is 1"),
+            ({1: dict(eps=0.0)}, "adam_eps is 0"),
+            ({0: dict(weight_decay=-1.0)}, "weight_decay is -1"),
+            ({0: dict(lr=float("nan"))}, "lr is nan"),
+        ]
+        for options, message in cases:
+            with self.subTest(message), self.assertRaises(MuonServerError) as ctx:
+                session.step_wire(g, param_options=options, retries=0)
+            self.assertEqual(ctx.exception.code, grpc.StatusCode.INVALID_ARGUMENT)
+            self.assertIn(message, ctx.exception.details)
+        self.assertEqual(session.info().step, 0)
+        ps = self.client.create_session([ParamSpec("w", (8, 8))], mode="parameter_server")
+        ps.push_weights({0: self.grad(8, 8)})
+        with self.assertRaises(MuonServerError) as ctx:
+            ps.step_wire(ps.encode({0: self.grad(8, 8)}), param_options={0: dict(momentum=0.5)},
+                         update_content="weights", retries=0)
+        self.assertIn("UPDATES sessions", ctx.exception.details)
+
     def test_errors_map_to_status_codes(self):
         session = self.client.create_session([ParamSpec("w", (8, 8))])
         cases = [

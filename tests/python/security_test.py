@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 import torch
 
-from muon_client import MuonClient, MuonServerError, ParamSpec, RemoteMuon
+from muon_client import MuonClient, MuonServerError, ParamSpec, RemoteMuon, Timeouts
 from server_fixture import ServerProcess
 
 ADMIN = "py-admin-7c1e"
@@ -78,18 +78,23 @@ class SecurityTest(unittest.TestCase):
         by_bytes.create_session([ParamSpec("w", (4, 4))]).delete()
 
     def test_refused_without_the_right_client_certificate(self):
+        # A refused handshake looks like a server not up yet: the client
+        # retries it for the connect timeout, then names the last error.
+        fast = Timeouts(connect=1.0)
         attempts = {
-            "plaintext": self.client(),
-            "no client certificate": self.client(root_certificates=self.path("ca.pem")),
+            "plaintext": self.client(timeouts=fast),
+            "no client certificate": self.client(root_certificates=self.path("ca.pem"),
+                                                 timeouts=fast),
             "certificate from another CA": self.client(
                 root_certificates=self.path("ca.pem"),
                 certificate_chain=self.path("other-client.pem"),
-                private_key=self.path("other-client.key")),
+                private_key=self.path("other-client.key"), timeouts=fast),
         }
         for what, client in attempts.items():
             with self.subTest(what), self.assertRaises(MuonServerError) as ctx:
                 client.create_session([ParamSpec("w", (4, 4))])
             self.assertEqual(ctx.exception.code, grpc.StatusCode.UNAVAILABLE)
+            self.assertIn("not reachable", ctx.exception.details)
 
     def test_half_a_client_certificate_is_refused_locally(self):
         with self.assertRaises(ValueError):

@@ -15,12 +15,19 @@ def _read(path):
         return ""
 
 
+def free_port():
+    """A loopback port nothing listens on (free when this returns)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class ServerProcess:
-    def __init__(self, *extra_flags):
+    def __init__(self, *extra_flags, listen="127.0.0.1:0"):
         self._dir = tempfile.TemporaryDirectory()
         port_file = os.path.join(self._dir.name, "port")
         self.process = subprocess.Popen(
-            [os.environ["MUON_SERVER_BIN"], "--listen=127.0.0.1:0", f"--port_file={port_file}",
+            [os.environ["MUON_SERVER_BIN"], f"--listen={listen}", f"--port_file={port_file}",
              "--metrics_listen=", "--engine=cpu", *extra_flags],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60
@@ -32,6 +39,11 @@ class ServerProcess:
             time.sleep(0.05)
         self.port = int(_read(port_file))
         self.address = f"127.0.0.1:{self.port}"
+
+    def kill(self):
+        """kill -9, as a crash would."""
+        self.process.kill()
+        self.stop()
 
     def stop(self):
         if self.process.poll() is None:
@@ -60,7 +72,20 @@ class CuttingProxy:
         self.bytes_up = 0  # client -> server, since the last cut
         self._cut_after = None
         self.cuts = 0
+        # Set: bytes flow that way (True: client -> server).
+        self._flowing = {True: threading.Event(), False: threading.Event()}
+        for event in self._flowing.values():
+            event.set()
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def hold(self, upstream):
+        """Stops forwarding one way (upstream: client -> server), keeping the
+        bytes, as a stalled network does; release() sends them on."""
+        self._flowing[upstream].clear()
+
+    def release(self):
+        for event in self._flowing.values():
+            event.set()
 
     def cut_after(self, nbytes):
         """Cuts every connection once `nbytes` more bytes went client -> server."""
@@ -86,6 +111,7 @@ class CuttingProxy:
                 data = src.recv(65536)
                 if not data:
                     break
+                self._flowing[upstream].wait()
                 dst.sendall(data)
                 if upstream:
                     with self._lock:

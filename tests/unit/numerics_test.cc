@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <optional>
 #include <ostream>
 #include <string>
 #include <tuple>
@@ -108,15 +109,42 @@ Matrix ToMatrix(int64_t rows, int64_t cols, const float* p) {
   return Matrix{rows, cols, std::vector<double>(p, p + rows * cols)};
 }
 
-class SingularValueTest : public ::testing::TestWithParam<std::tuple<Bounds, Shape>> {};
+// How Newton–Schulz runs: the plain iteration, or Gram Newton–Schulz with
+// its default restart, with none, and with a restart after every step; and
+// how close each stays to the float64 plain iteration. fp32 rounding (6e-8)
+// amplified: by at most the steps' polynomial gain for plain; for Gram also
+// by P's norm, which grows like 1/σ_min over a segment (measured on these
+// inputs, σ_min = 1e-3 after normalization, 2026-12-02: plain ≤ 7e-6, Gram
+// with the default restart ≤ 1.2e-4, without ≤ 2.2e-3, every step ≤ 5e-6).
+struct Iteration {
+  const char* name;
+  bool gram;
+  std::optional<std::vector<int>> restarts;  // unset: MakeNsCoefficients's
+  double tolerance;
+};
+const Iteration kIterations[] = {
+    {"plain", false, std::nullopt, 1e-4},
+    {"gram", true, std::nullopt, 1e-3},
+    {"gram_no_restart", true, std::vector<int>{}, 1e-2},
+    {"gram_restart_every_step", true, std::vector<int>{1, 2, 3, 4}, 1e-4},
+};
+void PrintTo(const Iteration& it, std::ostream* os) { *os << it.name; }
 
+using SingularValueParam = std::tuple<Bounds, Shape, Iteration>;
+class SingularValueTest : public ::testing::TestWithParam<SingularValueParam> {};
+
+// Every schedule, plain and Gram: the same singular-value bands, and the
+// float64 plain iteration to 1e-4 (Gram Newton–Schulz is the same
+// polynomial in exact arithmetic).
 TEST_P(SingularValueTest, LandWhereTheScheduleSays) {
-  const auto& [bounds, shape] = GetParam();
+  const auto& [bounds, shape, iteration] = GetParam();
   const uint64_t seed = testing::FreshSeed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
   absl::StatusOr<NsCoefficients> coeffs = MakeNsCoefficients(bounds.kind, bounds.steps);
   ASSERT_TRUE(coeffs.ok()) << coeffs.status();
+  coeffs->gram = iteration.gram;
+  if (iteration.restarts) coeffs->gram_restarts = *iteration.restarts;
   const MatrixView view = MatrixViewOf(shape.dims);
   std::vector<float> x;
   std::vector<Matrix> inputs;
@@ -131,28 +159,78 @@ TEST_P(SingularValueTest, LandWhereTheScheduleSays) {
     const std::vector<double> s = testing::SingularValues(o);
     auto [lo, hi] = std::pair{bounds.lo, bounds.hi};
     if (bounds.derived) std::tie(lo, hi) = DerivedBounds(*coeffs, testing::SingularValues(inputs[b]));
-    std::printf("%-13s %-8s singular values in [%.3f, %.3f], bound [%.3f, %.3f]\n",
-                std::string(ScheduleName(bounds.kind)).c_str(), shape.name, s.back(), s.front(),
-                lo, hi);
-    EXPECT_GE(s.back(), lo) << ScheduleName(bounds.kind) << " " << shape.name;
-    EXPECT_LE(s.front(), hi) << ScheduleName(bounds.kind) << " " << shape.name;
-    // fp32 here vs float64 there: same formulas, errors of a few fp32 ulps
-    // amplified by at most the steps' polynomial gain.
     const Matrix want = testing::NewtonSchulz(inputs[b], coeffs->steps, coeffs->norm_safety,
                                               coeffs->aol);
-    EXPECT_LT(testing::FrobeniusDistance(o, want), 1e-4) << shape.name;
+    const double distance = testing::FrobeniusDistance(o, want);
+    std::printf("%-13s %-8s %-23s singular values in [%.3f, %.3f], bound [%.3f, %.3f], "
+                "vs float64 %.2g\n",
+                std::string(ScheduleName(bounds.kind)).c_str(), shape.name, iteration.name,
+                s.back(), s.front(), lo, hi, distance);
+    EXPECT_GE(s.back(), lo) << ScheduleName(bounds.kind) << " " << shape.name;
+    EXPECT_LE(s.front(), hi) << ScheduleName(bounds.kind) << " " << shape.name;
+    EXPECT_LT(distance, iteration.tolerance) << shape.name;
   }
 }
 
-std::string BoundsName(const ::testing::TestParamInfo<std::tuple<Bounds, Shape>>& info) {
+std::string BoundsName(const ::testing::TestParamInfo<SingularValueParam>& info) {
   return std::string(ScheduleName(std::get<0>(info.param).kind)) + "_" +
-         std::get<1>(info.param).name;
+         std::get<1>(info.param).name + "_" + std::get<2>(info.param).name;
 }
 
 INSTANTIATE_TEST_SUITE_P(AllSchedules, SingularValueTest,
                          ::testing::Combine(::testing::ValuesIn(kBounds),
-                                            ::testing::ValuesIn(kShapes)),
+                                            ::testing::ValuesIn(kShapes),
+                                            ::testing::ValuesIn(kIterations)),
                          BoundsName);
+
+// Gram Newton–Schulz is a different computation, not the plain one under
+// another name: on a wide input its rounding differs from the plain
+// iteration's, while both stay within the float64 reference's 1e-4.
+TEST(GramNewtonSchulzTest, TakesItsOwnPath) {
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const int64_t rows = 48, cols = 192;
+  const std::vector<float> g = testing::RandomNormal(rows * cols, rng);
+  NsCoefficients coeffs = *MakeNsCoefficients(ScheduleKind::kJordan, 5);
+  std::vector<float> plain = g, gram = g;
+  ASSERT_TRUE(OrthogonalizeCpu(coeffs, {1, rows, cols}, plain.data()).ok());
+  coeffs.gram = true;
+  ASSERT_TRUE(OrthogonalizeCpu(coeffs, {1, rows, cols}, gram.data()).ok());
+  EXPECT_NE(plain, gram);
+  EXPECT_LT(testing::FrobeniusDistance(ToMatrix(rows, cols, gram.data()),
+                                       ToMatrix(rows, cols, plain.data())),
+            1e-4);
+}
+
+TEST(GramNewtonSchulzTest, AutoUsesGramWhereItSavesFlops) {
+  HyperParams hp;
+  EXPECT_EQ(hp.ns_gram, NsGram::kOff);
+  hp.ns_gram = NsGram::kAuto;
+  const auto gram = [&](int64_t rows, int64_t cols) {
+    return MakeNsCoefficients(hp, {1, rows, cols})->gram;
+  };
+  // Wide and tall 4:1 (GPT-2's MLP): Gram; square and 2:1: plain.
+  EXPECT_TRUE(gram(768, 3072));
+  EXPECT_TRUE(gram(3072, 768));
+  EXPECT_TRUE(gram(768, 2304));
+  EXPECT_FALSE(gram(768, 768));
+  EXPECT_FALSE(gram(512, 1024));
+  hp.ns_gram = NsGram::kOn;
+  EXPECT_TRUE(gram(768, 768));
+  hp.ns_gram = NsGram::kOff;
+  EXPECT_FALSE(gram(768, 3072));
+  hp.ns_schedule = ScheduleKind::kSvd;
+  hp.ns_gram = NsGram::kOn;
+  EXPECT_FALSE(gram(768, 3072));
+  // One restart, after half the steps rounded up.
+  EXPECT_EQ(MakeNsCoefficients(ScheduleKind::kJordan, 5)->gram_restarts, std::vector<int>{3});
+  EXPECT_EQ(MakeNsCoefficients(ScheduleKind::kAol, 4)->gram_restarts, std::vector<int>{2});
+  EXPECT_TRUE(MakeNsCoefficients(ScheduleKind::kJordan, 1)->gram_restarts.empty());
+  // The flop model: 5 steps, one restart, 768×3072 is 2/3 of the plain flops.
+  EXPECT_NEAR(GramNsFlops(768, 3072, 5, {3}) / PlainNsFlops(768, 3072, 5), 2.0 / 3.0, 1e-12);
+  EXPECT_NEAR(GramNsFlops(768, 3072, 5, {}) / PlainNsFlops(768, 3072, 5), 50.0 / 90.0, 1e-12);
+}
 
 class SvdTest : public ::testing::TestWithParam<Shape> {};
 
@@ -182,10 +260,14 @@ INSTANTIATE_TEST_SUITE_P(AllShapes, SvdTest, ::testing::ValuesIn(kShapes),
 TEST(NewtonSchulzTest, ZeroMatrixStaysZero) {
   for (ScheduleKind kind : {ScheduleKind::kJordan, ScheduleKind::kPolarExpress,
                             ScheduleKind::kDion, ScheduleKind::kAol, ScheduleKind::kSvd}) {
-    std::vector<float> x(12 * 20, 0.0f);
-    ASSERT_TRUE(OrthogonalizeCpu(*MakeNsCoefficients(kind, 5), {1, 12, 20}, x.data()).ok());
-    EXPECT_TRUE(std::all_of(x.begin(), x.end(), [](float v) { return v == 0.0f; }))
-        << ScheduleName(kind);
+    for (bool gram : {false, true}) {
+      std::vector<float> x(12 * 20, 0.0f);
+      NsCoefficients coeffs = *MakeNsCoefficients(kind, 5);
+      coeffs.gram = gram;
+      ASSERT_TRUE(OrthogonalizeCpu(coeffs, {1, 12, 20}, x.data()).ok());
+      EXPECT_TRUE(std::all_of(x.begin(), x.end(), [](float v) { return v == 0.0f; }))
+          << ScheduleName(kind) << (gram ? " gram" : "");
+    }
   }
 }
 
@@ -221,21 +303,26 @@ TEST(NewtonSchulzTest, GaussianErrorsMatchDesignFigures) {
                         {ScheduleKind::kDion, 4, none, none},
                         {ScheduleKind::kSvd, 0, 0.0, 0.0}};
   for (const Case& c : cases) {
-    std::vector<float> x = g;
-    ASSERT_TRUE(OrthogonalizeCpu(*MakeNsCoefficients(c.kind, c.steps), {1, rows, cols}, x.data())
-                    .ok());
-    const double error = OrthogonalityError(rows, cols, x.data());
-    const double distance = testing::FrobeniusDistance(ToMatrix(rows, cols, x.data()), polar);
-    std::printf("gaussian 768x2304 %-13s %d steps: error %.4g distance %.4g\n",
-                std::string(ScheduleName(c.kind)).c_str(), c.steps, error, distance);
-    if (c.kind == ScheduleKind::kSvd) {
-      // LAPACK in float64, stored as fp32: a few fp32 roundings (6e-8) per element.
-      EXPECT_LT(error, 1e-5);
-      EXPECT_LT(distance, 1e-5);
-    } else if (!std::isnan(c.want_error)) {
-      // PyTorch's figures are bf16 runs on other draws; fp32 agrees to ±0.02.
-      EXPECT_NEAR(error, c.want_error, 0.02) << ScheduleName(c.kind);
-      EXPECT_NEAR(distance, c.want_distance, 0.02) << ScheduleName(c.kind);
+    for (bool gram : {false, true}) {
+      if (gram && c.kind == ScheduleKind::kSvd) continue;
+      NsCoefficients coeffs = *MakeNsCoefficients(c.kind, c.steps);
+      coeffs.gram = gram;
+      std::vector<float> x = g;
+      ASSERT_TRUE(OrthogonalizeCpu(coeffs, {1, rows, cols}, x.data()).ok());
+      const double error = OrthogonalityError(rows, cols, x.data());
+      const double distance = testing::FrobeniusDistance(ToMatrix(rows, cols, x.data()), polar);
+      std::printf("gaussian 768x2304 %-13s %d steps %-5s: error %.4g distance %.4g\n",
+                  std::string(ScheduleName(c.kind)).c_str(), c.steps, gram ? "gram" : "plain",
+                  error, distance);
+      if (c.kind == ScheduleKind::kSvd) {
+        // LAPACK in float64, stored as fp32: a few fp32 roundings (6e-8) per element.
+        EXPECT_LT(error, 1e-5);
+        EXPECT_LT(distance, 1e-5);
+      } else if (!std::isnan(c.want_error)) {
+        // PyTorch's figures are bf16 runs on other draws; fp32 agrees to ±0.02.
+        EXPECT_NEAR(error, c.want_error, 0.02) << ScheduleName(c.kind);
+        EXPECT_NEAR(distance, c.want_distance, 0.02) << ScheduleName(c.kind);
+      }
     }
   }
 }

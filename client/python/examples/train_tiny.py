@@ -118,7 +118,9 @@ def main():
 
     model = make_model(args.seed)
     remote = RemoteMuon(model.named_parameters(), server=args.server.split(","), lr=args.lr,
-                        adamw_lr=args.adamw_lr, weight_decay=args.weight_decay)
+                        weight_decay=args.weight_decay, adamw_lr=args.adamw_lr,
+                        adamw_betas=(0.9, 0.999), adamw_eps=1e-8,
+                        adamw_weight_decay=args.weight_decay)
     remote_losses = train(model, remote, x, y, args.steps, log_every, "remote")
     remote.delete_sessions()
     first, remote_loss = remote_losses[0], remote_losses[-1]

@@ -1,12 +1,14 @@
 """muon_client: the Python client of muon-server."""
-from .client import MuonClient, MuonServerError, ParamSpec, Session, StepResult
+from .client import (CancelToken, MuonClient, MuonServerError, ParamSpec, Session, StepResult,
+                     Timeouts)
 
-__all__ = ["MuonClient", "MuonServerError", "ParamSpec", "Session", "StepResult", "RemoteMuon"]
+__all__ = ["CancelToken", "MuonClient", "MuonServerError", "ParamSpec", "Session", "StepResult",
+           "Timeouts", "RemoteMuon", "muon_param_groups"]
 
 
 def __getattr__(name):
     # torch is optional: import RemoteMuon only when asked for.
-    if name == "RemoteMuon":
-        from .optim import RemoteMuon
-        return RemoteMuon
+    if name in ("RemoteMuon", "muon_param_groups"):
+        from . import optim
+        return getattr(optim, name)
     raise AttributeError(name)

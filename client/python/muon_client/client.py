@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
@@ -73,9 +74,80 @@ _MOMENTUM_FORMS = {"ema": pb.MOMENTUM_FORM_EMA, "sum": pb.MOMENTUM_FORM_SUM}
 _MODES = {"updates": pb.SESSION_MODE_UPDATES,
           "parameter_server": pb.SESSION_MODE_PARAMETER_SERVER}
 _CONTENTS = {"update": pb.UPDATE_CONTENT_UPDATE, "weights": pb.UPDATE_CONTENT_WEIGHTS}
+_STATE_NAMES = {pb.STATE_TENSOR_MOMENTUM: "momentum", pb.STATE_TENSOR_EXP_AVG: "exp_avg",
+                pb.STATE_TENSOR_EXP_AVG_SQ: "exp_avg_sq"}
 
-# Failures after which resending the same step is safe and may succeed.
-_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED}
+# Failures after which resending the same step is safe and may succeed: the
+# step number makes a resent step apply exactly once, and a step that ran out
+# of its deadline changed nothing or is answered from the server's cache.
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED,
+              grpc.StatusCode.DEADLINE_EXCEEDED}
+# Retries wait retry_backoff, doubling, but never longer than this, so a
+# server that is back is found within about a second.
+_MAX_RETRY_SLEEP = 1.0
+
+
+@dataclasses.dataclass
+class Timeouts:
+    """How long calls may take and how long failures are retried, in seconds.
+
+    step: the deadline of one Step attempt (a generous default: a slow step
+      must not hit it by accident; a server that stops answering is found by
+      the keepalive long before).
+    retry_window: how long a step keeps being retried after failures that are
+      safe to retry (UNAVAILABLE, ABORTED, DEADLINE_EXCEEDED), counted from
+      the first failure; long enough for a server restart that restores its
+      sessions from checkpoints.
+    connect: how long session calls (create, attach, push, pull) wait for a
+      server that is not up yet.
+    keepalive_time / keepalive_timeout: the channel pings the server after
+      keepalive_time without traffic and drops the connection when no answer
+      comes within keepalive_timeout. muon-server accepts pings every 10 s or
+      more (and pings its clients every 30 s, dropping them after 20 s).
+    """
+
+    step: float = 600.0
+    retry_window: float = 120.0
+    connect: float = 60.0
+    keepalive_time: float = 20.0
+    keepalive_timeout: float = 10.0
+
+
+class CancelToken:
+    """Cancels a step in flight from another thread (RemoteMuon uses it on
+    KeyboardInterrupt): the open Step calls are cancelled and no retry starts."""
+
+    def __init__(self):
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._calls = []
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._event.set()
+            calls, self._calls = self._calls, []
+        for call in calls:
+            call.cancel()
+
+    def wait(self, seconds: float) -> bool:
+        """Sleeps up to `seconds`; True when cancelled meanwhile."""
+        return self._event.wait(seconds)
+
+    def _register(self, call) -> None:
+        with self._lock:
+            if not self._event.is_set():
+                self._calls.append(call)
+                return
+        call.cancel()
+
+    def _unregister(self, call) -> None:
+        with self._lock:
+            if call in self._calls:
+                self._calls.remove(call)
 
 
 class MuonServerError(RuntimeError):
@@ -196,13 +268,17 @@ class Session:
 
     def step(self, grads: Mapping[int, np.ndarray], *, lr_scale: Optional[float] = None,
              lr: Optional[float] = None, update_dtype: Optional[str] = None,
-             measure_orthogonality: bool = False, retries: int = 3,
+             measure_orthogonality: bool = False, retries: Optional[int] = None,
              step_number: Optional[int] = None, worker_id: int = 0,
-             update_content: Optional[str] = None) -> StepResult:
+             update_content: Optional[str] = None,
+             cancel: Optional[CancelToken] = None) -> StepResult:
         """Runs the next step with these gradients (parameters left out keep
-        their state). Retries a broken stream (and, in a parameter-server
-        session, a step that timed out waiting for other workers: ABORTED) up
-        to `retries` times; raises MuonServerError on a server error.
+        their state). Retries a broken stream, a step past its deadline (and,
+        in a parameter-server session, a step that timed out waiting for other
+        workers: ABORTED) until the client's retry window has passed, or at
+        most `retries` times when given; raises MuonServerError on a server
+        error or when the retries ran out. `cancel` stops it from another
+        thread (MuonServerError CANCELLED).
         `step_number` (default: the next) may name the last committed step to
         have its updates replayed.
 
@@ -210,17 +286,40 @@ class Session:
         `worker_id` is this worker's id in [0, num_workers), and
         `update_content` ("weights", the server's default there, or "update")
         says what comes back. Leave `update_content` unset otherwise."""
+        return self.step_wire(self.encode(grads), lr_scale=lr_scale, lr=lr,
+                              update_dtype=update_dtype,
+                              measure_orthogonality=measure_orthogonality, retries=retries,
+                              step_number=step_number, worker_id=worker_id,
+                              update_content=update_content, cancel=cancel)
+
+    def encode(self, grads: Mapping[int, np.ndarray]) -> Dict[int, bytes]:
+        """The gradients as wire bytes (a copy: later changes to `grads` do
+        not reach a step sent, or resent, from them)."""
         unknown = sorted(set(grads) - set(range(len(self.params))))
         if unknown:
             raise ValueError(f"parameter indices {unknown} are not in this session "
                              f"({len(self.params)} parameters)")
-        wire = {i: to_wire(g, self.params[i].dtype) for i, g in grads.items()}
+        return {i: to_wire(g, self.params[i].dtype) for i, g in grads.items()}
+
+    def step_wire(self, wire: Mapping[int, bytes], *, lr_scale: Optional[float] = None,
+                  lr: Optional[float] = None, update_dtype: Optional[str] = None,
+                  measure_orthogonality: bool = False, retries: Optional[int] = None,
+                  step_number: Optional[int] = None, worker_id: int = 0,
+                  update_content: Optional[str] = None,
+                  cancel: Optional[CancelToken] = None,
+                  param_options: Optional[Mapping[int, Mapping[str, object]]] = None
+                  ) -> StepResult:
+        """step() with gradients already encoded (encode()). `param_options`:
+        {index: hyper-parameters for this step} (hyper_params keys lr,
+        weight_decay, momentum, nesterov, betas, eps), replacing the
+        configured ones (updates sessions)."""
         number = self.step_number + 1 if step_number is None else step_number
         result = self._client._run_step(self, number, wire, lr=lr, lr_scale=lr_scale,
                                         update_dtype=update_dtype,
                                         measure_orthogonality=measure_orthogonality,
                                         retries=retries, worker_id=worker_id,
-                                        update_content=update_content)
+                                        update_content=update_content, cancel=cancel,
+                                        param_options=param_options)
         self.step_number = result.step
         return result
 
@@ -234,6 +333,15 @@ class Session:
     def pull_weights(self, indices: Iterable[int] = (), dtype: str = "float32"):
         """Parameter-server sessions: MuonClient.pull_weights for this session."""
         return self._client.pull_weights(self, indices, dtype=dtype)
+
+    def export_state(self):
+        """MuonClient.export_state for this session."""
+        return self._client.export_state(self)
+
+    def import_state(self, param_steps: Sequence[int],
+                     tensors: Mapping[int, Mapping[str, np.ndarray]]) -> int:
+        """MuonClient.import_state for this session."""
+        return self._client.import_state(self, param_steps, tensors)
 
     def delete(self) -> None:
         self._client.delete_session(self.session_id, self.token)
@@ -255,19 +363,35 @@ class MuonClient:
     certificate_chain and private_key. Each is PEM bytes or a path to a PEM
     file. server_name overrides the name the server's certificate must carry.
     admin_token is sent by list_sessions unless one is passed there.
+    timeouts (Timeouts): step deadline, retry window, connect wait, keepalive.
     """
 
     def __init__(self, server: str, *, channel: Optional[grpc.Channel] = None,
                  retry_backoff: float = 0.05, tls: bool = False,
                  root_certificates=None, certificate_chain=None, private_key=None,
-                 server_name: Optional[str] = None, admin_token: str = ""):
+                 server_name: Optional[str] = None, admin_token: str = "",
+                 timeouts: Optional[Timeouts] = None):
         if (certificate_chain is None) != (private_key is None):
             raise ValueError("mutual TLS needs both certificate_chain and private_key")
-        # gRPC waits 1 s before reconnecting after a failed connect and fails
-        # every call meanwhile; the step retries (retry_backoff, doubling)
-        # must meet a fresh attempt.
+        self.server = server
+        self.timeouts = timeouts or Timeouts()
+        for field in dataclasses.fields(self.timeouts):
+            value = getattr(self.timeouts, field.name)
+            if not value > 0:
+                raise ValueError(f"timeout {field.name} must be > 0 seconds, got {value!r}")
+        # gRPC waits 1 s before reconnecting after a failed connect, then
+        # longer and longer (up to 2 min), failing every call meanwhile; the
+        # step retries (retry_backoff, doubling, at most 1 s apart) must meet
+        # a fresh attempt, so a restarted server is found at once.
+        reconnect_ms = max(1, int(retry_backoff * 1000))
         options = [("grpc.max_receive_message_length", 8 << 20),
-                   ("grpc.initial_reconnect_backoff_ms", max(1, int(retry_backoff * 1000)))]
+                   ("grpc.initial_reconnect_backoff_ms", reconnect_ms),
+                   ("grpc.max_reconnect_backoff_ms",
+                    max(reconnect_ms, int(_MAX_RETRY_SLEEP * 1000))),
+                   ("grpc.keepalive_time_ms", int(self.timeouts.keepalive_time * 1000)),
+                   ("grpc.keepalive_timeout_ms", int(self.timeouts.keepalive_timeout * 1000)),
+                   ("grpc.keepalive_permit_without_calls", 1),
+                   ("grpc.http2.max_pings_without_data", 0)]
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
         if channel is None and (tls or root_certificates is not None
@@ -283,6 +407,54 @@ class MuonClient:
 
     def close(self) -> None:
         self._channel.close()
+
+    def _unreachable(self, e: grpc.RpcError, what: str) -> MuonServerError:
+        if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return MuonServerError(e.code(), f"{what}: muon-server at {self.server} did not "
+                                   f"answer in time (is it running and reachable?): "
+                                   f"{e.details() or ''}")
+        return _error(e)
+
+    def _wait_ready(self, seconds: float, cancel: Optional[CancelToken] = None) -> None:
+        """Waits up to `seconds` for the channel to connect. Asking for the
+        connection makes gRPC try at once: a failed call alone leaves the
+        channel in its reconnect back-off, which took 6-10 s to notice a
+        restarted server (gRPC 1.51, loopback)."""
+        ready = grpc.channel_ready_future(self._channel)
+        if cancel is not None:
+            cancel._register(ready)
+        try:
+            ready.result(timeout=max(seconds, 0.001))
+        except (grpc.FutureTimeoutError, grpc.FutureCancelledError):
+            pass
+        finally:
+            if cancel is not None:
+                cancel._unregister(ready)
+            ready.cancel()
+
+    def _unary(self, method, request, what: str):
+        """Calls `method`, waiting up to the connect timeout for a server that
+        is not up yet (UNAVAILABLE: nothing reached it)."""
+        start = time.monotonic()
+        remaining = self.timeouts.connect
+        while True:
+            try:
+                # Not less than half a second: time for a refused handshake
+                # to say so rather than run out of the deadline.
+                return method(request, timeout=max(remaining, 0.5))
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise self._unreachable(e, what) from None
+                details = e.details() or ""
+            # At most a second per wait, so a refused handshake is retried
+            # and its error reported once the connect timeout has passed.
+            self._wait_ready(min(self.timeouts.connect - (time.monotonic() - start),
+                                 _MAX_RETRY_SLEEP))
+            remaining = self.timeouts.connect - (time.monotonic() - start)
+            if remaining <= 0:
+                raise MuonServerError(
+                    grpc.StatusCode.UNAVAILABLE, f"{what}: muon-server at {self.server} not "
+                    f"reachable for {self.timeouts.connect:g} s (connect timeout): {details}")
 
     def create_session(self, params: Sequence[ParamSpec], *, name: str = "",
                        adamw: Optional[Mapping[str, object]] = None, mode: str = "updates",
@@ -301,10 +473,7 @@ class MuonClient:
             if p.kind is not None:
                 spec.kind = _lookup(_KINDS, "optimizer kind", p.kind)
             spec.overrides.CopyFrom(hyper_params(**p.overrides))
-        try:
-            response = self._stub.CreateSession(request)
-        except grpc.RpcError as e:
-            raise _error(e) from None
+        response = self._unary(self._stub.CreateSession, request, "CreateSession")
         return Session(self, response.session_id, response.token, response.step, list(params))
 
     def attach(self, session_id: str, token: str, params: Sequence[ParamSpec]) -> Session:
@@ -316,23 +485,23 @@ class MuonClient:
         return Session(self, session_id, token, info.step, list(params))
 
     def get_session(self, session_id: str, token: str = "") -> "pb.SessionInfo":
-        try:
-            return self._stub.GetSession(pb.GetSessionRequest(session_id=session_id, token=token))
-        except grpc.RpcError as e:
-            raise _error(e) from None
+        return self._unary(self._stub.GetSession,
+                           pb.GetSessionRequest(session_id=session_id, token=token), "GetSession")
 
     def list_sessions(self, admin_token: str = "") -> List["pb.SessionInfo"]:
         """Every session, without parameters. Needs the server's admin token
         when it has one (this argument, else the client's admin_token)."""
-        try:
-            return list(self._stub.ListSessions(
-                pb.ListSessionsRequest(admin_token=admin_token or self._admin_token)).sessions)
-        except grpc.RpcError as e:
-            raise _error(e) from None
+        return list(self._unary(
+            self._stub.ListSessions,
+            pb.ListSessionsRequest(admin_token=admin_token or self._admin_token),
+            "ListSessions").sessions)
 
-    def delete_session(self, session_id: str, token: str = "") -> None:
+    def delete_session(self, session_id: str, token: str = "",
+                       timeout: Optional[float] = None) -> None:
+        """Deletes a session; `timeout` (default: the connect timeout) bounds the wait."""
         try:
-            self._stub.DeleteSession(pb.DeleteSessionRequest(session_id=session_id, token=token))
+            self._stub.DeleteSession(pb.DeleteSessionRequest(session_id=session_id, token=token),
+                                     timeout=self.timeouts.connect if timeout is None else timeout)
         except grpc.RpcError as e:
             raise _error(e) from None
 
@@ -355,9 +524,10 @@ class MuonClient:
                         data=data[offset:offset + CHUNK_BYTES]))
 
         try:
-            return self._stub.PushWeights(requests()).step
+            return self._stub.PushWeights(requests(), timeout=self.timeouts.step,
+                                          wait_for_ready=True).step
         except grpc.RpcError as e:
-            raise _error(e) from None
+            raise self._unreachable(e, "PushWeights") from None
 
     def pull_weights(self, session: Session, indices: Iterable[int] = (),
                      dtype: str = "float32"):
@@ -371,16 +541,69 @@ class MuonClient:
         dtypes: Dict[int, int] = {}
         step = session.step_number
         try:
-            for response in self._stub.PullWeights(request):
+            for response in self._stub.PullWeights(request, timeout=self.timeouts.step,
+                                                   wait_for_ready=True):
                 chunk = response.weights
                 buf = buffers.setdefault(chunk.param_index, bytearray(response.total_bytes))
                 buf[chunk.offset:chunk.offset + len(chunk.data)] = chunk.data
                 dtypes[chunk.param_index] = response.dtype
                 step = response.step
         except grpc.RpcError as e:
-            raise _error(e) from None
+            raise self._unreachable(e, "PullWeights") from None
         return step, {i: from_wire(bytes(buf), dtypes[i], session.params[i].shape)
                       for i, buf in buffers.items()}
+
+    def export_state(self, session: Session):
+        """Updates-mode sessions: a copy of the optimizer state as of the last
+        committed step, as (step, param_steps, {index: {name: fp32 array}}),
+        names "momentum" (Muon) or "exp_avg" and "exp_avg_sq" (AdamW);
+        param_steps[i]: the steps parameter i has applied. Exact (fp32)."""
+        request = pb.ExportStateRequest(session_id=session.session_id, token=session.token)
+        buffers: Dict[tuple, bytearray] = {}
+        step, param_steps = session.step_number, []
+        try:
+            for response in self._stub.ExportState(request, timeout=self.timeouts.step,
+                                                   wait_for_ready=True):
+                step = response.step
+                if response.param_steps:
+                    param_steps = list(response.param_steps)
+                chunk = response.chunk
+                key = (chunk.param_index, chunk.tensor)
+                buf = buffers.setdefault(key, bytearray(chunk.total_bytes))
+                buf[chunk.offset:chunk.offset + len(chunk.data)] = chunk.data
+        except grpc.RpcError as e:
+            raise self._unreachable(e, "ExportState") from None
+        tensors: Dict[int, Dict[str, np.ndarray]] = {}
+        for (index, tensor), buf in buffers.items():
+            tensors.setdefault(index, {})[_STATE_NAMES[tensor]] = from_wire(
+                bytes(buf), pb.DTYPE_FLOAT32, session.params[index].shape)
+        return step, param_steps, tensors
+
+    def import_state(self, session: Session, param_steps: Sequence[int],
+                     tensors: Mapping[int, Mapping[str, np.ndarray]]) -> int:
+        """Updates-mode sessions that have not stepped: sets every parameter's
+        state (what export_state returned, from any server), all at once and
+        only if all of it is valid. Returns the session's step (unchanged)."""
+        codes = {name: code for code, name in _STATE_NAMES.items()}
+
+        def requests():
+            yield pb.ImportStateRequest(header=pb.ImportStateHeader(
+                session_id=session.session_id, token=session.token,
+                param_steps=[int(n) for n in param_steps]))
+            for index, named in tensors.items():
+                for name, array in named.items():
+                    data = to_wire(array, "float32")
+                    for offset in range(0, len(data), CHUNK_BYTES):
+                        yield pb.ImportStateRequest(chunk=pb.StateChunk(
+                            param_index=index, tensor=_lookup(codes, "state tensor", name),
+                            offset=offset, data=data[offset:offset + CHUNK_BYTES],
+                            total_bytes=len(data)))
+
+        try:
+            return self._stub.ImportState(requests(), timeout=self.timeouts.step,
+                                          wait_for_ready=True).step
+        except grpc.RpcError as e:
+            raise self._unreachable(e, "ImportState") from None
 
     def _requests(self, session: Session, step: int, wire: Mapping[int, bytes], **header):
         yield pb.StepRequest(header=pb.StepHeader(session_id=session.session_id,
@@ -396,9 +619,14 @@ class MuonClient:
         yield pb.StepRequest(end=pb.StepEnd(param_indices=list(wire)))
 
     def _run_step(self, session: Session, step: int, wire: Mapping[int, bytes], *, lr, lr_scale,
-                  update_dtype, measure_orthogonality, retries, worker_id=0,
-                  update_content=None) -> StepResult:
+                  update_dtype, measure_orthogonality, retries=None, worker_id=0,
+                  update_content=None, cancel: Optional[CancelToken] = None,
+                  param_options=None) -> StepResult:
         header = {"measure_orthogonality": measure_orthogonality, "worker_id": worker_id}
+        if param_options:
+            header["param_options"] = [
+                pb.ParamStepOptions(param_index=i, hyper_params=hyper_params(**hp))
+                for i, hp in sorted(param_options.items())]
         if lr is not None:
             header["lr"] = float(lr)
         if lr_scale is not None:
@@ -407,24 +635,54 @@ class MuonClient:
             header["update_dtype"] = _lookup(_DTYPES, "dtype", update_dtype)
         if update_content is not None:
             header["update_content"] = _lookup(_CONTENTS, "update content", update_content)
+        cancel = cancel or CancelToken()
         attempt = 0
+        first_failure = None
         while True:
             try:
-                return self._step_once(session, step, wire, header)
+                return self._step_once(session, step, wire, header, cancel)
             except grpc.RpcError as e:
-                if e.code() not in _RETRYABLE or attempt >= retries:
-                    raise _error(e) from None
+                if cancel.cancelled:
+                    raise MuonServerError(grpc.StatusCode.CANCELLED,
+                                          f"step {step} cancelled (interrupted)") from None
+                code = e.code()
+                now = time.monotonic()
+                first_failure = now if first_failure is None else first_failure
+                out_of_window = now - first_failure >= self.timeouts.retry_window
+                if (e.code() not in _RETRYABLE or out_of_window
+                        or (retries is not None and attempt >= retries)):
+                    if attempt == 0 or e.code() not in _RETRYABLE:
+                        raise _error(e) from None
+                    raise MuonServerError(
+                        e.code(), f"step {step} failed {attempt + 1} times over "
+                        f"{now - first_failure:.1f} s (retry window "
+                        f"{self.timeouts.retry_window:g} s) against {self.server}; last: "
+                        f"{e.details() or ''}") from None
             attempt += 1
-            time.sleep(self._backoff * (2 ** attempt))
+            if cancel.wait(min(self._backoff * (2 ** attempt), _MAX_RETRY_SLEEP)):
+                raise MuonServerError(grpc.StatusCode.CANCELLED,
+                                      f"step {step} cancelled (interrupted)")
+            if code == grpc.StatusCode.UNAVAILABLE:
+                self._wait_ready(self.timeouts.retry_window - (time.monotonic() - first_failure),
+                                 cancel)
 
     def _step_once(self, session: Session, step: int, wire: Mapping[int, bytes],
-                   header: dict) -> StepResult:
+                   header: dict, cancel: CancelToken) -> StepResult:
+        call = self._stub.Step(self._requests(session, step, wire, **header),
+                               timeout=self.timeouts.step)
+        cancel._register(call)
+        try:
+            return self._read_step(session, call)
+        finally:
+            cancel._unregister(call)
+
+    def _read_step(self, session: Session, call) -> StepResult:
         # Buffered until the summary: a stream that breaks first changed nothing.
         buffers: Dict[int, bytearray] = {}
         dtypes: Dict[int, int] = {}
         decay: Dict[int, float] = {}
         weights = set()
-        for response in self._stub.Step(self._requests(session, step, wire, **header)):
+        for response in call:
             if response.HasField("update"):
                 chunk = response.update
                 buf = buffers.setdefault(chunk.param_index, bytearray(chunk.total_bytes))

@@ -211,4 +211,14 @@ grpc::ServerWriteReactor<v1::PullWeightsResponse>* OptimizerService::PullWeights
   return NewPullWeightsReactor(&env_, ctx, request);
 }
 
+grpc::ServerWriteReactor<v1::ExportStateResponse>* OptimizerService::ExportState(
+    grpc::CallbackServerContext* ctx, const v1::ExportStateRequest* request) {
+  return NewExportStateReactor(&env_, ctx, request);
+}
+
+grpc::ServerReadReactor<v1::ImportStateRequest>* OptimizerService::ImportState(
+    grpc::CallbackServerContext* ctx, v1::ImportStateResponse* response) {
+  return NewImportStateReactor(&env_, ctx, response);
+}
+
 }  // namespace muon::server

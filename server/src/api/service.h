@@ -96,6 +96,10 @@ class OptimizerService final : public v1::Optimizer::CallbackService {
       grpc::CallbackServerContext* ctx, v1::PushWeightsResponse* response) override;
   grpc::ServerWriteReactor<v1::PullWeightsResponse>* PullWeights(
       grpc::CallbackServerContext* ctx, const v1::PullWeightsRequest* request) override;
+  grpc::ServerWriteReactor<v1::ExportStateResponse>* ExportState(
+      grpc::CallbackServerContext* ctx, const v1::ExportStateRequest* request) override;
+  grpc::ServerReadReactor<v1::ImportStateRequest>* ImportState(
+      grpc::CallbackServerContext* ctx, v1::ImportStateResponse* response) override;
 
  private:
   ServiceEnv env_;
@@ -111,6 +115,12 @@ grpc::ServerReadReactor<v1::PushWeightsRequest>* NewPushWeightsReactor(
     const ServiceEnv* env, grpc::CallbackServerContext* ctx, v1::PushWeightsResponse* response);
 grpc::ServerWriteReactor<v1::PullWeightsResponse>* NewPullWeightsReactor(
     const ServiceEnv* env, grpc::CallbackServerContext* ctx, const v1::PullWeightsRequest* request);
+
+// ExportState and ImportState reactors (state_reactors.cc).
+grpc::ServerWriteReactor<v1::ExportStateResponse>* NewExportStateReactor(
+    const ServiceEnv* env, grpc::CallbackServerContext* ctx, const v1::ExportStateRequest* request);
+grpc::ServerReadReactor<v1::ImportStateRequest>* NewImportStateReactor(
+    const ServiceEnv* env, grpc::CallbackServerContext* ctx, v1::ImportStateResponse* response);
 
 }  // namespace muon::server
 

@@ -12,7 +12,8 @@ namespace muon::server {
 // What both step modes check in a StepHeader, against its session: the
 // worker is one of the session's, lr and lr_scale are finite and >= 0,
 // update_dtype is a dtype, WEIGHTS is asked only of a PARAMETER_SERVER
-// session. InvalidArgument naming the field.
+// session, param_options only of an UPDATES one. InvalidArgument naming the
+// field.
 absl::Status CheckStepHeader(const v1::StepHeader& header, const Session& session);
 
 // The learning rate a step gives the engine for a parameter registered with

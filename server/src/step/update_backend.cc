@@ -9,6 +9,7 @@
 #include "step/chunker.h"
 #include "step/replay.h"
 #include "step/step_header.h"
+#include "step/step_options.h"
 #include "step/step_summary.h"
 #include "wire/convert.h"
 
@@ -27,6 +28,9 @@ absl::StatusOr<StepBackend::Admission> UpdateStepBackend::Admit(const v1::StepHe
   if (header.update_dtype() != v1::DTYPE_UNSPECIFIED) {
     MUON_ASSIGN_OR_RETURN(update_dtype_, DTypeFromProto(header.update_dtype(), DType::kFloat32));
   }
+  std::vector<const ParamSpec*> specs;
+  for (const SessionParam& p : session_->params()) specs.push_back(&p.spec);
+  MUON_ASSIGN_OR_RETURN(step_inputs_, StepInputsFromHeader(header, specs));
   MUON_ASSIGN_OR_RETURN(Session::Admission admitted,
                         session_->AdmitStep(header.step(), header.worker_id()));
   Admission admission;
@@ -145,17 +149,14 @@ absl::StatusOr<std::vector<StepResponsePtr>> UpdateStepBackend::Compute(std::vec
   std::vector<UpdateOutput> outputs(n);
   std::vector<std::string> updates(n);
   double queue_seconds = 0;
-  const std::optional<double> lr =
-      header_.has_lr() ? std::optional<double>(header_.lr()) : std::nullopt;
-  const std::optional<double> lr_scale =
-      header_.has_lr_scale() ? std::optional<double>(header_.lr_scale()) : std::nullopt;
   for (size_t i = 0; i < n; ++i) {
     const SessionParam& p = session_->params()[batch[i].index];
     queue_seconds += absl::ToDoubleSeconds(start - batch[i].complete_time);
     inputs[i].param = p.engine_id;
     inputs[i].dtype = p.spec.dtype;
     inputs[i].bytes = absl::MakeConstSpan(batch[i].gradient.get(), p.tensor_bytes);
-    inputs[i].lr = StepLr(lr, lr_scale, p.spec.hp.lr);
+    inputs[i].lr = step_inputs_[batch[i].index].lr;
+    inputs[i].hyper_params = step_inputs_[batch[i].index].hyper_params;
     const DType out_dtype = update_dtype_.value_or(p.spec.dtype);
     updates[i].resize(static_cast<size_t>(NumElements(p.spec.shape)) * DTypeSize(out_dtype));
     outputs[i].param = p.engine_id;

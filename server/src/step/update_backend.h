@@ -18,6 +18,7 @@
 #include "session/lease.h"
 #include "session/session.h"
 #include "step/step_backend.h"
+#include "step/step_options.h"
 
 namespace muon::server {
 
@@ -71,6 +72,8 @@ class UpdateStepBackend final : public StepBackend {
 
   // Set by Admit, read-only afterwards.
   v1::StepHeader header_;
+  // Per parameter: this step's lr and hyper-parameters, from the header.
+  std::vector<ParamStepInput> step_inputs_;
   std::optional<DType> update_dtype_;
   bool measure_orthogonality_ = false;
   absl::Time start_time_;

@@ -96,6 +96,21 @@ absl::StatusOr<HyperParams> ApplyOverrides(const HyperParams& base, const v1::Hy
       return BadEnum(where, "ns_schedule", o.ns_schedule());
   }
   if (o.has_ns_steps()) hp.ns_steps = o.ns_steps();
+  switch (o.ns_gram()) {
+    case v1::NS_GRAM_UNSPECIFIED:
+      break;
+    case v1::NS_GRAM_AUTO:
+      hp.ns_gram = NsGram::kAuto;
+      break;
+    case v1::NS_GRAM_OFF:
+      hp.ns_gram = NsGram::kOff;
+      break;
+    case v1::NS_GRAM_ON:
+      hp.ns_gram = NsGram::kOn;
+      break;
+    default:
+      return BadEnum(where, "ns_gram", o.ns_gram());
+  }
   switch (o.shape_scale()) {
     case v1::SHAPE_SCALE_UNSPECIFIED:
       break;
@@ -145,6 +160,17 @@ void HyperParamsToProto(const HyperParams& hp, v1::HyperParams* out) {
       break;
   }
   out->set_ns_steps(hp.ns_steps);
+  switch (hp.ns_gram) {
+    case NsGram::kAuto:
+      out->set_ns_gram(v1::NS_GRAM_AUTO);
+      break;
+    case NsGram::kOff:
+      out->set_ns_gram(v1::NS_GRAM_OFF);
+      break;
+    case NsGram::kOn:
+      out->set_ns_gram(v1::NS_GRAM_ON);
+      break;
+  }
   switch (hp.shape_scale) {
     case ShapeScale::kSpectral:
       out->set_shape_scale(v1::SHAPE_SCALE_SPECTRAL);

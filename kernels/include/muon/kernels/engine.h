@@ -32,7 +32,17 @@ struct GradientInput {
   // This step's learning rate (a client's LR schedule); the registered lr
   // when unset.
   std::optional<double> lr;
+  // This step's values of the other hyper-parameters a schedule may move
+  // (weight_decay; Muon momentum and nesterov; AdamW beta1, beta2, eps),
+  // replacing the registered ones; the registered ones when unset. Its lr,
+  // Newton–Schulz schedule and steps, momentum form and shape scale are not
+  // read: those are `lr` and the registration's.
+  std::optional<HyperParams> hyper_params = std::nullopt;
 };
+
+// The hyper-parameters a step uses for `grad`: the registered ones with
+// grad.lr and grad.hyper_params applied.
+HyperParams StepHyperParams(const ParamSpec& spec, const GradientInput& grad);
 
 // Where one parameter's update goes. The engine writes `bytes` (NumElements
 // elements of `dtype`) and the two result fields.
@@ -121,6 +131,11 @@ struct EngineOptions {
   std::string memory_budget_setting = "EngineOptions::memory_budget_bytes";
   // CUDA device ordinal (CUDA engine only).
   int device = 0;
+  // CUDA engine on several devices: one engine per listed ordinal, the
+  // parameters placed across them (sharded_engine.h); `device` is then
+  // unused. Empty or one entry: one device. Each device gets the whole
+  // memory budget.
+  std::vector<int> devices = {};
   // CPU engine: OpenBLAS threads per BLAS call (process-wide) when
   // compute_threads is 1; 0 leaves OpenBLAS's default (OPENBLAS_NUM_THREADS,
   // else one per core). With more compute threads BLAS runs on one thread
@@ -190,8 +205,9 @@ bool CudaAvailable();
 
 // For engine implementations: checks one Compute input against its
 // parameter's spec (gradient dtype and byte count, the output's parameter and
-// size, a finite lr >= 0 whose lr·weight_decay is finite). InvalidArgument naming
-// the parameter.
+// size, a finite lr >= 0 whose lr·weight_decay is finite, per-step
+// hyper-parameters in the ranges registration allows). InvalidArgument
+// naming the parameter.
 absl::Status CheckStepInput(const ParamSpec& spec, const GradientInput& grad,
                             const UpdateOutput& output);
 

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -38,6 +39,8 @@ struct ServerOptions {
   int64_t memory_budget_bytes = 0;
   // CUDA device ordinal.
   int device = 0;
+  // CUDA engine on several devices (EngineOptions::devices); empty: `device`.
+  std::vector<int> devices;
   // CPU engine with compute_threads = 1: OpenBLAS threads per call; 0:
   // OpenBLAS's default. With more compute threads it must be 1: each
   // thread calls BLAS single-threaded, since a multi-threaded OpenBLAS

@@ -1,0 +1,266 @@
+#include "muon/kernels/sharded_engine.h"
+
+#include <algorithm>
+#include <numeric>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+#include <utility>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "muon/kernels/status_macros.h"
+
+namespace muon {
+namespace {
+
+struct Placement {
+  int shard = 0;
+  ParamId inner = 0;
+  double cost = 0;
+};
+
+class ShardedEngine final : public Engine {
+ public:
+  explicit ShardedEngine(std::vector<std::unique_ptr<Engine>> engines)
+      : engines_(std::move(engines)), load_(engines_.size(), 0.0) {}
+
+  absl::string_view name() const override { return engines_.front()->name(); }
+
+  absl::StatusOr<ParamId> Register(const ParamSpec& spec) override {
+    // A bad spec fails here, the same way whatever engine would have taken it.
+    MUON_RETURN_IF_ERROR(ValidateSpec(spec));
+    const double cost = PlacementCost(spec);
+    std::vector<int> order(engines_.size());
+    std::iota(order.begin(), order.end(), 0);
+    {
+      absl::MutexLock lock(&mu_);
+      std::stable_sort(order.begin(), order.end(),
+                       [&](int a, int b) { return load_[a] < load_[b]; });
+    }
+    absl::Status full;
+    for (int shard : order) {
+      absl::StatusOr<ParamId> inner = engines_[shard]->Register(spec);
+      if (inner.ok()) {
+        absl::MutexLock lock(&mu_);
+        load_[shard] += cost;
+        const ParamId id = next_id_++;
+        params_[id] = {shard, *inner, cost};
+        return id;
+      }
+      if (inner.status().code() != absl::StatusCode::kResourceExhausted) return inner.status();
+      full = inner.status();
+    }
+    return full;
+  }
+
+  absl::Status Unregister(ParamId id) override {
+    MUON_ASSIGN_OR_RETURN(const Placement p, Find(id));
+    MUON_RETURN_IF_ERROR(engines_[p.shard]->Unregister(p.inner));
+    absl::MutexLock lock(&mu_);
+    load_[p.shard] -= p.cost;
+    params_.erase(id);
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<ParamSpec> Spec(ParamId id) const override {
+    MUON_ASSIGN_OR_RETURN(const Placement p, Find(id));
+    return engines_[p.shard]->Spec(p.inner);
+  }
+
+  absl::StatusOr<std::unique_ptr<StepTransaction>> BeginStep(const StepOptions& options) override;
+
+  absl::Status SetWeights(ParamId id, absl::Span<const float> values) override {
+    MUON_ASSIGN_OR_RETURN(const Placement p, Find(id));
+    return engines_[p.shard]->SetWeights(p.inner, values);
+  }
+  absl::Status GetWeights(ParamId id, absl::Span<float> values) const override {
+    MUON_ASSIGN_OR_RETURN(const Placement p, Find(id));
+    return engines_[p.shard]->GetWeights(p.inner, values);
+  }
+  absl::StatusOr<ParamState> ExportState(ParamId id) const override {
+    MUON_ASSIGN_OR_RETURN(const Placement p, Find(id));
+    return engines_[p.shard]->ExportState(p.inner);
+  }
+  absl::Status ImportState(ParamId id, const ParamState& state) override {
+    MUON_ASSIGN_OR_RETURN(const Placement p, Find(id));
+    return engines_[p.shard]->ImportState(p.inner, state);
+  }
+
+  MemoryUsage Memory() const override {
+    MemoryUsage total;
+    bool unbudgeted = false;
+    for (const auto& e : engines_) {
+      const MemoryUsage m = e->Memory();
+      total.used_bytes += m.used_bytes;
+      total.budget_bytes += m.budget_bytes;
+      unbudgeted |= m.budget_bytes == 0;
+    }
+    if (unbudgeted) total.budget_bytes = 0;
+    return total;
+  }
+
+  absl::StatusOr<Placement> Find(ParamId id) const {
+    absl::MutexLock lock(&mu_);
+    auto it = params_.find(id);
+    if (it == params_.end()) return absl::NotFoundError(absl::StrCat("unknown parameter id ", id));
+    return it->second;
+  }
+
+  Engine& shard(int i) const { return *engines_[i]; }
+  int shards() const { return static_cast<int>(engines_.size()); }
+
+ private:
+  const std::vector<std::unique_ptr<Engine>> engines_;
+  mutable absl::Mutex mu_;
+  std::vector<double> load_ ABSL_GUARDED_BY(mu_);
+  std::unordered_map<ParamId, Placement> params_ ABSL_GUARDED_BY(mu_);
+  ParamId next_id_ ABSL_GUARDED_BY(mu_) = 1;
+};
+
+class ShardedTransaction final : public StepTransaction {
+ public:
+  ShardedTransaction(ShardedEngine* engine, const StepOptions& options)
+      : engine_(engine), options_(options) {}
+
+  absl::Status Compute(absl::Span<const GradientInput> grads, absl::Span<UpdateOutput> outputs,
+                       StepStats* stats) override;
+
+  absl::Status Commit() override {
+    if (committed_) return absl::FailedPreconditionError("step already committed");
+    committed_ = true;
+    absl::Status status;
+    for (auto& part : parts_) status.Update(part->Commit());
+    parts_.clear();
+    return status;
+  }
+
+ private:
+  ShardedEngine* const engine_;
+  const StepOptions options_;
+  std::vector<std::unique_ptr<StepTransaction>> parts_;
+  std::unordered_set<ParamId> computed_;
+  bool committed_ = false;
+};
+
+absl::StatusOr<std::unique_ptr<StepTransaction>> ShardedEngine::BeginStep(
+    const StepOptions& options) {
+  return std::make_unique<ShardedTransaction>(this, options);
+}
+
+absl::Status ShardedTransaction::Compute(absl::Span<const GradientInput> grads,
+                                         absl::Span<UpdateOutput> outputs, StepStats* stats) {
+  if (committed_) return absl::FailedPreconditionError("step already committed");
+  if (grads.size() != outputs.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(grads.size(), " gradients but ", outputs.size(), " update outputs"));
+  }
+  const int n = engine_->shards();
+  struct Share {
+    std::vector<size_t> items;  // indices into grads / outputs
+    std::vector<GradientInput> grads;
+    std::vector<UpdateOutput> outputs;
+    std::unique_ptr<StepTransaction> txn;
+    StepStats stats;
+    absl::Status status;
+  };
+  std::vector<Share> shares(n);
+  std::unordered_set<ParamId> seen;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    MUON_ASSIGN_OR_RETURN(const Placement p, engine_->Find(grads[i].param));
+    if (computed_.count(grads[i].param) > 0 || !seen.insert(grads[i].param).second) {
+      MUON_ASSIGN_OR_RETURN(const ParamSpec spec, engine_->shard(p.shard).Spec(p.inner));
+      return absl::InvalidArgumentError(absl::StrCat("parameter '", spec.name, "' ",
+                                                     ShapeString(spec.shape),
+                                                     " is given twice in one step"));
+    }
+    if (outputs[i].param != grads[i].param) {
+      return absl::InvalidArgumentError(absl::StrCat("update output ", i, " is for parameter ",
+                                                     outputs[i].param, ", its gradient for ",
+                                                     grads[i].param));
+    }
+    Share& s = shares[p.shard];
+    s.items.push_back(i);
+    GradientInput g = grads[i];
+    g.param = p.inner;
+    s.grads.push_back(g);
+    UpdateOutput o = outputs[i];
+    o.param = p.inner;
+    s.outputs.push_back(o);
+  }
+  const auto run = [&](Share& s, int shard) {
+    absl::StatusOr<std::unique_ptr<StepTransaction>> txn =
+        engine_->shard(shard).BeginStep(options_);
+    if (!txn.ok()) {
+      s.status = txn.status();
+      return;
+    }
+    s.txn = *std::move(txn);
+    s.status = s.txn->Compute(s.grads, absl::MakeSpan(s.outputs), &s.stats);
+  };
+  std::vector<std::thread> threads;
+  int first = -1;
+  for (int shard = 0; shard < n; ++shard) {
+    if (shares[shard].items.empty()) continue;
+    if (first < 0) {
+      first = shard;
+    } else {
+      threads.emplace_back(run, std::ref(shares[shard]), shard);
+    }
+  }
+  if (first >= 0) run(shares[first], first);
+  for (std::thread& t : threads) t.join();
+  // A failure anywhere discards every engine's share of this call (their
+  // transactions are destroyed uncommitted).
+  for (const Share& s : shares) {
+    if (!s.items.empty() && !s.status.ok()) return s.status;
+  }
+  StepStats merged;
+  for (Share& s : shares) {
+    if (s.items.empty()) continue;
+    for (size_t k = 0; k < s.items.size(); ++k) {
+      UpdateOutput& out = outputs[s.items[k]];
+      out.decay = s.outputs[k].decay;
+      out.orthogonality_error = s.outputs[k].orthogonality_error;
+      computed_.insert(out.param);
+    }
+    merged.stage_seconds = std::max(merged.stage_seconds, s.stats.stage_seconds);
+    merged.compute_seconds = std::max(merged.compute_seconds, s.stats.compute_seconds);
+    merged.finish_seconds = std::max(merged.finish_seconds, s.stats.finish_seconds);
+    merged.ns_flops += s.stats.ns_flops;
+    merged.parameters += s.stats.parameters;
+    parts_.push_back(std::move(s.txn));
+  }
+  if (stats != nullptr) *stats += merged;
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+double PlacementCost(const ParamSpec& spec) {
+  double seconds = 2.0 * static_cast<double>(StateBytes(spec)) / kShardByteRate;
+  if (spec.kind == OptimizerKind::kMuon && spec.shape.size() >= 2) {
+    const int steps = spec.hp.ns_schedule == ScheduleKind::kSvd ? 1 : spec.hp.ns_steps;
+    seconds += static_cast<double>(NsFlops(MatrixViewOf(spec.shape), steps)) / kShardFlopRate;
+  }
+  return seconds;
+}
+
+absl::StatusOr<std::unique_ptr<Engine>> CreateShardedEngine(
+    std::vector<std::unique_ptr<Engine>> engines) {
+  if (engines.empty()) return absl::InvalidArgumentError("a sharded engine needs an engine");
+  for (const auto& e : engines) {
+    if (e == nullptr) return absl::InvalidArgumentError("a sharded engine's engine is null");
+  }
+  return std::make_unique<ShardedEngine>(std::move(engines));
+}
+
+absl::StatusOr<int> ShardOf(const Engine& engine, ParamId param) {
+  const auto* sharded = dynamic_cast<const ShardedEngine*>(&engine);
+  if (sharded == nullptr) return absl::InvalidArgumentError("not a sharded engine");
+  MUON_ASSIGN_OR_RETURN(const Placement p, sharded->Find(param));
+  return p.shard;
+}
+
+}  // namespace muon

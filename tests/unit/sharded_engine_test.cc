@@ -1,0 +1,198 @@
+// The sharded engine (several engines behind one, as for several GPUs) over
+// CPU engines: the same updates and state bit for bit as one CPU engine,
+// placement balanced by cost, and a failing call keeps nothing on any shard.
+#include "muon/kernels/sharded_engine.h"
+
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace muon {
+namespace {
+
+using ::testing::HasSubstr;
+
+std::unique_ptr<Engine> Sharded(int shards) {
+  std::vector<std::unique_ptr<Engine>> engines;
+  for (int i = 0; i < shards; ++i) engines.push_back(*CreateCpuEngine({.blas_threads = 1}));
+  return *CreateShardedEngine(std::move(engines));
+}
+
+std::vector<ParamSpec> Specs() {
+  std::vector<ParamSpec> specs;
+  const std::vector<std::vector<int64_t>> shapes = {
+      {64, 256}, {64, 64}, {256, 64}, {64, 256}, {3, 16, 24}, {32}, {128, 128}, {100}};
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    ParamSpec s;
+    s.name = absl::StrCat("p", i);
+    s.shape = shapes[i];
+    s.kind = shapes[i].size() >= 2 ? OptimizerKind::kMuon : OptimizerKind::kAdamW;
+    s.hp.weight_decay = 0.01;
+    s.hold_weights = i % 3 == 0;
+    s.hp.ns_schedule = i % 2 == 0 ? ScheduleKind::kJordan : ScheduleKind::kAol;
+    s.hp.ns_steps = i % 2 == 0 ? 5 : 4;
+    specs.push_back(s);
+  }
+  return specs;
+}
+
+struct Step {
+  std::vector<std::vector<float>> grads;
+  std::vector<std::vector<std::byte>> bytes, out;
+  std::vector<GradientInput> in;
+  std::vector<UpdateOutput> up;
+};
+
+Step MakeStep(const std::vector<ParamSpec>& specs, const std::vector<ParamId>& ids,
+              std::mt19937& rng) {
+  Step s;
+  std::normal_distribution<float> normal;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    std::vector<float> g(NumElements(specs[i].shape));
+    for (float& v : g) v = normal(rng);
+    s.bytes.emplace_back(g.size() * 4);
+    std::memcpy(s.bytes.back().data(), g.data(), s.bytes.back().size());
+    s.out.emplace_back(g.size() * 4);
+    s.grads.push_back(std::move(g));
+  }
+  for (size_t i = 0; i < specs.size(); ++i) {
+    s.in.push_back({ids[i], DType::kFloat32, s.bytes[i], std::nullopt});
+    s.up.push_back({ids[i], DType::kFloat32, absl::MakeSpan(s.out[i])});
+  }
+  return s;
+}
+
+std::vector<ParamId> RegisterAll(Engine& engine, const std::vector<ParamSpec>& specs) {
+  std::vector<ParamId> ids;
+  for (const ParamSpec& s : specs) {
+    absl::StatusOr<ParamId> id = engine.Register(s);
+    EXPECT_TRUE(id.ok()) << id.status();
+    ids.push_back(id.value_or(0));
+  }
+  return ids;
+}
+
+TEST(ShardedEngineTest, MatchesOneEngineBitForBit) {
+  const std::vector<ParamSpec> specs = Specs();
+  std::unique_ptr<Engine> one = *CreateCpuEngine({.blas_threads = 1});
+  std::unique_ptr<Engine> three = Sharded(3);
+  EXPECT_EQ(three->name(), "cpu");
+  const std::vector<ParamId> a = RegisterAll(*one, specs), b = RegisterAll(*three, specs);
+  std::vector<int> used(3, 0);
+  for (ParamId id : b) used[*ShardOf(*three, id)] += 1;
+  EXPECT_GT(used[0], 0);
+  EXPECT_GT(used[1], 0);
+  EXPECT_GT(used[2], 0);
+  std::mt19937 rng(7);
+  for (int step = 0; step < 3; ++step) {
+    std::mt19937 twin = rng;
+    Step sa = MakeStep(specs, a, rng), sb = MakeStep(specs, b, twin);
+    StepStats stats;
+    ASSERT_TRUE(one->Step(sa.in, absl::MakeSpan(sa.up), {.measure_orthogonality = true}).ok());
+    ASSERT_TRUE(
+        three->Step(sb.in, absl::MakeSpan(sb.up), {.measure_orthogonality = true}, &stats).ok());
+    EXPECT_EQ(stats.parameters, static_cast<int64_t>(specs.size()));
+    for (size_t i = 0; i < specs.size(); ++i) {
+      SCOPED_TRACE(specs[i].name);
+      EXPECT_EQ(sa.out[i], sb.out[i]);
+      EXPECT_EQ(sa.up[i].decay, sb.up[i].decay);
+      if (specs[i].kind == OptimizerKind::kMuon) {
+        EXPECT_EQ(sa.up[i].orthogonality_error, sb.up[i].orthogonality_error);
+      }
+    }
+  }
+  for (size_t i = 0; i < specs.size(); ++i) {
+    absl::StatusOr<ParamState> sa = one->ExportState(a[i]), sb = three->ExportState(b[i]);
+    ASSERT_TRUE(sa.ok() && sb.ok());
+    EXPECT_EQ(sa->step, sb->step);
+    EXPECT_EQ(sa->momentum, sb->momentum);
+    EXPECT_EQ(sa->exp_avg_sq, sb->exp_avg_sq);
+    EXPECT_EQ(sa->weights, sb->weights);
+  }
+  EXPECT_EQ(three->Memory().used_bytes, one->Memory().used_bytes);
+}
+
+TEST(ShardedEngineTest, PlacesByCost) {
+  std::unique_ptr<Engine> two = Sharded(2);
+  ParamSpec big;
+  big.name = "big";
+  big.shape = {512, 2048};
+  ParamSpec small = big;
+  small.name = "small";
+  small.shape = {64, 256};
+  // The big one takes a shard; every small one then goes to the other until
+  // their cost adds up to the big one's.
+  const ParamId first = *two->Register(big);
+  const int big_shard = *ShardOf(*two, first);
+  for (int i = 0; i < 5; ++i) {
+    const ParamId id = *two->Register(small);
+    EXPECT_NE(*ShardOf(*two, id), big_shard) << i;
+  }
+  EXPECT_GT(PlacementCost(big), 5 * PlacementCost(small));
+  EXPECT_THAT(ShardOf(*two, 999).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(ShardOf(**CreateCpuEngine({}), first).status().code(),
+              absl::StatusCode::kInvalidArgument);
+}
+
+TEST(ShardedEngineTest, FailingCallKeepsNothingOnAnyShard) {
+  const std::vector<ParamSpec> specs = Specs();
+  std::unique_ptr<Engine> three = Sharded(3), twin = Sharded(3);
+  const std::vector<ParamId> ids = RegisterAll(*three, specs);
+  RegisterAll(*twin, specs);
+  std::mt19937 rng(11);
+  Step bad = MakeStep(specs, ids, rng);
+  // A NaN in the last parameter: its shard refuses, the others computed.
+  const float nan = std::nanf("");
+  std::memcpy(bad.bytes.back().data(), &nan, 4);
+  {
+    absl::StatusOr<std::unique_ptr<StepTransaction>> txn = three->BeginStep({});
+    ASSERT_TRUE(txn.ok());
+    EXPECT_EQ((*txn)->Compute(bad.in, absl::MakeSpan(bad.up), nullptr).code(),
+              absl::StatusCode::kInvalidArgument);
+    // Nothing of the failed call is kept: the same parameters compute again.
+    std::mt19937 again(12);
+    Step good = MakeStep(specs, ids, again);
+    ASSERT_TRUE((*txn)->Compute(good.in, absl::MakeSpan(good.up), nullptr).ok());
+    // A parameter twice in one transaction is refused.
+    EXPECT_THAT(std::string((*txn)->Compute({&good.in[0], 1}, {&good.up[0], 1}, nullptr).message()),
+                HasSubstr("given twice"));
+    ASSERT_TRUE((*txn)->Commit().ok());
+    EXPECT_EQ((*txn)->Commit().code(), absl::StatusCode::kFailedPrecondition);
+  }
+  std::mt19937 again(12);
+  Step good = MakeStep(specs, ids, again);
+  ASSERT_TRUE(twin->Step(good.in, absl::MakeSpan(good.up)).ok());
+  for (size_t i = 0; i < specs.size(); ++i) {
+    EXPECT_EQ(three->ExportState(ids[i])->momentum, twin->ExportState(ids[i])->momentum);
+    EXPECT_EQ(three->ExportState(ids[i])->exp_avg, twin->ExportState(ids[i])->exp_avg);
+    EXPECT_EQ(three->ExportState(ids[i])->step, 1);
+  }
+}
+
+TEST(ShardedEngineTest, ForwardsAndForgets) {
+  std::unique_ptr<Engine> two = Sharded(2);
+  EXPECT_EQ(CreateShardedEngine({}).status().code(), absl::StatusCode::kInvalidArgument);
+  ParamSpec spec;
+  spec.name = "w";
+  spec.shape = {8, 8};
+  spec.hold_weights = true;
+  const ParamId id = *two->Register(spec);
+  std::vector<float> w(64, 0.5f), back(64);
+  ASSERT_TRUE(two->SetWeights(id, w).ok());
+  ASSERT_TRUE(two->GetWeights(id, absl::MakeSpan(back)).ok());
+  EXPECT_EQ(w, back);
+  EXPECT_EQ(two->Spec(id)->name, "w");
+  spec.shape = {0, 8};
+  EXPECT_EQ(two->Register(spec).status().code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(two->Unregister(id).ok());
+  EXPECT_EQ(two->Spec(id).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(two->Unregister(id).code(), absl::StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace muon
