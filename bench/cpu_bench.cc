@@ -10,6 +10,7 @@
 #include <random>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "benchmark/benchmark.h"
 #include "muon/kernels/cpu_ns.h"
 #include "muon/kernels/engine.h"
@@ -71,11 +72,15 @@ void BM_Sgemm(benchmark::State& state) {
       benchmark::Counter(2.0 * m * n * k * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
-// One full Muon step through the Engine for the GPT-2-small shapes (docs/performance.md).
+// One full Muon step through the Engine for the GPT-2-small shapes
+// (docs/performance.md). args: schedule, compute threads (0: one per core).
 void BM_Gpt2SmallStep(benchmark::State& state) {
   const auto kind = static_cast<muon::ScheduleKind>(state.range(0));
   const int d = 768, layers = 12;
-  auto engine = *muon::CreateCpuEngine({});
+  muon::EngineOptions options;
+  options.compute_threads = static_cast<int>(state.range(1));
+  options.blas_threads = 1;
+  auto engine = *muon::CreateCpuEngine(options);
   std::vector<std::vector<float>> grads, updates;
   std::vector<muon::GradientInput> in;
   std::vector<muon::UpdateOutput> out;
@@ -103,7 +108,7 @@ void BM_Gpt2SmallStep(benchmark::State& state) {
     }
   }
   for (auto _ : state) Check(engine->Step(in, absl::MakeSpan(out)));
-  state.SetLabel(std::string(muon::ScheduleName(kind)));
+  state.SetLabel(absl::StrCat(muon::ScheduleName(kind), ", ", state.range(1), " threads"));
   state.counters["GFLOP/s"] = benchmark::Counter(static_cast<double>(flops) * 1e-9,
                                                  benchmark::Counter::kIsIterationInvariantRate);
 }
@@ -143,10 +148,12 @@ BENCHMARK(BM_NewtonSchulz)
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime()
     ->Iterations(1);
+// Compute threads 1 and 2 (this machine's cores); 0 is one per core.
 BENCHMARK(BM_Gpt2SmallStep)
-    ->Arg(kJordan)
-    ->Arg(kPolar)
-    ->Arg(kAol)
+    ->Args({kJordan, 1})
+    ->Args({kJordan, 2})
+    ->Args({kPolar, 2})
+    ->Args({kAol, 2})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime()
     ->MinTime(1);

@@ -14,6 +14,8 @@
 #include <random>
 #include <string>
 #include <thread>
+
+#include <unistd.h>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -26,6 +28,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "model_presets.h"
@@ -54,6 +57,9 @@ ABSL_FLAG(std::string, model, "",
 ABSL_FLAG(std::string, dtype, "float32", "Wire dtype of gradients: float32, bfloat16, float16.");
 ABSL_FLAG(std::string, schedule, "jordan",
           "Newton-Schulz schedule: jordan, dion, polar_express, aol, aol_dion, svd.");
+ABSL_FLAG(std::string, optimizer, "muon",
+          "Optimizer of every preset parameter (bench, load, create): muon, or adamw (the wire "
+          "benchmark: the same bytes with negligible compute, docs/performance.md).");
 ABSL_FLAG(int, ns_steps, 5,
           "Newton-Schulz iterations of the session (bench, load, create), and the steps info "
           "lists each schedule's coefficients for.");
@@ -63,6 +69,9 @@ ABSL_FLAG(int, steps, 10,
 ABSL_FLAG(int, warmup, 1, "bench: steps run first and left out of the figures.");
 ABSL_FLAG(bool, keep, false, "bench: keep the session instead of deleting it.");
 ABSL_FLAG(bool, measure_orthogonality, false, "bench: ask the server for orthogonality errors.");
+ABSL_FLAG(bool, progress, true,
+          "bench, load: report progress on stderr while running (bench: each step; load: steps "
+          "done so far, every second on a terminal, else every 10 s).");
 ABSL_FLAG(int, clients, 4, "load: concurrent sessions, one thread each.");
 ABSL_FLAG(int, workers, 1,
           "load: workers per session; above 1, each session is a PARAMETER_SERVER session whose "
@@ -170,6 +179,11 @@ absl::StatusOr<v1::CreateSessionRequest> PresetRequest(const std::string& model,
         absl::StrCat("unknown --schedule=", absl::GetFlag(FLAGS_schedule),
                      "; known: jordan, dion, polar_express, aol, aol_dion, svd"));
   }
+  const std::string optimizer = absl::GetFlag(FLAGS_optimizer);
+  if (optimizer != "muon" && optimizer != "adamw") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown --optimizer=", optimizer, "; known: muon, adamw"));
+  }
   v1::CreateSessionRequest request;
   request.set_name(name);
   request.mutable_hyper_params()->set_lr(absl::GetFlag(FLAGS_lr));
@@ -181,7 +195,7 @@ absl::StatusOr<v1::CreateSessionRequest> PresetRequest(const std::string& model,
     spec->add_shape(p.rows);
     spec->add_shape(p.cols);
     spec->set_dtype(wire->dtype);
-    spec->set_kind(v1::OPTIMIZER_KIND_MUON);
+    spec->set_kind(optimizer == "adamw" ? v1::OPTIMIZER_KIND_ADAMW : v1::OPTIMIZER_KIND_MUON);
   }
   return request;
 }
@@ -412,6 +426,32 @@ int CheckpointCommand(Client& client) {
   return 0;
 }
 
+// Progress of bench and load on stderr (stdout keeps the report): on a
+// terminal one line rewritten in place, otherwise a line per report.
+class Progress {
+ public:
+  Progress() : enabled_(absl::GetFlag(FLAGS_progress)), terminal_(isatty(STDERR_FILENO) == 1) {}
+  ~Progress() {
+    if (shown_ && terminal_) absl::FPrintF(stderr, "\n");
+  }
+  bool terminal() const { return terminal_; }
+  void Report(const std::string& line) {
+    if (!enabled_) return;
+    shown_ = true;
+    if (terminal_) {
+      absl::FPrintF(stderr, "\r\033[K%s", line);  // \033[K: clear the rest of the line
+    } else {
+      absl::FPrintF(stderr, "%s\n", line);
+    }
+    std::fflush(stderr);
+  }
+
+ private:
+  const bool enabled_;
+  const bool terminal_;
+  bool shown_ = false;
+};
+
 int Bench(Client& client) {
   const bool existing = !absl::GetFlag(FLAGS_session).empty();
   const std::string model =
@@ -455,13 +495,23 @@ int Bench(Client& client) {
   double bytes = 0, flops = 0;
   int retried = 0;
   int64_t parameter_updates = 0;  // over the measured steps
+  std::optional<Progress> progress(std::in_place);
+  const absl::Time bench_start = absl::Now();
   for (int i = 0; i < warmup + steps; ++i) {
     const std::vector<Gradient> grads = source.Draw(rng);
     const absl::Time start = absl::Now();
     absl::StatusOr<StepResult> r = client.Step(w->session, w->next_step, grads, options);
     const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
-    if (!r.ok()) return finish(Fail(r.status()));
+    if (!r.ok()) {
+      progress.reset();
+      return finish(Fail(r.status()));
+    }
     ++w->next_step;
+    progress->Report(absl::StrFormat(
+        "bench: step %d/%d%s %.2f s, %.0f s elapsed, about %.0f s left", i + 1, warmup + steps,
+        i < warmup ? " (warm-up)" : "", seconds,
+        absl::ToDoubleSeconds(absl::Now() - bench_start),
+        seconds * (warmup + steps - i - 1)));
     if (i < warmup) continue;
     const v1::StepTimings& t = r->summary.timings();
     wall.Add(seconds);
@@ -476,6 +526,7 @@ int Bench(Client& client) {
     retried += r->attempts - 1;
     parameter_updates += r->summary.param_indices_size();
   }
+  progress.reset();
   const double elapsed = wall.Sum();
   absl::PrintF("steps: %d (+%d warm-up) in %.3f s, retried streams: %d\n", steps, warmup, elapsed,
                retried);
@@ -557,6 +608,21 @@ int Load(Client& client) {
   }
   std::vector<Outcome> outcomes(clients * workers);
   const absl::Time start = absl::Now();
+  std::atomic<int> steps_done{0};  // by all clients and workers
+  absl::Notification all_done;
+  std::thread reporter([&] {
+    Progress progress;
+    const absl::Duration every = progress.terminal() ? absl::Seconds(1) : absl::Seconds(10);
+    const int total = clients * workers * steps;
+    while (!all_done.WaitForNotificationWithTimeout(every)) {
+      const int done = steps_done.load();
+      const double elapsed = absl::ToDoubleSeconds(absl::Now() - start);
+      progress.Report(absl::StrFormat(
+          "load: %d/%d client steps, %.0f s elapsed%s", done, total, elapsed,
+          done > 0 ? absl::StrFormat(", about %.0f s left", elapsed * (total - done) / done)
+                   : std::string()));
+    }
+  });
   std::vector<std::thread> threads;
   for (int t = 0; t < clients * workers; ++t) {
     threads.emplace_back([&, t] {
@@ -595,6 +661,7 @@ int Load(Client& client) {
         out.server_commit.Add(r->summary.timings().total_seconds());
         out.bytes += r->summary.bytes_received() + r->summary.bytes_sent();
         ++w.next_step;
+        ++steps_done;
       }
       if (worker != 0) return;  // worker 0 deletes the shared session
       absl::Status deleted = own.DeleteSession(w.session);
@@ -610,6 +677,8 @@ int Load(Client& client) {
     });
   }
   for (std::thread& t : threads) t.join();
+  all_done.Notify();
+  reporter.join();
   const double elapsed = absl::ToDoubleSeconds(absl::Now() - start);
 
   Samples latency, server_receive, server_commit;

@@ -1,16 +1,16 @@
 // The CPU engine: fp32 state in host memory, Newton–Schulz on OpenBLAS.
 // It is the reference every other engine is tested against.
 #include <cblas.h>
+#include <sched.h>
 
 #include <algorithm>
 #include <bit>
 #include <chrono>
 #include <cstdint>
 #include <cmath>
-#include <map>
 #include <memory>
 #include <new>
-#include <tuple>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -21,6 +21,7 @@
 #include "muon/kernels/engine.h"
 #include "muon/kernels/internal/param_table.h"
 #include "muon/kernels/internal/step_math.h"
+#include "muon/kernels/internal/worker_pool.h"
 #include "muon/kernels/ns_schedule.h"
 #include "muon/kernels/status_macros.h"
 
@@ -49,13 +50,14 @@ double Seconds(std::chrono::steady_clock::time_point since) {
 }
 
 // Host bytes a parameter can hold at once, charged at Register so that the
-// budget bounds the engine's peak: its state, the shadow copy a step writes,
-// and the step's fp32 buffers (decoded gradient and update; for Muon also
-// the Newton–Schulz batch copy and OrthogonalizeCpu's wide copy, Y and two
-// r×r matrices).
+// budget bounds the engine's peak: its state, the copy a step writes (kept
+// allocated between steps), and, as a bound on the workspace a step of it
+// can take, its fp32 buffers (for Muon the momentum output that
+// Newton–Schulz works on, OrthogonalizeCpu's wide copy, Y and two r×r
+// matrices; workspaces are per compute thread and reused).
 int64_t ChargedBytes(const ParamSpec& spec) {
   const int64_t n = NumElements(spec.shape);
-  int64_t step_floats = 2 * n;
+  int64_t step_floats = 0;
   if (spec.kind == OptimizerKind::kMuon) {
     const MatrixView v = MatrixViewOf(spec.shape);
     const int64_t r = std::min(v.rows, v.cols);
@@ -64,6 +66,23 @@ int64_t ChargedBytes(const ParamSpec& spec) {
   return 2 * StateBytes(spec) + step_floats * static_cast<int64_t>(sizeof(float));
 }
 
+// Optimizer state vectors: the current ones and the ones a step writes,
+// swapped at Commit. Both are allocated at Register, so a step allocates no
+// state.
+struct StateBuffers {
+  std::vector<float> momentum;
+  std::vector<float> exp_avg;
+  std::vector<float> exp_avg_sq;
+  std::vector<float> weights;
+
+  void Swap(StateBuffers& other) {
+    momentum.swap(other.momentum);
+    exp_avg.swap(other.exp_avg);
+    exp_avg_sq.swap(other.exp_avg_sq);
+    weights.swap(other.weights);
+  }
+};
+
 struct Param {
   ParamSpec spec;
   MatrixView view;
@@ -71,27 +90,49 @@ struct Param {
   NsCoefficients coeffs;  // Muon only
   // State; replaced only at Commit by the transaction that owns the parameter.
   int64_t step = 0;
-  std::vector<float> momentum;
-  std::vector<float> exp_avg;
-  std::vector<float> exp_avg_sq;
-  std::vector<float> weights;
+  StateBuffers state;
+  // Written by the open transaction that owns the parameter.
+  StateBuffers next;
   // The open transaction computing this parameter, if any.
   const StepTransaction* owner = nullptr;
 };
 
-// The state a transaction computed for one parameter, swapped in at Commit.
-struct Shadow {
-  std::shared_ptr<Param> param;
-  std::vector<float> momentum;
-  std::vector<float> exp_avg;
-  std::vector<float> exp_avg_sq;
-  std::vector<float> weights;
+// A compute thread's scratch for one Muon parameter: the Newton–Schulz input
+// M, orthogonalized in place. Reused from step to step; grows to the largest
+// parameter it served.
+struct Workspace {
+  std::vector<float> m;
 };
+
+// Workspaces not in use by a task. Tasks at once are bounded by the compute
+// threads plus the engine's callers, and so is the number of workspaces.
+class WorkspacePool {
+ public:
+  std::unique_ptr<Workspace> Take() {
+    absl::MutexLock lock(&mu_);
+    if (free_.empty()) return std::make_unique<Workspace>();
+    std::unique_ptr<Workspace> ws = std::move(free_.back());
+    free_.pop_back();
+    return ws;
+  }
+  void Give(std::unique_ptr<Workspace> ws) {
+    absl::MutexLock lock(&mu_);
+    free_.push_back(std::move(ws));
+  }
+
+ private:
+  absl::Mutex mu_;
+  std::vector<std::unique_ptr<Workspace>> free_ ABSL_GUARDED_BY(mu_);
+};
+
+// Element-wise work runs on this many elements at a time, in buffers on the
+// stack: no full-size fp32 copy of a gradient or update exists.
+constexpr int64_t kChunk = 4096;
 
 class CpuEngine final : public Engine {
  public:
-  CpuEngine(int64_t budget_bytes, const EngineOptions& options)
-      : budget_(budget_bytes, options.memory_budget_setting) {}
+  CpuEngine(int64_t budget_bytes, const EngineOptions& options, int compute_threads)
+      : budget_(budget_bytes, options.memory_budget_setting), pool_(compute_threads) {}
 
   absl::string_view name() const override { return "cpu"; }
 
@@ -124,7 +165,7 @@ class CpuEngine final : public Engine {
     absl::MutexLock lock(&mu_);
     MUON_ASSIGN_OR_RETURN(std::shared_ptr<Param> p,
                           params_.FindHolder(id, values.size(), /*idle=*/true));
-    std::copy(values.begin(), values.end(), p->weights.begin());
+    std::copy(values.begin(), values.end(), p->state.weights.begin());
     return absl::OkStatus();
   }
 
@@ -132,7 +173,7 @@ class CpuEngine final : public Engine {
     absl::MutexLock lock(&mu_);
     MUON_ASSIGN_OR_RETURN(std::shared_ptr<Param> p,
                           params_.FindHolder(id, values.size(), /*idle=*/false));
-    std::copy(p->weights.begin(), p->weights.end(), values.begin());
+    std::copy(p->state.weights.begin(), p->state.weights.end(), values.begin());
     return absl::OkStatus();
   }
 
@@ -140,7 +181,7 @@ class CpuEngine final : public Engine {
     absl::MutexLock lock(&mu_);
     MUON_ASSIGN_OR_RETURN(std::shared_ptr<Param> p, params_.Find(id));
     try {
-      return ParamState{p->step, p->momentum, p->exp_avg, p->exp_avg_sq, p->weights};
+      return ParamState{p->step, p->state.momentum, p->state.exp_avg, p->state.exp_avg_sq, p->state.weights};
     } catch (const std::bad_alloc&) {
       return internal::OutOfHostMemory(
           absl::StrCat("exporting the state of ", internal::Who(p->spec)));
@@ -153,10 +194,10 @@ class CpuEngine final : public Engine {
     MUON_RETURN_IF_ERROR(internal::CheckImport(p->spec, state));
     // Sizes match, so the copies allocate nothing.
     p->step = state.step;
-    std::copy(state.momentum.begin(), state.momentum.end(), p->momentum.begin());
-    std::copy(state.exp_avg.begin(), state.exp_avg.end(), p->exp_avg.begin());
-    std::copy(state.exp_avg_sq.begin(), state.exp_avg_sq.end(), p->exp_avg_sq.begin());
-    std::copy(state.weights.begin(), state.weights.end(), p->weights.begin());
+    std::copy(state.momentum.begin(), state.momentum.end(), p->state.momentum.begin());
+    std::copy(state.exp_avg.begin(), state.exp_avg.end(), p->state.exp_avg.begin());
+    std::copy(state.exp_avg_sq.begin(), state.exp_avg_sq.end(), p->state.exp_avg_sq.begin());
+    std::copy(state.weights.begin(), state.weights.end(), p->state.weights.begin());
     return absl::OkStatus();
   }
 
@@ -182,13 +223,15 @@ class CpuEngine final : public Engine {
         bytes, internal::Who(spec),
         "host memory (its optimizer state, the copy a step writes, and the step's buffers)"));
     try {
-      if (spec.kind == OptimizerKind::kMuon) {
-        param->momentum.assign(param->size, 0.0f);
-      } else {
-        param->exp_avg.assign(param->size, 0.0f);
-        param->exp_avg_sq.assign(param->size, 0.0f);
+      for (StateBuffers* b : {&param->state, &param->next}) {
+        if (spec.kind == OptimizerKind::kMuon) {
+          b->momentum.assign(param->size, 0.0f);
+        } else {
+          b->exp_avg.assign(param->size, 0.0f);
+          b->exp_avg_sq.assign(param->size, 0.0f);
+        }
+        if (spec.hold_weights) b->weights.assign(param->size, 0.0f);
       }
-      if (spec.hold_weights) param->weights.assign(param->size, 0.0f);
     } catch (const std::bad_alloc&) {
       budget_.Release(bytes);
       throw;
@@ -199,6 +242,8 @@ class CpuEngine final : public Engine {
   mutable absl::Mutex mu_;
   ParamTable<Param> params_ ABSL_GUARDED_BY(mu_);
   internal::MemoryBudget budget_ ABSL_GUARDED_BY(mu_);
+  internal::WorkerPool pool_;
+  WorkspacePool workspaces_;
 };
 
 class CpuTransaction final : public StepTransaction {
@@ -208,7 +253,7 @@ class CpuTransaction final : public StepTransaction {
 
   ~CpuTransaction() override {
     absl::MutexLock lock(&engine_->mu_);
-    for (Shadow& s : shadows_) s.param->owner = nullptr;
+    for (const std::shared_ptr<Param>& p : computed_) p->owner = nullptr;
   }
 
   absl::Status Compute(absl::Span<const GradientInput> grads, absl::Span<UpdateOutput> outputs,
@@ -224,16 +269,12 @@ class CpuTransaction final : public StepTransaction {
   absl::Status Commit() override {
     absl::MutexLock lock(&engine_->mu_);
     if (committed_) return absl::FailedPreconditionError("step already committed");
-    for (Shadow& s : shadows_) {
-      Param& p = *s.param;
-      p.step += 1;
-      p.momentum.swap(s.momentum);
-      p.exp_avg.swap(s.exp_avg);
-      p.exp_avg_sq.swap(s.exp_avg_sq);
-      p.weights.swap(s.weights);
-      p.owner = nullptr;
+    for (const std::shared_ptr<Param>& p : computed_) {
+      p->step += 1;
+      p->state.Swap(p->next);
+      p->owner = nullptr;
     }
-    shadows_.clear();
+    computed_.clear();
     committed_ = true;
     return absl::OkStatus();
   }
@@ -247,7 +288,8 @@ class CpuTransaction final : public StepTransaction {
 
   CpuEngine* const engine_;
   const StepOptions options_;
-  std::vector<Shadow> shadows_;
+  // Parameters whose next state this transaction wrote.
+  std::vector<std::shared_ptr<Param>> computed_;
   bool committed_ = false;
 };
 
@@ -265,129 +307,191 @@ absl::Status Overflow(const Param& p, absl::string_view what) {
       "down, e.g. clip it)"));
 }
 
+absl::Status GradientNotFinite(const Param& p) {
+  return absl::InvalidArgumentError(
+      absl::StrCat("parameter '", p.spec.name, "': gradient contains NaN or Inf"));
+}
+
+// Seconds one parameter's task spent by phase.
+struct TaskTimes {
+  double stage = 0, compute = 0, finish = 0;
+};
+
+// One Muon parameter's step into p.next and `out`, on the calling thread:
+// decode into the workspace, momentum, Newton–Schulz in place, the scaled
+// update, held weights, encode.
+absl::Status StepMuon(Param& p, const GradientInput& grad, UpdateOutput& out, bool measure,
+                      Workspace* ws, TaskTimes* t) {
+  auto start = std::chrono::steady_clock::now();
+  const int64_t n = p.size;
+  if (ws->m.size() < static_cast<size_t>(n)) ws->m.resize(n);
+  float* m = ws->m.data();
+  DecodeToFloat(grad.dtype, grad.bytes.data(), n, m);
+  FiniteTracker gradient;
+  for (int64_t k = 0; k < n; ++k) gradient.Add(m[k]);
+  if (!gradient.all_finite()) return GradientNotFinite(p);
+  t->stage = Seconds(start);
+  start = std::chrono::steady_clock::now();
+
+  const HyperParams hp = StepHyperParams(p.spec, grad);
+  const internal::MomentumCoefficients c = internal::MakeMomentumCoefficients(
+      hp.momentum, hp.momentum_form == MomentumForm::kEma, hp.nesterov);
+  const float* b = p.state.momentum.data();
+  float* b_new = p.next.momentum.data();
+  FiniteTracker momentum;
+  for (int64_t k = 0; k < n; ++k) {
+    m[k] = internal::MomentumStep(c, b[k], m[k], &b_new[k]);
+    momentum.Add(b_new[k]);
+    momentum.Add(m[k]);
+  }
+  if (!momentum.all_finite()) return Overflow(p, "momentum");
+  MUON_RETURN_IF_ERROR(OrthogonalizeCpu(p.coeffs, p.view, m));
+  if (measure) {
+    const int64_t size = p.view.rows * p.view.cols;
+    double err = 0;
+    for (int64_t k = 0; k < p.view.batch; ++k) {
+      err += OrthogonalityError(p.view.rows, p.view.cols, m + k * size);
+    }
+    out.orthogonality_error = err / static_cast<double>(p.view.batch);
+  }
+  const float scale =
+      internal::MuonUpdateScale(hp.lr, internal::ShapeScaleFactor(hp.shape_scale, p.view));
+  FiniteTracker update;
+  for (int64_t k = 0; k < n; ++k) {
+    m[k] = internal::MuonUpdate(scale, m[k]);
+    update.Add(m[k]);
+  }
+  if (!update.all_finite()) return Overflow(p, "update");
+  if (p.spec.hold_weights) {
+    const float decay = static_cast<float>(out.decay);
+    const float* w = p.state.weights.data();
+    float* w_new = p.next.weights.data();
+    FiniteTracker weights;
+    for (int64_t k = 0; k < n; ++k) {
+      w_new[k] = internal::DecayedWeight(decay, w[k], m[k]);
+      weights.Add(w_new[k]);
+    }
+    if (!weights.all_finite()) return Overflow(p, "weights");
+  }
+  t->compute = Seconds(start);
+  start = std::chrono::steady_clock::now();
+  EncodeFromFloat(out.dtype, m, n, out.bytes.data());
+  t->finish = Seconds(start);
+  return absl::OkStatus();
+}
+
+// One AdamW parameter's step into p.next and `out`, kChunk elements at a
+// time (decode, moments, update, held weights, encode): no workspace.
+absl::Status StepAdamW(Param& p, const GradientInput& grad, UpdateOutput& out, TaskTimes* t) {
+  const auto start = std::chrono::steady_clock::now();
+  const HyperParams hp = StepHyperParams(p.spec, grad);
+  const auto c =
+      internal::MakeAdamWCoefficients<double>(hp.beta1, hp.beta2, hp.eps, hp.lr, p.step + 1);
+  const float decay = static_cast<float>(out.decay);
+  const size_t in_size = DTypeSize(grad.dtype), out_size = DTypeSize(out.dtype);
+  FiniteTracker gradient, moments, weights;
+  float g[kChunk], u[kChunk];
+  for (int64_t off = 0; off < p.size; off += kChunk) {
+    const int64_t len = std::min(kChunk, p.size - off);
+    DecodeToFloat(grad.dtype, grad.bytes.data() + off * in_size, len, g);
+    for (int64_t k = 0; k < len; ++k) gradient.Add(g[k]);
+    const float* m = p.state.exp_avg.data() + off;
+    const float* v = p.state.exp_avg_sq.data() + off;
+    float* m_new = p.next.exp_avg.data() + off;
+    float* v_new = p.next.exp_avg_sq.data() + off;
+    for (int64_t k = 0; k < len; ++k) {
+      u[k] = internal::AdamWStep(c, m[k], v[k], g[k], &m_new[k], &v_new[k]);
+      moments.Add(m_new[k]);
+      moments.Add(v_new[k]);
+      moments.Add(u[k]);
+    }
+    if (p.spec.hold_weights) {
+      const float* w = p.state.weights.data() + off;
+      float* w_new = p.next.weights.data() + off;
+      for (int64_t k = 0; k < len; ++k) {
+        w_new[k] = internal::DecayedWeight(decay, w[k], u[k]);
+        weights.Add(w_new[k]);
+      }
+    }
+    EncodeFromFloat(out.dtype, u, len, out.bytes.data() + off * out_size);
+  }
+  if (!gradient.all_finite()) return GradientNotFinite(p);
+  if (!moments.all_finite()) return Overflow(p, "AdamW moments or update");
+  if (!weights.all_finite()) return Overflow(p, "weights");
+  t->compute = Seconds(start);
+  return absl::OkStatus();
+}
+
 absl::Status CpuTransaction::ComputeClaimed(const std::vector<std::shared_ptr<Param>>& params,
                                             absl::Span<const GradientInput> grads,
                                             absl::Span<UpdateOutput> outputs, StepStats* stats) {
-  StepStats local;
-  auto start = std::chrono::steady_clock::now();
-
-  // Stage: decode gradients to fp32 and reject NaN/Inf before any state moves.
-  std::vector<std::vector<float>> g(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
+  const auto start = std::chrono::steady_clock::now();
+  const size_t count = params.size();
+  // Largest first, so that the last tasks to start are short ones.
+  std::vector<int64_t> cost(count);
+  for (size_t i = 0; i < count; ++i) {
     const Param& p = *params[i];
-    g[i].resize(p.size);
-    DecodeToFloat(grads[i].dtype, grads[i].bytes.data(), p.size, g[i].data());
-    if (!std::all_of(g[i].begin(), g[i].end(), [](float v) { return std::isfinite(v); })) {
-      return absl::InvalidArgumentError(absl::StrCat("parameter '", p.spec.name,
-                                                     "': gradient contains NaN or Inf"));
-    }
-  }
-  local.stage_seconds = Seconds(start);
-  start = std::chrono::steady_clock::now();
-
-  std::vector<Shadow> shadows(params.size());
-  std::vector<std::vector<float>> update(params.size());  // fp32, before encoding
-  // Muon parameters grouped by (rows, cols, schedule, steps): each group is
-  // one batch of same-shape matrices for Newton–Schulz.
-  std::map<std::tuple<int64_t, int64_t, ScheduleKind, int, bool>, std::vector<size_t>> groups;
-  for (size_t i = 0; i < params.size(); ++i) {
-    const Param& p = *params[i];
+    cost[i] = p.spec.kind == OptimizerKind::kMuon
+                  ? NsFlops(p.view, static_cast<int>(p.coeffs.steps.size()))
+                  : p.size;
     const HyperParams hp = StepHyperParams(p.spec, grads[i]);
-    Shadow& s = shadows[i];
-    s.param = params[i];
-    const double lr = hp.lr;
-    outputs[i].decay = internal::DecayFactor(lr, hp.weight_decay);
+    outputs[i].decay = internal::DecayFactor(hp.lr, hp.weight_decay);
     outputs[i].orthogonality_error = std::numeric_limits<double>::quiet_NaN();
-    update[i].resize(p.size);
-    FiniteTracker finite;
-    if (p.spec.kind == OptimizerKind::kMuon) {
-      const internal::MomentumCoefficients c = internal::MakeMomentumCoefficients(
-          hp.momentum, hp.momentum_form == MomentumForm::kEma, hp.nesterov);
-      s.momentum.resize(p.size);
-      for (int64_t k = 0; k < p.size; ++k) {
-        update[i][k] = internal::MomentumStep(c, p.momentum[k], g[i][k], &s.momentum[k]);
-        finite.Add(s.momentum[k]);
-        finite.Add(update[i][k]);
-      }
-      if (!finite.all_finite()) return Overflow(p, "momentum");
-      groups[{p.view.rows, p.view.cols, hp.ns_schedule, hp.ns_steps, p.coeffs.gram}].push_back(i);
-    } else {
-      const auto c = internal::MakeAdamWCoefficients<double>(hp.beta1, hp.beta2, hp.eps, lr,
-                                                             p.step + 1);
-      s.exp_avg.resize(p.size);
-      s.exp_avg_sq.resize(p.size);
-      for (int64_t k = 0; k < p.size; ++k) {
-        update[i][k] = internal::AdamWStep(c, p.exp_avg[k], p.exp_avg_sq[k], g[i][k],
-                                           &s.exp_avg[k], &s.exp_avg_sq[k]);
-        finite.Add(s.exp_avg[k]);
-        finite.Add(s.exp_avg_sq[k]);
-        finite.Add(update[i][k]);
-      }
-      if (!finite.all_finite()) return Overflow(p, "AdamW moments or update");
-    }
   }
+  std::vector<size_t> order(count);
+  for (size_t i = 0; i < count; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return cost[a] > cost[b]; });
 
-  for (const auto& [key, members] : groups) {
-    const Param& first = *params[members.front()];
-    const MatrixView& v = first.view;
-    const int64_t size = v.rows * v.cols;
-    const int64_t per_param = v.batch * size;
-    std::vector<float> batch(per_param * members.size());
-    for (size_t j = 0; j < members.size(); ++j) {
-      std::copy(update[members[j]].begin(), update[members[j]].end(),
-                batch.begin() + j * per_param);
-    }
-    const MatrixView all{v.batch * static_cast<int64_t>(members.size()), v.rows, v.cols};
-    MUON_RETURN_IF_ERROR(OrthogonalizeCpu(first.coeffs, all, batch.data()));
-    local.ns_flops += NsFlops(all, static_cast<int>(first.coeffs.steps.size()));
-    for (size_t j = 0; j < members.size(); ++j) {
-      const size_t i = members[j];
-      const Param& p = *params[i];
-      const float* o = batch.data() + j * per_param;
-      if (options_.measure_orthogonality) {
-        double err = 0;
-        for (int64_t k = 0; k < v.batch; ++k) err += OrthogonalityError(v.rows, v.cols, o + k * size);
-        outputs[i].orthogonality_error = err / static_cast<double>(v.batch);
+  std::vector<absl::Status> status(count);
+  std::vector<TaskTimes> times(count);
+  engine_->pool_.ParallelFor(count, [&](size_t task) {
+    const size_t i = order[task];
+    Param& p = *params[i];
+    try {
+      if (p.spec.kind == OptimizerKind::kMuon) {
+        std::unique_ptr<Workspace> ws = engine_->workspaces_.Take();
+        status[i] = StepMuon(p, grads[i], outputs[i], options_.measure_orthogonality, ws.get(),
+                             &times[i]);
+        engine_->workspaces_.Give(std::move(ws));
+      } else {
+        status[i] = StepAdamW(p, grads[i], outputs[i], &times[i]);
       }
-      const double lr = StepHyperParams(p.spec, grads[i]).lr;
-      const float scale =
-          internal::MuonUpdateScale(lr, internal::ShapeScaleFactor(p.spec.hp.shape_scale, v));
-      FiniteTracker finite;
-      for (int64_t k = 0; k < p.size; ++k) {
-        update[i][k] = internal::MuonUpdate(scale, o[k]);
-        finite.Add(update[i][k]);
-      }
-      if (!finite.all_finite()) return Overflow(p, "update");
+    } catch (const std::bad_alloc&) {
+      status[i] = internal::OutOfHostMemory("for a step's buffers");
     }
-  }
+  });
+  for (const absl::Status& s : status) MUON_RETURN_IF_ERROR(s);
 
-  for (size_t i = 0; i < params.size(); ++i) {
+  // Phases overlap across threads: the call's wall time is split by each
+  // phase's share of the tasks' time.
+  StepStats local;
+  TaskTimes sum;
+  for (size_t i = 0; i < count; ++i) {
+    sum.stage += times[i].stage;
+    sum.compute += times[i].compute;
+    sum.finish += times[i].finish;
     const Param& p = *params[i];
-    if (p.spec.hold_weights) {
-      const float decay = static_cast<float>(outputs[i].decay);
-      shadows[i].weights.resize(p.size);
-      FiniteTracker finite;
-      for (int64_t k = 0; k < p.size; ++k) {
-        shadows[i].weights[k] = internal::DecayedWeight(decay, p.weights[k], update[i][k]);
-        finite.Add(shadows[i].weights[k]);
-      }
-      if (!finite.all_finite()) return Overflow(p, "weights");
+    if (p.spec.kind == OptimizerKind::kMuon) {
+      local.ns_flops += NsFlops(p.view, static_cast<int>(p.coeffs.steps.size()));
     }
   }
-  local.compute_seconds = Seconds(start);
-  start = std::chrono::steady_clock::now();
-
-  for (size_t i = 0; i < params.size(); ++i) {
-    EncodeFromFloat(outputs[i].dtype, update[i].data(), update[i].size(),
-                    outputs[i].bytes.data());
-  }
-  local.finish_seconds = Seconds(start);
-  local.parameters = static_cast<int64_t>(params.size());
+  const double busy = sum.stage + sum.compute + sum.finish;
+  const double share = busy > 0 ? Seconds(start) / busy : 0;
+  local.stage_seconds = sum.stage * share;
+  local.compute_seconds = sum.compute * share;
+  local.finish_seconds = sum.finish * share;
+  local.parameters = static_cast<int64_t>(count);
   if (stats != nullptr) *stats += local;
-
-  shadows_.reserve(shadows_.size() + shadows.size());
-  for (Shadow& s : shadows) shadows_.push_back(std::move(s));
+  computed_.insert(computed_.end(), params.begin(), params.end());
   return absl::OkStatus();
+}
+
+// The cores this process may run on (its affinity mask), at least 1.
+int UsableCores() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
 }
 
 }  // namespace
@@ -398,9 +502,25 @@ absl::StatusOr<std::unique_ptr<Engine>> CreateCpuEngine(const EngineOptions& opt
   if (options.blas_threads < 0) {
     return absl::InvalidArgumentError("BLAS threads must be >= 0 (0: OpenBLAS's default)");
   }
-  // Process-wide: OpenBLAS has one thread count.
-  if (options.blas_threads > 0) openblas_set_num_threads(options.blas_threads);
-  return std::make_unique<CpuEngine>(budget, options);
+  if (options.compute_threads < 0) {
+    return absl::InvalidArgumentError("compute threads must be >= 0 (0: one per core)");
+  }
+  const int threads = options.compute_threads > 0 ? options.compute_threads : UsableCores();
+  // Process-wide: OpenBLAS has one thread count. Compute threads call it
+  // single-threaded; a multi-threaded OpenBLAS called from several threads
+  // at once spins against itself (docs/performance.md).
+  if (threads > 1) {
+    if (options.blas_threads > 1) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          options.blas_threads, " BLAS threads per call need a single compute thread (",
+          threads, " set or found); with several compute threads BLAS runs on one thread each: "
+          "set BLAS threads to 1, or compute threads to 1"));
+    }
+    openblas_set_num_threads(1);
+  } else if (options.blas_threads > 0) {
+    openblas_set_num_threads(options.blas_threads);
+  }
+  return std::make_unique<CpuEngine>(budget, options, threads);
 }
 
 }  // namespace muon

@@ -34,9 +34,13 @@ ABSL_FLAG(std::vector<std::string>, devices, {},
           "CUDA engine on several devices: comma-separated ordinals (parameters placed across "
           "them by cost); empty: --device alone. Env MUON_DEVICES.");
 ABSL_FLAG(int, blas_threads, 1,
-          "CPU engine: OpenBLAS threads per call; 0: OpenBLAS's default (OPENBLAS_NUM_THREADS, "
-          "else one per core). Sessions already run in parallel on --scheduler_threads; raise it "
-          "for one large session on an otherwise idle machine. Env MUON_BLAS_THREADS.");
+          "CPU engine with --compute_threads=1: OpenBLAS threads per call; 0: OpenBLAS's default "
+          "(OPENBLAS_NUM_THREADS, else one per core). With more compute threads each BLAS call "
+          "runs on one thread and this must be 1. Env MUON_BLAS_THREADS.");
+ABSL_FLAG(int, compute_threads, 0,
+          "CPU engine: threads that compute a step's parameters in parallel, shared by all "
+          "sessions; 0: one per core. Updates are bit-identical for every value (at "
+          "--blas_threads=1). Env MUON_COMPUTE_THREADS.");
 ABSL_FLAG(int, malloc_arenas, 2,
           "glibc malloc arenas; 0: glibc's default (MALLOC_ARENA_MAX, else 8 per core). Steps "
           "allocate large buffers on one gRPC thread and free them on another; with an arena "
@@ -123,6 +127,7 @@ bool FlagsFromEnv() {
          FromEnv(&FLAGS_device, "MUON_DEVICE") &&
          FromEnv(&FLAGS_devices, "MUON_DEVICES") &&
          FromEnv(&FLAGS_blas_threads, "MUON_BLAS_THREADS") &&
+         FromEnv(&FLAGS_compute_threads, "MUON_COMPUTE_THREADS") &&
          FromEnv(&FLAGS_malloc_arenas, "MUON_MALLOC_ARENAS") &&
          FromEnv(&FLAGS_max_sessions, "MUON_MAX_SESSIONS") &&
          FromEnv(&FLAGS_max_params_per_session, "MUON_MAX_PARAMS_PER_SESSION") &&
@@ -231,6 +236,7 @@ int main(int argc, char** argv) {
     options.devices.push_back(ordinal);
   }
   options.blas_threads = absl::GetFlag(FLAGS_blas_threads);
+  options.compute_threads = absl::GetFlag(FLAGS_compute_threads);
   options.limits.max_sessions = absl::GetFlag(FLAGS_max_sessions);
   options.limits.max_params_per_session = absl::GetFlag(FLAGS_max_params_per_session);
   options.limits.max_bytes_per_session = absl::GetFlag(FLAGS_max_bytes_per_session);

@@ -187,6 +187,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   engine_options.device = options.device;
   engine_options.devices = options.devices;
   engine_options.blas_threads = options.blas_threads;
+  engine_options.compute_threads = options.compute_threads;
   // The /metrics endpoint starts before the engine: its threads then do not
   // compete with whatever the engine (the CUDA runtime) reserves, and a bad
   // --metrics_listen fails fast without initializing a device.

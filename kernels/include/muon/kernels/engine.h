@@ -107,8 +107,9 @@ class StepTransaction {
   // Everything is validated before any work: unknown parameter
   // (NotFound), dtype or byte count mismatch, NaN/Inf, a parameter given
   // twice in one step or held by another open transaction (InvalidArgument /
-  // FailedPrecondition). On error nothing of this call is kept; what earlier
-  // calls computed stays in the transaction.
+  // FailedPrecondition). On error nothing of this call is kept (its outputs'
+  // bytes are unspecified); what earlier calls computed stays in the
+  // transaction.
   // `stats`, when not null, is incremented by this call's work.
   virtual absl::Status Compute(absl::Span<const GradientInput> grads,
                                absl::Span<UpdateOutput> outputs,
@@ -135,9 +136,17 @@ struct EngineOptions {
   // unused. Empty or one entry: one device. Each device gets the whole
   // memory budget.
   std::vector<int> devices = {};
-  // CPU engine: OpenBLAS threads per BLAS call (process-wide); 0 leaves
-  // OpenBLAS's default (OPENBLAS_NUM_THREADS, else one per core).
+  // CPU engine: OpenBLAS threads per BLAS call (process-wide) when
+  // compute_threads is 1; 0 leaves OpenBLAS's default (OPENBLAS_NUM_THREADS,
+  // else one per core). With more compute threads BLAS runs on one thread
+  // per call, and a value above 1 here is InvalidArgument.
   int blas_threads = 0;
+  // CPU engine: threads that compute a step's parameters in parallel
+  // (different parameters on different threads, shared by all callers);
+  // 0: one per core this process may use. Updates are bit-identical for
+  // every value (each parameter is computed on one thread, BLAS on one
+  // thread); compute_threads = 1 with blas_threads != 1 is not.
+  int compute_threads = 0;
 };
 
 // The optimizer's compute: parameters' state and the step over batches of

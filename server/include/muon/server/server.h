@@ -41,11 +41,15 @@ struct ServerOptions {
   int device = 0;
   // CUDA engine on several devices (EngineOptions::devices); empty: `device`.
   std::vector<int> devices;
-  // CPU engine: OpenBLAS threads per call; 0: OpenBLAS's default. The
-  // scheduler already runs different sessions' work in parallel, and a
-  // multi-threaded OpenBLAS called from several threads at once spins
-  // against itself (docs/performance.md, "Load").
+  // CPU engine with compute_threads = 1: OpenBLAS threads per call; 0:
+  // OpenBLAS's default. With more compute threads it must be 1: each
+  // thread calls BLAS single-threaded, since a multi-threaded OpenBLAS
+  // called from several threads at once spins against itself
+  // (docs/performance.md, "Load").
   int blas_threads = 1;
+  // CPU engine: threads computing a step's parameters in parallel, shared
+  // by all sessions; 0: one per core.
+  int compute_threads = 0;
   Limits limits;
   // Directory for checkpoints; empty: checkpoints disabled. Sessions found
   // there are restored at start.
