@@ -172,7 +172,7 @@ absl::StatusOr<v1::CreateSessionRequest> PresetRequest(const std::string& model,
   if (!params.ok()) return params.status();
   absl::StatusOr<WireType> wire = ParseWireType(absl::GetFlag(FLAGS_dtype));
   if (!wire.ok()) return wire.status();
-  v1::NsSchedule schedule;
+  v1::NsSchedule schedule = v1::NS_SCHEDULE_UNSPECIFIED;
   if (!v1::NsSchedule_Parse(absl::AsciiStrToUpper("NS_SCHEDULE_" + absl::GetFlag(FLAGS_schedule)),
                             &schedule)) {
     return absl::InvalidArgumentError(
