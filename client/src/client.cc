@@ -231,6 +231,20 @@ absl::Status Client::DeleteSession(const SessionHandle& session) {
   return FromGrpcStatus(stub_->DeleteSession(&context, request, &response));
 }
 
+absl::StatusOr<v1::AddParametersResponse> Client::AddParameters(
+    const SessionHandle& session, absl::Span<const v1::ParameterSpec> params) {
+  grpc::ClientContext context;
+  Prepare(&context, options_.call_timeout);
+  v1::AddParametersRequest request;
+  request.set_session_id(session.id);
+  request.set_token(session.token);
+  for (const v1::ParameterSpec& p : params) *request.add_params() = p;
+  v1::AddParametersResponse response;
+  grpc::Status status = stub_->AddParameters(&context, request, &response);
+  if (!status.ok()) return FromGrpcStatus(status);
+  return response;
+}
+
 absl::StatusOr<std::vector<v1::SessionCheckpoint>> Client::Checkpoint(
     const SessionHandle* session) {
   grpc::ClientContext context;

@@ -437,32 +437,61 @@ class PortingTest(unittest.TestCase):
         self.assertEqual([s.info().step for s in opt.sessions], [1, 1])
 
     def test_add_param_group_registers_and_trains_the_new_parameters(self):
+        # A Muon group joins the live Muon session (AddParameters); the first
+        # AdamW group gets a session of its own, the second joins that one.
+        # Each keeps its own hyper-parameters, lr schedule included.
         torch.manual_seed(self.seed)
         a = torch.nn.Parameter(torch.randn(16, 12))
         b = torch.nn.Parameter(torch.randn(12, 8))
+        d = torch.nn.Parameter(torch.randn(10))
+        e = torch.nn.Parameter(torch.randn(6, 4))
         opt = self.remote([a], lr=0.05, weight_decay=0.0)
-        ref_a = MuonReference(a.shape, lr=0.05)
-        ref_b = MuonReference(b.shape, lr=0.03)
-        wa, wb = a.detach().double().numpy().copy(), b.detach().double().numpy().copy()
-        for step in range(4):
+        refs = {"a": MuonReference(a.shape, lr=0.05)}
+        params = {"a": a}
+        weights = {"a": a.detach().double().numpy().copy()}
+        adamw = dict(kind="adamw", betas=(0.9, 0.99), eps=1e-8)
+        for step in range(6):
             if step == 2:
-                opt.add_param_group({"params": [b], "lr": 0.03})
+                opt.add_param_group({"params": [b], "lr": 0.03, "momentum": 0.9,
+                                     "weight_decay": 0.2})
+                refs["b"] = MuonReference(b.shape, lr=0.03, momentum=0.9, weight_decay=0.2)
+                params["b"] = b
+                self.assertEqual(len(opt.sessions), 1)
+                self.assertEqual(opt.sessions[0].info().num_params, 2)
+            if step == 3:
+                opt.add_param_group(dict(adamw, params=[d], lr=0.004, weight_decay=0.1))
+                refs["d"] = AdamWReference(d.shape, lr=0.004, betas=(0.9, 0.99), eps=1e-8,
+                                           weight_decay=0.1)
+                params["d"] = d
                 self.assertEqual(len(opt.sessions), 2)
-            a.grad = torch.randn_like(a)
-            decay, update = ref_a.step(a.grad.numpy())
-            wa = decay * wa + update
-            if step >= 2:
-                b.grad = torch.randn_like(b)
-                decay, update = ref_b.step(b.grad.numpy())
-                wb = decay * wb + update
+            if step == 4:
+                opt.add_param_group(dict(adamw, params=[e], lr=0.002, weight_decay=0.0))
+                refs["e"] = AdamWReference(e.shape, lr=0.002, betas=(0.9, 0.99), eps=1e-8)
+                params["e"] = e
+                self.assertEqual(len(opt.sessions), 2)
+                # A scheduler moving one group of the shared session only.
+                opt.param_groups[1]["lr"] = 0.01
+                refs["b"].lr = 0.01
+            for name, p in params.items():
+                weights.setdefault(name, p.detach().double().numpy().copy())
+                p.grad = torch.randn_like(p)
+                decay, update = refs[name].step(p.grad.numpy())
+                weights[name] = decay * weights[name] + update
             opt.step()
-        self.assertLess(rel_err(a.detach().numpy(), wa), 1e-5)
-        self.assertLess(rel_err(b.detach().numpy(), wb), 1e-5)
-        self.assertEqual([s.info().step for s in opt.sessions], [4, 2])
+            for name, p in params.items():
+                self.assertLess(rel_err(p.detach().numpy(), weights[name]), 1e-5,
+                                f"{name} at step {step}")
+        self.assertEqual([s.info().num_params for s in opt.sessions], [2, 2])
+        self.assertEqual([s.info().step for s in opt.sessions], [6, 3])
+        # The state dict covers the added parameters.
+        state = opt.state_dict()
+        self.assertEqual(sorted(state["state"]), [0, 1, 2, 3])
+        self.assertEqual(float(state["state"][3]["step"]), 2.0)
         with self.assertRaises(TypeError):
             opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3, 3))],
                                  "lr_typo": 1.0})
-        self.assertEqual(len(opt.param_groups), 2)
+        self.assertEqual(len(opt.param_groups), 4)
+        self.assertEqual([s.info().num_params for s in opt.sessions], [2, 2])
 
     # ------------------------------------------------------------- lifecycle
 

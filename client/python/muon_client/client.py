@@ -343,6 +343,10 @@ class Session:
         """MuonClient.import_state for this session."""
         return self._client.import_state(self, param_steps, tensors)
 
+    def add_params(self, params: Sequence[ParamSpec]) -> int:
+        """MuonClient.add_parameters for this session."""
+        return self._client.add_parameters(self, params)
+
     def delete(self) -> None:
         self._client.delete_session(self.session_id, self.token)
 
@@ -353,6 +357,15 @@ def _pem(value: Union[None, bytes, str, "os.PathLike[str]"]) -> Optional[bytes]:
         return value
     with open(value, "rb") as f:
         return f.read()
+
+
+def _add_specs(out, params: Sequence[ParamSpec]) -> None:
+    """Appends `params` as ParameterSpec messages to the repeated field `out`."""
+    for p in params:
+        spec = out.add(name=p.name, shape=list(p.shape), dtype=_lookup(_DTYPES, "dtype", p.dtype))
+        if p.kind is not None:
+            spec.kind = _lookup(_KINDS, "optimizer kind", p.kind)
+        spec.overrides.CopyFrom(hyper_params(**p.overrides))
 
 
 class MuonClient:
@@ -467,14 +480,21 @@ class MuonClient:
                                           adamw_hyper_params=hyper_params(**(adamw or {})),
                                           mode=_lookup(_MODES, "session mode", mode),
                                           num_workers=num_workers)
-        for p in params:
-            spec = request.params.add(name=p.name, shape=list(p.shape),
-                                      dtype=_lookup(_DTYPES, "dtype", p.dtype))
-            if p.kind is not None:
-                spec.kind = _lookup(_KINDS, "optimizer kind", p.kind)
-            spec.overrides.CopyFrom(hyper_params(**p.overrides))
+        _add_specs(request.params, params)
         response = self._unary(self._stub.CreateSession, request, "CreateSession")
         return Session(self, response.session_id, response.token, response.step, list(params))
+
+    def add_parameters(self, session: Session, params: Sequence[ParamSpec]) -> int:
+        """Updates sessions, between steps: adds `params` (zeroed state; the
+        session's hyper-parameters apply under their overrides), all or none,
+        and appends them to session.params. Returns the index of the first.
+        Retried only while the server is unreachable: a repeat of a call that
+        did succeed is refused, since the names are then taken."""
+        request = pb.AddParametersRequest(session_id=session.session_id, token=session.token)
+        _add_specs(request.params, params)
+        response = self._unary(self._stub.AddParameters, request, "AddParameters")
+        session.params = session.params + list(params)
+        return response.first_index
 
     def attach(self, session_id: str, token: str, params: Sequence[ParamSpec]) -> Session:
         """Reattaches to an existing session (e.g. from a saved state_dict)."""

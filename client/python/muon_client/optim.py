@@ -133,6 +133,12 @@ class _Unit:
     indices: List[int]  # global indices into _order
     session: Session
     offset: int  # the optimizer's step minus the session's when it was made
+    # Per local index, the param group (add_param_group may add groups to
+    # the session); empty: every parameter is `group`'s.
+    groups: List[int] = dataclasses.field(default_factory=list)
+
+    def group_of(self, local: int) -> int:
+        return self.groups[local] if self.groups else self.group
 
 
 @dataclasses.dataclass
@@ -350,9 +356,13 @@ class RemoteMuon(torch.optim.Optimizer):
         return "muon" if shapes.pop() else "adamw"
 
     def add_param_group(self, param_group: dict) -> None:
-        """Adds a group, with the same checks and defaults as the constructor;
-        once the optimizer exists its parameters are registered with the
-        server(s) at once, in sessions of their own starting from zero state."""
+        """Adds a group, with the same checks and defaults as the constructor.
+        Once the optimizer exists its parameters are registered with the
+        server(s) at once, from zero state: added to the live session that
+        holds groups of the same kind (Muon or AdamW) on each server
+        (AddParameters), or in a new session where a server has none. Every
+        hyper-parameter stays the group's own: its fixed ones are registered
+        per parameter, its per-step ones sent per parameter."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param group must be a dict, got {type(param_group).__name__}")
         if self._live and self._ps:
@@ -404,7 +414,7 @@ class RemoteMuon(torch.optim.Optimizer):
         self._registered.append(self._fixed(group, kind, hp))
         if self._live:
             try:
-                self._units += self._create_units(gi)
+                self._units += self._extend_units(gi)
             except BaseException:
                 # Nothing of a group that could not be registered stays behind.
                 self.param_groups.pop()
@@ -513,6 +523,55 @@ class RemoteMuon(torch.optim.Optimizer):
             raise
         return units
 
+    def _extend_units(self, gi: int) -> List[_Unit]:
+        """Registers group gi's parameters in the sessions that already hold
+        groups of its kind (AddParameters), one per server, and in new
+        sessions on the servers with none; returns the new sessions' units.
+        All or nothing."""
+        kind = self._kind(self.param_groups[gi], f"param group {gi}")
+        specs = self._specs(gi)
+        indices = self._group_indices(gi)
+        hosts = {}
+        for unit in self._units:
+            # A session holding parameters no group names (a failed
+            # add_param_group's, below) takes no more.
+            if (unit.server not in hosts and len(unit.session.params) == len(unit.indices)
+                    and self._kind(self.param_groups[unit.group],
+                                   f"param group {unit.group}") == kind):
+                hosts[unit.server] = unit
+        added = []  # (unit, how many locals it had)
+        units = []
+        try:
+            for k, client in enumerate(self._clients):
+                mine = [j for j, spec in enumerate(specs) if place(self._servers, spec.name) == k]
+                if not mine:
+                    continue
+                host = hosts.get(k)
+                if host is None:
+                    session = client.create_session([specs[j] for j in mine],
+                                                    name=f"RemoteMuon group {gi}")
+                    units.append(_Unit(k, gi, [indices[j] for j in mine], session, self._step))
+                    continue
+                before = len(host.indices)
+                host.session.add_params([specs[j] for j in mine])
+                added.append((host, before))
+                host.groups = [host.group_of(local) for local in range(before)]
+                host.groups += [gi] * len(mine)
+                host.indices = host.indices + [indices[j] for j in mine]
+        except BaseException:
+            # The server keeps the parameters it added: no group names them,
+            # so no step sends or expects them.
+            for host, before in added:
+                del host.indices[before:], host.groups[before:]
+            for unit in units:
+                try:
+                    unit.session.delete()
+                except MuonServerError as e:
+                    _LOG.warning("RemoteMuon: session %s not deleted: %s",
+                                 unit.session.session_id, e)
+            raise
+        return units
+
     def _describe(self, gi: int) -> str:
         group = self.param_groups[gi]
         kind = self._kind(group, f"param group {gi}")
@@ -525,7 +584,8 @@ class RemoteMuon(torch.optim.Optimizer):
             shown = dict(lr=hp["lr"], weight_decay=hp["weight_decay"], betas=hp["betas"],
                          eps=hp["eps"])
         sessions = ", ".join(f"{u.session.session_id}@{self._servers[u.server]}"
-                             for u in getattr(self, "_units", []) if u.group in (gi, None))
+                             for u in getattr(self, "_units", [])
+                             if u.group in (gi, None) or gi in u.groups)
         return (f"RemoteMuon group {gi}: {kind}, {len(group['params'])} params, "
                 + " ".join(f"{k}={v}" for k, v in shown.items())
                 + f", wire {group.get('wire_dtype', self._wire)}"
@@ -564,14 +624,16 @@ class RemoteMuon(torch.optim.Optimizer):
 
     @property
     def sessions(self) -> List[Session]:
-        """The sessions: one per group and server that holds its parameters."""
+        """The sessions: one per group and server that holds its parameters,
+        except that a group add_param_group added joins the first session of
+        its kind (Muon or AdamW) on each server that has one."""
         return [u.session for u in self._units]
 
     @property
     def session(self) -> Session:
         if len(self._units) != 1:
-            raise AttributeError(f"RemoteMuon has {len(self._units)} sessions (one per param "
-                                 "group and server): use .sessions")
+            raise AttributeError(f"RemoteMuon has {len(self._units)} sessions (see .sessions): "
+                                 "use .sessions")
         return self._units[0].session
 
     @property
@@ -672,23 +734,32 @@ class RemoteMuon(torch.optim.Optimizer):
         decay = {}
         calls = []
         for unit in self._units:
-            group = self.param_groups[unit.group]
-            lr = float(group["lr"])
-            if not (math.isfinite(lr) and lr >= 0):
-                raise ValueError(f"param group {unit.group}: lr {lr!r} must be finite and >= 0")
+            lrs = {}
+            for gi in {unit.group_of(local) for local in range(len(unit.indices))}:
+                lrs[gi] = float(self.param_groups[gi]["lr"])
+                if not (math.isfinite(lrs[gi]) and lrs[gi] >= 0):
+                    raise ValueError(f"param group {gi}: lr {lrs[gi]!r} must be finite and >= 0")
             grads = {}
+            param_options = {}
             for local, index in enumerate(unit.indices):
+                gi = unit.group_of(local)
+                # The header's lr is the session's first group's; a
+                # parameter of another group sends its own.
+                options = self._step_options(gi)
+                if lrs[gi] != lrs[unit.group]:
+                    options["lr"] = lrs[gi]
+                if options:
+                    param_options[local] = options
                 g = self._order[index].grad
                 if g is None:
                     continue
                 if g.is_sparse:
                     raise RuntimeError("RemoteMuon does not support sparse gradients")
                 grads[local] = g.detach().to("cpu", torch.float32).numpy()
-                decay[index] = 1.0 - lr * float(group["weight_decay"])
-            kwargs = dict(lr=lr)
-            options = self._step_options(unit.group)
-            if options:
-                kwargs["param_options"] = {local: options for local in range(len(unit.indices))}
+                decay[index] = 1.0 - lrs[gi] * float(self.param_groups[gi]["weight_decay"])
+            kwargs = dict(lr=lrs[unit.group])
+            if param_options:
+                kwargs["param_options"] = param_options
             calls.append((unit, number - unit.offset, unit.session.encode(grads), kwargs))
         return _Job(number, calls, decay)
 
@@ -785,6 +856,8 @@ class RemoteMuon(torch.optim.Optimizer):
             _, param_steps, tensors = unit.session.export_state()
             kind = self._kind(self.param_groups[unit.group], f"param group {unit.group}")
             for local, named in tensors.items():
+                if local >= len(unit.indices):
+                    continue  # a failed add_param_group's parameter, in no group
                 index = unit.indices[local]
                 device = self._order[index].device
                 if kind == "muon":
@@ -916,5 +989,6 @@ class RemoteMuon(torch.optim.Optimizer):
                 raise ValueError(f"session {s['session_id']} is at step "
                                  f"{session.step_number}, the handles at step "
                                  f"{s['session_step']}")
-            units.append(_Unit(unit.server, unit.group, unit.indices, session, 0))
+            units.append(_Unit(unit.server, unit.group, unit.indices, session, 0,
+                               list(unit.groups)))
         self._replace_units(units, handles["step"])

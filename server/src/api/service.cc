@@ -232,4 +232,16 @@ grpc::ServerReadReactor<v1::ImportStateRequest>* OptimizerService::ImportState(
   return NewImportStateReactor(&env_, ctx, response);
 }
 
+grpc::ServerUnaryReactor* OptimizerService::AddParameters(grpc::CallbackServerContext* ctx,
+                                                          const v1::AddParametersRequest* request,
+                                                          v1::AddParametersResponse* response) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  if (gate_.draining()) {
+    reactor->Finish(ToGrpcStatus(Draining()));
+  } else {
+    StartAddParameters(&env_, ctx, request, response, reactor);
+  }
+  return reactor;
+}
+
 }  // namespace muon::server

@@ -103,6 +103,9 @@ class OptimizerService final : public v1::Optimizer::CallbackService {
       grpc::CallbackServerContext* ctx, const v1::ExportStateRequest* request) override;
   grpc::ServerReadReactor<v1::ImportStateRequest>* ImportState(
       grpc::CallbackServerContext* ctx, v1::ImportStateResponse* response) override;
+  grpc::ServerUnaryReactor* AddParameters(grpc::CallbackServerContext* ctx,
+                                          const v1::AddParametersRequest* request,
+                                          v1::AddParametersResponse* response) override;
 
  private:
   ServiceEnv env_;
@@ -124,6 +127,11 @@ grpc::ServerWriteReactor<v1::ExportStateResponse>* NewExportStateReactor(
     const ServiceEnv* env, grpc::CallbackServerContext* ctx, const v1::ExportStateRequest* request);
 grpc::ServerReadReactor<v1::ImportStateRequest>* NewImportStateReactor(
     const ServiceEnv* env, grpc::CallbackServerContext* ctx, v1::ImportStateResponse* response);
+
+// AddParameters (add_params.cc): runs the call and finishes `reactor`.
+void StartAddParameters(const ServiceEnv* env, grpc::CallbackServerContext* ctx,
+                        const v1::AddParametersRequest* request,
+                        v1::AddParametersResponse* response, grpc::ServerUnaryReactor* reactor);
 
 }  // namespace muon::server
 

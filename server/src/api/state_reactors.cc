@@ -254,6 +254,11 @@ class ImportReactor final : public grpc::ServerReadReactor<v1::ImportStateReques
                        session_->step(), "; import into a new session, before its first step"));
     }
     const std::vector<SessionParam>& params = session_->params();
+    if (params.size() != param_steps_.size()) {
+      return absl::AbortedError(absl::StrCat("ImportState: session ", session_->id(),
+                                             " had parameters added during the import; export "
+                                             "and import again"));
+    }
     std::vector<ParamState> states;
     for (size_t i = 0; i < params.size(); ++i) {
       MUON_ASSIGN_OR_RETURN(ParamState state, env_->engine->ExportState(params[i].engine_id));

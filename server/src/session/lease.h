@@ -3,7 +3,7 @@
 
 // The session's single in-flight slot, held. A session runs one thing at a
 // time that reads or moves its engine state: a step, a parameter-server
-// round, a weights upload or a checkpoint. Each takes the slot as a Lease
+// round, a weights upload, a checkpoint or added parameters. Each takes the slot as a Lease
 // (Session::AdmitStep, TryLease, AwaitLease) and gives it back by ending the
 // lease: Commit* moves the session's step on, anything else (Release, a
 // move-assignment over it, its destructor) leaves the step unchanged. So
@@ -21,7 +21,7 @@ struct StepRecord;
 
 // What a lease holds the slot for; it names the holder in the errors other
 // callers get meanwhile.
-enum class LeasePurpose { kStep, kRound, kWeightsUpload, kCheckpoint };
+enum class LeasePurpose { kStep, kRound, kWeightsUpload, kCheckpoint, kAddParams };
 
 // Move-only. Not thread-safe itself (one owner at a time); the session it
 // holds is. The session must outlive the lease.

@@ -62,7 +62,7 @@ SessionRegistry::~SessionRegistry() {
 }
 
 absl::StatusOr<std::vector<SessionParam>> SessionRegistry::RegisterParams(
-    const v1::CreateSessionRequest& request) {
+    const v1::CreateSessionRequest& request, size_t first) {
   if (limits_.max_params_per_session > 0 &&
       request.params_size() > limits_.max_params_per_session) {
     return absl::ResourceExhaustedError(
@@ -87,6 +87,7 @@ absl::StatusOr<std::vector<SessionParam>> SessionRegistry::RegisterParams(
         "allows ",
         limits_.max_bytes_per_session, " per session (--max_bytes_per_session)"));
   }
+  params.erase(params.begin(), params.begin() + static_cast<std::ptrdiff_t>(first));
   absl::Status status;
   size_t registered = 0;
   for (; registered < params.size(); ++registered) {
@@ -100,8 +101,8 @@ absl::StatusOr<std::vector<SessionParam>> SessionRegistry::RegisterParams(
   if (!status.ok()) {
     UnregisterParams(absl::MakeConstSpan(params.data(), registered));
     const std::string& who = params[registered].spec.name;
-    return absl::Status(status.code(), absl::StrCat("registering parameter ", registered, " ('",
-                                                    who, "'): ", status.message()));
+    return absl::Status(status.code(), absl::StrCat("registering parameter ", first + registered,
+                                                    " ('", who, "'): ", status.message()));
   }
   return params;
 }
@@ -171,6 +172,40 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Create(
   AddReserved(session);
   metrics_->SessionCreated();
   return session;
+}
+
+absl::StatusOr<uint32_t> SessionRegistry::AddParams(
+    Session& session, const google::protobuf::RepeatedPtrField<v1::ParameterSpec>& added) {
+  if (session.mode() == v1::SESSION_MODE_PARAMETER_SERVER) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "AddParameters: session ", session.id(),
+        " is a PARAMETER_SERVER session, whose workers all send every parameter; create a new "
+        "session with all of them"));
+  }
+  if (added.empty()) {
+    return absl::InvalidArgumentError("AddParameters needs at least one parameter in `params`");
+  }
+  MUON_ASSIGN_OR_RETURN(Lease lease, session.TryLease(LeasePurpose::kAddParams));
+  std::vector<SessionParam> before = session.params();
+  v1::CreateSessionRequest before_config = session.config();
+  v1::CreateSessionRequest config = before_config;
+  for (const v1::ParameterSpec& p : added) *config.add_params() = p;
+  MUON_ASSIGN_OR_RETURN(std::vector<SessionParam> fresh, RegisterParams(config, before.size()));
+  std::vector<SessionParam> params = before;
+  params.insert(params.end(), fresh.begin(), fresh.end());
+  session.SetParams(lease, std::move(params), std::move(config));
+  if (durability_->enabled()) {
+    absl::StatusOr<v1::SessionCheckpoint> written = durability_->CheckpointHeld(session);
+    if (!written.ok()) {
+      // The file on disk is still the session before the call: undo to match.
+      session.SetParams(lease, std::move(before), std::move(before_config));
+      UnregisterParams(fresh);
+      return absl::UnavailableError(absl::StrCat(
+          "AddParameters: writing session ", session.id(),
+          "'s checkpoint failed, so no parameter was added: ", written.status().message()));
+    }
+  }
+  return static_cast<uint32_t>(before.size());
 }
 
 int SessionRegistry::RestoreAll() {

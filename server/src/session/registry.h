@@ -63,6 +63,16 @@ class SessionRegistry {
   // ResourceExhausted over a limit or the engine's memory budget.
   absl::StatusOr<std::shared_ptr<Session>> Create(const v1::CreateSessionRequest& request);
 
+  // Adds `added` to `session` between steps (UPDATES mode): validated with
+  // the existing parameters as one CreateSession request, the limits over
+  // the total, registered all or none, and written to disk when
+  // checkpoints are on. Returns the index of the first one.
+  // FailedPrecondition for a PARAMETER_SERVER session; Aborted while the
+  // session is busy; InvalidArgument, ResourceExhausted as Create;
+  // Unavailable (nothing added) when the checkpoint write fails.
+  absl::StatusOr<uint32_t> AddParams(
+      Session& session, const google::protobuf::RepeatedPtrField<v1::ParameterSpec>& added);
+
   // The session, for a call that presents its token (Step, PushWeights,
   // PullWeights). InvalidArgument for an empty id; NotFound for an unknown
   // one; Unauthenticated without a token; PermissionDenied for a wrong one.
@@ -94,9 +104,11 @@ class SessionRegistry {
   absl::Status Restore(SessionImage image);
   // Takes a retired session out and frees its engine state.
   void Drop(const Session& session);
-  // Checks the limits on one session and registers its parameters with the
-  // engine, all or none.
-  absl::StatusOr<std::vector<SessionParam>> RegisterParams(const v1::CreateSessionRequest& request);
+  // Checks the request and the limits on one session and registers its
+  // parameters from index `first` on with the engine, all or none; returns
+  // those.
+  absl::StatusOr<std::vector<SessionParam>> RegisterParams(const v1::CreateSessionRequest& request,
+                                                           size_t first = 0);
   void UnregisterParams(absl::Span<const SessionParam> params);
   // Counts a session being created against --max_sessions; AddReserved
   // adds it (or, given null, just ends the reservation).

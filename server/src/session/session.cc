@@ -38,16 +38,32 @@ void SetTimestamp(absl::Time t, google::protobuf::Timestamp* ts) {
 Session::Session(SessionInit init)
     : id_(std::move(init.id)),
       token_(std::move(init.token)),
-      config_(std::move(init.config)),
       mode_(init.mode),
       num_workers_(init.num_workers),
-      params_(std::move(init.params)),
       create_time_(init.create_time),
       step_(init.step),
       last_step_time_(init.last_step_time),
       last_activity_(absl::Now()),
       last_(std::move(init.records)) {
   last_.resize(num_workers_);
+  layouts_.push_back({std::move(init.config), std::move(init.params)});
+}
+
+const std::vector<SessionParam>& Session::params() const {
+  absl::MutexLock lock(&mu_);
+  return layouts_.back().params;
+}
+
+const v1::CreateSessionRequest& Session::config() const {
+  absl::MutexLock lock(&mu_);
+  return layouts_.back().config;
+}
+
+void Session::SetParams(const Lease& lease, std::vector<SessionParam> params,
+                        v1::CreateSessionRequest config) {
+  if (lease.session_ != this) return;
+  absl::MutexLock lock(&mu_);
+  layouts_.push_back({std::move(config), std::move(params)});
 }
 
 absl::Status Session::CheckToken(absl::string_view token) const {
@@ -95,6 +111,9 @@ absl::Status Session::BusyError() const {
     case LeasePurpose::kWeightsUpload:
       return absl::AbortedError(
           absl::StrCat("session ", id_, " is having its weights uploaded; retry once it ends"));
+    case LeasePurpose::kAddParams:
+      return absl::AbortedError(
+          absl::StrCat("session ", id_, " is having parameters added; retry once it ends"));
     case LeasePurpose::kCheckpoint:
       break;
   }
@@ -207,14 +226,15 @@ uint64_t Session::step() const {
 }
 
 void Session::FillInfo(bool with_params, v1::SessionInfo* info) const {
+  const std::vector<SessionParam>& current = params();
   info->set_session_id(id_);
-  info->set_name(config_.name());
+  info->set_name(config().name());
   info->set_mode(mode_);
   info->set_num_workers(num_workers_);
-  info->set_num_params(static_cast<uint32_t>(params_.size()));
+  info->set_num_params(static_cast<uint32_t>(current.size()));
   int64_t state_bytes = 0;
-  for (size_t i = 0; i < params_.size(); ++i) {
-    const SessionParam& p = params_[i];
+  for (size_t i = 0; i < current.size(); ++i) {
+    const SessionParam& p = current[i];
     state_bytes += p.state_bytes;
     if (!with_params) continue;
     v1::ParameterInfo* out = info->add_params();

@@ -2,6 +2,7 @@
 #define MUON_SERVER_SRC_SESSION_SESSION_H_
 
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <optional>
 #include <string>
@@ -68,8 +69,11 @@ class Session {
   const std::string& token() const { return token_; }
   v1::SessionMode mode() const { return mode_; }
   uint32_t num_workers() const { return num_workers_; }
-  const std::vector<SessionParam>& params() const { return params_; }
-  const v1::CreateSessionRequest& config() const { return config_; }
+  // The current parameters and the request they are configured by (kept
+  // for checkpoints). Stable references: a reader that took them before
+  // SetParams keeps a consistent, older view.
+  const std::vector<SessionParam>& params() const;
+  const v1::CreateSessionRequest& config() const;
   absl::Time create_time() const { return create_time_; }
 
   // Ok for the session's token. Unauthenticated for an empty token,
@@ -133,6 +137,10 @@ class Session {
   // Marks the session deleted, ending `lease` (held for this session)
   // without counting as activity: the idle reaper's removal.
   void Retire(Lease lease);
+  // Replaces the parameters and their configuration (AddParameters, and
+  // its undo). REQUIRES: `lease` held for this session.
+  void SetParams(const Lease& lease, std::vector<SessionParam> params,
+                 v1::CreateSessionRequest config);
   // with_params: fill SessionInfo.params.
   void FillInfo(bool with_params, v1::SessionInfo* info) const;
 
@@ -151,10 +159,8 @@ class Session {
 
   const std::string id_;
   const std::string token_;
-  const v1::CreateSessionRequest config_;
   const v1::SessionMode mode_;
   const uint32_t num_workers_;
-  const std::vector<SessionParam> params_;
   const absl::Time create_time_;
   std::unique_ptr<SessionRounds> rounds_;  // set before the session is shared
 
@@ -162,6 +168,13 @@ class Session {
   uint64_t step_ ABSL_GUARDED_BY(mu_) = 0;
   // What holds the in-flight slot; unset while it is free.
   std::optional<LeasePurpose> holder_ ABSL_GUARDED_BY(mu_);
+  struct Layout {
+    v1::CreateSessionRequest config;
+    std::vector<SessionParam> params;
+  };
+  // Every layout the session had, the current one last; a deque so that
+  // references to the older ones stay valid (they are few and small).
+  std::deque<Layout> layouts_ ABSL_GUARDED_BY(mu_);
   bool deleted_ ABSL_GUARDED_BY(mu_) = false;
   bool durable_ ABSL_GUARDED_BY(mu_) = true;
   absl::Time last_step_time_ ABSL_GUARDED_BY(mu_);

@@ -4,6 +4,7 @@
 #include <iterator>
 #include <string>
 
+#include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "muon/kernels/status_macros.h"
 #include "step/chunker.h"
@@ -33,6 +34,11 @@ absl::StatusOr<StepBackend::Admission> UpdateStepBackend::Admit(const v1::StepHe
   MUON_ASSIGN_OR_RETURN(step_inputs_, StepInputsFromHeader(header, specs));
   MUON_ASSIGN_OR_RETURN(Session::Admission admitted,
                         session_->AdmitStep(header.step(), header.worker_id()));
+  if (admitted.lease && session_->params().size() != specs.size()) {
+    return absl::AbortedError(absl::StrCat("session ", session_->id(),
+                                           " had parameters added while this step was admitted; "
+                                           "retry the step"));
+  }
   Admission admission;
   admission.session_id = session_->id();
   if (admitted.replay != nullptr) {

@@ -223,6 +223,14 @@ class Client {
   // Frees the session's state on the server. NOT_FOUND if unknown.
   absl::Status DeleteSession(const SessionHandle& session);
 
+  // UPDATES mode: adds `params` to the session between steps, with zeroed
+  // state; they take the indices after the existing ones (the response's
+  // first_index) from the next step on. All or nothing (see the proto).
+  // Not retried: a repeat of a call that did succeed is refused, since the
+  // names are then taken.
+  absl::StatusOr<v1::AddParametersResponse> AddParameters(
+      const SessionHandle& session, absl::Span<const v1::ParameterSpec> params);
+
   // Writes the session's state (or, with a null session, every session's) to
   // the server's checkpoint directory. FAILED_PRECONDITION on a server
   // without --checkpoint_dir.
