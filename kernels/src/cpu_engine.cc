@@ -287,9 +287,11 @@ absl::Status CpuTransaction::ComputeClaimed(const std::vector<std::shared_ptr<Pa
 
   std::vector<Shadow> shadows(params.size());
   std::vector<std::vector<float>> update(params.size());  // fp32, before encoding
-  // Muon parameters grouped by (rows, cols, schedule, steps): each group is
-  // one batch of same-shape matrices for Newton–Schulz.
-  std::map<std::tuple<int64_t, int64_t, ScheduleKind, int, bool>, std::vector<size_t>> groups;
+  // Muon parameters grouped by (rows, cols, schedule, steps, Gram, custom
+  // coefficients, eps): each group is one batch of same-shape matrices for
+  // Newton–Schulz with one NsCoefficients.
+  std::map<std::tuple<int64_t, int64_t, ScheduleKind, int, bool,
+                      std::vector<std::array<double, 3>>, double>, std::vector<size_t>> groups;
   for (size_t i = 0; i < params.size(); ++i) {
     const Param& p = *params[i];
     const HyperParams hp = StepHyperParams(p.spec, grads[i]);
@@ -310,7 +312,9 @@ absl::Status CpuTransaction::ComputeClaimed(const std::vector<std::shared_ptr<Pa
         finite.Add(update[i][k]);
       }
       if (!finite.all_finite()) return Overflow(p, "momentum");
-      groups[{p.view.rows, p.view.cols, hp.ns_schedule, hp.ns_steps, p.coeffs.gram}].push_back(i);
+      groups[{p.view.rows, p.view.cols, hp.ns_schedule, hp.ns_steps, p.coeffs.gram,
+              hp.ns_coefficients, hp.ns_eps}]
+          .push_back(i);
     } else {
       const auto c = internal::MakeAdamWCoefficients<double>(hp.beta1, hp.beta2, hp.eps, lr,
                                                              p.step + 1);
