@@ -24,9 +24,6 @@ from .client import (CancelToken, MuonClient, MuonServerError, ParamSpec, Sessio
 _LOG = logging.getLogger("muon_client")
 
 JORDAN = (3.4445, -4.7750, 2.0315)
-# The per-step tuples of the server's "dion" schedule (kernels/src/ns_schedule.cc).
-DION = ((4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
-        (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012))
 # torch.optim.Muon's default eps: Newton–Schulz normalises X/(‖X‖ + eps).
 NS_EPS = 1e-7
 
