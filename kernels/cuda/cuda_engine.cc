@@ -596,16 +596,17 @@ absl::Status CudaTransaction::Run(absl::Span<const GradientInput> grads,
                                   StepStats& local) {
   const auto start = std::chrono::steady_clock::now();
   CudaEngine& e = *engine_;
-  // Group Muon parameters by (rows, cols, schedule, steps, Gram): each group is one
-  // strided batch. AdamW parameters form one group of element-wise work.
-  std::map<std::tuple<int64_t, int64_t, ScheduleKind, int, bool>, Group> by_shape;
+  // Group Muon parameters by (rows, cols, schedule, steps, Gram, custom
+  // coefficients, eps): each group is one strided batch with one NsCoefficients. AdamW parameters form one group of element-wise work.
+  std::map<std::tuple<int64_t, int64_t, ScheduleKind, int, bool,
+                      std::vector<std::array<double, 3>>, double>, Group> by_shape;
   Group adamw;
   adamw.muon = false;
   for (size_t i = 0; i < items.size(); ++i) {
     const Param& p = *items[i].param;
     if (p.spec.kind == OptimizerKind::kMuon) {
       by_shape[{p.view.rows, p.view.cols, p.spec.hp.ns_schedule, p.spec.hp.ns_steps,
-                p.coeffs.gram}]
+                p.coeffs.gram, p.spec.hp.ns_coefficients, p.spec.hp.ns_eps}]
           .items.push_back(i);
     } else {
       adamw.items.push_back(i);

@@ -191,7 +191,7 @@ template <typename T>
 __global__ void NormalizeKernel(NormalizeParams p) {
   const __nv_bfloat16* x = p.d_x + blockIdx.y * p.n;
   T* y = static_cast<T*>(p.d_y) + blockIdx.y * p.n;
-  const float s = 1.0f / (p.safety * sqrtf(p.d_sumsq[blockIdx.y]) + 1e-7f);
+  const float s = 1.0f / (p.safety * sqrtf(p.d_sumsq[blockIdx.y]) + p.eps);
   const int64_t start = blockIdx.x * int64_t{kThreads} + threadIdx.x;
   const int64_t stride = int64_t{gridDim.x} * kThreads;
   if (p.n % 8 == 0) {

@@ -92,7 +92,7 @@ struct SumSquaresParams {
 };
 cudaError_t LaunchSumSquares(const SumSquaresParams& p, cudaStream_t stream);
 
-// y_b = x_b / (safety·sqrt(d_sumsq[b]) + 1e-7), y of y_type; y may equal x
+// y_b = x_b / (safety·sqrt(d_sumsq[b]) + eps), y of y_type; y may equal x
 // (each element is read and written by one thread).
 struct NormalizeParams {
   const __nv_bfloat16* d_x = nullptr;
@@ -102,6 +102,7 @@ struct NormalizeParams {
   int64_t n = 0;
   const float* d_sumsq = nullptr;
   float safety = 1;
+  float eps = 1e-7f;
 };
 cudaError_t LaunchNormalize(const NormalizeParams& p, cudaStream_t stream);
 

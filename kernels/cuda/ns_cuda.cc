@@ -302,6 +302,7 @@ absl::Status BatchedNewtonSchulz::Run(const NsArgs& args, void* d_workspace, cud
     np.n = n;
     np.d_sumsq = d_scalars;
     np.safety = co.aol ? 1.0f : static_cast<float>(co.norm_safety);
+    np.eps = static_cast<float>(co.eps);
     RETURN_IF_CUDA_ERROR(LaunchNormalize(np, stream), context);
     bool gram_ready = false;
     if (co.aol) {

@@ -54,7 +54,7 @@ struct NsArgs {
 // The buffers ping-pong between d_x and the workspace, starting so that the
 // last step writes d_x.
 //
-// Normalization: M's Frobenius norm (bf16 in, fp32 sums), X = M/(safety·‖M‖)
+// Normalization: M's Frobenius norm (bf16 in, fp32 sums), X = M/(safety·‖M‖ + eps)
 // in `type`; AOL then scales X's rows in place (AOL is invariant to a
 // scale of M, and the normalized X cannot overflow fp16).
 //

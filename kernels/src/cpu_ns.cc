@@ -44,12 +44,12 @@ void Gram(const float* x, int r, int c, float* a) {
 
 // Normalizes the wide r×c x in place for the first step: AOL row scaling
 // (leaving the scaled Gram matrix in a, r×r; returns true) or division by
-// norm_safety·‖x‖_F (returns false).
+// norm_safety·‖x‖_F + eps (returns false).
 bool Normalize(const NsCoefficients& coeffs, int r, int c, float* x, float* a) {
   const int64_t rc = static_cast<int64_t>(r) * c;
   if (!coeffs.aol) {
     const double norm = cblas_snrm2(static_cast<int>(rc), x, 1);
-    cblas_sscal(static_cast<int>(rc), static_cast<float>(1.0 / (coeffs.norm_safety * norm + 1e-7)),
+    cblas_sscal(static_cast<int>(rc), static_cast<float>(1.0 / (coeffs.norm_safety * norm + coeffs.eps)),
                 x, 1);
     return false;
   }

@@ -156,6 +156,14 @@ absl::StatusOr<NsCoefficients> MakeNsCoefficients(ScheduleKind kind, int steps) 
 absl::StatusOr<NsCoefficients> MakeNsCoefficients(const HyperParams& hp, const MatrixView& view) {
   absl::StatusOr<NsCoefficients> c = MakeNsCoefficients(hp.ns_schedule, hp.ns_steps);
   if (!c.ok() || c->kind == ScheduleKind::kSvd) return c;
+  c->eps = hp.ns_eps;
+  if (hp.ns_coefficients.size() == 1) {
+    c->steps.assign(hp.ns_steps, hp.ns_coefficients[0]);
+  } else if (!hp.ns_coefficients.empty()) {
+    c->steps = hp.ns_coefficients;
+  }
+  // ValidateHyperParams keeps a custom schedule on kJordan, whose
+  // normalisation (norm_safety 1, no AOL) it then uses.
   switch (hp.ns_gram) {
     case NsGram::kOn:
       c->gram = true;

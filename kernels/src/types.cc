@@ -175,6 +175,34 @@ absl::Status ValidateHyperParams(const HyperParams& hp) {
   if (hp.ns_steps < kMinNsSteps || hp.ns_steps > kMaxNsSteps) {
     return bad("ns_steps", hp.ns_steps, absl::StrCat("in [", kMinNsSteps, ", ", kMaxNsSteps, "]"));
   }
+  if (!hp.ns_coefficients.empty()) {
+    const size_t n = hp.ns_coefficients.size();
+    if (n > static_cast<size_t>(kMaxNsSteps)) {
+      return bad("ns_coefficients' length", n, absl::StrCat("in [1, ", kMaxNsSteps, "]"));
+    }
+    for (size_t i = 0; i < n; ++i) {
+      for (double v : hp.ns_coefficients[i]) {
+        if (!std::isfinite(v)) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "ns_coefficients step ", i, " is (", absl::StrJoin(hp.ns_coefficients[i], ", "),
+              "); every coefficient must be finite"));
+        }
+      }
+    }
+    if (n > 1 && static_cast<size_t>(hp.ns_steps) != n) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("ns_coefficients has ", n, " per-step triples but ns_steps is ",
+                       hp.ns_steps, "; give one triple (repeated) or ns_steps triples"));
+    }
+    if (hp.ns_schedule != ScheduleKind::kJordan) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("ns_coefficients replaces the schedule's coefficients, but ns_schedule is ",
+                       ScheduleName(hp.ns_schedule), "; leave ns_schedule unset (jordan)"));
+    }
+  }
+  if (!(std::isfinite(hp.ns_eps) && hp.ns_eps > 0)) {
+    return bad("ns_eps", hp.ns_eps, "finite and > 0");
+  }
   if (ShapeScaleName(hp.shape_scale) == "?") {
     return bad("shape_scale", static_cast<int>(hp.shape_scale), "spectral, rms_match or none");
   }

@@ -58,10 +58,22 @@ const std::vector<ParamShape>& Params() {
   return *params;
 }
 
+constexpr double kCustomSchedule[3][3] = {
+    {4.0848, -6.8946, 2.9270}, {3.9505, -6.3029, 2.6377}, {3.4445, -4.7750, 2.0315}};
+constexpr double kNsEps = 1e-5;
+
 v1::CreateSessionRequest Request() {
   v1::CreateSessionRequest request;
   request.set_name("durability");
   request.mutable_hyper_params()->set_weight_decay(0.1);
+  // A custom Newton–Schulz schedule and eps, which restored sessions keep.
+  for (const auto& [a, b, c] : kCustomSchedule) {
+    v1::HyperParams::NsCoefficients* t = request.mutable_hyper_params()->add_ns_coefficients();
+    t->set_a(a);
+    t->set_b(b);
+    t->set_c(c);
+  }
+  request.mutable_hyper_params()->set_ns_eps(kNsEps);
   for (const ParamShape& p : Params()) {
     v1::ParameterSpec* spec = request.add_params();
     spec->set_name(p.name);
@@ -293,6 +305,17 @@ TEST(DurabilityTest, CheckpointCallAndShutdownWriteWhatTheNextStartRestores) {
   client = ClientOf(*server);
   EXPECT_EQ(SessionStep(client.get(), *a), 5u);
   EXPECT_EQ(SessionStep(client.get(), *b), 0u);
+  absl::StatusOr<v1::SessionInfo> restored = client->GetSession(*a);
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  const v1::HyperParams& hp = restored->params(0).hyper_params();
+  ASSERT_EQ(hp.ns_coefficients_size(), 3);
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(hp.ns_coefficients(i).a(), kCustomSchedule[i][0]);
+    EXPECT_EQ(hp.ns_coefficients(i).b(), kCustomSchedule[i][1]);
+    EXPECT_EQ(hp.ns_coefficients(i).c(), kCustomSchedule[i][2]);
+  }
+  EXPECT_EQ(hp.ns_steps(), 3);
+  EXPECT_EQ(hp.ns_eps(), kNsEps);
 
   // The last step is still answered exactly once after the restart.
   Trainer replay = trainer;

@@ -17,19 +17,26 @@ from reference import AdamWReference, MuonReference, rel_err
 from server_fixture import ServerProcess
 
 JORDAN = (3.4445, -4.7750, 2.0315)
+# A custom three-step schedule: dion's first two tuples, then Jordan's.
+CUSTOM = [(4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), JORDAN]
+# The loss times this gives gradients of about eps = 1e-5 (norms 1e-5 to
+# 2e-5), where eps moves the result: eps=1e-7 instead changes the loss by 40
+# times the tolerance by step 16 (tried in float64).
+GRAD_SCALE = 1e-4
 
 
 # --------------------------------------------------------------------------
 # Local references, written from the two codes' formulas in float64.
 
 def newton_schulz(m, coefficients, steps, normalise):
+    """coefficients: one (a, b, c) for every step, or one per step."""
     x = m
     tall = x.shape[0] > x.shape[1]
     if tall:
         x = x.T
     x = normalise(x)
-    a, b, c = coefficients
-    for _ in range(steps):
+    per_step = [coefficients] * steps if isinstance(coefficients[0], float) else coefficients
+    for a, b, c in per_step:
         g = x @ x.T
         x = a * x + (b * g + c * g @ g) @ x
     return x.T if tall else x
@@ -44,6 +51,7 @@ class TorchMuonFormulas(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
                                       nesterov=nesterov, ns_coefficients=ns_coefficients,
                                       eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn))
+        self.normalise = None  # torch's X/max(‖X‖, ε) unless set
 
     @torch.no_grad()
     def step(self):
@@ -54,7 +62,8 @@ class TorchMuonFormulas(torch.optim.Optimizer):
                 buf.lerp_(p.grad, 1 - mu)
                 update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
                 o = newton_schulz(update, group["ns_coefficients"], group["ns_steps"],
-                                  lambda x: x / x.norm().clamp(min=group["eps"]))
+                                  self.normalise or
+                                  (lambda x: x / x.norm().clamp(min=group["eps"])))
                 a, b = p.shape
                 if group["adjust_lr_fn"] == "match_rms_adamw":
                     adjusted = lr * 0.2 * math.sqrt(max(a, b))
@@ -269,23 +278,66 @@ class PortingTest(unittest.TestCase):
         self.assertEqual((hp.lr, hp.weight_decay, hp.momentum, hp.nesterov),
                          (0.03, 0.2, 0.9, False))
 
-    def test_ns_coefficients_and_adjust_lr_fn_map_to_server_settings(self):
-        dion = [(4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377),
-                (3.7418, -5.5913, 2.3037), (2.8769, -3.1427, 1.2046),
-                (2.8366, -3.0525, 1.2012)]
+    def test_ns_coefficients_eps_and_adjust_lr_fn_reach_the_server(self):
         w = torch.nn.Parameter(torch.randn(8, 6))
-        opt = self.remote([w], ns_coefficients=dion, adjust_lr_fn="match_rms_adamw")
+        opt = self.remote([w], ns_coefficients=CUSTOM, ns_steps=3, eps=1e-5,
+                          adjust_lr_fn="match_rms_adamw")
         hp = opt.sessions[0].info().params[0].hyper_params
-        self.assertEqual((hp.ns_schedule, hp.ns_steps, hp.shape_scale),
-                         (pb.NS_SCHEDULE_DION, 5, pb.SHAPE_SCALE_RMS_MATCH))
+        self.assertEqual([(t.a, t.b, t.c) for t in hp.ns_coefficients], CUSTOM)
+        self.assertEqual((hp.ns_schedule, hp.ns_steps, hp.ns_eps, hp.shape_scale),
+                         (pb.NS_SCHEDULE_JORDAN, 3, 1e-5, pb.SHAPE_SCALE_RMS_MATCH))
+        single = self.remote([w], ns_coefficients=(3.0, -3.2, 1.2), ns_steps=7)
+        hp = single.sessions[0].info().params[0].hyper_params
+        self.assertEqual(([(t.a, t.b, t.c) for t in hp.ns_coefficients], hp.ns_steps),
+                         ([(3.0, -3.2, 1.2)], 7))
+
+    def test_a_bad_schedule_or_eps_is_refused_with_a_clear_error(self):
+        w = torch.nn.Parameter(torch.randn(8, 6))
         before = self.session_count()
-        for kwargs, message in ((dict(ns_coefficients=(3.0, -3.2, 1.2)), "no Newton-Schulz"),
-                                (dict(eps=1e-6), "eps"),
-                                (dict(ns_coefficients=dion, ns_steps=4), "per-step tuples"),
-                                (dict(adjust_lr_fn="spectral"), "adjust_lr_fn")):
-            with self.subTest(**kwargs), self.assertRaisesRegex(ValueError, message):
+        for kwargs, error, message in (
+                (dict(ns_coefficients=[(3.0, -3.2, math.nan)] * 3, ns_steps=3), MuonServerError,
+                 "ns_coefficients step 0 .* must be finite"),
+                (dict(ns_coefficients=CUSTOM, ns_steps=5), MuonServerError,
+                 "ns_coefficients has 3 per-step triples but ns_steps is 5"),
+                (dict(ns_coefficients=[(3.0, -3.2, 1.2)] * 101), MuonServerError,
+                 "ns_coefficients' length is 101"),
+                (dict(ns_coefficients=[(3.0, -3.2)]), ValueError, "expected one \\(a, b, c\\)"),
+                (dict(eps=0.0), MuonServerError, "ns_eps is 0; it must be finite and > 0"),
+                (dict(eps=math.inf), MuonServerError, "ns_eps is inf"),
+                (dict(adjust_lr_fn="spectral"), ValueError, "adjust_lr_fn")):
+            with self.subTest(**kwargs), self.assertRaisesRegex(error, message):
                 RemoteMuon([w], server=self.server.address, **kwargs)
         self.assertEqual(self.session_count(), before)
+
+    def test_custom_schedule_and_eps_train_like_their_formulas(self):
+        # Gradients are scaled to about eps (the loss is multiplied by
+        # GRAD_SCALE), so eps moves the normalisation and a server that
+        # ignored it (or kept 1e-7) would train differently.
+        g = torch.Generator().manual_seed(self.seed)
+        x = torch.randn(96, 12, generator=g)
+        y = torch.tanh(x @ torch.randn(12, 4, generator=g))
+        hp = dict(lr=0.02, weight_decay=0.05, momentum=0.9, nesterov=True,
+                  ns_coefficients=CUSTOM, eps=1e-5, ns_steps=3, adjust_lr_fn="original")
+        losses = {}
+        for which in ("remote", "local"):
+            model = matrix_net(self.seed)
+            if which == "local":
+                model = model.double()
+                opt = TorchMuonFormulas(model.parameters(), **hp)
+                # The server's normalisation, X/(‖X‖ + eps) (docs/math.md).
+                opt.normalise = lambda m: m / (m.norm() + hp["eps"])
+            else:
+                opt = self.remote(model.parameters(), **hp)
+            xs, ys = (x.double(), y.double()) if which == "local" else (x, y)
+            curve = []
+            for _ in range(20):
+                opt.zero_grad()
+                loss = torch.nn.functional.mse_loss(model(xs), ys)
+                (loss * GRAD_SCALE).backward()
+                opt.step()
+                curve.append(loss.item())
+            losses[which] = curve
+        self.assert_same_losses(losses["remote"], losses["local"])
 
     # ------------------------------------------------------ no silent config
 

@@ -114,6 +114,17 @@ std::vector<MuonCase> MuonCases() {
     s.hp.ns_steps = steps;
     add(std::string(ScheduleName(kind)) + "_" + std::to_string(steps) + "_steps", s);
   }
+  // Custom schedules (one triple repeated, one per step) and eps.
+  s = MuonSpec("", {24, 40});
+  s.hp.ns_coefficients = {{3.0, -3.2, 1.2}};
+  s.hp.ns_steps = 6;
+  add("custom_one_triple_6_steps", s);
+  s = MuonSpec("", {40, 24});
+  s.hp.ns_coefficients = {{4.0848, -6.8946, 2.9270}, {3.9505, -6.3029, 2.6377},
+                          {3.4445, -4.7750, 2.0315}};
+  s.hp.ns_steps = 3;
+  s.hp.ns_eps = 1e-2;
+  add("custom_3_steps_eps", s);
   // Shapes of more than two dims, a row vector matrix.
   add("experts_3d", MuonSpec("", {3, 16, 24}));
   add("conv_4d", MuonSpec("", {8, 2, 3, 3}));
@@ -646,6 +657,73 @@ TEST_P(EngineContractTest, BadSpecsAreRejected) {
   EXPECT_EQ(h.engine().Memory().used_bytes, base);  // nothing was registered
 }
 
+// A custom schedule runs its triples with the built-in schedules' code: the
+// dion tuples (and one Jordan triple) given as ns_coefficients are the
+// built-in schedules bit for bit, plain and Gram.
+TEST_P(EngineContractTest, CustomScheduleIsTheEquivalentBuiltInBitForBit) {
+  const EngineUnderTest& under = GetParam();
+  const Seeded seeded;
+  Harness h(under, seeded.seed);
+  MUON_START_OR_SKIP(h, under);
+  const std::vector<std::array<double, 3>> dion = {{4.0848, -6.8946, 2.9270},
+                                                   {3.9505, -6.3029, 2.6377},
+                                                   {3.7418, -5.5913, 2.3037},
+                                                   {2.8769, -3.1427, 1.2046},
+                                                   {2.8366, -3.0525, 1.2012}};
+  for (NsGram gram : {NsGram::kOff, NsGram::kOn}) {
+    for (const auto& [kind, steps, custom] :
+         {std::tuple{ScheduleKind::kDion, 5, dion},
+          std::tuple{ScheduleKind::kJordan, 4,
+                     std::vector<std::array<double, 3>>{{3.4445, -4.7750, 2.0315}}}}) {
+      SCOPED_TRACE(::testing::Message() << ScheduleName(kind) << " gram " << NsGramName(gram));
+      ParamSpec builtin = MuonSpec("builtin", {24, 40});
+      builtin.hp.ns_schedule = kind;
+      builtin.hp.ns_steps = steps;
+      builtin.hp.ns_gram = gram;
+      ParamSpec given = builtin;
+      given.name = "custom";
+      given.hp.ns_schedule = ScheduleKind::kJordan;
+      given.hp.ns_coefficients = custom;
+      const ParamId a = h.Register(builtin), b = h.Register(given);
+      for (int step = 0; step < 3; ++step) {
+        const std::vector<float> g = h.Gradient(builtin);
+        const StepResult r = h.Step({a, b}, {builtin, given}, {g, g});
+        ASSERT_THAT(r.status, IsOk());
+        EXPECT_EQ(r.updates[0], r.updates[1]) << "step " << step;
+      }
+    }
+  }
+}
+
+// ns_eps reaches the normalisation: with gradients of about eps's size the
+// update follows the float64 reference with that eps, and differs from the
+// default's.
+TEST_P(EngineContractTest, NsEpsIsTheNormalisationsEpsilon) {
+  const EngineUnderTest& under = GetParam();
+  const Seeded seeded;
+  Harness h(under, seeded.seed);
+  MUON_START_OR_SKIP(h, under);
+  ParamSpec spec = MuonSpec("w", {16, 24});
+  spec.hp.ns_eps = 1e-3;
+  ParamSpec plain = spec;
+  plain.name = "default_eps";
+  plain.hp.ns_eps = HyperParams{}.ns_eps;
+  const ParamId a = h.Register(spec), b = h.Register(plain);
+  MuonRef ref = MakeMuonRef(spec), ref_plain = MakeMuonRef(plain);
+  // ‖g‖_F ≈ 1e-4·√384 ≈ 2e-3, about eps.
+  const std::vector<float> g = h.Gradient(spec, 1e-4);
+  const StepResult r = h.Step({a, b}, {spec, plain}, {g, g});
+  ASSERT_THAT(r.status, IsOk());
+  double decay = 0;
+  const std::vector<double> want = ref.Step(WireRoundTrip(spec.dtype, g), spec.hp.lr, &decay);
+  const std::vector<double> want_plain =
+      ref_plain.Step(WireRoundTrip(plain.dtype, g), plain.hp.lr, &decay);
+  const double tolerance = under.tolerance.MuonFor(ScheduleKind::kJordan);
+  EXPECT_LT(RelativeError(r.updates[0], want), tolerance);
+  EXPECT_LT(RelativeError(r.updates[1], want_plain), tolerance);
+  EXPECT_GT(RelativeError(r.updates[0], want_plain), 10 * tolerance);
+}
+
 TEST_P(EngineContractTest, ZeroGradientGivesZeroUpdate) {
   const EngineUnderTest& under = GetParam();
   Harness h(under, 0);
@@ -1020,6 +1098,20 @@ TEST_P(EngineContractTest, HyperParametersOutOfRangeAreRejectedWhereUnused) {
   EXPECT_THAT(reg(true, [](ParamSpec& s) { s.hp.beta1 = 1.0; }), invalid("adam_beta1"));
   EXPECT_THAT(reg(true, [](ParamSpec& s) { s.hp.beta2 = -0.1; }), invalid("adam_beta2"));
   EXPECT_THAT(reg(true, [](ParamSpec& s) { s.hp.eps = 0; }), invalid("adam_eps"));
+  EXPECT_THAT(reg(false, [](ParamSpec& s) { s.hp.ns_eps = 0; }), invalid("ns_eps"));
+  EXPECT_THAT(reg(true, [](ParamSpec& s) { s.hp.ns_eps = std::nan(""); }), invalid("ns_eps"));
+  EXPECT_THAT(reg(true, [](ParamSpec& s) { s.hp.ns_coefficients = {{3, -3, INFINITY}}; }),
+              invalid("ns_coefficients step 0 is (3, -3, inf); every coefficient must be finite"));
+  EXPECT_THAT(reg(true, [](ParamSpec& s) { s.hp.ns_coefficients = {{3, -3, 1}, {3, -3, 1}}; }),
+              invalid("ns_coefficients has 2 per-step triples but ns_steps is 5"));
+  EXPECT_THAT(reg(true, [](ParamSpec& s) { s.hp.ns_coefficients.assign(101, {3, -3, 1}); }),
+              invalid("ns_coefficients' length is 101"));
+  EXPECT_THAT(reg(true,
+                  [](ParamSpec& s) {
+                    s.hp.ns_coefficients = {{3, -3, 1}};
+                    s.hp.ns_schedule = ScheduleKind::kPolarExpress;
+                  }),
+              invalid("ns_schedule is polar_express; leave ns_schedule unset"));
   EXPECT_THAT(reg(true, [](ParamSpec& s) {
                 s.hp.ns_schedule = ScheduleKind::kSvd;
                 s.hp.ns_steps = 0;

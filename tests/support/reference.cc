@@ -99,7 +99,7 @@ Matrix Polar(const Matrix& m) {
 }
 
 Matrix NewtonSchulz(const Matrix& m, const std::vector<std::array<double, 3>>& steps,
-                    double norm_safety, bool aol) {
+                    double norm_safety, bool aol, double eps) {
   Matrix x = m.rows > m.cols ? Transpose(m) : m;
   Matrix a;
   bool gram_ready = false;
@@ -119,7 +119,7 @@ Matrix NewtonSchulz(const Matrix& m, const std::vector<std::array<double, 3>>& s
   } else {
     double norm = 0;
     for (double e : x.v) norm += e * e;
-    const double scale = 1.0 / (norm_safety * std::sqrt(norm) + 1e-7);
+    const double scale = 1.0 / (norm_safety * std::sqrt(norm) + eps);
     for (double& e : x.v) e *= scale;
   }
   for (const auto& [ca, cb, cc] : steps) {
@@ -154,7 +154,7 @@ std::vector<double> MuonRef::Step(const std::vector<double>& grad, double lr, do
   for (int64_t b = 0; b < view.batch; ++b) {
     Matrix mat{view.rows, view.cols,
                std::vector<double>(m.begin() + b * size, m.begin() + (b + 1) * size)};
-    const Matrix o = svd ? Polar(mat) : NewtonSchulz(mat, coeffs, norm_safety, aol);
+    const Matrix o = svd ? Polar(mat) : NewtonSchulz(mat, coeffs, norm_safety, aol, eps);
     for (int64_t k = 0; k < size; ++k) update[b * size + k] = -lr * s * o.v[k];
   }
   *decay = 1.0 - lr * hp.weight_decay;
@@ -208,7 +208,14 @@ MuonRef MakeMuonRef(const ParamSpec& spec) {
   ref.hp = spec.hp;
   ref.view = MatrixViewOf(spec.shape);
   ref.coeffs = c.steps;
+  // A custom schedule, from the hyper-parameters (types.h's HyperParams).
+  if (spec.hp.ns_coefficients.size() == 1) {
+    ref.coeffs.assign(spec.hp.ns_steps, spec.hp.ns_coefficients[0]);
+  } else if (!spec.hp.ns_coefficients.empty()) {
+    ref.coeffs = spec.hp.ns_coefficients;
+  }
   ref.norm_safety = c.norm_safety;
+  ref.eps = spec.hp.ns_eps;
   ref.aol = c.aol;
   ref.svd = spec.hp.ns_schedule == ScheduleKind::kSvd;
   return ref;

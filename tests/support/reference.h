@@ -38,9 +38,9 @@ std::vector<double> SingularValues(const Matrix& m);
 Matrix Polar(const Matrix& m);
 
 // Newton–Schulz in float64 with the given per-step coefficients, docs/math.md
-// (Frobenius normalization by safety·‖M‖_F + 1e-7, or AOL rescaling).
+// (Frobenius normalization by safety·‖M‖_F + eps, or AOL rescaling).
 Matrix NewtonSchulz(const Matrix& m, const std::vector<std::array<double, 3>>& steps,
-                    double norm_safety, bool aol);
+                    double norm_safety, bool aol, double eps = 1e-7);
 
 // Muon for one matrix (or batch of matrices laid end to end), float64.
 struct MuonRef {
@@ -49,6 +49,7 @@ struct MuonRef {
   std::vector<double> buf;
   std::vector<std::array<double, 3>> coeffs;
   double norm_safety = 1.0;
+  double eps = 1e-7;
   bool aol = false;
   bool svd = false;  // the exact polar factor (LAPACK) instead of Newton–Schulz
   // Returns the update (to add after W ← decay·W); sets decay.

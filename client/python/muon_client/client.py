@@ -214,7 +214,8 @@ def hyper_params(**hp) -> "pb.HyperParams":
     """Builds a HyperParams message from keyword arguments; None leaves a field unset.
 
     Keys: lr, weight_decay, momentum, nesterov, momentum_form, ns_schedule,
-    ns_steps, shape_scale, betas, eps.
+    ns_steps, shape_scale, betas, eps (AdamW's), ns_coefficients (a list of
+    (a, b, c) triples: a custom Newton–Schulz schedule), ns_eps.
     """
     msg = pb.HyperParams()
     for key, value in hp.items():
@@ -236,6 +237,11 @@ def hyper_params(**hp) -> "pb.HyperParams":
             msg.adam_beta1, msg.adam_beta2 = (float(b) for b in value)
         elif key == "eps":
             msg.adam_eps = float(value)
+        elif key == "ns_coefficients":
+            for a, b, c in value:
+                msg.ns_coefficients.add(a=float(a), b=float(b), c=float(c))
+        elif key == "ns_eps":
+            msg.ns_eps = float(value)
         else:
             raise ValueError(f"unknown hyper-parameter {key!r}")
     return msg

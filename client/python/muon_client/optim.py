@@ -24,10 +24,7 @@ from .client import (CancelToken, MuonClient, MuonServerError, ParamSpec, Sessio
 _LOG = logging.getLogger("muon_client")
 
 JORDAN = (3.4445, -4.7750, 2.0315)
-# The per-step tuples of the server's "dion" schedule (kernels/src/ns_schedule.cc).
-DION = ((4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
-        (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012))
-# The server normalises X/(‖X‖ + 1e-7) before Newton–Schulz.
+# torch.optim.Muon's default eps: Newton–Schulz normalises X/(‖X‖ + eps).
 NS_EPS = 1e-7
 
 # Muon defaults of torch.optim.Muon (PyTorch 2.9), for parameters given
@@ -100,27 +97,22 @@ def muon_param_groups(model: torch.nn.Module, head=None) -> List[dict]:
             for kind, (params, names) in groups.items() if params]
 
 
-def _ns_schedule(coefficients, steps: int, where: str):
-    """Maps torch.optim.Muon's ns_coefficients to a server schedule."""
-    def as_tuple(c):
-        return tuple(float(x) for x in c)
+def _ns_coefficients(coefficients, where: str):
+    """torch.optim.Muon's ns_coefficients (one (a, b, c) tuple, or one per
+    step) as a list of float triples; the server checks the values."""
+    def triple(c):
+        try:
+            t = tuple(float(x) for x in c)
+        except (TypeError, ValueError):
+            t = ()
+        if len(t) != 3:
+            raise ValueError(f"{where}: ns_coefficients {coefficients!r}: expected one (a, b, c) "
+                             "tuple of numbers or a list of them, one per Newton-Schulz step")
+        return t
 
     if len(coefficients) == 3 and all(isinstance(c, (int, float)) for c in coefficients):
-        if as_tuple(coefficients) == JORDAN:
-            return "jordan", steps
-    else:
-        per_step = tuple(as_tuple(c) for c in coefficients)
-        if len(per_step) != steps:
-            raise ValueError(f"{where}: ns_coefficients has {len(per_step)} per-step tuples but "
-                             f"ns_steps is {steps}")
-        if all(c == JORDAN for c in per_step):
-            return "jordan", steps
-        if per_step == DION:
-            return "dion", steps
-    raise ValueError(f"{where}: muon-server has no Newton-Schulz schedule with coefficients "
-                     f"{coefficients!r}; it runs {JORDAN} every step (the default), the five "
-                     "per-step 'dion' tuples, or the ns_schedule names 'polar_express', 'aol', "
-                     "'aol_dion', 'svd'")
+        return [triple(coefficients)]
+    return [triple(c) for c in coefficients]
 
 
 @dataclasses.dataclass
@@ -431,17 +423,16 @@ class RemoteMuon(torch.optim.Optimizer):
                 raise ValueError(f"{where}: betas must be two numbers, got {group['betas']!r}")
             return dict(lr=float(group["lr"]), weight_decay=float(group["weight_decay"]),
                         betas=betas, eps=float(group["eps"]))
-        eps = group.get("eps", NS_EPS)
-        if eps != NS_EPS:
-            raise ValueError(f"{where}: eps={eps!r}: muon-server normalises by ‖X‖ + {NS_EPS:g} "
-                             f"before Newton-Schulz; leave eps at {NS_EPS:g}")
         steps = int(group.get("ns_steps", 5))
-        coefficients = group.get("ns_coefficients", JORDAN)
+        coefficients = _ns_coefficients(group.get("ns_coefficients", JORDAN), where)
         schedule = group.get("ns_schedule")
         if schedule is None:
-            schedule, steps = _ns_schedule(coefficients, steps, where)
-        elif tuple(coefficients) != JORDAN:
+            schedule = "jordan"
+        elif coefficients != [JORDAN]:
             raise TypeError(f"{where}: give ns_schedule or ns_coefficients, not both")
+        # The default tuple is the jordan schedule itself; any other goes to
+        # the server as given, a custom schedule.
+        custom = [] if coefficients == [JORDAN] else coefficients
         adjust = group.get("adjust_lr_fn")
         if adjust not in _ADJUST_TO_SCALE:
             raise ValueError(f"{where}: adjust_lr_fn {adjust!r}; expected None, 'original' or "
@@ -454,7 +445,8 @@ class RemoteMuon(torch.optim.Optimizer):
         hp = dict(lr=float(group["lr"]), weight_decay=float(group["weight_decay"]),
                   momentum=float(group["momentum"]), nesterov=bool(group.get("nesterov", True)),
                   momentum_form=group.get("momentum_form") or "ema", ns_schedule=schedule,
-                  ns_steps=steps, shape_scale=scale)
+                  ns_steps=steps, shape_scale=scale, ns_coefficients=custom,
+                  ns_eps=float(group.get("eps", NS_EPS)))
         for key, table in (("momentum_form", ("ema", "sum")),
                            ("ns_schedule", ("jordan", "dion", "polar_express", "aol", "aol_dion",
                                             "svd")),
@@ -578,7 +570,8 @@ class RemoteMuon(torch.optim.Optimizer):
         hp = self._server_hp(group, kind, f"param group {gi}")
         if kind == "muon":
             shown = dict(lr=hp["lr"], weight_decay=hp["weight_decay"], momentum=hp["momentum"],
-                         nesterov=hp["nesterov"], ns=f"{hp['ns_schedule']}x{hp['ns_steps']}",
+                         nesterov=hp["nesterov"], ns=f"{'custom' if hp['ns_coefficients'] else hp['ns_schedule']}x{hp['ns_steps']}",
+                         ns_eps=hp["ns_eps"],
                          shape_scale=hp["shape_scale"], momentum_form=hp["momentum_form"])
         else:
             shown = dict(lr=hp["lr"], weight_decay=hp["weight_decay"], betas=hp["betas"],

@@ -25,11 +25,13 @@ absl::StatusOr<std::vector<ParamStepInput>> StepInputsFromHeader(
     const v1::HyperParams& hp = o.hyper_params();
     if (hp.momentum_form() != v1::MOMENTUM_FORM_UNSPECIFIED ||
         hp.ns_schedule() != v1::NS_SCHEDULE_UNSPECIFIED || hp.has_ns_steps() ||
-        hp.shape_scale() != v1::SHAPE_SCALE_UNSPECIFIED) {
+        hp.shape_scale() != v1::SHAPE_SCALE_UNSPECIFIED || hp.ns_coefficients_size() > 0 ||
+        hp.has_ns_eps()) {
       return absl::InvalidArgumentError(absl::StrCat(
           "StepHeader.param_options for parameter ", o.param_index(), " ('",
           specs[o.param_index()]->name,
-          "') sets momentum_form, ns_schedule, ns_steps or shape_scale; those are fixed when "
+          "') sets momentum_form, ns_schedule, ns_steps, ns_coefficients, ns_eps or shape_scale; "
+          "those are fixed when "
           "the session is created"));
     }
     options[o.param_index()] = &hp;

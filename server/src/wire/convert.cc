@@ -95,7 +95,19 @@ absl::StatusOr<HyperParams> ApplyOverrides(const HyperParams& base, const v1::Hy
     default:
       return BadEnum(where, "ns_schedule", o.ns_schedule());
   }
+  if (o.ns_schedule() != v1::NS_SCHEDULE_UNSPECIFIED && o.ns_schedule() != v1::NS_SCHEDULE_JORDAN) {
+    hp.ns_coefficients.clear();
+  }
   if (o.has_ns_steps()) hp.ns_steps = o.ns_steps();
+  if (o.ns_coefficients_size() > 0) {
+    hp.ns_coefficients.clear();
+    for (const v1::HyperParams::NsCoefficients& t : o.ns_coefficients()) {
+      hp.ns_coefficients.push_back({t.a(), t.b(), t.c()});
+    }
+    // A per-step list gives the step count when ns_steps is not set here.
+    if (o.ns_coefficients_size() > 1 && !o.has_ns_steps()) hp.ns_steps = o.ns_coefficients_size();
+  }
+  if (o.has_ns_eps()) hp.ns_eps = o.ns_eps();
   switch (o.ns_gram()) {
     case v1::NS_GRAM_UNSPECIFIED:
       break;
@@ -160,6 +172,13 @@ void HyperParamsToProto(const HyperParams& hp, v1::HyperParams* out) {
       break;
   }
   out->set_ns_steps(hp.ns_steps);
+  for (const auto& [a, b, c] : hp.ns_coefficients) {
+    v1::HyperParams::NsCoefficients* t = out->add_ns_coefficients();
+    t->set_a(a);
+    t->set_b(b);
+    t->set_c(c);
+  }
+  out->set_ns_eps(hp.ns_eps);
   switch (hp.ns_gram) {
     case NsGram::kAuto:
       out->set_ns_gram(v1::NS_GRAM_AUTO);

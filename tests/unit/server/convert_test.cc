@@ -5,9 +5,11 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cmath>
 #include <limits>
 #include <string>
+#include <vector>
 
 namespace muon::server {
 namespace {
@@ -73,6 +75,71 @@ TEST(SpecsFromRequestTest, HyperParametersOutOfRangeAreRefusedWhereUnused) {
     r.mutable_hyper_params()->set_lr(1e200);
     r.mutable_hyper_params()->set_weight_decay(1e200);
     ExpectInvalid(SpecsFromRequest(r).status(), "lr·weight_decay");
+  }
+}
+
+void AddTriple(v1::HyperParams* hp, double a, double b, double c) {
+  v1::HyperParams::NsCoefficients* t = hp->add_ns_coefficients();
+  t->set_a(a);
+  t->set_b(b);
+  t->set_c(c);
+}
+
+TEST(SpecsFromRequestTest, CustomScheduleAndNsEpsAreResolvedAndReturned) {
+  v1::CreateSessionRequest r = Request();
+  AddTriple(r.mutable_hyper_params(), 4, -6, 3);
+  AddTriple(r.mutable_hyper_params(), 3, -4, 2);
+  r.mutable_hyper_params()->set_ns_eps(1e-5);
+  // A third parameter takes a built-in schedule instead.
+  *r.add_params() = r.params(0);
+  r.mutable_params(2)->set_name("v");
+  r.mutable_params(2)->mutable_overrides()->set_ns_schedule(v1::NS_SCHEDULE_DION);
+  absl::StatusOr<std::vector<ParamSpec>> specs = SpecsFromRequest(r);
+  ASSERT_TRUE(specs.ok()) << specs.status();
+  const HyperParams& w = (*specs)[0].hp;
+  using Triples = std::vector<std::array<double, 3>>;
+  EXPECT_EQ(w.ns_coefficients, (Triples{{4, -6, 3}, {3, -4, 2}}));
+  EXPECT_EQ(w.ns_steps, 2);  // the list's length, ns_steps being unset
+  EXPECT_EQ(w.ns_eps, 1e-5);
+  EXPECT_EQ(w.ns_schedule, ScheduleKind::kJordan);
+  const HyperParams& v = (*specs)[2].hp;
+  EXPECT_TRUE(v.ns_coefficients.empty());
+  EXPECT_EQ(v.ns_schedule, ScheduleKind::kDion);
+  EXPECT_EQ(v.ns_eps, 1e-5);
+  // What GetSession returns reads back as the same hyper-parameters.
+  v1::HyperParams out;
+  HyperParamsToProto(w, &out);
+  absl::StatusOr<HyperParams> back = ApplyOverrides(HyperParams{}, out, "test");
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->ns_coefficients, w.ns_coefficients);
+  EXPECT_EQ(back->ns_steps, 2);
+  EXPECT_EQ(back->ns_eps, 1e-5);
+}
+
+TEST(SpecsFromRequestTest, BadCustomSchedulesAndNsEpsAreRefused) {
+  {
+    v1::CreateSessionRequest r = Request();
+    AddTriple(r.mutable_hyper_params(), 3, std::nan(""), 1);
+    ExpectInvalid(SpecsFromRequest(r).status(), "hyper_params: ns_coefficients step 0");
+  }
+  {
+    v1::CreateSessionRequest r = Request();
+    AddTriple(r.mutable_hyper_params(), 3, -3, 1);
+    AddTriple(r.mutable_hyper_params(), 3, -3, 1);
+    r.mutable_hyper_params()->set_ns_steps(5);
+    ExpectInvalid(SpecsFromRequest(r).status(),
+                  "ns_coefficients has 2 per-step triples but ns_steps is 5");
+  }
+  {
+    v1::CreateSessionRequest r = Request();
+    AddTriple(r.mutable_params(0)->mutable_overrides(), 3, -3, 1);
+    r.mutable_params(0)->mutable_overrides()->set_ns_schedule(v1::NS_SCHEDULE_AOL);
+    ExpectInvalid(SpecsFromRequest(r).status(), "ns_schedule is aol");
+  }
+  {
+    v1::CreateSessionRequest r = Request();
+    r.mutable_hyper_params()->set_ns_eps(-1e-7);
+    ExpectInvalid(SpecsFromRequest(r).status(), "ns_eps is -1e-07");
   }
 }
 

@@ -27,7 +27,8 @@ namespace muon {
 struct NsCoefficients {
   ScheduleKind kind = ScheduleKind::kJordan;
   std::vector<std::array<double, 3>> steps;  // (a, b, c) per step
-  double norm_safety = 1.0;  // divide by norm_safety·‖X‖_F + 1e-7
+  double norm_safety = 1.0;  // divide by norm_safety·‖X‖_F + eps
+  double eps = 1e-7;
   bool aol = false;          // AOL rescaling replaces the Frobenius norm
   bool gram = false;
   std::vector<int> gram_restarts;  // restart after this many steps (each)
@@ -41,7 +42,10 @@ struct NsCoefficients {
 absl::StatusOr<NsCoefficients> MakeNsCoefficients(ScheduleKind kind, int steps);
 
 // MakeNsCoefficients for a parameter's hyper-parameters and matrix view,
-// with `gram` resolved from hp.ns_gram (kAuto: GramNsPays).
+// with `gram` resolved from hp.ns_gram (kAuto: GramNsPays) and eps from
+// hp.ns_eps. A custom schedule (hp.ns_coefficients) gives its triples, one
+// repeated for hp.ns_steps steps, with the plain Frobenius normalisation
+// (norm_safety 1) and kind kJordan.
 absl::StatusOr<NsCoefficients> MakeNsCoefficients(const HyperParams& hp, const MatrixView& view);
 
 // Flops of one orthogonalization of a rows×cols matrix, every product

@@ -1,6 +1,7 @@
 #ifndef MUON_KERNELS_TYPES_H_
 #define MUON_KERNELS_TYPES_H_
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -62,6 +63,14 @@ struct HyperParams {
   int ns_steps = 5;
   NsGram ns_gram = NsGram::kOff;
   ShapeScale shape_scale = ShapeScale::kSpectral;
+  // A custom schedule: per-step (a, b, c), replacing ns_schedule's tuples
+  // (which must then be kJordan, the default). One triple repeats for
+  // ns_steps steps; more than one gives one per step and ns_steps must equal
+  // their count. Empty: ns_schedule's tuples.
+  std::vector<std::array<double, 3>> ns_coefficients;
+  // Newton–Schulz normalisation: X / (safety·‖X‖_F + ns_eps), as
+  // torch.optim.Muon's eps.
+  double ns_eps = 1e-7;
   // AdamW.
   double beta1 = 0.9;
   double beta2 = 0.999;
