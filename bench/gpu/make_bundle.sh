@@ -14,7 +14,7 @@ peers=${2:-}
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$repo"
 rm -rf "$out"
-/work/shared/tools/gpu-bundle "$out" build/bin/{cuda_engine_test,ns_bench,muon-server,muonctl} \
+scripts/gpu-bundle "$out" build/bin/{cuda_engine_test,ns_bench,muon-server,muonctl} \
   build/bin/{muon_server_integration_test,muon_server_security_test,muon_durability_test} \
   build/bin/muon_parameter_server_test >/dev/null
 strip "$out"/bin/*

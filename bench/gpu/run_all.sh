@@ -20,7 +20,7 @@
 # Python stubs and client, the peers' code):
 #   ninja -C build cuda_engine_test ns_bench muon-server muon_server_integration_test \
 #     muon_server_security_test muon_durability_test muon_parameter_server_test muon_python_stubs
-#   /work/shared/tools/gpu-bundle .gpu build/bin/{cuda_engine_test,ns_bench,muon-server,muonctl} \
+#   scripts/gpu-bundle .gpu build/bin/{cuda_engine_test,ns_bench,muon-server,muonctl} \
 #     build/bin/{muon_server_integration_test,muon_server_security_test,muon_durability_test} \
 #     build/bin/muon_parameter_server_test
 #   strip .gpu/bin/*
