@@ -115,6 +115,16 @@ def _ns_coefficients(coefficients, where: str):
     return [triple(c) for c in coefficients]
 
 
+def _delete_sessions(units) -> None:
+    """Deletes each unit's session; a failure is logged, not raised (the
+    server's idle expiry removes what is left)."""
+    for unit in units:
+        try:
+            unit.session.delete()
+        except MuonServerError as e:
+            _LOG.warning("RemoteMuon: session %s not deleted: %s", unit.session.session_id, e)
+
+
 @dataclasses.dataclass
 class _Unit:
     """One session: the parameters of one group (or, parameter-server mode,
@@ -506,12 +516,7 @@ class RemoteMuon(torch.optim.Optimizer):
                                                 name=f"RemoteMuon group {gi}")
                 units.append(_Unit(k, gi, [indices[j] for j in mine], session, self._step))
         except BaseException:
-            for unit in units:
-                try:
-                    unit.session.delete()
-                except MuonServerError as e:
-                    _LOG.warning("RemoteMuon: session %s not deleted: %s",
-                                 unit.session.session_id, e)
+            _delete_sessions(units)
             raise
         return units
 
@@ -555,12 +560,7 @@ class RemoteMuon(torch.optim.Optimizer):
             # so no step sends or expects them.
             for host, before in added:
                 del host.indices[before:], host.groups[before:]
-            for unit in units:
-                try:
-                    unit.session.delete()
-                except MuonServerError as e:
-                    _LOG.warning("RemoteMuon: session %s not deleted: %s",
-                                 unit.session.session_id, e)
+            _delete_sessions(units)
             raise
         return units
 
@@ -926,12 +926,7 @@ class RemoteMuon(torch.optim.Optimizer):
                 for unit in units:
                     unit.session.import_state(*self._state_for(unit, state))
             except BaseException:
-                for unit in units:
-                    try:
-                        unit.session.delete()
-                    except MuonServerError as e:
-                        _LOG.warning("RemoteMuon: session %s not deleted: %s",
-                                     unit.session.session_id, e)
+                _delete_sessions(units)
                 raise
         except BaseException:
             self.param_groups, self.state = saved_groups, saved_state
@@ -940,12 +935,7 @@ class RemoteMuon(torch.optim.Optimizer):
         self._registered = registered
 
     def _replace_units(self, units: List[_Unit], step: int) -> None:
-        for unit in self._units:
-            try:
-                unit.session.delete()
-            except MuonServerError as e:
-                _LOG.warning("RemoteMuon: session %s not deleted: %s",
-                             unit.session.session_id, e)
+        _delete_sessions(self._units)
         for unit in units:
             unit.offset = step - unit.session.step_number
         self._units = units
