@@ -19,6 +19,7 @@
 #include "session/lease.h"
 #include "session/registry.h"
 #include "session/session.h"
+#include "step/chunker.h"
 #include "step/step_assembler.h"
 #include "util/thread_pool.h"
 
@@ -99,11 +100,10 @@ class ExportReactor final : public grpc::ServerWriteReactor<v1::ExportStateRespo
 
  private:
   absl::Status Build(uint32_t max_chunk_bytes) {
-    const int64_t limit = env_->options.limits.max_message_bytes - 1024;
-    int64_t chunk_bytes = max_chunk_bytes == 0 ? env_->options.update_chunk_bytes
-                                               : static_cast<int64_t>(max_chunk_bytes);
-    // A multiple of 4 so that no float is split.
-    chunk_bytes = std::max<int64_t>(1024, std::min(chunk_bytes, limit)) / 4 * 4;
+    const int64_t requested = max_chunk_bytes == 0 ? env_->options.update_chunk_bytes
+                                                   : static_cast<int64_t>(max_chunk_bytes);
+    const int64_t chunk_bytes = ChunkPayloadBytes(
+        requested, env_->options.limits.max_message_bytes, sizeof(float));
     std::vector<ParamState> states;
     uint64_t step = 0;
     {
@@ -124,15 +124,15 @@ class ExportReactor final : public grpc::ServerWriteReactor<v1::ExportStateRespo
         const std::vector<float>& values = *Field(states[i], tensor);
         const int64_t total = static_cast<int64_t>(values.size() * sizeof(float));
         const char* bytes = reinterpret_cast<const char*>(values.data());
-        for (int64_t offset = 0; offset < total; offset += chunk_bytes) {
+        for (const ChunkRange& range : CutIntoChunks(total, chunk_bytes)) {
           v1::ExportStateResponse& r = first_used ? responses_.emplace_back() : first;
           first_used = true;
           r.set_step(step);
           v1::StateChunk* chunk = r.mutable_chunk();
           chunk->set_param_index(static_cast<uint32_t>(i));
           chunk->set_tensor(tensor);
-          chunk->set_offset(static_cast<uint64_t>(offset));
-          chunk->set_data(bytes + offset, std::min(chunk_bytes, total - offset));
+          chunk->set_offset(static_cast<uint64_t>(range.offset));
+          chunk->set_data(bytes + range.offset, static_cast<size_t>(range.size));
           chunk->set_total_bytes(static_cast<uint64_t>(total));
         }
       }
