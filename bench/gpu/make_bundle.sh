@@ -17,6 +17,8 @@ rm -rf "$out"
 scripts/gpu-bundle "$out" build/bin/{cuda_engine_test,ns_bench,muon-server,muonctl} \
   build/bin/{muon_server_integration_test,muon_server_security_test,muon_durability_test} \
   build/bin/muon_parameter_server_test >/dev/null
+# iperf3 for run_all.sh's `service` part (the GPU machine may lack it).
+if command -v iperf3 >/dev/null; then scripts/gpu-bundle "$out" "$(command -v iperf3)" >/dev/null; fi
 strip "$out"/bin/*
 mkdir -p "$out/src" "$out/python" "$out/peers"
 cp -r bench/gpu "$out/src/gpu"

@@ -8,13 +8,16 @@
 #   3. the integration, security, durability and parameter-server tests
 #      against the CUDA engine (as tests.sh);
 #   4. the Python client's tests under the machine's torch, and
-#      client/python/examples/train_tiny.py --check against a CUDA server.
+#      client/python/examples/train_tiny.py --check against a CUDA server;
+#   5. the service benchmarks against a CUDA-engine server (bench/wire.sh's
+#      measurement and `muonctl bench --model=gpt2-small --steps=5`).
 #
-#   bench/gpu/run_all.sh [BUNDLE [PARTS]]   (default .gpu, "engine bench tests python peers")
+#   bench/gpu/run_all.sh [BUNDLE [PARTS]]
+#     (default .gpu, "engine bench tests python service peers")
 #
-# PARTS picks among engine (1), bench (2), tests (3), python (4) and peers
-# (5: flash-muon's and Turbo-Muon's own code from BUNDLE/peers, timed last
-# because their Triton autotuning takes minutes).
+# PARTS picks among engine (1), bench (2), tests (3), python (4), service (5)
+# and peers (6: flash-muon's and Turbo-Muon's own code from BUNDLE/peers,
+# timed last because their Triton autotuning takes minutes).
 #
 # The bundle, made here (the binaries with their libraries, the scripts, the
 # Python stubs and client, the peers' code):
@@ -32,7 +35,7 @@
 # Logs go to $OUT (or /tmp/muon-gpu-all), at most 8 files; the tables print last.
 set -uo pipefail
 bundle=${1:-.gpu}
-parts=" ${2:-engine bench tests python peers} "
+parts=" ${2:-engine bench tests python service peers} "
 out=${OUT:-/tmp/muon-gpu-all}
 mkdir -p "$out"
 [[ -f $bundle/gpu.tar.xz ]] && tar -C "$bundle" -xJf "$bundle/gpu.tar.xz"
@@ -102,6 +105,66 @@ if [[ $parts == *" python "* ]]; then
   wait "$server"
 fi
 
+# The service on the GPU machine (docs/performance.md "Wire"): bytes/s
+# through muon-server for GPT-2 small's gradients as AdamW parameters
+# (negligible compute) in fp32 and bf16 wire, beside raw loopback TCP in the
+# same run: iperf3 when bundled or installed, else a Python socket loopback
+# (one connection, 5 s of 4 MiB sends; labelled as such, not comparable
+# with iperf3 figures). Then a GPT-2-small Muon step through the service.
+if [[ $parts == *" service "* ]]; then
+  echo "== service" | tee -a "$out/tests.log"
+  work=$(mktemp -d)
+  "$bundle/bin/muon-server" --engine=cuda --listen=127.0.0.1:0 --port_file="$work/port" \
+    --metrics_listen= >"$work/server.log" 2>&1 &
+  server=$!
+  for _ in $(seq 200); do [[ -s $work/port ]] && break; sleep 0.1; done
+  address=127.0.0.1:$(cat "$work/port")
+  {
+    echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+    iperf=$(command -v iperf3 || true)
+    [[ -x $bundle/bin/iperf3 ]] && iperf=$bundle/bin/iperf3
+    if [[ -n $iperf ]]; then
+      "$iperf" -s -1 -B 127.0.0.1 -p 5201 >/dev/null 2>&1 &
+      sleep 1
+      timeout 20 "$iperf" -c 127.0.0.1 -p 5201 -t 5 -J | python3 -c 'import json, sys
+print("loopback TCP (iperf3, one stream, 5 s): %.3g B/s" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"] / 8))'
+    else
+      timeout 30 python3 - <<'PY'
+import socket, threading, time
+server = socket.socket(); server.bind(("127.0.0.1", 0)); server.listen(1)
+got = [0]
+def sink():
+    conn, _ = server.accept()
+    while True:
+        b = conn.recv(1 << 22)
+        if not b: break
+        got[0] += len(b)
+t = threading.Thread(target=sink); t.start()
+c = socket.create_connection(server.getsockname()); buf = b"x" * (1 << 22)
+start = time.time()
+while time.time() - start < 5: c.sendall(buf)
+c.close(); t.join()
+print("loopback TCP (python socket loopback, NOT iperf3; one connection, 5 s): %.3g B/s" % (got[0] / (time.time() - start)))
+PY
+    fi
+    for dtype in float32 bfloat16; do
+      echo "-- wire: muonctl bench --optimizer=adamw --dtype=$dtype (GPT-2 small's gradients)"
+      timeout 120 "$bundle/bin/muonctl" bench --server="$address" --model=gpt2-small \
+        --optimizer=adamw --dtype=$dtype --steps=5 --warmup=1 --progress=false \
+        --name=wire-$dtype || echo "exit $?"
+    done
+    echo "-- muonctl bench --model=gpt2-small --steps=5 (Muon, CUDA engine)"
+    timeout 120 "$bundle/bin/muonctl" bench --server="$address" --model=gpt2-small --steps=5 \
+      --progress=false --name=gpt2 || echo "exit $?"
+    echo "-- muonctl info"
+    "$bundle/bin/muonctl" --server="$address" info | grep -E '^(engine|device):'
+  } >"$out/service.txt" 2>&1 || status=1
+  grep -q '^exit ' "$out/service.txt" && status=1
+  kill -TERM "$server"
+  wait "$server"
+  tail -3 "$work/server.log" >>"$out/service.txt"
+fi
+
 # Last: the peers' own code, whose Triton autotuning and compiles take minutes
 # (a timeout here is reported in peers.txt, and is not a failure).
 if [[ $parts == *" peers "* ]]; then
@@ -115,5 +178,6 @@ echo "== summary (status $status)"
 grep -E '^\[  (PASSED|FAILED) |^== ' "$out/tests.log"
 [[ -f $out/ns_bench.log ]] && head -60 "$out/ns_bench.log"
 [[ -f $out/table.txt ]] && tail -30 "$out/table.txt"
+[[ -f $out/service.txt ]] && cat "$out/service.txt"
 [[ -f $out/peers.txt ]] && cat "$out/peers.txt"
 exit $status

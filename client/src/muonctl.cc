@@ -749,9 +749,11 @@ int Info(Client& client) {
   if (!info.ok()) return Fail(info.status());
   absl::PrintF("version: %s\nengine: %s\n", info->version(), info->engine());
   for (const v1::DeviceInfo& d : info->devices()) {
-    absl::PrintF("device: %s %d cores=%d memory_bytes=%d used_bytes=%d budget_bytes=%d\n",
-                 d.kind(), d.ordinal(), d.cores(), d.memory_bytes(), d.memory_used_bytes(),
-                 d.memory_budget_bytes());
+    absl::PrintF(
+        "device: %s %d cores=%d memory_bytes=%d used_bytes=%d budget_bytes=%d parameters=%d "
+        "state_bytes=%d estimated_step_seconds=%.3g\n",
+        d.kind(), d.ordinal(), d.cores(), d.memory_bytes(), d.memory_used_bytes(),
+        d.memory_budget_bytes(), d.parameters(), d.state_bytes(), d.estimated_step_seconds());
   }
   const v1::ServerLimits& l = info->limits();
   absl::PrintF(

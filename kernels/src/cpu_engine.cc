@@ -53,8 +53,10 @@ double Seconds(std::chrono::steady_clock::time_point since) {
 // budget bounds the engine's peak: its state, the copy a step writes (kept
 // allocated between steps), and, as a bound on the workspace a step of it
 // can take, its fp32 buffers (for Muon the momentum output that
-// Newton–Schulz works on, OrthogonalizeCpu's wide copy, Y and two r×r
-// matrices; workspaces are per compute thread and reused).
+// Newton–Schulz works on, Y and two r×r matrices; workspaces are per compute
+// thread and reused). One more fp32 copy is still charged, the wide copy
+// OrthogonalizeCpu no longer makes: lowering it changes what every budget
+// admits, a change of its own.
 int64_t ChargedBytes(const ParamSpec& spec) {
   const int64_t n = NumElements(spec.shape);
   int64_t step_floats = 0;

@@ -13,30 +13,32 @@
 namespace muon {
 namespace {
 
-// Copies row-major rows×cols `in` into its wide orientation r×c (r ≤ c).
-void ToWide(const float* in, int64_t rows, int64_t cols, float* out) {
-  if (rows <= cols) {
-    std::copy(in, in + rows * cols, out);
-    return;
-  }
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < cols; ++j) out[j * rows + i] = in[i * cols + j];
-  }
+// The wide r×c X (r ≤ c) of a row-major rows×cols matrix, read in place: a
+// wide matrix is row-major X (ld c); a tall one is Xᵀ row-major, that is X
+// column-major (ld r). BLAS reads either through its layout argument, so no
+// matrix is transposed into a copy and back. The r×r work matrices stay
+// row-major whatever X's layout, so their products are the same calls for
+// both orientations.
+struct WideX {
+  CBLAS_ORDER order;
+  int ld;
+  // BLAS transpose of a row-major r×r operand under `order`.
+  CBLAS_TRANSPOSE square() const { return order == CblasRowMajor ? CblasNoTrans : CblasTrans; }
+  // syrk's triangle under `order` that fills the row-major upper one.
+  CBLAS_UPLO upper() const { return order == CblasRowMajor ? CblasUpper : CblasLower; }
+  // Row i of X: its start and the stride between its elements.
+  int64_t row(int i) const { return order == CblasRowMajor ? static_cast<int64_t>(i) * ld : i; }
+  int row_stride() const { return order == CblasRowMajor ? 1 : ld; }
+};
+
+WideX WideOf(int64_t rows, int64_t cols) {
+  return rows <= cols ? WideX{CblasRowMajor, static_cast<int>(cols)}
+                      : WideX{CblasColMajor, static_cast<int>(cols)};
 }
 
-void FromWide(const float* wide, int64_t rows, int64_t cols, float* out) {
-  if (rows <= cols) {
-    std::copy(wide, wide + rows * cols, out);
-    return;
-  }
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < cols; ++j) out[i * cols + j] = wide[j * rows + i];
-  }
-}
-
-// A = X·Xᵀ for row-major X (r×c, ld c) into row-major A (r×r, ld r), both triangles.
-void Gram(const float* x, int r, int c, float* a) {
-  cblas_ssyrk(CblasRowMajor, CblasUpper, CblasNoTrans, r, c, 1.0f, x, c, 0.0f, a, r);
+// A = X·Xᵀ for X (r×c, laid out as `w` says) into row-major A (r×r, ld r), both triangles.
+void Gram(const WideX& w, const float* x, int r, int c, float* a) {
+  cblas_ssyrk(w.order, w.upper(), CblasNoTrans, r, c, 1.0f, x, w.ld, 0.0f, a, r);
   for (int i = 0; i < r; ++i) {
     for (int j = 0; j < i; ++j) a[i * r + j] = a[j * r + i];
   }
@@ -45,7 +47,7 @@ void Gram(const float* x, int r, int c, float* a) {
 // Normalizes the wide r×c x in place for the first step: AOL row scaling
 // (leaving the scaled Gram matrix in a, r×r; returns true) or division by
 // norm_safety·‖x‖_F + eps (returns false).
-bool Normalize(const NsCoefficients& coeffs, int r, int c, float* x, float* a) {
+bool Normalize(const NsCoefficients& coeffs, const WideX& w, int r, int c, float* x, float* a) {
   const int64_t rc = static_cast<int64_t>(r) * c;
   if (!coeffs.aol) {
     const double norm = cblas_snrm2(static_cast<int>(rc), x, 1);
@@ -55,7 +57,7 @@ bool Normalize(const NsCoefficients& coeffs, int r, int c, float* x, float* a) {
   }
   // AOL: scale row i by d_i = 1/sqrt(Σ_j |A_ij|); the scaled Gram matrix
   // diag(d)·A·diag(d) is the first iteration's A.
-  Gram(x, r, c, a);
+  Gram(w, x, r, c, a);
   std::vector<float> d(r);
   for (int i = 0; i < r; ++i) {
     double sum = 0;
@@ -63,28 +65,28 @@ bool Normalize(const NsCoefficients& coeffs, int r, int c, float* x, float* a) {
     d[i] = static_cast<float>(1.0 / std::sqrt(std::max(sum, 1e-7)));
   }
   for (int i = 0; i < r; ++i) {
-    cblas_sscal(c, d[i], x + static_cast<int64_t>(i) * c, 1);
+    cblas_sscal(c, d[i], x + w.row(i), w.row_stride());
     for (int j = 0; j < r; ++j) a[i * r + j] *= d[i] * d[j];
   }
   return true;
 }
 
 // Newton–Schulz on one wide r×c matrix in place. Work buffers: a, b (r×r), y (r×c).
-void NewtonSchulzWide(const NsCoefficients& coeffs, int r, int c, float* x, float* a, float* b,
-                      float* y) {
+void NewtonSchulzWide(const NsCoefficients& coeffs, const WideX& w, int r, int c, float* x,
+                      float* a, float* b, float* y) {
   const int64_t rc = static_cast<int64_t>(r) * c;
-  bool gram_ready = Normalize(coeffs, r, c, x, a);
+  bool gram_ready = Normalize(coeffs, w, r, c, x, a);
   for (const auto& [ca, cb, cc] : coeffs.steps) {
-    if (!gram_ready) Gram(x, r, c, a);
+    if (!gram_ready) Gram(w, x, r, c, a);
     gram_ready = false;
     // B = cb·A + cc·A·A (A symmetric, r×r, ld r).
     std::copy(a, a + static_cast<int64_t>(r) * r, b);
     cblas_ssymm(CblasRowMajor, CblasLeft, CblasUpper, r, r, static_cast<float>(cc), a, r, a, r,
                 static_cast<float>(cb), b, r);
-    // Y = ca·X + B·X: B r×r (ld r), X r×c (ld c), Y r×c (ld c).
+    // Y = ca·X + B·X: B r×r (ld r), X and Y r×c in X's layout.
     std::copy(x, x + rc, y);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, r, c, r, 1.0f, b, r, x, c,
-                static_cast<float>(ca), y, c);
+    cblas_sgemm(w.order, w.square(), CblasNoTrans, r, c, r, 1.0f, b, r, x, w.ld,
+                static_cast<float>(ca), y, w.ld);
     std::copy(y, y + rc, x);
   }
 }
@@ -103,7 +105,7 @@ void Square(int r, float alpha, const float* a, const float* b, float beta, cons
 //   P = a·I + Z on a segment's first step, else P ← a·P + P·Z  (P·Q)
 //   R ← a²·R + (Z² + 2a·Z)·R  (Q²·R) on all but a segment's last step
 // and X ← P·X at the end of each segment. Work: six r×r buffers in g, y (r×c).
-void GramNewtonSchulzWide(const NsCoefficients& coeffs, int r, int c, float* x,
+void GramNewtonSchulzWide(const NsCoefficients& coeffs, const WideX& wx, int r, int c, float* x,
                           std::vector<float>* g, float* y) {
   const int64_t rr = static_cast<int64_t>(r) * r, rc = static_cast<int64_t>(r) * c;
   float* rm = g[0].data();
@@ -112,14 +114,14 @@ void GramNewtonSchulzWide(const NsCoefficients& coeffs, int r, int c, float* x,
   float* w = g[3].data();
   float* pm = g[4].data();
   float* pn = g[5].data();
-  bool gram_ready = Normalize(coeffs, r, c, x, rm);
+  bool gram_ready = Normalize(coeffs, wx, r, c, x, rm);
   const int steps = static_cast<int>(coeffs.steps.size());
   for (int first = 0; first < steps;) {
     int end = steps;
     for (int k : coeffs.gram_restarts) {
       if (k > first && k < end) end = k;
     }
-    if (!gram_ready) Gram(x, r, c, rm);
+    if (!gram_ready) Gram(wx, x, r, c, rm);
     gram_ready = false;
     for (int j = first; j < end; ++j) {
       const auto& [ca, cb, cc] = coeffs.steps[j];
@@ -138,31 +140,35 @@ void GramNewtonSchulzWide(const NsCoefficients& coeffs, int r, int c, float* x,
         std::swap(rm, rn);
       }
     }
-    // Y = P·X: P r×r (ld r), X r×c (ld c).
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, r, c, r, 1.0f, pm, r, x, c, 0.0f, y, c);
+    // Y = P·X: P r×r (ld r), X and Y r×c in X's layout.
+    cblas_sgemm(wx.order, wx.square(), CblasNoTrans, r, c, r, 1.0f, pm, r, x, wx.ld, 0.0f, y,
+                wx.ld);
     std::copy(y, y + rc, x);
     first = end;
   }
 }
 
-// Exact polar factor U·Vᵀ of a wide r×c matrix in float64, with singular
-// values that are zero to working precision mapped to 0 (as NS maps them).
-absl::Status PolarSvdWide(int r, int c, float* x) {
+// Exact polar factor U·Vᵀ of a wide r×c matrix (laid out as `w` says) in
+// float64, with singular values that are zero to working precision mapped to
+// 0 (as NS maps them).
+absl::Status PolarSvdWide(const WideX& w, int r, int c, float* x) {
+  const int lapack_order = w.order == CblasRowMajor ? LAPACK_ROW_MAJOR : LAPACK_COL_MAJOR;
   std::vector<double> m(x, x + static_cast<int64_t>(r) * c);
   std::vector<double> s(r), u(static_cast<int64_t>(r) * r), vt(static_cast<int64_t>(r) * c);
-  const int info = LAPACKE_dgesdd(LAPACK_ROW_MAJOR, 'S', r, c, m.data(), c, s.data(), u.data(), r,
-                                  vt.data(), c);
+  const int info =
+      LAPACKE_dgesdd(lapack_order, 'S', r, c, m.data(), w.ld, s.data(), u.data(), r, vt.data(),
+                     w.ld);
   if (info != 0) {
     return absl::InternalError(absl::StrCat("LAPACK dgesdd failed to converge (info ", info, ")"));
   }
   const double tol = s[0] * std::max(r, c) * std::numeric_limits<double>::epsilon();
   for (int k = 0; k < r; ++k) {
     const double keep = s[k] > tol ? 1.0 : 0.0;
-    for (int i = 0; i < r; ++i) u[i * r + k] *= keep;
+    for (int i = 0; i < r; ++i) u[w.order == CblasRowMajor ? i * r + k : k * r + i] *= keep;
   }
   std::vector<double> o(static_cast<int64_t>(r) * c);
-  cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, r, c, r, 1.0, u.data(), r, vt.data(), c,
-              0.0, o.data(), c);
+  cblas_dgemm(w.order, CblasNoTrans, CblasNoTrans, r, c, r, 1.0, u.data(), r, vt.data(), w.ld,
+              0.0, o.data(), w.ld);
   std::transform(o.begin(), o.end(), x, [](double v) { return static_cast<float>(v); });
   return absl::OkStatus();
 }
@@ -179,25 +185,24 @@ absl::Status OrthogonalizeCpu(const NsCoefficients& coeffs, const MatrixView& vi
   const int r = static_cast<int>(std::min(view.rows, view.cols));
   const int c = static_cast<int>(std::max(view.rows, view.cols));
   const int64_t size = view.rows * view.cols;
-  std::vector<float> wide(size), a(static_cast<int64_t>(r) * r), b(a.size()), y(size);
+  const WideX w = WideOf(view.rows, view.cols);
+  std::vector<float> a(static_cast<int64_t>(r) * r), b(a.size()), y(size);
   std::vector<float> gram_work[6];
   if (coeffs.gram) {
     for (std::vector<float>& g : gram_work) g.resize(a.size());
   }
   for (int64_t k = 0; k < view.batch; ++k) {
     float* mat = x + k * size;
-    ToWide(mat, view.rows, view.cols, wide.data());
     if (coeffs.kind == ScheduleKind::kSvd) {
-      const bool zero = std::all_of(wide.begin(), wide.end(), [](float v) { return v == 0; });
+      const bool zero = std::all_of(mat, mat + size, [](float v) { return v == 0; });
       if (!zero) {
-        if (absl::Status s = PolarSvdWide(r, c, wide.data()); !s.ok()) return s;
+        if (absl::Status s = PolarSvdWide(w, r, c, mat); !s.ok()) return s;
       }
     } else if (coeffs.gram) {
-      GramNewtonSchulzWide(coeffs, r, c, wide.data(), gram_work, y.data());
+      GramNewtonSchulzWide(coeffs, w, r, c, mat, gram_work, y.data());
     } else {
-      NewtonSchulzWide(coeffs, r, c, wide.data(), a.data(), b.data(), y.data());
+      NewtonSchulzWide(coeffs, w, r, c, mat, a.data(), b.data(), y.data());
     }
-    FromWide(wide.data(), view.rows, view.cols, mat);
   }
   return absl::OkStatus();
 }
@@ -205,20 +210,10 @@ absl::Status OrthogonalizeCpu(const NsCoefficients& coeffs, const MatrixView& vi
 double OrthogonalityError(int64_t rows, int64_t cols, const float* o) {
   const int r = static_cast<int>(std::min(rows, cols));
   const int c = static_cast<int>(std::max(rows, cols));
-  std::vector<double> w(static_cast<int64_t>(r) * c);
-  // Wide orientation: w = o (r×c) or oᵀ.
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < cols; ++j) {
-      const double v = o[i * cols + j];
-      if (rows <= cols) {
-        w[i * cols + j] = v;
-      } else {
-        w[j * rows + i] = v;
-      }
-    }
-  }
+  const WideX wx = WideOf(rows, cols);
+  const std::vector<double> w(o, o + rows * cols);
   std::vector<double> g(static_cast<int64_t>(r) * r);
-  cblas_dsyrk(CblasRowMajor, CblasUpper, CblasNoTrans, r, c, 1.0, w.data(), c, 0.0, g.data(), r);
+  cblas_dsyrk(wx.order, wx.upper(), CblasNoTrans, r, c, 1.0, w.data(), wx.ld, 0.0, g.data(), r);
   double sum = 0;
   for (int i = 0; i < r; ++i) {
     for (int j = i; j < r; ++j) {

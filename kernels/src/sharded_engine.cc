@@ -19,47 +19,68 @@ struct Placement {
   int shard = 0;
   ParamId inner = 0;
   double cost = 0;
+  int64_t state_bytes = 0;
 };
 
 class ShardedEngine final : public Engine {
  public:
   explicit ShardedEngine(std::vector<std::unique_ptr<Engine>> engines)
-      : engines_(std::move(engines)), load_(engines_.size(), 0.0) {}
+      : engines_(std::move(engines)), load_(engines_.size()) {}
 
   absl::string_view name() const override { return engines_.front()->name(); }
 
   absl::StatusOr<ParamId> Register(const ParamSpec& spec) override {
     // A bad spec fails here, the same way whatever engine would have taken it.
     MUON_RETURN_IF_ERROR(ValidateSpec(spec));
-    const double cost = PlacementCost(spec);
     std::vector<int> order(engines_.size());
     std::iota(order.begin(), order.end(), 0);
     {
       absl::MutexLock lock(&mu_);
       std::stable_sort(order.begin(), order.end(),
-                       [&](int a, int b) { return load_[a] < load_[b]; });
+                       [&](int a, int b) { return load_[a].cost_seconds < load_[b].cost_seconds; });
     }
     absl::Status full;
     for (int shard : order) {
-      absl::StatusOr<ParamId> inner = engines_[shard]->Register(spec);
-      if (inner.ok()) {
-        absl::MutexLock lock(&mu_);
-        load_[shard] += cost;
-        const ParamId id = next_id_++;
-        params_[id] = {shard, *inner, cost};
-        return id;
-      }
-      if (inner.status().code() != absl::StatusCode::kResourceExhausted) return inner.status();
-      full = inner.status();
+      absl::StatusOr<ParamId> id = RegisterOn(spec, shard);
+      if (id.ok() || id.status().code() != absl::StatusCode::kResourceExhausted) return id;
+      full = id.status();
     }
     return full;
+  }
+
+  absl::StatusOr<ParamId> RegisterOn(const ParamSpec& spec, int shard) {
+    if (shard < 0 || shard >= shards()) {
+      return absl::OutOfRangeError(
+          absl::StrCat("device index ", shard, " does not exist; this engine has ", shards()));
+    }
+    MUON_ASSIGN_OR_RETURN(const ParamId inner, engines_[shard]->Register(spec));
+    const double cost = PlacementCost(spec);
+    absl::MutexLock lock(&mu_);
+    load_[shard].parameters += 1;
+    load_[shard].state_bytes += StateBytes(spec);
+    load_[shard].cost_seconds += cost;
+    const ParamId id = next_id_++;
+    params_[id] = {shard, inner, cost, StateBytes(spec)};
+    return id;
+  }
+
+  std::vector<ShardLoad> Loads() const {
+    std::vector<ShardLoad> loads;
+    {
+      absl::MutexLock lock(&mu_);
+      loads = load_;
+    }
+    for (size_t i = 0; i < loads.size(); ++i) loads[i].memory = engines_[i]->Memory();
+    return loads;
   }
 
   absl::Status Unregister(ParamId id) override {
     MUON_ASSIGN_OR_RETURN(const Placement p, Find(id));
     MUON_RETURN_IF_ERROR(engines_[p.shard]->Unregister(p.inner));
     absl::MutexLock lock(&mu_);
-    load_[p.shard] -= p.cost;
+    load_[p.shard].parameters -= 1;
+    load_[p.shard].state_bytes -= p.state_bytes;
+    load_[p.shard].cost_seconds -= p.cost;
     params_.erase(id);
     return absl::OkStatus();
   }
@@ -114,7 +135,7 @@ class ShardedEngine final : public Engine {
  private:
   const std::vector<std::unique_ptr<Engine>> engines_;
   mutable absl::Mutex mu_;
-  std::vector<double> load_ ABSL_GUARDED_BY(mu_);
+  std::vector<ShardLoad> load_ ABSL_GUARDED_BY(mu_);
   std::unordered_map<ParamId, Placement> params_ ABSL_GUARDED_BY(mu_);
   ParamId next_id_ ABSL_GUARDED_BY(mu_) = 1;
 };
@@ -261,6 +282,19 @@ absl::StatusOr<int> ShardOf(const Engine& engine, ParamId param) {
   if (sharded == nullptr) return absl::InvalidArgumentError("not a sharded engine");
   MUON_ASSIGN_OR_RETURN(const Placement p, sharded->Find(param));
   return p.shard;
+}
+
+absl::StatusOr<std::vector<ShardLoad>> ShardLoads(const Engine& engine) {
+  const auto* sharded = dynamic_cast<const ShardedEngine*>(&engine);
+  if (sharded == nullptr) return absl::InvalidArgumentError("not a sharded engine");
+  return sharded->Loads();
+}
+
+absl::StatusOr<ParamId> RegisterOnShard(Engine& engine, const ParamSpec& spec, int shard) {
+  auto* sharded = dynamic_cast<ShardedEngine*>(&engine);
+  if (sharded == nullptr) return absl::InvalidArgumentError("not a sharded engine");
+  MUON_RETURN_IF_ERROR(ValidateSpec(spec));
+  return sharded->RegisterOn(spec, shard);
 }
 
 }  // namespace muon

@@ -17,6 +17,7 @@
 #include "storage/checkpoint_store.h"
 #include "observability/metrics.h"
 #include "muon/kernels/engine.h"
+#include "muon/kernels/sharded_engine.h"
 #include "muon/kernels/status_macros.h"
 #include "api/service.h"
 #include "ps/ps_round.h"
@@ -194,6 +195,17 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   MUON_ASSIGN_OR_RETURN(impl->metrics, Metrics::Create(options.metrics_listen));
   MUON_ASSIGN_OR_RETURN(impl->engine, CreateEngine(options.engine, engine_options));
   impl->metrics->SetMemoryProbe([engine = impl->engine.get()] { return engine->Memory(); });
+  if (absl::StatusOr<std::vector<ShardLoad>> loads = ShardLoads(*impl->engine); loads.ok()) {
+    std::vector<std::string> names;
+    for (size_t i = 0; i < loads->size(); ++i) {
+      names.push_back(absl::StrCat(i < options.devices.size() ? options.devices[i]
+                                                              : static_cast<int>(i)));
+    }
+    impl->metrics->SetDeviceProbe(std::move(names), [engine = impl->engine.get()] {
+      absl::StatusOr<std::vector<ShardLoad>> now = ShardLoads(*engine);
+      return now.ok() ? *std::move(now) : std::vector<ShardLoad>();
+    });
+  }
   int threads = options.scheduler_threads;
   if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
   impl->pool = std::make_unique<ThreadPool>(threads);

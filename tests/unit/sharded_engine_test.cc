@@ -174,6 +174,55 @@ TEST(ShardedEngineTest, FailingCallKeepsNothingOnAnyShard) {
   }
 }
 
+// Each engine's parameters, state bytes and cost follow Register (by cost or
+// on a named engine) and Unregister; the placement report is per engine.
+TEST(ShardedEngineTest, ReportsLoadPerEngineAndRegistersOnOne) {
+  std::unique_ptr<Engine> three = Sharded(3);
+  ParamSpec big;
+  big.name = "big";
+  big.shape = {512, 2048};
+  ParamSpec small = big;
+  small.name = "small";
+  small.shape = {64, 256};
+  small.kind = OptimizerKind::kAdamW;
+  const ParamId on_two = *RegisterOnShard(*three, big, 2);
+  EXPECT_EQ(*ShardOf(*three, on_two), 2);
+  // Shard 2 is the busiest now; by cost the next ones go to 0 and 1.
+  const ParamId a = *three->Register(small);
+  const ParamId b = *three->Register(small);
+  EXPECT_NE(*ShardOf(*three, a), 2);
+  EXPECT_NE(*ShardOf(*three, b), 2);
+  const ParamId also_two = *RegisterOnShard(*three, small, 2);
+  std::vector<ShardLoad> loads = *ShardLoads(*three);
+  ASSERT_EQ(loads.size(), 3u);
+  EXPECT_EQ(loads[2].parameters, 2);
+  EXPECT_EQ(loads[2].state_bytes, StateBytes(big) + StateBytes(small));
+  EXPECT_DOUBLE_EQ(loads[2].cost_seconds, PlacementCost(big) + PlacementCost(small));
+  EXPECT_EQ(loads[2].memory.used_bytes, three->Memory().used_bytes - loads[0].memory.used_bytes -
+                                            loads[1].memory.used_bytes);
+  EXPECT_GT(loads[2].memory.used_bytes, 0);
+  for (int i : {0, 1}) {
+    EXPECT_EQ(loads[i].parameters, 1) << i;
+    EXPECT_EQ(loads[i].state_bytes, StateBytes(small)) << i;
+  }
+  ASSERT_TRUE(three->Unregister(on_two).ok());
+  ASSERT_TRUE(three->Unregister(also_two).ok());
+  loads = *ShardLoads(*three);
+  EXPECT_EQ(loads[2].parameters, 0);
+  EXPECT_EQ(loads[2].state_bytes, 0);
+  EXPECT_NEAR(loads[2].cost_seconds, 0, 1e-12);
+
+  EXPECT_EQ(RegisterOnShard(*three, small, 3).status().code(), absl::StatusCode::kOutOfRange);
+  EXPECT_EQ(RegisterOnShard(*three, small, -1).status().code(), absl::StatusCode::kOutOfRange);
+  ParamSpec bad = small;
+  bad.shape = {0, 4};
+  EXPECT_EQ(RegisterOnShard(*three, bad, 0).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*ShardLoads(*three))[0].parameters, 1);
+  std::unique_ptr<Engine> cpu = *CreateCpuEngine({});
+  EXPECT_EQ(ShardLoads(*cpu).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(RegisterOnShard(*cpu, small, 0).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST(ShardedEngineTest, ForwardsAndForgets) {
   std::unique_ptr<Engine> two = Sharded(2);
   EXPECT_EQ(CreateShardedEngine({}).status().code(), absl::StatusCode::kInvalidArgument);

@@ -9,6 +9,7 @@
 #include "absl/strings/strip.h"
 #include "absl/strings/str_cat.h"
 #include "muon/kernels/ns_schedule.h"
+#include "muon/kernels/sharded_engine.h"
 #include "muon/kernels/status_macros.h"
 #include "muon/kernels/types.h"
 #include "session/registry.h"
@@ -76,16 +77,42 @@ absl::StatusOr<v1::ServerInfo> DescribeServer(const ServiceEnv& env, int32_t ns_
   info.set_engine(engine);
 
   const MemoryUsage memory = env.engine->Memory();
-  v1::DeviceInfo* device = info.add_devices();
-  device->set_kind(engine);
-  if (engine == "cpu") {
-    device->set_cores(std::thread::hardware_concurrency());
-    device->set_memory_bytes(PhysicalMemoryBytes());
+  if (absl::StatusOr<std::vector<ShardLoad>> loads = ShardLoads(*env.engine); loads.ok()) {
+    for (size_t i = 0; i < loads->size(); ++i) {
+      const ShardLoad& load = (*loads)[i];
+      v1::DeviceInfo* device = info.add_devices();
+      device->set_kind(engine);
+      device->set_ordinal(i < o.devices.size() ? o.devices[i] : static_cast<int32_t>(i));
+      device->set_memory_used_bytes(load.memory.used_bytes);
+      device->set_memory_budget_bytes(load.memory.budget_bytes);
+      device->set_parameters(static_cast<uint32_t>(load.parameters));
+      device->set_state_bytes(load.state_bytes);
+      device->set_estimated_step_seconds(load.cost_seconds);
+    }
   } else {
-    device->set_ordinal(o.device);
+    v1::DeviceInfo* device = info.add_devices();
+    device->set_kind(engine);
+    if (engine == "cpu") {
+      device->set_cores(std::thread::hardware_concurrency());
+      device->set_memory_bytes(PhysicalMemoryBytes());
+    } else {
+      device->set_ordinal(o.devices.size() == 1 ? o.devices.front() : o.device);
+    }
+    device->set_memory_used_bytes(memory.used_bytes);
+    device->set_memory_budget_bytes(memory.budget_bytes);
+    int64_t parameters = 0, state_bytes = 0;
+    double seconds = 0;
+    for (const std::shared_ptr<Session>& session : env.sessions->List()) {
+      for (const SessionParam& p : session->params()) {
+        ++parameters;
+        state_bytes += p.state_bytes;
+        seconds += PlacementCost(p.spec);
+      }
+    }
+    device->set_parameters(static_cast<uint32_t>(parameters));
+    device->set_state_bytes(state_bytes);
+    device->set_estimated_step_seconds(seconds);
   }
-  device->set_memory_used_bytes(memory.used_bytes);
-  device->set_memory_budget_bytes(memory.budget_bytes);
 
   v1::ServerLimits* limits = info.mutable_limits();
   limits->set_max_sessions(static_cast<uint32_t>(o.limits.max_sessions));

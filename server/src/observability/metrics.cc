@@ -270,6 +270,25 @@ Metrics::Metrics()
                      .Register(r);
   memory_used_ = &memory.Add({{"kind", "used"}});
   memory_budget_ = &memory.Add({{"kind", "budget"}});
+  device_parameters_ = &prometheus::BuildGauge()
+                            .Name("muon_device_parameters")
+                            .Help("Parameters of every session placed on each device (--devices).")
+                            .Register(r);
+  device_state_bytes_ = &prometheus::BuildGauge()
+                             .Name("muon_device_state_bytes")
+                             .Help("Optimizer state of the parameters on each device, bytes.")
+                             .Register(r);
+  device_memory_ = &prometheus::BuildGauge()
+                        .Name("muon_device_memory_bytes")
+                        .Help("Each device's engine memory, bytes: used, and budget.")
+                        .Register(r);
+  device_work_ = &prometheus::BuildGauge()
+                      .Name("muon_device_estimated_step_seconds")
+                      .Help(
+                          "Device work one step of every parameter on each device is estimated "
+                          "to take (Newton-Schulz flops and state traffic at an H200's rates), "
+                          "seconds: what placement balances.")
+                      .Register(r);
 
   sessions_.created_ = &prometheus::BuildCounter()
                             .Name("muon_sessions_created_total")
@@ -312,15 +331,45 @@ void Metrics::SetMemoryProbe(std::function<MemoryUsage()> probe) {
   probe_ = std::move(probe);
 }
 
+void Metrics::SetDeviceProbe(std::vector<std::string> names,
+                             std::function<std::vector<ShardLoad>()> probe) {
+  absl::MutexLock lock(&probe_mu_);
+  device_names_ = std::move(names);
+  device_probe_ = std::move(probe);
+}
+
 void Metrics::RefreshMemory() const {
   MemoryUsage usage;
+  std::vector<ShardLoad> loads;
+  std::vector<std::string> names;
+  bool have_memory = false;
   {
     absl::MutexLock lock(&probe_mu_);
-    if (!probe_) return;
-    usage = probe_();
+    if (probe_) {
+      usage = probe_();
+      have_memory = true;
+    }
+    if (device_probe_) {
+      loads = device_probe_();
+      names = device_names_;
+    }
   }
-  memory_used_->Set(static_cast<double>(usage.used_bytes));
-  memory_budget_->Set(static_cast<double>(usage.budget_bytes));
+  if (have_memory) {
+    memory_used_->Set(static_cast<double>(usage.used_bytes));
+    memory_budget_->Set(static_cast<double>(usage.budget_bytes));
+  }
+  // Family::Add returns the existing child for a known label set; the set is
+  // bounded by the device list.
+  for (size_t i = 0; i < loads.size() && i < names.size(); ++i) {
+    const ShardLoad& l = loads[i];
+    device_parameters_->Add({{"device", names[i]}}).Set(static_cast<double>(l.parameters));
+    device_state_bytes_->Add({{"device", names[i]}}).Set(static_cast<double>(l.state_bytes));
+    device_memory_->Add({{"device", names[i]}, {"kind", "used"}})
+        .Set(static_cast<double>(l.memory.used_bytes));
+    device_memory_->Add({{"device", names[i]}, {"kind", "budget"}})
+        .Set(static_cast<double>(l.memory.budget_bytes));
+    device_work_->Add({{"device", names[i]}}).Set(l.cost_seconds);
+  }
 }
 
 std::string Metrics::Text() const {

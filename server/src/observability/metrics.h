@@ -7,12 +7,14 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "muon/kernels/engine.h"
+#include "muon/kernels/sharded_engine.h"
 #include "muon/kernels/types.h"
 
 namespace prometheus {
@@ -130,6 +132,13 @@ class Metrics {
   // the probe replaced.
   void SetMemoryProbe(std::function<MemoryUsage()> probe);
 
+  // On an engine of several devices: read at every scrape for the
+  // muon_device_* gauges, one label value per device (`names`, in the
+  // probe's order: the device ordinals). Same lifetime rule as the memory
+  // probe; unset, there are no muon_device_* series.
+  void SetDeviceProbe(std::vector<std::string> names,
+                      std::function<std::vector<ShardLoad>()> probe);
+
   StepReporter* steps() { return &steps_; }
   SessionReporter* sessions() { return &sessions_; }
   RpcReporter* rpcs() { return &rpcs_; }
@@ -149,8 +158,14 @@ class Metrics {
   RpcReporter rpcs_;
   prometheus::Gauge* memory_used_ = nullptr;
   prometheus::Gauge* memory_budget_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* device_parameters_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* device_state_bytes_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* device_memory_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* device_work_ = nullptr;
   mutable absl::Mutex probe_mu_;
   std::function<MemoryUsage()> probe_ ABSL_GUARDED_BY(probe_mu_);
+  std::vector<std::string> device_names_ ABSL_GUARDED_BY(probe_mu_);
+  std::function<std::vector<ShardLoad>()> device_probe_ ABSL_GUARDED_BY(probe_mu_);
   // Last: destroyed first, so no scrape runs while the rest goes away.
   std::unique_ptr<prometheus::Exposer> exposer_;
 };

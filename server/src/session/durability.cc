@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "muon/kernels/sharded_engine.h"
 #include "muon/kernels/status_macros.h"
 
 namespace muon::server {
@@ -97,6 +98,13 @@ absl::StatusOr<SessionImage> ImageOf(const Session& session, const Session::Snap
   for (const SessionParam& p : session.params()) {
     MUON_ASSIGN_OR_RETURN(ParamState state, engine.ExportState(p.engine_id));
     image.params.push_back(std::move(state));
+    // Only an engine of several devices places parameters.
+    if (absl::StatusOr<int> device = ShardOf(engine, p.engine_id); device.ok()) {
+      image.devices.push_back(*device);
+    }
+  }
+  if (!image.devices.empty() && image.devices.size() != image.params.size()) {
+    return absl::InternalError("the engine placed only some of the session's parameters");
   }
   return image;
 }

@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "muon/kernels/sharded_engine.h"
 #include "muon/kernels/status_macros.h"
 #include "observability/metrics.h"
 #include "util/constant_time.h"
@@ -62,7 +63,7 @@ SessionRegistry::~SessionRegistry() {
 }
 
 absl::StatusOr<std::vector<SessionParam>> SessionRegistry::RegisterParams(
-    const v1::CreateSessionRequest& request, size_t first) {
+    const v1::CreateSessionRequest& request, size_t first, absl::Span<const int> devices) {
   if (limits_.max_params_per_session > 0 &&
       request.params_size() > limits_.max_params_per_session) {
     return absl::ResourceExhaustedError(
@@ -90,8 +91,15 @@ absl::StatusOr<std::vector<SessionParam>> SessionRegistry::RegisterParams(
   params.erase(params.begin(), params.begin() + static_cast<std::ptrdiff_t>(first));
   absl::Status status;
   size_t registered = 0;
+  // One device when the engine is not sharded: a checkpoint's device 0 is kept.
+  const absl::StatusOr<std::vector<ShardLoad>> loads = ShardLoads(*engine_);
+  const int device_count = loads.ok() ? static_cast<int>(loads->size()) : 1;
   for (; registered < params.size(); ++registered) {
-    absl::StatusOr<ParamId> id = engine_->Register(params[registered].spec);
+    const size_t index = first + registered;
+    const int device = index < devices.size() ? devices[index] : -1;
+    absl::StatusOr<ParamId> id = loads.ok() && device >= 0 && device < device_count
+                                     ? RegisterOnShard(*engine_, params[registered].spec, device)
+                                     : engine_->Register(params[registered].spec);
     if (!id.ok()) {
       status = id.status();
       break;
@@ -249,7 +257,17 @@ absl::Status SessionRegistry::Restore(SessionImage image) {
   init.last_step_time = image.last_step_time;
   init.records = std::move(image.records);
   MUON_RETURN_IF_ERROR(Reserve());
-  absl::StatusOr<std::vector<SessionParam>> params = RegisterParams(image.config);
+  absl::StatusOr<std::vector<SessionParam>> params =
+      RegisterParams(image.config, 0, image.devices);
+  const absl::StatusOr<std::vector<ShardLoad>> loads = ShardLoads(*engine_);
+  const int device_count = loads.ok() ? static_cast<int>(loads->size()) : 1;
+  const auto missing = std::count_if(image.devices.begin(), image.devices.end(),
+                                     [&](int d) { return d >= device_count; });
+  if (params.ok() && missing > 0) {
+    std::cerr << "muon-server: session " << init.id << ": " << missing << " of "
+              << image.devices.size() << " parameters were on devices this server does not have "
+              << "(it has " << device_count << "); placed again by cost" << std::endl;
+  }
   if (!params.ok()) {
     AddReserved(nullptr);
     return params.status();

@@ -106,9 +106,12 @@ class SessionRegistry {
   void Drop(const Session& session);
   // Checks the request and the limits on one session and registers its
   // parameters from index `first` on with the engine, all or none; returns
-  // those.
+  // those. `devices` (a restore's, one per parameter, or empty) keeps each
+  // parameter on the device it was on where this engine has that device;
+  // the rest are placed by cost.
   absl::StatusOr<std::vector<SessionParam>> RegisterParams(const v1::CreateSessionRequest& request,
-                                                           size_t first = 0);
+                                                           size_t first = 0,
+                                                           absl::Span<const int> devices = {});
   void UnregisterParams(absl::Span<const SessionParam> params);
   // Counts a session being created against --max_sessions; AddReserved
   // adds it (or, given null, just ends the reservation).

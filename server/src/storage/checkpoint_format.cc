@@ -166,9 +166,15 @@ absl::StatusOr<uint64_t> EncodeImage(const SessionImage& image, absl::Time write
     SetTimestamp(image.last_step_time, meta.mutable_last_step_time());
   }
   SetTimestamp(write_time, meta.mutable_write_time());
-  for (const ParamState& state : image.params) {
+  if (!image.devices.empty() && image.devices.size() != image.params.size()) {
+    return absl::InternalError(absl::StrCat("a session image with ", image.params.size(),
+                                            " parameters places ", image.devices.size()));
+  }
+  for (size_t i = 0; i < image.params.size(); ++i) {
+    const ParamState& state = image.params[i];
     storage::ParamStateBlobs* blobs = meta.add_params();
     blobs->set_step(state.step);
+    if (!image.devices.empty()) blobs->set_device(image.devices[i]);
     MUON_RETURN_IF_ERROR(out.AppendFloats(state.momentum, blobs->mutable_momentum()));
     MUON_RETURN_IF_ERROR(out.AppendFloats(state.exp_avg, blobs->mutable_exp_avg()));
     MUON_RETURN_IF_ERROR(out.AppendFloats(state.exp_avg_sq, blobs->mutable_exp_avg_sq()));
@@ -264,6 +270,14 @@ absl::StatusOr<SessionImage> DecodeImage(std::string contents, absl::string_view
     MUON_ASSIGN_OR_RETURN(state.exp_avg, blobs.Floats(p.exp_avg()));
     MUON_ASSIGN_OR_RETURN(state.exp_avg_sq, blobs.Floats(p.exp_avg_sq()));
     MUON_ASSIGN_OR_RETURN(state.weights, blobs.Floats(p.weights()));
+    if (p.has_device()) {
+      if (p.device() < 0 || (i > 0 && image.devices.empty())) {
+        return blobs.Corrupt(absl::StrCat("the device of parameter ", i));
+      }
+      image.devices.push_back(p.device());
+    } else if (!image.devices.empty()) {
+      return blobs.Corrupt(absl::StrCat("the device of parameter ", i));
+    }
   }
   image.records.resize(std::max<uint32_t>(1, meta.config().num_workers()));
   for (const storage::WorkerRecord& r : meta.records()) {

@@ -39,6 +39,9 @@ struct SessionImage {
   // One per parameter, in config.params order: optimizer state and, in
   // PARAMETER_SERVER mode, the weights.
   std::vector<ParamState> params;
+  // On an engine of several devices: per parameter (config.params order),
+  // the index of the device that holds it (ShardOf); empty on one device.
+  std::vector<int> devices;
   // Per worker (null where none): the last committed step's responses.
   std::vector<std::shared_ptr<const StepRecord>> records;
 };

@@ -14,6 +14,7 @@
 #include <random>
 #include <string>
 
+#include "muon/kernels/sharded_engine.h"
 #include "observability/metrics.h"
 #include "session/registry.h"
 #include "status_matchers.h"
@@ -249,6 +250,80 @@ TEST_F(DurabilityTest, CheckpointWaitsForTheLeaseAndImagesTheEngineState) {
   }
   ASSERT_THAT(durability_->Forget(session_->id()), IsOk());
   EXPECT_FALSE(OnDisk());
+}
+
+// Placement on several devices --------------------------------------------
+
+std::unique_ptr<Engine> ShardedCpu(int devices) {
+  std::vector<std::unique_ptr<Engine>> engines;
+  for (int i = 0; i < devices; ++i) engines.push_back(*CreateCpuEngine({}));
+  return *CreateShardedEngine(std::move(engines));
+}
+
+// Restores every checkpoint of dir into a fresh registry over `engine`;
+// returns the devices of `id`'s parameters (ShardOf; 0 on one engine) and
+// what the restore wrote to stderr.
+std::vector<int> RestoredDevices(const std::string& dir, Engine* engine, const std::string& id,
+                                 const std::string& token, Metrics* metrics, std::string* log) {
+  std::unique_ptr<CheckpointStore> store = *CheckpointStore::Open(dir);
+  DurabilityOptions options;
+  options.store = store.get();
+  Durability durability(options, engine);
+  SessionRegistry registry(engine, Limits(), metrics->sessions(), &durability, nullptr);
+  ::testing::internal::CaptureStderr();
+  const int restored = registry.RestoreAll();
+  *log = ::testing::internal::GetCapturedStderr();
+  EXPECT_EQ(restored, 1);
+  std::vector<int> devices;
+  absl::StatusOr<std::shared_ptr<Session>> session = registry.Get(id, token);
+  if (!session.ok()) {
+    ADD_FAILURE() << session.status();
+    return devices;
+  }
+  for (const SessionParam& p : (*session)->params()) {
+    absl::StatusOr<int> device = ShardOf(*engine, p.engine_id);
+    devices.push_back(device.ok() ? *device : 0);
+  }
+  return devices;
+}
+
+TEST_F(DurabilityTest, CheckpointRecordsPlacementAndRestoreKeepsItWhereTheDeviceExists) {
+  engine_ = ShardedCpu(3);
+  Start(/*with_store=*/true, /*strict=*/false, /*every_steps=*/0);
+  ASSERT_THAT(durability_->Checkpoint(*session_, absl::ZeroDuration()), IsOk());
+  SessionImage image = *store_->Read(PathOfSession());
+  ASSERT_EQ(image.devices.size(), 2u);
+  for (size_t i = 0; i < 2; ++i) {
+    EXPECT_EQ(image.devices[i], *ShardOf(*engine_, session_->params()[i].engine_id)) << i;
+  }
+  const std::string id = session_->id();
+  std::string log;
+
+  // Placed by cost, a fresh engine would put them on devices 0 and 1.
+  image.devices = {2, 2};
+  ASSERT_THAT(store_->Write(image), IsOk());
+  std::unique_ptr<Engine> three = ShardedCpu(3);
+  EXPECT_EQ(RestoredDevices(dir_, three.get(), id, session_->token(), metrics_.get(), &log), (std::vector<int>{2, 2}));
+  EXPECT_EQ(log, "");
+
+  // A device the server lacks: that parameter is placed again, and said so.
+  image.devices = {5, 2};
+  ASSERT_THAT(store_->Write(image), IsOk());
+  three = ShardedCpu(3);
+  EXPECT_EQ(RestoredDevices(dir_, three.get(), id, session_->token(), metrics_.get(), &log), (std::vector<int>{0, 2}));
+  EXPECT_THAT(log, HasSubstr("session " + id + ": 1 of 2 parameters were on devices this server "
+                             "does not have (it has 3); placed again by cost"));
+
+  // One engine: device 0 is kept, the others are not on this server.
+  std::unique_ptr<Engine> one = *CreateCpuEngine({});
+  EXPECT_EQ(RestoredDevices(dir_, one.get(), id, session_->token(), metrics_.get(), &log), (std::vector<int>{0, 0}));
+  EXPECT_THAT(log, HasSubstr("2 of 2 parameters were on devices this server does not have (it "
+                             "has 1)"));
+
+  // A checkpoint of one device records no placement.
+  image.devices.clear();
+  ASSERT_THAT(store_->Write(image), IsOk());
+  EXPECT_TRUE(store_->Read(PathOfSession())->devices.empty());
 }
 
 // Idle removal ------------------------------------------------------------

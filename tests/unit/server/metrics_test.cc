@@ -93,6 +93,29 @@ TEST(MetricsTest, SessionsAndMemoryProbe) {
   EXPECT_THAT(text, HasSubstr("muon_engine_memory_bytes{kind=\"budget\"} 4096\n"));
 }
 
+// Several devices: each device's placement gauges carry its ordinal, read
+// from the probe at each scrape; one device (no probe) exports none.
+TEST(MetricsTest, DeviceGaugesAreLabelledByDevice) {
+  std::unique_ptr<Metrics> metrics = NewMetrics();
+  EXPECT_THAT(metrics->Text(), Not(HasSubstr("muon_device_parameters{")));
+  std::vector<ShardLoad> loads(2);
+  loads[0] = {.parameters = 3, .state_bytes = 4096, .cost_seconds = 0.25,
+              .memory = {.used_bytes = 8192, .budget_bytes = 1 << 20}};
+  loads[1] = {.parameters = 1, .state_bytes = 512, .cost_seconds = 0.125,
+              .memory = {.used_bytes = 1024, .budget_bytes = 1 << 20}};
+  metrics->SetDeviceProbe({"2", "5"}, [&loads] { return loads; });
+  std::string text = metrics->Text();
+  EXPECT_THAT(text, HasSubstr("muon_device_parameters{device=\"2\"} 3\n"));
+  EXPECT_THAT(text, HasSubstr("muon_device_parameters{device=\"5\"} 1\n"));
+  EXPECT_THAT(text, HasSubstr("muon_device_state_bytes{device=\"2\"} 4096\n"));
+  EXPECT_THAT(text, HasSubstr("muon_device_memory_bytes{device=\"5\",kind=\"used\"} 1024\n"));
+  EXPECT_THAT(text,
+              HasSubstr("muon_device_memory_bytes{device=\"2\",kind=\"budget\"} 1048576\n"));
+  EXPECT_THAT(text, HasSubstr("muon_device_estimated_step_seconds{device=\"5\"} 0.125\n"));
+  loads[1].parameters = 7;
+  EXPECT_THAT(metrics->Text(), HasSubstr("muon_device_parameters{device=\"5\"} 7\n"));
+}
+
 TEST(MetricsTest, FailedStepOutcomes) {
   EXPECT_EQ(OutcomeOfFailure(grpc::StatusCode::INVALID_ARGUMENT), StepOutcome::kInvalid);
   EXPECT_EQ(OutcomeOfFailure(grpc::StatusCode::FAILED_PRECONDITION), StepOutcome::kInvalid);

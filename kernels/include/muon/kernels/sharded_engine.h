@@ -43,6 +43,26 @@ absl::StatusOr<std::unique_ptr<Engine>> CreateShardedEngine(
 // NotFound for an unknown parameter; InvalidArgument for another engine.
 absl::StatusOr<int> ShardOf(const Engine& engine, ParamId param);
 
+// What one engine of a sharded engine holds now: its parameters, their
+// optimizer state (StateBytes), their summed PlacementCost (the estimated
+// seconds of one step's work on that device), and its Memory().
+struct ShardLoad {
+  int64_t parameters = 0;
+  int64_t state_bytes = 0;
+  double cost_seconds = 0;
+  MemoryUsage memory;
+};
+
+// One ShardLoad per engine of CreateShardedEngine's list, in its order.
+// InvalidArgument for another engine.
+absl::StatusOr<std::vector<ShardLoad>> ShardLoads(const Engine& engine);
+
+// Registers `spec` on the engine at index `shard` of a sharded engine (a
+// restore keeping a checkpoint's placement); its errors are that engine's
+// (a full one's ResourceExhausted does not move on). OutOfRange for a shard
+// the engine does not have; InvalidArgument for another engine.
+absl::StatusOr<ParamId> RegisterOnShard(Engine& engine, const ParamSpec& spec, int shard);
+
 }  // namespace muon
 
 #endif  // MUON_KERNELS_SHARDED_ENGINE_H_
