@@ -121,6 +121,9 @@ class StreamingTest(unittest.TestCase):
                             final = marked and micro == 2
                             with o.final_backward() if final else contextlib.nullcontext():
                                 (loss_of(m, 100 * step + micro) / 3).backward()
+                            if o is opt and step > 0:
+                                # Nothing is sent before the final micro-batch.
+                                self.assertEqual(bool(opt._streams), final)
                         o.step()
                     # Unmarked: the second micro-batch cancels the stream, and
                     # from then on nothing streams outside final_backward().

@@ -311,9 +311,21 @@ class RemoteMuon(torch.optim.Optimizer):
                      weight_decay=adamw_weight_decay)
         self._adamw_defaults = dict(KJ_ADAMW_DEFAULTS,
                                     **{k: v for k, v in adamw.items() if v is not None})
+        # clip_grad_norm_ sums the norms in the order the parameters came
+        # (a model's order, before the split into groups), as torch's does.
+        self._given: List[torch.Tensor] = []
         if isinstance(params, torch.nn.Module):
+            self._given = list(params.parameters())
             params = muon_param_groups(params)
         params = list(params)
+        if not self._given:
+            for item in params:
+                if isinstance(item, dict):
+                    group = item.get("params", [])
+                    items = [group] if isinstance(group, torch.Tensor) else list(group)
+                else:
+                    items = [item]
+                self._given += [t[1] if isinstance(t, tuple) else t for t in items]
         if params and not isinstance(params[0], dict):
             names = [None] * len(params)
             if isinstance(params[0], tuple):
@@ -472,6 +484,7 @@ class RemoteMuon(torch.optim.Optimizer):
                 self._registered.pop()
                 raise
             self._located = None
+            self._given += params
             if self._streaming:
                 self._hook_params(range(len(self._order) - len(params), len(self._order)))
             _LOG.info("%s", self._describe(gi))
@@ -870,12 +883,13 @@ class RemoteMuon(torch.optim.Optimizer):
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
                         error_if_nonfinite: bool = False) -> torch.Tensor:
         """torch.nn.utils.clip_grad_norm_ over this optimizer's parameters
-        (same math, same in-place result, returns the total norm), keeping
+        in the order it was given them (a module's: model.parameters()),
+        with the same math and in-place result, returning the total norm; keeping
         the streams: gradients already sent are scaled by the server instead
         (StepEnd.grad_scale, the same fp32 product). The first call cancels
         streams opened without deferred compute; later steps open them
         deferred, so the server computes only once the factor is in."""
-        params = [p for p in self._order if p.grad is not None]
+        params = [p for p in self._given if p.grad is not None]
         with self._stream_lock:
             if not self._defer:
                 self._defer = True
