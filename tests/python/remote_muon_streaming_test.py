@@ -156,6 +156,9 @@ class StreamingTest(unittest.TestCase):
             for m, o in ((model, opt), (control, control_opt)):
                 o.zero_grad()
                 (10 * loss_of(m, self.seed + step)).backward()
+                if o is opt:
+                    # Two stale steps in a row turn streaming off.
+                    self.assertEqual(bool(opt._streams), step < 2)
                 torch.nn.utils.clip_grad_norm_(m.parameters(), 0.5)
                 o.step()
             self.assertFalse(opt.last_step_streamed)

@@ -385,6 +385,7 @@ class RemoteMuon(torch.optim.Optimizer):
         self._final_only = False  # only backward passes inside final_backward() stream
         self._final_depth = 0
         self._hold = False  # this step streams no more (an accumulation was seen)
+        self._stale_steps = 0  # consecutive steps whose streams went stale
         self._hooks = []
         self._grad_nodes = []  # torch 1.x: the AccumulateGrad nodes, kept alive
         if self._streaming:
@@ -803,7 +804,7 @@ class RemoteMuon(torch.optim.Optimizer):
         unexpected cancels the streams and step() sends the step whole."""
         try:
             with self._stream_lock:
-                if (self._closed or self._pending is not None or self._hold
+                if (self._closed or not self._streaming or self._pending is not None or self._hold
                         or (self._final_only and self._final_depth == 0)):
                     return
                 g = self._order[index].grad
@@ -992,12 +993,14 @@ class RemoteMuon(torch.optim.Optimizer):
         number = self._step + 1
         decay = {}
         calls = []
+        stale = False
         for pos, unit in enumerate(self._units):
             kwargs, lrs = self._unit_kwargs(unit)
             open_ = streams.get(pos)
             if open_ is not None and not self._stream_current(open_, unit, kwargs):
                 open_.stream.cancel()  # stale: the step goes whole, from .grad now
                 open_ = None
+                stale = True
             grads = {}
             for local, index in enumerate(unit.indices):
                 gi = unit.group_of(local)
@@ -1016,7 +1019,21 @@ class RemoteMuon(torch.optim.Optimizer):
             else:
                 calls.append((unit, number - unit.offset, {},
                               dict(kwargs, stream=open_.stream, grad_scale=open_.grad_scale)))
+        self._note_staleness(stale, bool(streams))
         return _Job(number, calls, decay)
+
+    def _note_staleness(self, stale: bool, streamed: bool) -> None:
+        """Two steps in a row whose streams went stale (gradients changed
+        after backward: torch's clip_grad_norm_, GradScaler.unscale_) turn
+        streaming off: each sent its gradients twice for nothing."""
+        if not streamed:
+            return
+        self._stale_steps = self._stale_steps + 1 if stale else 0
+        if self._stale_steps >= 2 and self._streaming:
+            self._streaming = False
+            _LOG.warning("RemoteMuon: streaming off: the gradients changed after backward in "
+                         "two steps in a row (an in-place clip or unscale_), so each step was "
+                         "sent twice; clip with opt.clip_grad_norm_ to keep streaming")
 
     def _step_options(self, gi: int) -> dict:
         """The group's hyper-parameters that differ from its session's
