@@ -62,6 +62,8 @@ class GPT(torch.nn.Module):
         self.wpe = torch.nn.Embedding(seq, d)
         self.blocks = torch.nn.ModuleList(Block(d, heads) for _ in range(layers))
         self.ln = torch.nn.LayerNorm(d)
+        for e in (self.wte, self.wpe):
+            torch.nn.init.normal_(e.weight, std=0.02)  # GPT-2's
 
     def forward(self, idx, targets):
         x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))

@@ -111,16 +111,16 @@ class StreamingTest(unittest.TestCase):
                     p.copy_(torch.from_numpy(decay * p.numpy() + update).float())
 
     def test_gradient_accumulation_sends_only_the_final_micro_batch(self):
-        for marked in (False, True):
-            with self.subTest(final_backward=marked):
+        for micros, marked in ((2, False), (4, False), (2, True), (4, True)):
+            with self.subTest(micro_batches=micros, final_backward=marked):
                 (model, opt), (control, control_opt) = self.pair()
                 for step in range(3):
                     for m, o in ((model, opt), (control, control_opt)):
                         o.zero_grad()
-                        for micro in range(3):
-                            final = marked and micro == 2
+                        for micro in range(micros):
+                            final = marked and micro == micros - 1
                             with o.final_backward() if final else contextlib.nullcontext():
-                                (loss_of(m, 100 * step + micro) / 3).backward()
+                                (loss_of(m, 100 * step + micro) / micros).backward()
                             if o is opt and step > 0:
                                 # Nothing is sent before the final micro-batch.
                                 self.assertEqual(bool(opt._streams), final)
@@ -291,6 +291,19 @@ class GradScaleProtocolTest(unittest.TestCase):
             self.raw_step(session, {"defer_compute": True}, None)
         self.assertEqual(ctx.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
         self.assertIn("UPDATES sessions", ctx.exception.details())
+
+
+class ChunkSerializationTest(unittest.TestCase):
+    def test_a_chunk_serialized_from_a_view_parses_as_the_message(self):
+        data = np.random.default_rng().standard_normal(70000).astype(np.float32).tobytes()
+        for index, offset, dtype, size in ((0, 0, pb.DTYPE_FLOAT32, 4), (3, 1 << 33, 0, 200),
+                                           (70000, 12, pb.DTYPE_BFLOAT16, len(data))):
+            view = memoryview(data)[:size]
+            got = pb.StepRequest.FromString(client_module._chunk_request(index, offset, dtype,
+                                                                          view))
+            want = pb.StepRequest(gradient=pb.TensorChunk(param_index=index, offset=offset,
+                                                          dtype=dtype, data=data[:size]))
+            self.assertEqual(got, want)
 
 
 class Bf16EncoderTest(unittest.TestCase):

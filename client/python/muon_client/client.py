@@ -430,7 +430,7 @@ class StepStream:
         self._result: Optional[StepResult] = None
         self._error: Optional[BaseException] = None
         client = session._client
-        self.call = client._stub.Step(self._requests(), timeout=client.timeouts.step)
+        self.call = client._step_call(self._requests(), timeout=client.timeouts.step)
         threading.Thread(target=self._read, name="muon-step-reader", daemon=True).start()
 
     @property
@@ -488,13 +488,13 @@ class StepStream:
     def _requests(self):
         yield pb.StepRequest(header=pb.StepHeader(session_id=self.session.session_id,
                                                   token=self.session.token, step=self.step,
-                                                  **self._header))
+                                                  **self._header)).SerializeToString()
         while True:
             item = self._queue.get()
             if item is _CANCEL:
                 return
             if isinstance(item, pb.StepEnd):
-                yield pb.StepRequest(end=item)
+                yield pb.StepRequest(end=item).SerializeToString()
                 return
             yield from _gradient_requests(self.session, item, self._encoded(item))
 
@@ -517,15 +517,45 @@ class StepStream:
         return self._result
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+# Protobuf's tags of StepRequest.gradient (field 2) and TensorChunk.data
+# (field 3), both length-delimited.
+_GRADIENT_TAG = b"\x12"
+_DATA_TAG = b"\x1a"
+
+
+def _chunk_request(index: int, offset: int, dtype: int, data: memoryview) -> bytes:
+    """StepRequest{gradient: TensorChunk{index, offset, dtype, data}}, serialized.
+
+    Python's protobuf takes `bytes` only (no memoryview), so a message per
+    chunk costs a slice copy, a copy into the message and one to serialize
+    it. Instead the small fields are serialized by protobuf and the data
+    appended as a second occurrence of `gradient` holding only `data`:
+    protobuf merges repeated occurrences of a message field, so this parses
+    as the one chunk, and the bytes are copied once, from the view."""
+    head = pb.StepRequest(gradient=pb.TensorChunk(param_index=index, offset=offset,
+                                                  dtype=dtype)).SerializeToString()
+    data_prefix = _DATA_TAG + _varint(len(data))
+    return b"".join((head, _GRADIENT_TAG, _varint(len(data_prefix) + len(data)), data_prefix,
+                     data))
+
+
 def _gradient_requests(session: Session, index: int, data: bytes):
-    """One gradient's chunks, in order."""
+    """One gradient's chunks, in order, serialized."""
     # An index the session lacks is sent as is: the server names it (NOT_FOUND).
     dtype = (_DTYPES[session.params[index].dtype] if index < len(session.params)
              else pb.DTYPE_UNSPECIFIED)
+    view = memoryview(data)
     for offset in range(0, len(data), CHUNK_BYTES):
-        yield pb.StepRequest(gradient=pb.TensorChunk(
-            param_index=index, offset=offset, dtype=dtype,
-            data=data[offset:offset + CHUNK_BYTES]))
+        yield _chunk_request(index, offset, dtype, view[offset:offset + CHUNK_BYTES])
 
 
 def _pem(value: Union[None, bytes, str, "os.PathLike[str]"]) -> Optional[bytes]:
@@ -592,6 +622,10 @@ class MuonClient:
             channel = grpc.secure_channel(server, credentials, options=options)
         self._channel = channel or grpc.insecure_channel(server, options=options)
         self._stub = pb_grpc.OptimizerStub(self._channel)
+        # Step with requests serialized by _requests (see _chunk_request).
+        self._step_call = self._channel.stream_stream(
+            "/muon.v1.Optimizer/Step", request_serializer=None,
+            response_deserializer=pb.StepResponse.FromString)
         self._backoff = retry_backoff
         self._admin_token = admin_token
 
@@ -805,13 +839,14 @@ class MuonClient:
     def _requests(self, session: Session, step: int, wire: Mapping[int, bytes],
                   grad_scale: Optional[float], **header):
         yield pb.StepRequest(header=pb.StepHeader(session_id=session.session_id,
-                                                  token=session.token, step=step, **header))
+                                                  token=session.token, step=step,
+                                                  **header)).SerializeToString()
         for index, data in wire.items():
             yield from _gradient_requests(session, index, data)
         end = pb.StepEnd(param_indices=list(wire))
         if grad_scale is not None:
             end.grad_scale = float(grad_scale)
-        yield pb.StepRequest(end=end)
+        yield pb.StepRequest(end=end).SerializeToString()
 
     @staticmethod
     def _header_fields(*, lr, lr_scale, update_dtype, measure_orthogonality, worker_id,
@@ -893,7 +928,7 @@ class MuonClient:
     def _step_once(self, session: Session, step: int, wire: Mapping[int, bytes],
                    header: dict, cancel: CancelToken,
                    grad_scale: Optional[float] = None) -> StepResult:
-        call = self._stub.Step(self._requests(session, step, wire, grad_scale, **header),
+        call = self._step_call(self._requests(session, step, wire, grad_scale, **header),
                                timeout=self.timeouts.step)
         cancel._register(call)
         try:

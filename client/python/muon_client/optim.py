@@ -816,14 +816,17 @@ class RemoteMuon(torch.optim.Optimizer):
                     # A second backward before step(): gradient accumulation.
                     # What was sent is not the step's gradient.
                     self._cancel_streams()
-                    self._hold = True
+                    open_ = None
                     if not self._final_only:
                         self._final_only = True
                         _LOG.warning("RemoteMuon: gradient accumulation seen (a gradient was "
                                      "accumulated again before step()); from now on only "
                                      "backward passes inside `with opt.final_backward():` "
                                      "stream their gradients")
-                    return
+                    if self._final_depth == 0:
+                        self._hold = True
+                        return
+                    # This is the final pass: its gradients go in new streams.
                 if open_ is None:
                     unit = self._units[pos]
                     kwargs, _ = self._unit_kwargs(unit)
