@@ -210,10 +210,12 @@ def to_wire(array: np.ndarray, dtype: str) -> bytes:
     raise ValueError(f"unknown wire dtype {dtype!r}")
 
 
-def from_wire(data: bytes, dtype: int, shape: Sequence[int]) -> np.ndarray:
-    """Decodes little-endian wire bytes into a float32 array of `shape`."""
+def from_wire(data: Union[bytes, bytearray], dtype: int, shape: Sequence[int]) -> np.ndarray:
+    """Decodes little-endian wire bytes into a float32 array of `shape`; fp32
+    in a bytearray (a buffer the caller hands over) is used in place."""
     if dtype == pb.DTYPE_FLOAT32:
-        out = np.frombuffer(data, dtype="<f4").astype(np.float32)
+        out = np.frombuffer(data, dtype="<f4").astype(np.float32,
+                                                    copy=not isinstance(data, bytearray))
     elif dtype == pb.DTYPE_FLOAT16:
         out = np.frombuffer(data, dtype="<f2").astype(np.float32)
     elif dtype == pb.DTYPE_BFLOAT16:
@@ -954,7 +956,7 @@ class MuonClient:
                     decay[chunk.param_index] = chunk.decay
             elif response.HasField("summary"):
                 summary = response.summary
-                tensors = {i: from_wire(bytes(buf), dtypes[i], session.params[i].shape)
+                tensors = {i: from_wire(buf, dtypes[i], session.params[i].shape)
                            for i, buf in buffers.items()}
                 return StepResult(summary.step,
                                   {i: t for i, t in tensors.items() if i not in weights},
