@@ -8,7 +8,8 @@ gradients during backward (docs/performance.md, "Training step").
 Starts its own muon-server (--server_bin, CPU engine) unless --server is
 given. Per optimizer it prints, per timed step and as medians: forward,
 backward, the whole step, and the optimizer's visible cost = step − forward
-− backward (for RemoteMuon: what step() waits for once backward is done).
+− backward (for RemoteMuon: what step() waits for once backward is done;
+with --clip the clipping is counted in it).
 
 Presets (pre-LN transformer blocks, tied embedding, AdamW for embeddings,
 norms and biases, Muon for the block matrices):
@@ -117,7 +118,7 @@ class LocalMuon:
             p.grad = None
 
 
-def run(name, make_opt, cfg, steps, warmup, seed):
+def run(name, make_opt, cfg, steps, warmup, seed, clip):
     torch.manual_seed(seed)
     model = GPT(**cfg)
     opt = make_opt(model)
@@ -130,6 +131,12 @@ def run(name, make_opt, cfg, steps, warmup, seed):
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
+        if clip:
+            # RemoteMuon's keeps the streams (the server scales); torch's in place.
+            if hasattr(opt, "clip_grad_norm_"):
+                opt.clip_grad_norm_(clip)
+            else:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         t3 = time.perf_counter()
         opt.zero_grad()
@@ -152,6 +159,9 @@ def main():
     parser.add_argument("--server", default="", help="a running muon-server; default: start one")
     parser.add_argument("--server_bin", default="build/bin/muon-server")
     parser.add_argument("--server_flags", default="", help="extra flags for the started server")
+    parser.add_argument("--clip", type=float, default=0.0,
+                        help="clip the global gradient norm to this (0: no clipping); timed "
+                             "with the optimizer")
     parser.add_argument("--only", default="local,off,on",
                         help="which of local, off (RemoteMuon, streaming off), on (streaming)")
     args = parser.parse_args()
@@ -186,11 +196,13 @@ def main():
     names = {"local": "local Muon", "off": "RemoteMuon", "on": "RemoteMuon stream"}
     n = sum(p.numel() for p in GPT(**cfg).parameters())
     print(f"preset {args.preset}: {n / 1e6:.1f}M parameters, {cfg}; torch threads "
-          f"{args.threads}; server {address}; load {os.getloadavg()}", flush=True)
+          f"{args.threads}; clip {args.clip or 'off'}; server {address}; "
+          f"load {os.getloadavg()}", flush=True)
     results = {}
     try:
         for key in args.only.split(","):
-            results[key] = run(names[key], makers[key], cfg, args.steps, args.warmup, seed=0)
+            results[key] = run(names[key], makers[key], cfg, args.steps, args.warmup, seed=0,
+                               clip=args.clip)
     finally:
         if server is not None:
             server.terminate()
