@@ -163,7 +163,8 @@ def main():
                         help="clip the global gradient norm to this (0: no clipping); timed "
                              "with the optimizer")
     parser.add_argument("--only", default="local,off,on",
-                        help="which of local, off (RemoteMuon, streaming off), on (streaming)")
+                        help="which of local, off (RemoteMuon, streaming off), on (streaming), "
+                             "transfer (streaming, compute deferred to StepEnd)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = PRESETS[args.preset]
@@ -192,8 +193,9 @@ def main():
         return make
 
     makers = {"local": lambda m: LocalMuon(*groups_of(m)), "off": remote(False),
-              "on": remote(True)}
-    names = {"local": "local Muon", "off": "RemoteMuon", "on": "RemoteMuon stream"}
+              "on": remote(True), "transfer": remote("transfer")}
+    names = {"local": "local Muon", "off": "RemoteMuon", "on": "RemoteMuon stream",
+             "transfer": "stream, transfer only"}
     n = sum(p.numel() for p in GPT(**cfg).parameters())
     print(f"preset {args.preset}: {n / 1e6:.1f}M parameters, {cfg}; torch threads "
           f"{args.threads}; clip {args.clip or 'off'}; server {address}; "
@@ -210,9 +212,10 @@ def main():
     print("median           forward  backward      step   visible optimizer")
     for key, (fwd, bwd, step, visible) in results.items():
         print(f"{names[key]:>18} {fwd:8.2f} {bwd:9.2f} {step:9.2f} {visible:11.2f} s")
-    if "on" in results and "off" in results:
-        print(f"visible cost streaming / not streaming: "
-              f"{results['on'][3] / results['off'][3]:.2f}; load {os.getloadavg()}")
+    for key in ("on", "transfer"):
+        if key in results and "off" in results:
+            print(f"visible cost {names[key]} / not streaming: "
+                  f"{results[key][3] / results['off'][3]:.2f}; load {os.getloadavg()}")
 
 
 if __name__ == "__main__":

@@ -53,10 +53,10 @@ class StreamingTest(unittest.TestCase):
     def setUp(self):
         self.seed = int(torch.seed() % (2 ** 31))
 
-    def pair(self, address=None, **kwargs):
-        """Two equal models, one with streaming on and one with it off."""
+    def pair(self, address=None, streaming=True, **kwargs):
+        """Two equal models, one with streaming on (or `streaming`) and one with it off."""
         out = []
-        for streaming in (True, False):
+        for streaming in (streaming, False):
             model = make_model(self.seed)
             opt = RemoteMuon(model.parameters(), server=address or self.server.address, lr=0.05,
                              adamw_lr=0.01, stream_gradients=streaming, **kwargs)
@@ -109,6 +109,22 @@ class StreamingTest(unittest.TestCase):
                 for p, ref in zip(local.parameters(), refs):
                     decay, update = ref.step(p.grad.numpy())
                     p.copy_(torch.from_numpy(decay * p.numpy() + update).float())
+
+    def test_transfer_only_streams_defer_the_compute_and_equal_whole_steps(self):
+        (model, opt), (control, control_opt) = self.pair(streaming="transfer")
+        for step in range(3):
+            for m, o in ((model, opt), (control, control_opt)):
+                o.zero_grad()
+                loss_of(m, self.seed + step).backward()
+                if o is opt:
+                    self.assertTrue(all(s.stream.defer_compute for s in opt._streams.values()))
+                    self.assertEqual(len(opt._streams), len(opt.sessions))
+                o.step()
+            self.assertTrue(opt.last_step_streamed)
+        self.assertSameWeights(model, control)
+        with self.assertRaises(ValueError):
+            RemoteMuon(make_model(0).parameters(), server=self.server.address,
+                       stream_gradients="later")
 
     def test_gradient_accumulation_sends_only_the_final_micro_batch(self):
         for micros, marked in ((2, False), (4, False), (2, True), (4, True)):

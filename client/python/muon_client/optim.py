@@ -280,9 +280,12 @@ class RemoteMuon(torch.optim.Optimizer):
                  root_certificates=None, certificate_chain=None, private_key=None,
                  tls_server_name: Optional[str] = None, mode: str = "updates",
                  worker: int = 0, workers: int = 1, session_id: Optional[str] = None,
-                 token: Optional[str] = None, stream_gradients: bool = True):
+                 token: Optional[str] = None, stream_gradients=True):
         if mode not in ("updates", "parameter_server"):
             raise ValueError(f"unknown mode {mode!r}; expected 'updates' or 'parameter_server'")
+        if stream_gradients not in (True, False, "transfer"):
+            raise ValueError(f"stream_gradients {stream_gradients!r}; expected True, False or "
+                             "'transfer'")
         self._ps = mode == "parameter_server"
         if self._ps:
             if not isinstance(server, str) and len(server) != 1:
@@ -381,7 +384,9 @@ class RemoteMuon(torch.optim.Optimizer):
         self._stream_lock = threading.RLock()
         self._streams: Dict[int, _OpenStream] = {}  # position in _units -> its stream
         self._located: Optional[Dict[int, tuple]] = None  # index -> (position, local)
-        self._defer = False  # streams open with defer_compute (clip_grad_norm_ was used)
+        # Streams open with defer_compute: asked for ("transfer": the server
+        # computes at StepEnd, off backward's cores), or clip_grad_norm_ was used.
+        self._defer = stream_gradients == "transfer"
         self._final_only = False  # only backward passes inside final_backward() stream
         self._final_depth = 0
         self._hold = False  # this step streams no more (an accumulation was seen)
