@@ -251,6 +251,15 @@ class RemoteMuon(torch.optim.Optimizer):
     retrying a failed step (spans a server restart), connect_timeout for
     waiting for a server that is starting, keepalive_time/keepalive_timeout.
 
+    stream_gradients (default True): each gradient is sent as soon as
+    backward has produced it, and step() waits only for the rest and the
+    commit; a gradient changed after it was sent (accumulation, an in-place
+    clip or unscale_) makes that step go whole, as with False. Accumulating
+    micro-batches: run the last backward inside `with opt.final_backward():`.
+    Clipping: opt.clip_grad_norm_(max_norm) keeps the streams (the server
+    scales). "transfer": stream, but the server computes only at StepEnd.
+    docs/python.md, "Gradients stream during backward".
+
     close() (or `with RemoteMuon(...) as opt:`) deletes the sessions.
 
     mode="parameter_server": the server holds the weights and `workers`
