@@ -3,6 +3,7 @@ stream during backward"): the streamed step equals the step sent whole, bit
 for bit, through gradient accumulation, clipping, a skipped step and a
 server that dies mid-stream; and the vectorised bf16 encoder equals the
 reference one."""
+import _thread
 import contextlib
 import tempfile
 import threading
@@ -16,7 +17,7 @@ import torch
 from muon_client import RemoteMuon
 from muon_client import client as client_module
 from muon_client.client import MuonClient, ParamSpec, pb
-from server_fixture import ServerProcess, free_port
+from server_fixture import CuttingProxy, ServerProcess, free_port
 
 
 def make_model(seed):
@@ -232,6 +233,61 @@ class StreamingTest(unittest.TestCase):
         self.assertEqual(len(servers), 2)
         self.assertSameWeights(model, control)
         self.assertEqual([s.info().step for s in opt.sessions], [4, 4])
+
+    def test_an_interrupted_streamed_step_completes_with_its_own_gradients(self):
+        for hold_upstream, what in ((False, "committed, answer lost"),
+                                    (True, "never reached the server")):
+            with self.subTest(what):
+                proxy = CuttingProxy(self.server.port)
+                self.addCleanup(proxy.close)
+                (model, opt), (control, control_opt) = self.pair(address=proxy.address)
+                direct = MuonClient(self.server.address)
+                self.addCleanup(direct.close)
+                proxy.hold(upstream=hold_upstream)
+                loss_of(model, 1).backward()
+
+                def interrupt():
+                    if hold_upstream:
+                        time.sleep(0.5)
+                    else:
+                        while any(direct.get_session(s.session_id, s.token).step != 1
+                                  for s in opt.sessions):
+                            time.sleep(0.02)
+                    _thread.interrupt_main()
+                threading.Thread(target=interrupt, daemon=True).start()
+                with self.assertRaises(KeyboardInterrupt):
+                    opt.step()
+                self.assertEqual(opt.interrupted_step, 1)
+                proxy.release()
+                # New gradients (at the weights before step 1, which is not
+                # applied yet); the next step() completes step 1 with step 1's.
+                opt.zero_grad()
+                loss_of(model, 2).backward()
+                opt.step()
+                grads = []
+                for seed in (1, 2):
+                    control.zero_grad()
+                    loss_of(control, seed).backward()
+                    grads.append([p.grad.clone() for p in control.parameters()])
+                for step_grads in grads:
+                    for p, g in zip(control.parameters(), step_grads):
+                        p.grad = g
+                    control_opt.step()
+                self.assertEqual(opt.step_number, 2)
+                self.assertSameWeights(model, control)
+
+    def test_close_cancels_open_streams(self):
+        model = make_model(self.seed)
+        opt = RemoteMuon(model.parameters(), server=self.server.address)
+        loss_of(model, self.seed).backward()
+        streams = [s.stream for s in opt._streams.values()]
+        self.assertTrue(streams)
+        opt.close()
+        self.assertFalse(opt._streams)
+        for stream in streams:
+            with self.assertRaises(grpc.RpcError) as ctx:
+                list(stream.call)
+            self.assertEqual(ctx.exception.code(), grpc.StatusCode.CANCELLED)
 
     def test_streaming_off_sends_after_backward(self):
         model = make_model(self.seed)
