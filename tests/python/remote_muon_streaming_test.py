@@ -192,6 +192,17 @@ class StreamingTest(unittest.TestCase):
         self.assertFalse(opt.last_step_streamed)
         self.assertSameWeights(model, control)
 
+    def test_an_lr_changed_after_backward_falls_back_with_the_new_lr(self):
+        (model, opt), (control, control_opt) = self.pair()
+        for m, o in ((model, opt), (control, control_opt)):
+            o.zero_grad()
+            loss_of(m, self.seed).backward()
+            for group in o.param_groups:
+                group["lr"] *= 0.5  # a schedule stepped between backward and step()
+            o.step()
+        self.assertFalse(opt.last_step_streamed)
+        self.assertSameWeights(model, control)
+
     def test_a_skipped_step_is_not_committed(self):
         for set_to_none in (False, True):
             with self.subTest(set_to_none=set_to_none):
