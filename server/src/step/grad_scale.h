@@ -21,9 +21,8 @@ absl::Status CheckGradScale(double scale, bool deferred);
 // in fp32: the product torch's clip_grad_norm_ forms (grad.mul_(coef) with
 // a float32 coef), so a clipped remote step matches a clipped local one bit
 // for bit on fp32 wire.
-std::vector<float>
-ScaledGradient(DType dtype, absl::Span<const std::byte> bytes, float scale);
+std::vector<float> ScaledGradient(DType dtype, absl::Span<const std::byte> bytes, float scale);
 
-} // namespace muon::server
+}  // namespace muon::server
 
-#endif // MUON_SERVER_SRC_STEP_GRAD_SCALE_H_
+#endif  // MUON_SERVER_SRC_STEP_GRAD_SCALE_H_
