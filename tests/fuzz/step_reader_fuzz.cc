@@ -226,7 +226,8 @@ class FuzzBackend final : public StepBackend {
     FUZZ_CHECK(index < params_.size() && !given_[index] && bytes != nullptr);
     given_[index] = true;
   }
-  absl::Status End(std::vector<uint32_t> indices, int64_t bytes_received) override {
+  absl::Status End(std::vector<uint32_t> indices, int64_t bytes_received,
+                   std::optional<double>) override {
     FUZZ_CHECK(!replay_ && !*ended_);
     for (size_t k = 0; k < indices.size(); ++k) {
       FUZZ_CHECK(indices[k] < params_.size() && given_[indices[k]]);

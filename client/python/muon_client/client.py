@@ -18,7 +18,9 @@ new weights (StepResult.weights). docs/parameter-server.md.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import queue
 import threading
 import time
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
@@ -27,6 +29,11 @@ import grpc
 import numpy as np
 
 from ._stubs import pb, pb_grpc
+
+try:  # torch's bf16 conversion is vectorised; the numpy one below is the fallback
+    import torch as _torch
+except ImportError:  # the numpy client needs no torch
+    _torch = None
 
 CHUNK_BYTES = 1 << 20
 _MASK64 = (1 << 64) - 1
@@ -170,6 +177,27 @@ def _error(e: grpc.RpcError) -> MuonServerError:
     return MuonServerError(e.code(), e.details() or "")
 
 
+def _bfloat16_bits(a: np.ndarray) -> np.ndarray:
+    """fp32 → bf16 bits, rounded to nearest with ties to even; every NaN
+    becomes 0x7FC0 (torch's vectorised conversion gives 0xFFFF, its scalar
+    one 0x7FC0: the fix-up keeps one answer)."""
+    if _torch is not None:
+        bits = _torch.from_numpy(a).to(_torch.bfloat16).view(_torch.int16).numpy().view(np.uint16)
+    else:
+        # In uint32: only NaNs (replaced below) overflow the rounding add.
+        wide = a.view(np.uint32)
+        rounded = wide >> 16
+        rounded &= 1
+        rounded += 0x7FFF
+        rounded += wide
+        rounded >>= 16
+        bits = rounded.astype(np.uint16)
+    nan = np.isnan(a)
+    if nan.any():
+        bits[nan] = 0x7FC0
+    return bits
+
+
 def to_wire(array: np.ndarray, dtype: str) -> bytes:
     """Encodes a float array as little-endian bytes of the wire dtype."""
     a = np.ascontiguousarray(array, dtype=np.float32)
@@ -178,18 +206,16 @@ def to_wire(array: np.ndarray, dtype: str) -> bytes:
     if dtype == "float16":
         return a.astype("<f2").tobytes()
     if dtype == "bfloat16":
-        bits = a.view(np.uint32).astype(np.uint64)
-        # Round to nearest, ties to even; NaN stays NaN.
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-        rounded = np.where(np.isnan(a), np.uint16(0x7FC0), rounded)
-        return rounded.astype("<u2").tobytes()
+        return _bfloat16_bits(a).astype("<u2", copy=False).tobytes()
     raise ValueError(f"unknown wire dtype {dtype!r}")
 
 
-def from_wire(data: bytes, dtype: int, shape: Sequence[int]) -> np.ndarray:
-    """Decodes little-endian wire bytes into a float32 array of `shape`."""
+def from_wire(data: Union[bytes, bytearray], dtype: int, shape: Sequence[int]) -> np.ndarray:
+    """Decodes little-endian wire bytes into a float32 array of `shape`; fp32
+    in a bytearray (a buffer the caller hands over) is used in place."""
     if dtype == pb.DTYPE_FLOAT32:
-        out = np.frombuffer(data, dtype="<f4").astype(np.float32)
+        out = np.frombuffer(data, dtype="<f4").astype(np.float32,
+                                                    copy=not isinstance(data, bytearray))
     elif dtype == pb.DTYPE_FLOAT16:
         out = np.frombuffer(data, dtype="<f2").astype(np.float32)
     elif dtype == pb.DTYPE_BFLOAT16:
@@ -313,21 +339,44 @@ class Session:
                   step_number: Optional[int] = None, worker_id: int = 0,
                   update_content: Optional[str] = None,
                   cancel: Optional[CancelToken] = None,
-                  param_options: Optional[Mapping[int, Mapping[str, object]]] = None
-                  ) -> StepResult:
+                  param_options: Optional[Mapping[int, Mapping[str, object]]] = None,
+                  grad_scale: Optional[float] = None,
+                  stream: Optional["StepStream"] = None) -> StepResult:
         """step() with gradients already encoded (encode()). `param_options`:
         {index: hyper-parameters for this step} (hyper_params keys lr,
         weight_decay, momentum, nesterov, betas, eps), replacing the
-        configured ones (updates sessions)."""
+        configured ones (updates sessions). `grad_scale` (updates sessions):
+        the server multiplies every gradient by it before the optimizer uses
+        them (global-norm clipping; StepEnd.grad_scale), finite and > 0.
+        `stream`: a StepStream of this step (open_stream) to finish first;
+        `wire` is then ignored, and a retry resends the stream's gradients."""
         number = self.step_number + 1 if step_number is None else step_number
+        if stream is not None:
+            number = stream.step
         result = self._client._run_step(self, number, wire, lr=lr, lr_scale=lr_scale,
                                         update_dtype=update_dtype,
                                         measure_orthogonality=measure_orthogonality,
                                         retries=retries, worker_id=worker_id,
                                         update_content=update_content, cancel=cancel,
-                                        param_options=param_options)
+                                        param_options=param_options, grad_scale=grad_scale,
+                                        stream=stream)
         self.step_number = result.step
         return result
+
+    def open_stream(self, *, lr: Optional[float] = None,
+                    param_options: Optional[Mapping[int, Mapping[str, object]]] = None,
+                    measure_orthogonality: bool = False, defer_compute: bool = False,
+                    step_number: Optional[int] = None) -> "StepStream":
+        """Updates sessions: opens the next step's Step stream now, to be fed
+        gradient by gradient (StepStream.add) while they are produced and
+        finished with step_wire(stream=...). `defer_compute`: the server
+        computes only at StepEnd, so the step may carry a grad_scale."""
+        number = self.step_number + 1 if step_number is None else step_number
+        header = self._client._header_fields(
+            lr=lr, lr_scale=None, update_dtype=None, measure_orthogonality=measure_orthogonality,
+            worker_id=0, update_content=None, param_options=param_options,
+            defer_compute=defer_compute)
+        return StepStream(self, number, header)
 
     def info(self) -> "pb.SessionInfo":
         return self._client.get_session(self.session_id, self.token)
@@ -355,6 +404,160 @@ class Session:
 
     def delete(self) -> None:
         self._client.delete_session(self.session_id, self.token)
+
+
+_CANCEL = object()
+
+
+class StepStream:
+    """One Step call fed while its gradients are being produced (RemoteMuon
+    streams them during backward). add() queues a gradient and returns at
+    once; gRPC's request thread encodes and sends it; a reader thread keeps
+    the updates. Session.step_wire(stream=...) sends StepEnd and waits for
+    the commit. cancel() abandons the step: StepEnd was never sent, so the
+    server applies nothing. The encoded gradients stay for a retry.
+    add() and cancel() may be called from any thread."""
+
+    def __init__(self, session: Session, step: int, header: Mapping[str, object]):
+        self.session = session
+        self.step = step
+        self.defer_compute = bool(header.get("defer_compute", False))
+        self._header = dict(header)
+        self._queue: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._sources: Dict[int, object] = {}
+        self._wire: Dict[int, bytes] = {}
+        self._closed = False  # StepEnd queued or cancelled: add() refused
+        self._done = threading.Event()
+        self._result: Optional[StepResult] = None
+        self._error: Optional[BaseException] = None
+        client = session._client
+        self.call = client._step_call(self._requests(), timeout=client.timeouts.step)
+        threading.Thread(target=self._read, name="muon-step-reader", daemon=True).start()
+
+    @property
+    def indices(self) -> List[int]:
+        """The parameters added so far, in order."""
+        with self._lock:
+            return list(self._sources)
+
+    def add(self, index: int, source) -> None:
+        """Queues parameter `index`'s gradient: a float array, or a callable
+        returning one, read once when it is encoded (so it must not change
+        until the step ends: RemoteMuon checks that)."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"step {self.step}'s stream is closed; nothing more is added")
+            if index in self._sources:
+                raise ValueError(f"parameter {index} is already in step {self.step}'s stream")
+            self._sources[index] = source
+        self._queue.put(index)
+
+    def cancel(self) -> None:
+        """Abandons the step; nothing of it is applied."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._queue.put(_CANCEL)
+        self.call.cancel()
+
+    def complete_wire(self) -> Dict[int, bytes]:
+        """Every added gradient, encoded (those the sender did not reach are
+        encoded now): what a retry of this step sends."""
+        return {i: self._encoded(i) for i in self.indices}
+
+    def _encoded(self, index: int) -> bytes:
+        with self._lock:
+            if index not in self._wire:
+                source = self._sources[index]
+                array = source() if callable(source) else source
+                self._wire[index] = to_wire(array, self.session.params[index].dtype)
+                self._sources[index] = None  # the encoding is the copy a retry needs
+            return self._wire[index]
+
+    def _end(self, grad_scale: Optional[float]) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"step {self.step}'s stream was cancelled")
+            self._closed = True
+            indices = list(self._sources)
+        end = pb.StepEnd(param_indices=indices)
+        if grad_scale is not None:
+            end.grad_scale = float(grad_scale)
+        self._queue.put(end)
+
+    def _requests(self):
+        yield pb.StepRequest(header=pb.StepHeader(session_id=self.session.session_id,
+                                                  token=self.session.token, step=self.step,
+                                                  **self._header)).SerializeToString()
+        while True:
+            item = self._queue.get()
+            if item is _CANCEL:
+                return
+            if isinstance(item, pb.StepEnd):
+                yield pb.StepRequest(end=item).SerializeToString()
+                return
+            yield from _gradient_requests(self.session, item, self._encoded(item))
+
+    def _read(self) -> None:
+        try:
+            self._result = self.session._client._read_step(self.session, self.call)
+        except (grpc.RpcError, MuonServerError) as e:
+            self._error = e
+        finally:
+            self._done.set()
+
+    def _finish(self, grad_scale: Optional[float]) -> StepResult:
+        """Sends StepEnd and waits for the summary; raises what the call
+        raised (grpc.RpcError for a broken stream)."""
+        self._end(grad_scale)
+        while not self._done.wait(0.25):  # in slices: a KeyboardInterrupt gets through
+            pass
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+# Protobuf's tags of StepRequest.gradient (field 2) and TensorChunk.data
+# (field 3), both length-delimited.
+_GRADIENT_TAG = b"\x12"
+_DATA_TAG = b"\x1a"
+
+
+def _chunk_request(index: int, offset: int, dtype: int, data: memoryview) -> bytes:
+    """StepRequest{gradient: TensorChunk{index, offset, dtype, data}}, serialized.
+
+    Python's protobuf takes `bytes` only (no memoryview), so a message per
+    chunk costs a slice copy, a copy into the message and one to serialize
+    it. Instead the small fields are serialized by protobuf and the data
+    appended as a second occurrence of `gradient` holding only `data`:
+    protobuf merges repeated occurrences of a message field, so this parses
+    as the one chunk, and the bytes are copied once, from the view."""
+    head = pb.StepRequest(gradient=pb.TensorChunk(param_index=index, offset=offset,
+                                                  dtype=dtype)).SerializeToString()
+    data_prefix = _DATA_TAG + _varint(len(data))
+    return b"".join((head, _GRADIENT_TAG, _varint(len(data_prefix) + len(data)), data_prefix,
+                     data))
+
+
+def _gradient_requests(session: Session, index: int, data: bytes):
+    """One gradient's chunks, in order, serialized."""
+    # An index the session lacks is sent as is: the server names it (NOT_FOUND).
+    dtype = (_DTYPES[session.params[index].dtype] if index < len(session.params)
+             else pb.DTYPE_UNSPECIFIED)
+    view = memoryview(data)
+    for offset in range(0, len(data), CHUNK_BYTES):
+        yield _chunk_request(index, offset, dtype, view[offset:offset + CHUNK_BYTES])
 
 
 def _pem(value: Union[None, bytes, str, "os.PathLike[str]"]) -> Optional[bytes]:
@@ -421,6 +624,10 @@ class MuonClient:
             channel = grpc.secure_channel(server, credentials, options=options)
         self._channel = channel or grpc.insecure_channel(server, options=options)
         self._stub = pb_grpc.OptimizerStub(self._channel)
+        # Step with requests serialized by _requests (see _chunk_request).
+        self._step_call = self._channel.stream_stream(
+            "/muon.v1.Optimizer/Step", request_serializer=None,
+            response_deserializer=pb.StepResponse.FromString)
         self._backoff = retry_backoff
         self._admin_token = admin_token
 
@@ -631,23 +838,22 @@ class MuonClient:
         except grpc.RpcError as e:
             raise self._unreachable(e, "ImportState") from None
 
-    def _requests(self, session: Session, step: int, wire: Mapping[int, bytes], **header):
+    def _requests(self, session: Session, step: int, wire: Mapping[int, bytes],
+                  grad_scale: Optional[float], **header):
         yield pb.StepRequest(header=pb.StepHeader(session_id=session.session_id,
-                                                  token=session.token, step=step, **header))
+                                                  token=session.token, step=step,
+                                                  **header)).SerializeToString()
         for index, data in wire.items():
-            # An index the session lacks is sent as is: the server names it (NOT_FOUND).
-            dtype = (_DTYPES[session.params[index].dtype] if index < len(session.params)
-                     else pb.DTYPE_UNSPECIFIED)
-            for offset in range(0, len(data), CHUNK_BYTES):
-                yield pb.StepRequest(gradient=pb.TensorChunk(
-                    param_index=index, offset=offset, dtype=dtype,
-                    data=data[offset:offset + CHUNK_BYTES]))
-        yield pb.StepRequest(end=pb.StepEnd(param_indices=list(wire)))
+            yield from _gradient_requests(session, index, data)
+        end = pb.StepEnd(param_indices=list(wire))
+        if grad_scale is not None:
+            end.grad_scale = float(grad_scale)
+        yield pb.StepRequest(end=end).SerializeToString()
 
-    def _run_step(self, session: Session, step: int, wire: Mapping[int, bytes], *, lr, lr_scale,
-                  update_dtype, measure_orthogonality, retries=None, worker_id=0,
-                  update_content=None, cancel: Optional[CancelToken] = None,
-                  param_options=None) -> StepResult:
+    @staticmethod
+    def _header_fields(*, lr, lr_scale, update_dtype, measure_orthogonality, worker_id,
+                       update_content, param_options, defer_compute) -> dict:
+        """StepHeader's fields past session, token and step."""
         header = {"measure_orthogonality": measure_orthogonality, "worker_id": worker_id}
         if param_options:
             header["param_options"] = [
@@ -661,12 +867,41 @@ class MuonClient:
             header["update_dtype"] = _lookup(_DTYPES, "dtype", update_dtype)
         if update_content is not None:
             header["update_content"] = _lookup(_CONTENTS, "update content", update_content)
+        if defer_compute:
+            header["defer_compute"] = True
+        return header
+
+    def _run_step(self, session: Session, step: int, wire: Mapping[int, bytes], *, lr, lr_scale,
+                  update_dtype, measure_orthogonality, retries=None, worker_id=0,
+                  update_content=None, cancel: Optional[CancelToken] = None,
+                  param_options=None, grad_scale: Optional[float] = None,
+                  stream: Optional[StepStream] = None) -> StepResult:
+        """The step's attempts: the open `stream` first when given, then
+        (after a failure that is safe to retry) whole resends of its
+        gradients with the same step number, answered exactly once."""
+        if grad_scale is not None and not (math.isfinite(grad_scale) and grad_scale > 0):
+            raise ValueError(f"grad_scale {grad_scale!r} must be finite and > 0")
+        if stream is not None and grad_scale is not None and not stream.defer_compute:
+            raise ValueError("a grad_scale needs a stream opened with defer_compute=True")
+        header = self._header_fields(
+            lr=lr, lr_scale=lr_scale, update_dtype=update_dtype,
+            measure_orthogonality=measure_orthogonality, worker_id=worker_id,
+            update_content=update_content, param_options=param_options,
+            defer_compute=grad_scale is not None or (stream is not None and stream.defer_compute))
         cancel = cancel or CancelToken()
         attempt = 0
         first_failure = None
         while True:
             try:
-                return self._step_once(session, step, wire, header, cancel)
+                if stream is not None and attempt == 0:
+                    cancel._register(stream.call)
+                    try:
+                        return stream._finish(grad_scale)
+                    finally:
+                        cancel._unregister(stream.call)
+                if stream is not None:
+                    wire = stream.complete_wire()
+                return self._step_once(session, step, wire, header, cancel, grad_scale)
             except grpc.RpcError as e:
                 if cancel.cancelled:
                     raise MuonServerError(grpc.StatusCode.CANCELLED,
@@ -693,8 +928,9 @@ class MuonClient:
                                  cancel)
 
     def _step_once(self, session: Session, step: int, wire: Mapping[int, bytes],
-                   header: dict, cancel: CancelToken) -> StepResult:
-        call = self._stub.Step(self._requests(session, step, wire, **header),
+                   header: dict, cancel: CancelToken,
+                   grad_scale: Optional[float] = None) -> StepResult:
+        call = self._step_call(self._requests(session, step, wire, grad_scale, **header),
                                timeout=self.timeouts.step)
         cancel._register(call)
         try:
@@ -720,7 +956,7 @@ class MuonClient:
                     decay[chunk.param_index] = chunk.decay
             elif response.HasField("summary"):
                 summary = response.summary
-                tensors = {i: from_wire(bytes(buf), dtypes[i], session.params[i].shape)
+                tensors = {i: from_wire(buf, dtypes[i], session.params[i].shape)
                            for i, buf in buffers.items()}
                 return StepResult(summary.step,
                                   {i: t for i, t in tensors.items() if i not in weights},

@@ -9,6 +9,7 @@ param groups (use_muon=True/False); docs/python.md has the porting table.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import math
@@ -18,8 +19,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .client import (CancelToken, MuonClient, MuonServerError, ParamSpec, Session, Timeouts, pb,
-                     place)
+from .client import (CancelToken, MuonClient, MuonServerError, ParamSpec, Session, StepStream,
+                     Timeouts, pb, place)
 
 _LOG = logging.getLogger("muon_client")
 
@@ -153,6 +154,37 @@ class _Job:
     decay: Dict[int, float]  # global index -> 1 − lr·wd (updates mode)
 
 
+@dataclasses.dataclass
+class _OpenStream:
+    """A unit's step stream opened during backward: what it was opened
+    with and, per local index sent, the gradient tensor and its _version
+    then, so that step() can tell whether the gradient changed since."""
+
+    stream: StepStream
+    kwargs: dict  # the step header's lr and param_options when it opened
+    sent: Dict[int, tuple] = dataclasses.field(default_factory=dict)
+    sealed: bool = False  # clip_grad_norm_ ran: nothing more may join
+    grad_scale: Optional[float] = None
+
+
+def _host_source(g: torch.Tensor):
+    """How the stream reads gradient `g` when it encodes it: a CPU fp32
+    gradient as a view (no copy until the encoding); a GPU one copied now,
+    asynchronously, into pinned memory, waited for by the sender."""
+    g = g.detach()
+    if g.device.type == "cpu":
+        return lambda: g.to(torch.float32).numpy()
+    host = torch.empty(g.shape, dtype=torch.float32, pin_memory=True)
+    host.copy_(g, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def read():
+        done.synchronize()
+        return host.numpy()
+    return read
+
+
 class _DeferredInterrupt:
     """Holds SIGINT while the weights are being changed, so an interrupted
     step is either applied to every parameter or to none (main thread only)."""
@@ -219,6 +251,15 @@ class RemoteMuon(torch.optim.Optimizer):
     retrying a failed step (spans a server restart), connect_timeout for
     waiting for a server that is starting, keepalive_time/keepalive_timeout.
 
+    stream_gradients (default True): each gradient is sent as soon as
+    backward has produced it, and step() waits only for the rest and the
+    commit; a gradient changed after it was sent (accumulation, an in-place
+    clip or unscale_) makes that step go whole, as with False. Accumulating
+    micro-batches: run the last backward inside `with opt.final_backward():`.
+    Clipping: opt.clip_grad_norm_(max_norm) keeps the streams (the server
+    scales). "transfer": stream, but the server computes only at StepEnd.
+    docs/python.md, "Gradients stream during backward".
+
     close() (or `with RemoteMuon(...) as opt:`) deletes the sessions.
 
     mode="parameter_server": the server holds the weights and `workers`
@@ -248,9 +289,12 @@ class RemoteMuon(torch.optim.Optimizer):
                  root_certificates=None, certificate_chain=None, private_key=None,
                  tls_server_name: Optional[str] = None, mode: str = "updates",
                  worker: int = 0, workers: int = 1, session_id: Optional[str] = None,
-                 token: Optional[str] = None):
+                 token: Optional[str] = None, stream_gradients=True):
         if mode not in ("updates", "parameter_server"):
             raise ValueError(f"unknown mode {mode!r}; expected 'updates' or 'parameter_server'")
+        if stream_gradients not in (True, False, "transfer"):
+            raise ValueError(f"stream_gradients {stream_gradients!r}; expected True, False or "
+                             "'transfer'")
         self._ps = mode == "parameter_server"
         if self._ps:
             if not isinstance(server, str) and len(server) != 1:
@@ -279,9 +323,21 @@ class RemoteMuon(torch.optim.Optimizer):
                      weight_decay=adamw_weight_decay)
         self._adamw_defaults = dict(KJ_ADAMW_DEFAULTS,
                                     **{k: v for k, v in adamw.items() if v is not None})
+        # clip_grad_norm_ sums the norms in the order the parameters came
+        # (a model's order, before the split into groups), as torch's does.
+        self._given: List[torch.Tensor] = []
         if isinstance(params, torch.nn.Module):
+            self._given = list(params.parameters())
             params = muon_param_groups(params)
         params = list(params)
+        if not self._given:
+            for item in params:
+                if isinstance(item, dict):
+                    group = item.get("params", [])
+                    items = [group] if isinstance(group, torch.Tensor) else list(group)
+                else:
+                    items = [item]
+                self._given += [t[1] if isinstance(t, tuple) else t for t in items]
         if params and not isinstance(params[0], dict):
             names = [None] * len(params)
             if isinstance(params[0], tuple):
@@ -320,6 +376,8 @@ class RemoteMuon(torch.optim.Optimizer):
         self._step = 0
         self._pending: Optional[_Job] = None
         self.last_summaries = []
+        # Whether the last step's gradients went in streams opened during backward.
+        self.last_step_streamed = False
         self._units: List[_Unit] = []
         self._base_lr = [g["lr"] for g in self.param_groups]
         if self._ps:
@@ -330,6 +388,22 @@ class RemoteMuon(torch.optim.Optimizer):
         self._live = True
         for gi in range(len(self.param_groups)):
             _LOG.info("%s", self._describe(gi))
+        # Streaming (docs/python.md, "Gradients stream during backward").
+        self._streaming = bool(stream_gradients) and not self._ps
+        self._stream_lock = threading.RLock()
+        self._streams: Dict[int, _OpenStream] = {}  # position in _units -> its stream
+        self._located: Optional[Dict[int, tuple]] = None  # index -> (position, local)
+        # Streams open with defer_compute: asked for ("transfer": the server
+        # computes at StepEnd, off backward's cores), or clip_grad_norm_ was used.
+        self._defer = stream_gradients == "transfer"
+        self._final_only = False  # only backward passes inside final_backward() stream
+        self._final_depth = 0
+        self._hold = False  # this step streams no more (an accumulation was seen)
+        self._stale_steps = 0  # consecutive steps whose streams went stale
+        self._hooks = []
+        self._grad_nodes = []  # torch 1.x: the AccumulateGrad nodes, kept alive
+        if self._streaming:
+            self._hook_params(range(len(self._order)))
 
     # ---------------------------------------------------------------- groups
 
@@ -415,6 +489,7 @@ class RemoteMuon(torch.optim.Optimizer):
         self._names += names
         self._registered.append(self._fixed(group, kind, hp))
         if self._live:
+            self._cancel_streams()  # AddParameters waits for no step
             try:
                 self._units += self._extend_units(gi)
             except BaseException:
@@ -423,6 +498,10 @@ class RemoteMuon(torch.optim.Optimizer):
                 del self._order[-len(params):], self._names[-len(params):]
                 self._registered.pop()
                 raise
+            self._located = None
+            self._given += params
+            if self._streaming:
+                self._hook_params(range(len(self._order) - len(params), len(self._order)))
             _LOG.info("%s", self._describe(gi))
 
     def _server_hp(self, group: dict, kind: str, where: str) -> dict:
@@ -663,7 +742,12 @@ class RemoteMuon(torch.optim.Optimizer):
         connections. Idempotent; step() afterwards raises."""
         if self._closed:
             return
-        self._closed = True
+        with self._stream_lock:
+            self._closed = True
+        self._cancel_streams()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks, self._grad_nodes = [], []
         if delete is None:
             delete = not self._ps
         try:
@@ -699,6 +783,177 @@ class RemoteMuon(torch.optim.Optimizer):
     def __deepcopy__(self, memo):
         self.__reduce_ex__(2)
 
+    # -------------------------------------------------------------- streaming
+
+    def _hook_params(self, indices) -> None:
+        """Calls _on_grad(index) each time backward has accumulated a
+        parameter's gradient: torch 2.1+'s post-accumulate-grad hook, else
+        a hook on the parameter's AccumulateGrad node (torch 1.x), which
+        runs after the node has written .grad."""
+        for index in indices:
+            p = self._order[index]
+            if not p.requires_grad:
+                continue
+            hook = (lambda *_, i=index: self._on_grad(i))
+            if hasattr(p, "register_post_accumulate_grad_hook"):
+                self._hooks.append(p.register_post_accumulate_grad_hook(hook))
+                continue
+            with torch.enable_grad():
+                node = p.expand_as(p).grad_fn.next_functions[0][0]
+            # The parameter holds its node weakly: a node nobody holds is
+            # replaced by a new one, without the hook, at the next backward.
+            self._grad_nodes.append(node)
+            self._hooks.append(node.register_hook(hook))
+
+    def _locate(self, index: int) -> tuple:
+        if self._located is None:
+            self._located = {g: (pos, local) for pos, unit in enumerate(self._units)
+                             for local, g in enumerate(unit.indices)}
+        return self._located[index]
+
+    def _on_grad(self, index: int) -> None:
+        """Backward produced parameter `index`'s gradient (autograd's thread):
+        sends it in its session's stream for the coming step, opening that
+        stream at the first gradient. Never raises into backward: anything
+        unexpected cancels the streams and step() sends the step whole."""
+        try:
+            with self._stream_lock:
+                if (self._closed or not self._streaming or self._pending is not None or self._hold
+                        or (self._final_only and self._final_depth == 0)):
+                    return
+                g = self._order[index].grad
+                if g is None or g.is_sparse:
+                    return
+                pos, local = self._locate(index)
+                open_ = self._streams.get(pos)
+                if open_ is not None and (local in open_.sent or open_.sealed):
+                    # A second backward before step(): gradient accumulation.
+                    # What was sent is not the step's gradient.
+                    self._cancel_streams()
+                    open_ = None
+                    if not self._final_only:
+                        self._final_only = True
+                        _LOG.warning("RemoteMuon: gradient accumulation seen (a gradient was "
+                                     "accumulated again before step()); from now on only "
+                                     "backward passes inside `with opt.final_backward():` "
+                                     "stream their gradients")
+                    if self._final_depth == 0:
+                        self._hold = True
+                        return
+                    # This is the final pass: its gradients go in new streams.
+                if open_ is None:
+                    unit = self._units[pos]
+                    kwargs, _ = self._unit_kwargs(unit)
+                    stream = unit.session.open_stream(
+                        step_number=self._step + 1 - unit.offset, lr=kwargs["lr"],
+                        param_options=kwargs.get("param_options"),
+                        measure_orthogonality=self._measure, defer_compute=self._defer)
+                    open_ = self._streams[pos] = _OpenStream(stream, kwargs)
+                open_.sent[local] = (g, g._version)
+                open_.stream.add(local, _host_source(g))
+        except Exception as e:  # pylint: disable=broad-except
+            _LOG.warning("RemoteMuon: gradient streaming stopped for this step: %s", e)
+            self._cancel_streams()
+            self._hold = True
+
+    def _cancel_streams(self) -> None:
+        """Abandons the open streams: no StepEnd was sent, nothing applied."""
+        with self._stream_lock:
+            streams, self._streams = self._streams, {}
+        for open_ in streams.values():
+            open_.stream.cancel()
+
+    @contextlib.contextmanager
+    def final_backward(self):
+        """Marks the backward pass whose gradients step() will use, for
+        gradient accumulation: once used, only backward passes inside it
+        stream their gradients (the micro-batches before it do not send).
+
+            for i, batch in enumerate(micro_batches):
+                with opt.final_backward() if i == len(micro_batches) - 1 else nullcontext():
+                    loss(batch).backward()
+            opt.step()
+        """
+        with self._stream_lock:
+            self._final_only = True
+            self._final_depth += 1
+            # The pass that ends the accumulation: streams again even where
+            # an earlier micro-batch of this step was seen accumulating.
+            self._hold = False
+        try:
+            yield self
+        finally:
+            with self._stream_lock:
+                self._final_depth -= 1
+
+    def zero_grad(self, set_to_none: Optional[bool] = None) -> None:
+        """torch's zero_grad; first abandons a step streamed since the last
+        step() (a step GradScaler skipped: nothing of it is applied)."""
+        with self._stream_lock:
+            self._cancel_streams()
+            self._hold = False
+        if set_to_none is None:
+            super().zero_grad()
+        else:
+            super().zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
+                        error_if_nonfinite: bool = False) -> torch.Tensor:
+        """torch.nn.utils.clip_grad_norm_ over this optimizer's parameters
+        in the order it was given them (a module's: model.parameters()),
+        with the same math and in-place result, returning the total norm; keeping
+        the streams: gradients already sent are scaled by the server instead
+        (StepEnd.grad_scale, the same fp32 product). The first call cancels
+        streams opened without deferred compute; later steps open them
+        deferred, so the server computes only once the factor is in."""
+        params = [p for p in self._given if p.grad is not None]
+        with self._stream_lock:
+            if not self._defer:
+                self._defer = True
+                self._cancel_streams()
+            for pos, open_ in self._streams.items():
+                unit = self._units[pos]
+                for local, index in enumerate(unit.indices):
+                    g = self._order[index].grad
+                    if g is not None and local not in open_.sent:
+                        open_.sent[local] = (g, g._version)
+                        open_.stream.add(local, _host_source(g))
+                # The bytes the server scales are these, from before the clip.
+                open_.stream.complete_wire()
+                open_.sealed = True
+            total = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type,
+                                                   error_if_nonfinite=error_if_nonfinite)
+            # torch's factor, recomputed the way it computes it.
+            factor = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+            for open_ in self._streams.values():
+                open_.sent = {local: (g, g._version) for local, (g, _) in open_.sent.items()}
+                open_.grad_scale = factor
+        return total
+
+    def _take_streams(self) -> Dict[int, _OpenStream]:
+        with self._stream_lock:
+            streams, self._streams = self._streams, {}
+            self._hold = False
+        return streams
+
+    def _stream_current(self, open_: _OpenStream, unit: _Unit, kwargs: dict) -> bool:
+        """Whether what the stream carries is this step's: the same header,
+        and every gradient sent unchanged since (the same tensor at the same
+        _version: another accumulation, an in-place clip or unscale_ bumps
+        it), and after clip_grad_norm_ no gradient that was not sent."""
+        if open_.kwargs != kwargs:
+            return False
+        for local, index in enumerate(unit.indices):
+            g = self._order[index].grad
+            if local in open_.sent:
+                tensor, version = open_.sent[local]
+                if g is not tensor or g._version != version:
+                    return False
+            elif g is not None and open_.sealed:
+                return False
+        return True
+
     # ------------------------------------------------------------------ steps
 
     @torch.no_grad()
@@ -718,43 +973,84 @@ class RemoteMuon(torch.optim.Optimizer):
                 raise MuonServerError(e.code, f"step {job.number} was interrupted and could not "
                                       f"be completed, so this step was not sent; call step() "
                                       f"again to retry it: {e.details}") from None
-        self._check_fixed()
-        self._run(self._parameter_server_job() if self._ps else self._updates_job())
+        streams = self._take_streams()
+        try:
+            self._check_fixed()
+            job = self._parameter_server_job() if self._ps else self._updates_job(streams)
+        except BaseException:
+            for open_ in streams.values():
+                open_.stream.cancel()
+            raise
+        self._run(job)
         return loss
 
-    def _updates_job(self) -> _Job:
+    def _unit_kwargs(self, unit: _Unit):
+        """A unit's step header arguments (lr, param_options) and its groups' lrs."""
+        lrs = {}
+        for gi in {unit.group_of(local) for local in range(len(unit.indices))}:
+            lrs[gi] = float(self.param_groups[gi]["lr"])
+            if not (math.isfinite(lrs[gi]) and lrs[gi] >= 0):
+                raise ValueError(f"param group {gi}: lr {lrs[gi]!r} must be finite and >= 0")
+        param_options = {}
+        for local in range(len(unit.indices)):
+            gi = unit.group_of(local)
+            # The header's lr is the session's first group's; a parameter of
+            # another group sends its own.
+            options = self._step_options(gi)
+            if lrs[gi] != lrs[unit.group]:
+                options["lr"] = lrs[gi]
+            if options:
+                param_options[local] = options
+        kwargs = dict(lr=lrs[unit.group])
+        if param_options:
+            kwargs["param_options"] = param_options
+        return kwargs, lrs
+
+    def _updates_job(self, streams: Dict[int, _OpenStream]) -> _Job:
         number = self._step + 1
         decay = {}
         calls = []
-        for unit in self._units:
-            lrs = {}
-            for gi in {unit.group_of(local) for local in range(len(unit.indices))}:
-                lrs[gi] = float(self.param_groups[gi]["lr"])
-                if not (math.isfinite(lrs[gi]) and lrs[gi] >= 0):
-                    raise ValueError(f"param group {gi}: lr {lrs[gi]!r} must be finite and >= 0")
+        stale = False
+        for pos, unit in enumerate(self._units):
+            kwargs, lrs = self._unit_kwargs(unit)
+            open_ = streams.get(pos)
+            if open_ is not None and not self._stream_current(open_, unit, kwargs):
+                open_.stream.cancel()  # stale: the step goes whole, from .grad now
+                open_ = None
+                stale = True
             grads = {}
-            param_options = {}
             for local, index in enumerate(unit.indices):
                 gi = unit.group_of(local)
-                # The header's lr is the session's first group's; a
-                # parameter of another group sends its own.
-                options = self._step_options(gi)
-                if lrs[gi] != lrs[unit.group]:
-                    options["lr"] = lrs[gi]
-                if options:
-                    param_options[local] = options
                 g = self._order[index].grad
                 if g is None:
                     continue
                 if g.is_sparse:
                     raise RuntimeError("RemoteMuon does not support sparse gradients")
-                grads[local] = g.detach().to("cpu", torch.float32).numpy()
                 decay[index] = 1.0 - lrs[gi] * float(self.param_groups[gi]["weight_decay"])
-            kwargs = dict(lr=lrs[unit.group])
-            if param_options:
-                kwargs["param_options"] = param_options
-            calls.append((unit, number - unit.offset, unit.session.encode(grads), kwargs))
+                if open_ is None:
+                    grads[local] = g.detach().to("cpu", torch.float32).numpy()
+                elif local not in open_.sent:
+                    open_.stream.add(local, _host_source(g))  # what backward did not send
+            if open_ is None:
+                calls.append((unit, number - unit.offset, unit.session.encode(grads), kwargs))
+            else:
+                calls.append((unit, number - unit.offset, {},
+                              dict(kwargs, stream=open_.stream, grad_scale=open_.grad_scale)))
+        self._note_staleness(stale, bool(streams))
         return _Job(number, calls, decay)
+
+    def _note_staleness(self, stale: bool, streamed: bool) -> None:
+        """Two steps in a row whose streams went stale (gradients changed
+        after backward: torch's clip_grad_norm_, GradScaler.unscale_) turn
+        streaming off: each sent its gradients twice for nothing."""
+        if not streamed:
+            return
+        self._stale_steps = self._stale_steps + 1 if stale else 0
+        if self._stale_steps >= 2 and self._streaming:
+            self._streaming = False
+            _LOG.warning("RemoteMuon: streaming off: the gradients changed after backward in "
+                         "two steps in a row (an in-place clip or unscale_), so each step was "
+                         "sent twice; clip with opt.clip_grad_norm_ to keep streaming")
 
     def _step_options(self, gi: int) -> dict:
         """The group's hyper-parameters that differ from its session's
@@ -804,6 +1100,12 @@ class RemoteMuon(torch.optim.Optimizer):
         except BaseException:
             cancel.cancel()
             concurrent.futures.wait(futures, timeout=10)
+            # The job is resent whole later: its streams' gradients are
+            # encoded now, while .grad is still this step's.
+            job.calls = [(unit, number, kwargs["stream"].complete_wire(),
+                          {k: v for k, v in kwargs.items() if k != "stream"})
+                         if "stream" in kwargs else (unit, number, wire, kwargs)
+                         for unit, number, wire, kwargs in job.calls]
             raise
         errors = [f.exception() for f in futures if f.exception() is not None]
         if errors:
@@ -824,6 +1126,7 @@ class RemoteMuon(torch.optim.Optimizer):
                     p.copy_(torch.from_numpy(w).to(device=p.device, dtype=p.dtype))
             self._step = results[0].step if self._ps else job.number
             self.last_summaries = [r.summary for r in results]
+            self.last_step_streamed = any("stream" in kwargs for *_, kwargs in job.calls)
             self._pending = None
 
     # ------------------------------------------------------------ state dict
@@ -935,6 +1238,8 @@ class RemoteMuon(torch.optim.Optimizer):
         self._registered = registered
 
     def _replace_units(self, units: List[_Unit], step: int) -> None:
+        self._cancel_streams()
+        self._located = None
         _delete_sessions(self._units)
         for unit in units:
             unit.offset = step - unit.session.step_number

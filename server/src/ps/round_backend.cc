@@ -56,7 +56,13 @@ void RoundStepBackend::Gradient(uint32_t index, std::unique_ptr<std::byte[]> byt
   tensors_[index] = std::move(bytes);
 }
 
-absl::Status RoundStepBackend::End(std::vector<uint32_t> indices, int64_t bytes_received) {
+absl::Status RoundStepBackend::End(std::vector<uint32_t> indices, int64_t bytes_received,
+                                   std::optional<double> grad_scale) {
+  if (grad_scale.has_value()) {
+    return absl::InvalidArgumentError(
+        "StepEnd.grad_scale is for UPDATES sessions; a parameter-server session averages the "
+        "workers' gradients as sent: clip them before sending");
+  }
   const std::vector<SessionParam>& params = session_->params();
   // The reader has checked that `indices` are exactly the parameters given.
   for (uint32_t i = 0; indices.size() != params.size() && i < params.size(); ++i) {

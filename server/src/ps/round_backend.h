@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "ps/ps_round.h"
@@ -27,7 +28,8 @@ class RoundStepBackend final : public StepBackend, public RoundWaiter {
 
   absl::StatusOr<Admission> Admit(const v1::StepHeader& header) override;
   void Gradient(uint32_t index, std::unique_ptr<std::byte[]> bytes) override;
-  absl::Status End(std::vector<uint32_t> indices, int64_t bytes_received) override;
+  absl::Status End(std::vector<uint32_t> indices, int64_t bytes_received,
+                   std::optional<double> grad_scale) override;
   void Replay() override;
   bool Abort() override;
   void Sent(double) override {}

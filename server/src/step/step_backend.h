@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -71,9 +72,11 @@ class StepBackend {
   // kReceive: parameter `index`'s gradient is whole (its registered bytes).
   virtual void Gradient(uint32_t index, std::unique_ptr<std::byte[]> bytes) = 0;
   // kReceive: StepEnd was read; the step carries `indices` (ascending),
-  // every one given to Gradient. Its outcome comes as Committed or Failed.
+  // every one given to Gradient, each to be scaled by `grad_scale`
+  // (StepEnd.grad_scale) when set. Its outcome comes as Committed or Failed.
   // An error here is the step's (nothing applied, no event follows).
-  virtual absl::Status End(std::vector<uint32_t> indices, int64_t bytes_received) = 0;
+  virtual absl::Status End(std::vector<uint32_t> indices, int64_t bytes_received,
+                           std::optional<double> grad_scale) = 0;
   // kReplay: StepEnd was read; answers with Committed(replayed) or Failed.
   virtual void Replay() = 0;
   // The stream failed: drop what is not committed and free the session.

@@ -19,6 +19,11 @@ absl::Status CheckStepHeader(const v1::StepHeader& header, const Session& sessio
         "StepHeader.update_content is WEIGHTS but session ", session.id(),
         " is in UPDATES mode, where the server holds no weights; leave it unset"));
   }
+  if (header.defer_compute() && session.mode() == v1::SESSION_MODE_PARAMETER_SERVER) {
+    return absl::InvalidArgumentError(
+        "StepHeader.defer_compute is for UPDATES sessions; a parameter-server step takes no "
+        "StepEnd.grad_scale: clip the gradients before sending them");
+  }
   if (header.param_options_size() > 0 && session.mode() == v1::SESSION_MODE_PARAMETER_SERVER) {
     return absl::InvalidArgumentError(
         "StepHeader.param_options is for UPDATES sessions; a parameter-server step takes the "

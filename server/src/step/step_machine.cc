@@ -124,7 +124,8 @@ absl::Status StepMachine::OnEvent(StepReader::Event event) {
       return absl::OkStatus();
     case StepReader::Event::Kind::kEnd:
       phase_ = Phase::kEnded;
-      MUON_RETURN_IF_ERROR(backend_->End(std::move(event.indices), reader_.bytes_received()));
+      MUON_RETURN_IF_ERROR(
+          backend_->End(std::move(event.indices), reader_.bytes_received(), event.grad_scale));
       awaiting_backend_ = true;
       return absl::OkStatus();
     case StepReader::Event::Kind::kReplay:

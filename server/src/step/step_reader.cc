@@ -51,7 +51,9 @@ absl::StatusOr<StepReader::Event> StepReader::Read(const v1::StepRequest& reques
       }
       std::vector<uint32_t> listed(request.end().param_indices().begin(),
                                    request.end().param_indices().end());
-      return End(std::move(listed));
+      MUON_ASSIGN_OR_RETURN(event, End(std::move(listed)));
+      if (request.end().has_grad_scale()) event.grad_scale = request.end().grad_scale();
+      return event;
     }
     case v1::StepRequest::KIND_NOT_SET:
       break;

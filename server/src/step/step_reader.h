@@ -45,6 +45,7 @@ class StepReader {
     const v1::StepHeader* header = nullptr;  // kHeader; points into the request
     uint32_t index = 0;                      // kComplete
     std::vector<uint32_t> indices;           // kEnd
+    std::optional<double> grad_scale;        // kEnd: StepEnd.grad_scale when set
   };
 
   StepReader() = default;

@@ -8,6 +8,7 @@
 #include "absl/time/clock.h"
 #include "muon/kernels/status_macros.h"
 #include "step/chunker.h"
+#include "step/grad_scale.h"
 #include "step/replay.h"
 #include "step/step_header.h"
 #include "step/step_options.h"
@@ -71,11 +72,19 @@ void UpdateStepBackend::Gradient(uint32_t index, std::unique_ptr<std::byte[]> by
   absl::MutexLock lock(&mu_);
   if (aborted_) return;
   ready_.push_back({index, std::move(bytes), absl::Now()});
-  ScheduleLocked();
+  // Deferred: StepEnd's grad_scale must reach every gradient first.
+  if (!header_.defer_compute()) ScheduleLocked();
 }
 
-absl::Status UpdateStepBackend::End(std::vector<uint32_t> indices, int64_t bytes_received) {
+absl::Status UpdateStepBackend::End(std::vector<uint32_t> indices, int64_t bytes_received,
+                                    std::optional<double> grad_scale) {
+  if (grad_scale.has_value()) {
+    MUON_RETURN_IF_ERROR(CheckGradScale(*grad_scale, header_.defer_compute()));
+  }
   absl::MutexLock lock(&mu_);
+  // The client sends an fp32 factor (torch's clip coefficient) as a double:
+  // this cast gives it back exactly.
+  if (grad_scale.has_value() && *grad_scale != 1.0) grad_scale_ = static_cast<float>(*grad_scale);
   ended_ = true;
   step_params_ = std::move(indices);
   timings_.receive = absl::ToDoubleSeconds(absl::Now() - start_time_);
@@ -111,8 +120,10 @@ void UpdateStepBackend::ScheduleLocked() {
 void UpdateStepBackend::Run() {
   for (;;) {
     std::vector<Ready> batch;
+    std::optional<float> scale;
     {
       absl::MutexLock lock(&mu_);
+      scale = grad_scale_;
       if (aborted_) {
         running_ = false;
         ReleaseLocked();
@@ -133,7 +144,7 @@ void UpdateStepBackend::Run() {
       Commit();
       return;
     }
-    absl::StatusOr<std::vector<StepResponsePtr>> updates = Compute(std::move(batch));
+    absl::StatusOr<std::vector<StepResponsePtr>> updates = Compute(std::move(batch), scale);
     if (!updates.ok()) {
       {
         absl::MutexLock lock(&mu_);
@@ -148,12 +159,14 @@ void UpdateStepBackend::Run() {
   events_->Failed(absl::AbortedError("the step was abandoned; nothing was applied"));
 }
 
-absl::StatusOr<std::vector<StepResponsePtr>> UpdateStepBackend::Compute(std::vector<Ready> batch) {
+absl::StatusOr<std::vector<StepResponsePtr>> UpdateStepBackend::Compute(std::vector<Ready> batch,
+                                                                        std::optional<float> scale) {
   const absl::Time start = absl::Now();
   const size_t n = batch.size();
   std::vector<GradientInput> inputs(n);
   std::vector<UpdateOutput> outputs(n);
   std::vector<std::string> updates(n);
+  std::vector<std::vector<float>> scaled(scale.has_value() ? n : 0);
   double queue_seconds = 0;
   double queue_longest = 0;
   for (size_t i = 0; i < n; ++i) {
@@ -164,6 +177,12 @@ absl::StatusOr<std::vector<StepResponsePtr>> UpdateStepBackend::Compute(std::vec
     inputs[i].param = p.engine_id;
     inputs[i].dtype = p.spec.dtype;
     inputs[i].bytes = absl::MakeConstSpan(batch[i].gradient.get(), p.tensor_bytes);
+    if (scale.has_value()) {
+      scaled[i] = ScaledGradient(p.spec.dtype, inputs[i].bytes, *scale);
+      inputs[i].dtype = DType::kFloat32;
+      inputs[i].bytes = absl::MakeConstSpan(reinterpret_cast<const std::byte*>(scaled[i].data()),
+                                            scaled[i].size() * sizeof(float));
+    }
     inputs[i].lr = step_inputs_[batch[i].index].lr;
     inputs[i].hyper_params = step_inputs_[batch[i].index].hyper_params;
     const DType out_dtype = update_dtype_.value_or(p.spec.dtype);

@@ -34,7 +34,8 @@ struct StepBackendEnv {
 
 // UPDATES mode: each parameter's update is computed in a transaction as soon
 // as its gradient is whole and sent back at once; StepEnd commits the step
-// once every listed parameter is computed. Work runs one task at a time on
+// once every listed parameter is computed. A header with defer_compute holds
+// the gradients until StepEnd, whose grad_scale multiplies them first. Work runs one task at a time on
 // the pool (a StepTransaction is driven by one thread at a time).
 // Thread-safe; its tasks keep the stream (and so this) alive.
 class UpdateStepBackend final : public StepBackend {
@@ -45,7 +46,8 @@ class UpdateStepBackend final : public StepBackend {
 
   absl::StatusOr<Admission> Admit(const v1::StepHeader& header) override;
   void Gradient(uint32_t index, std::unique_ptr<std::byte[]> bytes) override;
-  absl::Status End(std::vector<uint32_t> indices, int64_t bytes_received) override;
+  absl::Status End(std::vector<uint32_t> indices, int64_t bytes_received,
+                   std::optional<double> grad_scale) override;
   void Replay() override;
   bool Abort() override;
   void Sent(double seconds) override;
@@ -60,7 +62,9 @@ class UpdateStepBackend final : public StepBackend {
   void ScheduleLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The task: computes what is ready, then commits once all is.
   void Run();
-  absl::StatusOr<std::vector<StepResponsePtr>> Compute(std::vector<Ready> batch);
+  // `scale`: StepEnd.grad_scale, applied to each gradient first.
+  absl::StatusOr<std::vector<StepResponsePtr>> Compute(std::vector<Ready> batch,
+                                                       std::optional<float> scale);
   void Commit();
   // Discards the transaction and ends the lease (the session's step
   // unchanged). REQUIRES: no task using the transaction.
@@ -89,6 +93,7 @@ class UpdateStepBackend final : public StepBackend {
   std::deque<Ready> ready_ ABSL_GUARDED_BY(mu_);
   bool ended_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<uint32_t> step_params_ ABSL_GUARDED_BY(mu_);
+  std::optional<float> grad_scale_ ABSL_GUARDED_BY(mu_);
   size_t computed_ ABSL_GUARDED_BY(mu_) = 0;
   std::vector<StepResponsePtr> responses_ ABSL_GUARDED_BY(mu_);  // for the record
   std::vector<std::pair<uint32_t, double>> ortho_ ABSL_GUARDED_BY(mu_);

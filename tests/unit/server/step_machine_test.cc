@@ -41,7 +41,7 @@ class FakeBackend final : public StepBackend {
     EXPECT_NE(bytes, nullptr);
     log_->gradients.push_back(index);
   }
-  absl::Status End(std::vector<uint32_t> indices, int64_t) override {
+  absl::Status End(std::vector<uint32_t> indices, int64_t, std::optional<double>) override {
     log_->ends.push_back(std::move(indices));
     return log_->end_status;
   }

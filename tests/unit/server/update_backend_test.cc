@@ -8,14 +8,17 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <deque>
 #include <limits>
 #include <memory>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "observability/metrics.h"
+#include "step/grad_scale.h"
 #include "session/registry.h"
 #include "status_matchers.h"
 
@@ -87,6 +90,7 @@ class UpdateBackendTest : public ::testing::Test {
     b->set_name("b");
     b->add_shape(8);
     session_ = *registry_->Create(request);
+    request_ = request;
     env_.engine = engine_.get();
     env_.durability = durability_.get();
     env_.metrics = metrics_->steps();
@@ -109,7 +113,7 @@ class UpdateBackendTest : public ::testing::Test {
     ASSERT_THAT(backend->Admit(Header(1)), IsOk());
     backend->Gradient(0, Gradient(128, 0.5f));
     backend->Gradient(1, Gradient(8, 0.25f));
-    ASSERT_THAT(backend->End({0, 1}, 544), IsOk());
+    ASSERT_THAT(backend->End({0, 1}, 544, std::nullopt), IsOk());
     events_.RunAll();
     ASSERT_TRUE(events_.committed.has_value());
     events_ = FakeEvents();
@@ -120,6 +124,7 @@ class UpdateBackendTest : public ::testing::Test {
   std::unique_ptr<Durability> durability_;
   std::unique_ptr<SessionRegistry> registry_;
   std::shared_ptr<Session> session_;
+  v1::CreateSessionRequest request_;
   StepBackendEnv env_;
   FakeEvents events_;
 };
@@ -137,7 +142,7 @@ TEST_F(UpdateBackendTest, UpdatesStreamInWholeElementsAndTheSummaryCommits) {
   ASSERT_EQ(events_.updates.size(), 1u);  // 512 bytes, one chunk
   EXPECT_EQ(session_->step(), 0u);        // computed, not committed
   backend->Gradient(1, Gradient(8, 0.25f));
-  ASSERT_THAT(backend->End({0, 1}, 544), IsOk());
+  ASSERT_THAT(backend->End({0, 1}, 544, std::nullopt), IsOk());
   events_.RunAll();
   ASSERT_TRUE(events_.committed.has_value());
   EXPECT_FALSE(events_.replayed);
@@ -214,6 +219,110 @@ TEST_F(UpdateBackendTest, ARetryOfTheCommittedStepIsReplayed) {
   EXPECT_EQ(session_->step(), 1u);
   EXPECT_THAT(Backend()->Admit(Header(3)),
               StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("expected step is 2")));
+}
+
+// Each parameter's update bytes, from the chunks in `responses`.
+std::vector<std::string> Assemble(const std::vector<StepResponsePtr>& responses) {
+  std::vector<std::string> out(2);
+  for (const StepResponsePtr& r : responses) {
+    if (!r->has_update()) continue;
+    std::string& buf = out[r->update().param_index()];
+    buf.resize(r->update().total_bytes());
+    buf.replace(r->update().offset(), r->update().data().size(), r->update().data());
+  }
+  return out;
+}
+
+std::unique_ptr<std::byte[]> Scaled(const std::unique_ptr<std::byte[]>& bytes, int64_t n,
+                                    float scale) {
+  std::vector<float> v(n);
+  std::memcpy(v.data(), bytes.get(), n * sizeof(float));
+  for (float& x : v) x *= scale;
+  auto out = std::make_unique<std::byte[]>(n * sizeof(float));
+  std::memcpy(out.get(), v.data(), n * sizeof(float));
+  return out;
+}
+
+TEST_F(UpdateBackendTest, DeferredComputeWaitsForStepEndAndScalesEveryGradientFirst) {
+  const float scale = 0.3712f;
+  auto backend = Backend();
+  v1::StepHeader header = Header(1);
+  header.set_defer_compute(true);
+  ASSERT_THAT(backend->Admit(header), IsOk());
+  backend->Gradient(0, Gradient(128, 0.5f));
+  backend->Gradient(1, Gradient(8, 0.25f));
+  EXPECT_TRUE(events_.tasks.empty());  // nothing computed before StepEnd
+  ASSERT_THAT(backend->End({0, 1}, 544, double{scale}), IsOk());
+  events_.RunAll();
+  ASSERT_TRUE(events_.committed.has_value());
+  const std::vector<std::string> deferred = Assemble(events_.updates);
+
+  // The same step, not deferred, on gradients scaled here in fp32.
+  request_.set_name("reference");
+  std::shared_ptr<Session> reference = *registry_->Create(request_);
+  FakeEvents events;
+  UpdateStepBackend plain(env_, reference, &events);
+  ASSERT_THAT(plain.Admit(Header(1)), IsOk());
+  plain.Gradient(0, Scaled(Gradient(128, 0.5f), 128, scale));
+  plain.Gradient(1, Scaled(Gradient(8, 0.25f), 8, scale));
+  ASSERT_THAT(plain.End({0, 1}, 544, std::nullopt), IsOk());
+  events.RunAll();
+  ASSERT_TRUE(events.committed.has_value());
+  const std::vector<std::string> expected = Assemble(events.updates);
+  ASSERT_EQ(deferred[0].size(), 512u);
+  ASSERT_EQ(deferred[1].size(), 32u);
+  EXPECT_EQ(deferred, expected);
+
+  // The unscaled step differs: the factor was applied.
+  FakeEvents unscaled_events;
+  request_.set_name("unscaled");
+  UpdateStepBackend unscaled(env_, *registry_->Create(request_), &unscaled_events);
+  ASSERT_THAT(unscaled.Admit(Header(1)), IsOk());
+  unscaled.Gradient(0, Gradient(128, 0.5f));
+  unscaled.Gradient(1, Gradient(8, 0.25f));
+  ASSERT_THAT(unscaled.End({0, 1}, 544, std::nullopt), IsOk());
+  unscaled_events.RunAll();
+  EXPECT_NE(Assemble(unscaled_events.updates), deferred);
+}
+
+TEST_F(UpdateBackendTest, ABadGradScaleIsRefusedAndNothingIsApplied) {
+  for (double bad : {0.0, -0.5, std::numeric_limits<double>::quiet_NaN(),
+                     std::numeric_limits<double>::infinity()}) {
+    auto backend = Backend();
+    v1::StepHeader header = Header(1);
+    header.set_defer_compute(true);
+    ASSERT_THAT(backend->Admit(header), IsOk());
+    backend->Gradient(0, Gradient(128, 0.5f));
+    EXPECT_THAT(backend->End({0}, 512, bad),
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("finite and > 0")));
+    EXPECT_TRUE(backend->Abort());  // nothing was scheduled
+    EXPECT_TRUE(events_.updates.empty());
+    EXPECT_EQ(session_->step(), 0u);
+  }
+  CommitStepOne();
+}
+
+TEST_F(UpdateBackendTest, AGradScaleWithoutDeferredComputeIsRefused) {
+  auto backend = Backend();
+  ASSERT_THAT(backend->Admit(Header(1)), IsOk());
+  backend->Gradient(0, Gradient(128, 0.5f));
+  EXPECT_THAT(backend->End({0}, 512, 0.5),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("defer_compute")));
+  EXPECT_FALSE(backend->Abort());  // the gradient's task is scheduled
+  events_.RunAll();
+  ASSERT_TRUE(events_.failed.has_value());
+  EXPECT_EQ(session_->step(), 0u);
+  events_ = FakeEvents();
+  CommitStepOne();
+}
+
+TEST(GradScaleTest, ScaledGradientDecodesThenMultipliesInFloat32) {
+  // bf16 1.5, -2.0 and 3.0 (the top halves of their fp32 bits).
+  const uint16_t bits[] = {0x3FC0, 0xC000, 0x4040};
+  std::vector<std::byte> bytes(sizeof bits);
+  std::memcpy(bytes.data(), bits, sizeof bits);
+  const std::vector<float> out = ScaledGradient(DType::kBFloat16, bytes, 0.1f);
+  EXPECT_EQ(out, (std::vector<float>{1.5f * 0.1f, -2.0f * 0.1f, 3.0f * 0.1f}));
 }
 
 }  // namespace
