@@ -92,6 +92,7 @@ absl::StatusOr<ParameterServerRounds::Admission> ParameterServerRounds::Join(
     state.stream = waiter;
     state.contribution = contribution;
     state.gradients.assign(arrived_.size(), nullptr);
+    state.checked.assign(arrived_.size(), false);
     state.bytes_received = 0;
     // A transaction begun without measuring cannot add it: compute again.
     if (contribution.measure_orthogonality && !measure_asked_) {
@@ -192,6 +193,7 @@ bool AllFinite(DType dtype, const std::byte* bytes, size_t count) {
 absl::Status ParameterServerRounds::End(RoundWaiter* stream, int64_t bytes_received) {
   const std::vector<SessionParam>& params = session_->params();
   std::vector<std::shared_ptr<const std::byte[]>> gradients;
+  std::vector<bool> checked;
   uint32_t worker = 0;
   {
     absl::MutexLock lock(&mu_);
@@ -203,10 +205,11 @@ absl::Status ParameterServerRounds::End(RoundWaiter* stream, int64_t bytes_recei
           "counted; send it again"));
     }
     gradients = w->gradients;
+    checked = w->checked;
   }
   // Checked before they count, so a refused gradient adds nothing.
   for (size_t i = 0; i < params.size(); ++i) {
-    if (gradients[i] == nullptr ||
+    if (gradients[i] == nullptr || checked[i] ||
         AllFinite(params[i].spec.dtype, gradients[i].get(),
                   static_cast<size_t>(NumElements(params[i].spec.shape)))) {
       continue;
@@ -334,7 +337,10 @@ void ParameterServerRounds::Drive() {
         txn_.reset();
         failed = CloseRoundLocked();
       } else {
-        for (size_t k = 0; k < batch.size(); ++k) computed_[batch[k].index] = std::move(out[k]);
+        for (size_t k = 0; k < batch.size(); ++k) {
+          computed_[batch[k].index] = std::move(out[k]);
+          for (Worker& w : workers_) w.checked[batch[k].index] = true;
+        }
         computed_count_ += batch.size();
         stats_ += stats;
         compute_seconds_ += seconds;

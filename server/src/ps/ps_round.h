@@ -147,6 +147,9 @@ class ParameterServerRounds final : public SessionRounds {
     Contribution contribution;
     // By parameter: the gradients in so far, in the registered dtype.
     std::vector<std::shared_ptr<const std::byte[]>> gradients;
+    // By parameter: found finite by the driver, so End need not decode it
+    // again.
+    std::vector<bool> checked;
     int64_t bytes_received = 0;
   };
   // One parameter's computed step, kept for the commit.
