@@ -380,11 +380,14 @@ std::vector<std::pair<RoundWaiter*, uint32_t>> ParameterServerRounds::CloseRound
   std::vector<std::pair<RoundWaiter*, uint32_t>> waiters;
   for (const Waiting& w : waiting_) waiters.emplace_back(w.waiter, w.worker);
   waiting_.clear();
+  // Nothing of an abandoned round is applied; dropped before the session
+  // is free again, so that nothing else finds its parameters in a
+  // transaction. (Only the driver itself closes a round while it runs, and
+  // it has dropped the transaction first.)
+  if (!driving_) txn_.reset();
   lease_.Release();  // unless committed first: the step stays the session's
   open_ = false;
   committing_ = false;
-  // Nothing of an abandoned round is applied; a running driver resets it.
-  if (!driving_) txn_.reset();
   ++epoch_;
   workers_.clear();
   ended_ = 0;
