@@ -275,8 +275,7 @@ void ParameterServerRounds::Drive() {
           driving_ = false;
           return;
         }
-        committing_ = true;
-        driving_ = false;
+        committing_ = true;  // the driver commits, still driving
         break;
       }
       epoch = epoch_;
@@ -357,6 +356,8 @@ void ParameterServerRounds::Drive() {
   std::vector<std::pair<RoundWaiter*, uint32_t>> waiters;
   {
     absl::MutexLock lock(&mu_);
+    txn_.reset();  // spent, or failed to commit: nothing applied
+    driving_ = false;
     if (committed.ok()) lease_.CommitRound(step, committed->records);
     waiters = CloseRoundLocked();
   }

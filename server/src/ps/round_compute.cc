@@ -126,7 +126,6 @@ absl::StatusOr<ParameterServerRounds::Committed> ParameterServerRounds::Commit()
     measured = txn_measures_;
   }
   MUON_RETURN_IF_ERROR(txn_->Commit());
-  txn_.reset();
   // Applied from here on: what follows reports it, and cannot undo it.
   std::vector<std::vector<float>> weights(n);
   for (size_t i = 0; i < n; ++i) {
