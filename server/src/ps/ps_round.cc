@@ -8,9 +8,10 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "wire/convert.h"
-#include "observability/metrics.h"
 #include "muon/kernels/status_macros.h"
+#include "observability/metrics.h"
+#include "step/step_header.h"
+#include "wire/convert.h"
 
 namespace muon::server {
 
@@ -20,12 +21,20 @@ ParameterServerRounds::ParameterServerRounds(Session* session, Engine* engine,
       engine_(engine),
       durability_(durability),
       options_(options),
-      num_workers_(session->num_workers()),
-      sum_mu_(new absl::Mutex[session->params().size()]) {}
+      num_workers_(session->num_workers()) {}
 
-absl::StatusOr<ParameterServerRounds::Admission> ParameterServerRounds::Join(uint64_t step,
-                                                                             uint32_t worker,
-                                                                             RoundWaiter* waiter) {
+bool ParameterServerRounds::AgreesLocked(const Contribution& c) const {
+  for (const Worker& w : workers_) {
+    if (w.state != WorkerState::kAbsent &&
+        (w.contribution.lr != c.lr || w.contribution.lr_scale != c.lr_scale)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+absl::StatusOr<ParameterServerRounds::Admission> ParameterServerRounds::Join(
+    uint64_t step, uint32_t worker, RoundWaiter* waiter, const Contribution& contribution) {
   absl::MutexLock lock(&mu_);
   // The session's step only moves under mu_ (lease_.CommitRound), so it is stable
   // here.
@@ -53,18 +62,16 @@ absl::StatusOr<ParameterServerRounds::Admission> ParameterServerRounds::Join(uin
     step_ = step;
     start_ = absl::Now();
     deadline_ = start_ + options_.worker_timeout;
-    contributed_.assign(num_workers_, false);
-    contributions_ = 0;
-    adding_.assign(num_workers_, false);
-    formats_.assign(num_workers_, ReplyFormat{});
-    lr_.reset();
-    lr_scale_.reset();
-    measure_orthogonality_ = false;
-    bytes_received_ = 0;
-    sums_.clear();
-    for (const SessionParam& p : session_->params()) {
-      sums_.emplace_back(static_cast<size_t>(NumElements(p.spec.shape)), 0.0f);
-    }
+    workers_.assign(num_workers_, Worker{});
+    ended_ = 0;
+    measure_asked_ = false;
+    const size_t n = session_->params().size();
+    arrived_.assign(n, 0);
+    computed_.assign(n, std::nullopt);
+    computed_count_ = 0;
+    stats_ = StepStats{};
+    compute_seconds_ = 0;
+    ++epoch_;
   }
   for (const Waiting& w : waiting_) {
     if (w.worker == worker && w.contributing) {
@@ -73,9 +80,64 @@ absl::StatusOr<ParameterServerRounds::Admission> ParameterServerRounds::Join(uin
           step, "; retry once that stream has ended"));
     }
   }
-  const bool contribute = !contributed_[worker] && !adding_[worker] && !computing_;
+  Worker& state = workers_[worker];
+  const bool contribute = state.state == WorkerState::kAbsent && !committing_;
+  if (contribute && !AgreesLocked(contribution)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "worker ", worker, " sent step ", step_, " with a different lr or lr_scale than the "
+        "workers before it; every worker of a step must send the same schedule values"));
+  }
+  if (contribute) {
+    state.state = WorkerState::kStreaming;
+    state.stream = waiter;
+    state.contribution = contribution;
+    state.gradients.assign(arrived_.size(), nullptr);
+    state.checked.assign(arrived_.size(), false);
+    state.bytes_received = 0;
+    // A transaction begun without measuring cannot add it: compute again.
+    if (contribution.measure_orthogonality && !measure_asked_) {
+      measure_asked_ = true;
+      RestartLocked();
+    }
+  }
   waiting_.push_back({waiter, worker, contribute});
   return Admission{contribute ? Role::kContribute : Role::kWait, nullptr, round_};
+}
+
+ParameterServerRounds::Worker* ParameterServerRounds::StreamingLocked(RoundWaiter* stream,
+                                                                      uint32_t* worker) {
+  if (!open_) return nullptr;
+  for (uint32_t w = 0; w < workers_.size(); ++w) {
+    if (workers_[w].state == WorkerState::kStreaming && workers_[w].stream == stream) {
+      *worker = w;
+      return &workers_[w];
+    }
+  }
+  return nullptr;
+}
+
+void ParameterServerRounds::RestartLocked() {
+  ++epoch_;
+  computed_.assign(computed_.size(), std::nullopt);
+  computed_count_ = 0;
+  stats_ = StepStats{};
+  compute_seconds_ = 0;
+  // A running driver resets its own transaction when it sees the epoch.
+  if (!driving_) txn_.reset();
+}
+
+void ParameterServerRounds::WithdrawLocked(uint32_t worker) {
+  Worker& w = workers_[worker];
+  // A running driver may be computing any of them: its batch is dropped too.
+  bool restart = false;
+  for (size_t i = 0; i < w.gradients.size(); ++i) {
+    if (w.gradients[i] == nullptr) continue;
+    w.gradients[i] = nullptr;
+    --arrived_[i];
+    restart = restart || driving_ || computed_[i].has_value();
+  }
+  w = Worker{};
+  if (restart) RestartLocked();
 }
 
 bool ParameterServerRounds::Leave(RoundWaiter* waiter) {
@@ -83,13 +145,30 @@ bool ParameterServerRounds::Leave(RoundWaiter* waiter) {
   auto it = std::find_if(waiting_.begin(), waiting_.end(),
                          [waiter](const Waiting& w) { return w.waiter == waiter; });
   if (it == waiting_.end()) return false;
+  const uint32_t worker = it->worker;
+  const bool contributing = it->contributing;
   waiting_.erase(it);
-  // A round nobody contributed to and nobody waits on holds the session
-  // for nothing: give it back now rather than at the timeout.
-  if (open_ && !computing_ && contributions_ == 0 && adders_ == 0 && waiting_.empty()) {
-    CloseRoundLocked();
+  // A stream that breaks before its StepEnd adds nothing.
+  if (contributing && open_ && workers_[worker].state == WorkerState::kStreaming) {
+    WithdrawLocked(worker);
   }
+  // A round nobody contributes to and nobody waits on holds the session
+  // for nothing: give it back now rather than at the timeout.
+  const bool anyone = std::any_of(workers_.begin(), workers_.end(), [](const Worker& w) {
+    return w.state != WorkerState::kAbsent;
+  });
+  if (open_ && !committing_ && !driving_ && !anyone && waiting_.empty()) CloseRoundLocked();
   return true;
+}
+
+bool ParameterServerRounds::Add(RoundWaiter* stream, uint32_t index,
+                                std::shared_ptr<const std::byte[]> bytes) {
+  absl::MutexLock lock(&mu_);
+  uint32_t worker = 0;
+  Worker* w = StreamingLocked(stream, &worker);
+  if (w == nullptr || index >= w->gradients.size() || w->gradients[index] != nullptr) return false;
+  w->gradients[index] = std::move(bytes);
+  return ++arrived_[index] == num_workers_ && !driving_;
 }
 
 namespace {
@@ -98,133 +177,224 @@ namespace {
 // never holds a second, fp32 copy of its whole gradient.
 constexpr size_t kDecodeBlock = 4096;
 
-// Calls fn(first_index, block, n) over `count` values decoded kDecodeBlock at
-// a time; stops early when fn returns false. False when it stopped early.
-template <typename Fn>
-bool ForEachDecodedBlock(DType dtype, const std::byte* bytes, size_t count, Fn fn) {
+bool AllFinite(DType dtype, const std::byte* bytes, size_t count) {
   float block[kDecodeBlock];
   const size_t width = DTypeSize(dtype);
   for (size_t start = 0; start < count; start += kDecodeBlock) {
     const size_t n = std::min(kDecodeBlock, count - start);
     DecodeToFloat(dtype, bytes + start * width, n, block);
-    if (!fn(start, block, n)) return false;
+    if (!std::all_of(block, block + n, [](float v) { return std::isfinite(v); })) return false;
   }
   return true;
 }
 
-bool AllFinite(DType dtype, const std::byte* bytes, size_t count) {
-  return ForEachDecodedBlock(dtype, bytes, count, [](size_t, const float* block, size_t n) {
-    return std::all_of(block, block + n, [](float v) { return std::isfinite(v); });
-  });
-}
-
-void AddDecoded(DType dtype, const std::byte* bytes, size_t count, float* sum) {
-  ForEachDecodedBlock(dtype, bytes, count, [sum](size_t first, const float* block, size_t n) {
-    for (size_t j = 0; j < n; ++j) sum[first + j] += block[j];
-    return true;
-  });
-}
-
 }  // namespace
 
-absl::Status ParameterServerRounds::Contribute(uint64_t round_id, WorkerGradients gradients) {
+absl::Status ParameterServerRounds::End(RoundWaiter* stream, int64_t bytes_received) {
   const std::vector<SessionParam>& params = session_->params();
-  const uint32_t worker = gradients.worker;
-  // All checked before anything is added, so a refused gradient adds nothing.
-  for (size_t i = 0; i < params.size(); ++i) {
-    if (!AllFinite(params[i].spec.dtype, gradients.tensors[i].get(),
-                   static_cast<size_t>(NumElements(params[i].spec.shape)))) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("parameter ", i, " ('", params[i].spec.name, "'): worker ", worker,
-                       "'s gradient contains NaN or Inf; nothing of it was added"));
-    }
-  }
-  std::vector<std::vector<float>>* sums = nullptr;
+  std::vector<std::shared_ptr<const std::byte[]>> gradients;
+  std::vector<bool> checked;
+  uint32_t worker = 0;
   {
     absl::MutexLock lock(&mu_);
-    if (!open_ || round_ != round_id || computing_) {
+    Worker* w = StreamingLocked(stream, &worker);
+    if (w == nullptr) {
       return absl::AbortedError(absl::StrCat(
           "step ", step_, " of session ", session_->id(),
-          " was abandoned (a worker timed out) before these gradients arrived; send it again"));
+          " was abandoned (a worker timed out or the step failed) before these gradients "
+          "counted; send it again"));
     }
-    if (contributed_[worker] || adding_[worker]) return absl::OkStatus();
-    if (contributions_ + adders_ > 0 && (gradients.lr != lr_ || gradients.lr_scale != lr_scale_)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "worker ", worker, " sent step ", step_, " with a different lr or lr_scale than the "
-          "workers before it; every worker of a step must send the same schedule values"));
+    gradients = w->gradients;
+    checked = w->checked;
+  }
+  // Checked before they count, so a refused gradient adds nothing.
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (gradients[i] == nullptr || checked[i] ||
+        AllFinite(params[i].spec.dtype, gradients[i].get(),
+                  static_cast<size_t>(NumElements(params[i].spec.shape)))) {
+      continue;
     }
-    lr_ = gradients.lr;
-    lr_scale_ = gradients.lr_scale;
-    adding_[worker] = true;
-    ++adders_;
-    sums = &sums_;
+    absl::MutexLock lock(&mu_);
+    if (StreamingLocked(stream, &worker) != nullptr) WithdrawLocked(worker);
+    return absl::InvalidArgumentError(
+        absl::StrCat("parameter ", i, " ('", params[i].spec.name, "'): worker ", worker,
+                     "'s gradient contains NaN or Inf; nothing of it was added"));
   }
-  // Each worker starts at its own parameter, so that workers arriving
-  // together mostly add different parameters.
-  const size_t n = params.size();
-  for (size_t k = 0; k < n; ++k) {
-    const size_t i = (k + worker) % n;
-    absl::MutexLock lock(&sum_mu_[i]);
-    AddDecoded(params[i].spec.dtype, gradients.tensors[i].get(), (*sums)[i].size(),
-               (*sums)[i].data());
-  }
-  Gathered round;
   {
     absl::MutexLock lock(&mu_);
-    adding_[worker] = false;
-    --adders_;
-    contributed_[worker] = true;
-    ++contributions_;
-    formats_[worker] = gradients.format;
-    measure_orthogonality_ = measure_orthogonality_ || gradients.measure_orthogonality;
-    bytes_received_ += gradients.bytes_received;
-    for (Waiting& w : waiting_) {
-      if (w.worker == worker) w.contributing = false;
+    Worker* w = StreamingLocked(stream, &worker);
+    if (w == nullptr) {
+      return absl::AbortedError(absl::StrCat(
+          "step ", step_, " of session ", session_->id(),
+          " was abandoned (a worker timed out or the step failed) before these gradients "
+          "counted; send it again"));
     }
-    if (contributions_ < num_workers_) return absl::OkStatus();
-    computing_ = true;
-    round.step = step_;
-    round.sums = std::move(sums_);
-    round.formats = formats_;
-    round.lr = lr_;
-    round.lr_scale = lr_scale_;
-    round.measure_orthogonality = measure_orthogonality_;
-    round.bytes_received = bytes_received_;
-    round.start = start_;
+    w->state = WorkerState::kEnded;
+    w->stream = nullptr;
+    w->bytes_received = bytes_received;
+    ++ended_;
+    all_in_ = absl::Now();
+    for (Waiting& entry : waiting_) {
+      if (entry.waiter == stream) entry.contributing = false;
+    }
   }
-  gradients.tensors.clear();
-  // The last worker's thread does the step; the others' streams wait.
-  const uint64_t step = round.step;
-  absl::StatusOr<Computed> computed = Compute(std::move(round));
+  Drive();
+  return absl::OkStatus();
+}
+
+void ParameterServerRounds::Drive() {
+  const std::vector<SessionParam>& params = session_->params();
+  {
+    absl::MutexLock lock(&mu_);
+    if (driving_ || !open_ || committing_) return;
+    driving_ = true;
+  }
+  for (;;) {
+    std::vector<Ready> batch;
+    uint64_t epoch = 0;
+    uint64_t round = 0;
+    uint64_t step = 0;
+    std::optional<double> lr, lr_scale;
+    bool measure = false;
+    {
+      absl::MutexLock lock(&mu_);
+      if (!open_) {
+        txn_.reset();
+        driving_ = false;
+        return;
+      }
+      if (txn_ != nullptr && txn_epoch_ != epoch_) txn_.reset();
+      for (uint32_t i = 0; i < arrived_.size(); ++i) {
+        if (arrived_[i] != num_workers_ || computed_[i].has_value()) continue;
+        Ready ready{i, {}};
+        for (const Worker& w : workers_) ready.gradients.push_back(w.gradients[i]);
+        batch.push_back(std::move(ready));
+      }
+      if (batch.empty()) {
+        if (computed_count_ < params.size() || ended_ < num_workers_) {
+          driving_ = false;
+          return;
+        }
+        committing_ = true;  // the driver commits, still driving
+        break;
+      }
+      epoch = epoch_;
+      round = round_;
+      step = step_;
+      // Every contributing worker agreed on them (Join).
+      for (const Worker& w : workers_) {
+        if (w.state == WorkerState::kAbsent) continue;
+        lr = w.contribution.lr;
+        lr_scale = w.contribution.lr_scale;
+      }
+      measure = MeasuresOrthogonality(measure_asked_, step, options_.orthogonality_sample_every);
+    }
+    absl::Status status;
+    if (txn_ == nullptr) {
+      StepOptions step_options;
+      step_options.measure_orthogonality = measure;
+      absl::StatusOr<std::unique_ptr<StepTransaction>> txn = engine_->BeginStep(step_options);
+      if (txn.ok()) {
+        txn_ = std::move(*txn);
+        txn_epoch_ = epoch;
+        txn_measures_ = measure;
+      } else {
+        status = txn.status();
+      }
+    }
+    std::vector<Computed> out;
+    StepStats stats;
+    uint32_t bad_worker = num_workers_;
+    size_t bad = 0;
+    const absl::Time started = absl::Now();
+    if (status.ok()) {
+      status = ComputeBatch(batch, lr, lr_scale, &out, &stats, &bad_worker, &bad);
+    }
+    const double seconds = absl::ToDoubleSeconds(absl::Now() - started);
+    std::vector<std::pair<RoundWaiter*, uint32_t>> failed;
+    {
+      absl::MutexLock lock(&mu_);
+      if (!open_ || round_ != round) continue;  // abandoned meanwhile
+      if (epoch_ != epoch) continue;            // withdrawn meanwhile: compute again
+      if (!status.ok() && bad_worker < num_workers_) {
+        // One worker's gradient is not finite: only its stream fails (unless
+        // it was withdrawn meanwhile and this gradient is gone).
+        if (workers_[bad_worker].gradients.empty() ||
+            workers_[bad_worker].gradients[batch[bad].index] != batch[bad].gradients[bad_worker]) {
+          continue;
+        }
+        for (auto it = waiting_.begin(); it != waiting_.end(); ++it) {
+          if (it->worker == bad_worker && it->contributing) {
+            failed.emplace_back(it->waiter, bad_worker);
+            waiting_.erase(it);
+            break;
+          }
+        }
+        WithdrawLocked(bad_worker);
+      } else if (!status.ok()) {
+        driving_ = false;
+        txn_.reset();
+        failed = CloseRoundLocked();
+      } else {
+        for (size_t k = 0; k < batch.size(); ++k) {
+          computed_[batch[k].index] = std::move(out[k]);
+          for (Worker& w : workers_) w.checked[batch[k].index] = true;
+        }
+        computed_count_ += batch.size();
+        stats_ += stats;
+        compute_seconds_ += seconds;
+      }
+    }
+    for (const auto& [waiter, worker] : failed) waiter->RoundDone(status);
+    if (!status.ok() && bad_worker >= num_workers_) return;
+  }
+  const uint64_t step = [&] {
+    absl::MutexLock lock(&mu_);
+    return step_;
+  }();
+  absl::StatusOr<Committed> committed = Commit();
   std::vector<std::pair<RoundWaiter*, uint32_t>> waiters;
   {
     absl::MutexLock lock(&mu_);
-    if (computed.ok()) lease_.CommitRound(step, computed->records);
+    txn_.reset();  // spent, or failed to commit: nothing applied
+    driving_ = false;
+    if (committed.ok()) lease_.CommitRound(step, committed->records);
     waiters = CloseRoundLocked();
   }
   for (const auto& [waiter, w] : waiters) {
-    if (!computed.ok()) {
-      waiter->RoundDone(computed.status());
-    } else if (!computed->ack.ok()) {
-      waiter->RoundDone(computed->ack);
+    if (!committed.ok()) {
+      waiter->RoundDone(committed.status());
+    } else if (!committed->ack.ok()) {
+      waiter->RoundDone(committed->ack);
     } else {
-      waiter->RoundDone(computed->records[w]);
+      waiter->RoundDone(committed->records[w]);
     }
   }
-  return absl::OkStatus();
+}
+
+size_t ParameterServerRounds::ComputedParameters() {
+  absl::MutexLock lock(&mu_);
+  return computed_count_;
 }
 
 std::vector<std::pair<RoundWaiter*, uint32_t>> ParameterServerRounds::CloseRoundLocked() {
   std::vector<std::pair<RoundWaiter*, uint32_t>> waiters;
   for (const Waiting& w : waiting_) waiters.emplace_back(w.waiter, w.worker);
   waiting_.clear();
+  // Nothing of an abandoned round is applied; dropped before the session
+  // is free again, so that nothing else finds its parameters in a
+  // transaction. (Only the driver itself closes a round while it runs, and
+  // it has dropped the transaction first.)
+  if (!driving_) txn_.reset();
   lease_.Release();  // unless committed first: the step stays the session's
   open_ = false;
-  computing_ = false;
-  sums_.clear();
-  contributed_.clear();
-  contributions_ = 0;
-  adding_.clear();
+  committing_ = false;
+  ++epoch_;
+  workers_.clear();
+  ended_ = 0;
+  arrived_.clear();
+  computed_.clear();
+  computed_count_ = 0;
   return waiters;
 }
 
@@ -234,11 +404,12 @@ void ParameterServerRounds::ExpireIfLate(absl::Time now) {
   uint64_t step = 0;
   {
     absl::MutexLock lock(&mu_);
-    // Adders finish soon, and hold sums_: the next tick expires the round.
-    if (!open_ || computing_ || adders_ > 0 || now < deadline_) return;
+    // A driver holds the transaction and a commit is under way once every
+    // worker has ended: the next tick expires a round still open.
+    if (!open_ || committing_ || driving_ || ended_ == num_workers_ || now < deadline_) return;
     std::vector<uint32_t> absent;
     for (uint32_t w = 0; w < num_workers_; ++w) {
-      if (!contributed_[w]) absent.push_back(w);
+      if (workers_[w].state != WorkerState::kEnded) absent.push_back(w);
     }
     missing = absl::StrJoin(absent, ", ");
     step = step_;

@@ -55,19 +55,25 @@ struct ReplyFormat {
   }
 };
 
-// One worker's whole gradient for a round.
-struct WorkerGradients {
-  uint32_t worker = 0;
-  // By parameter index: every parameter, raw bytes in its registered dtype.
-  std::vector<std::unique_ptr<std::byte[]>> tensors;
+// What a worker's stream says about its contribution, from its header.
+struct Contribution {
   ReplyFormat format;
   std::optional<double> lr;
   std::optional<double> lr_scale;
   bool measure_orthogonality = false;
-  int64_t bytes_received = 0;
 };
 
 // The rounds of one PARAMETER_SERVER session. Thread-safe.
+//
+// A round is pipelined per parameter, like an UPDATES step: each worker's
+// gradient of parameter i is held as it completes, and once all W workers'
+// are in, the driver (Drive) averages them and computes that parameter in
+// the round's engine transaction while the rest still arrive. A worker's
+// gradients count once its StepEnd is checked (End); a stream that ends
+// before that withdraws them, and when some were already computed the
+// transaction is discarded and the round computes again as gradients
+// return (nothing is applied before every worker has ended and every
+// parameter is computed).
 class ParameterServerRounds final : public SessionRounds {
  public:
   using Options = RoundOptions;
@@ -77,56 +83,87 @@ class ParameterServerRounds final : public SessionRounds {
                         const Options& options);
 
   enum class Role {
-    kContribute,  // send the gradients with Contribute
+    kContribute,  // send the gradients with Add, then End
     kWait,        // already contributed (a resend): ignore the chunks, wait
     kReplay,      // an old step: answer with `replay`
   };
   struct Admission {
     Role role = Role::kContribute;
     std::shared_ptr<const StepRecord> replay;
-    // Names the round joined, for Contribute.
+    // Names the round joined.
     uint64_t round = 0;
   };
 
   // A worker's stream for `step`. For kContribute and kWait `waiter` is
-  // registered and told how the round ends, unless it Leaves first.
+  // registered and told how the round ends, unless it Leaves first; for
+  // kContribute it is also the stream's name for Add and End.
   // FailedPrecondition for a step ahead or long gone; Aborted when the
-  // worker already has a live stream for the step, or the session is held.
-  absl::StatusOr<Admission> Join(uint64_t step, uint32_t worker, RoundWaiter* waiter);
+  // worker already has a live stream for the step, or the session is held;
+  // InvalidArgument when a contributing stream's (lr, lr_scale) differ from
+  // the round's (nothing registered).
+  absl::StatusOr<Admission> Join(uint64_t step, uint32_t worker, RoundWaiter* waiter,
+                                 const Contribution& contribution = {});
 
   // The waiter's stream ended. True when it was still registered (it will
   // not be called); false when its RoundDone has been or is being called.
+  // A contributing stream that has not ended withdraws its gradients.
   bool Leave(RoundWaiter* waiter);
 
-  // Adds a worker's gradients to `round` (from its Join); workers add in
-  // parallel, each parameter under its own lock. The last of the W computes
-  // and commits the step on the calling thread and calls every waiter.
-  // InvalidArgument when they disagree with the round's (lr, lr_scale) or
-  // hold NaN/Inf; Aborted when the round is gone (timed out).
-  absl::Status Contribute(uint64_t round, WorkerGradients gradients);
+  // Parameter `index`'s whole gradient from the contributing stream
+  // `stream` (raw bytes in the registered dtype). Cheap: holds the bytes.
+  // True when the parameter is now in from every worker and no driver runs:
+  // the caller then runs Drive, off its own locks. Ignored (false) when the
+  // stream is no longer contributing (its round failed or expired).
+  bool Add(RoundWaiter* stream, uint32_t index, std::shared_ptr<const std::byte[]> bytes);
+
+  // The contributing stream's StepEnd (every parameter was Added): checks
+  // its gradients are finite, makes them count, then drives the round (the
+  // last worker's call may compute and commit it). InvalidArgument for NaN
+  // or Inf (its gradients withdrawn); Aborted when the round is gone.
+  absl::Status End(RoundWaiter* stream, int64_t bytes_received);
+
+  // Computes every parameter whose gradients are all in, and commits the
+  // step once every worker has ended and every parameter is computed; calls
+  // the waiters when the round ends. One driver at a time: returns at once
+  // while another runs (that one picks the work up).
+  void Drive();
 
   // Fails the round when its workers did not all arrive by its deadline.
   void ExpireIfLate(absl::Time now) override;
+
+  // Parameters of the open round computed so far (0 when none is open).
+  size_t ComputedParameters();
 
  private:
   struct Waiting {
     RoundWaiter* waiter;
     uint32_t worker;
-    bool contributing;  // a live stream that has not contributed yet
+    bool contributing;  // a live stream that has not ended yet
   };
-
-  // What the round's compute needs, taken from it under mu_.
-  struct Gathered {
-    uint64_t step = 0;
-    std::vector<std::vector<float>> sums;
-    std::vector<ReplyFormat> formats;
-    std::optional<double> lr;
-    std::optional<double> lr_scale;
-    bool measure_orthogonality = false;
+  enum class WorkerState { kAbsent, kStreaming, kEnded };
+  struct Worker {
+    WorkerState state = WorkerState::kAbsent;
+    RoundWaiter* stream = nullptr;  // kStreaming
+    Contribution contribution;
+    // By parameter: the gradients in so far, in the registered dtype.
+    std::vector<std::shared_ptr<const std::byte[]>> gradients;
+    // By parameter: found finite by the driver, so End need not decode it
+    // again.
+    std::vector<bool> checked;
     int64_t bytes_received = 0;
-    absl::Time start;
   };
+  // One parameter's computed step, kept for the commit.
   struct Computed {
+    std::vector<float> update;
+    double decay = 1.0;
+    double orthogonality_error = 0;
+  };
+  // A batch for the driver: parameters and every worker's gradient of each.
+  struct Ready {
+    uint32_t index = 0;
+    std::vector<std::shared_ptr<const std::byte[]>> gradients;  // by worker
+  };
+  struct Committed {
     std::vector<std::shared_ptr<const StepRecord>> records;  // per worker
     // Not ok when strict durability could not write the applied step.
     absl::Status ack;
@@ -136,12 +173,26 @@ class ParameterServerRounds final : public SessionRounds {
   // their workers.
   std::vector<std::pair<RoundWaiter*, uint32_t>> CloseRoundLocked()
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Averages, steps the engine, writes a checkpoint when due, builds every
-  // worker's answer. Runs without mu_ (computing_ keeps the round).
-  absl::StatusOr<Computed> Compute(Gathered round);
+  // Drops worker w's gradients; when any was computed, the transaction is
+  // discarded (its parameters compute again).
+  void WithdrawLocked(uint32_t worker) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RestartLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The contributing worker streaming as `stream`, or null.
+  Worker* StreamingLocked(RoundWaiter* stream, uint32_t* worker)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool AgreesLocked(const Contribution& c) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Averages a batch in fp32 (worker order) and computes it in txn_.
+  // Runs without mu_, on the driver. On a non-finite gradient sets
+  // *bad_worker and *bad (its place in the batch), InvalidArgument.
+  absl::Status ComputeBatch(const std::vector<Ready>& batch, const std::optional<double>& lr,
+                            const std::optional<double>& lr_scale, std::vector<Computed>* out,
+                            StepStats* stats, uint32_t* bad_worker, size_t* bad);
+  // Commits txn_, builds every worker's answer, writes a checkpoint when
+  // due. Runs without mu_ (committing_ keeps the round).
+  absl::StatusOr<Committed> Commit();
   std::vector<std::shared_ptr<const v1::StepResponse>> Responses(
       const ReplyFormat& format, const std::vector<std::vector<float>>& weights,
-      const std::vector<std::vector<float>>& updates, const std::vector<double>& decay) const;
+      const std::vector<std::optional<Computed>>& computed) const;
 
   Session* const session_;
   Engine* const engine_;
@@ -153,29 +204,33 @@ class ParameterServerRounds final : public SessionRounds {
   bool open_ ABSL_GUARDED_BY(mu_) = false;
   // The session's in-flight slot, held while a round is open.
   Lease lease_ ABSL_GUARDED_BY(mu_);
-  // Counts rounds opened, so a contribution for an abandoned round is not
-  // added to its successor of the same step.
+  // Counts rounds opened, so a driver's work for an abandoned round is not
+  // kept in its successor.
   uint64_t round_ ABSL_GUARDED_BY(mu_) = 0;
-  bool computing_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t step_ ABSL_GUARDED_BY(mu_) = 0;
   absl::Time start_ ABSL_GUARDED_BY(mu_);
   absl::Time deadline_ ABSL_GUARDED_BY(mu_);
-  std::vector<bool> contributed_ ABSL_GUARDED_BY(mu_);
-  uint32_t contributions_ ABSL_GUARDED_BY(mu_) = 0;
-  // Workers adding their gradients into sums_ outside mu_. While any is,
-  // the round is neither closed nor computed, so sums_ stays in place.
-  std::vector<bool> adding_ ABSL_GUARDED_BY(mu_);
-  uint32_t adders_ ABSL_GUARDED_BY(mu_) = 0;
-  std::vector<ReplyFormat> formats_ ABSL_GUARDED_BY(mu_);
-  std::optional<double> lr_ ABSL_GUARDED_BY(mu_);
-  std::optional<double> lr_scale_ ABSL_GUARDED_BY(mu_);
-  bool measure_orthogonality_ ABSL_GUARDED_BY(mu_) = false;
-  int64_t bytes_received_ ABSL_GUARDED_BY(mu_) = 0;
-  // Sum of the contributed gradients, fp32, by parameter; the average once
-  // computing. The vectors are made and taken under mu_; their elements are
-  // added to under sum_mu_[i], so workers add different parameters at once.
-  std::vector<std::vector<float>> sums_ ABSL_GUARDED_BY(mu_);
-  std::unique_ptr<absl::Mutex[]> sum_mu_;
+  absl::Time all_in_ ABSL_GUARDED_BY(mu_);  // the last End
+  std::vector<Worker> workers_ ABSL_GUARDED_BY(mu_);
+  uint32_t ended_ ABSL_GUARDED_BY(mu_) = 0;
+  bool measure_asked_ ABSL_GUARDED_BY(mu_) = false;
+  // By parameter: workers whose gradient is in, and the computed step.
+  std::vector<uint32_t> arrived_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::optional<Computed>> computed_ ABSL_GUARDED_BY(mu_);
+  size_t computed_count_ ABSL_GUARDED_BY(mu_) = 0;
+  StepStats stats_ ABSL_GUARDED_BY(mu_);
+  double compute_seconds_ ABSL_GUARDED_BY(mu_) = 0;
+  // Bumped when computed work is discarded (a withdrawal); a driver's
+  // batch of an older epoch is dropped.
+  uint64_t epoch_ ABSL_GUARDED_BY(mu_) = 0;
+  bool driving_ ABSL_GUARDED_BY(mu_) = false;
+  bool committing_ ABSL_GUARDED_BY(mu_) = false;
+  // The engine transaction of the round's computed parameters. Driven by
+  // the one driver; made and reset under mu_ while no driver runs or by
+  // the driver itself.
+  std::unique_ptr<StepTransaction> txn_;
+  uint64_t txn_epoch_ = 0;  // the epoch txn_ belongs to (driver-owned)
+  bool txn_measures_ = false;
   std::vector<Waiting> waiting_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -20,11 +20,16 @@ absl::StatusOr<StepBackend::Admission> RoundStepBackend::Admit(const v1::StepHea
   format_.content = header.update_content() == v1::UPDATE_CONTENT_UPDATE
                         ? v1::UPDATE_CONTENT_UPDATE
                         : v1::UPDATE_CONTENT_WEIGHTS;
+  Contribution contribution;
+  contribution.format = format_;
+  if (header.has_lr()) contribution.lr = header.lr();
+  if (header.has_lr_scale()) contribution.lr_scale = header.lr_scale();
+  contribution.measure_orthogonality = header.measure_orthogonality();
   // Pinned before joining: the round may call RoundDone as soon as it holds
   // this backend.
   events_->Pin();
   absl::StatusOr<ParameterServerRounds::Admission> joined =
-      rounds_->Join(header.step(), header.worker_id(), this);
+      rounds_->Join(header.step(), header.worker_id(), this, contribution);
   if (!joined.ok() || joined->role == ParameterServerRounds::Role::kReplay) events_->Unpin();
   if (!joined.ok()) return joined.status();
   Admission admission;
@@ -42,9 +47,7 @@ absl::StatusOr<StepBackend::Admission> RoundStepBackend::Admit(const v1::StepHea
       break;
   }
   joined_ = true;
-  header_ = header;
-  round_ = joined->round;
-  tensors_.resize(session_->params().size());
+  given_.assign(session_->params().size(), false);
   admission.role = Role::kReceive;
   for (const SessionParam& p : session_->params()) {
     admission.params.push_back({p.spec.name, p.tensor_bytes, p.spec.dtype});
@@ -53,7 +56,12 @@ absl::StatusOr<StepBackend::Admission> RoundStepBackend::Admit(const v1::StepHea
 }
 
 void RoundStepBackend::Gradient(uint32_t index, std::unique_ptr<std::byte[]> bytes) {
-  tensors_[index] = std::move(bytes);
+  given_[index] = true;
+  // Held by the round at once; the parameter's average and step start as
+  // soon as every worker's gradient of it is in.
+  if (rounds_->Add(this, index, std::move(bytes))) {
+    events_->Schedule([this] { rounds_->Drive(); });
+  }
 }
 
 absl::Status RoundStepBackend::End(std::vector<uint32_t> indices, int64_t bytes_received,
@@ -66,30 +74,23 @@ absl::Status RoundStepBackend::End(std::vector<uint32_t> indices, int64_t bytes_
   const std::vector<SessionParam>& params = session_->params();
   // The reader has checked that `indices` are exactly the parameters given.
   for (uint32_t i = 0; indices.size() != params.size() && i < params.size(); ++i) {
-    if (tensors_[i] == nullptr) {
+    if (!given_[i]) {
       return absl::InvalidArgumentError(
           absl::StrCat("a PARAMETER_SERVER step carries every parameter; parameter ", i, " ('",
                        params[i].spec.name, "') is missing"));
     }
   }
-  auto gradients = std::make_shared<WorkerGradients>();
-  gradients->worker = header_.worker_id();
-  gradients->tensors = std::move(tensors_);
-  gradients->format = format_;
-  if (header_.has_lr()) gradients->lr = header_.lr();
-  if (header_.has_lr_scale()) gradients->lr_scale = header_.lr_scale();
-  gradients->measure_orthogonality = header_.measure_orthogonality();
-  gradients->bytes_received = bytes_received;
-  // Decoding and summing (and, for the last worker, the step) is engine
-  // work: off the reactor.
-  events_->Schedule([this, gradients] {
-    absl::Status status = rounds_->Contribute(round_, std::move(*gradients));
+  // Checking the gradients (and, for the last worker, the rest of the
+  // step) is engine work: off the reactor.
+  events_->Schedule([this, bytes_received] {
+    absl::Status status = rounds_->End(this, bytes_received);
     if (status.ok()) return;  // the round answers
     // Out of the round, so that the worker's retry is not refused as a
-    // second live stream.
-    const bool left = rounds_->Leave(this);
-    events_->Failed(status);
-    if (left) events_->Unpin();
+    // second live stream; when the round has answered already, it is done.
+    if (rounds_->Leave(this)) {
+      events_->Failed(status);
+      events_->Unpin();
+    }
   });
   return absl::OkStatus();
 }

@@ -15,10 +15,11 @@
 
 namespace muon::server {
 
-// PARAMETER_SERVER mode: a worker's stream joins the round of its step,
-// collects the worker's whole gradient and adds it to the round at
-// StepEnd; the round's last worker steps the engine and every waiting
-// stream gets its answer (RoundDone → Committed or Failed).
+// PARAMETER_SERVER mode: a worker's stream joins the round of its step and
+// hands it each parameter's gradient as it completes (the round computes a
+// parameter once every worker's is in) and its StepEnd; the round commits
+// after the last worker's and every waiting stream gets its answer
+// (RoundDone → Committed or Failed).
 // Thread-safe as the machine needs it: the stream's calls are serialized;
 // RoundDone comes from another worker's thread.
 class RoundStepBackend final : public StepBackend, public RoundWaiter {
@@ -42,13 +43,11 @@ class RoundStepBackend final : public StepBackend, public RoundWaiter {
   StepEvents* const events_;
   ParameterServerRounds* const rounds_;
 
-  v1::StepHeader header_;
   ReplyFormat format_;  // what this worker asked to get back
   // Registered with the round (kContribute, kWait): it holds a pin.
   bool joined_ = false;
-  uint64_t round_ = 0;
   std::shared_ptr<const StepRecord> replay_;
-  std::vector<std::unique_ptr<std::byte[]>> tensors_;  // by parameter index
+  std::vector<bool> given_;  // by parameter index: its gradient was Added
 };
 
 }  // namespace muon::server

@@ -1,10 +1,12 @@
-// A parameter-server round's step, once every worker's gradient is in: the
-// average goes to the engine in fp32, the step commits, and each worker's
-// answer (new weights or the update, in the dtype it asked for) is cut by
-// the one chunker (step/chunker.h).
+// A parameter-server round's compute: each parameter, once every worker's
+// gradient of it is in, is averaged and goes to the engine in fp32; once all
+// are computed the step commits, and each worker's answer (new weights or
+// the update, in the dtype it asked for) is cut by the one chunker
+// (step/chunker.h).
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <iostream>
 #include <string>
 #include <thread>
@@ -22,83 +24,139 @@
 namespace muon::server {
 namespace {
 
+// Gradients are decoded a block at a time into a small buffer.
+constexpr size_t kDecodeBlock = 4096;
+
+// sum += the decoded values; false (sum partly added) at a NaN or Inf.
+bool AddDecoded(DType dtype, const std::byte* bytes, size_t count, float* sum) {
+  float block[kDecodeBlock];
+  const size_t width = DTypeSize(dtype);
+  for (size_t start = 0; start < count; start += kDecodeBlock) {
+    const size_t n = std::min(kDecodeBlock, count - start);
+    DecodeToFloat(dtype, bytes + start * width, n, block);
+    for (size_t j = 0; j < n; ++j) {
+      if (!std::isfinite(block[j])) return false;
+      sum[start + j] += block[j];
+    }
+  }
+  return true;
+}
+
 // A reply is encoded on up to this many threads, one per this many bytes.
 constexpr int64_t kMaxEncodeThreads = 8;
 constexpr int64_t kEncodeBytesPerThread = int64_t{32} << 20;
 
 }  // namespace
 
-absl::StatusOr<ParameterServerRounds::Computed> ParameterServerRounds::Compute(Gathered round) {
+absl::Status ParameterServerRounds::ComputeBatch(const std::vector<Ready>& batch,
+                                                const std::optional<double>& lr,
+                                                const std::optional<double>& lr_scale,
+                                                std::vector<Computed>* out, StepStats* stats,
+                                                uint32_t* bad_worker, size_t* bad) {
   const std::vector<SessionParam>& params = session_->params();
-  const size_t n = params.size();
-  const absl::Time compute_start = absl::Now();
+  const size_t n = batch.size();
   const float scale = 1.0f / static_cast<float>(num_workers_);
-  const bool measure = MeasuresOrthogonality(round.measure_orthogonality, round.step,
-                                             options_.orthogonality_sample_every);
+  std::vector<std::vector<float>> averages(n);
   std::vector<GradientInput> inputs(n);
-  std::vector<std::vector<float>> updates(n);
   std::vector<UpdateOutput> outputs(n);
-  for (size_t i = 0; i < n; ++i) {
-    const SessionParam& p = params[i];
-    std::vector<float>& avg = round.sums[i];
+  out->assign(n, Computed{});
+  for (size_t k = 0; k < n; ++k) {
+    const SessionParam& p = params[batch[k].index];
+    const size_t count = static_cast<size_t>(NumElements(p.spec.shape));
+    std::vector<float>& avg = averages[k];
+    avg.assign(count, 0.0f);
+    // Summed in worker order, so the average does not depend on which
+    // worker's gradient arrived first.
+    for (uint32_t w = 0; w < num_workers_; ++w) {
+      if (!AddDecoded(p.spec.dtype, batch[k].gradients[w].get(), count, avg.data())) {
+        *bad_worker = w;
+        *bad = k;
+        return absl::InvalidArgumentError(
+            absl::StrCat("parameter ", batch[k].index, " ('", p.spec.name, "'): worker ", w,
+                         "'s gradient contains NaN or Inf; nothing of it was added"));
+      }
+    }
     for (float& v : avg) v *= scale;
-    inputs[i].param = p.engine_id;
+    inputs[k].param = p.engine_id;
     // The average stays fp32, whatever the workers sent: re-encoding it to
     // the registered dtype would round away what averaging gained.
-    inputs[i].dtype = DType::kFloat32;
-    inputs[i].bytes = absl::MakeConstSpan(reinterpret_cast<const std::byte*>(avg.data()),
+    inputs[k].dtype = DType::kFloat32;
+    inputs[k].bytes = absl::MakeConstSpan(reinterpret_cast<const std::byte*>(avg.data()),
                                           avg.size() * sizeof(float));
-    inputs[i].lr = StepLr(round.lr, round.lr_scale, p.spec.hp.lr);
-    updates[i].resize(avg.size());
-    outputs[i].param = p.engine_id;
-    outputs[i].dtype = DType::kFloat32;
-    outputs[i].bytes = absl::MakeSpan(reinterpret_cast<std::byte*>(updates[i].data()),
-                                      updates[i].size() * sizeof(float));
+    inputs[k].lr = StepLr(lr, lr_scale, p.spec.hp.lr);
+    std::vector<float>& update = (*out)[k].update;
+    update.resize(count);
+    outputs[k].param = p.engine_id;
+    outputs[k].dtype = DType::kFloat32;
+    outputs[k].bytes = absl::MakeSpan(reinterpret_cast<std::byte*>(update.data()),
+                                      update.size() * sizeof(float));
   }
-  StepOptions step_options;
-  step_options.measure_orthogonality = measure;
-  MUON_ASSIGN_OR_RETURN(std::unique_ptr<StepTransaction> txn, engine_->BeginStep(step_options));
-  StepStats stats;
-  MUON_RETURN_IF_ERROR(txn->Compute(inputs, absl::MakeSpan(outputs), &stats));
-  MUON_RETURN_IF_ERROR(txn->Commit());
+  MUON_RETURN_IF_ERROR(txn_->Compute(inputs, absl::MakeSpan(outputs), stats));
+  for (size_t k = 0; k < n; ++k) {
+    (*out)[k].decay = outputs[k].decay;
+    (*out)[k].orthogonality_error = outputs[k].orthogonality_error;
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ParameterServerRounds::Committed> ParameterServerRounds::Commit() {
+  const std::vector<SessionParam>& params = session_->params();
+  const size_t n = params.size();
+  // Nothing else changes the round while committing_; taken under mu_ for
+  // the analysis.
+  std::vector<std::optional<Computed>> computed;
+  std::vector<ReplyFormat> formats;
+  SummaryInput summary;
+  absl::Time start;
+  bool measured = false;
+  {
+    absl::MutexLock lock(&mu_);
+    computed = std::move(computed_);
+    computed_.assign(n, std::nullopt);
+    for (const Worker& w : workers_) {
+      formats.push_back(w.contribution.format);
+      summary.bytes_received += w.bytes_received;
+    }
+    summary.step = step_;
+    summary.timings.receive = absl::ToDoubleSeconds(all_in_ - start_);
+    summary.timings.compute = compute_seconds_;
+    summary.reply_orthogonality = measure_asked_;
+    summary.ns_flops = stats_.ns_flops;
+    start = start_;
+    measured = txn_measures_;
+  }
+  MUON_RETURN_IF_ERROR(txn_->Commit());
   // Applied from here on: what follows reports it, and cannot undo it.
   std::vector<std::vector<float>> weights(n);
-  std::vector<double> decay(n);
   for (size_t i = 0; i < n; ++i) {
-    weights[i].resize(updates[i].size());
-    decay[i] = outputs[i].decay;
+    weights[i].resize(computed[i]->update.size());
     absl::Status got = engine_->GetWeights(params[i].engine_id, absl::MakeSpan(weights[i]));
     if (!got.ok()) {
       std::cerr << "muon-server: reading the weights of session " << session_->id()
-                << " after step " << round.step << ": " << got << std::endl;
+                << " after step " << summary.step << ": " << got << std::endl;
     }
   }
   const absl::Time now = absl::Now();
-  SummaryInput summary;
-  summary.step = round.step;
   for (size_t i = 0; i < n; ++i) summary.param_indices.push_back(static_cast<uint32_t>(i));
-  summary.timings.receive = absl::ToDoubleSeconds(compute_start - round.start);
-  summary.timings.compute = absl::ToDoubleSeconds(now - compute_start);
-  summary.timings.total = absl::ToDoubleSeconds(now - round.start);
+  summary.timings.total = absl::ToDoubleSeconds(now - start);
   for (size_t i = 0; i < n; ++i) {
-    if (measure && params[i].spec.kind == OptimizerKind::kMuon) {
-      summary.orthogonality.emplace_back(static_cast<uint32_t>(i), outputs[i].orthogonality_error);
+    if (measured && params[i].spec.kind == OptimizerKind::kMuon) {
+      summary.orthogonality.emplace_back(static_cast<uint32_t>(i),
+                                         computed[i]->orthogonality_error);
     }
   }
-  summary.reply_orthogonality = round.measure_orthogonality;
-  summary.bytes_received = round.bytes_received;
-  summary.ns_flops = stats.ns_flops;
+  const uint64_t step = summary.step;
   const std::shared_ptr<const v1::StepResponse> summary_response =
       MakeSummary(std::move(summary), *session_, options_.metrics);
 
   // One answer per distinct format, shared by the workers that asked for it.
-  Computed computed;
-  computed.records.resize(num_workers_);
+  Committed committed;
+  committed.records.resize(num_workers_);
   for (uint32_t w = 0; w < num_workers_; ++w) {
-    if (computed.records[w] != nullptr) continue;
+    if (committed.records[w] != nullptr) continue;
     auto record = std::make_shared<StepRecord>();
-    record->step = round.step;
-    record->responses = Responses(round.formats[w], weights, updates, decay);
+    record->step = step;
+    record->responses = Responses(formats[w], weights, computed);
     uint64_t bytes_sent = 0;
     for (const auto& r : record->responses) bytes_sent += r->update().data().size();
     auto with_bytes = std::make_shared<v1::StepResponse>(*summary_response);
@@ -106,23 +164,23 @@ absl::StatusOr<ParameterServerRounds::Computed> ParameterServerRounds::Compute(G
     record->responses.push_back(std::move(with_bytes));
     std::shared_ptr<const StepRecord> shared = std::move(record);
     for (uint32_t v = w; v < num_workers_; ++v) {
-      if (round.formats[v] == round.formats[w]) computed.records[v] = shared;
+      if (formats[v] == formats[w]) committed.records[v] = shared;
     }
   }
-  computed.ack =
-      durability_->AtCommit(*session_, Session::Snapshot{round.step, now, computed.records});
-  return computed;
+  committed.ack =
+      durability_->AtCommit(*session_, Session::Snapshot{step, now, committed.records});
+  return committed;
 }
 
 std::vector<std::shared_ptr<const v1::StepResponse>> ParameterServerRounds::Responses(
     const ReplyFormat& format, const std::vector<std::vector<float>>& weights,
-    const std::vector<std::vector<float>>& updates, const std::vector<double>& decay) const {
+    const std::vector<std::optional<Computed>>& computed) const {
   const std::vector<SessionParam>& params = session_->params();
   const bool send_weights = format.content != v1::UPDATE_CONTENT_UPDATE;
   std::vector<std::vector<std::shared_ptr<const v1::StepResponse>>> by_param(params.size());
   auto encode = [&](size_t i) {
     const DType dtype = format.dtype.value_or(params[i].spec.dtype);
-    const std::vector<float>& values = send_weights ? weights[i] : updates[i];
+    const std::vector<float>& values = send_weights ? weights[i] : computed[i]->update;
     const int64_t width = static_cast<int64_t>(DTypeSize(dtype));
     const int64_t total = static_cast<int64_t>(values.size()) * width;
     // Whole elements per chunk, so that each chunk is encoded on its own,
@@ -140,7 +198,7 @@ std::vector<std::shared_ptr<const v1::StepResponse>> ParameterServerRounds::Resp
                       static_cast<size_t>(range.size / width),
                       reinterpret_cast<std::byte*>(data->data()));
       chunk->set_dtype(DTypeToProto(dtype));
-      chunk->set_decay(send_weights ? 1.0 : decay[i]);
+      chunk->set_decay(send_weights ? 1.0 : computed[i]->decay);
       chunk->set_total_bytes(static_cast<uint64_t>(total));
       chunk->set_content(send_weights ? v1::UPDATE_CONTENT_WEIGHTS : v1::UPDATE_CONTENT_UPDATE);
       by_param[i].push_back(std::move(response));

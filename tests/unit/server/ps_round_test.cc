@@ -1,5 +1,5 @@
 // Parameter-server rounds without gRPC: a registry and the CPU engine in
-// this process, workers played by direct Join/Contribute calls.
+// this process, workers' streams played by direct Join/Add/End calls.
 
 #include "ps/ps_round.h"
 
@@ -52,15 +52,25 @@ std::vector<std::vector<float>> RandomGradient(uint64_t seed) {
   return out;
 }
 
-WorkerGradients Gradients(uint32_t worker, const std::vector<std::vector<float>>& values) {
-  WorkerGradients g;
-  g.worker = worker;
-  for (const std::vector<float>& v : values) {
-    auto bytes = std::make_unique<std::byte[]>(v.size() * sizeof(float));
-    std::memcpy(bytes.get(), v.data(), v.size() * sizeof(float));
-    g.tensors.push_back(std::move(bytes));
-  }
-  return g;
+using Gradient = std::vector<std::vector<float>>;
+
+std::shared_ptr<const std::byte[]> Bytes(const std::vector<float>& v) {
+  auto bytes = std::make_unique<std::byte[]>(v.size() * sizeof(float));
+  std::memcpy(bytes.get(), v.data(), v.size() * sizeof(float));
+  return std::shared_ptr<const std::byte[]>(std::move(bytes));
+}
+
+// What a worker's stream does with one parameter's gradient: hands it to
+// the round and drives the round when asked to (the backend schedules it).
+void AddParam(ParameterServerRounds* rounds, RoundWaiter* stream, uint32_t index,
+              const Gradient& g) {
+  if (rounds->Add(stream, index, Bytes(g[index]))) rounds->Drive();
+}
+
+// A worker's whole stream: every parameter in order, then its StepEnd.
+absl::Status Send(ParameterServerRounds* rounds, RoundWaiter* stream, const Gradient& g) {
+  for (uint32_t i = 0; i < g.size(); ++i) AddParam(rounds, stream, i, g);
+  return rounds->End(stream, 0);
 }
 
 // The weights a record's WEIGHTS chunks carry, fp32, by parameter.
@@ -115,31 +125,55 @@ class RoundsTest : public ::testing::Test {
   }
 
   uint64_t Join(ParameterServerRounds* rounds, uint64_t step, uint32_t worker, Waiter* waiter,
-                Role want = Role::kContribute) {
-    absl::StatusOr<ParameterServerRounds::Admission> a = rounds->Join(step, worker, waiter);
+                Role want = Role::kContribute, const Contribution& contribution = {}) {
+    absl::StatusOr<ParameterServerRounds::Admission> a =
+        rounds->Join(step, worker, waiter, contribution);
     EXPECT_THAT(a, IsOk());
     if (!a.ok()) return 0;
     EXPECT_EQ(a->role, want);
     return a->round;
   }
 
-  // The weights of a fresh one-worker session after one step fed the fp32
-  // average of g0 and g1.
-  std::vector<std::vector<float>> WeightsAfterAverage(const std::vector<std::vector<float>>& g0,
-                                                      const std::vector<std::vector<float>>& g1) {
-    std::vector<std::vector<float>> average = g0;
-    for (size_t i = 0; i < average.size(); ++i) {
-      for (size_t j = 0; j < average[i].size(); ++j) average[i][j] = (g0[i][j] + g1[i][j]) * 0.5f;
+  // The weights after one step fed the fp32 average of `workers` (summed
+  // in worker order, as the unpipelined round did for workers arriving in
+  // that order), computed the unpipelined way: fresh engine parameters of
+  // the session's specs, every parameter in one Engine::Step.
+  std::vector<std::vector<float>> WeightsAfterAverage(const std::vector<Gradient>& workers) {
+    const std::vector<SessionParam>& params = session_->params();
+    std::vector<std::vector<float>> average(params.size());
+    std::vector<std::vector<float>> updates(params.size());
+    std::vector<GradientInput> inputs(params.size());
+    std::vector<UpdateOutput> outputs(params.size());
+    std::vector<ParamId> ids;
+    const float scale = 1.0f / static_cast<float>(workers.size());
+    for (size_t i = 0; i < params.size(); ++i) {
+      absl::StatusOr<ParamSpec> spec = engine_->Spec(params[i].engine_id);
+      EXPECT_THAT(spec, IsOk());
+      absl::StatusOr<ParamId> id = engine_->Register(*spec);
+      EXPECT_THAT(id, IsOk());
+      ids.push_back(*id);
+      average[i].assign(workers[0][i].size(), 0.0f);
+      for (const Gradient& g : workers) {
+        for (size_t j = 0; j < g[i].size(); ++j) average[i][j] += g[i][j];
+      }
+      for (float& v : average[i]) v *= scale;
+      updates[i].resize(average[i].size());
+      inputs[i].param = *id;
+      inputs[i].dtype = DType::kFloat32;
+      inputs[i].bytes = absl::MakeConstSpan(reinterpret_cast<const std::byte*>(average[i].data()),
+                                            average[i].size() * sizeof(float));
+      outputs[i].param = *id;
+      outputs[i].bytes = absl::MakeSpan(reinterpret_cast<std::byte*>(updates[i].data()),
+                                        updates[i].size() * sizeof(float));
     }
-    std::shared_ptr<Session> single = NewSession(1);
-    Waiter only;
-    const uint64_t round = Join(RoundsOf(*single), 1, 0, &only);
-    EXPECT_THAT(RoundsOf(*single)->Contribute(round, Gradients(0, average)), IsOk());
-    if (!only.result.has_value() || !only.result->ok()) {
-      ADD_FAILURE() << "the one-worker step did not commit";
-      return {};
+    EXPECT_THAT(engine_->Step(inputs, absl::MakeSpan(outputs)), IsOk());
+    std::vector<std::vector<float>> weights(params.size());
+    for (size_t i = 0; i < params.size(); ++i) {
+      weights[i].resize(average[i].size());
+      EXPECT_THAT(engine_->GetWeights(ids[i], absl::MakeSpan(weights[i])), IsOk());
+      EXPECT_THAT(engine_->Unregister(ids[i]), IsOk());
     }
-    return WeightsOf(***only.result);
+    return weights;
   }
 
   std::unique_ptr<Metrics> metrics_;
@@ -155,10 +189,10 @@ TEST_F(RoundsTest, TwoWorkersCommitTheStepOfTheirAverage) {
   Waiter w0, w1;
   const uint64_t round = Join(rounds_, 1, 0, &w0);
   EXPECT_EQ(Join(rounds_, 1, 1, &w1), round);
-  ASSERT_THAT(rounds_->Contribute(round, Gradients(0, g0)), IsOk());
+  ASSERT_THAT(Send(rounds_, &w0, g0), IsOk());
   EXPECT_FALSE(w0.result.has_value());  // waits for worker 1
   EXPECT_EQ(session_->step(), 0u);
-  ASSERT_THAT(rounds_->Contribute(round, Gradients(1, g1)), IsOk());
+  ASSERT_THAT(Send(rounds_, &w1, g1), IsOk());
   ASSERT_TRUE(w0.result.has_value() && w1.result.has_value());
   ASSERT_THAT(*w0.result, IsOk());
   ASSERT_THAT(*w1.result, IsOk());
@@ -173,18 +207,99 @@ TEST_F(RoundsTest, TwoWorkersCommitTheStepOfTheirAverage) {
     }
   }
 
-  // One worker fed the fp32 average gets the same weights, bit for bit.
-  EXPECT_EQ(WeightsOf(***w0.result), WeightsAfterAverage(g0, g1));
+  // The unpipelined step of the fp32 average gives the same weights, bit
+  // for bit.
+  EXPECT_EQ(WeightsOf(***w0.result), WeightsAfterAverage({g0, g1}));
+}
+
+TEST_F(RoundsTest, EachParameterIsComputedOnceEveryWorkersGradientOfItIsIn) {
+  const auto g0 = RandomGradient(1), g1 = RandomGradient(2);
+  Waiter w0, w1;
+  Join(rounds_, 1, 0, &w0);
+  Join(rounds_, 1, 1, &w1);
+  // Out of order across the workers: 0 sends b then w, 1 sends w then b.
+  AddParam(rounds_, &w0, 1, g0);
+  AddParam(rounds_, &w1, 0, g1);
+  EXPECT_EQ(rounds_->ComputedParameters(), 0u);  // each has one worker's
+  AddParam(rounds_, &w0, 0, g0);
+  EXPECT_EQ(rounds_->ComputedParameters(), 1u);  // w from both: stepped
+  ASSERT_THAT(rounds_->End(&w0, 0), IsOk());
+  AddParam(rounds_, &w1, 1, g1);
+  EXPECT_EQ(rounds_->ComputedParameters(), 2u);
+  // Nothing is applied before the last worker's StepEnd.
+  EXPECT_EQ(session_->step(), 0u);
+  EXPECT_FALSE(w0.result.has_value());
+  ASSERT_THAT(rounds_->End(&w1, 0), IsOk());
+  ASSERT_TRUE(w0.result.has_value() && w1.result.has_value());
+  ASSERT_THAT(*w0.result, IsOk());
+  EXPECT_EQ(session_->step(), 1u);
+  EXPECT_EQ(WeightsOf(***w0.result), WeightsAfterAverage({g0, g1}));
+  EXPECT_EQ(**w0.result, **w1.result);  // one answer for the same format
+}
+
+TEST_F(RoundsTest, AWorkerFailingAfterParametersWereComputedCommitsNothing) {
+  const auto g0 = RandomGradient(1), g1 = RandomGradient(2);
+  Waiter w0, broken;
+  Join(rounds_, 1, 0, &w0);
+  Join(rounds_, 1, 1, &broken);
+  AddParam(rounds_, &w0, 0, g0);
+  AddParam(rounds_, &broken, 0, RandomGradient(99));  // not what it resends
+  ASSERT_EQ(rounds_->ComputedParameters(), 1u);
+  // Worker 1's stream breaks before its StepEnd: its gradient is withdrawn
+  // and the step computed with it is discarded.
+  EXPECT_TRUE(rounds_->Leave(&broken));
+  EXPECT_EQ(rounds_->ComputedParameters(), 0u);
+  EXPECT_EQ(session_->step(), 0u);
+  EXPECT_FALSE(w0.result.has_value());
+  // What the broken stream still hands over is ignored.
+  EXPECT_FALSE(rounds_->Add(&broken, 1, Bytes(g1[1])));
+  EXPECT_THAT(rounds_->End(&broken, 0), StatusIs(absl::StatusCode::kAborted));
+
+  AddParam(rounds_, &w0, 1, g0);
+  ASSERT_THAT(rounds_->End(&w0, 0), IsOk());
+  Waiter resent;
+  Join(rounds_, 1, 1, &resent);
+  ASSERT_THAT(Send(rounds_, &resent, g1), IsOk());
+  ASSERT_TRUE(w0.result.has_value() && resent.result.has_value());
+  ASSERT_THAT(*w0.result, IsOk());
+  EXPECT_FALSE(broken.result.has_value());
+  EXPECT_EQ(session_->step(), 1u);
+  EXPECT_EQ(WeightsOf(***w0.result), WeightsAfterAverage({g0, g1}));
+}
+
+TEST_F(RoundsTest, ANonFiniteGradientFoundWhileComputingFailsOnlyItsStream) {
+  const auto g0 = RandomGradient(1), g1 = RandomGradient(2);
+  auto bad = g1;
+  bad[0][5] = std::numeric_limits<float>::quiet_NaN();
+  Waiter w0, w1;
+  Join(rounds_, 1, 0, &w0);
+  Join(rounds_, 1, 1, &w1);
+  AddParam(rounds_, &w0, 0, g0);
+  AddParam(rounds_, &w1, 0, bad);  // the average of w is computed: refused
+  ASSERT_TRUE(w1.result.has_value());
+  EXPECT_THAT(*w1.result, StatusIs(absl::StatusCode::kInvalidArgument,
+                                   HasSubstr("('w'): worker 1's gradient contains NaN")));
+  EXPECT_FALSE(w0.result.has_value());
+  EXPECT_EQ(rounds_->ComputedParameters(), 0u);
+  EXPECT_FALSE(rounds_->Leave(&w1));  // answered already
+
+  ASSERT_THAT(Send(rounds_, &w0, g0).code(), absl::StatusCode::kOk);
+  Waiter resent;
+  Join(rounds_, 1, 1, &resent);
+  ASSERT_THAT(Send(rounds_, &resent, g1), IsOk());
+  ASSERT_TRUE(w0.result.has_value());
+  ASSERT_THAT(*w0.result, IsOk());
+  EXPECT_EQ(WeightsOf(***w0.result), WeightsAfterAverage({g0, g1}));
 }
 
 TEST_F(RoundsTest, AResentWorkerWaitsAndIsNotAddedTwice) {
   Waiter first, resent, other;
-  const uint64_t round = Join(rounds_, 1, 0, &first);
-  ASSERT_THAT(rounds_->Contribute(round, Gradients(0, RandomGradient(1))), IsOk());
-  EXPECT_TRUE(rounds_->Leave(&first));  // its stream broke after contributing
+  Join(rounds_, 1, 0, &first);
+  ASSERT_THAT(Send(rounds_, &first, RandomGradient(1)), IsOk());
+  EXPECT_TRUE(rounds_->Leave(&first));  // its stream broke after its StepEnd
   Join(rounds_, 1, 0, &resent, Role::kWait);
   Join(rounds_, 1, 1, &other);
-  ASSERT_THAT(rounds_->Contribute(round, Gradients(1, RandomGradient(2))), IsOk());
+  ASSERT_THAT(Send(rounds_, &other, RandomGradient(2)), IsOk());
   EXPECT_FALSE(first.result.has_value());
   ASSERT_TRUE(resent.result.has_value() && other.result.has_value());
   EXPECT_THAT(*resent.result, IsOk());
@@ -201,66 +316,68 @@ TEST_F(RoundsTest, ASecondLiveStreamOfAWorkerIsAborted) {
 
 TEST_F(RoundsTest, WorkersMustAgreeOnTheLearningRate) {
   Waiter w0, w1;
-  const uint64_t round = Join(rounds_, 1, 0, &w0);
-  Join(rounds_, 1, 1, &w1);
-  WorkerGradients g0 = Gradients(0, RandomGradient(1));
-  g0.lr = 0.1;
-  ASSERT_THAT(rounds_->Contribute(round, std::move(g0)), IsOk());
-  WorkerGradients g1 = Gradients(1, RandomGradient(2));
-  g1.lr = 0.2;
-  EXPECT_THAT(rounds_->Contribute(round, std::move(g1)),
+  Contribution first;
+  first.lr = 0.1;
+  Join(rounds_, 1, 0, &w0, Role::kContribute, first);
+  Contribution other;
+  other.lr = 0.2;
+  EXPECT_THAT(rounds_->Join(1, 1, &w1, other),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("same schedule values")));
+  ASSERT_THAT(Send(rounds_, &w0, RandomGradient(1)), IsOk());
   EXPECT_FALSE(w0.result.has_value());
   // Worker 1 resends with the round's lr: the step goes through.
-  WorkerGradients again = Gradients(1, RandomGradient(2));
-  again.lr = 0.1;
-  ASSERT_THAT(rounds_->Contribute(round, std::move(again)), IsOk());
+  Join(rounds_, 1, 1, &w1, Role::kContribute, first);
+  ASSERT_THAT(Send(rounds_, &w1, RandomGradient(2)), IsOk());
   ASSERT_TRUE(w0.result.has_value());
   EXPECT_THAT(*w0.result, IsOk());
 }
 
 TEST_F(RoundsTest, ANonFiniteGradientIsRefusedAndAddsNothing) {
   Waiter w0, w1;
-  const uint64_t round = Join(rounds_, 1, 0, &w0);
+  Join(rounds_, 1, 0, &w0);
   Join(rounds_, 1, 1, &w1);
   auto bad = RandomGradient(1);
   bad[1][2] = std::numeric_limits<float>::infinity();
-  EXPECT_THAT(rounds_->Contribute(round, Gradients(0, bad)),
+  EXPECT_THAT(Send(rounds_, &w0, bad),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("NaN or Inf")));
+  EXPECT_TRUE(rounds_->Leave(&w0));
   const auto g0 = RandomGradient(3), g1 = RandomGradient(4);
-  ASSERT_THAT(rounds_->Contribute(round, Gradients(0, g0)), IsOk());
-  ASSERT_THAT(rounds_->Contribute(round, Gradients(1, g1)), IsOk());
-  ASSERT_TRUE(w0.result.has_value());
-  ASSERT_THAT(*w0.result, IsOk());
+  Waiter again;
+  Join(rounds_, 1, 0, &again);
+  ASSERT_THAT(Send(rounds_, &again, g0), IsOk());
+  ASSERT_THAT(Send(rounds_, &w1, g1), IsOk());
+  ASSERT_TRUE(again.result.has_value());
+  ASSERT_THAT(*again.result, IsOk());
 
-  EXPECT_EQ(WeightsOf(***w0.result), WeightsAfterAverage(g0, g1));
+  EXPECT_EQ(WeightsOf(***again.result), WeightsAfterAverage({g0, g1}));
 }
 
 TEST_F(RoundsTest, ALateRoundExpiresForEveryWaiterAndAppliesNothing) {
   Waiter w0;
   const uint64_t round = Join(rounds_, 1, 0, &w0);
-  ASSERT_THAT(rounds_->Contribute(round, Gradients(0, RandomGradient(1))), IsOk());
+  ASSERT_THAT(Send(rounds_, &w0, RandomGradient(1)), IsOk());
   rounds_->ExpireIfLate(absl::Now());  // not late yet
   EXPECT_FALSE(w0.result.has_value());
   rounds_->ExpireIfLate(absl::Now() + 2 * kTimeout);
   ASSERT_TRUE(w0.result.has_value());
   EXPECT_THAT(*w0.result, StatusIs(absl::StatusCode::kAborted, HasSubstr("worker(s) 1")));
   EXPECT_EQ(session_->step(), 0u);
-  // A contribution for the abandoned round is not added to its successor.
-  Waiter late;
+  // A stream of the abandoned round adds nothing to its successor.
+  Waiter late, stale;
   const uint64_t next = Join(rounds_, 1, 1, &late);
   EXPECT_NE(next, round);
-  EXPECT_THAT(rounds_->Contribute(round, Gradients(1, RandomGradient(2))),
+  EXPECT_FALSE(rounds_->Add(&stale, 0, Bytes(RandomGradient(2)[0])));
+  EXPECT_THAT(rounds_->End(&stale, 0),
               StatusIs(absl::StatusCode::kAborted, HasSubstr("abandoned")));
   EXPECT_TRUE(rounds_->Leave(&late));
 }
 
 TEST_F(RoundsTest, ACommittedStepIsReplayedAndAStepAheadRefused) {
   Waiter w0, w1;
-  const uint64_t round = Join(rounds_, 1, 0, &w0);
+  Join(rounds_, 1, 0, &w0);
   Join(rounds_, 1, 1, &w1);
-  ASSERT_THAT(rounds_->Contribute(round, Gradients(0, RandomGradient(1))), IsOk());
-  ASSERT_THAT(rounds_->Contribute(round, Gradients(1, RandomGradient(2))), IsOk());
+  ASSERT_THAT(Send(rounds_, &w0, RandomGradient(1)), IsOk());
+  ASSERT_THAT(Send(rounds_, &w1, RandomGradient(2)), IsOk());
   Waiter retry;
   absl::StatusOr<ParameterServerRounds::Admission> replay = rounds_->Join(1, 1, &retry);
   ASSERT_THAT(replay, IsOk());
@@ -283,15 +400,24 @@ TEST_F(RoundsTest, TheLastWaiterLeavingAnEmptyRoundFreesTheSession) {
 
 TEST_F(RoundsTest, AskedOrthogonalityIsInTheSummaryForMuonParameters) {
   Waiter w0, w1;
-  const uint64_t round = Join(rounds_, 1, 0, &w0);
+  Join(rounds_, 1, 0, &w0);
   Join(rounds_, 1, 1, &w1);
-  WorkerGradients g0 = Gradients(0, RandomGradient(1));
-  g0.measure_orthogonality = true;
-  ASSERT_THAT(rounds_->Contribute(round, std::move(g0)), IsOk());
-  ASSERT_THAT(rounds_->Contribute(round, Gradients(1, RandomGradient(2))), IsOk());
-  ASSERT_TRUE(w1.result.has_value());
-  ASSERT_THAT(*w1.result, IsOk());
-  const v1::StepSummary& summary = (**w1.result)->responses.back()->summary();
+  AddParam(rounds_, &w0, 0, RandomGradient(1));
+  AddParam(rounds_, &w1, 0, RandomGradient(2));
+  ASSERT_EQ(rounds_->ComputedParameters(), 1u);
+  // A worker asking after parameters were computed without measuring: they
+  // are computed again, measured.
+  Waiter asking;
+  EXPECT_TRUE(rounds_->Leave(&w1));
+  Contribution measure;
+  measure.measure_orthogonality = true;
+  Join(rounds_, 1, 1, &asking, Role::kContribute, measure);
+  ASSERT_THAT(Send(rounds_, &asking, RandomGradient(2)), IsOk());
+  AddParam(rounds_, &w0, 1, RandomGradient(1));
+  ASSERT_THAT(rounds_->End(&w0, 0), IsOk());
+  ASSERT_TRUE(asking.result.has_value());
+  ASSERT_THAT(*asking.result, IsOk());
+  const v1::StepSummary& summary = (**asking.result)->responses.back()->summary();
   ASSERT_EQ(summary.orthogonality_errors_size(), 1);
   EXPECT_EQ(summary.orthogonality_errors(0).param_index(), 0u);
   EXPECT_TRUE(std::isfinite(summary.orthogonality_errors(0).error()));
