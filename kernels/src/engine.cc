@@ -31,11 +31,13 @@ absl::Status Engine::Step(absl::Span<const GradientInput> grads, absl::Span<Upda
   return txn->Commit();
 }
 
-bool CudaAvailable() {
+bool CudaAvailable() { return CudaDeviceCount() > 0; }
+
+int CudaDeviceCount() {
 #ifdef MUON_HAVE_CUDA
-  return internal::CudaDeviceCount() > 0;
+  return internal::CudaDeviceCount();
 #else
-  return false;
+  return 0;
 #endif
 }
 

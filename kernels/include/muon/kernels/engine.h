@@ -203,6 +203,10 @@ absl::StatusOr<std::unique_ptr<Engine>> CreateEngine(absl::string_view kind,
 // True when this build has the CUDA engine and a device is usable.
 bool CudaAvailable();
 
+// CUDA devices this process can use (after CUDA_VISIBLE_DEVICES); 0 when the
+// build has no CUDA, or there is no driver or device.
+int CudaDeviceCount();
+
 // For engine implementations: checks one Compute input against its
 // parameter's spec (gradient dtype and byte count, the output's parameter and
 // size, a finite lr >= 0 whose lr·weight_decay is finite, per-step
