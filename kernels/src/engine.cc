@@ -21,6 +21,12 @@ StepStats& StepStats::operator+=(const StepStats& other) {
   finish_seconds += other.finish_seconds;
   ns_flops += other.ns_flops;
   parameters += other.parameters;
+  if (device_compute_seconds.size() < other.device_compute_seconds.size()) {
+    device_compute_seconds.resize(other.device_compute_seconds.size());
+  }
+  for (size_t i = 0; i < other.device_compute_seconds.size(); ++i) {
+    device_compute_seconds[i] += other.device_compute_seconds[i];
+  }
   return *this;
 }
 

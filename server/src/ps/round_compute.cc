@@ -80,6 +80,7 @@ absl::StatusOr<ParameterServerRounds::Computed> ParameterServerRounds::Compute(G
   summary.timings.receive = absl::ToDoubleSeconds(compute_start - round.start);
   summary.timings.compute = absl::ToDoubleSeconds(now - compute_start);
   summary.timings.total = absl::ToDoubleSeconds(now - round.start);
+  summary.timings.device_compute = stats.device_compute_seconds;
   for (size_t i = 0; i < n; ++i) {
     if (measure && params[i].spec.kind == OptimizerKind::kMuon) {
       summary.orthogonality.emplace_back(static_cast<uint32_t>(i), outputs[i].orthogonality_error);

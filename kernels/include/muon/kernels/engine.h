@@ -71,6 +71,10 @@ struct StepStats {
   double finish_seconds = 0;   // encode/copy updates out
   int64_t ns_flops = 0;        // by the formula of docs/math.md, "Flops"
   int64_t parameters = 0;
+  // From a sharded engine: each engine's compute_seconds, indexed as its
+  // list (0 for one given no work); empty from any other engine. Adds up
+  // entry by entry.
+  std::vector<double> device_compute_seconds = {};
 
   StepStats& operator+=(const StepStats& other);
 };
