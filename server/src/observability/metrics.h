@@ -144,8 +144,9 @@ class Metrics {
 
   // On an engine of several devices: read at every scrape for the
   // muon_device_* gauges, one label value per device (`names`, in the
-  // probe's order: the device ordinals). Same lifetime rule as the memory
-  // probe; unset, there are no muon_device_* series.
+  // probe's order: the device ordinals), which also label the
+  // muon_device_compute_seconds series StepCommitted fills. Same lifetime
+  // rule as the memory probe; unset, there are no muon_device_* series.
   void SetDeviceProbe(std::vector<std::string> names,
                       std::function<std::vector<ShardLoad>()> probe);
 
