@@ -21,6 +21,12 @@ StepStats& StepStats::operator+=(const StepStats& other) {
   finish_seconds += other.finish_seconds;
   ns_flops += other.ns_flops;
   parameters += other.parameters;
+  if (device_compute_seconds.size() < other.device_compute_seconds.size()) {
+    device_compute_seconds.resize(other.device_compute_seconds.size());
+  }
+  for (size_t i = 0; i < other.device_compute_seconds.size(); ++i) {
+    device_compute_seconds[i] += other.device_compute_seconds[i];
+  }
   return *this;
 }
 
@@ -31,11 +37,13 @@ absl::Status Engine::Step(absl::Span<const GradientInput> grads, absl::Span<Upda
   return txn->Commit();
 }
 
-bool CudaAvailable() {
+bool CudaAvailable() { return CudaDeviceCount() > 0; }
+
+int CudaDeviceCount() {
 #ifdef MUON_HAVE_CUDA
-  return internal::CudaDeviceCount() > 0;
+  return internal::CudaDeviceCount();
 #else
-  return false;
+  return 0;
 #endif
 }
 

@@ -238,8 +238,11 @@ absl::Status ShardedTransaction::Compute(absl::Span<const GradientInput> grads,
     if (!s.items.empty() && !s.status.ok()) return s.status;
   }
   StepStats merged;
-  for (Share& s : shares) {
+  merged.device_compute_seconds.assign(static_cast<size_t>(n), 0.0);
+  for (int shard = 0; shard < n; ++shard) {
+    Share& s = shares[shard];
     if (s.items.empty()) continue;
+    merged.device_compute_seconds[shard] = s.stats.compute_seconds;
     for (size_t k = 0; k < s.items.size(); ++k) {
       UpdateOutput& out = outputs[s.items[k]];
       out.decay = s.outputs[k].decay;

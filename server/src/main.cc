@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -18,6 +19,8 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "muon/kernels/engine.h"
+#include "muon/server/devices.h"
 #include "muon/server/server.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
@@ -29,10 +32,13 @@ ABSL_FLAG(int64_t, memory_budget_bytes, 0,
           "Engine memory budget in bytes (optimizer state; GPU workspaces on CUDA); 0: the "
           "machine's memory (host memory or the cgroup limit for the CPU engine, device memory "
           "for CUDA). Env MUON_MEMORY_BUDGET_BYTES.");
-ABSL_FLAG(int, device, 0, "CUDA device ordinal. Env MUON_DEVICE.");
-ABSL_FLAG(std::vector<std::string>, devices, {},
-          "CUDA engine on several devices: comma-separated ordinals (parameters placed across "
-          "them by cost); empty: --device alone. Env MUON_DEVICES.");
+ABSL_FLAG(std::optional<int>, device, std::nullopt,
+          "CUDA engine on this one device ordinal (not together with a different --devices). "
+          "Env MUON_DEVICE.");
+ABSL_FLAG(std::optional<std::vector<std::string>>, devices, std::nullopt,
+          "CUDA engine on these devices: comma-separated ordinals, parameters placed across them "
+          "by cost (docs/operations.md, \"Several GPUs\"; the speed of two GPUs over one is not "
+          "measured yet). Unset (or empty) and no --device: every visible GPU. Env MUON_DEVICES.");
 ABSL_FLAG(int, blas_threads, 1,
           "CPU engine with --compute_threads=1: OpenBLAS threads per call; 0: OpenBLAS's default "
           "(OPENBLAS_NUM_THREADS, else one per core). With more compute threads each BLAS call "
@@ -226,15 +232,30 @@ int main(int argc, char** argv) {
   options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
   options.engine = absl::AsciiStrToLower(absl::GetFlag(FLAGS_engine));
   options.memory_budget_bytes = absl::GetFlag(FLAGS_memory_budget_bytes);
-  options.device = absl::GetFlag(FLAGS_device);
-  for (const std::string& d : absl::GetFlag(FLAGS_devices)) {
-    int ordinal = 0;
-    if (!absl::SimpleAtoi(d, &ordinal)) {
-      std::cerr << "muon-server: bad --devices entry '" << d << "' (want a device ordinal)\n";
-      return 2;
+  muon::server::DeviceRequest devices;
+  devices.engine = options.engine;
+  devices.device = absl::GetFlag(FLAGS_device);
+  if (const auto listed = absl::GetFlag(FLAGS_devices); listed.has_value()) {
+    devices.devices.emplace();
+    for (const std::string& d : *listed) {
+      int ordinal = 0;
+      if (!absl::SimpleAtoi(d, &ordinal)) {
+        std::cerr << "muon-server: bad --devices entry '" << d << "' (want a device ordinal)\n";
+        return 2;
+      }
+      devices.devices->push_back(ordinal);
     }
-    options.devices.push_back(ordinal);
   }
+  // Only counts the devices (no context is made on any); --engine=cpu never
+  // touches the CUDA runtime.
+  if (options.engine != "cpu") devices.visible = muon::CudaDeviceCount();
+  absl::StatusOr<std::vector<int>> resolved = muon::server::ResolveDevices(devices);
+  if (!resolved.ok()) {
+    std::cerr << "muon-server: " << resolved.status().message() << "\n";
+    return 2;
+  }
+  options.devices = *std::move(resolved);
+  if (!options.devices.empty()) options.device = options.devices.front();
   options.blas_threads = absl::GetFlag(FLAGS_blas_threads);
   options.compute_threads = absl::GetFlag(FLAGS_compute_threads);
   options.limits.max_sessions = absl::GetFlag(FLAGS_max_sessions);

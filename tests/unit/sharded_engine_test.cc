@@ -3,6 +3,7 @@
 // placement balanced by cost, and a failing call keeps nothing on any shard.
 #include "muon/kernels/sharded_engine.h"
 
+#include <algorithm>
 #include <cstring>
 #include <random>
 #include <string>
@@ -115,6 +116,60 @@ TEST(ShardedEngineTest, MatchesOneEngineBitForBit) {
     EXPECT_EQ(sa->weights, sb->weights);
   }
   EXPECT_EQ(three->Memory().used_bytes, one->Memory().used_bytes);
+}
+
+TEST(ShardedEngineTest, StatsSplitComputeSecondsByEngine) {
+  const std::vector<ParamSpec> specs = Specs();
+  std::unique_ptr<Engine> three = Sharded(3);
+  const std::vector<ParamId> ids = RegisterAll(*three, specs);
+  std::mt19937 rng(11);
+  Step s = MakeStep(specs, ids, rng);
+  // First call: the parameters of engines 0 and 1; engine 2's in a second.
+  std::vector<GradientInput> in_a, in_b;
+  std::vector<UpdateOutput> up_a, up_b;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const bool last = *ShardOf(*three, ids[i]) == 2;
+    (last ? in_b : in_a).push_back(s.in[i]);
+    (last ? up_b : up_a).push_back(s.up[i]);
+  }
+  ASSERT_FALSE(in_a.empty());
+  ASSERT_FALSE(in_b.empty());
+  std::unique_ptr<StepTransaction> txn = *three->BeginStep({});
+  StepStats first;
+  ASSERT_TRUE(txn->Compute(in_a, absl::MakeSpan(up_a), &first).ok());
+  ASSERT_EQ(first.device_compute_seconds.size(), 3u);
+  EXPECT_GT(first.device_compute_seconds[0], 0);
+  EXPECT_GT(first.device_compute_seconds[1], 0);
+  EXPECT_EQ(first.device_compute_seconds[2], 0);
+  // The merged figure is the longest engine's: they run at the same time.
+  EXPECT_EQ(first.compute_seconds,
+            std::max(first.device_compute_seconds[0], first.device_compute_seconds[1]));
+
+  StepStats both = first;
+  StepStats second;
+  ASSERT_TRUE(txn->Compute(in_b, absl::MakeSpan(up_b), &second).ok());
+  both += second;
+  ASSERT_TRUE(txn->Commit().ok());
+  ASSERT_EQ(second.device_compute_seconds.size(), 3u);
+  EXPECT_EQ(second.device_compute_seconds[0], 0);
+  EXPECT_EQ(second.device_compute_seconds[1], 0);
+  EXPECT_GT(second.device_compute_seconds[2], 0);
+  EXPECT_EQ(second.compute_seconds, second.device_compute_seconds[2]);
+  // A step's figures add up entry by entry over its Compute calls.
+  for (int d = 0; d < 3; ++d) {
+    EXPECT_EQ(both.device_compute_seconds[d],
+              first.device_compute_seconds[d] + second.device_compute_seconds[d]);
+  }
+
+  // One engine alone reports no per-device split.
+  std::unique_ptr<Engine> one = *CreateCpuEngine({.blas_threads = 1});
+  const std::vector<ParamId> alone = RegisterAll(*one, specs);
+  std::mt19937 again(11);
+  Step t = MakeStep(specs, alone, again);
+  StepStats plain;
+  ASSERT_TRUE(one->Step(t.in, absl::MakeSpan(t.up), {}, &plain).ok());
+  EXPECT_GT(plain.compute_seconds, 0);
+  EXPECT_TRUE(plain.device_compute_seconds.empty());
 }
 
 TEST(ShardedEngineTest, PlacesByCost) {

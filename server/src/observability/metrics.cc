@@ -163,6 +163,10 @@ void StepReporter::StepCommitted(const StepTimings& t, int64_t parameters) {
   phase_[3]->Observe(t.send);
   phase_[4]->Observe(t.total);
   parameters_->Increment(static_cast<double>(parameters));
+  absl::MutexLock lock(&device_mu_);
+  for (size_t i = 0; i < device_compute_.size() && i < t.device_compute.size(); ++i) {
+    device_compute_[i]->Observe(t.device_compute[i]);
+  }
 }
 void StepReporter::BytesReceived(int64_t bytes) {
   received_->Increment(static_cast<double>(bytes));
@@ -255,6 +259,13 @@ Metrics::Metrics()
     steps_.ortho_[static_cast<int>(s)] =
         &ortho.Add({{"schedule", std::string(ScheduleName(s))}}, OrthogonalityBuckets());
   }
+  steps_.device_compute_family_ =
+      &prometheus::BuildHistogram()
+           .Name("muon_device_compute_seconds")
+           .Help(
+               "Committed steps' engine compute on each device (--devices), seconds, summed over "
+               "the step's batches; 0 on a device that holds none of the step's parameters.")
+           .Register(r);
   steps_.streams_ = &prometheus::BuildGauge()
                          .Name("muon_active_streams")
                          .Help("Step streams open now.")
@@ -333,6 +344,14 @@ void Metrics::SetMemoryProbe(std::function<MemoryUsage()> probe) {
 
 void Metrics::SetDeviceProbe(std::vector<std::string> names,
                              std::function<std::vector<ShardLoad>()> probe) {
+  {
+    absl::MutexLock lock(&steps_.device_mu_);
+    steps_.device_compute_.clear();
+    for (const std::string& name : names) {
+      steps_.device_compute_.push_back(
+          &steps_.device_compute_family_->Add({{"device", name}}, LatencyBuckets()));
+    }
+  }
   absl::MutexLock lock(&probe_mu_);
   device_names_ = std::move(names);
   device_probe_ = std::move(probe);

@@ -56,6 +56,10 @@ struct StepTimings {
   double compute = 0;
   double send = 0;
   double total = 0;
+  // On an engine of several devices: each device's compute seconds,
+  // summed over the step's batches (StepStats::device_compute_seconds), for
+  // muon_device_compute_seconds; empty on one device.
+  std::vector<double> device_compute = {};
 };
 
 // What the Step reactor reports. Thread-safe; the metrics it points to
@@ -66,7 +70,9 @@ class StepReporter {
   void StreamClosed();
   // Once per stream, when it is done.
   void StepEnded(StepOutcome outcome);
-  // At commit: the step's phase timings and the number of parameters updated.
+  // At commit: the step's phase timings and the number of parameters
+  // updated. Each device's compute seconds go to its series once the
+  // Metrics has a device probe; without one they are not exported.
   void StepCommitted(const StepTimings& timings, int64_t parameters);
   // Gradient payload bytes as chunks arrive; update payload bytes as written.
   void BytesReceived(int64_t bytes);
@@ -84,6 +90,10 @@ class StepReporter {
   prometheus::Counter* received_ = nullptr;
   prometheus::Counter* sent_ = nullptr;
   prometheus::Histogram* ortho_[6] = {};  // by ScheduleKind
+  prometheus::Family<prometheus::Histogram>* device_compute_family_ = nullptr;
+  absl::Mutex device_mu_;
+  // One per device of the device probe, in its order.
+  std::vector<prometheus::Histogram*> device_compute_ ABSL_GUARDED_BY(device_mu_);
 };
 
 // What the session registry reports. Thread-safe.
@@ -134,8 +144,9 @@ class Metrics {
 
   // On an engine of several devices: read at every scrape for the
   // muon_device_* gauges, one label value per device (`names`, in the
-  // probe's order: the device ordinals). Same lifetime rule as the memory
-  // probe; unset, there are no muon_device_* series.
+  // probe's order: the device ordinals), which also label the
+  // muon_device_compute_seconds series StepCommitted fills. Same lifetime
+  // rule as the memory probe; unset, there are no muon_device_* series.
   void SetDeviceProbe(std::vector<std::string> names,
                       std::function<std::vector<ShardLoad>()> probe);
 

@@ -122,6 +122,7 @@ absl::StatusOr<ParameterServerRounds::Committed> ParameterServerRounds::Commit()
     summary.timings.compute = compute_seconds_;
     summary.reply_orthogonality = measure_asked_;
     summary.ns_flops = stats_.ns_flops;
+    summary.timings.device_compute = stats_.device_compute_seconds;
     start = start_;
     measured = txn_measures_;
   }

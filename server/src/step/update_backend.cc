@@ -221,7 +221,7 @@ absl::StatusOr<std::vector<StepResponsePtr>> UpdateStepBackend::Compute(std::vec
   timings_.queue += queue_seconds;
   timings_.queue_longest = std::max(timings_.queue_longest, queue_longest);
   timings_.compute += compute_seconds;
-  ns_flops_ += stats.ns_flops;
+  engine_stats_ += stats;
   computed_ += n;
   bytes_sent_ += bytes_sent;
   for (size_t i = 0; i < n; ++i) {
@@ -259,7 +259,8 @@ void UpdateStepBackend::Commit() {
     summary.reply_orthogonality = header_.measure_orthogonality();
     summary.bytes_received = bytes_received_;
     summary.bytes_sent = bytes_sent_;
-    summary.ns_flops = ns_flops_;
+    summary.ns_flops = engine_stats_.ns_flops;
+    summary.timings.device_compute = engine_stats_.device_compute_seconds;
     record->responses = std::move(responses_);
     record->responses.push_back(MakeSummary(std::move(summary), *session_, env_.metrics));
   }

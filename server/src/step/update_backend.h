@@ -100,7 +100,8 @@ class UpdateStepBackend final : public StepBackend {
   StepTimings timings_ ABSL_GUARDED_BY(mu_);
   int64_t bytes_received_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t bytes_sent_ ABSL_GUARDED_BY(mu_) = 0;
-  int64_t ns_flops_ ABSL_GUARDED_BY(mu_) = 0;
+  // What the engine reported over this step's Compute calls.
+  StepStats engine_stats_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace muon::server

@@ -116,6 +116,25 @@ TEST(MetricsTest, DeviceGaugesAreLabelledByDevice) {
   EXPECT_THAT(metrics->Text(), HasSubstr("muon_device_parameters{device=\"5\"} 7\n"));
 }
 
+// Several devices: each committed step's compute seconds per device, one
+// series per device of the probe; without a probe (one device) none.
+TEST(MetricsTest, DeviceComputeSecondsPerDevice) {
+  std::unique_ptr<Metrics> metrics = NewMetrics();
+  StepTimings step{.compute = 0.02, .total = 0.03, .device_compute = {0.02, 0.004}};
+  metrics->steps()->StepCommitted(step, /*parameters=*/4);
+  EXPECT_THAT(metrics->Text(), Not(HasSubstr("muon_device_compute_seconds_count{")));
+  metrics->SetDeviceProbe({"2", "5"}, [] { return std::vector<ShardLoad>(2); });
+  metrics->steps()->StepCommitted(step, 4);
+  step.device_compute = {0.5, 0};
+  metrics->steps()->StepCommitted(step, 4);
+  const std::string text = metrics->Text();
+  EXPECT_THAT(text, HasSubstr("muon_device_compute_seconds_count{device=\"2\"} 2\n"));
+  EXPECT_THAT(text, HasSubstr("muon_device_compute_seconds_sum{device=\"2\"} 0.52\n"));
+  EXPECT_THAT(text, HasSubstr("muon_device_compute_seconds_count{device=\"5\"} 2\n"));
+  EXPECT_THAT(text, HasSubstr("muon_device_compute_seconds_sum{device=\"5\"} 0.004\n"));
+  EXPECT_THAT(text, HasSubstr("muon_device_compute_seconds_bucket{device=\"5\",le=\"0.0001\"} 1\n"));
+}
+
 TEST(MetricsTest, FailedStepOutcomes) {
   EXPECT_EQ(OutcomeOfFailure(grpc::StatusCode::INVALID_ARGUMENT), StepOutcome::kInvalid);
   EXPECT_EQ(OutcomeOfFailure(grpc::StatusCode::FAILED_PRECONDITION), StepOutcome::kInvalid);

@@ -12,9 +12,11 @@
 #include <memory>
 #include <optional>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "muon/kernels/engine.h"
+#include "muon/kernels/sharded_engine.h"
 #include "observability/metrics.h"
 #include "session/registry.h"
 #include "status_matchers.h"
@@ -92,7 +94,7 @@ class RoundsTest : public ::testing::Test {
  protected:
   void SetUp() override {
     metrics_ = *Metrics::Create("");
-    engine_ = *CreateCpuEngine(EngineOptions{});
+    engine_ = MakeEngine();
     RoundOptions rounds;
     rounds.metrics = metrics_->steps();
     rounds.worker_timeout = kTimeout;
@@ -107,6 +109,8 @@ class RoundsTest : public ::testing::Test {
     session_ = NewSession(2);
     rounds_ = RoundsOf(*session_);
   }
+
+  virtual std::unique_ptr<Engine> MakeEngine() { return *CreateCpuEngine(EngineOptions{}); }
 
   std::shared_ptr<Session> NewSession(uint32_t workers) {
     v1::CreateSessionRequest request;
@@ -290,6 +294,34 @@ TEST_F(RoundsTest, ANonFiniteGradientFoundWhileComputingFailsOnlyItsStream) {
   ASSERT_TRUE(w0.result.has_value());
   ASSERT_THAT(*w0.result, IsOk());
   EXPECT_EQ(WeightsOf(***w0.result), WeightsAfterAverage({g0, g1}));
+}
+
+// The session's two parameters on two CPU engines behind a sharded engine,
+// as on two GPUs.
+class ShardedRoundsTest : public RoundsTest {
+ protected:
+  std::unique_ptr<Engine> MakeEngine() override {
+    std::vector<std::unique_ptr<Engine>> engines;
+    engines.push_back(*CreateCpuEngine(EngineOptions{}));
+    engines.push_back(*CreateCpuEngine(EngineOptions{}));
+    return *CreateShardedEngine(std::move(engines));
+  }
+};
+
+// A committed round reports each device's compute seconds once.
+TEST_F(ShardedRoundsTest, CommittedRoundReportsComputeSecondsPerDevice) {
+  metrics_->SetDeviceProbe({"0", "1"}, [] { return std::vector<ShardLoad>(2); });
+  std::shared_ptr<Session> single = NewSession(1);
+  ASSERT_NE(*ShardOf(*engine_, single->params()[0].engine_id),
+            *ShardOf(*engine_, single->params()[1].engine_id));
+  Waiter only;
+  Join(RoundsOf(*single), 1, 0, &only);
+  ASSERT_THAT(Send(RoundsOf(*single), &only, RandomGradient(3)), IsOk());
+  ASSERT_TRUE(only.result.has_value());
+  ASSERT_THAT(*only.result, IsOk());
+  const std::string text = metrics_->Text();
+  EXPECT_THAT(text, HasSubstr("muon_device_compute_seconds_count{device=\"0\"} 1\n"));
+  EXPECT_THAT(text, HasSubstr("muon_device_compute_seconds_count{device=\"1\"} 1\n"));
 }
 
 TEST_F(RoundsTest, AResentWorkerWaitsAndIsNotAddedTwice) {

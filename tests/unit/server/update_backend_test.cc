@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "muon/kernels/sharded_engine.h"
 #include "observability/metrics.h"
 #include "step/grad_scale.h"
 #include "session/registry.h"
@@ -77,7 +78,7 @@ class UpdateBackendTest : public ::testing::Test {
  protected:
   void SetUp() override {
     metrics_ = *Metrics::Create("");
-    engine_ = *CreateCpuEngine(EngineOptions{});
+    engine_ = MakeEngine();
     durability_ = std::make_unique<Durability>(DurabilityOptions{}, engine_.get());
     registry_ = std::make_unique<SessionRegistry>(engine_.get(), Limits{}, metrics_->sessions(),
                                                   durability_.get(), nullptr);
@@ -96,6 +97,8 @@ class UpdateBackendTest : public ::testing::Test {
     env_.metrics = metrics_->steps();
     env_.update_chunk_bytes = 1030;  // no element size divides it
   }
+
+  virtual std::unique_ptr<Engine> MakeEngine() { return *CreateCpuEngine(EngineOptions{}); }
 
   std::unique_ptr<UpdateStepBackend> Backend() {
     return std::make_unique<UpdateStepBackend>(env_, session_, &events_);
@@ -156,6 +159,31 @@ TEST_F(UpdateBackendTest, UpdatesStreamInWholeElementsAndTheSummaryCommits) {
     EXPECT_EQ(r->update().data().size() % 4, 0u);
     EXPECT_LE(r->update().data().size(), 1028u);
   }
+}
+
+// The session's two parameters on two CPU engines behind a sharded engine,
+// as on two GPUs.
+class ShardedUpdateBackendTest : public UpdateBackendTest {
+ protected:
+  std::unique_ptr<Engine> MakeEngine() override {
+    std::vector<std::unique_ptr<Engine>> engines;
+    engines.push_back(*CreateCpuEngine(EngineOptions{}));
+    engines.push_back(*CreateCpuEngine(EngineOptions{}));
+    return *CreateShardedEngine(std::move(engines));
+  }
+};
+
+// Each device's compute seconds, summed over the step's batches, reach
+// muon_device_compute_seconds once per committed step.
+TEST_F(ShardedUpdateBackendTest, CommittedStepReportsComputeSecondsPerDevice) {
+  ASSERT_NE(*ShardOf(*engine_, session_->params()[0].engine_id),
+            *ShardOf(*engine_, session_->params()[1].engine_id));
+  metrics_->SetDeviceProbe({"0", "1"}, [] { return std::vector<ShardLoad>(2); });
+  CommitStepOne();
+  const std::string text = metrics_->Text();
+  EXPECT_THAT(text, HasSubstr("muon_device_compute_seconds_count{device=\"0\"} 1\n"));
+  EXPECT_THAT(text, HasSubstr("muon_device_compute_seconds_count{device=\"1\"} 1\n"));
+  EXPECT_THAT(text, HasSubstr("muon_step_duration_seconds_count{phase=\"compute\"} 1\n"));
 }
 
 TEST_F(UpdateBackendTest, AnAbortWhileATaskIsPendingEndsWithFailedAndFreesTheSession) {

@@ -71,6 +71,10 @@ struct StepStats {
   double finish_seconds = 0;   // encode/copy updates out
   int64_t ns_flops = 0;        // by the formula of docs/math.md, "Flops"
   int64_t parameters = 0;
+  // From a sharded engine: each engine's compute_seconds, indexed as its
+  // list (0 for one given no work); empty from any other engine. Adds up
+  // entry by entry.
+  std::vector<double> device_compute_seconds = {};
 
   StepStats& operator+=(const StepStats& other);
 };
@@ -202,6 +206,10 @@ absl::StatusOr<std::unique_ptr<Engine>> CreateEngine(absl::string_view kind,
 
 // True when this build has the CUDA engine and a device is usable.
 bool CudaAvailable();
+
+// CUDA devices this process can use (after CUDA_VISIBLE_DEVICES); 0 when the
+// build has no CUDA, or there is no driver or device.
+int CudaDeviceCount();
 
 // For engine implementations: checks one Compute input against its
 // parameter's spec (gradient dtype and byte count, the output's parameter and

@@ -32,7 +32,8 @@ double PlacementCost(const ParamSpec& spec);
 //
 // Memory: the sum over the engines (budget: the sum of theirs, 0 if any is
 // unbudgeted). StepStats: counts add up; phase seconds are the longest
-// engine's, the engines running at the same time.
+// engine's, the engines running at the same time; device_compute_seconds
+// holds each engine's own.
 //
 // InvalidArgument for an empty list or a null engine.
 absl::StatusOr<std::unique_ptr<Engine>> CreateShardedEngine(

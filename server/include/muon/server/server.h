@@ -39,7 +39,9 @@ struct ServerOptions {
   int64_t memory_budget_bytes = 0;
   // CUDA device ordinal.
   int device = 0;
-  // CUDA engine on several devices (EngineOptions::devices); empty: `device`.
+  // CUDA engine on these devices (EngineOptions::devices): one engine each,
+  // more than one behind the sharded engine; empty: `device` alone.
+  // muon-server fills it from its flags with ResolveDevices (devices.h).
   std::vector<int> devices;
   // CPU engine with compute_threads = 1: OpenBLAS threads per call; 0:
   // OpenBLAS's default. With more compute threads it must be 1: each
