@@ -7,8 +7,8 @@
 
 namespace muon::server {
 
-StepAssembler::StepAssembler(std::vector<Tensor> tensors)
-    : tensors_(std::move(tensors)), state_(tensors_.size()) {}
+StepAssembler::StepAssembler(std::vector<Tensor> tensors, BufferShelf* shelf)
+    : tensors_(std::move(tensors)), shelf_(shelf), state_(tensors_.size()) {}
 
 absl::Status StepAssembler::Add(uint32_t index, uint64_t offset, absl::string_view data,
                                 bool* complete) {
@@ -52,7 +52,10 @@ absl::Status StepAssembler::Add(uint32_t index, uint64_t offset, absl::string_vi
                        prev->second, ") already received (duplicate chunk)"));
     }
   }
-  if (s.data == nullptr) s.data.reset(new std::byte[total]);
+  if (s.data == nullptr) {
+    s.data = shelf_ != nullptr ? shelf_->Take(index, t.bytes)
+                               : std::unique_ptr<std::byte[]>(new std::byte[total]);
+  }
   std::memcpy(s.data.get() + offset, data.data(), size);
   s.started = true;
   s.received += static_cast<int64_t>(size);

@@ -10,6 +10,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
+#include "util/buffer_shelf.h"
 
 namespace muon::server {
 
@@ -23,7 +24,9 @@ class StepAssembler {
     int64_t bytes = 0;         // whole tensor
     int64_t element_size = 1;  // offsets and lengths are multiples of it
   };
-  explicit StepAssembler(std::vector<Tensor> tensors);
+  // Tensor i's bytes go into a buffer taken from `shelf`'s slot i when one
+  // is given (a session's kept gradient buffers), else into a new one.
+  explicit StepAssembler(std::vector<Tensor> tensors, BufferShelf* shelf = nullptr);
 
   // Copies `data` to [offset, offset + size) of tensor `index` and sets
   // *complete when the tensor is now whole. NotFound for an unknown index;
@@ -52,6 +55,7 @@ class StepAssembler {
     std::map<uint64_t, uint64_t> ranges;  // start → end of received bytes
   };
   std::vector<Tensor> tensors_;
+  BufferShelf* const shelf_;
   std::vector<State> state_;
   int64_t bytes_received_ = 0;
 };

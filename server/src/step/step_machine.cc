@@ -145,7 +145,8 @@ absl::Status StepMachine::OnHeader(const v1::StepHeader& header) {
   }
   switch (admission->role) {
     case StepBackend::Role::kReceive:
-      reader_.Receive(std::move(admission->session_id), std::move(admission->params));
+      reader_.Receive(std::move(admission->session_id), std::move(admission->params),
+                      admission->gradient_buffers);
       phase_ = Phase::kReceiving;
       break;
     case StepBackend::Role::kReplay:

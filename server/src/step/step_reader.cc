@@ -77,7 +77,7 @@ absl::StatusOr<StepReader::Event> StepReader::HalfClose() {
   return Event{};
 }
 
-void StepReader::Receive(std::string session_id, std::vector<Param> params) {
+void StepReader::Receive(std::string session_id, std::vector<Param> params, BufferShelf* shelf) {
   session_id_ = std::move(session_id);
   params_ = std::move(params);
   std::vector<StepAssembler::Tensor> tensors;
@@ -85,7 +85,7 @@ void StepReader::Receive(std::string session_id, std::vector<Param> params) {
   for (const Param& p : params_) {
     tensors.push_back({p.name, p.bytes, static_cast<int64_t>(DTypeSize(p.dtype))});
   }
-  assembler_.emplace(std::move(tensors));
+  assembler_.emplace(std::move(tensors), shelf);
   phase_ = Phase::kReceiving;
 }
 

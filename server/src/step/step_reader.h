@@ -59,8 +59,9 @@ class StepReader {
   absl::StatusOr<Event> HalfClose();
 
   // After a kHeader event: the header starts a new step of session
-  // `session_id` with these parameters (indices are positions).
-  void Receive(std::string session_id, std::vector<Param> params);
+  // `session_id` with these parameters (indices are positions), assembled
+  // into buffers from `shelf` when given (StepAssembler).
+  void Receive(std::string session_id, std::vector<Param> params, BufferShelf* shelf = nullptr);
   // After a kHeader event: the header retries a committed step; chunks are
   // ignored until the end.
   void Replay();
