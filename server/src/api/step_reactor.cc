@@ -2,8 +2,8 @@
 // (step/step_machine.h), in the manner of gRPC's route_guide callback
 // server. Step is a raw method: a gradient chunk's data is copied from
 // gRPC's slices straight into its parameter's buffer (api/step_wire.h);
-// every other message is parsed and every response serialized by protobuf,
-// as the generated method would. Each reaction takes mu_, hands its event to the machine and runs
+// every other message is parsed by protobuf, as the generated method would;
+// an update chunk's data goes out as a slice of the response's own string. Each reaction takes mu_, hands its event to the machine and runs
 // the actions it returns after releasing mu_: StartRead, StartWrite and
 // Finish may run a reaction inline. The backend (UPDATES or
 // PARAMETER_SERVER) does its work on the server's pool and reports back
@@ -190,11 +190,8 @@ class StepReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc:
     if (actions.read) StartRead(&read_buffer_);
     if (actions.write != nullptr) {
       writing_ = actions.write;
-      bool own = false;
-      write_buffer_.Clear();  // the last write's, done; Serialize wants it empty
       // Its own message, so it serializes; a failure would be a bug of ours.
-      grpc::Status serialized =
-          grpc::SerializationTraits<v1::StepResponse>::Serialize(*writing_, &write_buffer_, &own);
+      grpc::Status serialized = EncodeStepResponse(writing_, &write_buffer_);
       if (!serialized.ok()) {
         OnWriteDone(/*ok=*/false);  // the stream fails as after a broken write
         return;
@@ -242,8 +239,8 @@ class StepReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc:
   // Read and write reactions are each serialized.
   grpc::ByteBuffer read_buffer_;
   v1::StepRequest request_;  // a message other than a plain gradient chunk
-  const v1::StepResponse* writing_ = nullptr;
-  grpc::ByteBuffer write_buffer_;  // writing_, serialized
+  StepResponsePtr writing_;
+  grpc::ByteBuffer write_buffer_;  // writing_, encoded
   // gRPC's reference until OnDone, and one per task or round holding this.
   std::atomic<int> refs_{1};
 

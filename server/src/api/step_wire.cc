@@ -1,18 +1,27 @@
 #include "api/step_wire.h"
 
 #include <google/protobuf/io/coded_stream.h>
+#include <google/protobuf/io/zero_copy_stream_impl_lite.h>
 #include <google/protobuf/wire_format_lite.h>
+#include <grpcpp/impl/codegen/proto_utils.h>
 #include <grpcpp/support/proto_buffer_reader.h>
+
+#include <string>
+#include <utility>
 
 namespace muon::server {
 namespace {
 
 using google::protobuf::internal::WireFormatLite;
 using google::protobuf::io::CodedInputStream;
+using google::protobuf::io::CodedOutputStream;
 
 constexpr uint32_t Tag(int field, WireFormatLite::WireType type) {
   return (static_cast<uint32_t>(field) << 3) | static_cast<uint32_t>(type);
 }
+
+// A data slice's destroy callback: drops its hold on the response.
+void ReleaseResponse(void* hold) { delete static_cast<StepResponsePtr*>(hold); }
 
 }  // namespace
 
@@ -67,6 +76,47 @@ void CopyWireChunkData(grpc::ByteBuffer* message, const WireChunk& chunk, std::b
   CodedInputStream in(&reader);
   in.Skip(static_cast<int>(chunk.data_position));
   in.ReadRaw(destination, static_cast<int>(chunk.data_size));
+}
+
+grpc::Status EncodeStepResponse(StepResponsePtr response, grpc::ByteBuffer* out) {
+  out->Clear();  // Serialize wants it empty
+  if (!response->has_update() || response->update().data().empty()) {
+    bool own = false;
+    return grpc::SerializationTraits<v1::StepResponse>::Serialize(*response, out, &own);
+  }
+  const v1::UpdateChunk& update = response->update();
+  // Every field but data (step_wire_test checks that none is missed).
+  v1::UpdateChunk meta;
+  meta.set_param_index(update.param_index());
+  meta.set_offset(update.offset());
+  meta.set_dtype(update.dtype());
+  meta.set_decay(update.decay());
+  meta.set_total_bytes(update.total_bytes());
+  meta.set_content(update.content());
+  const std::string& data = update.data();
+  const uint32_t data_tag =
+      Tag(v1::UpdateChunk::kDataFieldNumber, WireFormatLite::WIRETYPE_LENGTH_DELIMITED);
+  const size_t meta_bytes = meta.ByteSizeLong();
+  const uint64_t chunk_bytes = meta_bytes + CodedOutputStream::VarintSize32(data_tag) +
+                               CodedOutputStream::VarintSize64(data.size()) + data.size();
+  std::string head;
+  {
+    google::protobuf::io::StringOutputStream stream(&head);
+    CodedOutputStream coded(&stream);
+    coded.WriteTag(
+        Tag(v1::StepResponse::kUpdateFieldNumber, WireFormatLite::WIRETYPE_LENGTH_DELIMITED));
+    coded.WriteVarint64(chunk_bytes);
+    meta.SerializeWithCachedSizes(&coded);
+    coded.WriteTag(data_tag);
+    coded.WriteVarint64(data.size());
+  }
+  // gRPC only reads the data; the cast is its API's.
+  char* bytes = const_cast<char*>(data.data());
+  const size_t size = data.size();
+  auto* hold = new StepResponsePtr(std::move(response));
+  grpc::Slice slices[2] = {grpc::Slice(head), grpc::Slice(bytes, size, &ReleaseResponse, hold)};
+  *out = grpc::ByteBuffer(slices, 2);
+  return grpc::Status::OK;
 }
 
 }  // namespace muon::server

@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "muon/v1/optimizer.pb.h"
+#include "step/step_backend.h"
 
 namespace muon::server {
 
@@ -33,6 +34,12 @@ bool FindWireChunk(grpc::ByteBuffer* message, WireChunk* chunk);
 // Copies the chunk's data out of `message` into `destination`
 // (chunk.data_size bytes). REQUIRES: FindWireChunk gave `chunk` for it.
 void CopyWireChunkData(grpc::ByteBuffer* message, const WireChunk& chunk, std::byte* destination);
+
+// `response` as the bytes protobuf would serialize it to (fields in another
+// order), except that an update chunk's data is not copied: it goes out as a
+// slice that references the response's own data string and keeps the
+// response alive until gRPC lets go of it.
+grpc::Status EncodeStepResponse(StepResponsePtr response, grpc::ByteBuffer* out);
 
 }  // namespace muon::server
 

@@ -203,7 +203,7 @@ StepMachine::Actions StepMachine::Next(bool read) {
   if (!writing_ && !writes_.empty()) {
     writing_ = true;
     write_start_ = absl::Now();
-    actions.write = writes_.front().get();
+    actions.write = writes_.front();
   }
   if (phase_ == Phase::kFinishing && !writing_ && writes_.empty() && !awaiting_backend_) {
     phase_ = Phase::kDone;

@@ -47,7 +47,7 @@ class StepMachine {
   // What the stream must do next, in this order.
   struct Actions {
     bool read = false;                         // StartRead
-    const v1::StepResponse* write = nullptr;   // StartWrite; valid until WriteDone
+    StepResponsePtr write;                     // StartWrite
     std::optional<absl::Status> finish;        // Finish with this status
   };
 

@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -125,6 +126,58 @@ TEST(StepWireTest, AnythingButAPlainChunkIsLeftToProtobuf) {
     WireChunk found;
     EXPECT_FALSE(FindWireChunk(&message, &found)) << "message " << i;
   }
+}
+
+// The bytes of `message`, one string.
+std::string Bytes(grpc::ByteBuffer* message) {
+  std::vector<grpc::Slice> slices;
+  EXPECT_TRUE(message->Dump(&slices).ok());
+  std::string bytes;
+  for (const grpc::Slice& slice : slices) {
+    bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+  }
+  return bytes;
+}
+
+// An update chunk goes out as protobuf would send it, its data a slice of
+// the response's own string that keeps the response alive.
+TEST(StepWireTest, AnUpdateIsSentFromItsOwnStringAndKeptAliveByItsSlice) {
+  // A field added to UpdateChunk must be added to EncodeStepResponse too.
+  ASSERT_EQ(v1::UpdateChunk::descriptor()->field_count(), 7);
+  auto response = std::make_shared<v1::StepResponse>();
+  v1::UpdateChunk* update = response->mutable_update();
+  update->set_param_index(4);
+  update->set_offset(1024);
+  update->set_data(std::string(5000, 'u'));
+  update->set_dtype(v1::DTYPE_FLOAT16);
+  update->set_decay(0.999);
+  update->set_total_bytes(9000);
+  update->set_content(v1::UPDATE_CONTENT_WEIGHTS);
+  const std::string want = response->SerializeAsString();
+  const void* data = update->data().data();
+  std::weak_ptr<v1::StepResponse> alive = response;
+  grpc::ByteBuffer message;
+  ASSERT_TRUE(EncodeStepResponse(std::move(response), &message).ok());
+  EXPECT_FALSE(alive.expired());  // held by the slice
+  std::vector<grpc::Slice> slices;
+  ASSERT_TRUE(message.Dump(&slices).ok());
+  ASSERT_EQ(slices.size(), 2u);
+  EXPECT_EQ(static_cast<const void*>(slices[1].begin()), data);  // not a copy
+  slices.clear();
+  v1::StepResponse parsed;
+  ASSERT_TRUE(parsed.ParseFromString(Bytes(&message)));
+  EXPECT_EQ(parsed.SerializeAsString(), want);
+  message.Clear();
+  EXPECT_TRUE(alive.expired());  // the last slice released it
+}
+
+TEST(StepWireTest, ASummaryIsSerializedAsIs) {
+  auto summary = std::make_shared<v1::StepResponse>();
+  summary->mutable_summary()->set_step(12);
+  const std::string want = summary->SerializeAsString();
+  grpc::ByteBuffer message;
+  ASSERT_TRUE(EncodeStepResponse(summary, &message).ok());
+  EXPECT_EQ(Bytes(&message), want);
 }
 
 }  // namespace
