@@ -16,7 +16,6 @@
 namespace muon {
 namespace {
 
-using client_internal::LentBytes;
 using client_internal::SplitIntoChunks;
 using client_internal::StepWrite;
 using client_internal::UpdateAssembler;
@@ -303,11 +302,8 @@ absl::StatusOr<StepResult> Client::StepOnce(const SessionHandle& session, uint64
                                             const StepCallOptions& options) {
   grpc::ClientContext context;
   Prepare(&context, options.timeout);
-  // Declared before the stream: gRPC may hold slices of the gradients until
-  // the call is gone, and the step returns only after that.
-  LentBytes lent;
   // The generated stub's Step, but writing StepWrites: each chunk's bytes
-  // are the caller's gradient, referenced, not copied (step_write.h).
+  // are copied once, into the slice gRPC sends (step_write.h).
   std::unique_ptr<grpc::ClientReaderWriter<StepWrite, v1::StepResponse>> stream(
       grpc::internal::ClientReaderWriterFactory<StepWrite, v1::StepResponse>::Create(
           channel_.get(), step_method_, &context));
@@ -330,7 +326,7 @@ absl::StatusOr<StepResult> Client::StepOnce(const SessionHandle& session, uint64
       for (const client_internal::ByteRange& r :
            SplitIntoChunks(g.data.size(), options_.chunk_bytes)) {
         const StepWrite chunk{nullptr, g.param_index, r.offset, g.dtype,
-                              g.data.subspan(r.offset, r.size), &lent};
+                              g.data.subspan(r.offset, r.size)};
         if (!stream->Write(chunk)) return;
       }
     }
@@ -360,8 +356,6 @@ absl::StatusOr<StepResult> Client::StepOnce(const SessionHandle& session, uint64
   if (!client_error.ok()) context.TryCancel();  // unblocks the writer
   writer.join();
   grpc::Status status = stream->Finish();
-  stream.reset();
-  lent.AwaitReturned();
   if (!client_error.ok()) return client_error;
   // The summary is the commit: once it is here the step is applied on the
   // server, whatever happens to the rest of the stream.

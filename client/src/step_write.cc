@@ -12,31 +12,8 @@ namespace muon::client_internal {
 using google::protobuf::internal::WireFormatLite;
 using google::protobuf::io::CodedOutputStream;
 
-LentBytes::~LentBytes() { AwaitReturned(); }
-
-void LentBytes::Lend() {
-  absl::MutexLock lock(&mu_);
-  ++lent_;
-}
-
-void LentBytes::Return(void* self) {
-  auto* lent = static_cast<LentBytes*>(self);
-  absl::MutexLock lock(&lent->mu_);
-  --lent->lent_;
-}
-
-void LentBytes::AwaitReturned() {
-  absl::MutexLock lock(&mu_);
-  mu_.Await(absl::Condition(
-      +[](int64_t* lent) { return *lent == 0; }, &lent_));
-}
-
-int64_t LentBytes::lent() const {
-  absl::MutexLock lock(&mu_);
-  return lent_;
-}
-
 grpc::Status EncodeStepWrite(const StepWrite& write, grpc::ByteBuffer* out) {
+  out->Clear();
   if (write.message != nullptr) {
     bool own = false;
     return grpc::SerializationTraits<v1::StepRequest>::Serialize(*write.message, out, &own);
@@ -62,15 +39,8 @@ grpc::Status EncodeStepWrite(const StepWrite& write, grpc::ByteBuffer* out) {
     coded.WriteTag(data_tag);
     coded.WriteVarint64(size);
   }
-  grpc::Slice slices[2] = {grpc::Slice(head), grpc::Slice()};
-  size_t count = 1;
-  if (size > 0) {
-    write.lent->Lend();
-    // gRPC only reads it; the cast is its API's.
-    slices[1] = grpc::Slice(const_cast<std::byte*>(write.data.data()), size, &LentBytes::Return,
-                            write.lent);
-    count = 2;
-  }
+  grpc::Slice slices[2] = {grpc::Slice(head), grpc::Slice(write.data.data(), size)};
+  const size_t count = size > 0 ? 2 : 1;
   *out = grpc::ByteBuffer(slices, count);
   return grpc::Status::OK;
 }
