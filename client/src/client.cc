@@ -11,11 +11,13 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "chunking.h"
+#include "step_write.h"
 
 namespace muon {
 namespace {
 
 using client_internal::SplitIntoChunks;
+using client_internal::StepWrite;
 using client_internal::UpdateAssembler;
 
 bool Retryable(absl::StatusCode code) {
@@ -132,7 +134,11 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Create(const ClientOptions& opti
 }
 
 Client::Client(const ClientOptions& options, std::shared_ptr<grpc::Channel> channel)
-    : options_(options), channel_(std::move(channel)), stub_(v1::Optimizer::NewStub(channel_)) {}
+    : options_(options),
+      channel_(std::move(channel)),
+      stub_(v1::Optimizer::NewStub(channel_)),
+      step_method_("/muon.v1.Optimizer/Step", grpc::internal::RpcMethod::BIDI_STREAMING,
+                   channel_) {}
 
 Client::~Client() = default;
 
@@ -296,8 +302,11 @@ absl::StatusOr<StepResult> Client::StepOnce(const SessionHandle& session, uint64
                                             const StepCallOptions& options) {
   grpc::ClientContext context;
   Prepare(&context, options.timeout);
-  std::unique_ptr<grpc::ClientReaderWriter<v1::StepRequest, v1::StepResponse>> stream =
-      stub_->Step(&context);
+  // The generated stub's Step, but writing StepWrites: each chunk's bytes
+  // are copied once, into the slice gRPC sends (step_write.h).
+  std::unique_ptr<grpc::ClientReaderWriter<StepWrite, v1::StepResponse>> stream(
+      grpc::internal::ClientReaderWriterFactory<StepWrite, v1::StepResponse>::Create(
+          channel_.get(), step_method_, &context));
 
   // Sending and reading go on at once: the server streams updates back while
   // gradients are still coming in. One thread may Write while another Reads.
@@ -312,23 +321,20 @@ absl::StatusOr<StepResult> Client::StepOnce(const SessionHandle& session, uint64
     if (options.lr_scale.has_value()) header->set_lr_scale(*options.lr_scale);
     header->set_update_dtype(options.update_dtype);
     header->set_measure_orthogonality(options.measure_orthogonality);
-    if (!stream->Write(request)) return;
+    if (!stream->Write(StepWrite::Whole(request))) return;
     for (const Gradient& g : gradients) {
       for (const client_internal::ByteRange& r :
            SplitIntoChunks(g.data.size(), options_.chunk_bytes)) {
-        v1::TensorChunk* chunk = request.mutable_gradient();  // reuses the buffer
-        chunk->set_param_index(g.param_index);
-        chunk->set_offset(r.offset);
-        chunk->set_data(g.data.data() + r.offset, r.size);
-        chunk->set_dtype(g.dtype);
-        if (!stream->Write(request)) return;
+        const StepWrite chunk{nullptr, g.param_index, r.offset, g.dtype,
+                              g.data.subspan(r.offset, r.size)};
+        if (!stream->Write(chunk)) return;
       }
     }
     // StepEnd makes the end explicit: a stream cut after the last chunk is
     // never taken for a finished step.
     v1::StepEnd* end = request.mutable_end();
     for (const Gradient& g : gradients) end->add_param_indices(g.param_index);
-    stream->WriteLast(request, grpc::WriteOptions());
+    stream->WriteLast(StepWrite::Whole(request), grpc::WriteOptions());
   });
 
   UpdateAssembler assembler;

@@ -401,10 +401,14 @@ absl::Status StepAdamW(Param& p, const GradientInput& grad, UpdateOutput& out, T
     const float* v = p.state.exp_avg_sq.data() + off;
     float* m_new = p.next.exp_avg.data() + off;
     float* v_new = p.next.exp_avg_sq.data() + off;
+    // AdamWStep in two loops, so that each vectorizes (step_math.h).
     for (int64_t k = 0; k < len; ++k) {
-      u[k] = internal::AdamWStep(c, m[k], v[k], g[k], &m_new[k], &v_new[k]);
+      internal::AdamWMoments(c, m[k], v[k], g[k], &m_new[k], &v_new[k]);
       moments.Add(m_new[k]);
       moments.Add(v_new[k]);
+    }
+    for (int64_t k = 0; k < len; ++k) {
+      u[k] = internal::AdamWUpdate(c, m_new[k], v_new[k]);
       moments.Add(u[k]);
     }
     if (p.spec.hold_weights) {

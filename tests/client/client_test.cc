@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "chunking.h"
+#include "step_write.h"
 #include "model_presets.h"
 #include "stats.h"
 
@@ -263,6 +264,51 @@ TEST(SamplesTest, PercentilesInterpolateBetweenRanks) {
   merged.Merge(one);
   EXPECT_EQ(merged.count(), 101u);
   EXPECT_DOUBLE_EQ(merged.Sum(), 5053);
+}
+
+// A gradient chunk goes to gRPC as its framing plus one slice of its data:
+// the message parses as the StepRequest set_data would have built.
+TEST(StepWriteTest, AChunkParsesAsItsStepRequest) {
+  std::vector<std::byte> gradient(3000);
+  for (size_t i = 0; i < gradient.size(); ++i) gradient[i] = static_cast<std::byte>(i * 7);
+  client_internal::StepWrite write;
+  write.param_index = 5;
+  write.offset = 1000;
+  write.dtype = v1::DTYPE_BFLOAT16;
+  write.data = absl::MakeConstSpan(gradient).subspan(1000, 1500);
+  grpc::ByteBuffer buffer;
+  ASSERT_TRUE(client_internal::EncodeStepWrite(write, &buffer).ok());
+  std::vector<grpc::Slice> slices;
+  ASSERT_TRUE(buffer.Dump(&slices).ok());
+  ASSERT_EQ(slices.size(), 2u);
+  EXPECT_EQ(slices[1].size(), 1500u);  // the data, in one piece
+  std::string bytes;
+  for (const grpc::Slice& slice : slices) {
+    bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+  }
+  v1::StepRequest parsed;
+  ASSERT_TRUE(parsed.ParseFromString(bytes));
+  v1::StepRequest want;
+  want.mutable_gradient()->set_param_index(5);
+  want.mutable_gradient()->set_offset(1000);
+  want.mutable_gradient()->set_dtype(v1::DTYPE_BFLOAT16);
+  want.mutable_gradient()->set_data(gradient.data() + 1000, 1500);
+  EXPECT_EQ(parsed.SerializeAsString(), want.SerializeAsString());
+}
+
+TEST(StepWriteTest, AWholeMessageIsSerializedAsIs) {
+  v1::StepRequest end;
+  end.mutable_end()->add_param_indices(3);
+  grpc::ByteBuffer buffer;
+  ASSERT_TRUE(
+      client_internal::EncodeStepWrite(client_internal::StepWrite::Whole(end), &buffer).ok());
+  std::vector<grpc::Slice> slices;
+  ASSERT_TRUE(buffer.Dump(&slices).ok());
+  std::string bytes;
+  for (const grpc::Slice& slice : slices) {
+    bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+  }
+  EXPECT_EQ(bytes, end.SerializeAsString());
 }
 
 }  // namespace

@@ -50,14 +50,14 @@ compile() {  # source, extra flags...
 }
 compile "$gen/muon/v1/optimizer.pb.cc"
 for f in tests/fuzz/step_reader_fuzz.cc server/src/step/step_machine.cc server/src/step/step_reader.cc \
-         server/src/step/step_assembler.cc \
+         server/src/step/step_assembler.cc server/src/util/buffer_shelf.cc \
          server/src/wire/convert.cc kernels/src/types.cc; do
   compile "$src/$f" "${warn[@]}"
 done
 # shellcheck disable=SC2046
 "$cxx" "${flags[@]}" "${objects[@]}" -o "$out/step_reader_fuzz" \
   $(pkg-config --libs protobuf absl_statusor absl_status absl_strings absl_str_format \
-      absl_flat_hash_set absl_raw_hash_set absl_hash absl_time)
+      absl_flat_hash_set absl_raw_hash_set absl_hash absl_time absl_synchronization)
 
 # Fresh inputs go to a scratch corpus; the committed seeds stay untouched.
 work=$out/corpus

@@ -12,6 +12,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "muon/kernels/engine.h"
+#include "muon/kernels/internal/step_math.h"
 #include "muon/kernels/internal/worker_pool.h"
 #include "muon/kernels/types.h"
 #include "reference.h"
@@ -239,6 +240,49 @@ TEST(WorkerPool, RunsEveryTaskOnceForCallersAtOnce) {
   for (int c = 0; c < kCallers; ++c) {
     for (size_t i = 0; i < kTasks; ++i) EXPECT_EQ(runs[c][i].load(), 10) << c << " " << i;
   }
+}
+
+// The engine runs AdamW's float moments and its double quotient as two
+// vectorized loops (step_math.h); every bit must still be what the scalar
+// AdamWStep gives, element by element, over a length that is no multiple of
+// the vector width or of the engine's chunk.
+TEST(CpuEngineThreads, AdamWIsBitIdenticalToTheScalarStep) {
+  const uint64_t seed = FreshSeed();
+  SCOPED_TRACE("seed: MUON_TEST_SEED=" + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  EngineOptions options;
+  options.compute_threads = 1;
+  absl::StatusOr<std::unique_ptr<Engine>> engine = CreateCpuEngine(options);
+  ASSERT_THAT(engine, IsOk());
+  ParamSpec spec;
+  spec.name = "adamw";
+  spec.shape = {10007};
+  spec.kind = OptimizerKind::kAdamW;
+  absl::StatusOr<ParamId> id = (*engine)->Register(spec);
+  ASSERT_THAT(id, IsOk());
+  const int64_t n = NumElements(spec.shape);
+  std::vector<float> m(n, 0.0f), v(n, 0.0f);
+  for (int step = 1; step <= 3; ++step) {
+    const double lr = 0.01 * step;
+    const std::vector<float> g = RandomNormal(n, rng);
+    std::vector<std::byte> update(n * sizeof(float));
+    const GradientInput in{*id, DType::kFloat32,
+                           {reinterpret_cast<const std::byte*>(g.data()), g.size() * sizeof(float)},
+                           lr};
+    UpdateOutput out{*id, DType::kFloat32, absl::MakeSpan(update)};
+    ASSERT_THAT((*engine)->Step({&in, 1}, {&out, 1}), IsOk());
+    const auto c = internal::MakeAdamWCoefficients<double>(spec.hp.beta1, spec.hp.beta2,
+                                                           spec.hp.eps, lr, step);
+    std::vector<float> want(n);
+    for (int64_t k = 0; k < n; ++k) {
+      want[k] = internal::AdamWStep(c, m[k], v[k], g[k], &m[k], &v[k]);
+    }
+    EXPECT_EQ(std::memcmp(update.data(), want.data(), update.size()), 0) << "step " << step;
+  }
+  absl::StatusOr<ParamState> state = (*engine)->ExportState(*id);
+  ASSERT_THAT(state, IsOk());
+  EXPECT_TRUE(SameBits(state->exp_avg, m));
+  EXPECT_TRUE(SameBits(state->exp_avg_sq, v));
 }
 
 }  // namespace

@@ -120,7 +120,7 @@ grpc::ServerUnaryReactor* OptimizerService::CreateSession(grpc::CallbackServerCo
   return reactor;
 }
 
-grpc::ServerBidiReactor<v1::StepRequest, v1::StepResponse>* OptimizerService::Step(
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* OptimizerService::Step(
     grpc::CallbackServerContext* ctx) {
   return NewStepReactor(&env_, &gate_, ctx);
 }

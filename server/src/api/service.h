@@ -69,7 +69,21 @@ class DrainGate {
 
 // muon.v1.Optimizer on the gRPC callback API. Reactions validate and hand
 // engine work to the ThreadPool; none blocks.
-class OptimizerService final : public v1::Optimizer::CallbackService {
+// v1::Optimizer::CallbackService with Step raw (api/step_wire.h): every
+// other method as generated. A new RPC must be added here too, or it
+// answers UNIMPLEMENTED (muon_server_integration_test calls each one).
+namespace optimizer_methods {
+using O = v1::Optimizer;
+using Base = O::WithCallbackMethod_CreateSession<O::WithRawCallbackMethod_Step<
+    O::WithCallbackMethod_GetSession<O::WithCallbackMethod_ListSessions<
+        O::WithCallbackMethod_DeleteSession<O::WithCallbackMethod_Checkpoint<
+            O::WithCallbackMethod_PushWeights<O::WithCallbackMethod_PullWeights<
+                O::WithCallbackMethod_GetServerInfo<O::WithCallbackMethod_ExportState<
+                    O::WithCallbackMethod_ImportState<
+                        O::WithCallbackMethod_AddParameters<O::Service>>>>>>>>>>>>;
+}  // namespace optimizer_methods
+
+class OptimizerService final : public optimizer_methods::Base {
  public:
   explicit OptimizerService(ServiceEnv env) : env_(std::move(env)) {}
 
@@ -78,7 +92,9 @@ class OptimizerService final : public v1::Optimizer::CallbackService {
   grpc::ServerUnaryReactor* CreateSession(grpc::CallbackServerContext* ctx,
                                           const v1::CreateSessionRequest* request,
                                           v1::CreateSessionResponse* response) override;
-  grpc::ServerBidiReactor<v1::StepRequest, v1::StepResponse>* Step(
+  // Step is a raw method: its reactor reads gradient chunks off gRPC's
+  // slices (api/step_wire.h).
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* Step(
       grpc::CallbackServerContext* ctx) override;
   grpc::ServerUnaryReactor* GetSession(grpc::CallbackServerContext* ctx,
                                        const v1::GetSessionRequest* request,
@@ -113,7 +129,7 @@ class OptimizerService final : public v1::Optimizer::CallbackService {
 };
 
 // The Step stream's reactor (step_reactor.cc).
-grpc::ServerBidiReactor<v1::StepRequest, v1::StepResponse>* NewStepReactor(
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* NewStepReactor(
     const ServiceEnv* env, DrainGate* gate, grpc::CallbackServerContext* ctx);
 
 // PushWeights and PullWeights reactors (weights_reactors.cc).

@@ -1,6 +1,9 @@
 // The Step stream's gRPC reactor: a thin adapter over StepMachine
 // (step/step_machine.h), in the manner of gRPC's route_guide callback
-// server. Each reaction takes mu_, hands its event to the machine and runs
+// server. Step is a raw method: a gradient chunk's data is copied from
+// gRPC's slices straight into its parameter's buffer (api/step_wire.h);
+// every other message is parsed by protobuf, as the generated method would;
+// an update chunk's data goes out as a slice of the response's own string. Each reaction takes mu_, hands its event to the machine and runs
 // the actions it returns after releasing mu_: StartRead, StartWrite and
 // Finish may run a reaction inline. The backend (UPDATES or
 // PARAMETER_SERVER) does its work on the server's pool and reports back
@@ -14,6 +17,7 @@
 #include "absl/synchronization/mutex.h"
 #include "api/auth.h"
 #include "api/service.h"
+#include "api/step_wire.h"
 #include "muon/kernels/status_macros.h"
 #include "muon/server/status_util.h"
 #include "observability/metrics.h"
@@ -27,7 +31,7 @@
 namespace muon::server {
 namespace {
 
-class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::StepResponse>,
+class StepReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>,
                           public StepEvents,
                           public DrainGate::Stream {
  public:
@@ -65,7 +69,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
       absl::MutexLock lock(&mu_);
       if (ok) {
         const int64_t before = machine_.bytes_received();
-        actions = machine_.ReadDone(request_);
+        actions = ReadLocked();
         env_->step_metrics->BytesReceived(machine_.bytes_received() - before);
       } else if (ctx_->IsCancelled()) {
         actions = CancelledLocked();
@@ -158,16 +162,41 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
     Run(actions);
   }
 
+  // The message just read, to the machine.
+  StepMachine::Actions ReadLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    WireChunk chunk;
+    if (FindWireChunk(&read_buffer_, &chunk)) {
+      StepMachine::Actions actions = machine_.ReadGradientDone(
+          chunk.param_index, chunk.offset, chunk.dtype,
+          StepAssembler::ChunkBytes{chunk.data_size, [&](std::byte* destination) {
+                                      CopyWireChunkData(&read_buffer_, chunk, destination);
+                                    }});
+      read_buffer_.Clear();
+      return actions;
+    }
+    // Deserialize releases the buffer.
+    if (!grpc::SerializationTraits<v1::StepRequest>::Deserialize(&read_buffer_, &request_).ok()) {
+      return machine_.ReadMalformed();
+    }
+    return machine_.ReadDone(request_);
+  }
+
   // A cancel while the server drains is its shutdown cutting the stream.
   StepMachine::Actions CancelledLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     return gate_->draining() ? machine_.ShuttingDown() : machine_.Cancelled();
   }
 
   void Run(const StepMachine::Actions& actions) {
-    if (actions.read) StartRead(&request_);
+    if (actions.read) StartRead(&read_buffer_);
     if (actions.write != nullptr) {
       writing_ = actions.write;
-      StartWrite(actions.write);
+      // Its own message, so it serializes; a failure would be a bug of ours.
+      grpc::Status serialized = EncodeStepResponse(writing_, &write_buffer_);
+      if (!serialized.ok()) {
+        OnWriteDone(/*ok=*/false);  // the stream fails as after a broken write
+        return;
+      }
+      StartWrite(&write_buffer_);
     }
     if (actions.finish.has_value()) {
       // Counted before Finish, so a client that has its status sees it.
@@ -208,8 +237,10 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
   bool stream_open_ = false;
   bool counted_step_ = false;  // set by the read path before OnDone can run
   // Read and write reactions are each serialized.
-  v1::StepRequest request_;
-  const v1::StepResponse* writing_ = nullptr;
+  grpc::ByteBuffer read_buffer_;
+  v1::StepRequest request_;  // a message other than a plain gradient chunk
+  StepResponsePtr writing_;
+  grpc::ByteBuffer write_buffer_;  // writing_, encoded
   // gRPC's reference until OnDone, and one per task or round holding this.
   std::atomic<int> refs_{1};
 
@@ -219,7 +250,7 @@ class StepReactor final : public grpc::ServerBidiReactor<v1::StepRequest, v1::St
 
 }  // namespace
 
-grpc::ServerBidiReactor<v1::StepRequest, v1::StepResponse>* NewStepReactor(
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* NewStepReactor(
     const ServiceEnv* env, DrainGate* gate, grpc::CallbackServerContext* ctx) {
   return new StepReactor(env, gate, ctx);
 }

@@ -17,6 +17,7 @@
 #include "muon/v1/optimizer.pb.h"
 #include "session/lease.h"
 #include "storage/session_image.h"
+#include "util/buffer_shelf.h"
 
 namespace muon::server {
 
@@ -144,6 +145,12 @@ class Session {
   // with_params: fill SessionInfo.params.
   void FillInfo(bool with_params, v1::SessionInfo* info) const;
 
+  // The last step's gradient and update buffers, by parameter index, kept
+  // for the next step (UPDATES mode): at most one gradient and one update
+  // of each parameter, freed with the session.
+  BufferShelf& gradient_buffers() const { return gradient_buffers_; }
+  BufferShelf& update_buffers() const { return update_buffers_; }
+
  private:
   friend class Lease;
   // FailedPrecondition for a step ahead of the next one.
@@ -163,6 +170,8 @@ class Session {
   const uint32_t num_workers_;
   const absl::Time create_time_;
   std::unique_ptr<SessionRounds> rounds_;  // set before the session is shared
+  mutable BufferShelf gradient_buffers_;
+  mutable BufferShelf update_buffers_;
 
   mutable absl::Mutex mu_;
   uint64_t step_ ABSL_GUARDED_BY(mu_) = 0;

@@ -7,10 +7,20 @@
 
 namespace muon::server {
 
-StepAssembler::StepAssembler(std::vector<Tensor> tensors)
-    : tensors_(std::move(tensors)), state_(tensors_.size()) {}
+StepAssembler::StepAssembler(std::vector<Tensor> tensors, BufferShelf* shelf)
+    : tensors_(std::move(tensors)), shelf_(shelf), state_(tensors_.size()) {}
 
 absl::Status StepAssembler::Add(uint32_t index, uint64_t offset, absl::string_view data,
+                                bool* complete) {
+  return Add(index, offset,
+             ChunkBytes{data.size(),
+                        [&](std::byte* destination) {
+                          std::memcpy(destination, data.data(), data.size());
+                        }},
+             complete);
+}
+
+absl::Status StepAssembler::Add(uint32_t index, uint64_t offset, const ChunkBytes& data,
                                 bool* complete) {
   *complete = false;
   if (index >= tensors_.size()) {
@@ -21,7 +31,7 @@ absl::Status StepAssembler::Add(uint32_t index, uint64_t offset, absl::string_vi
   const Tensor& t = tensors_[index];
   State& s = state_[index];
   const std::string who = absl::StrCat("parameter ", index, " ('", t.name, "')");
-  const uint64_t size = data.size();
+  const uint64_t size = data.size;
   const uint64_t total = static_cast<uint64_t>(t.bytes);
   if (size == 0) {
     return absl::InvalidArgumentError(
@@ -52,8 +62,11 @@ absl::Status StepAssembler::Add(uint32_t index, uint64_t offset, absl::string_vi
                        prev->second, ") already received (duplicate chunk)"));
     }
   }
-  if (s.data == nullptr) s.data.reset(new std::byte[total]);
-  std::memcpy(s.data.get() + offset, data.data(), size);
+  if (s.data == nullptr) {
+    s.data = shelf_ != nullptr ? shelf_->Take(index, t.bytes)
+                               : std::unique_ptr<std::byte[]>(new std::byte[total]);
+  }
+  data.copy_to(s.data.get() + offset);
   s.started = true;
   s.received += static_cast<int64_t>(size);
   bytes_received_ += static_cast<int64_t>(size);

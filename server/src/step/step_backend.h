@@ -61,6 +61,9 @@ class StepBackend {
     Role role = Role::kReceive;
     std::string session_id;                // for messages
     std::vector<StepReader::Param> params;  // kReceive: the session's parameters
+    // kReceive, optional: where the gradients are assembled (the session's
+    // kept buffers, valid while the backend lives).
+    BufferShelf* gradient_buffers = nullptr;
   };
 
   virtual ~StepBackend() = default;

@@ -12,12 +12,33 @@ StepMachine::StepMachine(Opener open) : open_(std::move(open)) {}
 StepMachine::Actions StepMachine::Start() { return Next(/*read=*/true); }
 
 StepMachine::Actions StepMachine::ReadDone(const v1::StepRequest& request) {
+  return OnRead([&] { return OnMessage(request); });
+}
+
+StepMachine::Actions StepMachine::ReadGradientDone(uint32_t param_index, uint64_t offset,
+                                                   v1::DType dtype,
+                                                   const StepAssembler::ChunkBytes& data) {
+  return OnRead([&]() -> absl::Status {
+    MUON_ASSIGN_OR_RETURN(StepReader::Event event,
+                          reader_.ReadGradient(param_index, offset, dtype, data));
+    return OnEvent(std::move(event));
+  });
+}
+
+StepMachine::Actions StepMachine::ReadMalformed() {
+  return OnRead([] {
+    return absl::InvalidArgumentError(
+        "a Step message does not parse as a muon.v1.StepRequest; is the client's proto current?");
+  });
+}
+
+StepMachine::Actions StepMachine::OnRead(absl::FunctionRef<absl::Status()> handle) {
   switch (phase_) {
     case Phase::kHeader:
     case Phase::kReceiving:
     case Phase::kReplayPending:
     case Phase::kAwaitingRound: {
-      absl::Status status = OnMessage(request);
+      absl::Status status = handle();
       if (!status.ok()) Fail(std::move(status));
       return Next(/*read=*/true);
     }
@@ -146,7 +167,8 @@ absl::Status StepMachine::OnHeader(const v1::StepHeader& header) {
   }
   switch (admission->role) {
     case StepBackend::Role::kReceive:
-      reader_.Receive(std::move(admission->session_id), std::move(admission->params));
+      reader_.Receive(std::move(admission->session_id), std::move(admission->params),
+                      admission->gradient_buffers);
       phase_ = Phase::kReceiving;
       break;
     case StepBackend::Role::kReplay:
@@ -182,7 +204,7 @@ StepMachine::Actions StepMachine::Next(bool read) {
   if (!writing_ && !writes_.empty()) {
     writing_ = true;
     write_start_ = absl::Now();
-    actions.write = writes_.front().get();
+    actions.write = writes_.front();
   }
   if (phase_ == Phase::kFinishing && !writing_ && writes_.empty() && !awaiting_backend_) {
     phase_ = Phase::kDone;

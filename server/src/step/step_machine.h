@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/functional/any_invocable.h"
+#include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -46,7 +47,7 @@ class StepMachine {
   // What the stream must do next, in this order.
   struct Actions {
     bool read = false;                         // StartRead
-    const v1::StepResponse* write = nullptr;   // StartWrite; valid until WriteDone
+    StepResponsePtr write;                     // StartWrite
     std::optional<absl::Status> finish;        // Finish with this status
   };
 
@@ -60,6 +61,12 @@ class StepMachine {
   // The stream ----------------------------------------------------------
   Actions Start();
   Actions ReadDone(const v1::StepRequest& request);
+  // A gradient chunk read off the wire without a StepRequest
+  // (StepReader::ReadGradient).
+  Actions ReadGradientDone(uint32_t param_index, uint64_t offset, v1::DType dtype,
+                           const StepAssembler::ChunkBytes& data);
+  // A message that is no StepRequest (it does not parse).
+  Actions ReadMalformed();
   // Reads ended before StepEnd: a half-close, or a read that failed.
   Actions ReadsEnded();
   Actions WriteDone(bool ok);
@@ -83,6 +90,8 @@ class StepMachine {
   int64_t bytes_received() const { return reader_.bytes_received(); }
 
  private:
+  // A message was read: `handle` takes it unless the phase reads no more.
+  Actions OnRead(absl::FunctionRef<absl::Status()> handle);
   absl::Status OnMessage(const v1::StepRequest& request);
   absl::Status OnHeader(const v1::StepHeader& header);
   absl::Status OnEvent(StepReader::Event event);

@@ -1,6 +1,7 @@
 #include "step/step_reader.h"
 
 #include <algorithm>
+#include <cstring>
 #include <utility>
 
 #include "absl/container/flat_hash_set.h"
@@ -22,23 +23,13 @@ absl::StatusOr<StepReader::Event> StepReader::Read(const v1::StepRequest& reques
       event.header = &request.header();
       return event;
     case v1::StepRequest::kGradient: {
-      if (phase_ == Phase::kHeader) {
-        return absl::InvalidArgumentError(
-            "the first message of a Step stream must be a StepHeader, not a gradient chunk");
-      }
-      if (phase_ == Phase::kReplay) return event;  // already applied: ignore
       const v1::TensorChunk& chunk = request.gradient();
-      if (chunk.dtype() != v1::DTYPE_UNSPECIFIED && chunk.param_index() < params_.size()) {
-        MUON_RETURN_IF_ERROR(CheckChunkDType(chunk));
-      }
-      bool complete = false;
-      MUON_RETURN_IF_ERROR(
-          assembler_->Add(chunk.param_index(), chunk.offset(), chunk.data(), &complete));
-      if (complete) {
-        event.kind = Event::Kind::kComplete;
-        event.index = chunk.param_index();
-      }
-      return event;
+      const std::string& data = chunk.data();
+      return ReadGradient(chunk.param_index(), chunk.offset(), chunk.dtype(),
+                          StepAssembler::ChunkBytes{data.size(), [&](std::byte* destination) {
+                                                      std::memcpy(destination, data.data(),
+                                                                  data.size());
+                                                    }});
     }
     case v1::StepRequest::kEnd: {
       if (phase_ == Phase::kHeader) {
@@ -62,6 +53,27 @@ absl::StatusOr<StepReader::Event> StepReader::Read(const v1::StepRequest& reques
       "empty StepRequest: set one of header, gradient or end (is the client's proto current?)");
 }
 
+absl::StatusOr<StepReader::Event> StepReader::ReadGradient(
+    uint32_t param_index, uint64_t offset, v1::DType dtype,
+    const StepAssembler::ChunkBytes& data) {
+  Event event;
+  if (phase_ == Phase::kHeader) {
+    return absl::InvalidArgumentError(
+        "the first message of a Step stream must be a StepHeader, not a gradient chunk");
+  }
+  if (phase_ == Phase::kReplay) return event;  // already applied: ignore
+  if (dtype != v1::DTYPE_UNSPECIFIED && param_index < params_.size()) {
+    MUON_RETURN_IF_ERROR(CheckChunkDType(param_index, dtype));
+  }
+  bool complete = false;
+  MUON_RETURN_IF_ERROR(assembler_->Add(param_index, offset, data, &complete));
+  if (complete) {
+    event.kind = Event::Kind::kComplete;
+    event.index = param_index;
+  }
+  return event;
+}
+
 absl::StatusOr<StepReader::Event> StepReader::HalfClose() {
   switch (phase_) {
     case Phase::kHeader:
@@ -79,7 +91,7 @@ absl::StatusOr<StepReader::Event> StepReader::HalfClose() {
   return Event{};
 }
 
-void StepReader::Receive(std::string session_id, std::vector<Param> params) {
+void StepReader::Receive(std::string session_id, std::vector<Param> params, BufferShelf* shelf) {
   session_id_ = std::move(session_id);
   params_ = std::move(params);
   std::vector<StepAssembler::Tensor> tensors;
@@ -87,7 +99,7 @@ void StepReader::Receive(std::string session_id, std::vector<Param> params) {
   for (const Param& p : params_) {
     tensors.push_back({p.name, p.bytes, static_cast<int64_t>(DTypeSize(p.dtype))});
   }
-  assembler_.emplace(std::move(tensors));
+  assembler_.emplace(std::move(tensors), shelf);
   phase_ = Phase::kReceiving;
 }
 
@@ -99,13 +111,13 @@ int64_t StepReader::bytes_received() const {
   return assembler_.has_value() ? assembler_->bytes_received() : 0;
 }
 
-absl::Status StepReader::CheckChunkDType(const v1::TensorChunk& chunk) const {
-  const Param& param = params_[chunk.param_index()];
-  absl::StatusOr<DType> dtype = DTypeFromProto(chunk.dtype(), param.dtype);
+absl::Status StepReader::CheckChunkDType(uint32_t param_index, v1::DType wire) const {
+  const Param& param = params_[param_index];
+  absl::StatusOr<DType> dtype = DTypeFromProto(wire, param.dtype);
   if (!dtype.ok()) return dtype.status();
   if (*dtype == param.dtype) return absl::OkStatus();
   return absl::InvalidArgumentError(
-      absl::StrCat("parameter ", chunk.param_index(), " ('", param.name, "'): gradient chunk is ",
+      absl::StrCat("parameter ", param_index, " ('", param.name, "'): gradient chunk is ",
                    DTypeName(*dtype), " but the parameter was registered as ",
                    DTypeName(param.dtype), "; send gradients in the registered dtype"));
 }

@@ -55,13 +55,20 @@ class StepReader {
   // or kReplay event, the caller reads no further.
   absl::StatusOr<Event> Read(const v1::StepRequest& request);
 
+  // A gradient chunk read off the wire without a StepRequest (its data not
+  // yet copied anywhere): the same checks and events as Read of a
+  // StepRequest{gradient: TensorChunk{param_index, offset, dtype, data}}.
+  absl::StatusOr<Event> ReadGradient(uint32_t param_index, uint64_t offset, v1::DType dtype,
+                                     const StepAssembler::ChunkBytes& data);
+
   // The client half-closed. InvalidArgument before a header or a StepEnd
   // (nothing of the step is applied); no event after StepEnd.
   absl::StatusOr<Event> HalfClose();
 
   // After a kHeader event: the header starts a new step of session
-  // `session_id` with these parameters (indices are positions).
-  void Receive(std::string session_id, std::vector<Param> params);
+  // `session_id` with these parameters (indices are positions), assembled
+  // into buffers from `shelf` when given (StepAssembler).
+  void Receive(std::string session_id, std::vector<Param> params, BufferShelf* shelf = nullptr);
   // After a kHeader event: the header retries a committed step; chunks are
   // ignored until the end.
   void Replay();
@@ -79,7 +86,7 @@ class StepReader {
  private:
   enum class Phase { kHeader, kReceiving, kReplay, kEnded };
 
-  absl::Status CheckChunkDType(const v1::TensorChunk& chunk) const;
+  absl::Status CheckChunkDType(uint32_t param_index, v1::DType dtype) const;
   // StepEnd listed the step's parameters: check them.
   absl::StatusOr<Event> End(std::vector<uint32_t> indices);
 

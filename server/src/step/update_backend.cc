@@ -65,6 +65,7 @@ absl::StatusOr<StepBackend::Admission> UpdateStepBackend::Admit(const v1::StepHe
   for (const SessionParam& p : session_->params()) {
     admission.params.push_back({p.spec.name, p.tensor_bytes, p.spec.dtype});
   }
+  admission.gradient_buffers = &session_->gradient_buffers();
   return admission;
 }
 
@@ -165,7 +166,10 @@ absl::StatusOr<std::vector<StepResponsePtr>> UpdateStepBackend::Compute(std::vec
   const size_t n = batch.size();
   std::vector<GradientInput> inputs(n);
   std::vector<UpdateOutput> outputs(n);
-  std::vector<std::string> updates(n);
+  // Taken from and given back to the session's shelves: next step's
+  // gradients and updates reuse these pages.
+  std::vector<std::unique_ptr<std::byte[]>> updates(n);
+  std::vector<int64_t> update_bytes(n);
   std::vector<std::vector<float>> scaled(scale.has_value() ? n : 0);
   double queue_seconds = 0;
   double queue_longest = 0;
@@ -186,11 +190,11 @@ absl::StatusOr<std::vector<StepResponsePtr>> UpdateStepBackend::Compute(std::vec
     inputs[i].lr = step_inputs_[batch[i].index].lr;
     inputs[i].hyper_params = step_inputs_[batch[i].index].hyper_params;
     const DType out_dtype = update_dtype_.value_or(p.spec.dtype);
-    updates[i].resize(static_cast<size_t>(NumElements(p.spec.shape)) * DTypeSize(out_dtype));
+    update_bytes[i] = NumElements(p.spec.shape) * static_cast<int64_t>(DTypeSize(out_dtype));
+    updates[i] = session_->update_buffers().Take(batch[i].index, update_bytes[i]);
     outputs[i].param = p.engine_id;
     outputs[i].dtype = out_dtype;
-    outputs[i].bytes = absl::MakeSpan(reinterpret_cast<std::byte*>(updates[i].data()),
-                                      updates[i].size());
+    outputs[i].bytes = absl::MakeSpan(updates[i].get(), static_cast<size_t>(update_bytes[i]));
   }
   StepStats stats;
   MUON_RETURN_IF_ERROR(txn_->Compute(inputs, absl::MakeSpan(outputs), &stats));
@@ -199,7 +203,7 @@ absl::StatusOr<std::vector<StepResponsePtr>> UpdateStepBackend::Compute(std::vec
   std::vector<StepResponsePtr> responses;
   int64_t bytes_sent = 0;
   for (size_t i = 0; i < n; ++i) {
-    const int64_t total = static_cast<int64_t>(updates[i].size());
+    const int64_t total = update_bytes[i];
     const int64_t chunk_bytes =
         ChunkPayloadBytes(env_.update_chunk_bytes, env_.max_message_bytes,
                           static_cast<int64_t>(DTypeSize(outputs[i].dtype)));
@@ -208,7 +212,7 @@ absl::StatusOr<std::vector<StepResponsePtr>> UpdateStepBackend::Compute(std::vec
       v1::UpdateChunk* chunk = response->mutable_update();
       chunk->set_param_index(batch[i].index);
       chunk->set_offset(static_cast<uint64_t>(range.offset));
-      chunk->set_data(updates[i].data() + range.offset, static_cast<size_t>(range.size));
+      chunk->set_data(updates[i].get() + range.offset, static_cast<size_t>(range.size));
       chunk->set_dtype(DTypeToProto(outputs[i].dtype));
       chunk->set_decay(outputs[i].decay);
       chunk->set_total_bytes(static_cast<uint64_t>(total));
@@ -216,6 +220,10 @@ absl::StatusOr<std::vector<StepResponsePtr>> UpdateStepBackend::Compute(std::vec
       responses.push_back(std::move(response));
     }
     bytes_sent += total;
+    session_->update_buffers().Give(batch[i].index, total, std::move(updates[i]));
+    session_->gradient_buffers().Give(
+        batch[i].index, session_->params()[batch[i].index].tensor_bytes,
+        std::move(batch[i].gradient));
   }
   absl::MutexLock lock(&mu_);
   timings_.queue += queue_seconds;

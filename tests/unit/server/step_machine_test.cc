@@ -142,7 +142,7 @@ TEST_F(StepMachineTest, AWholeStepReadsComputesCommitsAndFinishesOk) {
   // held back for the end.
   const StepResponsePtr u0 = Update(0);
   a = machine_.Updates({u0});
-  EXPECT_EQ(a.write, u0.get());
+  EXPECT_EQ(a.write.get(), u0.get());
   EXPECT_FALSE(a.finish.has_value());
   EXPECT_FALSE(machine_.WriteDone(true).finish.has_value());
   EXPECT_EQ(log_.sent, 1);
@@ -156,12 +156,12 @@ TEST_F(StepMachineTest, AWholeStepReadsComputesCommitsAndFinishesOk) {
   EXPECT_EQ(machine_.bytes_received(), 16);
 
   const StepResponsePtr u1 = Update(1);
-  EXPECT_EQ(machine_.Updates({u1}).write, u1.get());
+  EXPECT_EQ(machine_.Updates({u1}).write.get(), u1.get());
   const StepResponsePtr summary = Summary();
   a = machine_.Committed({summary}, /*replayed=*/false);
   EXPECT_EQ(a.write, nullptr);  // u1 is still being written
   EXPECT_EQ(machine_.phase(), Phase::kFinishing);
-  EXPECT_EQ(machine_.WriteDone(true).write, summary.get());
+  EXPECT_EQ(machine_.WriteDone(true).write.get(), summary.get());
   a = machine_.WriteDone(true);
   ASSERT_TRUE(a.finish.has_value());
   EXPECT_TRUE(a.finish->ok());
@@ -359,8 +359,8 @@ TEST_F(StepMachineTest, ARetryIgnoresChunksAndReplaysAtStepEnd) {
   const StepResponsePtr u = Update(0);
   const StepResponsePtr s = Summary();
   a = machine_.Committed({u, s}, /*replayed=*/true);
-  EXPECT_EQ(a.write, u.get());
-  EXPECT_EQ(machine_.WriteDone(true).write, s.get());
+  EXPECT_EQ(a.write.get(), u.get());
+  EXPECT_EQ(machine_.WriteDone(true).write.get(), s.get());
   a = machine_.WriteDone(true);
   ASSERT_TRUE(a.finish.has_value());
   EXPECT_TRUE(a.finish->ok());
@@ -388,7 +388,7 @@ TEST_F(StepMachineTest, AWaitingResendFinishesWhenItsRoundCommits) {
   // The round ends before this stream's StepEnd: it answers at once.
   const StepResponsePtr s = Summary();
   StepMachine::Actions a = machine_.Committed({s}, /*replayed=*/false);
-  EXPECT_EQ(a.write, s.get());
+  EXPECT_EQ(a.write.get(), s.get());
   a = machine_.WriteDone(true);
   ASSERT_TRUE(a.finish.has_value());
   EXPECT_TRUE(a.finish->ok());

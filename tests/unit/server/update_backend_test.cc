@@ -186,6 +186,25 @@ TEST_F(ShardedUpdateBackendTest, CommittedStepReportsComputeSecondsPerDevice) {
   EXPECT_THAT(text, HasSubstr("muon_step_duration_seconds_count{phase=\"compute\"} 1\n"));
 }
 
+// A computed step gives its gradient and update buffers back to the session,
+// and the next step's stream assembles into the kept gradient buffer.
+TEST_F(UpdateBackendTest, AStepKeepsItsBuffersForTheNextStep) {
+  auto backend = Backend();
+  absl::StatusOr<StepBackend::Admission> admission = backend->Admit(Header(1));
+  ASSERT_THAT(admission, IsOk());
+  EXPECT_EQ(admission->gradient_buffers, &session_->gradient_buffers());
+  std::unique_ptr<std::byte[]> gradient = Gradient(128, 0.5f);
+  const std::byte* kept = gradient.get();
+  backend->Gradient(0, std::move(gradient));
+  backend->Gradient(1, Gradient(8, 0.25f));
+  ASSERT_THAT(backend->End({0, 1}, 544, std::nullopt), IsOk());
+  events_.RunAll();
+  ASSERT_TRUE(events_.committed.has_value());
+  EXPECT_EQ(session_->gradient_buffers().kept_bytes(), 512 + 32);
+  EXPECT_EQ(session_->update_buffers().kept_bytes(), 512 + 32);
+  EXPECT_EQ(session_->gradient_buffers().Take(0, 512).get(), kept);
+}
+
 TEST_F(UpdateBackendTest, AnAbortWhileATaskIsPendingEndsWithFailedAndFreesTheSession) {
   auto backend = Backend();
   ASSERT_THAT(backend->Admit(Header(1)), IsOk());

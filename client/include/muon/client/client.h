@@ -254,6 +254,8 @@ class Client {
   const ClientOptions options_;
   const std::shared_ptr<grpc::Channel> channel_;
   const std::unique_ptr<v1::Optimizer::Stub> stub_;
+  // Optimizer.Step, called with the client's own request type (StepOnce).
+  const grpc::internal::RpcMethod step_method_;
 };
 
 // The gRPC status as an absl::Status: same code, same message.

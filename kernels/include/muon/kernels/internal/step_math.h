@@ -90,16 +90,32 @@ AdamWCoefficients<Real> MakeAdamWCoefficients(double beta1, double beta2, double
   return c;
 }
 
-// Writes the new moments to *m_new, *v_new and returns u.
+// The new moments m1, v1 (in float).
+template <typename Real>
+MUON_HOST_DEVICE inline void AdamWMoments(const AdamWCoefficients<Real>& c, float m, float v,
+                                          float g, float* m_new, float* v_new) {
+  *m_new = c.beta1 * m + c.one_minus_beta1 * g;
+  *v_new = c.beta2 * v + c.one_minus_beta2 * g * g;
+}
+
+// u from the new moments (the quotient in Real).
+template <typename Real>
+MUON_HOST_DEVICE inline float AdamWUpdate(const AdamWCoefficients<Real>& c, float m1, float v1) {
+  const Real denom = Sqrt(static_cast<Real>(v1) / c.bias_correction2) + c.eps;
+  return static_cast<float>(-c.lr * (static_cast<Real>(m1) / c.bias_correction1) / denom);
+}
+
+// Writes the new moments to *m_new, *v_new and returns u. The CPU engine
+// runs the two halves as separate loops: the float and the double half each
+// vectorize, the two together do not (GCC 12).
 template <typename Real>
 MUON_HOST_DEVICE inline float AdamWStep(const AdamWCoefficients<Real>& c, float m, float v, float g,
                                         float* m_new, float* v_new) {
-  const float m1 = c.beta1 * m + c.one_minus_beta1 * g;
-  const float v1 = c.beta2 * v + c.one_minus_beta2 * g * g;
+  float m1, v1;
+  AdamWMoments(c, m, v, g, &m1, &v1);
   *m_new = m1;
   *v_new = v1;
-  const Real denom = Sqrt(static_cast<Real>(v1) / c.bias_correction2) + c.eps;
-  return static_cast<float>(-c.lr * (static_cast<Real>(m1) / c.bias_correction1) / denom);
+  return AdamWUpdate(c, m1, v1);
 }
 
 // Shape scale s of an m×n matrix (rows × cols):
