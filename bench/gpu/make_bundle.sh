@@ -22,6 +22,7 @@ if command -v iperf3 >/dev/null; then scripts/gpu-bundle "$out" "$(command -v ip
 strip "$out"/bin/*
 mkdir -p "$out/src" "$out/python" "$out/peers"
 cp -r bench/gpu "$out/src/gpu"
+mkdir -p "$out/src/bench" && cp bench/train_step.py "$out/src/bench/"
 cp -r client/python "$out/src/client"
 cp -r tests/python "$out/src/tests_python"
 cp -r build/python/muon "$out/python/"

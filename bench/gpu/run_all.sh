@@ -10,13 +10,15 @@
 #   4. the Python client's tests under the machine's torch, and
 #      client/python/examples/train_tiny.py --check against a CUDA server;
 #   5. the service benchmarks against a CUDA-engine server (bench/wire.sh's
-#      measurement and `muonctl bench --model=gpt2-small --steps=5`).
+#      measurement and `muonctl bench --model=gpt2-small --steps=5`);
+#   6. bench/train_step.py (GPT-2 small trained on 8 cores, the optimizer on
+#      the GPU: local, sending after backward, streaming during backward).
 #
 #   bench/gpu/run_all.sh [BUNDLE [PARTS]]
-#     (default .gpu, "engine bench tests python service peers")
+#     (default .gpu, "engine bench tests python service train peers")
 #
-# PARTS picks among engine (1), bench (2), tests (3), python (4), service (5)
-# and peers (6: flash-muon's and Turbo-Muon's own code from BUNDLE/peers,
+# PARTS picks among engine (1), bench (2), tests (3), python (4), service (5),
+# train (6) and peers (7: flash-muon's and Turbo-Muon's own code from BUNDLE/peers,
 # timed last because their Triton autotuning takes minutes).
 #
 # The bundle, made here (the binaries with their libraries, the scripts, the
@@ -35,7 +37,7 @@
 # Logs go to $OUT (or /tmp/muon-gpu-all), at most 8 files; the tables print last.
 set -uo pipefail
 bundle=${1:-.gpu}
-parts=" ${2:-engine bench tests python service peers} "
+parts=" ${2:-engine bench tests python service train peers} "
 out=${OUT:-/tmp/muon-gpu-all}
 mkdir -p "$out"
 [[ -f $bundle/gpu.tar.xz ]] && tar -C "$bundle" -xJf "$bundle/gpu.tar.xz"
@@ -165,6 +167,19 @@ PY
   tail -3 "$work/server.log" >>"$out/service.txt"
 fi
 
+# The training step of docs/performance.md ("Training step") with the
+# optimizer on the GPU: bench/train_step.py's GPT-2-small model trained on 8
+# of the machine's cores against a CUDA-engine server (its own cores): local
+# Muon on the trainer's CPU, RemoteMuon sending after backward, and streaming
+# during backward.
+if [[ $parts == *" train "* ]]; then
+  echo "== train" | tee -a "$out/tests.log"
+  PYTHONUNBUFFERED=1 timeout "${TRAIN_SECONDS:-200}" python3 "$src/bench/train_step.py" \
+    --preset=gpt2-small --steps=3 --threads=8 --server_bin="$bundle/bin/muon-server" \
+    --server_flags=--engine=cuda >"$out/train.txt" 2>&1
+  echo "train_step.py exit $?" >>"$out/train.txt"
+fi
+
 # Last: the peers' own code, whose Triton autotuning and compiles take minutes
 # (a timeout here is reported in peers.txt, and is not a failure).
 if [[ $parts == *" peers "* ]]; then
@@ -179,5 +194,6 @@ grep -E '^\[  (PASSED|FAILED) |^== ' "$out/tests.log"
 [[ -f $out/ns_bench.log ]] && head -60 "$out/ns_bench.log"
 [[ -f $out/table.txt ]] && tail -30 "$out/table.txt"
 [[ -f $out/service.txt ]] && cat "$out/service.txt"
+[[ -f $out/train.txt ]] && tail -30 "$out/train.txt"
 [[ -f $out/peers.txt ]] && cat "$out/peers.txt"
 exit $status
