@@ -68,6 +68,31 @@ class ClientTest(unittest.TestCase):
             self.assertLessEqual(float(np.max(np.abs(y - x) / np.maximum(np.abs(x), 1e-3))),
                                  tol, dtype)
 
+    def test_an_update_of_many_chunks_is_received_into_one_buffer(self):
+        # 3 MiB: three chunks each way at the server's default 1 MiB. One
+        # receive buffer per tensor, not one of its whole size per chunk.
+        import muon_client.client as client_module
+        made = []
+
+        class Counting(bytearray):
+            def __init__(self, *args):
+                if args and isinstance(args[0], int) and args[0] >= 768 * 1024 * 4:
+                    made.append(args[0])  # a whole tensor's receive buffer
+                super().__init__(*args)
+
+        session = self.client.create_session([ParamSpec("w", (768, 1024), kind="adamw")],
+                                             lr=1e-3)
+        g = self.grad(768, 1024)
+        client_module.bytearray = Counting
+        try:
+            result = session.step({0: g})
+        finally:
+            del client_module.bytearray
+        self.assertEqual(len(made), 1)
+        self.assertEqual(result.updates[0].shape, (768, 1024))
+        self.assertTrue(np.isfinite(result.updates[0]).all())
+        session.delete()
+
     def test_retry_after_dropped_stream_applies_once(self):
         shape = (512, 512)  # 1 MiB of fp32: the cut lands mid-gradient
         proxy = CuttingProxy(self.server.port)

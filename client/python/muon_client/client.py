@@ -210,6 +210,16 @@ def to_wire(array: np.ndarray, dtype: str) -> bytes:
     raise ValueError(f"unknown wire dtype {dtype!r}")
 
 
+def _buffer(buffers: dict, key, total_bytes: int) -> bytearray:
+    """The receive buffer of `key`, made at its first chunk: made anew for
+    every chunk (as `setdefault(key, bytearray(n))` would), a tensor of k
+    chunks costs k zero-filled buffers of its whole size."""
+    buf = buffers.get(key)
+    if buf is None:
+        buf = buffers[key] = bytearray(total_bytes)
+    return buf
+
+
 def from_wire(data: Union[bytes, bytearray], dtype: int, shape: Sequence[int]) -> np.ndarray:
     """Decodes little-endian wire bytes into a float32 array of `shape`; fp32
     in a bytearray (a buffer the caller hands over) is used in place."""
@@ -777,7 +787,7 @@ class MuonClient:
             for response in self._stub.PullWeights(request, timeout=self.timeouts.step,
                                                    wait_for_ready=True):
                 chunk = response.weights
-                buf = buffers.setdefault(chunk.param_index, bytearray(response.total_bytes))
+                buf = _buffer(buffers, chunk.param_index, response.total_bytes)
                 buf[chunk.offset:chunk.offset + len(chunk.data)] = chunk.data
                 dtypes[chunk.param_index] = response.dtype
                 step = response.step
@@ -802,7 +812,7 @@ class MuonClient:
                     param_steps = list(response.param_steps)
                 chunk = response.chunk
                 key = (chunk.param_index, chunk.tensor)
-                buf = buffers.setdefault(key, bytearray(chunk.total_bytes))
+                buf = _buffer(buffers, key, chunk.total_bytes)
                 buf[chunk.offset:chunk.offset + len(chunk.data)] = chunk.data
         except grpc.RpcError as e:
             raise self._unreachable(e, "ExportState") from None
@@ -947,7 +957,7 @@ class MuonClient:
         for response in call:
             if response.HasField("update"):
                 chunk = response.update
-                buf = buffers.setdefault(chunk.param_index, bytearray(chunk.total_bytes))
+                buf = _buffer(buffers, chunk.param_index, chunk.total_bytes)
                 buf[chunk.offset:chunk.offset + len(chunk.data)] = chunk.data
                 dtypes[chunk.param_index] = chunk.dtype
                 if chunk.content == pb.UPDATE_CONTENT_WEIGHTS:
