@@ -549,15 +549,14 @@ def _chunk_request(index: int, offset: int, dtype: int, data: memoryview) -> byt
 
     Python's protobuf takes `bytes` only (no memoryview), so a message per
     chunk costs a slice copy, a copy into the message and one to serialize
-    it. Instead the small fields are serialized by protobuf and the data
-    appended as a second occurrence of `gradient` holding only `data`:
-    protobuf merges repeated occurrences of a message field, so this parses
-    as the one chunk, and the bytes are copied once, from the view."""
-    head = pb.StepRequest(gradient=pb.TensorChunk(param_index=index, offset=offset,
-                                                  dtype=dtype)).SerializeToString()
+    it. Instead protobuf serializes the small fields and the data follows
+    them, with its tag and length, inside the one `gradient` field: the
+    bytes are copied once, from the view, and the message is in the plain
+    encoding the server reads in place (docs/architecture.md)."""
+    fields = pb.TensorChunk(param_index=index, offset=offset, dtype=dtype).SerializeToString()
     data_prefix = _DATA_TAG + _varint(len(data))
-    return b"".join((head, _GRADIENT_TAG, _varint(len(data_prefix) + len(data)), data_prefix,
-                     data))
+    return b"".join((_GRADIENT_TAG, _varint(len(fields) + len(data_prefix) + len(data)), fields,
+                     data_prefix, data))
 
 
 def _gradient_requests(session: Session, index: int, data: bytes):
