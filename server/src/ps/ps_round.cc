@@ -188,6 +188,14 @@ bool AllFinite(DType dtype, const std::byte* bytes, size_t count) {
   return true;
 }
 
+// What End answers a stream whose round went on without it.
+absl::Status AbandonedError(uint64_t step, absl::string_view session) {
+  return absl::AbortedError(absl::StrCat(
+      "step ", step, " of session ", session,
+      " was abandoned (a worker timed out or the step failed) before these gradients counted; "
+      "send it again"));
+}
+
 }  // namespace
 
 absl::Status ParameterServerRounds::End(RoundWaiter* stream, int64_t bytes_received) {
@@ -199,10 +207,7 @@ absl::Status ParameterServerRounds::End(RoundWaiter* stream, int64_t bytes_recei
     absl::MutexLock lock(&mu_);
     Worker* w = StreamingLocked(stream, &worker);
     if (w == nullptr) {
-      return absl::AbortedError(absl::StrCat(
-          "step ", step_, " of session ", session_->id(),
-          " was abandoned (a worker timed out or the step failed) before these gradients "
-          "counted; send it again"));
+      return AbandonedError(step_, session_->id());
     }
     gradients = w->gradients;
     checked = w->checked;
@@ -224,10 +229,7 @@ absl::Status ParameterServerRounds::End(RoundWaiter* stream, int64_t bytes_recei
     absl::MutexLock lock(&mu_);
     Worker* w = StreamingLocked(stream, &worker);
     if (w == nullptr) {
-      return absl::AbortedError(absl::StrCat(
-          "step ", step_, " of session ", session_->id(),
-          " was abandoned (a worker timed out or the step failed) before these gradients "
-          "counted; send it again"));
+      return AbandonedError(step_, session_->id());
     }
     w->state = WorkerState::kEnded;
     w->stream = nullptr;
