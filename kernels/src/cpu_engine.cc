@@ -101,10 +101,11 @@ struct Param {
 };
 
 // A compute thread's scratch for one Muon parameter: the Newton–Schulz input
-// M, orthogonalized in place. Reused from step to step; grows to the largest
-// parameter it served.
+// M, orthogonalized in place, and the iteration's work matrices. Reused from
+// step to step; grows to the largest parameter it served.
 struct Workspace {
   std::vector<float> m;
+  NsWorkspace ns;
 };
 
 // Workspaces not in use by a task. Tasks at once are bounded by the compute
@@ -349,7 +350,7 @@ absl::Status StepMuon(Param& p, const GradientInput& grad, UpdateOutput& out, bo
     momentum.Add(m[k]);
   }
   if (!momentum.all_finite()) return Overflow(p, "momentum");
-  MUON_RETURN_IF_ERROR(OrthogonalizeCpu(p.coeffs, p.view, m));
+  MUON_RETURN_IF_ERROR(OrthogonalizeCpu(p.coeffs, p.view, m, &ws->ns));
   if (measure) {
     const int64_t size = p.view.rows * p.view.cols;
     double err = 0;
