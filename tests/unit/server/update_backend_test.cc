@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/synchronization/mutex.h"
 #include "muon/kernels/sharded_engine.h"
 #include "muon/kernels/status_macros.h"
 #include "observability/metrics.h"
@@ -36,8 +37,15 @@ class FakeEvents final : public StepEvents {
   void Schedule(absl::AnyInvocable<void() &&> work) override { tasks.push_back(std::move(work)); }
   void Pin() override { ++pins; }
   void Unpin() override { --pins; }
+  // From the engine's compute threads, several at once (StepEvents is
+  // thread-safe); the test reads `updates` once the task has returned.
   void Updates(std::vector<StepResponsePtr> responses) override {
+    absl::MutexLock lock(updates_mu.get());
     for (StepResponsePtr& r : responses) updates.push_back(std::move(r));
+  }
+  size_t UpdateCount() const {
+    absl::MutexLock lock(updates_mu.get());
+    return updates.size();
   }
   void Committed(std::vector<StepResponsePtr> responses, bool replayed_step) override {
     EXPECT_FALSE(terminal());
@@ -60,6 +68,7 @@ class FakeEvents final : public StepEvents {
 
   std::deque<absl::AnyInvocable<void() &&>> tasks;
   int pins = 0;
+  std::unique_ptr<absl::Mutex> updates_mu = std::make_unique<absl::Mutex>();
   std::vector<StepResponsePtr> updates;
   std::optional<std::vector<StepResponsePtr>> committed;
   bool replayed = false;
@@ -230,7 +239,7 @@ class WatchedEngine final : public Engine {
     absl::Status Compute(absl::Span<const GradientInput> grads, absl::Span<UpdateOutput> outputs,
                          StepStats* stats, UpdateReadyFn ready) override {
       return inner_->Compute(grads, outputs, stats, [&](size_t i) {
-        engine_->chunks_before_report.push_back(engine_->events_->updates.size());
+        engine_->chunks_before_report.push_back(engine_->events_->UpdateCount());
         ready(i);
       });
     }
