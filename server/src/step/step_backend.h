@@ -26,8 +26,10 @@ namespace muon::server {
 using StepResponsePtr = std::shared_ptr<const v1::StepResponse>;
 
 // The results of a backend's work, delivered to the stream. Thread-safe; a
-// backend calls them from its own tasks, never from inside one of its
-// StepBackend methods (the caller holds the stream's lock there).
+// backend calls them from its own tasks (Updates also from the engine's
+// threads while a task computes, one call per update as it is ready), never
+// from inside one of its StepBackend methods (the caller holds the stream's
+// lock there).
 class StepEvents {
  public:
   virtual ~StepEvents() = default;

@@ -17,7 +17,9 @@
 #include <string>
 #include <vector>
 
+#include "absl/synchronization/mutex.h"
 #include "muon/kernels/sharded_engine.h"
+#include "muon/kernels/status_macros.h"
 #include "observability/metrics.h"
 #include "step/grad_scale.h"
 #include "session/registry.h"
@@ -35,8 +37,15 @@ class FakeEvents final : public StepEvents {
   void Schedule(absl::AnyInvocable<void() &&> work) override { tasks.push_back(std::move(work)); }
   void Pin() override { ++pins; }
   void Unpin() override { --pins; }
+  // From the engine's compute threads, several at once (StepEvents is
+  // thread-safe); the test reads `updates` once the task has returned.
   void Updates(std::vector<StepResponsePtr> responses) override {
+    absl::MutexLock lock(updates_mu.get());
     for (StepResponsePtr& r : responses) updates.push_back(std::move(r));
+  }
+  size_t UpdateCount() const {
+    absl::MutexLock lock(updates_mu.get());
+    return updates.size();
   }
   void Committed(std::vector<StepResponsePtr> responses, bool replayed_step) override {
     EXPECT_FALSE(terminal());
@@ -59,6 +68,7 @@ class FakeEvents final : public StepEvents {
 
   std::deque<absl::AnyInvocable<void() &&>> tasks;
   int pins = 0;
+  std::unique_ptr<absl::Mutex> updates_mu = std::make_unique<absl::Mutex>();
   std::vector<StepResponsePtr> updates;
   std::optional<std::vector<StepResponsePtr>> committed;
   bool replayed = false;
@@ -184,6 +194,124 @@ TEST_F(ShardedUpdateBackendTest, CommittedStepReportsComputeSecondsPerDevice) {
   EXPECT_THAT(text, HasSubstr("muon_device_compute_seconds_count{device=\"0\"} 1\n"));
   EXPECT_THAT(text, HasSubstr("muon_device_compute_seconds_count{device=\"1\"} 1\n"));
   EXPECT_THAT(text, HasSubstr("muon_step_duration_seconds_count{phase=\"compute\"} 1\n"));
+}
+
+// A CPU engine on one compute thread (the parameters run one after another,
+// largest first, on the caller's thread) that notes, each time it reports an
+// update, how many update chunks the stream had been handed by then.
+class WatchedEngine final : public Engine {
+ public:
+  explicit WatchedEngine(const FakeEvents* events)
+      : inner_(*CreateCpuEngine({.blas_threads = 1, .compute_threads = 1})), events_(events) {}
+
+  absl::string_view name() const override { return inner_->name(); }
+  absl::StatusOr<ParamId> Register(const ParamSpec& spec) override {
+    return inner_->Register(spec);
+  }
+  absl::Status Unregister(ParamId id) override { return inner_->Unregister(id); }
+  absl::StatusOr<ParamSpec> Spec(ParamId id) const override { return inner_->Spec(id); }
+  absl::StatusOr<std::unique_ptr<StepTransaction>> BeginStep(const StepOptions& options) override {
+    MUON_ASSIGN_OR_RETURN(std::unique_ptr<StepTransaction> txn, inner_->BeginStep(options));
+    return std::unique_ptr<StepTransaction>(new Transaction(std::move(txn), this));
+  }
+  absl::Status SetWeights(ParamId id, absl::Span<const float> values) override {
+    return inner_->SetWeights(id, values);
+  }
+  absl::Status GetWeights(ParamId id, absl::Span<float> values) const override {
+    return inner_->GetWeights(id, values);
+  }
+  absl::StatusOr<ParamState> ExportState(ParamId id) const override {
+    return inner_->ExportState(id);
+  }
+  absl::Status ImportState(ParamId id, const ParamState& state) override {
+    return inner_->ImportState(id, state);
+  }
+  MemoryUsage Memory() const override { return inner_->Memory(); }
+
+  // Per reported update, in order: the chunks sent before it was reported.
+  std::vector<size_t> chunks_before_report;
+
+ private:
+  class Transaction final : public StepTransaction {
+   public:
+    Transaction(std::unique_ptr<StepTransaction> inner, WatchedEngine* engine)
+        : inner_(std::move(inner)), engine_(engine) {}
+    absl::Status Compute(absl::Span<const GradientInput> grads, absl::Span<UpdateOutput> outputs,
+                         StepStats* stats, UpdateReadyFn ready) override {
+      return inner_->Compute(grads, outputs, stats, [&](size_t i) {
+        engine_->chunks_before_report.push_back(engine_->events_->UpdateCount());
+        ready(i);
+      });
+    }
+    absl::Status Commit() override { return inner_->Commit(); }
+
+   private:
+    std::unique_ptr<StepTransaction> inner_;
+    WatchedEngine* engine_;
+  };
+
+  std::unique_ptr<Engine> inner_;
+  const FakeEvents* events_;
+};
+
+class WatchedUpdateBackendTest : public UpdateBackendTest {
+ protected:
+  std::unique_ptr<Engine> MakeEngine() override {
+    auto engine = std::make_unique<WatchedEngine>(&events_);
+    watched_ = engine.get();
+    return engine;
+  }
+  WatchedEngine* watched_ = nullptr;
+};
+
+// Both gradients are in before the task runs, so the engine gets them in one
+// call; the first update's chunk still goes out before the second parameter
+// is done, not after the whole call.
+TEST_F(WatchedUpdateBackendTest, TheFirstUpdateIsSentBeforeTheLastParameterIsComputed) {
+  auto backend = Backend();
+  ASSERT_THAT(backend->Admit(Header(1)), IsOk());
+  backend->Gradient(0, Gradient(128, 0.5f));
+  backend->Gradient(1, Gradient(8, 0.25f));
+  ASSERT_THAT(backend->End({0, 1}, 544, std::nullopt), IsOk());
+  events_.RunAll();
+  ASSERT_TRUE(events_.committed.has_value());
+  // w (the larger) is reported first; when b is, w's one chunk was sent.
+  EXPECT_EQ(watched_->chunks_before_report, (std::vector<size_t>{0, 1}));
+  ASSERT_EQ(events_.updates.size(), 2u);
+  EXPECT_EQ(events_.updates[0]->update().param_index(), 0u);
+  EXPECT_EQ(events_.updates[1]->update().param_index(), 1u);
+  EXPECT_EQ(events_.committed->back()->summary().bytes_sent(), 544u);
+  // The record answers a retry with every chunk, the summary last.
+  events_ = FakeEvents();
+  auto retry = Backend();
+  ASSERT_THAT(retry->Admit(Header(1)), IsOk());
+  retry->Replay();
+  events_.RunAll();
+  ASSERT_TRUE(events_.committed.has_value());
+  ASSERT_EQ(events_.committed->size(), 3u);
+  EXPECT_TRUE(events_.committed->back()->has_summary());
+}
+
+// An update sent before a later parameter of the same engine call fails
+// belongs to a step that fails: nothing is committed (the client discards
+// what it buffered, docs/api.md), and the session is free for the step.
+TEST_F(WatchedUpdateBackendTest, AFailureAfterAnUpdateWasSentFailsTheStep) {
+  auto backend = Backend();
+  ASSERT_THAT(backend->Admit(Header(1)), IsOk());
+  std::unique_ptr<std::byte[]> bad = Gradient(8, 1.0f);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::memcpy(bad.get() + 4, &nan, sizeof nan);
+  backend->Gradient(0, Gradient(128, 0.5f));
+  backend->Gradient(1, std::move(bad));
+  events_.RunAll();
+  EXPECT_EQ(events_.updates.size(), 1u);  // w's, sent before b failed
+  ASSERT_TRUE(events_.failed.has_value());
+  EXPECT_THAT(*events_.failed, StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("NaN")));
+  EXPECT_FALSE(events_.committed.has_value());
+  EXPECT_EQ(session_->step(), 0u);
+  EXPECT_TRUE(backend->Abort());
+  events_ = FakeEvents();
+  CommitStepOne();
 }
 
 // A computed step gives its gradient and update buffers back to the session,
