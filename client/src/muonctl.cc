@@ -58,8 +58,9 @@ ABSL_FLAG(std::string, dtype, "float32", "Wire dtype of gradients: float32, bflo
 ABSL_FLAG(std::string, schedule, "jordan",
           "Newton-Schulz schedule: jordan, dion, polar_express, aol, aol_dion, svd.");
 ABSL_FLAG(std::string, optimizer, "muon",
-          "Optimizer of every preset parameter (bench, load, create): muon, or adamw (the wire "
-          "benchmark: the same bytes with negligible compute, docs/performance.md).");
+          "Optimizer of every preset parameter (bench, load, create): muon, adamw (the same bytes "
+          "with element-wise compute), or echo (no optimizer: each update is the gradient, for "
+          "the wire benchmark; the server needs --allow_benchmark_sessions; docs/performance.md).");
 ABSL_FLAG(int, ns_steps, 5,
           "Newton-Schulz iterations of the session (bench, load, create), and the steps info "
           "lists each schedule's coefficients for.");
@@ -180,15 +181,16 @@ absl::StatusOr<v1::CreateSessionRequest> PresetRequest(const std::string& model,
                      "; known: jordan, dion, polar_express, aol, aol_dion, svd"));
   }
   const std::string optimizer = absl::GetFlag(FLAGS_optimizer);
-  if (optimizer != "muon" && optimizer != "adamw") {
+  if (optimizer != "muon" && optimizer != "adamw" && optimizer != "echo") {
     return absl::InvalidArgumentError(
-        absl::StrCat("unknown --optimizer=", optimizer, "; known: muon, adamw"));
+        absl::StrCat("unknown --optimizer=", optimizer, "; known: muon, adamw, echo"));
   }
   v1::CreateSessionRequest request;
   request.set_name(name);
   request.mutable_hyper_params()->set_lr(absl::GetFlag(FLAGS_lr));
   request.mutable_hyper_params()->set_ns_schedule(schedule);
   request.mutable_hyper_params()->set_ns_steps(absl::GetFlag(FLAGS_ns_steps));
+  request.set_benchmark_echo(optimizer == "echo");
   for (const PresetParam& p : *params) {
     v1::ParameterSpec* spec = request.add_params();
     spec->set_name(p.name);

@@ -62,6 +62,9 @@ ABSL_FLAG(int, max_message_bytes, 4 << 20,
           "Largest gRPC message received or sent. Env MUON_MAX_MESSAGE_BYTES.");
 ABSL_FLAG(int, max_concurrent_streams, 256,
           "Step streams open at once. Env MUON_MAX_CONCURRENT_STREAMS.");
+ABSL_FLAG(bool, allow_benchmark_sessions, false,
+          "Accept CreateSession with benchmark_echo (a session whose updates are its gradients, "
+          "for wire benchmarks only; docs/performance.md). Env MUON_ALLOW_BENCHMARK_SESSIONS.");
 ABSL_FLAG(std::string, checkpoint_dir, "",
           "Directory for session checkpoints, restored at start; empty: none. Env "
           "MUON_CHECKPOINT_DIR.");
@@ -140,6 +143,7 @@ bool FlagsFromEnv() {
          FromEnv(&FLAGS_max_bytes_per_session, "MUON_MAX_BYTES_PER_SESSION") &&
          FromEnv(&FLAGS_max_message_bytes, "MUON_MAX_MESSAGE_BYTES") &&
          FromEnv(&FLAGS_max_concurrent_streams, "MUON_MAX_CONCURRENT_STREAMS") &&
+         FromEnv(&FLAGS_allow_benchmark_sessions, "MUON_ALLOW_BENCHMARK_SESSIONS") &&
          FromEnv(&FLAGS_checkpoint_dir, "MUON_CHECKPOINT_DIR") &&
          FromEnv(&FLAGS_durability, "MUON_DURABILITY") &&
          FromEnv(&FLAGS_checkpoint_every_steps, "MUON_CHECKPOINT_EVERY_STEPS") &&
@@ -264,6 +268,7 @@ int main(int argc, char** argv) {
   options.limits.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   options.limits.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
   options.limits.session_idle_ttl = absl::GetFlag(FLAGS_session_idle_ttl);
+  options.limits.allow_benchmark_sessions = absl::GetFlag(FLAGS_allow_benchmark_sessions);
   options.checkpoint_dir = absl::GetFlag(FLAGS_checkpoint_dir);
   options.durability = absl::AsciiStrToLower(absl::GetFlag(FLAGS_durability));
   options.checkpoint_every_steps = absl::GetFlag(FLAGS_checkpoint_every_steps);

@@ -1,6 +1,7 @@
 #include "step/update_backend.h"
 
 #include <algorithm>
+#include <cstring>
 #include <iterator>
 #include <string>
 
@@ -16,6 +17,28 @@
 #include "wire/convert.h"
 
 namespace muon::server {
+namespace {
+
+// A benchmark_echo session's "update": the gradient itself, in the update's
+// dtype (decay stays 1).
+void EchoGradient(const GradientInput& gradient, UpdateOutput* update) {
+  if (gradient.dtype == update->dtype) {
+    std::memcpy(update->bytes.data(), gradient.bytes.data(), update->bytes.size());
+    return;
+  }
+  constexpr size_t kBlock = 4096;
+  float block[kBlock];
+  const size_t in_width = DTypeSize(gradient.dtype);
+  const size_t out_width = DTypeSize(update->dtype);
+  const size_t count = gradient.bytes.size() / in_width;
+  for (size_t done = 0; done < count; done += kBlock) {
+    const size_t n = std::min(kBlock, count - done);
+    DecodeToFloat(gradient.dtype, gradient.bytes.data() + done * in_width, n, block);
+    EncodeFromFloat(update->dtype, block, n, update->bytes.data() + done * out_width);
+  }
+}
+
+}  // namespace
 
 UpdateStepBackend::UpdateStepBackend(const StepBackendEnv& env, std::shared_ptr<Session> session,
                                      StepEvents* events)
@@ -197,7 +220,12 @@ absl::StatusOr<std::vector<StepResponsePtr>> UpdateStepBackend::Compute(std::vec
     outputs[i].bytes = absl::MakeSpan(updates[i].get(), static_cast<size_t>(update_bytes[i]));
   }
   StepStats stats;
-  MUON_RETURN_IF_ERROR(txn_->Compute(inputs, absl::MakeSpan(outputs), &stats));
+  const bool echo = session_->config().benchmark_echo();
+  if (echo) {
+    for (size_t i = 0; i < n; ++i) EchoGradient(inputs[i], &outputs[i]);
+  } else {
+    MUON_RETURN_IF_ERROR(txn_->Compute(inputs, absl::MakeSpan(outputs), &stats));
+  }
   const double compute_seconds = absl::ToDoubleSeconds(absl::Now() - start);
 
   std::vector<StepResponsePtr> responses;
@@ -233,7 +261,7 @@ absl::StatusOr<std::vector<StepResponsePtr>> UpdateStepBackend::Compute(std::vec
   computed_ += n;
   bytes_sent_ += bytes_sent;
   for (size_t i = 0; i < n; ++i) {
-    if (measure_orthogonality_ &&
+    if (measure_orthogonality_ && !echo &&
         session_->params()[batch[i].index].spec.kind == OptimizerKind::kMuon) {
       ortho_.emplace_back(batch[i].index, outputs[i].orthogonality_error);
     }

@@ -14,6 +14,7 @@
 #include <limits>
 #include <memory>
 #include <optional>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -361,6 +362,84 @@ TEST_F(UpdateBackendTest, AGradScaleWithoutDeferredComputeIsRefused) {
   EXPECT_EQ(session_->step(), 0u);
   events_ = FakeEvents();
   CommitStepOne();
+}
+
+// benchmark_echo: the wire benchmark's session (docs/performance.md, "Wire").
+class EchoSessionTest : public UpdateBackendTest {
+ protected:
+  // The session's request asking for benchmark_echo.
+  v1::CreateSessionRequest EchoRequest() const {
+    v1::CreateSessionRequest request = request_;
+    request.set_name("echo");
+    request.set_benchmark_echo(true);
+    return request;
+  }
+  std::unique_ptr<SessionRegistry> AllowingRegistry() {
+    Limits limits;
+    limits.allow_benchmark_sessions = true;
+    return std::make_unique<SessionRegistry>(engine_.get(), limits, metrics_->sessions(),
+                                             durability_.get(), nullptr);
+  }
+};
+
+// A server not started with --allow_benchmark_sessions never makes one, so
+// no training session gets updates that are its gradients by accident.
+TEST_F(EchoSessionTest, IsRefusedUnlessTheServerAllowsIt) {
+  EXPECT_THAT(registry_->Create(EchoRequest()),
+              StatusIs(absl::StatusCode::kFailedPrecondition,
+                       HasSubstr("--allow_benchmark_sessions")));
+  v1::CreateSessionRequest ps = EchoRequest();
+  ps.set_mode(v1::SESSION_MODE_PARAMETER_SERVER);
+  EXPECT_THAT(AllowingRegistry()->Create(ps),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("SESSION_MODE_UPDATES")));
+  absl::StatusOr<std::shared_ptr<Session>> allowed = AllowingRegistry()->Create(EchoRequest());
+  ASSERT_THAT(allowed, IsOk());
+  v1::SessionInfo info;
+  (*allowed)->FillInfo(false, &info);
+  EXPECT_TRUE(info.benchmark_echo());
+  session_->FillInfo(false, &info);
+  EXPECT_FALSE(info.benchmark_echo());
+}
+
+// Each update is the gradient itself, in the update dtype, with decay 1, and
+// the step commits.
+TEST_F(EchoSessionTest, UpdatesAreTheGradients) {
+  std::unique_ptr<SessionRegistry> registry = AllowingRegistry();
+  std::shared_ptr<Session> session = *registry->Create(EchoRequest());
+  std::mt19937 rng(::testing::UnitTest::GetInstance()->random_seed());
+  std::normal_distribution<float> normal;
+  std::vector<float> w(128), b(8);
+  for (float& x : w) x = normal(rng);
+  for (float& x : b) x = normal(rng);
+  auto bytes_of = [](const std::vector<float>& v) {
+    auto out = std::make_unique<std::byte[]>(v.size() * sizeof(float));
+    std::memcpy(out.get(), v.data(), v.size() * sizeof(float));
+    return out;
+  };
+  for (v1::DType update_dtype : {v1::DTYPE_UNSPECIFIED, v1::DTYPE_BFLOAT16}) {
+    FakeEvents events;
+    UpdateStepBackend backend(env_, session, &events);
+    v1::StepHeader header = Header(session->step() + 1);
+    header.set_update_dtype(update_dtype);
+    ASSERT_THAT(backend.Admit(header), IsOk());
+    backend.Gradient(0, bytes_of(w));
+    backend.Gradient(1, bytes_of(b));
+    ASSERT_THAT(backend.End({0, 1}, 544, std::nullopt), IsOk());
+    events.RunAll();
+    ASSERT_TRUE(events.committed.has_value());
+    for (const StepResponsePtr& r : events.updates) EXPECT_EQ(r->update().decay(), 1.0);
+    const std::vector<std::string> got = Assemble(events.updates);
+    const bool bf16 = update_dtype == v1::DTYPE_BFLOAT16;
+    std::vector<std::string> expected;
+    for (const std::vector<float>* v : {&w, &b}) {
+      std::string e(v->size() * (bf16 ? 2 : 4), '\0');
+      EncodeFromFloat(bf16 ? DType::kBFloat16 : DType::kFloat32, v->data(), v->size(),
+                      reinterpret_cast<std::byte*>(e.data()));
+      expected.push_back(std::move(e));
+    }
+    EXPECT_EQ(got, expected);
+  }
+  EXPECT_EQ(session->step(), 2u);
 }
 
 TEST(GradScaleTest, ScaledGradientDecodesThenMultipliesInFloat32) {
