@@ -189,9 +189,9 @@ absl::StatusOr<std::vector<StepResponsePtr>> UpdateStepBackend::Compute(std::vec
   const size_t n = batch.size();
   std::vector<GradientInput> inputs(n);
   std::vector<UpdateOutput> outputs(n);
-  // Taken from and given back to the session's shelves: next step's
-  // gradients and updates reuse these pages.
-  std::vector<std::unique_ptr<std::byte[]>> updates(n);
+  // From the session's shelves: the gradients go back for the next step;
+  // the updates go back once the record and the writes let go of them.
+  std::vector<std::shared_ptr<std::byte[]>> updates(n);
   std::vector<int64_t> update_bytes(n);
   std::vector<std::vector<float>> scaled(scale.has_value() ? n : 0);
   double queue_seconds = 0;
@@ -236,11 +236,14 @@ absl::StatusOr<std::vector<StepResponsePtr>> UpdateStepBackend::Compute(std::vec
         ChunkPayloadBytes(env_.update_chunk_bytes, env_.max_message_bytes,
                           static_cast<int64_t>(DTypeSize(outputs[i].dtype)));
     for (const ChunkRange& range : CutIntoChunks(total, chunk_bytes)) {
-      auto response = std::make_shared<v1::StepResponse>();
-      v1::UpdateChunk* chunk = response->mutable_update();
+      // Its data is sent (and replayed) from the update buffer itself.
+      auto response = std::make_shared<StepReply>();
+      response->data = absl::MakeConstSpan(updates[i].get() + range.offset,
+                                           static_cast<size_t>(range.size));
+      response->data_owner = updates[i];
+      v1::UpdateChunk* chunk = response->message.mutable_update();
       chunk->set_param_index(batch[i].index);
       chunk->set_offset(static_cast<uint64_t>(range.offset));
-      chunk->set_data(updates[i].get() + range.offset, static_cast<size_t>(range.size));
       chunk->set_dtype(DTypeToProto(outputs[i].dtype));
       chunk->set_decay(outputs[i].decay);
       chunk->set_total_bytes(static_cast<uint64_t>(total));
@@ -248,7 +251,6 @@ absl::StatusOr<std::vector<StepResponsePtr>> UpdateStepBackend::Compute(std::vec
       responses.push_back(std::move(response));
     }
     bytes_sent += total;
-    session_->update_buffers().Give(batch[i].index, total, std::move(updates[i]));
     session_->gradient_buffers().Give(
         batch[i].index, session_->params()[batch[i].index].tensor_bytes,
         std::move(batch[i].gradient));
@@ -298,7 +300,7 @@ void UpdateStepBackend::Commit() {
     summary.ns_flops = engine_stats_.ns_flops;
     summary.timings.device_compute = engine_stats_.device_compute_seconds;
     record->responses = std::move(responses_);
-    record->responses.push_back(MakeSummary(std::move(summary), *session_, env_.metrics));
+    record->responses.push_back(MakeReply(MakeSummary(std::move(summary), *session_, env_.metrics)));
   }
   std::shared_ptr<const StepRecord> committed = std::move(record);
   // The lease is held until it records the commit, so the write sees this
