@@ -499,14 +499,18 @@ int Bench(Client& client) {
   int64_t parameter_updates = 0;  // over the measured steps
   std::optional<Progress> progress(std::in_place);
   const absl::Time bench_start = absl::Now();
+  // Kept across steps: each step's updates land in the last step's buffers,
+  // as in a training loop that keeps its result.
+  StepResult kept;
+  StepResult* r = &kept;
   for (int i = 0; i < warmup + steps; ++i) {
     const std::vector<Gradient> grads = source.Draw(rng);
     const absl::Time start = absl::Now();
-    absl::StatusOr<StepResult> r = client.Step(w->session, w->next_step, grads, options);
+    const absl::Status stepped = client.Step(w->session, w->next_step, grads, options, r);
     const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
-    if (!r.ok()) {
+    if (!stepped.ok()) {
       progress.reset();
-      return finish(Fail(r.status()));
+      return finish(Fail(stepped));
     }
     ++w->next_step;
     progress->Report(absl::StrFormat(
