@@ -40,12 +40,14 @@ for _ in $(seq 200); do [[ -s "$dir/port" ]] && break; sleep 0.05; done
 sleep 0.5  # iperf3 -s listening
 load() { cut -d' ' -f1 /proc/loadavg; }
 # Bytes/s of one muonctl bench (optimizer $1, wire dtype $2): gradients in +
-# updates out over client wall time.
+# updates out over client wall time, in the steady state: the first two steps
+# allocate the session's buffers (the second step's updates go into new
+# ones while the first step's record holds the first), so they warm up.
 service() {
   "$build/bin/muonctl" bench --server="127.0.0.1:$(cat "$dir/port")" --model=gpt2-small \
-    --optimizer="$1" --dtype="$2" --steps="$steps" --warmup=1 --progress=false \
+    --optimizer="$1" --dtype="$2" --steps="$steps" --warmup=2 --progress=false \
     --name=wire-bench | awk '/^bytes\/s:/ {
-      v = $2; u = $3; f = (u == "GB/s") ? 1e9 : (u == "MB/s") ? 1e6 : 1e3; print v * f }'
+      v = $2; u = $3; f = (u == "GB/s") ? 1e9 : (u == "MB/s") ? 1e6 : 1e3; printf "%.0f\n", v * f }'
 }
 # Bytes/s of iperf3's one stream over 5 s, as its receiver counted them.
 tcp() {

@@ -2,6 +2,8 @@
 // for a muon-server, and its Newton–Schulz coefficient tables. It knows only
 // the proto and the client library. docs/muonctl.md.
 
+#include <malloc.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -788,6 +790,11 @@ int Info(Client& client) {
 }
 
 int Main(int argc, char** argv) {
+  // As muon-server does (--malloc_trim_bytes): gRPC's message buffers, freed
+  // and allocated again every step, keep their pages instead of being
+  // returned to the kernel and zero-filled anew.
+  mallopt(M_MMAP_THRESHOLD, 32 << 20);
+  mallopt(M_TRIM_THRESHOLD, 64 << 20);
   absl::SetProgramUsageMessage(kUsage);
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   if (args.size() < 2) {

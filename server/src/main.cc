@@ -52,6 +52,12 @@ ABSL_FLAG(int, malloc_arenas, 2,
           "allocate large buffers on one gRPC thread and free them on another; with an arena "
           "per thread much of the freed memory stays resident (docs/operations.md). Env "
           "MUON_MALLOC_ARENAS.");
+ABSL_FLAG(int, malloc_trim_bytes, 64 << 20,
+          "glibc malloc: free memory each arena keeps instead of returning it to the kernel "
+          "(M_TRIM_THRESHOLD), with allocations under 32 MiB served from the arenas "
+          "(M_MMAP_THRESHOLD). gRPC's message buffers, freed and allocated again every step, "
+          "then keep their pages instead of being zero-filled anew (docs/performance.md, "
+          "\"Wire\"); 0: glibc's dynamic thresholds. Env MUON_MALLOC_TRIM_BYTES.");
 ABSL_FLAG(int, max_sessions, 1024, "Sessions at once. Env MUON_MAX_SESSIONS.");
 ABSL_FLAG(int, max_params_per_session, 100000,
           "Parameters per session. Env MUON_MAX_PARAMS_PER_SESSION.");
@@ -138,6 +144,7 @@ bool FlagsFromEnv() {
          FromEnv(&FLAGS_blas_threads, "MUON_BLAS_THREADS") &&
          FromEnv(&FLAGS_compute_threads, "MUON_COMPUTE_THREADS") &&
          FromEnv(&FLAGS_malloc_arenas, "MUON_MALLOC_ARENAS") &&
+         FromEnv(&FLAGS_malloc_trim_bytes, "MUON_MALLOC_TRIM_BYTES") &&
          FromEnv(&FLAGS_max_sessions, "MUON_MAX_SESSIONS") &&
          FromEnv(&FLAGS_max_params_per_session, "MUON_MAX_PARAMS_PER_SESSION") &&
          FromEnv(&FLAGS_max_bytes_per_session, "MUON_MAX_BYTES_PER_SESSION") &&
@@ -221,6 +228,17 @@ int main(int argc, char** argv) {
   }
   if (arenas > 0 && mallopt(M_ARENA_MAX, arenas) != 1) {
     std::cerr << "muon-server: glibc refused --malloc_arenas=" << arenas << "\n";
+    return 2;
+  }
+  const int trim = absl::GetFlag(FLAGS_malloc_trim_bytes);
+  if (trim < 0) {
+    std::cerr << "muon-server: --malloc_trim_bytes=" << trim
+              << " must be >= 0 (0: glibc's default)\n";
+    return 2;
+  }
+  if (trim > 0 &&
+      (mallopt(M_MMAP_THRESHOLD, 32 << 20) != 1 || mallopt(M_TRIM_THRESHOLD, trim) != 1)) {
+    std::cerr << "muon-server: glibc refused --malloc_trim_bytes=" << trim << "\n";
     return 2;
   }
 
