@@ -2,11 +2,13 @@
 # Wire benchmark: bytes/s through one muon-server on loopback for GPT-2
 # small's 48 matrices (340 MB of fp32 gradients per step, the same bytes as
 # the Muon bench), in fp32 and bf16 wire, beside iperf3 over loopback
-# measured in the same run, repeated and reported as medians with the load
-# average (docs/performance.md, "Wire"). Two sessions per wire type: echo
-# (benchmark_echo: no optimizer, each update is its gradient; the server runs
-# with --allow_benchmark_sessions) and adamw (AdamW parameters: element-wise
-# compute).
+# measured in the same run (one stream, and --bidir: both directions at
+# once), repeated and reported as medians with the load average
+# (docs/performance.md, "Wire"). The ratios are to iperf3's one direction,
+# though a step's bytes (gradients in + updates out) go both ways. Two
+# sessions per wire type: echo (benchmark_echo: no optimizer, each update is
+# its gradient; the server runs with --allow_benchmark_sessions) and adamw
+# (AdamW parameters: element-wise compute).
 #   bench/wire.sh            # 3 rounds of 5 steps each
 #   MUON_WIRE_ROUNDS=5 MUON_WIRE_STEPS=10 bench/wire.sh
 #   MUON_WIRE_OPTIMIZERS=adamw MUON_BUILD=../main/build bench/wire.sh  # a build without echo
@@ -54,16 +56,24 @@ tcp() {
   iperf3 -c 127.0.0.1 -p "$iperf_port" -t 5 -J |
     python3 -c 'import json, sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"] / 8)'
 }
+# The same, both directions at once (--bidir): the sum of what each
+# receiver counted, the yardstick of a transfer that, like a step, goes both
+# ways.
+tcp_bidir() {
+  iperf3 -c 127.0.0.1 -p "$iperf_port" -t 5 --bidir -J |
+    python3 -c 'import json, sys; e = json.load(sys.stdin)["end"]; print((e["sum_received"]["bits_per_second"] + e["sum_received_bidir_reverse"]["bits_per_second"]) / 8)'
+}
 columns=()
 for o in "${optimizers[@]}"; do columns+=("$o/fp32" "$o/bf16"); done
-printf '%-6s %-6s %12s' round load iperf3_B/s
+printf '%-6s %-6s %12s %12s' round load iperf3_B/s bidir_B/s
 for c in "${columns[@]}"; do printf ' %12s %6s' "$c" ratio; done
 printf '\n'
 for round in $(seq "$rounds"); do
   l=$(load)
   t=$(tcp)
-  row="$round $l $t"
-  line=$(printf '%-6s %-6s %12.0f' "$round" "$l" "$t")
+  t2=$(tcp_bidir)
+  row="$round $l $t $t2"
+  line=$(printf '%-6s %-6s %12.0f %12.0f' "$round" "$l" "$t" "$t2")
   for o in "${optimizers[@]}"; do
     for d in float32 bfloat16; do
       v=$(service "$o" "$d")
@@ -75,7 +85,8 @@ for round in $(seq "$rounds"); do
   echo "$line"
   echo "$row" >>"$dir/rows"
 done
-# Medians of every column (iperf3, then each session's B/s and ratio).
+# Medians of every column (iperf3, bidir, then each session's B/s and its
+# ratio to iperf3's one direction).
 awk -v names="${columns[*]}" '
   { for (i = 3; i <= NF; i++) col[i, NR] = $i; n = NF }
   function median(c,   a, i, j, x, k) {
@@ -85,7 +96,7 @@ awk -v names="${columns[*]}" '
   }
   END {
     k = split(names, name, " ")
-    printf "median  iperf3 %.3g B/s", median(3)
-    for (i = 1; i <= k; i++) printf ", %s %.3g B/s (%.3f)", name[i], median(2 + 2 * i), median(3 + 2 * i)
+    printf "median  iperf3 %.3g B/s, bidir %.3g B/s", median(3), median(4)
+    for (i = 1; i <= k; i++) printf ", %s %.3g B/s (%.3f)", name[i], median(3 + 2 * i), median(4 + 2 * i)
     printf "\n"
   }' "$dir/rows"
