@@ -26,10 +26,9 @@ UpdateAssembler::UpdateAssembler(std::vector<ParameterUpdate> recycled) {
 }
 
 absl::Status UpdateAssembler::Add(const v1::UpdateChunk& chunk) {
-  return Add(chunk, chunk.data().size(),
-             [&](std::byte* destination) {
-               std::memcpy(destination, chunk.data().data(), chunk.data().size());
-             });
+  return Add(chunk, chunk.data().size(), [&](std::byte* destination) {
+    std::memcpy(destination, chunk.data().data(), chunk.data().size());
+  });
 }
 
 absl::Status UpdateAssembler::Add(const v1::UpdateChunk& chunk, uint64_t size,

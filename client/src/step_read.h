@@ -26,8 +26,8 @@ struct StepRead {
 
 // A StepResponse{update: UpdateChunk} whose data is still in its buffer.
 struct WireUpdate {
-  v1::UpdateChunk chunk;           // every field but data
-  uint64_t data_position = 0;      // of the data's first byte in the message
+  v1::UpdateChunk chunk;       // every field but data
+  uint64_t data_position = 0;  // of the data's first byte in the message
   uint64_t data_size = 0;
 };
 

@@ -238,8 +238,8 @@ absl::StatusOr<std::vector<StepResponsePtr>> UpdateStepBackend::Compute(std::vec
     for (const ChunkRange& range : CutIntoChunks(total, chunk_bytes)) {
       // Its data is sent (and replayed) from the update buffer itself.
       auto response = std::make_shared<StepReply>();
-      response->data = absl::MakeConstSpan(updates[i].get() + range.offset,
-                                           static_cast<size_t>(range.size));
+      response->data =
+          absl::MakeConstSpan(updates[i].get() + range.offset, static_cast<size_t>(range.size));
       response->data_owner = updates[i];
       v1::UpdateChunk* chunk = response->message.mutable_update();
       chunk->set_param_index(batch[i].index);
@@ -300,7 +300,8 @@ void UpdateStepBackend::Commit() {
     summary.ns_flops = engine_stats_.ns_flops;
     summary.timings.device_compute = engine_stats_.device_compute_seconds;
     record->responses = std::move(responses_);
-    record->responses.push_back(MakeReply(MakeSummary(std::move(summary), *session_, env_.metrics)));
+    record->responses.push_back(
+        MakeReply(MakeSummary(std::move(summary), *session_, env_.metrics)));
   }
   std::shared_ptr<const StepRecord> committed = std::move(record);
   // The lease is held until it records the commit, so the write sees this
