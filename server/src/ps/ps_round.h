@@ -190,7 +190,7 @@ class ParameterServerRounds final : public SessionRounds {
   // Commits txn_, builds every worker's answer, writes a checkpoint when
   // due. Runs without mu_ (committing_ keeps the round).
   absl::StatusOr<Committed> Commit();
-  std::vector<std::shared_ptr<const v1::StepResponse>> Responses(
+  std::vector<std::shared_ptr<const StepReply>> Responses(
       const ReplyFormat& format, const std::vector<std::vector<float>>& weights,
       const std::vector<std::optional<Computed>>& computed) const;
 

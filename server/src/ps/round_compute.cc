@@ -147,7 +147,7 @@ absl::StatusOr<ParameterServerRounds::Committed> ParameterServerRounds::Commit()
     }
   }
   const uint64_t step = summary.step;
-  const std::shared_ptr<const v1::StepResponse> summary_response =
+  const v1::StepResponse summary_response =
       MakeSummary(std::move(summary), *session_, options_.metrics);
 
   // One answer per distinct format, shared by the workers that asked for it.
@@ -159,10 +159,10 @@ absl::StatusOr<ParameterServerRounds::Committed> ParameterServerRounds::Commit()
     record->step = step;
     record->responses = Responses(formats[w], weights, computed);
     uint64_t bytes_sent = 0;
-    for (const auto& r : record->responses) bytes_sent += r->update().data().size();
-    auto with_bytes = std::make_shared<v1::StepResponse>(*summary_response);
-    with_bytes->mutable_summary()->set_bytes_sent(bytes_sent);
-    record->responses.push_back(std::move(with_bytes));
+    for (const auto& r : record->responses) bytes_sent += r->update_data().size();
+    v1::StepResponse with_bytes = summary_response;
+    with_bytes.mutable_summary()->set_bytes_sent(bytes_sent);
+    record->responses.push_back(MakeReply(std::move(with_bytes)));
     std::shared_ptr<const StepRecord> shared = std::move(record);
     for (uint32_t v = w; v < num_workers_; ++v) {
       if (formats[v] == formats[w]) committed.records[v] = shared;
@@ -173,12 +173,12 @@ absl::StatusOr<ParameterServerRounds::Committed> ParameterServerRounds::Commit()
   return committed;
 }
 
-std::vector<std::shared_ptr<const v1::StepResponse>> ParameterServerRounds::Responses(
+std::vector<std::shared_ptr<const StepReply>> ParameterServerRounds::Responses(
     const ReplyFormat& format, const std::vector<std::vector<float>>& weights,
     const std::vector<std::optional<Computed>>& computed) const {
   const std::vector<SessionParam>& params = session_->params();
   const bool send_weights = format.content != v1::UPDATE_CONTENT_UPDATE;
-  std::vector<std::vector<std::shared_ptr<const v1::StepResponse>>> by_param(params.size());
+  std::vector<std::vector<std::shared_ptr<const StepReply>>> by_param(params.size());
   auto encode = [&](size_t i) {
     const DType dtype = format.dtype.value_or(params[i].spec.dtype);
     const std::vector<float>& values = send_weights ? weights[i] : computed[i]->update;
@@ -189,8 +189,8 @@ std::vector<std::shared_ptr<const v1::StepResponse>> ParameterServerRounds::Resp
     const int64_t chunk_bytes =
         ChunkPayloadBytes(options_.chunk_bytes, options_.max_message_bytes, width);
     for (const ChunkRange& range : CutIntoChunks(total, chunk_bytes)) {
-      auto response = std::make_shared<v1::StepResponse>();
-      v1::UpdateChunk* chunk = response->mutable_update();
+      auto response = std::make_shared<StepReply>();
+      v1::UpdateChunk* chunk = response->message.mutable_update();
       chunk->set_param_index(static_cast<uint32_t>(i));
       chunk->set_offset(static_cast<uint64_t>(range.offset));
       std::string* data = chunk->mutable_data();
@@ -224,7 +224,7 @@ std::vector<std::shared_ptr<const v1::StepResponse>> ParameterServerRounds::Resp
   work();
   for (std::thread& t : helpers) t.join();
 
-  std::vector<std::shared_ptr<const v1::StepResponse>> out;
+  std::vector<std::shared_ptr<const StepReply>> out;
   for (auto& chunks : by_param) {
     for (auto& r : chunks) out.push_back(std::move(r));
   }

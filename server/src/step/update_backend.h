@@ -38,7 +38,8 @@ struct StepBackendEnv {
 // every listed parameter is computed. A header with defer_compute holds the
 // gradients until StepEnd, whose grad_scale multiplies them first. Work runs
 // one task at a time on the pool (a StepTransaction is driven by one thread
-// at a time); the updates are reported from the engine's threads.
+// at a time); the updates are reported from the engine's threads. A
+// benchmark_echo session runs no optimizer: each update is its gradient.
 // Thread-safe; its tasks keep the stream (and so this) alive.
 class UpdateStepBackend final : public StepBackend {
  public:

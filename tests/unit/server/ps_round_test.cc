@@ -79,8 +79,8 @@ absl::Status Send(ParameterServerRounds* rounds, RoundWaiter* stream, const Grad
 std::vector<std::vector<float>> WeightsOf(const StepRecord& record) {
   std::vector<std::vector<float>> out(kSizes.size());
   for (const auto& r : record.responses) {
-    if (!r->has_update()) continue;
-    const v1::UpdateChunk& u = r->update();
+    if (!r->message.has_update()) continue;
+    const v1::UpdateChunk& u = r->message.update();
     EXPECT_EQ(u.content(), v1::UPDATE_CONTENT_WEIGHTS);
     std::vector<float>& dst = out.at(u.param_index());
     dst.resize(u.total_bytes() / sizeof(float));
@@ -203,11 +203,12 @@ TEST_F(RoundsTest, TwoWorkersCommitTheStepOfTheirAverage) {
   EXPECT_EQ(session_->step(), 1u);
   const StepRecord& record = ***w0.result;
   EXPECT_EQ(record.step, 1u);
-  ASSERT_TRUE(record.responses.back()->has_summary());
-  EXPECT_THAT(record.responses.back()->summary().param_indices(), ::testing::ElementsAre(0, 1));
+  ASSERT_TRUE(record.responses.back()->message.has_summary());
+  EXPECT_THAT(record.responses.back()->message.summary().param_indices(),
+              ::testing::ElementsAre(0, 1));
   for (const auto& r : record.responses) {
-    if (r->has_update()) {
-      EXPECT_LE(r->update().data().size(), 40u);
+    if (r->message.has_update()) {
+      EXPECT_LE(r->update_data().size(), 40u);
     }
   }
 
@@ -449,7 +450,7 @@ TEST_F(RoundsTest, AskedOrthogonalityIsInTheSummaryForMuonParameters) {
   ASSERT_THAT(rounds_->End(&w0, 0), IsOk());
   ASSERT_TRUE(asking.result.has_value());
   ASSERT_THAT(*asking.result, IsOk());
-  const v1::StepSummary& summary = (**asking.result)->responses.back()->summary();
+  const v1::StepSummary& summary = (**asking.result)->responses.back()->message.summary();
   ASSERT_EQ(summary.orthogonality_errors_size(), 1);
   EXPECT_EQ(summary.orthogonality_errors(0).param_index(), 0u);
   EXPECT_TRUE(std::isfinite(summary.orthogonality_errors(0).error()));

@@ -14,6 +14,7 @@
 #include <limits>
 #include <memory>
 #include <optional>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -160,14 +161,14 @@ TEST_F(UpdateBackendTest, UpdatesStreamInWholeElementsAndTheSummaryCommits) {
   ASSERT_TRUE(events_.committed.has_value());
   EXPECT_FALSE(events_.replayed);
   ASSERT_EQ(events_.committed->size(), 1u);
-  const v1::StepSummary& summary = events_.committed->front()->summary();
+  const v1::StepSummary& summary = events_.committed->front()->message.summary();
   EXPECT_EQ(summary.step(), 1u);
   EXPECT_EQ(summary.bytes_received(), 544u);
   EXPECT_EQ(summary.bytes_sent(), 544u);
   EXPECT_EQ(session_->step(), 1u);
   for (const StepResponsePtr& r : events_.updates) {
-    EXPECT_EQ(r->update().data().size() % 4, 0u);
-    EXPECT_LE(r->update().data().size(), 1028u);
+    EXPECT_EQ(r->update_data().size() % 4, 0u);
+    EXPECT_LE(r->update_data().size(), 1028u);
   }
 }
 
@@ -278,9 +279,9 @@ TEST_F(WatchedUpdateBackendTest, TheFirstUpdateIsSentBeforeTheLastParameterIsCom
   // w (the larger) is reported first; when b is, w's one chunk was sent.
   EXPECT_EQ(watched_->chunks_before_report, (std::vector<size_t>{0, 1}));
   ASSERT_EQ(events_.updates.size(), 2u);
-  EXPECT_EQ(events_.updates[0]->update().param_index(), 0u);
-  EXPECT_EQ(events_.updates[1]->update().param_index(), 1u);
-  EXPECT_EQ(events_.committed->back()->summary().bytes_sent(), 544u);
+  EXPECT_EQ(events_.updates[0]->message.update().param_index(), 0u);
+  EXPECT_EQ(events_.updates[1]->message.update().param_index(), 1u);
+  EXPECT_EQ(events_.committed->back()->message.summary().bytes_sent(), 544u);
   // The record answers a retry with every chunk, the summary last.
   events_ = FakeEvents();
   auto retry = Backend();
@@ -289,7 +290,7 @@ TEST_F(WatchedUpdateBackendTest, TheFirstUpdateIsSentBeforeTheLastParameterIsCom
   events_.RunAll();
   ASSERT_TRUE(events_.committed.has_value());
   ASSERT_EQ(events_.committed->size(), 3u);
-  EXPECT_TRUE(events_.committed->back()->has_summary());
+  EXPECT_TRUE(events_.committed->back()->message.has_summary());
 }
 
 // An update sent before a later parameter of the same engine call fails
@@ -314,8 +315,9 @@ TEST_F(WatchedUpdateBackendTest, AFailureAfterAnUpdateWasSentFailsTheStep) {
   CommitStepOne();
 }
 
-// A computed step gives its gradient and update buffers back to the session,
-// and the next step's stream assembles into the kept gradient buffer.
+// A computed step gives its gradient buffers back to the session, and the
+// next step's stream assembles into the kept gradient buffer; its update
+// buffers are sent and recorded from, so they are not free yet.
 TEST_F(UpdateBackendTest, AStepKeepsItsBuffersForTheNextStep) {
   auto backend = Backend();
   absl::StatusOr<StepBackend::Admission> admission = backend->Admit(Header(1));
@@ -329,8 +331,101 @@ TEST_F(UpdateBackendTest, AStepKeepsItsBuffersForTheNextStep) {
   events_.RunAll();
   ASSERT_TRUE(events_.committed.has_value());
   EXPECT_EQ(session_->gradient_buffers().kept_bytes(), 512 + 32);
-  EXPECT_EQ(session_->update_buffers().kept_bytes(), 512 + 32);
+  EXPECT_EQ(session_->update_buffers().kept_bytes(), 0);
   EXPECT_EQ(session_->gradient_buffers().Take(0, 512).get(), kept);
+}
+
+// Each parameter's update bytes, from the chunks in `responses`.
+std::vector<std::string> Assemble(const std::vector<StepResponsePtr>& responses) {
+  std::vector<std::string> out(2);
+  for (const StepResponsePtr& r : responses) {
+    if (!r->message.has_update()) continue;
+    const v1::UpdateChunk& chunk = r->message.update();
+    const absl::Span<const std::byte> data = r->update_data();
+    std::string& buf = out[chunk.param_index()];
+    buf.resize(chunk.total_bytes());
+    buf.replace(chunk.offset(), data.size(), reinterpret_cast<const char*>(data.data()),
+                data.size());
+  }
+  return out;
+}
+
+// Where update `index`'s first chunk lies.
+const std::byte* DataOf(const std::vector<StepResponsePtr>& responses, uint32_t index) {
+  for (const StepResponsePtr& r : responses) {
+    if (r->message.has_update() && r->message.update().param_index() == index &&
+        r->message.update().offset() == 0) {
+      return r->update_data().data();
+    }
+  }
+  return nullptr;
+}
+
+// An update chunk is sent from the buffer the engine wrote, not a copy; the
+// next step writes into another while the record holds it, and the buffer
+// is reused once nothing holds it any more.
+TEST_F(UpdateBackendTest, UpdatesAreSentFromABufferReusedOnceNothingHoldsIt) {
+  CommitStepOne();
+  std::shared_ptr<const StepRecord> first = *session_->Recorded(1, 0);
+  const std::byte* first_buffer = DataOf(first->responses, 0);
+  ASSERT_NE(first_buffer, nullptr);
+  EXPECT_EQ(session_->update_buffers().kept_bytes(), 0);
+
+  auto second = Backend();
+  ASSERT_THAT(second->Admit(Header(2)), IsOk());
+  second->Gradient(0, Gradient(128, -0.5f));
+  second->Gradient(1, Gradient(8, 0.75f));
+  ASSERT_THAT(second->End({0, 1}, 544, std::nullopt), IsOk());
+  events_.RunAll();
+  ASSERT_TRUE(events_.committed.has_value());
+  const std::byte* second_buffer = DataOf(events_.updates, 0);
+  EXPECT_NE(second_buffer, first_buffer);
+  // Step 2's record replaced step 1's, but `first` still holds its buffers.
+  EXPECT_EQ(session_->update_buffers().kept_bytes(), 0);
+  first.reset();
+  EXPECT_EQ(session_->update_buffers().kept_bytes(), 512 + 32);
+  events_ = FakeEvents();
+
+  auto third = Backend();
+  ASSERT_THAT(third->Admit(Header(3)), IsOk());
+  third->Gradient(0, Gradient(128, 0.25f));
+  events_.RunAll();
+  EXPECT_EQ(DataOf(events_.updates, 0), first_buffer);
+  EXPECT_TRUE(third->Abort());
+}
+
+// A retry of a committed step answers with its own bytes even after the next
+// step computed updates (into other buffers) and failed.
+TEST_F(UpdateBackendTest, AReplayAfterTheNextStepComputedAnswersTheCommittedBytes) {
+  auto first = Backend();
+  ASSERT_THAT(first->Admit(Header(1)), IsOk());
+  first->Gradient(0, Gradient(128, 0.5f));
+  first->Gradient(1, Gradient(8, 0.25f));
+  ASSERT_THAT(first->End({0, 1}, 544, std::nullopt), IsOk());
+  events_.RunAll();
+  ASSERT_TRUE(events_.committed.has_value());
+  const std::vector<std::string> committed = Assemble(events_.updates);
+  events_ = FakeEvents();
+
+  auto next = Backend();
+  ASSERT_THAT(next->Admit(Header(2)), IsOk());
+  next->Gradient(0, Gradient(128, -3.0f));
+  next->Gradient(1, Gradient(8, 2.0f));
+  events_.RunAll();
+  ASSERT_EQ(events_.updates.size(), 2u);
+  EXPECT_NE(Assemble(events_.updates), committed);
+  EXPECT_TRUE(next->Abort());
+  events_ = FakeEvents();
+
+  auto retry = Backend();
+  absl::StatusOr<StepBackend::Admission> admission = retry->Admit(Header(1));
+  ASSERT_THAT(admission, IsOk());
+  ASSERT_EQ(admission->role, StepBackend::Role::kReplay);
+  retry->Replay();
+  events_.RunAll();
+  ASSERT_TRUE(events_.committed.has_value());
+  EXPECT_EQ(Assemble(*events_.committed), committed);
+  EXPECT_EQ(session_->step(), 1u);
 }
 
 TEST_F(UpdateBackendTest, AnAbortWhileATaskIsPendingEndsWithFailedAndFreesTheSession) {
@@ -389,23 +484,11 @@ TEST_F(UpdateBackendTest, ARetryOfTheCommittedStepIsReplayed) {
   events_.RunAll();
   ASSERT_TRUE(events_.committed.has_value());
   EXPECT_TRUE(events_.replayed);
-  EXPECT_TRUE(events_.committed->back()->summary().replayed());
+  EXPECT_TRUE(events_.committed->back()->message.summary().replayed());
   EXPECT_EQ(events_.committed->size(), 3u);  // two updates, then the summary
   EXPECT_EQ(session_->step(), 1u);
   EXPECT_THAT(Backend()->Admit(Header(3)),
               StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("expected step is 2")));
-}
-
-// Each parameter's update bytes, from the chunks in `responses`.
-std::vector<std::string> Assemble(const std::vector<StepResponsePtr>& responses) {
-  std::vector<std::string> out(2);
-  for (const StepResponsePtr& r : responses) {
-    if (!r->has_update()) continue;
-    std::string& buf = out[r->update().param_index()];
-    buf.resize(r->update().total_bytes());
-    buf.replace(r->update().offset(), r->update().data().size(), r->update().data());
-  }
-  return out;
 }
 
 std::unique_ptr<std::byte[]> Scaled(const std::unique_ptr<std::byte[]>& bytes, int64_t n,
@@ -489,6 +572,84 @@ TEST_F(UpdateBackendTest, AGradScaleWithoutDeferredComputeIsRefused) {
   EXPECT_EQ(session_->step(), 0u);
   events_ = FakeEvents();
   CommitStepOne();
+}
+
+// benchmark_echo: the wire benchmark's session (docs/performance.md, "Wire").
+class EchoSessionTest : public UpdateBackendTest {
+ protected:
+  // The session's request asking for benchmark_echo.
+  v1::CreateSessionRequest EchoRequest() const {
+    v1::CreateSessionRequest request = request_;
+    request.set_name("echo");
+    request.set_benchmark_echo(true);
+    return request;
+  }
+  std::unique_ptr<SessionRegistry> AllowingRegistry() {
+    Limits limits;
+    limits.allow_benchmark_sessions = true;
+    return std::make_unique<SessionRegistry>(engine_.get(), limits, metrics_->sessions(),
+                                             durability_.get(), nullptr);
+  }
+};
+
+// A server not started with --allow_benchmark_sessions never makes one, so
+// no training session gets updates that are its gradients by accident.
+TEST_F(EchoSessionTest, IsRefusedUnlessTheServerAllowsIt) {
+  EXPECT_THAT(registry_->Create(EchoRequest()),
+              StatusIs(absl::StatusCode::kFailedPrecondition,
+                       HasSubstr("--allow_benchmark_sessions")));
+  v1::CreateSessionRequest ps = EchoRequest();
+  ps.set_mode(v1::SESSION_MODE_PARAMETER_SERVER);
+  EXPECT_THAT(AllowingRegistry()->Create(ps),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("SESSION_MODE_UPDATES")));
+  absl::StatusOr<std::shared_ptr<Session>> allowed = AllowingRegistry()->Create(EchoRequest());
+  ASSERT_THAT(allowed, IsOk());
+  v1::SessionInfo info;
+  (*allowed)->FillInfo(false, &info);
+  EXPECT_TRUE(info.benchmark_echo());
+  session_->FillInfo(false, &info);
+  EXPECT_FALSE(info.benchmark_echo());
+}
+
+// Each update is the gradient itself, in the update dtype, with decay 1, and
+// the step commits.
+TEST_F(EchoSessionTest, UpdatesAreTheGradients) {
+  std::unique_ptr<SessionRegistry> registry = AllowingRegistry();
+  std::shared_ptr<Session> session = *registry->Create(EchoRequest());
+  std::mt19937 rng(::testing::UnitTest::GetInstance()->random_seed());
+  std::normal_distribution<float> normal;
+  std::vector<float> w(128), b(8);
+  for (float& x : w) x = normal(rng);
+  for (float& x : b) x = normal(rng);
+  auto bytes_of = [](const std::vector<float>& v) {
+    auto out = std::make_unique<std::byte[]>(v.size() * sizeof(float));
+    std::memcpy(out.get(), v.data(), v.size() * sizeof(float));
+    return out;
+  };
+  for (v1::DType update_dtype : {v1::DTYPE_UNSPECIFIED, v1::DTYPE_BFLOAT16}) {
+    FakeEvents events;
+    UpdateStepBackend backend(env_, session, &events);
+    v1::StepHeader header = Header(session->step() + 1);
+    header.set_update_dtype(update_dtype);
+    ASSERT_THAT(backend.Admit(header), IsOk());
+    backend.Gradient(0, bytes_of(w));
+    backend.Gradient(1, bytes_of(b));
+    ASSERT_THAT(backend.End({0, 1}, 544, std::nullopt), IsOk());
+    events.RunAll();
+    ASSERT_TRUE(events.committed.has_value());
+    for (const StepResponsePtr& r : events.updates) EXPECT_EQ(r->message.update().decay(), 1.0);
+    const std::vector<std::string> got = Assemble(events.updates);
+    const bool bf16 = update_dtype == v1::DTYPE_BFLOAT16;
+    std::vector<std::string> expected;
+    for (const std::vector<float>* v : {&w, &b}) {
+      std::string e(v->size() * (bf16 ? 2 : 4), '\0');
+      EncodeFromFloat(bf16 ? DType::kBFloat16 : DType::kFloat32, v->data(), v->size(),
+                      reinterpret_cast<std::byte*>(e.data()));
+      expected.push_back(std::move(e));
+    }
+    EXPECT_EQ(got, expected);
+  }
+  EXPECT_EQ(session->step(), 2u);
 }
 
 TEST(GradScaleTest, ScaledGradientDecodesThenMultipliesInFloat32) {
