@@ -139,6 +139,28 @@ std::string Bytes(grpc::ByteBuffer* message) {
   return bytes;
 }
 
+// Encodes `response`, whose update data starts at `data` and is kept alive
+// by what `alive` watches: the message must be `want`'s bytes, its data the
+// second slice pointing at `data` itself (not a copy), and the slice must be
+// what holds `alive` until the message is cleared.
+template <typename Held>
+void ExpectSentInPlace(StepResponsePtr response, const void* data,
+                       const std::weak_ptr<Held>& alive, const std::string& want) {
+  grpc::ByteBuffer message;
+  ASSERT_TRUE(EncodeStepResponse(std::move(response), &message).ok());
+  EXPECT_FALSE(alive.expired());  // held by the slice, through the reply
+  std::vector<grpc::Slice> slices;
+  ASSERT_TRUE(message.Dump(&slices).ok());
+  ASSERT_EQ(slices.size(), 2u);
+  EXPECT_EQ(static_cast<const void*>(slices[1].begin()), data);  // not a copy
+  slices.clear();
+  v1::StepResponse parsed;
+  ASSERT_TRUE(parsed.ParseFromString(Bytes(&message)));
+  EXPECT_EQ(parsed.SerializeAsString(), want);
+  message.Clear();
+  EXPECT_TRUE(alive.expired());  // the last slice released it
+}
+
 // An update chunk goes out as protobuf would send it, its data a slice of
 // the response's own string that keeps the response alive.
 TEST(StepWireTest, AnUpdateIsSentFromItsOwnStringAndKeptAliveByItsSlice) {
@@ -156,19 +178,7 @@ TEST(StepWireTest, AnUpdateIsSentFromItsOwnStringAndKeptAliveByItsSlice) {
   const std::string want = response->message.SerializeAsString();
   const void* data = update->data().data();
   std::weak_ptr<StepReply> alive = response;
-  grpc::ByteBuffer message;
-  ASSERT_TRUE(EncodeStepResponse(std::move(response), &message).ok());
-  EXPECT_FALSE(alive.expired());  // held by the slice
-  std::vector<grpc::Slice> slices;
-  ASSERT_TRUE(message.Dump(&slices).ok());
-  ASSERT_EQ(slices.size(), 2u);
-  EXPECT_EQ(static_cast<const void*>(slices[1].begin()), data);  // not a copy
-  slices.clear();
-  v1::StepResponse parsed;
-  ASSERT_TRUE(parsed.ParseFromString(Bytes(&message)));
-  EXPECT_EQ(parsed.SerializeAsString(), want);
-  message.Clear();
-  EXPECT_TRUE(alive.expired());  // the last slice released it
+  ASSERT_NO_FATAL_FAILURE(ExpectSentInPlace(std::move(response), data, alive, want));
 }
 
 // An update whose data lies in the engine's update buffer goes out as
@@ -197,19 +207,8 @@ TEST(StepWireTest, AnUpdateIsSentFromItsBufferAndTheSliceKeepsTheBufferAlive) {
   const void* data = buffer.get() + 1000;
   std::weak_ptr<std::byte[]> alive = buffer;
   buffer.reset();
-  grpc::ByteBuffer message;
-  ASSERT_TRUE(EncodeStepResponse(std::move(response), &message).ok());
-  EXPECT_FALSE(alive.expired());  // held by the slice, through the reply
-  std::vector<grpc::Slice> slices;
-  ASSERT_TRUE(message.Dump(&slices).ok());
-  ASSERT_EQ(slices.size(), 2u);
-  EXPECT_EQ(static_cast<const void*>(slices[1].begin()), data);  // not a copy
-  slices.clear();
-  v1::StepResponse parsed;
-  ASSERT_TRUE(parsed.ParseFromString(Bytes(&message)));
-  EXPECT_EQ(parsed.SerializeAsString(), whole.SerializeAsString());
-  message.Clear();
-  EXPECT_TRUE(alive.expired());
+  ASSERT_NO_FATAL_FAILURE(
+      ExpectSentInPlace(std::move(response), data, alive, whole.SerializeAsString()));
 }
 
 TEST(StepWireTest, ASummaryIsSerializedAsIs) {

@@ -121,15 +121,20 @@ class UpdateBackendTest : public ::testing::Test {
     return h;
   }
 
-  // One whole committed step 1.
-  void CommitStepOne() {
-    auto backend = Backend();
-    ASSERT_THAT(backend->Admit(Header(1)), IsOk());
-    backend->Gradient(0, Gradient(128, 0.5f));
-    backend->Gradient(1, Gradient(8, 0.25f));
-    ASSERT_THAT(backend->End({0, 1}, 544, std::nullopt), IsOk());
+  // Step `step` whole on `backend` (every element of w's gradient `w`, of
+  // b's `b`), its tasks run: it commits, and events_ holds what it sent.
+  void CommitWholeStep(UpdateStepBackend& backend, uint64_t step, float w, float b) {
+    ASSERT_THAT(backend.Admit(Header(step)), IsOk());
+    backend.Gradient(0, Gradient(128, w));
+    backend.Gradient(1, Gradient(8, b));
+    ASSERT_THAT(backend.End({0, 1}, 544, std::nullopt), IsOk());
     events_.RunAll();
     ASSERT_TRUE(events_.committed.has_value());
+  }
+
+  // One whole committed step 1.
+  void CommitStepOne() {
+    ASSERT_NO_FATAL_FAILURE(CommitWholeStep(*Backend(), 1, 0.5f, 0.25f));
     events_ = FakeEvents();
   }
 
@@ -269,13 +274,7 @@ class WatchedUpdateBackendTest : public UpdateBackendTest {
 // call; the first update's chunk still goes out before the second parameter
 // is done, not after the whole call.
 TEST_F(WatchedUpdateBackendTest, TheFirstUpdateIsSentBeforeTheLastParameterIsComputed) {
-  auto backend = Backend();
-  ASSERT_THAT(backend->Admit(Header(1)), IsOk());
-  backend->Gradient(0, Gradient(128, 0.5f));
-  backend->Gradient(1, Gradient(8, 0.25f));
-  ASSERT_THAT(backend->End({0, 1}, 544, std::nullopt), IsOk());
-  events_.RunAll();
-  ASSERT_TRUE(events_.committed.has_value());
+  ASSERT_NO_FATAL_FAILURE(CommitWholeStep(*Backend(), 1, 0.5f, 0.25f));
   // w (the larger) is reported first; when b is, w's one chunk was sent.
   EXPECT_EQ(watched_->chunks_before_report, (std::vector<size_t>{0, 1}));
   ASSERT_EQ(events_.updates.size(), 2u);
@@ -371,13 +370,7 @@ TEST_F(UpdateBackendTest, UpdatesAreSentFromABufferReusedOnceNothingHoldsIt) {
   ASSERT_NE(first_buffer, nullptr);
   EXPECT_EQ(session_->update_buffers().kept_bytes(), 0);
 
-  auto second = Backend();
-  ASSERT_THAT(second->Admit(Header(2)), IsOk());
-  second->Gradient(0, Gradient(128, -0.5f));
-  second->Gradient(1, Gradient(8, 0.75f));
-  ASSERT_THAT(second->End({0, 1}, 544, std::nullopt), IsOk());
-  events_.RunAll();
-  ASSERT_TRUE(events_.committed.has_value());
+  ASSERT_NO_FATAL_FAILURE(CommitWholeStep(*Backend(), 2, -0.5f, 0.75f));
   const std::byte* second_buffer = DataOf(events_.updates, 0);
   EXPECT_NE(second_buffer, first_buffer);
   // Step 2's record replaced step 1's, but `first` still holds its buffers.
@@ -397,13 +390,7 @@ TEST_F(UpdateBackendTest, UpdatesAreSentFromABufferReusedOnceNothingHoldsIt) {
 // A retry of a committed step answers with its own bytes even after the next
 // step computed updates (into other buffers) and failed.
 TEST_F(UpdateBackendTest, AReplayAfterTheNextStepComputedAnswersTheCommittedBytes) {
-  auto first = Backend();
-  ASSERT_THAT(first->Admit(Header(1)), IsOk());
-  first->Gradient(0, Gradient(128, 0.5f));
-  first->Gradient(1, Gradient(8, 0.25f));
-  ASSERT_THAT(first->End({0, 1}, 544, std::nullopt), IsOk());
-  events_.RunAll();
-  ASSERT_TRUE(events_.committed.has_value());
+  ASSERT_NO_FATAL_FAILURE(CommitWholeStep(*Backend(), 1, 0.5f, 0.25f));
   const std::vector<std::string> committed = Assemble(events_.updates);
   events_ = FakeEvents();
 
