@@ -1,13 +1,10 @@
 #ifndef MUON_SERVER_SRC_UTIL_SHARED_BUFFER_SHELF_H_
 #define MUON_SERVER_SRC_UTIL_SHARED_BUFFER_SHELF_H_
 
-#include <cstddef>
 #include <cstdint>
 #include <memory>
-#include <vector>
 
-#include "absl/base/thread_annotations.h"
-#include "absl/synchronization/mutex.h"
+#include "util/buffer_shelf.h"
 
 namespace muon::server {
 
@@ -34,20 +31,11 @@ class SharedBufferShelf {
   int64_t kept_bytes() const;
 
  private:
-  // What the buffers' deleters return them to; it lives as long as the
-  // shelf, and they see it through a weak_ptr.
-  struct Free {
-    struct Kept {
-      int64_t bytes = 0;
-      std::unique_ptr<std::byte[]> buffer;
-    };
-    mutable absl::Mutex mu;
-    std::vector<Kept> kept ABSL_GUARDED_BY(mu);
-    int64_t kept_bytes ABSL_GUARDED_BY(mu) = 0;
-  };
   class Return;
 
-  const std::shared_ptr<Free> free_;
+  // The free buffers, kept as long as the shelf lives; the taken buffers'
+  // deleters see it through a weak_ptr.
+  const std::shared_ptr<BufferShelf> free_;
 };
 
 }  // namespace muon::server
