@@ -93,6 +93,31 @@ class ClientTest(unittest.TestCase):
         self.assertTrue(np.isfinite(result.updates[0]).all())
         session.delete()
 
+    def test_recycled_buffers_are_filled_again_and_give_the_same_steps(self):
+        # A session handed its buffers back (recycle) receives and encodes the
+        # next step into them instead of new ones; its steps are the steps of
+        # a session that does not.
+        specs = [ParamSpec("w", (48, 32)), ParamSpec("b", (300,), kind="adamw")]
+        kept = self.client.create_session(specs, lr=0.02, adamw={"lr": 1e-3})
+        fresh = self.client.create_session(specs, lr=0.02, adamw={"lr": 1e-3})
+        received, sent = {}, {}
+        for step in range(4):
+            grads = {0: self.grad(48, 32), 1: self.grad(300)}
+            wire = kept.encode(grads)
+            result = kept.step_wire(wire)
+            expected = fresh.step(grads)
+            for i in (0, 1):
+                np.testing.assert_array_equal(result.updates[i], expected.updates[i])
+                self.assertEqual(result.decay[i], expected.decay[i])
+                if step >= 1:
+                    self.assertIs(result.buffers[i], received[i])
+                if step >= 2:  # step 0's wire was bytes; its recycle kept a bytearray
+                    self.assertIs(wire[i], sent[i])
+            received, sent = dict(result.buffers), dict(wire)
+            kept.recycle(result, wire)
+        kept.delete()
+        fresh.delete()
+
     def test_retry_after_dropped_stream_applies_once(self):
         shape = (512, 512)  # 1 MiB of fp32: the cut lands mid-gradient
         proxy = CuttingProxy(self.server.port)

@@ -63,6 +63,26 @@ class RemoteMuonTest(unittest.TestCase):
         for p, w in zip(params, weights):
             self.assertLess(rel_err(p.detach().numpy(), w), 1e-5, f"seed {self.seed}")
 
+    def test_each_step_fills_the_buffers_of_the_one_before(self):
+        # After a step is applied its receive and wire buffers go back to the
+        # session, and the next step fills the same ones (streaming off and on).
+        for streaming in (False, True):
+            model = make_model(self.seed)
+            opt = RemoteMuon(model.parameters(), server=self.server.address, lr=0.05,
+                             adamw_lr=1e-3, stream_gradients=streaming)
+            kept = []
+            for _ in range(3):
+                opt.zero_grad()
+                self.backward(model)
+                opt.step()
+                kept.append({(k, kind, i): id(b) for k, s in enumerate(opt.sessions)
+                             for kind, buffers in (("update", s._kept_updates),
+                                                   ("wire", s._kept_wire))
+                             for i, b in buffers.items()})
+            self.assertEqual(len(kept[1]), 2 * sum(len(s.params) for s in opt.sessions), streaming)
+            self.assertEqual(kept[2], kept[1], streaming)
+            opt.close()
+
     def test_param_without_grad_is_left_alone(self):
         model = make_model(self.seed)
         frozen = model[2].weight

@@ -198,25 +198,37 @@ def _bfloat16_bits(a: np.ndarray) -> np.ndarray:
     return bits
 
 
-def to_wire(array: np.ndarray, dtype: str) -> bytes:
-    """Encodes a float array as little-endian bytes of the wire dtype."""
+def to_wire(array: np.ndarray, dtype: str,
+            out: Optional[bytearray] = None) -> Union[bytes, bytearray]:
+    """Encodes a float array as little-endian bytes of the wire dtype: into
+    `out` when given and of the encoding's size (a buffer kept from an
+    earlier step), else into new bytes."""
     a = np.ascontiguousarray(array, dtype=np.float32)
     if dtype == "float32":
-        return a.astype("<f4", copy=False).tobytes()
-    if dtype == "float16":
-        return a.astype("<f2").tobytes()
-    if dtype == "bfloat16":
-        return _bfloat16_bits(a).astype("<u2", copy=False).tobytes()
-    raise ValueError(f"unknown wire dtype {dtype!r}")
+        encoded = a.astype("<f4", copy=False)
+    elif dtype == "float16":
+        encoded = a.astype("<f2")
+    elif dtype == "bfloat16":
+        encoded = _bfloat16_bits(a).astype("<u2", copy=False)
+    else:
+        raise ValueError(f"unknown wire dtype {dtype!r}")
+    if out is None or len(out) != encoded.nbytes:
+        return encoded.tobytes()
+    np.copyto(np.frombuffer(out, dtype=encoded.dtype), encoded.reshape(-1))
+    return out
 
 
-def _buffer(buffers: dict, key, total_bytes: int) -> bytearray:
+def _buffer(buffers: dict, key, total_bytes: int,
+            kept: Optional[Dict[int, bytearray]] = None) -> bytearray:
     """The receive buffer of `key`, made at its first chunk: made anew for
     every chunk (as `setdefault(key, bytearray(n))` would), a tensor of k
-    chunks costs k zero-filled buffers of its whole size."""
+    chunks costs k zero-filled buffers of its whole size. A buffer of that
+    size in `kept` (Session.recycle) is used instead of a new one."""
     buf = buffers.get(key)
     if buf is None:
-        buf = buffers[key] = bytearray(total_bytes)
+        old = kept.pop(key, None) if kept is not None else None
+        buf = buffers[key] = old if old is not None and len(old) == total_bytes else bytearray(
+            total_bytes)
     return buf
 
 
@@ -295,6 +307,10 @@ class StepResult:
     decay: Dict[int, float]
     summary: "pb.StepSummary"
     weights: Dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
+    # The receive buffers (fp32 updates and weights are views of them), for
+    # Session.recycle.
+    buffers: Dict[int, bytearray] = dataclasses.field(default_factory=dict, repr=False,
+                                                       compare=False)
 
 
 class Session:
@@ -307,6 +323,9 @@ class Session:
         self.token = token
         self.step_number = step  # last committed step
         self.params = params
+        # Buffers handed back by recycle(), by parameter index.
+        self._kept_updates: Dict[int, bytearray] = {}
+        self._kept_wire: Dict[int, bytearray] = {}
 
     def step(self, grads: Mapping[int, np.ndarray], *, lr_scale: Optional[float] = None,
              lr: Optional[float] = None, update_dtype: Optional[str] = None,
@@ -341,7 +360,29 @@ class Session:
         if unknown:
             raise ValueError(f"parameter indices {unknown} are not in this session "
                              f"({len(self.params)} parameters)")
-        return {i: to_wire(g, self.params[i].dtype) for i, g in grads.items()}
+        return {i: self._encode_one(i, g) for i, g in grads.items()}
+
+    def _encode_one(self, index: int, array: np.ndarray) -> Union[bytes, bytearray]:
+        return to_wire(array, self.params[index].dtype, self._kept_wire.pop(index, None))
+
+    def recycle(self, result: Optional[StepResult] = None,
+                wire: Optional[Mapping[int, Union[bytes, bytearray]]] = None) -> None:
+        """Hands buffers back for the next steps to fill instead of new ones:
+        a result's receive buffers (its update and weight arrays must not be
+        used afterwards) and the wire bytes of a step that committed (encode()'s
+        output; not to be sent again). A new buffer of a tensor's size is pages
+        the kernel zero-fills on first touch, a third of the client's time on a
+        GPT-2-small step (docs/performance.md). Optional: buffers not handed
+        back are freed as usual; the session keeps one of each kind per
+        parameter, as much memory as a step's updates and gradients."""
+        if result is not None:
+            for i, buf in result.buffers.items():
+                self._kept_updates[i] = buf
+        for i, data in (wire or {}).items():
+            if isinstance(data, bytearray):
+                self._kept_wire[i] = data
+            elif len(data) > 0:  # bytes: a bytearray of its size serves the next encoding
+                self._kept_wire.setdefault(i, bytearray(len(data)))
 
     def step_wire(self, wire: Mapping[int, bytes], *, lr_scale: Optional[float] = None,
                   lr: Optional[float] = None, update_dtype: Optional[str] = None,
@@ -482,7 +523,7 @@ class StepStream:
             if index not in self._wire:
                 source = self._sources[index]
                 array = source() if callable(source) else source
-                self._wire[index] = to_wire(array, self.session.params[index].dtype)
+                self._wire[index] = self.session._encode_one(index, array)
                 self._sources[index] = None  # the encoding is the copy a retry needs
             return self._wire[index]
 
@@ -956,7 +997,8 @@ class MuonClient:
         for response in call:
             if response.HasField("update"):
                 chunk = response.update
-                buf = _buffer(buffers, chunk.param_index, chunk.total_bytes)
+                buf = _buffer(buffers, chunk.param_index, chunk.total_bytes,
+                              session._kept_updates)
                 buf[chunk.offset:chunk.offset + len(chunk.data)] = chunk.data
                 dtypes[chunk.param_index] = chunk.dtype
                 if chunk.content == pb.UPDATE_CONTENT_WEIGHTS:
@@ -970,5 +1012,5 @@ class MuonClient:
                 return StepResult(summary.step,
                                   {i: t for i, t in tensors.items() if i not in weights},
                                   decay, summary,
-                                  {i: t for i, t in tensors.items() if i in weights})
+                                  {i: t for i, t in tensors.items() if i in weights}, buffers)
         raise MuonServerError(grpc.StatusCode.INTERNAL, "step stream ended without a summary")

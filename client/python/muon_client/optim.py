@@ -1124,6 +1124,11 @@ class RemoteMuon(torch.optim.Optimizer):
                 for local, w in result.weights.items():
                     p = self._order[unit.indices[local]]
                     p.copy_(torch.from_numpy(w).to(device=p.device, dtype=p.dtype))
+            # Applied (synchronously: the copies above read host memory before
+            # they return), so the next step fills the same buffers.
+            for (unit, _, wire, kwargs), result in zip(job.calls, results):
+                stream = kwargs.get("stream")
+                unit.session.recycle(result, stream.complete_wire() if stream else wire)
             self._step = results[0].step if self._ps else job.number
             self.last_summaries = [r.summary for r in results]
             self.last_step_streamed = any("stream" in kwargs for *_, kwargs in job.calls)
