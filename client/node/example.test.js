@@ -67,3 +67,31 @@ test('MuonClient speaks TLS to a TLS server, and plaintext is refused', async ()
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('an update of several chunks arrives whole, every element in place', async () => {
+  const { MuonClient } = require('./muon_client');
+  const { server, address } = await startServer();
+  const client = new MuonClient(address);
+  try {
+    // 1.5 MiB: two update chunks. AdamW's first step is -lr * g / (|g| + eps),
+    // -lr * sign(g) to 1e-7 here, so every element shows where it landed.
+    const n = 393216;
+    const session = await client.createSession([{ name: 'b', shape: [n], kind: 'OPTIMIZER_KIND_ADAMW' }]);
+    const grad = new Float32Array(n);
+    for (let i = 0; i < n; i++) grad[i] = (Math.random() + 0.5) * (Math.random() < 0.5 ? -1 : 1);
+    const { updates } = await client.step(session, 1, new Map([[0, grad]]));
+    const update = updates.get(0).update;
+    assert.strictEqual(update.length, n);
+    const lr = Math.abs(update[0]);
+    assert.ok(lr > 0);
+    for (let i = 0; i < n; i++) {
+      if (Math.sign(update[i]) !== -Math.sign(grad[i]) || Math.abs(Math.abs(update[i]) - lr) > 1e-5 * lr) {
+        assert.fail(`element ${i}: update ${update[i]} for gradient ${grad[i]} (lr ${lr})`);
+      }
+    }
+    await client.deleteSession(session);
+  } finally {
+    client.close();
+    server.kill('SIGTERM');
+  }
+});

@@ -67,10 +67,17 @@ class MuonClient {
           const u = response.update;
           let entry = buffers.get(u.param_index);
           if (!entry) {
-            entry = { bytes: Buffer.alloc(u.total_bytes), decay: u.decay };
+            // Its own ArrayBuffer (offset 0, so 4-aligned): the update is a
+            // Float32Array over it, with no copy at the end.
+            entry = { bytes: new Uint8Array(new ArrayBuffer(u.total_bytes)), decay: u.decay };
             buffers.set(u.param_index, entry);
           }
-          Buffer.from(u.data).copy(entry.bytes, u.offset);
+          if (u.offset + u.data.length > entry.bytes.length) {
+            call.cancel();
+            reject(new Error(`update chunk of parameter ${u.param_index} runs past its ${entry.bytes.length} bytes`));
+            return;
+          }
+          entry.bytes.set(u.data, u.offset); // the chunk's one copy
         } else if (response.summary) {
           summary = response.summary;
         }
@@ -83,8 +90,7 @@ class MuonClient {
         }
         const updates = new Map();
         for (const [index, entry] of buffers) {
-          const copy = new Uint8Array(entry.bytes).slice().buffer;
-          updates.set(index, { update: new Float32Array(copy), decay: entry.decay });
+          updates.set(index, { update: new Float32Array(entry.bytes.buffer), decay: entry.decay });
         }
         resolve({ summary, updates });
       });
