@@ -148,12 +148,25 @@ class ShardedTransaction final : public StepTransaction {
   absl::Status Compute(absl::Span<const GradientInput> grads, absl::Span<UpdateOutput> outputs,
                        StepStats* stats) override;
 
+  absl::Status ComputedWeights(ParamId param, absl::Span<float> values) const override {
+    MUON_ASSIGN_OR_RETURN(const Placement p, engine_->Find(param));
+    auto it = computed_.find(param);
+    if (committed_ || it == computed_.end()) {
+      MUON_ASSIGN_OR_RETURN(const ParamSpec spec, engine_->shard(p.shard).Spec(p.inner));
+      return absl::FailedPreconditionError(absl::StrCat("parameter '", spec.name, "' ",
+                                                        ShapeString(spec.shape),
+                                                        " is not computed in this open step"));
+    }
+    return it->second->ComputedWeights(p.inner, values);
+  }
+
   absl::Status Commit() override {
     if (committed_) return absl::FailedPreconditionError("step already committed");
     committed_ = true;
     absl::Status status;
     for (auto& part : parts_) status.Update(part->Commit());
     parts_.clear();
+    computed_.clear();
     return status;
   }
 
@@ -161,7 +174,8 @@ class ShardedTransaction final : public StepTransaction {
   ShardedEngine* const engine_;
   const StepOptions options_;
   std::vector<std::unique_ptr<StepTransaction>> parts_;
-  std::unordered_set<ParamId> computed_;
+  // Each computed parameter and the part (of parts_) that computed it.
+  std::unordered_map<ParamId, const StepTransaction*> computed_;
   bool committed_ = false;
 };
 
@@ -247,7 +261,7 @@ absl::Status ShardedTransaction::Compute(absl::Span<const GradientInput> grads,
       UpdateOutput& out = outputs[s.items[k]];
       out.decay = s.outputs[k].decay;
       out.orthogonality_error = s.outputs[k].orthogonality_error;
-      computed_.insert(out.param);
+      computed_.emplace(out.param, s.txn.get());
     }
     merged.stage_seconds = std::max(merged.stage_seconds, s.stats.stage_seconds);
     merged.compute_seconds = std::max(merged.compute_seconds, s.stats.compute_seconds);
