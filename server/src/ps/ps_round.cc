@@ -177,21 +177,6 @@ bool ParameterServerRounds::Add(RoundWaiter* stream, uint32_t index,
 
 namespace {
 
-// Gradients are decoded a block at a time into a small buffer: a worker
-// never holds a second, fp32 copy of its whole gradient.
-constexpr size_t kDecodeBlock = 4096;
-
-bool AllFinite(DType dtype, const std::byte* bytes, size_t count) {
-  float block[kDecodeBlock];
-  const size_t width = DTypeSize(dtype);
-  for (size_t start = 0; start < count; start += kDecodeBlock) {
-    const size_t n = std::min(kDecodeBlock, count - start);
-    DecodeToFloat(dtype, bytes + start * width, n, block);
-    if (!std::all_of(block, block + n, [](float v) { return std::isfinite(v); })) return false;
-  }
-  return true;
-}
-
 // What End answers a stream whose round went on without it.
 absl::Status AbandonedError(uint64_t step, absl::string_view session) {
   return absl::AbortedError(absl::StrCat(
@@ -238,6 +223,10 @@ absl::Status ParameterServerRounds::End(RoundWaiter* stream, int64_t bytes_recei
     w->state = WorkerState::kEnded;
     w->stream = nullptr;
     w->bytes_received = bytes_received;
+    // The ones checked above, unchanged since (this stream's Adds are over).
+    for (size_t i = 0; i < w->gradients.size(); ++i) {
+      if (w->gradients[i] != nullptr) w->checked[i] = true;
+    }
     ++ended_;
     all_in_ = absl::Now();
     for (Waiting& entry : waiting_) {
@@ -275,8 +264,11 @@ void ParameterServerRounds::Drive() {
       due = AnswersDueLocked();
       for (uint32_t i = 0; i < arrived_.size(); ++i) {
         if (arrived_[i] != num_workers_ || computed_[i] != nullptr) continue;
-        Ready ready{i, {}};
-        for (const Worker& w : workers_) ready.gradients.push_back(w.gradients[i]);
+        Ready ready{i, {}, true};
+        for (const Worker& w : workers_) {
+          ready.gradients.push_back(w.gradients[i]);
+          ready.checked = ready.checked && w.checked[i];
+        }
         batch.push_back(std::move(ready));
       }
       if (batch.empty() && due.empty()) {

@@ -169,11 +169,22 @@ class ParameterServerRounds final : public SessionRounds {
     int64_t bytes_received = 0;
   };
   using Answer = std::vector<std::shared_ptr<const v1::StepResponse>>;
+  // Per parameter, what the driver computes into, kept from round to round
+  // so that a step writes into pages already mapped (util/buffer_shelf.h
+  // says why). Driver-owned.
+  struct Scratch {
+    std::vector<float> average;  // W > 1
+    std::vector<float> update;
+    std::vector<float> weights;  // the new held weights
+  };
   // One parameter's computed step, kept for the commit. Immutable once
   // made: the driver reads it without the lock.
   struct Computed {
-    std::vector<float> update;
-    std::vector<float> weights;  // the new held weights
+    // In the parameter's Scratch, valid until the driver computes the
+    // parameter again (only the driver reads them).
+    const float* update = nullptr;
+    const float* weights = nullptr;
+    size_t size = 0;
     double decay = 1.0;
     double orthogonality_error = 0;
     // Its answer in each format the round's workers had asked for when it
@@ -190,6 +201,7 @@ class ParameterServerRounds final : public SessionRounds {
   struct Ready {
     uint32_t index = 0;
     std::vector<std::shared_ptr<const std::byte[]>> gradients;  // by worker
+    bool checked = false;  // every worker's found finite already (End)
   };
   struct Committed {
     std::vector<std::shared_ptr<const StepRecord>> records;  // per worker
@@ -230,6 +242,8 @@ class ParameterServerRounds final : public SessionRounds {
                             const std::vector<ReplyFormat>& formats,
                             std::vector<std::shared_ptr<const Computed>>* out, StepStats* stats,
                             uint32_t* bad_worker, size_t* bad);
+  // Whether `count` elements of `dtype` are all finite.
+  static bool AllFinite(DType dtype, const std::byte* bytes, size_t count);
   // Commits txn_, builds every worker's answer, writes a checkpoint when
   // due. Runs without mu_ (committing_ keeps the round).
   absl::StatusOr<Committed> Commit();
@@ -274,6 +288,7 @@ class ParameterServerRounds final : public SessionRounds {
   // the driver itself.
   std::unique_ptr<StepTransaction> txn_;
   uint64_t txn_epoch_ = 0;  // the epoch txn_ belongs to (driver-owned)
+  std::vector<Scratch> scratch_;  // by parameter (driver-owned)
   bool txn_measures_ = false;
   std::vector<Waiting> waiting_ ABSL_GUARDED_BY(mu_);
 };

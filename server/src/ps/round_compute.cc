@@ -66,6 +66,19 @@ void ParallelEncode(size_t count, int64_t bytes, const Work& work) {
 
 }  // namespace
 
+// Decoded a block at a time into a small buffer: a worker never holds a
+// second, fp32 copy of its whole gradient.
+bool ParameterServerRounds::AllFinite(DType dtype, const std::byte* bytes, size_t count) {
+  float block[kDecodeBlock];
+  const size_t width = DTypeSize(dtype);
+  for (size_t start = 0; start < count; start += kDecodeBlock) {
+    const size_t n = std::min(kDecodeBlock, count - start);
+    DecodeToFloat(dtype, bytes + start * width, n, block);
+    if (!std::all_of(block, block + n, [](float v) { return std::isfinite(v); })) return false;
+  }
+  return true;
+}
+
 absl::Status ParameterServerRounds::ComputeBatch(
     const std::vector<Ready>& batch, const std::optional<double>& lr,
     const std::optional<double>& lr_scale, const std::vector<ReplyFormat>& formats,
@@ -74,40 +87,60 @@ absl::Status ParameterServerRounds::ComputeBatch(
   const std::vector<SessionParam>& params = session_->params();
   const size_t n = batch.size();
   const float scale = 1.0f / static_cast<float>(num_workers_);
-  std::vector<std::vector<float>> averages(n);
   std::vector<GradientInput> inputs(n);
   std::vector<UpdateOutput> outputs(n);
   std::vector<Computed> computed(n);
+  scratch_.resize(params.size());
   for (size_t k = 0; k < n; ++k) {
     const SessionParam& p = params[batch[k].index];
     const size_t count = static_cast<size_t>(NumElements(p.spec.shape));
-    std::vector<float>& avg = averages[k];
-    avg.assign(count, 0.0f);
-    // Summed in worker order, so the average does not depend on which
-    // worker's gradient arrived first.
-    for (uint32_t w = 0; w < num_workers_; ++w) {
-      if (!AddDecoded(p.spec.dtype, batch[k].gradients[w].get(), count, avg.data())) {
-        *bad_worker = w;
+    Scratch& scratch = scratch_[batch[k].index];
+    inputs[k].param = p.engine_id;
+    inputs[k].lr = StepLr(lr, lr_scale, p.spec.hp.lr);
+    if (num_workers_ == 1) {
+      // The average of one gradient is that gradient: the engine decodes it
+      // to the fp32 values an average would hold, without a copy here.
+      if (!batch[k].checked && !AllFinite(p.spec.dtype, batch[k].gradients[0].get(), count)) {
+        *bad_worker = 0;
         *bad = k;
         return absl::InvalidArgumentError(
-            absl::StrCat("parameter ", batch[k].index, " ('", p.spec.name, "'): worker ", w,
-                         "'s gradient contains NaN or Inf; nothing of it was added"));
+            absl::StrCat("parameter ", batch[k].index, " ('", p.spec.name,
+                         "'): worker 0's gradient contains NaN or Inf; nothing of it was added"));
       }
+      inputs[k].dtype = p.spec.dtype;
+      inputs[k].bytes = absl::MakeConstSpan(batch[k].gradients[0].get(),
+                                            static_cast<size_t>(p.tensor_bytes));
+    } else {
+      std::vector<float>& avg = scratch.average;
+      avg.resize(count);
+      std::fill(avg.begin(), avg.end(), 0.0f);
+      // Summed in worker order, so the average does not depend on which
+      // worker's gradient arrived first.
+      for (uint32_t w = 0; w < num_workers_; ++w) {
+        if (!AddDecoded(p.spec.dtype, batch[k].gradients[w].get(), count, avg.data())) {
+          *bad_worker = w;
+          *bad = k;
+          return absl::InvalidArgumentError(
+              absl::StrCat("parameter ", batch[k].index, " ('", p.spec.name, "'): worker ", w,
+                           "'s gradient contains NaN or Inf; nothing of it was added"));
+        }
+      }
+      for (float& v : avg) v *= scale;
+      // The average stays fp32, whatever the workers sent: re-encoding it
+      // to the registered dtype would round away what averaging gained.
+      inputs[k].dtype = DType::kFloat32;
+      inputs[k].bytes = absl::MakeConstSpan(reinterpret_cast<const std::byte*>(avg.data()),
+                                            avg.size() * sizeof(float));
     }
-    for (float& v : avg) v *= scale;
-    inputs[k].param = p.engine_id;
-    // The average stays fp32, whatever the workers sent: re-encoding it to
-    // the registered dtype would round away what averaging gained.
-    inputs[k].dtype = DType::kFloat32;
-    inputs[k].bytes = absl::MakeConstSpan(reinterpret_cast<const std::byte*>(avg.data()),
-                                          avg.size() * sizeof(float));
-    inputs[k].lr = StepLr(lr, lr_scale, p.spec.hp.lr);
-    std::vector<float>& update = computed[k].update;
-    update.resize(count);
+    scratch.update.resize(count);
+    scratch.weights.resize(count);
+    computed[k].update = scratch.update.data();
+    computed[k].weights = scratch.weights.data();
+    computed[k].size = count;
     outputs[k].param = p.engine_id;
     outputs[k].dtype = DType::kFloat32;
-    outputs[k].bytes = absl::MakeSpan(reinterpret_cast<std::byte*>(update.data()),
-                                      update.size() * sizeof(float));
+    outputs[k].bytes = absl::MakeSpan(reinterpret_cast<std::byte*>(scratch.update.data()),
+                                      count * sizeof(float));
   }
   MUON_RETURN_IF_ERROR(txn_->Compute(inputs, absl::MakeSpan(outputs), stats));
   int64_t answer_bytes = 0;
@@ -117,13 +150,12 @@ absl::Status ParameterServerRounds::ComputeBatch(
     c.orthogonality_error = outputs[k].orthogonality_error;
     // What the commit will make the held weights: answers can go out
     // before it.
-    c.weights.resize(c.update.size());
-    MUON_RETURN_IF_ERROR(txn_->ComputedWeights(inputs[k].param, absl::MakeSpan(c.weights)));
+    MUON_RETURN_IF_ERROR(txn_->ComputedWeights(
+        inputs[k].param, absl::MakeSpan(scratch_[batch[k].index].weights)));
     for (const ReplyFormat& format : formats) {
       c.answers.emplace_back(format, Answer{});
-      answer_bytes += static_cast<int64_t>(c.update.size() *
-                                           DTypeSize(format.dtype.value_or(
-                                               params[batch[k].index].spec.dtype)));
+      answer_bytes += static_cast<int64_t>(
+          c.size * DTypeSize(format.dtype.value_or(params[batch[k].index].spec.dtype)));
     }
   }
   ParallelEncode(n * formats.size(), answer_bytes, [&](size_t job) {
@@ -221,9 +253,9 @@ ParameterServerRounds::Answer ParameterServerRounds::Encode(const ReplyFormat& f
   const SessionParam& param = session_->params()[index];
   const bool send_weights = format.content != v1::UPDATE_CONTENT_UPDATE;
   const DType dtype = format.dtype.value_or(param.spec.dtype);
-  const std::vector<float>& values = send_weights ? computed.weights : computed.update;
+  const float* values = send_weights ? computed.weights : computed.update;
   const int64_t width = static_cast<int64_t>(DTypeSize(dtype));
-  const int64_t total = static_cast<int64_t>(values.size()) * width;
+  const int64_t total = static_cast<int64_t>(computed.size) * width;
   // Whole elements per chunk, so that each chunk is encoded on its own,
   // straight into its message.
   const int64_t chunk_bytes =
@@ -234,11 +266,17 @@ ParameterServerRounds::Answer ParameterServerRounds::Encode(const ReplyFormat& f
     v1::UpdateChunk* chunk = response->mutable_update();
     chunk->set_param_index(index);
     chunk->set_offset(static_cast<uint64_t>(range.offset));
-    std::string* data = chunk->mutable_data();
-    data->resize(static_cast<size_t>(range.size));
-    EncodeFromFloat(dtype, values.data() + range.offset / width,
-                    static_cast<size_t>(range.size / width),
-                    reinterpret_cast<std::byte*>(data->data()));
+    if (dtype == DType::kFloat32) {
+      // One copy, into memory not zeroed first.
+      chunk->set_data(reinterpret_cast<const char*>(values) + range.offset,
+                      static_cast<size_t>(range.size));
+    } else {
+      std::string* data = chunk->mutable_data();
+      data->resize(static_cast<size_t>(range.size));
+      EncodeFromFloat(dtype, values + range.offset / width,
+                      static_cast<size_t>(range.size / width),
+                      reinterpret_cast<std::byte*>(data->data()));
+    }
     chunk->set_dtype(DTypeToProto(dtype));
     chunk->set_decay(send_weights ? 1.0 : computed.decay);
     chunk->set_total_bytes(static_cast<uint64_t>(total));

@@ -281,6 +281,32 @@ TEST_F(RoundsTest, OneWorkersAnswersLeaveAsEachParameterIsComputed) {
   EXPECT_EQ(WeightsIn(only.answered, 1), want[1]);
 }
 
+// One worker's gradient goes to the engine as sent (the average of one):
+// a NaN in it is still found before anything of it counts.
+TEST_F(RoundsTest, OneWorkersNonFiniteGradientFailsItsStreamAndAppliesNothing) {
+  std::shared_ptr<Session> single = NewSession(1);
+  ParameterServerRounds* rounds = RoundsOf(*single);
+  auto bad = RandomGradient(5);
+  bad[0][7] = std::numeric_limits<float>::quiet_NaN();
+  Waiter first;
+  Join(rounds, 1, 0, &first);
+  AddParam(rounds, &first, 0, bad);
+  ASSERT_TRUE(first.result.has_value());
+  EXPECT_THAT(*first.result, StatusIs(absl::StatusCode::kInvalidArgument,
+                                      HasSubstr("('w'): worker 0's gradient contains NaN")));
+  EXPECT_TRUE(first.answered.empty());
+  EXPECT_EQ(rounds->ComputedParameters(), 0u);
+  const auto g = RandomGradient(6);
+  Waiter again;
+  Join(rounds, 1, 0, &again);
+  ASSERT_THAT(Send(rounds, &again, g), IsOk());
+  ASSERT_TRUE(again.result.has_value());
+  ASSERT_THAT(*again.result, IsOk());
+  EXPECT_EQ(single->step(), 1u);
+  session_ = single;
+  EXPECT_EQ(WeightsOf(***again.result), WeightsAfterAverage({g}));
+}
+
 TEST_F(RoundsTest, AnswersGoOnlyWhereNoOtherWorkerCanWithdrawThem) {
   const auto g0 = RandomGradient(1), g1 = RandomGradient(2);
   Waiter w0, w1;
