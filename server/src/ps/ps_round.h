@@ -233,8 +233,9 @@ class ParameterServerRounds final : public SessionRounds {
   void Deliver(std::vector<Delivery> due) const;
   // The formats the round's workers asked for.
   std::vector<ReplyFormat> FormatsLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Averages a batch in fp32 (worker order), computes it in txn_, reads
-  // its new weights and cuts its answers in `formats`. Runs without mu_,
+  // Averages a batch in fp32 (worker order; one worker's gradient goes as
+  // it is), computes it in txn_, reads its new weights and cuts its
+  // answers in `formats`. Runs without mu_,
   // on the driver. On a non-finite gradient sets *bad_worker and *bad (its
   // place in the batch), InvalidArgument.
   absl::Status ComputeBatch(const std::vector<Ready>& batch, const std::optional<double>& lr,
