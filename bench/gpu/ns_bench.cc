@@ -83,6 +83,9 @@ struct Schedule {
 
 constexpr int kStreams = 4;
 
+// Column width of a variant's timings: its name's, at least 8.
+int Width(const char* name) { return std::max(8, static_cast<int>(std::strlen(name))); }
+
 double Median(std::vector<float> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
@@ -322,6 +325,7 @@ void Accuracy(LtGemm* gemm, char* d_gemm_ws, cudaStream_t main) {
     internal::NsType type;
     bool gram;
     std::optional<std::vector<int>> restarts;
+    int64_t symmetric_min_rank = NsArgs::kDefaultSymmetricMinRank;
   };
   const AccVariant variants[] = {
       {"plain bf16", internal::NsType::kBF16, false, std::nullopt},
@@ -330,6 +334,9 @@ void Accuracy(LtGemm* gemm, char* d_gemm_ws, cudaStream_t main) {
       {"gram fp16", internal::NsType::kF16, true, std::nullopt},
       {"gram fp16 no restart", internal::NsType::kF16, true, std::vector<int>{}},
       {"gram fp16 every step", internal::NsType::kF16, true, std::vector<int>{1, 2, 3, 4}},
+      {"gram fp16 half512", internal::NsType::kF16, true, std::nullopt, 512},
+      {"gram fp16 full", internal::NsType::kF16, true, std::nullopt,
+       std::numeric_limits<int64_t>::max()},
   };
   const Shape shapes[] = {{768, 3072, 1}, {3072, 768, 1}, {768, 2304, 1}, {1024, 4096, 1},
                           {256, 256, 1}};
@@ -377,6 +384,7 @@ void Accuracy(LtGemm* gemm, char* d_gemm_ws, cudaStream_t main) {
         args.d_x = d_x;
         args.d_error = d_err;
         args.d_gemm_workspace = d_gemm_ws;
+        args.symmetric_min_rank = v.symmetric_min_rank;
         void* d_ws;
         Check(cudaMalloc(&d_ws, BatchedNewtonSchulz::WorkspaceBytes(args)), "malloc");
         Check(cudaMemcpyAsync(d_x, bf16.data(), n * 2, cudaMemcpyHostToDevice, main), "copy");
@@ -446,18 +454,22 @@ int Main(int argc, char** argv) {
   bool first = true;
   // The engine's default is "gram auto" (fp16, Gram where GramNsPays).
   constexpr int64_t kHalf = NsArgs::kDefaultSymmetricMinRank;
+  constexpr int64_t kFull = std::numeric_limits<int64_t>::max();
+  constexpr auto kF16 = internal::NsType::kF16;
   const Variant variants[] = {
-      {"plain", internal::NsType::kF16, NsGram::kOff, std::nullopt, kHalf},
+      {"plain", kF16, NsGram::kOff, std::nullopt, kHalf},
       {"plain_bf16", internal::NsType::kBF16, NsGram::kOff, std::nullopt, kHalf},
-      {"gram_auto", internal::NsType::kF16, NsGram::kAuto, std::nullopt, kHalf},
-      {"gram_all", internal::NsType::kF16, NsGram::kOn, std::nullopt, kHalf},
-      {"gram_auto_no_restart", internal::NsType::kF16, NsGram::kAuto, std::vector<int>{}, kHalf},
-      {"plain_full_gram", internal::NsType::kF16, NsGram::kOff, std::nullopt,
-       std::numeric_limits<int64_t>::max()},
+      {"gram_auto", kF16, NsGram::kAuto, std::nullopt, kHalf},
+      {"gram_all", kF16, NsGram::kOn, std::nullopt, kHalf},
+      {"gram_auto_no_restart", kF16, NsGram::kAuto, std::vector<int>{}, kHalf},
+      {"plain_full_gram", kF16, NsGram::kOff, std::nullopt, kFull},
+      {"gram_auto_full", kF16, NsGram::kAuto, std::nullopt, kFull},
+      {"plain_half256", kF16, NsGram::kOff, std::nullopt, 256},
+      {"gram_auto_half256", kF16, NsGram::kAuto, std::nullopt, 256},
   };
   constexpr int kVariants = sizeof(variants) / sizeof(variants[0]);
   std::printf("%-12s %-14s %5s %8s", "workload", "schedule", "steps", "GFLOP");
-  for (const Variant& v : variants) std::printf(" %12.12s", v.name);
+  for (const Variant& v : variants) std::printf(" %*s", Width(v.name), v.name);
   std::printf(" %12s\n", "graph(auto)");
   for (const Workload& w : Workloads()) {
     for (const Schedule& s : schedules) {
@@ -469,7 +481,7 @@ int Main(int argc, char** argv) {
         Runner runner(gemm->get(), w, *coeffs, d_gemm_ws, streams, variants[v]);
         const auto fill = [&](int i) { runner.Fill(static_cast<uint64_t>(i) + 1, main); };
         ms[v] = TimeMedian(main, warmup, iters, fill, [&] { runner.Enqueue(main); });
-        if (variants[v].gram == NsGram::kAuto && !variants[v].restarts) {
+        if (std::strcmp(variants[v].name, "gram_auto") == 0) {
           runner.Capture(main);
           ms[kVariants] = TimeMedian(main, warmup, iters, fill, [&] { runner.Replay(main); });
         }
@@ -477,7 +489,8 @@ int Main(int argc, char** argv) {
         flops = runner.flops();
       }
       std::printf("%-12s %-14s %5d %8.0f", w.name.c_str(), s.name.c_str(), s.steps, flops / 1e9);
-      for (int v = 0; v <= kVariants; ++v) std::printf(" %12.3f", ms[v]);
+      for (int v = 0; v < kVariants; ++v) std::printf(" %*.3f", Width(variants[v].name), ms[v]);
+      std::printf(" %12.3f", ms[kVariants]);
       std::printf("\n");
       std::string row = std::string(first ? "" : ", ") + "{\"workload\": \"" + w.name +
                         "\", \"schedule\": \"" + s.name + "\", \"steps\": " +

@@ -60,7 +60,7 @@ fi
 
 if [[ $parts == *" bench "* ]]; then
   echo "== ns_bench" | tee -a "$out/tests.log"
-  timeout 300 "$bundle/bin/ns_bench" --iters 20 --warmup 4 --json "$out/ours.json" \
+  timeout 420 "$bundle/bin/ns_bench" --iters 20 --warmup 4 --json "$out/ours.json" \
     >"$out/ns_bench.log" 2>&1 || status=1
   echo "== torch_ns.py" | tee -a "$out/tests.log"
   PYTHONUNBUFFERED=1 timeout 240 python3 "$src/gpu/torch_ns.py" --ours "$out/ours.json" \

@@ -182,11 +182,17 @@ def main():
     p.add_argument("--peers",
                    help="folder with the peers' code (flash_muon/, newton_schulz_triton.py)")
     p.add_argument("--peers_only", action="store_true", help="time only the peers")
+    p.add_argument("--peer", action="append", default=[],
+                   help="with --peers_only: only the peers whose name contains this, in the "
+                        "order given (repeatable)")
     args = p.parse_args()
     if args.peers_only:
         # One peer at a time over every workload, each figure printed as it
         # comes: a run cut short by its time limit keeps what it measured.
-        for name, fn in load_peers(args.peers).items():
+        peers = load_peers(args.peers)
+        if args.peer:
+            peers = {n: peers[n] for want in args.peer for n in peers if want in n}
+        for name, fn in peers.items():
             for w, shapes in WORKLOADS.items():
                 for peer, ms in bench_peers(shapes, args.iters, {name: fn}).items():
                     print(f"peer {peer} {w}: {ms:.3f} ms", flush=True)

@@ -21,10 +21,20 @@ std::vector<ByteRange> SplitIntoChunks(size_t total, size_t chunk_bytes) {
   return ranges;
 }
 
+UpdateAssembler::UpdateAssembler(std::vector<ParameterUpdate> recycled) {
+  for (ParameterUpdate& u : recycled) recycled_[u.param_index] = std::move(u.data);
+}
+
 absl::Status UpdateAssembler::Add(const v1::UpdateChunk& chunk) {
+  return Add(chunk, chunk.data().size(), [&](std::byte* destination) {
+    std::memcpy(destination, chunk.data().data(), chunk.data().size());
+  });
+}
+
+absl::Status UpdateAssembler::Add(const v1::UpdateChunk& chunk, uint64_t size,
+                                  absl::FunctionRef<void(std::byte*)> copy) {
   const uint32_t index = chunk.param_index();
   const uint64_t offset = chunk.offset();
-  const uint64_t size = chunk.data().size();
   const uint64_t total = chunk.total_bytes();
   if (offset > total || size > total - offset) {
     return absl::DataLossError(absl::StrCat("update chunk of parameter ", index, " at bytes [",
@@ -39,7 +49,11 @@ absl::Status UpdateAssembler::Add(const v1::UpdateChunk& chunk) {
     p.update.content = chunk.content() == v1::UPDATE_CONTENT_UNSPECIFIED ? v1::UPDATE_CONTENT_UPDATE
                                                                          : chunk.content();
     p.update.decay = chunk.decay();
-    p.update.data.resize(total);
+    if (auto kept = recycled_.find(index); kept != recycled_.end()) {
+      p.update.data = std::move(kept->second);
+      recycled_.erase(kept);
+    }
+    p.update.data.resize(total);  // zero-fills only bytes it did not have
   } else if (p.update.data.size() != total || p.update.dtype != chunk.dtype() ||
              p.update.decay != chunk.decay()) {
     return absl::DataLossError(absl::StrCat("update chunks of parameter ", index,
@@ -54,7 +68,7 @@ absl::Status UpdateAssembler::Add(const v1::UpdateChunk& chunk) {
                                             offset, ", ", offset + size,
                                             ") overlaps bytes already received"));
   }
-  std::memcpy(p.update.data.data() + offset, chunk.data().data(), size);
+  copy(p.update.data.data() + offset);
   p.received += size;
   uint64_t start = offset;
   uint64_t end = offset + size;
@@ -71,10 +85,24 @@ absl::Status UpdateAssembler::Add(const v1::UpdateChunk& chunk) {
   return absl::OkStatus();
 }
 
+std::vector<ParameterUpdate> UpdateAssembler::Release() {
+  std::vector<ParameterUpdate> buffers;
+  for (auto& [index, p] : pending_) buffers.push_back(std::move(p.update));
+  for (auto& [index, data] : recycled_) {
+    ParameterUpdate& u = buffers.emplace_back();
+    u.param_index = index;
+    u.data = std::move(data);
+  }
+  pending_.clear();
+  recycled_.clear();
+  return buffers;
+}
+
 absl::StatusOr<std::vector<ParameterUpdate>> UpdateAssembler::Finish(
     const v1::StepSummary& summary) {
   std::map<uint32_t, Pending> pending = std::move(pending_);
   pending_.clear();
+  recycled_.clear();
   std::vector<ParameterUpdate> updates;
   updates.reserve(summary.param_indices_size());
   for (uint32_t index : summary.param_indices()) {

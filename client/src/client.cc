@@ -11,14 +11,19 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "chunking.h"
+#include "step_read.h"
 #include "step_write.h"
 
 namespace muon {
 namespace {
 
+using client_internal::CopyWireUpdateData;
+using client_internal::FindWireUpdate;
 using client_internal::SplitIntoChunks;
+using client_internal::StepRead;
 using client_internal::StepWrite;
 using client_internal::UpdateAssembler;
+using client_internal::WireUpdate;
 
 bool Retryable(absl::StatusCode code) {
   return code == absl::StatusCode::kUnavailable || code == absl::StatusCode::kAborted ||
@@ -272,6 +277,17 @@ absl::StatusOr<std::vector<v1::SessionCheckpoint>> Client::Checkpoint(
 absl::StatusOr<StepResult> Client::Step(const SessionHandle& session, uint64_t step,
                                         absl::Span<const Gradient> gradients,
                                         const StepCallOptions& options) {
+  StepResult result;
+  absl::Status status = Step(session, step, gradients, options, &result);
+  if (!status.ok()) return status;
+  return result;
+}
+
+absl::Status Client::Step(const SessionHandle& session, uint64_t step,
+                          absl::Span<const Gradient> gradients, const StepCallOptions& options,
+                          StepResult* result) {
+  std::vector<ParameterUpdate> recycled = std::move(result->updates);
+  *result = StepResult{};
   absl::flat_hash_set<uint32_t> seen;
   for (const Gradient& g : gradients) {
     if (!seen.insert(g.param_index).second) {
@@ -286,26 +302,29 @@ absl::StatusOr<StepResult> Client::Step(const SessionHandle& session, uint64_t s
       absl::SleepFor(backoff);
       backoff *= 2;
     }
-    absl::StatusOr<StepResult> result = StepOnce(session, step, gradients, options);
-    if (result.ok()) {
+    UpdateAssembler assembler(std::move(recycled));
+    last = StepOnce(session, step, gradients, options, assembler, result);
+    if (last.ok()) {
       result->attempts = attempt;
-      return result;
+      return last;
     }
-    last = result.status();
+    recycled = assembler.Release();
     if (!Retryable(last.code())) break;
   }
   return last;
 }
 
-absl::StatusOr<StepResult> Client::StepOnce(const SessionHandle& session, uint64_t step,
-                                            absl::Span<const Gradient> gradients,
-                                            const StepCallOptions& options) {
+absl::Status Client::StepOnce(const SessionHandle& session, uint64_t step,
+                              absl::Span<const Gradient> gradients, const StepCallOptions& options,
+                              UpdateAssembler& assembler, StepResult* result) {
   grpc::ClientContext context;
   Prepare(&context, options.timeout);
-  // The generated stub's Step, but writing StepWrites: each chunk's bytes
-  // are copied once, into the slice gRPC sends (step_write.h).
-  std::unique_ptr<grpc::ClientReaderWriter<StepWrite, v1::StepResponse>> stream(
-      grpc::internal::ClientReaderWriterFactory<StepWrite, v1::StepResponse>::Create(
+  // The generated stub's Step, but writing StepWrites and reading StepReads:
+  // each gradient chunk's bytes are copied once, into the slice gRPC sends
+  // (step_write.h), and each update chunk's once, from gRPC's slices into
+  // its update (step_read.h).
+  std::unique_ptr<grpc::ClientReaderWriter<StepWrite, StepRead>> stream(
+      grpc::internal::ClientReaderWriterFactory<StepWrite, StepRead>::Create(
           channel_.get(), step_method_, &context));
 
   // Sending and reading go on at once: the server streams updates back while
@@ -337,11 +356,30 @@ absl::StatusOr<StepResult> Client::StepOnce(const SessionHandle& session, uint64
     stream->WriteLast(StepWrite::Whole(request), grpc::WriteOptions());
   });
 
-  UpdateAssembler assembler;
   std::optional<v1::StepSummary> summary;
   absl::Status client_error;
+  StepRead read;
   v1::StepResponse response;
-  while (stream->Read(&response)) {
+  while (stream->Read(&read)) {
+    WireUpdate update;
+    if (FindWireUpdate(&read.message, &update)) {
+      if (summary.has_value()) {
+        client_error = absl::DataLossError("an update chunk came after the step summary");
+        break;
+      }
+      client_error = assembler.Add(update.chunk, update.data_size, [&](std::byte* destination) {
+        CopyWireUpdateData(&read.message, update, destination);
+      });
+      read.message.Clear();
+      if (!client_error.ok()) break;
+      continue;
+    }
+    // Deserialize releases the buffer.
+    if (!grpc::SerializationTraits<v1::StepResponse>::Deserialize(&read.message, &response)
+             .ok()) {
+      client_error = absl::DataLossError("a step response does not parse");
+      break;
+    }
     if (response.has_update()) {
       if (summary.has_value()) {
         client_error = absl::DataLossError("an update chunk came after the step summary");
@@ -366,10 +404,9 @@ absl::StatusOr<StepResult> Client::StepOnce(const SessionHandle& session, uint64
   }
   absl::StatusOr<std::vector<ParameterUpdate>> updates = assembler.Finish(*summary);
   if (!updates.ok()) return updates.status();
-  StepResult result;
-  result.updates = std::move(*updates);
-  result.summary = std::move(*summary);
-  return result;
+  result->updates = std::move(*updates);
+  result->summary = std::move(*summary);
+  return absl::OkStatus();
 }
 
 }  // namespace muon

@@ -2,6 +2,8 @@
 // for a muon-server, and its Newton–Schulz coefficient tables. It knows only
 // the proto and the client library. docs/muonctl.md.
 
+#include <malloc.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -58,8 +60,9 @@ ABSL_FLAG(std::string, dtype, "float32", "Wire dtype of gradients: float32, bflo
 ABSL_FLAG(std::string, schedule, "jordan",
           "Newton-Schulz schedule: jordan, dion, polar_express, aol, aol_dion, svd.");
 ABSL_FLAG(std::string, optimizer, "muon",
-          "Optimizer of every preset parameter (bench, load, create): muon, or adamw (the wire "
-          "benchmark: the same bytes with negligible compute, docs/performance.md).");
+          "Optimizer of every preset parameter (bench, load, create): muon, adamw (the same bytes "
+          "with element-wise compute), or echo (no optimizer: each update is the gradient, for "
+          "the wire benchmark; the server needs --allow_benchmark_sessions; docs/performance.md).");
 ABSL_FLAG(int, ns_steps, 5,
           "Newton-Schulz iterations of the session (bench, load, create), and the steps info "
           "lists each schedule's coefficients for.");
@@ -180,15 +183,16 @@ absl::StatusOr<v1::CreateSessionRequest> PresetRequest(const std::string& model,
                      "; known: jordan, dion, polar_express, aol, aol_dion, svd"));
   }
   const std::string optimizer = absl::GetFlag(FLAGS_optimizer);
-  if (optimizer != "muon" && optimizer != "adamw") {
+  if (optimizer != "muon" && optimizer != "adamw" && optimizer != "echo") {
     return absl::InvalidArgumentError(
-        absl::StrCat("unknown --optimizer=", optimizer, "; known: muon, adamw"));
+        absl::StrCat("unknown --optimizer=", optimizer, "; known: muon, adamw, echo"));
   }
   v1::CreateSessionRequest request;
   request.set_name(name);
   request.mutable_hyper_params()->set_lr(absl::GetFlag(FLAGS_lr));
   request.mutable_hyper_params()->set_ns_schedule(schedule);
   request.mutable_hyper_params()->set_ns_steps(absl::GetFlag(FLAGS_ns_steps));
+  request.set_benchmark_echo(optimizer == "echo");
   for (const PresetParam& p : *params) {
     v1::ParameterSpec* spec = request.add_params();
     spec->set_name(p.name);
@@ -497,14 +501,18 @@ int Bench(Client& client) {
   int64_t parameter_updates = 0;  // over the measured steps
   std::optional<Progress> progress(std::in_place);
   const absl::Time bench_start = absl::Now();
+  // Kept across steps: each step's updates land in the last step's buffers,
+  // as in a training loop that keeps its result.
+  StepResult kept;
+  StepResult* r = &kept;
   for (int i = 0; i < warmup + steps; ++i) {
     const std::vector<Gradient> grads = source.Draw(rng);
     const absl::Time start = absl::Now();
-    absl::StatusOr<StepResult> r = client.Step(w->session, w->next_step, grads, options);
+    const absl::Status stepped = client.Step(w->session, w->next_step, grads, options, r);
     const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
-    if (!r.ok()) {
+    if (!stepped.ok()) {
       progress.reset();
-      return finish(Fail(r.status()));
+      return finish(Fail(stepped));
     }
     ++w->next_step;
     progress->Report(absl::StrFormat(
@@ -782,6 +790,11 @@ int Info(Client& client) {
 }
 
 int Main(int argc, char** argv) {
+  // As muon-server does (--malloc_trim_bytes): gRPC's message buffers, freed
+  // and allocated again every step, keep their pages instead of being
+  // returned to the kernel and zero-filled anew.
+  mallopt(M_MMAP_THRESHOLD, 32 << 20);
+  mallopt(M_TRIM_THRESHOLD, 64 << 20);
   absl::SetProgramUsageMessage(kUsage);
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   if (args.size() < 2) {

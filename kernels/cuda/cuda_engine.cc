@@ -479,6 +479,7 @@ struct Item {
   // another element size, in the same pass.
   size_t update_offset = 0;
   int64_t matrix_offset = 0;             // first matrix in its group's batch
+  size_t flag = 0;                       // its non-finite flag, in group order
   double lr = 0;
   float decay = 1;
 };
@@ -487,6 +488,7 @@ struct Group {
   std::vector<size_t> items;  // indices into the call's items
   NsArgs ns;                  // d_x etc. filled once the arena is placed
   size_t x_offset = 0, ws_offset = 0, error_offset = 0;
+  size_t first_flag = 0;  // its items' flags are consecutive from here
   bool muon = true;
 };
 
@@ -511,7 +513,7 @@ class CudaTransaction final : public StepTransaction {
   }
 
   absl::Status Compute(absl::Span<const GradientInput> grads, absl::Span<UpdateOutput> outputs,
-                       StepStats* stats) override;
+                       StepStats* stats, UpdateReadyFn ready) override;
 
   absl::Status ComputedWeights(ParamId id, absl::Span<float> values) const override;
 
@@ -532,9 +534,10 @@ class CudaTransaction final : public StepTransaction {
   // Compute on claimed parameters; on error the caller releases them.
   absl::Status ComputeClaimed(const std::vector<std::shared_ptr<Param>>& params,
                               absl::Span<const GradientInput> grads,
-                              absl::Span<UpdateOutput> outputs, StepStats* stats);
+                              absl::Span<UpdateOutput> outputs, StepStats* stats,
+                              UpdateReadyFn ready);
   absl::Status Run(absl::Span<const GradientInput> grads, absl::Span<UpdateOutput> outputs,
-                   std::vector<Item>& items, StepStats& local)
+                   std::vector<Item>& items, StepStats& local, UpdateReadyFn ready)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(engine_->compute_mu_);
 
   CudaEngine* const engine_;
@@ -548,12 +551,13 @@ absl::StatusOr<std::unique_ptr<StepTransaction>> CudaEngine::BeginStep(const Ste
 }
 
 absl::Status CudaTransaction::Compute(absl::Span<const GradientInput> grads,
-                                      absl::Span<UpdateOutput> outputs, StepStats* stats) {
+                                      absl::Span<UpdateOutput> outputs, StepStats* stats,
+                                      UpdateReadyFn ready) {
   if (committed_) return absl::FailedPreconditionError("step already committed");
   MUON_RETURN_IF_ERROR(engine_->UseDevice());
   return ClaimAndCompute(engine_->mu_, engine_->params_, this, grads, outputs,
                          [&](const std::vector<std::shared_ptr<Param>>& params) {
-                           return ComputeClaimed(params, grads, outputs, stats);
+                           return ComputeClaimed(params, grads, outputs, stats, ready);
                          });
 }
 
@@ -575,7 +579,8 @@ absl::Status CudaTransaction::ComputedWeights(ParamId id, absl::Span<float> valu
 
 absl::Status CudaTransaction::ComputeClaimed(const std::vector<std::shared_ptr<Param>>& params,
                                              absl::Span<const GradientInput> grads,
-                                             absl::Span<UpdateOutput> outputs, StepStats* stats) {
+                                             absl::Span<UpdateOutput> outputs, StepStats* stats,
+                                             UpdateReadyFn ready) {
   std::vector<Item> items(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     items[i].hp = StepHyperParams(params[i]->spec, grads[i]);
@@ -592,7 +597,7 @@ absl::Status CudaTransaction::ComputeClaimed(const std::vector<std::shared_ptr<P
   {
     absl::MutexLock compute(&engine_->compute_mu_);
     try {
-      status = Run(grads, outputs, items, local);
+      status = Run(grads, outputs, items, local, ready);
     } catch (const std::bad_alloc&) {
       status = OutOfHostMemory("for the step's plan");
     }
@@ -611,7 +616,7 @@ absl::Status CudaTransaction::ComputeClaimed(const std::vector<std::shared_ptr<P
 
 absl::Status CudaTransaction::Run(absl::Span<const GradientInput> grads,
                                   absl::Span<UpdateOutput> outputs, std::vector<Item>& items,
-                                  StepStats& local) {
+                                  StepStats& local, UpdateReadyFn ready) {
   const auto start = std::chrono::steady_clock::now();
   CudaEngine& e = *engine_;
   // Group Muon parameters by (rows, cols, schedule, steps, Gram, custom
@@ -669,6 +674,13 @@ absl::Status CudaTransaction::Run(absl::Span<const GradientInput> grads,
     arena += BatchedNewtonSchulz::WorkspaceBytes(g.ns);
     g.error_offset = arena;
     arena += AlignUp(batch * sizeof(double));
+  }
+  // One flag per item, a group's side by side, so that each group's come
+  // back to the host in one copy when the group is done.
+  size_t flag = 0;
+  for (Group& g : groups) {
+    g.first_flag = flag;
+    for (size_t i : g.items) items[i].flag = flag++;
   }
   const size_t flags_offset = arena;
   const size_t flags_bytes = items.size() * sizeof(int);
@@ -732,7 +744,7 @@ absl::Status CudaTransaction::Run(absl::Span<const GradientInput> grads,
         mp.n = p.size;
         mp.coeffs = MakeMomentumCoefficients(hp.momentum, hp.momentum_form == MomentumForm::kEma,
                                              hp.nesterov);
-        mp.d_nonfinite = d_flags + i;
+        mp.d_nonfinite = d_flags + it.flag;
         RETURN_IF_CUDA_ERROR(LaunchMomentum(mp, stream), context);
       }
       g.ns.d_x = d_x;
@@ -761,7 +773,7 @@ absl::Status CudaTransaction::Run(absl::Span<const GradientInput> grads,
         fp.decay = it.decay;
         fp.d_out = d_arena + it.update_offset;
         fp.out_type = static_cast<int>(outputs[i].dtype);
-        fp.d_nonfinite = d_flags + i;
+        fp.d_nonfinite = d_flags + it.flag;
         RETURN_IF_CUDA_ERROR(LaunchMuonFinish(fp, stream), context);
       }
     } else {
@@ -784,7 +796,7 @@ absl::Status CudaTransaction::Run(absl::Span<const GradientInput> grads,
         ap.decay = it.decay;
         ap.d_out = d_arena + it.update_offset;
         ap.out_type = static_cast<int>(outputs[i].dtype);
-        ap.d_nonfinite = d_flags + i;
+        ap.d_nonfinite = d_flags + it.flag;
         RETURN_IF_CUDA_ERROR(LaunchAdamW(ap, stream), context);
       }
     }
@@ -795,41 +807,38 @@ absl::Status CudaTransaction::Run(absl::Span<const GradientInput> grads,
                                            cudaMemcpyDeviceToHost, stream),
                            context);
     }
+    RETURN_IF_CUDA_ERROR(
+        cudaMemcpyAsync(e.pinned_results_.bytes() + g.first_flag * sizeof(int),
+                        d_flags + g.first_flag, g.items.size() * sizeof(int),
+                        cudaMemcpyDeviceToHost, stream),
+        context);
     RETURN_IF_CUDA_ERROR(cudaEventRecord(e.events_[gi], stream), context);
   }
 
-  // Join, in group order: copy each group's updates out as soon as it is done.
+  // Join, in group order: as soon as a group is done and none of its flags
+  // is raised, copy its updates out, read its orthogonality errors and
+  // report them. After a raised flag the call fails: nothing more is
+  // reported, and the flags of every group say which error it is.
+  const int* flags = reinterpret_cast<const int*>(e.pinned_results_.bytes());
+  bool raised = false;
   double finish_seconds = 0;
   for (size_t gi = 0; gi < groups.size(); ++gi) {
+    const Group& g = groups[gi];
     RETURN_IF_CUDA_ERROR(cudaEventSynchronize(e.events_[gi]), context);
+    for (size_t i : g.items) raised = raised || flags[items[i].flag] != 0;
+    if (raised) continue;
     std::vector<HostCopy> copies;
-    for (size_t i : groups[gi].items) {
+    for (size_t i : g.items) {
       copies.push_back({outputs[i].bytes.data(), e.pinned_out_.bytes() + items[i].out_offset,
                         items[i].out_bytes});
     }
     const auto copy_start = std::chrono::steady_clock::now();
     ParallelCopy(copies);
     finish_seconds += Seconds(copy_start);
-  }
-  RETURN_IF_CUDA_ERROR(cudaMemcpy(e.pinned_results_.bytes(), d_flags, flags_bytes,
-                                  cudaMemcpyDeviceToHost),
-                       context);
-  const int* flags = reinterpret_cast<const int*>(e.pinned_results_.bytes());
-  for (size_t i = 0; i < items.size(); ++i) {
-    if ((flags[i] & kNonFiniteGradient) != 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "parameter '", items[i].param->spec.name, "': gradient contains NaN or Inf"));
+    for (size_t i : g.items) {
+      outputs[i].orthogonality_error = std::numeric_limits<double>::quiet_NaN();
     }
-  }
-  for (size_t i = 0; i < items.size(); ++i) {
-    if (flags[i] != 0) return NonFiniteResultError(items[i].param->spec);
-  }
-  for (size_t i = 0; i < items.size(); ++i) {
-    outputs[i].orthogonality_error = std::numeric_limits<double>::quiet_NaN();
-  }
-  if (options_.measure_orthogonality) {
-    for (const Group& g : groups) {
-      if (!g.muon) continue;
+    if (options_.measure_orthogonality && g.muon) {
       std::vector<double> sums(g.ns.batch);
       RETURN_IF_CUDA_ERROR(cudaMemcpy(sums.data(), g.ns.d_error, sums.size() * sizeof(double),
                                       cudaMemcpyDeviceToHost),
@@ -844,6 +853,16 @@ absl::Status CudaTransaction::Run(absl::Span<const GradientInput> grads,
         outputs[i].orthogonality_error = err / static_cast<double>(it.param->view.batch);
       }
     }
+    for (size_t i : g.items) ready(i);
+  }
+  for (size_t i = 0; i < items.size(); ++i) {
+    if ((flags[items[i].flag] & kNonFiniteGradient) != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "parameter '", items[i].param->spec.name, "': gradient contains NaN or Inf"));
+    }
+  }
+  for (size_t i = 0; i < items.size(); ++i) {
+    if (flags[items[i].flag] != 0) return NonFiniteResultError(items[i].param->spec);
   }
   local.stage_seconds = stage_seconds;
   local.finish_seconds = finish_seconds;

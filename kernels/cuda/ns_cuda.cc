@@ -161,12 +161,14 @@ std::array<Block, 2> HalfGram(const Layout& l, int64_t batch) {
                 h + h * r}};
 }
 
-// B = c·A·A + b·A on the same three blocks, from A's complete blocks only:
-// A_top = A[0:h, :] (h×r, ld r) and A_right = A[:, h:r] (r×h, offset h·r, ld r).
-//   B[0:h, 0:h] = A_top·A_topᵀ     (A operand A_top; B operand A_top transposed)
-//   B[0:h, h:r] = A_top·A_right    (A operand A_top; B operand A_right)
-//   B[h:r, h:r] = A_rightᵀ·A_right (A operand A_right transposed; B operand A_right)
-// C is A and D is B at the block's offset, ld r.
+// D = F·S (+ C) on the same three blocks, for symmetric F and S whose product
+// is symmetric (B = c·A·A + b·A; Gram Newton–Schulz's polynomials of R),
+// from their complete blocks only: F_top = F[0:h, :] (h×r, ld r) and
+// S_right = S[:, h:r] (r×h, offset h·r, ld r), and the same of S and F.
+//   D[0:h, 0:h] = F_top·S_topᵀ     (A operand F_top; B operand S_top transposed)
+//   D[0:h, h:r] = F_top·S_right    (A operand F_top; B operand S_right)
+//   D[h:r, h:r] = F_rightᵀ·S_right (A operand F_right transposed; B operand S_right)
+// C and D at the block's offset, ld r.
 std::array<Block, 3> HalfSquare(const Layout& l, int64_t batch) {
   const int64_t r = l.r, h = r / 2, rr = r * r;
   return {
@@ -272,8 +274,39 @@ absl::Status BatchedNewtonSchulz::Run(const NsArgs& args, void* d_workspace, cud
       return l.rows_contiguous ? run({UpdateDesc(l, batch)}, alpha, d_in, d_bm, beta, d_in, d_out)
                                : run({UpdateDesc(l, batch)}, alpha, d_bm, d_in, beta, d_in, d_out);
     };
+    const bool half = l.r >= args.symmetric_min_rank && l.r % 16 == 0;
     const Block gram_full{GramDesc(l, batch, CUDA_R_16BF)};
     const Block square{SquareDesc(l, batch)};
+    // A = X·Xᵀ into d_out: its three complete blocks when `half`, else whole.
+    const auto gram_of = [&](const __nv_bfloat16* d_in, __nv_bfloat16* d_out) -> absl::Status {
+      if (!half) return run(gram_full, 1.0f, d_in, d_in, 0.0f, d_out, d_out);
+      for (const Block& blk : HalfGram(l, batch)) {
+        MUON_RETURN_IF_ERROR(run(blk, 1.0f, d_in, d_in, 0.0f, d_out, d_out));
+      }
+      return absl::OkStatus();
+    };
+    // D = alpha·F·S + beta·C for symmetric, commuting r×r F, S, C (polynomials
+    // of one Gram matrix, so F·S is symmetric too): three blocks when `half`.
+    const auto sym = [&](float alpha, const __nv_bfloat16* d_f, const __nv_bfloat16* d_s,
+                         float beta, const __nv_bfloat16* d_c,
+                         __nv_bfloat16* d_d) -> absl::Status {
+      if (!half) return run(square, alpha, d_f, d_s, beta, d_c, d_d);
+      for (const Block& blk : HalfSquare(l, batch)) {
+        MUON_RETURN_IF_ERROR(run(blk, alpha, d_f, d_s, beta, d_c, d_d));
+      }
+      return absl::OkStatus();
+    };
+    // X' = alpha·(B·X) + beta·X for a symmetric r×r B: two halves when `half`.
+    const auto apply = [&](float alpha, const __nv_bfloat16* d_bm, float beta,
+                           const __nv_bfloat16* d_in, __nv_bfloat16* d_out) -> absl::Status {
+      if (!half) return update(alpha, d_bm, beta, d_in, d_out);
+      for (const Block& blk : HalfUpdate(l, batch)) {
+        MUON_RETURN_IF_ERROR(l.rows_contiguous
+                                 ? run(blk, alpha, d_in, d_bm, beta, d_in, d_out)
+                                 : run(blk, alpha, d_bm, d_in, beta, d_in, d_out));
+      }
+      return absl::OkStatus();
+    };
 
     // Segments of the Gram iteration: the steps after which X is formed.
     std::vector<int> ends;
@@ -288,7 +321,6 @@ absl::Status BatchedNewtonSchulz::Run(const NsArgs& args, void* d_workspace, cud
     // Each step (each segment, for Gram) moves X to the other buffer; start
     // where the last one then lands in d_x.
     const int moves = co.gram ? static_cast<int>(ends.size()) : steps;
-    const bool half = !co.gram && l.r >= args.symmetric_min_rank && l.r % 16 == 0;
     __nv_bfloat16* d_cur = moves % 2 == 0 ? d_x : d_pong;
     __nv_bfloat16* d_next = moves % 2 == 0 ? d_pong : d_x;
 
@@ -306,13 +338,7 @@ absl::Status BatchedNewtonSchulz::Run(const NsArgs& args, void* d_workspace, cud
     RETURN_IF_CUDA_ERROR(LaunchNormalize(np, stream), context);
     bool gram_ready = false;
     if (co.aol) {
-      if (half) {
-        for (const Block& blk : HalfGram(l, batch)) {
-          MUON_RETURN_IF_ERROR(run(blk, 1.0f, d_cur, d_cur, 0.0f, d_a, d_a));
-        }
-      } else {
-        MUON_RETURN_IF_ERROR(run(gram_full, 1.0f, d_cur, d_cur, 0.0f, d_a, d_a));
-      }
+      MUON_RETURN_IF_ERROR(gram_of(d_cur, d_a));
       AolParams p;
       p.type = args.type;
       p.d_x = d_cur;
@@ -337,27 +363,29 @@ absl::Status BatchedNewtonSchulz::Run(const NsArgs& args, void* d_workspace, cud
       __nv_bfloat16* d_p2 = reinterpret_cast<__nv_bfloat16*>(base + l.gram + 3 * rr_bytes);
       int first_step = 0;
       for (int end : ends) {
-        if (!gram_ready) MUON_RETURN_IF_ERROR(run(gram_full, 1.0f, d_cur, d_cur, 0.0f, d_r, d_r));
+        if (!gram_ready) MUON_RETURN_IF_ERROR(gram_of(d_cur, d_r));
         gram_ready = false;
         for (int j = first_step; j < end; ++j) {
           const auto& [ca, cb, cc] = co.steps[j];
           const float a = static_cast<float>(ca);
-          MUON_RETURN_IF_ERROR(run(square, static_cast<float>(cc), d_r, d_r,
-                                   static_cast<float>(cb), d_r, d_z));
+          MUON_RETURN_IF_ERROR(sym(static_cast<float>(cc), d_r, d_r, static_cast<float>(cb), d_r,
+                                   d_z));
           if (j == first_step) {
+            // Whole-matrix copy: with `half`, Z's unwritten block is copied
+            // along and, like Z's, never read.
             RETURN_IF_CUDA_ERROR(LaunchAddIdentity({args.type, d_z, d_p, batch, l.r, a}, stream),
                                  context);
           } else {
-            MUON_RETURN_IF_ERROR(run(square, 1.0f, d_p, d_z, a, d_p, d_p2));
+            MUON_RETURN_IF_ERROR(sym(1.0f, d_p, d_z, a, d_p, d_p2));
             std::swap(d_p, d_p2);
           }
           if (j + 1 < end) {
-            MUON_RETURN_IF_ERROR(run(square, 1.0f, d_z, d_z, 2 * a, d_z, d_w));
-            MUON_RETURN_IF_ERROR(run(square, 1.0f, d_w, d_r, a * a, d_r, d_r2));
+            MUON_RETURN_IF_ERROR(sym(1.0f, d_z, d_z, 2 * a, d_z, d_w));
+            MUON_RETURN_IF_ERROR(sym(1.0f, d_w, d_r, a * a, d_r, d_r2));
             std::swap(d_r, d_r2);
           }
         }
-        MUON_RETURN_IF_ERROR(update(1.0f, d_p, 0.0f, d_cur, d_next));
+        MUON_RETURN_IF_ERROR(apply(1.0f, d_p, 0.0f, d_cur, d_next));
         std::swap(d_cur, d_next);
         first_step = end;
       }
@@ -366,27 +394,9 @@ absl::Status BatchedNewtonSchulz::Run(const NsArgs& args, void* d_workspace, cud
       const auto& [ca, cb, cc] = co.steps[step];
       const float a = static_cast<float>(ca), b = static_cast<float>(cb),
                   c = static_cast<float>(cc);
-      if (half) {
-        if (!gram_ready) {
-          for (const Block& blk : HalfGram(l, batch)) {
-            MUON_RETURN_IF_ERROR(run(blk, 1.0f, d_cur, d_cur, 0.0f, d_a, d_a));
-          }
-        }
-        for (const Block& blk : HalfSquare(l, batch)) {
-          MUON_RETURN_IF_ERROR(run(blk, c, d_a, d_a, b, d_a, d_b));
-        }
-        for (const Block& blk : HalfUpdate(l, batch)) {
-          if (l.rows_contiguous) {
-            MUON_RETURN_IF_ERROR(run(blk, 1.0f, d_cur, d_b, a, d_cur, d_next));
-          } else {
-            MUON_RETURN_IF_ERROR(run(blk, 1.0f, d_b, d_cur, a, d_cur, d_next));
-          }
-        }
-      } else {
-        if (!gram_ready) MUON_RETURN_IF_ERROR(run(gram_full, 1.0f, d_cur, d_cur, 0.0f, d_a, d_a));
-        MUON_RETURN_IF_ERROR(run(square, c, d_a, d_a, b, d_a, d_b));
-        MUON_RETURN_IF_ERROR(update(1.0f, d_b, a, d_cur, d_next));
-      }
+      if (!gram_ready) MUON_RETURN_IF_ERROR(gram_of(d_cur, d_a));
+      MUON_RETURN_IF_ERROR(sym(c, d_a, d_a, b, d_a, d_b));
+      MUON_RETURN_IF_ERROR(apply(1.0f, d_b, a, d_cur, d_next));
       gram_ready = false;
       std::swap(d_cur, d_next);
     }

@@ -35,8 +35,9 @@ struct NsArgs {
   void* d_gemm_workspace = nullptr;
   // Matrices with r = min(rows, cols) ≥ this (and r % 16 == 0) use the
   // half-Gram products: only 3 of the 4 r/2 blocks of the symmetric X·Xᵀ and
-  // A·A are computed (¾ of their flops). Measured in bench/gpu; see
-  // docs/performance-cuda.md for the choice of the default.
+  // A·A (Gram Newton–Schulz: of every r×r product) are computed (¾ of their
+  // flops). Measured in bench/gpu; see
+  // docs/performance.md for the choice of the default.
   int64_t symmetric_min_rank = kDefaultSymmetricMinRank;
 
   static constexpr int64_t kDefaultSymmetricMinRank = 1024;
@@ -62,9 +63,11 @@ struct NsArgs {
 // then per step Z = c·R·R + b·R, P = Z + a·I (first step) or
 // P' = a·P + P·Z, and, before another step of the segment, W = Z·Z + 2a·Z,
 // R' = a²·R + W·R; X' = P·X at the segment's end. All r×r; only R = X·Xᵀ and
-// X' = P·X touch the long dimension. Full (not half-Gram) products.
+// X' = P·X touch the long dimension. Every r×r matrix is a polynomial of R,
+// hence symmetric, and they commute, so each product is symmetric as well:
+// with the half-Gram products below, every one computes 3 of 4 blocks.
 //
-// Half-Gram variant (large r, plain iteration): with h = r/2, A = X·Xᵀ is computed as its top
+// Half-Gram variant (large r): with h = r/2, A = X·Xᵀ is computed as its top
 // block row A[0:h, :] and A[h:r, h:r]; A21 stays unwritten and is never read.
 // B = c·A·A + b·A is computed the same way from A's complete blocks
 // (A[h:r, :] = A[:, h:r]ᵀ by symmetry), and X' = a·X + B·X as two half

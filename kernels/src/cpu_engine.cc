@@ -4,6 +4,7 @@
 #include <sched.h>
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <chrono>
 #include <cstdint>
@@ -100,10 +101,11 @@ struct Param {
 };
 
 // A compute thread's scratch for one Muon parameter: the Newton–Schulz input
-// M, orthogonalized in place. Reused from step to step; grows to the largest
-// parameter it served.
+// M, orthogonalized in place, and the iteration's work matrices. Reused from
+// step to step; grows to the largest parameter it served.
 struct Workspace {
   std::vector<float> m;
+  NsWorkspace ns;
 };
 
 // Workspaces not in use by a task. Tasks at once are bounded by the compute
@@ -259,12 +261,12 @@ class CpuTransaction final : public StepTransaction {
   }
 
   absl::Status Compute(absl::Span<const GradientInput> grads, absl::Span<UpdateOutput> outputs,
-                       StepStats* stats) override {
+                       StepStats* stats, UpdateReadyFn ready) override {
     if (committed_) return absl::FailedPreconditionError("step already committed");
     return internal::ClaimAndCompute(
         engine_->mu_, engine_->params_, this, grads, outputs,
         [&](const std::vector<std::shared_ptr<Param>>& params) {
-          return ComputeClaimed(params, grads, outputs, stats);
+          return ComputeClaimed(params, grads, outputs, stats, ready);
         });
   }
 
@@ -297,7 +299,8 @@ class CpuTransaction final : public StepTransaction {
   // them; nothing of this call is kept.
   absl::Status ComputeClaimed(const std::vector<std::shared_ptr<Param>>& params,
                               absl::Span<const GradientInput> grads,
-                              absl::Span<UpdateOutput> outputs, StepStats* stats);
+                              absl::Span<UpdateOutput> outputs, StepStats* stats,
+                              UpdateReadyFn ready);
 
   CpuEngine* const engine_;
   const StepOptions options_;
@@ -358,7 +361,7 @@ absl::Status StepMuon(Param& p, const GradientInput& grad, UpdateOutput& out, bo
     momentum.Add(m[k]);
   }
   if (!momentum.all_finite()) return Overflow(p, "momentum");
-  MUON_RETURN_IF_ERROR(OrthogonalizeCpu(p.coeffs, p.view, m));
+  MUON_RETURN_IF_ERROR(OrthogonalizeCpu(p.coeffs, p.view, m, &ws->ns));
   if (measure) {
     const int64_t size = p.view.rows * p.view.cols;
     double err = 0;
@@ -441,7 +444,8 @@ absl::Status StepAdamW(Param& p, const GradientInput& grad, UpdateOutput& out, T
 
 absl::Status CpuTransaction::ComputeClaimed(const std::vector<std::shared_ptr<Param>>& params,
                                             absl::Span<const GradientInput> grads,
-                                            absl::Span<UpdateOutput> outputs, StepStats* stats) {
+                                            absl::Span<UpdateOutput> outputs, StepStats* stats,
+                                            UpdateReadyFn ready) {
   const auto start = std::chrono::steady_clock::now();
   const size_t count = params.size();
   // Largest first, so that the last tasks to start are short ones.
@@ -462,6 +466,10 @@ absl::Status CpuTransaction::ComputeClaimed(const std::vector<std::shared_ptr<Pa
 
   std::vector<absl::Status> status(count);
   std::vector<TaskTimes> times(count);
+  // Once a task has failed the call fails: later updates are not reported
+  // (they would be discarded), though every task still runs, so that the
+  // error returned is the same whichever thread finished first.
+  std::atomic<bool> failed{false};
   engine_->pool_.ParallelFor(count, [&](size_t task) {
     const size_t i = order[task];
     Param& p = *params[i];
@@ -476,6 +484,11 @@ absl::Status CpuTransaction::ComputeClaimed(const std::vector<std::shared_ptr<Pa
       }
     } catch (const std::bad_alloc&) {
       status[i] = internal::OutOfHostMemory("for a step's buffers");
+    }
+    if (!status[i].ok()) {
+      failed = true;
+    } else if (!failed) {
+      ready(i);
     }
   });
   for (const absl::Status& s : status) MUON_RETURN_IF_ERROR(s);

@@ -176,6 +176,12 @@ absl::Status PolarSvdWide(const WideX& w, int r, int c, float* x) {
 }  // namespace
 
 absl::Status OrthogonalizeCpu(const NsCoefficients& coeffs, const MatrixView& view, float* x) {
+  NsWorkspace ws;
+  return OrthogonalizeCpu(coeffs, view, x, &ws);
+}
+
+absl::Status OrthogonalizeCpu(const NsCoefficients& coeffs, const MatrixView& view, float* x,
+                              NsWorkspace* ws) {
   if (view.batch < 1 || view.rows < 1 || view.cols < 1) {
     return absl::InvalidArgumentError("cannot orthogonalize an empty matrix");
   }
@@ -186,10 +192,18 @@ absl::Status OrthogonalizeCpu(const NsCoefficients& coeffs, const MatrixView& vi
   const int c = static_cast<int>(std::max(view.rows, view.cols));
   const int64_t size = view.rows * view.cols;
   const WideX w = WideOf(view.rows, view.cols);
-  std::vector<float> a(static_cast<int64_t>(r) * r), b(a.size()), y(size);
-  std::vector<float> gram_work[6];
+  // Every element is written before it is read (BLAS with beta = 0 does
+  // not read its output), so what an earlier call left does not matter.
+  const auto at_least = [](std::vector<float>& v, int64_t n) {
+    if (v.size() < static_cast<size_t>(n)) v.resize(n);
+  };
+  const int64_t rr = static_cast<int64_t>(r) * r;
+  if (coeffs.kind != ScheduleKind::kSvd) at_least(ws->y, size);
   if (coeffs.gram) {
-    for (std::vector<float>& g : gram_work) g.resize(a.size());
+    for (std::vector<float>& g : ws->gram) at_least(g, rr);
+  } else if (coeffs.kind != ScheduleKind::kSvd) {
+    at_least(ws->a, rr);
+    at_least(ws->b, rr);
   }
   for (int64_t k = 0; k < view.batch; ++k) {
     float* mat = x + k * size;
@@ -199,9 +213,9 @@ absl::Status OrthogonalizeCpu(const NsCoefficients& coeffs, const MatrixView& vi
         if (absl::Status s = PolarSvdWide(w, r, c, mat); !s.ok()) return s;
       }
     } else if (coeffs.gram) {
-      GramNewtonSchulzWide(coeffs, w, r, c, mat, gram_work, y.data());
+      GramNewtonSchulzWide(coeffs, w, r, c, mat, ws->gram, ws->y.data());
     } else {
-      NewtonSchulzWide(coeffs, w, r, c, mat, a.data(), b.data(), y.data());
+      NewtonSchulzWide(coeffs, w, r, c, mat, ws->a.data(), ws->b.data(), ws->y.data());
     }
   }
   return absl::OkStatus();

@@ -1,6 +1,7 @@
 #include "muon/kernels/sharded_engine.h"
 
 #include <algorithm>
+#include <atomic>
 #include <numeric>
 #include <thread>
 #include <unordered_map>
@@ -146,7 +147,7 @@ class ShardedTransaction final : public StepTransaction {
       : engine_(engine), options_(options) {}
 
   absl::Status Compute(absl::Span<const GradientInput> grads, absl::Span<UpdateOutput> outputs,
-                       StepStats* stats) override;
+                       StepStats* stats, UpdateReadyFn ready) override;
 
   absl::Status ComputedWeights(ParamId param, absl::Span<float> values) const override {
     MUON_ASSIGN_OR_RETURN(const Placement p, engine_->Find(param));
@@ -185,7 +186,8 @@ absl::StatusOr<std::unique_ptr<StepTransaction>> ShardedEngine::BeginStep(
 }
 
 absl::Status ShardedTransaction::Compute(absl::Span<const GradientInput> grads,
-                                         absl::Span<UpdateOutput> outputs, StepStats* stats) {
+                                         absl::Span<UpdateOutput> outputs, StepStats* stats,
+                                         UpdateReadyFn ready) {
   if (committed_) return absl::FailedPreconditionError("step already committed");
   if (grads.size() != outputs.size()) {
     return absl::InvalidArgumentError(
@@ -224,15 +226,26 @@ absl::Status ShardedTransaction::Compute(absl::Span<const GradientInput> grads,
     o.param = p.inner;
     s.outputs.push_back(o);
   }
+  // Once one engine's share has failed the call fails: the others' updates
+  // are no longer reported.
+  std::atomic<bool> failed{false};
   const auto run = [&](Share& s, int shard) {
     absl::StatusOr<std::unique_ptr<StepTransaction>> txn =
         engine_->shard(shard).BeginStep(options_);
     if (!txn.ok()) {
       s.status = txn.status();
+      failed = true;
       return;
     }
     s.txn = *std::move(txn);
-    s.status = s.txn->Compute(s.grads, absl::MakeSpan(s.outputs), &s.stats);
+    // The bytes are already in the caller's buffers; the results are not.
+    s.status = s.txn->Compute(s.grads, absl::MakeSpan(s.outputs), &s.stats, [&](size_t k) {
+      UpdateOutput& out = outputs[s.items[k]];
+      out.decay = s.outputs[k].decay;
+      out.orthogonality_error = s.outputs[k].orthogonality_error;
+      if (!failed) ready(s.items[k]);
+    });
+    if (!s.status.ok()) failed = true;
   };
   std::vector<std::thread> threads;
   int first = -1;
@@ -257,12 +270,7 @@ absl::Status ShardedTransaction::Compute(absl::Span<const GradientInput> grads,
     Share& s = shares[shard];
     if (s.items.empty()) continue;
     merged.device_compute_seconds[shard] = s.stats.compute_seconds;
-    for (size_t k = 0; k < s.items.size(); ++k) {
-      UpdateOutput& out = outputs[s.items[k]];
-      out.decay = s.outputs[k].decay;
-      out.orthogonality_error = s.outputs[k].orthogonality_error;
-      computed_.emplace(out.param, s.txn.get());
-    }
+    for (size_t k : s.items) computed_.emplace(outputs[k].param, s.txn.get());
     merged.stage_seconds = std::max(merged.stage_seconds, s.stats.stage_seconds);
     merged.compute_seconds = std::max(merged.compute_seconds, s.stats.compute_seconds);
     merged.finish_seconds = std::max(merged.finish_seconds, s.stats.finish_seconds);

@@ -52,6 +52,12 @@ ABSL_FLAG(int, malloc_arenas, 2,
           "allocate large buffers on one gRPC thread and free them on another; with an arena "
           "per thread much of the freed memory stays resident (docs/operations.md). Env "
           "MUON_MALLOC_ARENAS.");
+ABSL_FLAG(int, malloc_trim_bytes, 64 << 20,
+          "glibc malloc: free memory each arena keeps instead of returning it to the kernel "
+          "(M_TRIM_THRESHOLD), with allocations under 32 MiB served from the arenas "
+          "(M_MMAP_THRESHOLD). gRPC's message buffers, freed and allocated again every step, "
+          "then keep their pages instead of being zero-filled anew (docs/performance.md, "
+          "\"Wire\"); 0: glibc's dynamic thresholds. Env MUON_MALLOC_TRIM_BYTES.");
 ABSL_FLAG(int, max_sessions, 1024, "Sessions at once. Env MUON_MAX_SESSIONS.");
 ABSL_FLAG(int, max_params_per_session, 100000,
           "Parameters per session. Env MUON_MAX_PARAMS_PER_SESSION.");
@@ -62,6 +68,9 @@ ABSL_FLAG(int, max_message_bytes, 4 << 20,
           "Largest gRPC message received or sent. Env MUON_MAX_MESSAGE_BYTES.");
 ABSL_FLAG(int, max_concurrent_streams, 256,
           "Step streams open at once. Env MUON_MAX_CONCURRENT_STREAMS.");
+ABSL_FLAG(bool, allow_benchmark_sessions, false,
+          "Accept CreateSession with benchmark_echo (a session whose updates are its gradients, "
+          "for wire benchmarks only; docs/performance.md). Env MUON_ALLOW_BENCHMARK_SESSIONS.");
 ABSL_FLAG(std::string, checkpoint_dir, "",
           "Directory for session checkpoints, restored at start; empty: none. Env "
           "MUON_CHECKPOINT_DIR.");
@@ -135,11 +144,13 @@ bool FlagsFromEnv() {
          FromEnv(&FLAGS_blas_threads, "MUON_BLAS_THREADS") &&
          FromEnv(&FLAGS_compute_threads, "MUON_COMPUTE_THREADS") &&
          FromEnv(&FLAGS_malloc_arenas, "MUON_MALLOC_ARENAS") &&
+         FromEnv(&FLAGS_malloc_trim_bytes, "MUON_MALLOC_TRIM_BYTES") &&
          FromEnv(&FLAGS_max_sessions, "MUON_MAX_SESSIONS") &&
          FromEnv(&FLAGS_max_params_per_session, "MUON_MAX_PARAMS_PER_SESSION") &&
          FromEnv(&FLAGS_max_bytes_per_session, "MUON_MAX_BYTES_PER_SESSION") &&
          FromEnv(&FLAGS_max_message_bytes, "MUON_MAX_MESSAGE_BYTES") &&
          FromEnv(&FLAGS_max_concurrent_streams, "MUON_MAX_CONCURRENT_STREAMS") &&
+         FromEnv(&FLAGS_allow_benchmark_sessions, "MUON_ALLOW_BENCHMARK_SESSIONS") &&
          FromEnv(&FLAGS_checkpoint_dir, "MUON_CHECKPOINT_DIR") &&
          FromEnv(&FLAGS_durability, "MUON_DURABILITY") &&
          FromEnv(&FLAGS_checkpoint_every_steps, "MUON_CHECKPOINT_EVERY_STEPS") &&
@@ -219,6 +230,17 @@ int main(int argc, char** argv) {
     std::cerr << "muon-server: glibc refused --malloc_arenas=" << arenas << "\n";
     return 2;
   }
+  const int trim = absl::GetFlag(FLAGS_malloc_trim_bytes);
+  if (trim < 0) {
+    std::cerr << "muon-server: --malloc_trim_bytes=" << trim
+              << " must be >= 0 (0: glibc's default)\n";
+    return 2;
+  }
+  if (trim > 0 &&
+      (mallopt(M_MMAP_THRESHOLD, 32 << 20) != 1 || mallopt(M_TRIM_THRESHOLD, trim) != 1)) {
+    std::cerr << "muon-server: glibc refused --malloc_trim_bytes=" << trim << "\n";
+    return 2;
+  }
 
   // Block the stop signals in every thread; main waits for them below.
   sigset_t stop_signals;
@@ -264,6 +286,7 @@ int main(int argc, char** argv) {
   options.limits.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   options.limits.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
   options.limits.session_idle_ttl = absl::GetFlag(FLAGS_session_idle_ttl);
+  options.limits.allow_benchmark_sessions = absl::GetFlag(FLAGS_allow_benchmark_sessions);
   options.checkpoint_dir = absl::GetFlag(FLAGS_checkpoint_dir);
   options.durability = absl::AsciiStrToLower(absl::GetFlag(FLAGS_durability));
   options.checkpoint_every_steps = absl::GetFlag(FLAGS_checkpoint_every_steps);

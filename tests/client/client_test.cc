@@ -6,12 +6,16 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstddef>
+#include <cstring>
+#include <random>
 #include <set>
 #include <string>
 #include <vector>
 
 #include "chunking.h"
+#include "step_read.h"
 #include "step_write.h"
 #include "model_presets.h"
 #include "stats.h"
@@ -309,6 +313,85 @@ TEST(StepWriteTest, AWholeMessageIsSerializedAsIs) {
     bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
   }
   EXPECT_EQ(bytes, end.SerializeAsString());
+}
+
+// A message split over several slices, as gRPC may receive it.
+grpc::ByteBuffer InPieces(const std::string& bytes, size_t piece) {
+  std::vector<grpc::Slice> slices;
+  for (size_t at = 0; at < bytes.size(); at += piece) {
+    slices.emplace_back(bytes.data() + at, std::min(piece, bytes.size() - at));
+  }
+  return grpc::ByteBuffer(slices.data(), slices.size());
+}
+
+// An update chunk is read where it lies: every field as protobuf parses it,
+// the data copied straight out of the slices.
+TEST(StepReadTest, AnUpdateChunkIsReadOffTheSlicesAsProtobufParsesIt) {
+  std::mt19937 rng(::testing::UnitTest::GetInstance()->random_seed());
+  v1::StepResponse sent;
+  v1::UpdateChunk* chunk = sent.mutable_update();
+  chunk->set_param_index(rng() % 1000);
+  chunk->set_offset(uint64_t{rng()} << 8);
+  chunk->set_dtype(v1::DTYPE_BFLOAT16);
+  chunk->set_decay(std::uniform_real_distribution<double>(0.9, 1.0)(rng));
+  chunk->set_total_bytes(uint64_t{1} << 40);
+  chunk->set_content(v1::UPDATE_CONTENT_WEIGHTS);
+  std::string data(5000, '\0');
+  for (char& c : data) c = static_cast<char>(rng());
+  chunk->set_data(data);
+  grpc::ByteBuffer message = InPieces(sent.SerializeAsString(), 777);
+  client_internal::WireUpdate update;
+  ASSERT_TRUE(client_internal::FindWireUpdate(&message, &update));
+  EXPECT_EQ(update.data_size, data.size());
+  std::string copied(update.data_size, '\0');
+  client_internal::CopyWireUpdateData(&message, update,
+                                      reinterpret_cast<std::byte*>(copied.data()));
+  EXPECT_EQ(copied, data);
+  update.chunk.set_data(copied);
+  EXPECT_EQ(update.chunk.SerializeAsString(), chunk->SerializeAsString());
+}
+
+TEST(StepReadTest, AnyOtherMessageIsLeftToProtobuf) {
+  v1::StepResponse summary;
+  summary.mutable_summary()->set_step(4);
+  client_internal::WireUpdate update;
+  grpc::ByteBuffer message = InPieces(summary.SerializeAsString(), 3);
+  EXPECT_FALSE(client_internal::FindWireUpdate(&message, &update));
+  // A field twice (valid protobuf: the last wins) is not the plain encoding:
+  // StepResponse{update: {param_index: 1, param_index: 2}}.
+  const std::string bytes("\x0a\x04\x08\x01\x08\x02", 6);
+  v1::StepResponse parsed;
+  ASSERT_TRUE(parsed.ParseFromString(bytes));
+  EXPECT_EQ(parsed.update().param_index(), 2u);
+  grpc::ByteBuffer repeated = InPieces(bytes, 100);
+  EXPECT_FALSE(client_internal::FindWireUpdate(&repeated, &update));
+}
+
+// Updates passed back in are assembled in place: the same memory, no
+// allocation, also after an attempt that failed.
+TEST(UpdateAssemblerTest, AssemblesIntoTheBuffersOfAnEarlierResult) {
+  UpdateAssembler first;
+  ASSERT_TRUE(first.Add(Chunk(3, 0, "abcd", 8)).ok());
+  ASSERT_TRUE(first.Add(Chunk(3, 4, "efgh", 8)).ok());
+  ASSERT_TRUE(first.Add(Chunk(1, 0, "wxyz", 4)).ok());
+  absl::StatusOr<std::vector<ParameterUpdate>> updates = first.Finish(Summary({1, 3}));
+  ASSERT_TRUE(updates.ok());
+  const std::byte* kept = (*updates)[1].data.data();
+
+  UpdateAssembler failed(std::move(*updates));
+  ASSERT_TRUE(failed.Add(Chunk(3, 4, "EFGH", 8)).ok());
+  UpdateAssembler second(failed.Release());  // the retry
+  ASSERT_TRUE(second.Add(Chunk(3, 4, "mnop", 8)).ok());
+  const std::string head = "ijkl";
+  ASSERT_TRUE(second
+                  .Add(Chunk(3, 0, "", 8), head.size(),
+                       [&](std::byte* to) { std::memcpy(to, head.data(), head.size()); })
+                  .ok());
+  absl::StatusOr<std::vector<ParameterUpdate>> again = second.Finish(Summary({3}));
+  ASSERT_TRUE(again.ok()) << again.status();
+  ASSERT_EQ(again->size(), 1u);
+  EXPECT_EQ((*again)[0].data.data(), kept);
+  EXPECT_EQ(Text((*again)[0].data), "ijklmnop");
 }
 
 }  // namespace

@@ -451,6 +451,84 @@ TEST_F(CudaEngineTest, NonFiniteGradientIsRejectedAndChangesNothing) {
   EXPECT_TRUE(cuda_->Step(in, absl::MakeSpan(up)).ok());  // nothing left claimed
 }
 
+// Compute's UpdateReadyFn: a shape group's updates are reported together, as
+// soon as its copy to the host is done, with their final bytes; after a
+// group whose gradient is not finite nothing more is.
+TEST_F(CudaEngineTest, UpdatesAreReportedGroupByGroupWithTheirFinalBytes) {
+  const std::vector<ParamSpec> specs = [] {
+    ParamSpec adam;
+    adam.name = "adam";
+    adam.shape = {100};
+    adam.kind = OptimizerKind::kAdamW;
+    return std::vector<ParamSpec>{Muon("a1", {64, 128}, DType::kFloat32, ScheduleKind::kJordan),
+                                  adam,
+                                  Muon("b", {32, 32}, DType::kFloat32, ScheduleKind::kJordan),
+                                  Muon("a2", {64, 128}, DType::kFloat32, ScheduleKind::kJordan)};
+  }();
+  // The group each parameter is computed in.
+  const std::vector<int> group = {0, 1, 2, 0};
+  std::vector<ParamId> ids;
+  for (const ParamSpec& s : specs) {
+    auto id = cuda_->Register(s);
+    ASSERT_TRUE(id.ok()) << id.status();
+    ids.push_back(*id);
+  }
+  std::mt19937 rng(17);
+  std::vector<Buffers> buf(specs.size());
+  std::vector<GradientInput> in;
+  std::vector<UpdateOutput> up;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    std::vector<float> g = Gaussian(NumElements(specs[i].shape), rng);
+    buf[i].grad = Encode(DType::kFloat32, g);
+    buf[i].out.assign(buf[i].grad.size(), std::byte{0x7f});
+    in.push_back({ids[i], DType::kFloat32, buf[i].grad, std::nullopt});
+    up.push_back({ids[i], DType::kFloat32, absl::MakeSpan(buf[i].out)});
+  }
+  struct Reported {
+    size_t index;
+    std::vector<std::byte> bytes;
+    double decay;
+  };
+  std::vector<Reported> reported;  // the CUDA engine reports on its calling thread
+  auto txn = cuda_->BeginStep({});
+  ASSERT_TRUE(txn.ok());
+  ASSERT_TRUE((*txn)
+                  ->Compute(in, absl::MakeSpan(up), nullptr,
+                            [&](size_t i) {
+                              reported.push_back(
+                                  {i, {up[i].bytes.begin(), up[i].bytes.end()}, up[i].decay});
+                            })
+                  .ok());
+  ASSERT_EQ(reported.size(), specs.size());
+  std::vector<int> times(specs.size(), 0), groups_seen;
+  for (const Reported& r : reported) {
+    times[r.index] += 1;
+    EXPECT_TRUE(r.bytes == buf[r.index].out) << specs[r.index].name;
+    EXPECT_EQ(r.decay, up[r.index].decay);
+    if (groups_seen.empty() || groups_seen.back() != group[r.index]) {
+      groups_seen.push_back(group[r.index]);
+    }
+  }
+  EXPECT_EQ(times, std::vector<int>(specs.size(), 1));
+  EXPECT_EQ(groups_seen.size(), 3u) << "a group's updates were not reported together";
+  ASSERT_TRUE((*txn)->Commit().ok());
+
+  // A NaN in the group reported first: the call fails and reports nothing.
+  const size_t first = reported.front().index;
+  std::vector<float> g = Gaussian(NumElements(specs[first].shape), rng);
+  g[3] = std::nanf("");
+  buf[first].grad = Encode(DType::kFloat32, g);
+  in[first].bytes = buf[first].grad;
+  reported.clear();
+  auto failing = cuda_->BeginStep({});
+  ASSERT_TRUE(failing.ok());
+  const absl::Status s = (*failing)->Compute(in, absl::MakeSpan(up), nullptr, [&](size_t i) {
+    reported.push_back({i, {}, 0});
+  });
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_TRUE(reported.empty());
+}
+
 TEST_F(CudaEngineTest, MemoryBudgetIsEnforcedAtRegister) {
   EngineOptions options;
   options.memory_budget_bytes = int64_t{256} << 20;

@@ -1074,6 +1074,8 @@ TEST(ServerConfigTest, EnvironmentSetsFlagsAndBadFlagsStopStartUp) {
   unsetenv("MUON_MAX_SESSIONS");
   EXPECT_FALSE(ServerProcess::Start({"--malloc_arenas=-1"}).ok());
   EXPECT_TRUE(ServerProcess::Start({"--malloc_arenas=0"}).ok());
+  EXPECT_FALSE(ServerProcess::Start({"--malloc_trim_bytes=-1"}).ok());
+  EXPECT_TRUE(ServerProcess::Start({"--malloc_trim_bytes=0"}).ok());
 }
 
 TEST(ServerRobustnessTest, GarbageNeverCrashesTheServer) {

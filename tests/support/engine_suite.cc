@@ -13,6 +13,7 @@
 #include <string>
 #include <utility>
 
+#include "absl/synchronization/mutex.h"
 #include "gmock/gmock.h"
 #include "muon/kernels/ns_schedule.h"
 #include "reference.h"
@@ -337,6 +338,31 @@ void ExpectUpdateMatches(DType dtype, const std::vector<float>& got,
 }
 
 // Per-test seed, in every failure message of the test (a SCOPED_TRACE).
+// What a Compute call's UpdateReadyFn was told, in the order it was told,
+// from whichever threads.
+class ReadyLog {
+ public:
+  struct Entry {
+    size_t index = 0;
+    std::vector<std::byte> bytes;  // the output's bytes when reported
+    double decay = 0;
+    double orthogonality = 0;
+  };
+  void Add(size_t index, const UpdateOutput& out) {
+    absl::MutexLock lock(&mu_);
+    entries_.push_back({index, {out.bytes.begin(), out.bytes.end()}, out.decay,
+                        out.orthogonality_error});
+  }
+  std::vector<Entry> Take() {
+    absl::MutexLock lock(&mu_);
+    return std::exchange(entries_, {});
+  }
+
+ private:
+  absl::Mutex mu_;
+  std::vector<Entry> entries_ ABSL_GUARDED_BY(mu_);
+};
+
 struct Seeded {
   uint64_t seed = FreshSeed();
   ::testing::ScopedTrace trace{__FILE__, __LINE__,
@@ -1144,6 +1170,91 @@ TEST_P(EngineContractTest, StepStatsCountTheWork) {
   EXPECT_EQ(stats.parameters, 3);
   EXPECT_EQ(stats.ns_flops, NsFlops({1, 16, 32}, 5) + NsFlops({3, 8, 4}, 5));
   EXPECT_EQ(NsFlops({1, 16, 32}, 5), 5 * (4 * 16 * 16 * 32 + 2 * 16 * 16 * 16));
+}
+
+// Compute's UpdateReadyFn: each output is reported once, before Compute
+// returns, and what it holds when reported (bytes, decay, orthogonality
+// error) is what the call leaves there, the same as a call told nothing.
+TEST_P(EngineContractTest, ComputeReportsEachUpdateOnceWhenItIsFinal) {
+  const EngineUnderTest& under = GetParam();
+  const Seeded seeded;
+  Harness h(under, seeded.seed);
+  MUON_START_OR_SKIP(h, under);
+  Harness twin(under, 0);
+  ASSERT_THAT(twin.Start(), IsOk());
+  // Two shape groups (one of two matrices) and AdamW parameters.
+  const std::vector<ParamSpec> specs = {MuonSpec("a", {24, 40}), MuonSpec("b", {24, 40}),
+                                        MuonSpec("c", {2, 16, 12}), AdamWSpec("d", {5000}),
+                                        AdamWSpec("e", {7})};
+  std::vector<ParamId> ids, twin_ids;
+  std::vector<std::vector<float>> grads;
+  for (const ParamSpec& spec : specs) {
+    ids.push_back(h.Register(spec));
+    twin_ids.push_back(twin.Register(spec));
+    grads.push_back(h.Gradient(spec));
+  }
+  const StepOptions options{.measure_orthogonality = true};
+  const StepResult want =
+      twin.Step(twin_ids, specs, grads, std::nullopt, DType::kFloat32, options);
+  ASSERT_THAT(want.status, IsOk());
+
+  std::vector<std::vector<std::byte>> wire(specs.size()), updates(specs.size());
+  std::vector<GradientInput> in;
+  std::vector<UpdateOutput> out;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    wire[i] = Encode(DType::kFloat32, grads[i]);
+    updates[i].assign(wire[i].size(), std::byte{0x7f});
+    in.push_back({ids[i], DType::kFloat32, wire[i], std::nullopt});
+    out.push_back({ids[i], DType::kFloat32, absl::MakeSpan(updates[i])});
+  }
+  ReadyLog log;
+  absl::StatusOr<std::unique_ptr<StepTransaction>> txn = h.engine().BeginStep(options);
+  ASSERT_THAT(txn, IsOk());
+  ASSERT_THAT((*txn)->Compute(in, absl::MakeSpan(out), nullptr,
+                              [&](size_t i) { log.Add(i, out[i]); }),
+              IsOk());
+  const std::vector<ReadyLog::Entry> reported = log.Take();
+  ASSERT_EQ(reported.size(), specs.size());  // all before Compute returned
+  std::vector<int> times(specs.size(), 0);
+  for (const ReadyLog::Entry& r : reported) {
+    ASSERT_LT(r.index, specs.size());
+    SCOPED_TRACE(specs[r.index].name);
+    times[r.index] += 1;
+    EXPECT_TRUE(r.bytes == updates[r.index]);
+    EXPECT_EQ(r.decay, out[r.index].decay);
+    EXPECT_EQ(std::isnan(r.orthogonality), std::isnan(out[r.index].orthogonality_error));
+    if (!std::isnan(r.orthogonality)) {
+      EXPECT_EQ(r.orthogonality, out[r.index].orthogonality_error);
+    }
+  }
+  EXPECT_THAT(times, ::testing::Each(1));
+  EXPECT_TRUE(std::isnan(out[3].orthogonality_error));  // AdamW
+  EXPECT_FALSE(std::isnan(out[0].orthogonality_error));
+  std::vector<std::vector<float>> got;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    got.push_back(Decode(DType::kFloat32, updates[i]));
+    EXPECT_EQ(out[i].decay, want.decays[i]);
+  }
+  ExpectSameUpdates(under.tolerance, under.tolerance.muon, got, want.updates);
+  ASSERT_THAT((*txn)->Commit(), IsOk());
+
+  // A call that fails never reports the parameter it failed on, nor any
+  // output twice.
+  for (size_t i = 0; i < specs.size(); ++i) {
+    std::vector<float> g = h.Gradient(specs[i]);
+    if (i == 3) g[17] = std::numeric_limits<float>::quiet_NaN();
+    wire[i] = Encode(DType::kFloat32, g);
+    in[i].bytes = wire[i];
+  }
+  absl::StatusOr<std::unique_ptr<StepTransaction>> failing = h.engine().BeginStep(options);
+  ASSERT_THAT(failing, IsOk());
+  EXPECT_THAT((*failing)->Compute(in, absl::MakeSpan(out), nullptr,
+                                  [&](size_t i) { log.Add(i, out[i]); }),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("NaN")));
+  std::fill(times.begin(), times.end(), 0);
+  for (const ReadyLog::Entry& r : log.Take()) times[r.index] += 1;
+  EXPECT_EQ(times[3], 0);
+  EXPECT_THAT(times, ::testing::Each(::testing::Le(1)));
 }
 
 TEST_P(EngineContractTest, HyperParametersOutOfRangeAreRejectedWhereUnused) {

@@ -1,6 +1,7 @@
 // The CPU engine's compute threads: updates and state are bit-identical for
 // every thread count, a step shared by sessions stepping at once gives each
 // session what it alone would get, and the worker pool runs each task once.
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <memory>
@@ -206,6 +207,92 @@ TEST(CpuEngineThreads, SessionsSteppingAtOnceGetWhatEachAloneGets) {
       ++k;
     }
   }
+}
+
+// On one compute thread the parameters run one after another, largest
+// first, and each is reported the moment it is done: when one is reported,
+// the outputs of those still to come are untouched.
+TEST(CpuEngineThreads, EachUpdateIsReportedAsItsParameterFinishes) {
+  const uint64_t seed = FreshSeed();
+  SCOPED_TRACE("seed: MUON_TEST_SEED=" + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  EngineOptions options;
+  options.compute_threads = 1;
+  options.blas_threads = 1;
+  absl::StatusOr<std::unique_ptr<Engine>> engine = CreateCpuEngine(options);
+  ASSERT_THAT(engine, IsOk());
+  // Given smallest first; computed (and so reported) largest first.
+  const std::vector<std::vector<int64_t>> shapes = {{300}, {8, 8}, {16, 24}, {40, 64}};
+  std::vector<std::vector<std::byte>> grads(shapes.size()), outs(shapes.size());
+  std::vector<GradientInput> in;
+  std::vector<UpdateOutput> out;
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    ParamSpec s;
+    s.name = "p" + std::to_string(i);
+    s.shape = shapes[i];
+    s.kind = shapes[i].size() == 2 ? OptimizerKind::kMuon : OptimizerKind::kAdamW;
+    absl::StatusOr<ParamId> id = (*engine)->Register(s);
+    ASSERT_THAT(id, IsOk());
+    const int64_t n = NumElements(s.shape);
+    const std::vector<float> g = RandomNormal(n, rng);
+    grads[i].resize(n * sizeof(float));
+    std::memcpy(grads[i].data(), g.data(), grads[i].size());
+    outs[i].assign(n * sizeof(float), std::byte{0xff});  // NaN until written
+    in.push_back({*id, DType::kFloat32, grads[i], std::nullopt});
+    out.push_back({*id, DType::kFloat32, absl::MakeSpan(outs[i])});
+  }
+  const auto untouched = [&](size_t i) {
+    return std::all_of(outs[i].begin(), outs[i].end(),
+                       [](std::byte b) { return b == std::byte{0xff}; });
+  };
+  std::vector<size_t> order;
+  std::vector<bool> reported(shapes.size(), false);
+  absl::StatusOr<std::unique_ptr<StepTransaction>> txn = (*engine)->BeginStep({});
+  ASSERT_THAT(txn, IsOk());
+  ASSERT_THAT((*txn)->Compute(in, absl::MakeSpan(out), nullptr,
+                              [&](size_t i) {
+                                reported[i] = true;
+                                for (size_t k = 0; k < shapes.size(); ++k) {
+                                  EXPECT_EQ(untouched(k), !reported[k])
+                                      << "output " << k << " when " << i << " was reported";
+                                }
+                                order.push_back(i);
+                              }),
+              IsOk());
+  EXPECT_EQ(order, (std::vector<size_t>{3, 2, 1, 0}));
+}
+
+// On several compute threads each update is reported once, from whichever
+// thread finished it.
+TEST(CpuEngineThreads, EveryUpdateIsReportedOnceFromTheComputeThreads) {
+  EngineOptions options;
+  options.compute_threads = 3;
+  options.blas_threads = 1;
+  absl::StatusOr<std::unique_ptr<Engine>> engine = CreateCpuEngine(options);
+  ASSERT_THAT(engine, IsOk());
+  const std::vector<ParamSpec> specs = Specs();
+  std::mt19937_64 rng(FreshSeed());
+  std::vector<std::vector<std::byte>> grads(specs.size()), outs(specs.size());
+  std::vector<GradientInput> in;
+  std::vector<UpdateOutput> out;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    absl::StatusOr<ParamId> id = (*engine)->Register(specs[i]);
+    ASSERT_THAT(id, IsOk());
+    const int64_t n = NumElements(specs[i].shape);
+    const std::vector<float> g = RandomNormal(n, rng);
+    grads[i].resize(n * DTypeSize(specs[i].dtype));
+    EncodeFromFloat(specs[i].dtype, g.data(), n, grads[i].data());
+    outs[i].resize(n * sizeof(float));
+    in.push_back({*id, specs[i].dtype, grads[i], std::nullopt});
+    out.push_back({*id, DType::kFloat32, absl::MakeSpan(outs[i])});
+  }
+  std::vector<std::atomic<int>> times(specs.size());
+  absl::StatusOr<std::unique_ptr<StepTransaction>> txn = (*engine)->BeginStep({});
+  ASSERT_THAT(txn, IsOk());
+  ASSERT_THAT(
+      (*txn)->Compute(in, absl::MakeSpan(out), nullptr, [&](size_t i) { times[i] += 1; }),
+      IsOk());
+  for (size_t i = 0; i < specs.size(); ++i) EXPECT_EQ(times[i].load(), 1) << specs[i].name;
 }
 
 TEST(CpuEngineThreads, BadThreadSettingsAreRejected) {

@@ -4,11 +4,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <limits>
 #include <optional>
 #include <ostream>
 #include <string>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "gtest/gtest.h"
 #include "muon/kernels/cpu_ns.h"
@@ -201,6 +204,45 @@ TEST(GramNewtonSchulzTest, TakesItsOwnPath) {
   EXPECT_LT(testing::FrobeniusDistance(ToMatrix(rows, cols, gram.data()),
                                        ToMatrix(rows, cols, plain.data())),
             1e-4);
+}
+
+// A kept NsWorkspace carries nothing from one call to the next: filled with
+// NaN, reused across shapes (wide, tall, batched, growing and shrinking) and
+// iterations (plain, AOL, Gram), it gives the bits of a fresh one.
+TEST(NsWorkspaceTest, AKeptWorkspaceGivesTheBitsOfAFreshOne) {
+  const uint64_t seed = testing::FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  NsWorkspace kept;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  // Big enough for the first case only: later ones grow them.
+  kept.y.assign(1000, nan);
+  kept.a.assign(600, nan);
+  kept.b.assign(600, nan);
+  for (std::vector<float>& g : kept.gram) g.assign(600, nan);
+  struct Case {
+    MatrixView view;
+    ScheduleKind kind;
+    int steps;
+    bool gram;
+  };
+  for (const Case& c : {Case{{1, 24, 40}, ScheduleKind::kJordan, 5, false},
+                        Case{{1, 96, 32}, ScheduleKind::kPolarExpress, 5, false},
+                        Case{{3, 16, 20}, ScheduleKind::kAol, 4, false},
+                        Case{{1, 48, 192}, ScheduleKind::kJordan, 5, true},
+                        Case{{1, 160, 40}, ScheduleKind::kDion, 5, true},
+                        Case{{1, 8, 12}, ScheduleKind::kJordan, 5, false}}) {
+    SCOPED_TRACE(std::to_string(c.view.batch) + "x" + std::to_string(c.view.rows) + "x" +
+                 std::to_string(c.view.cols) + (c.gram ? " gram" : ""));
+    NsCoefficients coeffs = *MakeNsCoefficients(c.kind, c.steps);
+    coeffs.gram = c.gram;
+    const std::vector<float> g =
+        testing::RandomNormal(c.view.batch * c.view.rows * c.view.cols, rng);
+    std::vector<float> fresh = g, reused = g;
+    ASSERT_TRUE(OrthogonalizeCpu(coeffs, c.view, fresh.data()).ok());
+    ASSERT_TRUE(OrthogonalizeCpu(coeffs, c.view, reused.data(), &kept).ok());
+    EXPECT_EQ(std::memcmp(fresh.data(), reused.data(), fresh.size() * sizeof(float)), 0);
+  }
 }
 
 TEST(GramNewtonSchulzTest, AutoUsesGramWhereItSavesFlops) {

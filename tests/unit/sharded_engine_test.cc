@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -153,6 +154,35 @@ TEST(ShardedEngineTest, ComputedWeightsComeFromTheShardThatComputedThem) {
   ASSERT_TRUE((*txn)->Commit().ok());
   EXPECT_EQ((*txn)->ComputedWeights(b[0], absl::MakeSpan(got)).code(),
             absl::StatusCode::kFailedPrecondition);
+}
+
+// Each engine's reports reach the caller under the caller's indices, with
+// the decay and orthogonality error already in the caller's outputs.
+TEST(ShardedEngineTest, PassesEachReportedUpdateOnWithItsResults) {
+  const std::vector<ParamSpec> specs = Specs();
+  std::unique_ptr<Engine> one = *CreateCpuEngine({.blas_threads = 1});
+  std::unique_ptr<Engine> three = Sharded(3);
+  const std::vector<ParamId> a = RegisterAll(*one, specs), b = RegisterAll(*three, specs);
+  std::mt19937 rng(13);
+  std::mt19937 twin = rng;
+  Step sa = MakeStep(specs, a, rng), sb = MakeStep(specs, b, twin);
+  ASSERT_TRUE(one->Step(sa.in, absl::MakeSpan(sa.up), {.measure_orthogonality = true}).ok());
+  std::unique_ptr<StepTransaction> txn = *three->BeginStep({.measure_orthogonality = true});
+  absl::Mutex mu;
+  std::vector<int> times(specs.size(), 0);
+  const absl::Status status = txn->Compute(sb.in, absl::MakeSpan(sb.up), nullptr, [&](size_t i) {
+    absl::MutexLock lock(&mu);
+    times[i] += 1;
+    // What the caller sees when told: the one engine's final results.
+    EXPECT_EQ(sb.out[i], sa.out[i]) << specs[i].name;
+    EXPECT_EQ(sb.up[i].decay, sa.up[i].decay) << specs[i].name;
+    if (specs[i].kind == OptimizerKind::kMuon) {
+      EXPECT_EQ(sb.up[i].orthogonality_error, sa.up[i].orthogonality_error) << specs[i].name;
+    }
+  });
+  ASSERT_TRUE(status.ok()) << status;
+  absl::MutexLock lock(&mu);
+  EXPECT_EQ(times, std::vector<int>(specs.size(), 1));
 }
 
 TEST(ShardedEngineTest, StatsSplitComputeSecondsByEngine) {

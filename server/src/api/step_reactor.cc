@@ -3,7 +3,8 @@
 // server. Step is a raw method: a gradient chunk's data is copied from
 // gRPC's slices straight into its parameter's buffer (api/step_wire.h);
 // every other message is parsed by protobuf, as the generated method would;
-// an update chunk's data goes out as a slice of the response's own string. Each reaction takes mu_, hands its event to the machine and runs
+// an update chunk's data goes out as a slice of the buffer the engine wrote
+// it into. Each reaction takes mu_, hands its event to the machine and runs
 // the actions it returns after releasing mu_: StartRead, StartWrite and
 // Finish may run a reaction inline. The backend (UPDATES or
 // PARAMETER_SERVER) does its work on the server's pool and reports back
@@ -81,8 +82,8 @@ class StepReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc:
   }
 
   void OnWriteDone(bool ok) override {
-    if (ok && writing_->has_update()) {
-      env_->step_metrics->BytesSent(static_cast<int64_t>(writing_->update().data().size()));
+    if (ok && writing_->message.has_update()) {
+      env_->step_metrics->BytesSent(static_cast<int64_t>(writing_->update_data().size()));
     }
     StepMachine::Actions actions;
     {

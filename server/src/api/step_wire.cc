@@ -80,11 +80,12 @@ void CopyWireChunkData(grpc::ByteBuffer* message, const WireChunk& chunk, std::b
 
 grpc::Status EncodeStepResponse(StepResponsePtr response, grpc::ByteBuffer* out) {
   out->Clear();  // Serialize wants it empty
-  if (!response->has_update() || response->update().data().empty()) {
+  const absl::Span<const std::byte> data = response->update_data();
+  if (data.empty()) {
     bool own = false;
-    return grpc::SerializationTraits<v1::StepResponse>::Serialize(*response, out, &own);
+    return grpc::SerializationTraits<v1::StepResponse>::Serialize(response->message, out, &own);
   }
-  const v1::UpdateChunk& update = response->update();
+  const v1::UpdateChunk& update = response->message.update();
   // Every field but data (step_wire_test checks that none is missed).
   v1::UpdateChunk meta;
   meta.set_param_index(update.param_index());
@@ -93,7 +94,6 @@ grpc::Status EncodeStepResponse(StepResponsePtr response, grpc::ByteBuffer* out)
   meta.set_decay(update.decay());
   meta.set_total_bytes(update.total_bytes());
   meta.set_content(update.content());
-  const std::string& data = update.data();
   const uint32_t data_tag =
       Tag(v1::UpdateChunk::kDataFieldNumber, WireFormatLite::WIRETYPE_LENGTH_DELIMITED);
   const size_t meta_bytes = meta.ByteSizeLong();
@@ -111,7 +111,7 @@ grpc::Status EncodeStepResponse(StepResponsePtr response, grpc::ByteBuffer* out)
     coded.WriteVarint64(data.size());
   }
   // gRPC only reads the data; the cast is its API's.
-  char* bytes = const_cast<char*>(data.data());
+  void* bytes = const_cast<std::byte*>(data.data());
   const size_t size = data.size();
   auto* hold = new StepResponsePtr(std::move(response));
   grpc::Slice slices[2] = {grpc::Slice(head), grpc::Slice(bytes, size, &ReleaseResponse, hold)};

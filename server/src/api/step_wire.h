@@ -35,10 +35,11 @@ bool FindWireChunk(grpc::ByteBuffer* message, WireChunk* chunk);
 // (chunk.data_size bytes). REQUIRES: FindWireChunk gave `chunk` for it.
 void CopyWireChunkData(grpc::ByteBuffer* message, const WireChunk& chunk, std::byte* destination);
 
-// `response` as the bytes protobuf would serialize it to (fields in another
-// order), except that an update chunk's data is not copied: it goes out as a
-// slice that references the response's own data string and keeps the
-// response alive until gRPC lets go of it.
+// `response` as the bytes protobuf would serialize its whole message to
+// (fields in another order), except that an update chunk's data is not
+// copied: it goes out as a slice that references it where it lies (the
+// update buffer, or the message's own string) and keeps the response alive
+// until gRPC lets go of it.
 grpc::Status EncodeStepResponse(StepResponsePtr response, grpc::ByteBuffer* out);
 
 }  // namespace muon::server

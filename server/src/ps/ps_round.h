@@ -20,6 +20,7 @@
 #include "muon/v1/optimizer.pb.h"
 #include "session/durability.h"
 #include "session/session.h"
+#include "storage/step_reply.h"
 
 namespace muon::server {
 
@@ -51,7 +52,7 @@ class RoundWaiter {
   // of RoundDone's record, which holds them too. Each parameter comes once;
   // called by the round's driver with no lock held, between a Hold and its
   // Release, never after RoundDone.
-  virtual void Answers(std::vector<std::shared_ptr<const v1::StepResponse>> responses) = 0;
+  virtual void Answers(std::vector<std::shared_ptr<const StepReply>> responses) = 0;
   // Keeps the waiter alive until the matching Release, even when it Leaves
   // meanwhile. Called under the round's lock: must not call the round.
   virtual void Hold() = 0;
@@ -168,7 +169,7 @@ class ParameterServerRounds final : public SessionRounds {
     std::vector<bool> checked;
     int64_t bytes_received = 0;
   };
-  using Answer = std::vector<std::shared_ptr<const v1::StepResponse>>;
+  using Answer = std::vector<std::shared_ptr<const StepReply>>;
   // Per parameter, what the driver computes into, kept from round to round
   // so that a step writes into pages already mapped (util/buffer_shelf.h
   // says why). Driver-owned.

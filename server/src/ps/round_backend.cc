@@ -108,7 +108,7 @@ bool RoundStepBackend::Abort() {
 }
 
 void RoundStepBackend::Answers(std::vector<StepResponsePtr> responses) {
-  for (const StepResponsePtr& r : responses) answered_[r->update().param_index()] = true;
+  for (const StepResponsePtr& r : responses) answered_[r->message.update().param_index()] = true;
   events_->Updates(std::move(responses));
 }
 
@@ -118,7 +118,8 @@ void RoundStepBackend::RoundDone(absl::StatusOr<std::shared_ptr<const StepRecord
     // has had some already.
     std::vector<StepResponsePtr> rest;
     for (const StepResponsePtr& r : (*result)->responses) {
-      if (!r->has_update() || !answered_[r->update().param_index()]) rest.push_back(r);
+      const bool update = r->message.has_update();
+      if (!update || !answered_[r->message.update().param_index()]) rest.push_back(r);
     }
     events_->Committed(std::move(rest), /*replayed=*/false);
   } else {

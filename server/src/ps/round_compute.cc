@@ -207,7 +207,7 @@ absl::StatusOr<ParameterServerRounds::Committed> ParameterServerRounds::Commit()
     }
   }
   const uint64_t step = summary.step;
-  const std::shared_ptr<const v1::StepResponse> summary_response =
+  const v1::StepResponse summary_response =
       MakeSummary(std::move(summary), *session_, options_.metrics);
 
   // One answer per distinct format, shared by the workers that asked for it;
@@ -224,10 +224,10 @@ absl::StatusOr<ParameterServerRounds::Committed> ParameterServerRounds::Commit()
                                std::make_move_iterator(answer.end()));
     }
     uint64_t bytes_sent = 0;
-    for (const auto& r : record->responses) bytes_sent += r->update().data().size();
-    auto with_bytes = std::make_shared<v1::StepResponse>(*summary_response);
-    with_bytes->mutable_summary()->set_bytes_sent(bytes_sent);
-    record->responses.push_back(std::move(with_bytes));
+    for (const auto& r : record->responses) bytes_sent += r->update_data().size();
+    v1::StepResponse with_bytes = summary_response;
+    with_bytes.mutable_summary()->set_bytes_sent(bytes_sent);
+    record->responses.push_back(MakeReply(std::move(with_bytes)));
     std::shared_ptr<const StepRecord> shared = std::move(record);
     for (uint32_t v = w; v < num_workers_; ++v) {
       if (formats[v] == formats[w]) committed.records[v] = shared;
@@ -262,8 +262,8 @@ ParameterServerRounds::Answer ParameterServerRounds::Encode(const ReplyFormat& f
       ChunkPayloadBytes(options_.chunk_bytes, options_.max_message_bytes, width);
   Answer answer;
   for (const ChunkRange& range : CutIntoChunks(total, chunk_bytes)) {
-    auto response = std::make_shared<v1::StepResponse>();
-    v1::UpdateChunk* chunk = response->mutable_update();
+    auto response = std::make_shared<StepReply>();
+    v1::UpdateChunk* chunk = response->message.mutable_update();
     chunk->set_param_index(index);
     chunk->set_offset(static_cast<uint64_t>(range.offset));
     if (dtype == DType::kFloat32) {

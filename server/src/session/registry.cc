@@ -155,6 +155,16 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Create(
     return absl::InvalidArgumentError(absl::StrCat("num_workers is ", num_workers, "; at most ",
                                                    kMaxWorkers, " are supported"));
   }
+  if (request.benchmark_echo()) {
+    if (!limits_.allow_benchmark_sessions) {
+      return absl::FailedPreconditionError(
+          "benchmark_echo sessions (updates that are the gradients, for wire benchmarks) are off "
+          "on this server; start it with --allow_benchmark_sessions");
+    }
+    if (mode != v1::SESSION_MODE_UPDATES) {
+      return absl::InvalidArgumentError("benchmark_echo needs SESSION_MODE_UPDATES");
+    }
+  }
   MUON_RETURN_IF_ERROR(Reserve());
   absl::StatusOr<std::vector<SessionParam>> params = RegisterParams(request);
   if (!params.ok()) {

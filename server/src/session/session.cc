@@ -231,6 +231,7 @@ void Session::FillInfo(bool with_params, v1::SessionInfo* info) const {
   info->set_name(config().name());
   info->set_mode(mode_);
   info->set_num_workers(num_workers_);
+  info->set_benchmark_echo(config().benchmark_echo());
   info->set_num_params(static_cast<uint32_t>(current.size()));
   int64_t state_bytes = 0;
   for (size_t i = 0; i < current.size(); ++i) {

@@ -18,6 +18,7 @@
 #include "session/lease.h"
 #include "storage/session_image.h"
 #include "util/buffer_shelf.h"
+#include "util/shared_buffer_shelf.h"
 
 namespace muon::server {
 
@@ -146,10 +147,11 @@ class Session {
   void FillInfo(bool with_params, v1::SessionInfo* info) const;
 
   // The last step's gradient and update buffers, by parameter index, kept
-  // for the next step (UPDATES mode): at most one gradient and one update
-  // of each parameter, freed with the session.
+  // for the next step (UPDATES mode), freed with the session: one gradient
+  // of each parameter; of its updates, the one the last step's record still
+  // sends from and one free.
   BufferShelf& gradient_buffers() const { return gradient_buffers_; }
-  BufferShelf& update_buffers() const { return update_buffers_; }
+  SharedBufferShelf& update_buffers() const { return update_buffers_; }
 
  private:
   friend class Lease;
@@ -171,7 +173,7 @@ class Session {
   const absl::Time create_time_;
   std::unique_ptr<SessionRounds> rounds_;  // set before the session is shared
   mutable BufferShelf gradient_buffers_;
-  mutable BufferShelf update_buffers_;
+  mutable SharedBufferShelf update_buffers_;
 
   mutable absl::Mutex mu_;
   uint64_t step_ ABSL_GUARDED_BY(mu_) = 0;

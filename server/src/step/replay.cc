@@ -13,8 +13,8 @@ absl::StatusOr<std::vector<StepResponsePtr>> ReplayResponses(const Durability& d
     MUON_RETURN_IF_ERROR(durability.WriteBeforeReplay(session, record.step));
   }
   std::vector<StepResponsePtr> responses(record.responses.begin(), record.responses.end() - 1);
-  auto summary = std::make_shared<v1::StepResponse>(*record.responses.back());
-  summary->mutable_summary()->set_replayed(true);
+  auto summary = std::make_shared<StepReply>(*record.responses.back());
+  summary->message.mutable_summary()->set_replayed(true);
   responses.push_back(std::move(summary));
   return responses;
 }

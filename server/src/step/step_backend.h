@@ -20,14 +20,19 @@
 #include "absl/status/statusor.h"
 #include "muon/v1/optimizer.pb.h"
 #include "step/step_reader.h"
+#include "storage/step_reply.h"
 
 namespace muon::server {
 
-using StepResponsePtr = std::shared_ptr<const v1::StepResponse>;
+// A message of the stream's answer; an update chunk's data may lie in a
+// buffer the reply holds (storage/step_reply.h).
+using StepResponsePtr = std::shared_ptr<const StepReply>;
 
 // The results of a backend's work, delivered to the stream. Thread-safe; a
-// backend calls them from its own tasks, never from inside one of its
-// StepBackend methods (the caller holds the stream's lock there).
+// backend calls them from its own tasks (Updates also from the engine's
+// threads while a task computes, one call per update as it is ready), never
+// from inside one of its StepBackend methods (the caller holds the stream's
+// lock there).
 class StepEvents {
  public:
   virtual ~StepEvents() = default;

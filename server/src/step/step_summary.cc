@@ -4,10 +4,9 @@
 
 namespace muon::server {
 
-std::shared_ptr<v1::StepResponse> MakeSummary(SummaryInput input, const Session& session,
-                                              StepReporter* metrics) {
-  auto response = std::make_shared<v1::StepResponse>();
-  v1::StepSummary* summary = response->mutable_summary();
+v1::StepResponse MakeSummary(SummaryInput input, const Session& session, StepReporter* metrics) {
+  v1::StepResponse response;
+  v1::StepSummary* summary = response.mutable_summary();
   summary->set_step(input.step);
   for (uint32_t i : input.param_indices) summary->add_param_indices(i);
   v1::StepTimings* t = summary->mutable_timings();

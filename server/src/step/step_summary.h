@@ -29,8 +29,7 @@ struct SummaryInput {
 
 // The step's StepSummary message. Reports the step's timings and errors to
 // `metrics` (when not null): call once per committed step.
-std::shared_ptr<v1::StepResponse> MakeSummary(SummaryInput input, const Session& session,
-                                              StepReporter* metrics);
+v1::StepResponse MakeSummary(SummaryInput input, const Session& session, StepReporter* metrics);
 
 }  // namespace muon::server
 

@@ -1,6 +1,7 @@
 #include "step/update_backend.h"
 
 #include <algorithm>
+#include <cstring>
 #include <iterator>
 #include <string>
 
@@ -16,6 +17,54 @@
 #include "wire/convert.h"
 
 namespace muon::server {
+namespace {
+
+// The chunks of parameter `index`'s update `out`, sent (and replayed) from
+// the update buffer itself, which `owner` keeps alive.
+std::vector<StepResponsePtr> UpdateChunks(const StepBackendEnv& env, uint32_t index,
+                                          const UpdateOutput& out,
+                                          const std::shared_ptr<std::byte[]>& owner) {
+  const int64_t total = static_cast<int64_t>(out.bytes.size());
+  const int64_t chunk_bytes = ChunkPayloadBytes(env.update_chunk_bytes, env.max_message_bytes,
+                                                static_cast<int64_t>(DTypeSize(out.dtype)));
+  std::vector<StepResponsePtr> chunks;
+  for (const ChunkRange& range : CutIntoChunks(total, chunk_bytes)) {
+    auto response = std::make_shared<StepReply>();
+    response->data = absl::MakeConstSpan(out.bytes.data() + range.offset,
+                                         static_cast<size_t>(range.size));
+    response->data_owner = owner;
+    v1::UpdateChunk* chunk = response->message.mutable_update();
+    chunk->set_param_index(index);
+    chunk->set_offset(static_cast<uint64_t>(range.offset));
+    chunk->set_dtype(DTypeToProto(out.dtype));
+    chunk->set_decay(out.decay);
+    chunk->set_total_bytes(static_cast<uint64_t>(total));
+    chunk->set_content(v1::UPDATE_CONTENT_UPDATE);
+    chunks.push_back(std::move(response));
+  }
+  return chunks;
+}
+
+// A benchmark_echo session's "update": the gradient itself, in the update's
+// dtype (decay stays 1).
+void EchoGradient(const GradientInput& gradient, UpdateOutput* update) {
+  if (gradient.dtype == update->dtype) {
+    std::memcpy(update->bytes.data(), gradient.bytes.data(), update->bytes.size());
+    return;
+  }
+  constexpr size_t kBlock = 4096;
+  float block[kBlock];
+  const size_t in_width = DTypeSize(gradient.dtype);
+  const size_t out_width = DTypeSize(update->dtype);
+  const size_t count = gradient.bytes.size() / in_width;
+  for (size_t done = 0; done < count; done += kBlock) {
+    const size_t n = std::min(kBlock, count - done);
+    DecodeToFloat(gradient.dtype, gradient.bytes.data() + done * in_width, n, block);
+    EncodeFromFloat(update->dtype, block, n, update->bytes.data() + done * out_width);
+  }
+}
+
+}  // namespace
 
 UpdateStepBackend::UpdateStepBackend(const StepBackendEnv& env, std::shared_ptr<Session> session,
                                      StepEvents* events)
@@ -145,31 +194,28 @@ void UpdateStepBackend::Run() {
       Commit();
       return;
     }
-    absl::StatusOr<std::vector<StepResponsePtr>> updates = Compute(std::move(batch), scale);
-    if (!updates.ok()) {
+    absl::Status computed = Compute(std::move(batch), scale);
+    if (!computed.ok()) {
       {
         absl::MutexLock lock(&mu_);
         running_ = false;
         ReleaseLocked();
       }
-      events_->Failed(updates.status());
+      events_->Failed(std::move(computed));
       return;
     }
-    events_->Updates(std::move(*updates));
   }
   events_->Failed(absl::AbortedError("the step was abandoned; nothing was applied"));
 }
 
-absl::StatusOr<std::vector<StepResponsePtr>> UpdateStepBackend::Compute(std::vector<Ready> batch,
-                                                                        std::optional<float> scale) {
+absl::Status UpdateStepBackend::Compute(std::vector<Ready> batch, std::optional<float> scale) {
   const absl::Time start = absl::Now();
   const size_t n = batch.size();
   std::vector<GradientInput> inputs(n);
   std::vector<UpdateOutput> outputs(n);
-  // Taken from and given back to the session's shelves: next step's
-  // gradients and updates reuse these pages.
-  std::vector<std::unique_ptr<std::byte[]>> updates(n);
-  std::vector<int64_t> update_bytes(n);
+  // From the session's shelves: the gradients go back for the next step;
+  // the updates go back once the record and the writes let go of them.
+  std::vector<std::shared_ptr<std::byte[]>> updates(n);
   std::vector<std::vector<float>> scaled(scale.has_value() ? n : 0);
   double queue_seconds = 0;
   double queue_longest = 0;
@@ -190,56 +236,52 @@ absl::StatusOr<std::vector<StepResponsePtr>> UpdateStepBackend::Compute(std::vec
     inputs[i].lr = step_inputs_[batch[i].index].lr;
     inputs[i].hyper_params = step_inputs_[batch[i].index].hyper_params;
     const DType out_dtype = update_dtype_.value_or(p.spec.dtype);
-    update_bytes[i] = NumElements(p.spec.shape) * static_cast<int64_t>(DTypeSize(out_dtype));
-    updates[i] = session_->update_buffers().Take(batch[i].index, update_bytes[i]);
+    const int64_t update_bytes =
+        NumElements(p.spec.shape) * static_cast<int64_t>(DTypeSize(out_dtype));
+    updates[i] = session_->update_buffers().Take(batch[i].index, update_bytes);
     outputs[i].param = p.engine_id;
     outputs[i].dtype = out_dtype;
-    outputs[i].bytes = absl::MakeSpan(updates[i].get(), static_cast<size_t>(update_bytes[i]));
+    outputs[i].bytes = absl::MakeSpan(updates[i].get(), static_cast<size_t>(update_bytes));
   }
-  StepStats stats;
-  MUON_RETURN_IF_ERROR(txn_->Compute(inputs, absl::MakeSpan(outputs), &stats));
-  const double compute_seconds = absl::ToDoubleSeconds(absl::Now() - start);
-
-  std::vector<StepResponsePtr> responses;
-  int64_t bytes_sent = 0;
-  for (size_t i = 0; i < n; ++i) {
-    const int64_t total = update_bytes[i];
-    const int64_t chunk_bytes =
-        ChunkPayloadBytes(env_.update_chunk_bytes, env_.max_message_bytes,
-                          static_cast<int64_t>(DTypeSize(outputs[i].dtype)));
-    for (const ChunkRange& range : CutIntoChunks(total, chunk_bytes)) {
-      auto response = std::make_shared<v1::StepResponse>();
-      v1::UpdateChunk* chunk = response->mutable_update();
-      chunk->set_param_index(batch[i].index);
-      chunk->set_offset(static_cast<uint64_t>(range.offset));
-      chunk->set_data(updates[i].get() + range.offset, static_cast<size_t>(range.size));
-      chunk->set_dtype(DTypeToProto(outputs[i].dtype));
-      chunk->set_decay(outputs[i].decay);
-      chunk->set_total_bytes(static_cast<uint64_t>(total));
-      chunk->set_content(v1::UPDATE_CONTENT_UPDATE);
-      responses.push_back(std::move(response));
+  // Each update goes out the moment the engine has it, while the rest of the
+  // batch computes: called on the engine's threads, several at once, each i
+  // once (UpdateReadyFn). Should the call fail later, the chunks already
+  // sent belong to a step that is never committed, and the stream fails.
+  const bool echo = session_->config().benchmark_echo();
+  const auto ready = [&](size_t i) {
+    const uint32_t index = batch[i].index;
+    const SessionParam& p = session_->params()[index];
+    std::vector<StepResponsePtr> chunks = UpdateChunks(env_, index, outputs[i], updates[i]);
+    const int64_t total = static_cast<int64_t>(outputs[i].bytes.size());
+    updates[i].reset();
+    session_->gradient_buffers().Give(index, p.tensor_bytes, std::move(batch[i].gradient));
+    {
+      absl::MutexLock lock(&mu_);
+      bytes_sent_ += total;
+      if (measure_orthogonality_ && !echo && p.spec.kind == OptimizerKind::kMuon) {
+        ortho_.emplace_back(index, outputs[i].orthogonality_error);
+      }
+      responses_.insert(responses_.end(), chunks.begin(), chunks.end());
     }
-    bytes_sent += total;
-    session_->update_buffers().Give(batch[i].index, total, std::move(updates[i]));
-    session_->gradient_buffers().Give(
-        batch[i].index, session_->params()[batch[i].index].tensor_bytes,
-        std::move(batch[i].gradient));
+    events_->Updates(std::move(chunks));
+  };
+  StepStats stats;
+  if (echo) {
+    for (size_t i = 0; i < n; ++i) {
+      EchoGradient(inputs[i], &outputs[i]);
+      ready(i);
+    }
+  } else {
+    MUON_RETURN_IF_ERROR(txn_->Compute(inputs, absl::MakeSpan(outputs), &stats, ready));
   }
+  const double compute_seconds = absl::ToDoubleSeconds(absl::Now() - start);
   absl::MutexLock lock(&mu_);
   timings_.queue += queue_seconds;
   timings_.queue_longest = std::max(timings_.queue_longest, queue_longest);
   timings_.compute += compute_seconds;
   engine_stats_ += stats;
   computed_ += n;
-  bytes_sent_ += bytes_sent;
-  for (size_t i = 0; i < n; ++i) {
-    if (measure_orthogonality_ &&
-        session_->params()[batch[i].index].spec.kind == OptimizerKind::kMuon) {
-      ortho_.emplace_back(batch[i].index, outputs[i].orthogonality_error);
-    }
-  }
-  responses_.insert(responses_.end(), responses.begin(), responses.end());
-  return responses;
+  return absl::OkStatus();
 }
 
 void UpdateStepBackend::Commit() {
@@ -270,7 +312,8 @@ void UpdateStepBackend::Commit() {
     summary.ns_flops = engine_stats_.ns_flops;
     summary.timings.device_compute = engine_stats_.device_compute_seconds;
     record->responses = std::move(responses_);
-    record->responses.push_back(MakeSummary(std::move(summary), *session_, env_.metrics));
+    record->responses.push_back(
+        MakeReply(MakeSummary(std::move(summary), *session_, env_.metrics)));
   }
   std::shared_ptr<const StepRecord> committed = std::move(record);
   // The lease is held until it records the commit, so the write sees this

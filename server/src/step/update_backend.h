@@ -33,10 +33,13 @@ struct StepBackendEnv {
 };
 
 // UPDATES mode: each parameter's update is computed in a transaction as soon
-// as its gradient is whole and sent back at once; StepEnd commits the step
-// once every listed parameter is computed. A header with defer_compute holds
-// the gradients until StepEnd, whose grad_scale multiplies them first. Work runs one task at a time on
-// the pool (a StepTransaction is driven by one thread at a time).
+// as its gradient is whole, and sent back the moment the engine has it (not
+// when the rest of its engine call is done); StepEnd commits the step once
+// every listed parameter is computed. A header with defer_compute holds the
+// gradients until StepEnd, whose grad_scale multiplies them first. Work runs
+// one task at a time on the pool (a StepTransaction is driven by one thread
+// at a time); the updates are reported from the engine's threads. A
+// benchmark_echo session runs no optimizer: each update is its gradient.
 // Thread-safe; its tasks keep the stream (and so this) alive.
 class UpdateStepBackend final : public StepBackend {
  public:
@@ -62,9 +65,10 @@ class UpdateStepBackend final : public StepBackend {
   void ScheduleLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The task: computes what is ready, then commits once all is.
   void Run();
-  // `scale`: StepEnd.grad_scale, applied to each gradient first.
-  absl::StatusOr<std::vector<StepResponsePtr>> Compute(std::vector<Ready> batch,
-                                                       std::optional<float> scale);
+  // Computes `batch` in the transaction and reports each update's chunks as
+  // the engine finishes it. `scale`: StepEnd.grad_scale, applied to each
+  // gradient first.
+  absl::Status Compute(std::vector<Ready> batch, std::optional<float> scale);
   void Commit();
   // Discards the transaction and ends the lease (the session's step
   // unchanged). REQUIRES: no task using the transaction.

@@ -136,13 +136,13 @@ absl::StatusOr<std::shared_ptr<const StepRecord>> DecodeRecord(const BlobReader&
   record->step = r.step();
   for (const storage::Blob& blob : r.responses()) {
     MUON_ASSIGN_OR_RETURN(absl::string_view bytes, blobs.Bytes(blob));
-    auto response = std::make_shared<v1::StepResponse>();
-    if (!response->ParseFromArray(bytes.data(), static_cast<int>(bytes.size()))) {
+    v1::StepResponse response;
+    if (!response.ParseFromArray(bytes.data(), static_cast<int>(bytes.size()))) {
       return blobs.Corrupt("a recorded step response does not parse");
     }
-    record->responses.push_back(std::move(response));
+    record->responses.push_back(MakeReply(std::move(response)));
   }
-  if (record->responses.empty() || !record->responses.back()->has_summary()) {
+  if (record->responses.empty() || !record->responses.back()->message.has_summary()) {
     return blobs.Corrupt("a step record without its summary");
   }
   return record;
@@ -189,7 +189,7 @@ absl::StatusOr<uint64_t> EncodeImage(const SessionImage& image, absl::Time write
     r->set_step(record->step);
     for (const auto& response : record->responses) {
       bytes.clear();
-      response->SerializeToString(&bytes);
+      SerializeReply(*response, &bytes);
       MUON_ASSIGN_OR_RETURN(*r->add_responses(), out.AppendBlob(bytes.data(), bytes.size()));
     }
   }

@@ -14,6 +14,7 @@
 #include "absl/time/time.h"
 #include "muon/kernels/engine.h"
 #include "muon/v1/optimizer.pb.h"
+#include "storage/step_reply.h"
 
 namespace muon::server {
 
@@ -21,10 +22,12 @@ namespace muon::server {
 inline constexpr uint32_t kMaxWorkers = 4096;
 
 // The responses of a committed step (update chunks, then the summary), kept
-// to answer a retry of that step without applying it again.
+// to answer a retry of that step without applying it again. Its update
+// chunks may reference the step's update buffers (StepReply), which the
+// record then keeps from being reused.
 struct StepRecord {
   uint64_t step = 0;
-  std::vector<std::shared_ptr<const v1::StepResponse>> responses;
+  std::vector<std::shared_ptr<const StepReply>> responses;
 };
 
 struct SessionImage {

@@ -6,11 +6,12 @@ namespace muon::server {
 
 std::unique_ptr<std::byte[]> BufferShelf::Take(uint32_t slot, int64_t bytes) {
   std::unique_ptr<std::byte[]> kept;
+  std::unique_ptr<std::byte[]> stale;  // another size (the wire dtype changed): freed unlocked
   {
     absl::MutexLock lock(&mu_);
     if (slot < kept_.size() && kept_[slot].buffer != nullptr) {
       kept_bytes_ -= kept_[slot].bytes;
-      if (kept_[slot].bytes == bytes) kept = std::move(kept_[slot].buffer);
+      (kept_[slot].bytes == bytes ? kept : stale) = std::move(kept_[slot].buffer);
       kept_[slot] = Kept{};
     }
   }

@@ -2,6 +2,7 @@
 // buffers it takes from one.
 
 #include "util/buffer_shelf.h"
+#include "util/shared_buffer_shelf.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -61,6 +62,49 @@ TEST(BufferShelfTest, TheAssemblerWritesIntoTheShelfsBuffer) {
   EXPECT_EQ(std::memcmp(b.get(), "12345678", 8), 0);
   EXPECT_EQ(std::memcmp(assembler.Take(0).get(), "abcd", 4), 0);
   EXPECT_EQ(shelf.kept_bytes(), 0);
+}
+
+// SharedBufferShelf: a session's update buffers, shared by the chunks sent
+// from them and the step's record.
+TEST(SharedBufferShelfTest, ABufferComesBackWhenItsLastHolderLetsGo) {
+  SharedBufferShelf shelf;
+  std::shared_ptr<std::byte[]> a = shelf.Take(2, 64);
+  const std::byte* first = a.get();
+  std::shared_ptr<const void> record = a;  // the record, holding it too
+  a.reset();
+  EXPECT_EQ(shelf.kept_bytes(), 0);
+  // Still held: the next step gets another.
+  std::shared_ptr<std::byte[]> b = shelf.Take(2, 64);
+  EXPECT_NE(b.get(), first);
+  record.reset();
+  EXPECT_EQ(shelf.kept_bytes(), 64);
+  b.reset();  // one free buffer per slot: the newer one is kept
+  EXPECT_EQ(shelf.kept_bytes(), 64);
+  std::shared_ptr<std::byte[]> c = shelf.Take(2, 64);
+  EXPECT_EQ(shelf.kept_bytes(), 0);
+  EXPECT_NE(shelf.Take(2, 64).get(), c.get());
+}
+
+TEST(SharedBufferShelfTest, ASizeThatChangedGetsANewBuffer) {
+  SharedBufferShelf shelf;
+  shelf.Take(0, 64).reset();
+  EXPECT_EQ(shelf.kept_bytes(), 64);
+  std::shared_ptr<std::byte[]> half = shelf.Take(0, 32);  // bf16 updates now
+  EXPECT_EQ(shelf.kept_bytes(), 0);  // the fp32-sized one is freed, not kept
+  half.reset();
+  EXPECT_EQ(shelf.kept_bytes(), 32);
+}
+
+// A write gRPC still holds after the session is gone frees its buffer.
+TEST(SharedBufferShelfTest, ABufferThatOutlivesItsShelfIsFreed) {
+  std::shared_ptr<std::byte[]> held;
+  {
+    SharedBufferShelf shelf;
+    held = shelf.Take(1, 16);
+    std::memset(held.get(), 7, 16);
+  }
+  EXPECT_EQ(held[15], std::byte{7});
+  held.reset();  // no shelf to go back to (AddressSanitizer would see a bad return)
 }
 
 }  // namespace

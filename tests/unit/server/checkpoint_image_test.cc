@@ -33,14 +33,14 @@ std::shared_ptr<const StepRecord> Record(uint64_t step, int updates) {
   auto record = std::make_shared<StepRecord>();
   record->step = step;
   for (int i = 0; i < updates; ++i) {
-    auto update = std::make_shared<v1::StepResponse>();
-    update->mutable_update()->set_param_index(static_cast<uint32_t>(i));
-    update->mutable_update()->set_data(std::string(5 + i, static_cast<char>('a' + i)));
-    record->responses.push_back(std::move(update));
+    v1::StepResponse update;
+    update.mutable_update()->set_param_index(static_cast<uint32_t>(i));
+    update.mutable_update()->set_data(std::string(5 + i, static_cast<char>('a' + i)));
+    record->responses.push_back(MakeReply(std::move(update)));
   }
-  auto summary = std::make_shared<v1::StepResponse>();
-  summary->mutable_summary()->set_step(step);
-  record->responses.push_back(std::move(summary));
+  v1::StepResponse summary;
+  summary.mutable_summary()->set_step(step);
+  record->responses.push_back(MakeReply(std::move(summary)));
   return record;
 }
 
@@ -93,7 +93,10 @@ void ExpectSameRecord(const std::shared_ptr<const StepRecord>& a,
   EXPECT_EQ(a->step, b->step);
   ASSERT_EQ(a->responses.size(), b->responses.size());
   for (size_t i = 0; i < a->responses.size(); ++i) {
-    EXPECT_EQ(a->responses[i]->SerializeAsString(), b->responses[i]->SerializeAsString());
+    std::string a_bytes, b_bytes;
+    SerializeReply(*a->responses[i], &a_bytes);
+    SerializeReply(*b->responses[i], &b_bytes);
+    EXPECT_EQ(a_bytes, b_bytes);
   }
 }
 

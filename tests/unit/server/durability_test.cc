@@ -45,9 +45,9 @@ v1::CreateSessionRequest Request() {
 std::shared_ptr<const StepRecord> Record(uint64_t step) {
   auto record = std::make_shared<StepRecord>();
   record->step = step;
-  auto summary = std::make_shared<v1::StepResponse>();
-  summary->mutable_summary()->set_step(step);
-  record->responses.push_back(std::move(summary));
+  v1::StepResponse summary;
+  summary.mutable_summary()->set_step(step);
+  record->responses.push_back(MakeReply(std::move(summary)));
   return record;
 }
 

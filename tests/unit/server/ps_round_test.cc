@@ -37,11 +37,11 @@ struct Waiter final : RoundWaiter {
     EXPECT_EQ(held, 0) << "RoundDone while an Answers delivery holds the waiter";
     result = std::move(r);
   }
-  void Answers(std::vector<std::shared_ptr<const v1::StepResponse>> responses) override {
+  void Answers(std::vector<std::shared_ptr<const StepReply>> responses) override {
     EXPECT_FALSE(result.has_value()) << "Answers after RoundDone";
     EXPECT_GT(held, 0) << "Answers without a Hold";
     for (auto& r : responses) {
-      EXPECT_TRUE(r->has_update());
+      EXPECT_TRUE(r->message.has_update());
       answered.push_back(std::move(r));
     }
   }
@@ -51,14 +51,14 @@ struct Waiter final : RoundWaiter {
   std::vector<uint32_t> AnsweredParams() const {
     std::vector<uint32_t> out;
     for (const auto& r : answered) {
-      if (out.empty() || out.back() != r->update().param_index()) {
-        out.push_back(r->update().param_index());
+      if (out.empty() || out.back() != r->message.update().param_index()) {
+        out.push_back(r->message.update().param_index());
       }
     }
     return out;
   }
   std::optional<absl::StatusOr<std::shared_ptr<const StepRecord>>> result;
-  std::vector<std::shared_ptr<const v1::StepResponse>> answered;
+  std::vector<std::shared_ptr<const StepReply>> answered;
   int held = 0;
 };
 
@@ -102,8 +102,8 @@ absl::Status Send(ParameterServerRounds* rounds, RoundWaiter* stream, const Grad
 std::vector<std::vector<float>> WeightsOf(const StepRecord& record) {
   std::vector<std::vector<float>> out(kSizes.size());
   for (const auto& r : record.responses) {
-    if (!r->has_update()) continue;
-    const v1::UpdateChunk& u = r->update();
+    if (!r->message.has_update()) continue;
+    const v1::UpdateChunk& u = r->message.update();
     EXPECT_EQ(u.content(), v1::UPDATE_CONTENT_WEIGHTS);
     std::vector<float>& dst = out.at(u.param_index());
     dst.resize(u.total_bytes() / sizeof(float));
@@ -226,11 +226,12 @@ TEST_F(RoundsTest, TwoWorkersCommitTheStepOfTheirAverage) {
   EXPECT_EQ(session_->step(), 1u);
   const StepRecord& record = ***w0.result;
   EXPECT_EQ(record.step, 1u);
-  ASSERT_TRUE(record.responses.back()->has_summary());
-  EXPECT_THAT(record.responses.back()->summary().param_indices(), ::testing::ElementsAre(0, 1));
+  ASSERT_TRUE(record.responses.back()->message.has_summary());
+  EXPECT_THAT(record.responses.back()->message.summary().param_indices(),
+              ::testing::ElementsAre(0, 1));
   for (const auto& r : record.responses) {
-    if (r->has_update()) {
-      EXPECT_LE(r->update().data().size(), 40u);
+    if (r->message.has_update()) {
+      EXPECT_LE(r->update_data().size(), 40u);
     }
   }
 
@@ -240,16 +241,16 @@ TEST_F(RoundsTest, TwoWorkersCommitTheStepOfTheirAverage) {
 }
 
 // The fp32 values of a parameter's WEIGHTS chunks among `responses`.
-std::vector<float> WeightsIn(const std::vector<std::shared_ptr<const v1::StepResponse>>& responses,
+std::vector<float> WeightsIn(const std::vector<std::shared_ptr<const StepReply>>& responses,
                              uint32_t index) {
   std::vector<float> out;
   for (const auto& r : responses) {
-    if (!r->has_update() || r->update().param_index() != index) continue;
-    const v1::UpdateChunk& u = r->update();
+    if (!r->message.has_update() || r->message.update().param_index() != index) continue;
+    const v1::UpdateChunk& u = r->message.update();
     EXPECT_EQ(u.content(), v1::UPDATE_CONTENT_WEIGHTS);
     out.resize(u.total_bytes() / sizeof(float));
-    std::memcpy(reinterpret_cast<char*>(out.data()) + u.offset(), u.data().data(),
-                u.data().size());
+    std::memcpy(reinterpret_cast<char*>(out.data()) + u.offset(), r->update_data().data(),
+                r->update_data().size());
   }
   return out;
 }
@@ -603,7 +604,7 @@ TEST_F(RoundsTest, AskedOrthogonalityIsInTheSummaryForMuonParameters) {
   ASSERT_THAT(rounds_->End(&w0, 0), IsOk());
   ASSERT_TRUE(asking.result.has_value());
   ASSERT_THAT(*asking.result, IsOk());
-  const v1::StepSummary& summary = (**asking.result)->responses.back()->summary();
+  const v1::StepSummary& summary = (**asking.result)->responses.back()->message.summary();
   ASSERT_EQ(summary.orthogonality_errors_size(), 1);
   EXPECT_EQ(summary.orthogonality_errors(0).param_index(), 0u);
   EXPECT_TRUE(std::isfinite(summary.orthogonality_errors(0).error()));

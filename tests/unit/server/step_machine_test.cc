@@ -94,15 +94,15 @@ v1::StepRequest End(std::vector<uint32_t> indices) {
 }
 
 StepResponsePtr Update(uint32_t index) {
-  auto r = std::make_shared<v1::StepResponse>();
-  r->mutable_update()->set_param_index(index);
-  return r;
+  v1::StepResponse r;
+  r.mutable_update()->set_param_index(index);
+  return MakeReply(std::move(r));
 }
 
 StepResponsePtr Summary() {
-  auto r = std::make_shared<v1::StepResponse>();
-  r->mutable_summary()->set_step(1);
-  return r;
+  v1::StepResponse r;
+  r.mutable_summary()->set_step(1);
+  return MakeReply(std::move(r));
 }
 
 class StepMachineTest : public ::testing::Test {

@@ -139,26 +139,16 @@ std::string Bytes(grpc::ByteBuffer* message) {
   return bytes;
 }
 
-// An update chunk goes out as protobuf would send it, its data a slice of
-// the response's own string that keeps the response alive.
-TEST(StepWireTest, AnUpdateIsSentFromItsOwnStringAndKeptAliveByItsSlice) {
-  // A field added to UpdateChunk must be added to EncodeStepResponse too.
-  ASSERT_EQ(v1::UpdateChunk::descriptor()->field_count(), 7);
-  auto response = std::make_shared<v1::StepResponse>();
-  v1::UpdateChunk* update = response->mutable_update();
-  update->set_param_index(4);
-  update->set_offset(1024);
-  update->set_data(std::string(5000, 'u'));
-  update->set_dtype(v1::DTYPE_FLOAT16);
-  update->set_decay(0.999);
-  update->set_total_bytes(9000);
-  update->set_content(v1::UPDATE_CONTENT_WEIGHTS);
-  const std::string want = response->SerializeAsString();
-  const void* data = update->data().data();
-  std::weak_ptr<v1::StepResponse> alive = response;
+// Encodes `response`, whose update data starts at `data` and is kept alive
+// by what `alive` watches: the message must be `want`'s bytes, its data the
+// second slice pointing at `data` itself (not a copy), and the slice must be
+// what holds `alive` until the message is cleared.
+template <typename Held>
+void ExpectSentInPlace(StepResponsePtr response, const void* data,
+                       const std::weak_ptr<Held>& alive, const std::string& want) {
   grpc::ByteBuffer message;
   ASSERT_TRUE(EncodeStepResponse(std::move(response), &message).ok());
-  EXPECT_FALSE(alive.expired());  // held by the slice
+  EXPECT_FALSE(alive.expired());  // held by the slice, through the reply
   std::vector<grpc::Slice> slices;
   ASSERT_TRUE(message.Dump(&slices).ok());
   ASSERT_EQ(slices.size(), 2u);
@@ -171,12 +161,62 @@ TEST(StepWireTest, AnUpdateIsSentFromItsOwnStringAndKeptAliveByItsSlice) {
   EXPECT_TRUE(alive.expired());  // the last slice released it
 }
 
+// An update chunk goes out as protobuf would send it, its data a slice of
+// the response's own string that keeps the response alive.
+TEST(StepWireTest, AnUpdateIsSentFromItsOwnStringAndKeptAliveByItsSlice) {
+  // A field added to UpdateChunk must be added to EncodeStepResponse too.
+  ASSERT_EQ(v1::UpdateChunk::descriptor()->field_count(), 7);
+  auto response = std::make_shared<StepReply>();
+  v1::UpdateChunk* update = response->message.mutable_update();
+  update->set_param_index(4);
+  update->set_offset(1024);
+  update->set_data(std::string(5000, 'u'));
+  update->set_dtype(v1::DTYPE_FLOAT16);
+  update->set_decay(0.999);
+  update->set_total_bytes(9000);
+  update->set_content(v1::UPDATE_CONTENT_WEIGHTS);
+  const std::string want = response->message.SerializeAsString();
+  const void* data = update->data().data();
+  std::weak_ptr<StepReply> alive = response;
+  ASSERT_NO_FATAL_FAILURE(ExpectSentInPlace(std::move(response), data, alive, want));
+}
+
+// An update whose data lies in the engine's update buffer goes out as
+// protobuf would send the whole message, its data a slice of that buffer,
+// which the slice keeps alive after every other holder let go.
+TEST(StepWireTest, AnUpdateIsSentFromItsBufferAndTheSliceKeepsTheBufferAlive) {
+  std::mt19937 rng(::testing::UnitTest::GetInstance()->random_seed());
+  std::shared_ptr<std::byte[]> buffer(new std::byte[6000]);
+  for (size_t i = 0; i < 6000; ++i) buffer[i] = static_cast<std::byte>(rng());
+  auto response = std::make_shared<StepReply>();
+  v1::UpdateChunk* update = response->message.mutable_update();
+  update->set_param_index(2);
+  update->set_offset(1000);
+  update->set_dtype(v1::DTYPE_BFLOAT16);
+  update->set_decay(0.98);
+  update->set_total_bytes(6000);
+  update->set_content(v1::UPDATE_CONTENT_UPDATE);
+  response->data = absl::MakeConstSpan(buffer.get() + 1000, 5000);
+  response->data_owner = buffer;
+  std::string want;
+  SerializeReply(*response, &want);
+  v1::StepResponse whole;
+  ASSERT_TRUE(whole.ParseFromString(want));
+  EXPECT_EQ(whole.update().data(),
+            std::string(reinterpret_cast<const char*>(buffer.get()) + 1000, 5000));
+  const void* data = buffer.get() + 1000;
+  std::weak_ptr<std::byte[]> alive = buffer;
+  buffer.reset();
+  ASSERT_NO_FATAL_FAILURE(
+      ExpectSentInPlace(std::move(response), data, alive, whole.SerializeAsString()));
+}
+
 TEST(StepWireTest, ASummaryIsSerializedAsIs) {
-  auto summary = std::make_shared<v1::StepResponse>();
-  summary->mutable_summary()->set_step(12);
-  const std::string want = summary->SerializeAsString();
+  v1::StepResponse summary;
+  summary.mutable_summary()->set_step(12);
+  const std::string want = summary.SerializeAsString();
   grpc::ByteBuffer message;
-  ASSERT_TRUE(EncodeStepResponse(summary, &message).ok());
+  ASSERT_TRUE(EncodeStepResponse(MakeReply(summary), &message).ok());
   EXPECT_EQ(Bytes(&message), want);
 }
 

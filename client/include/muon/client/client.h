@@ -52,6 +52,9 @@
 #include "muon/v1/optimizer.grpc.pb.h"
 
 namespace muon {
+namespace client_internal {
+class UpdateAssembler;
+}  // namespace client_internal
 
 // TLS to a server started with --tls_cert/--tls_key (and, for mutual TLS,
 // --tls_client_ca). Files are PEM, read once by Client::Create.
@@ -209,6 +212,15 @@ class Client {
                                   absl::Span<const Gradient> gradients,
                                   const StepCallOptions& options = {});
 
+  // The same, into `*result`: each update is assembled in the buffer
+  // `result->updates` already holds for its parameter (the last step's
+  // result, passed back in), so a training loop's steps allocate and
+  // zero-fill no update memory once they run. On error `*result` holds no
+  // update (nothing of the step was applied).
+  absl::Status Step(const SessionHandle& session, uint64_t step,
+                    absl::Span<const Gradient> gradients, const StepCallOptions& options,
+                    StepResult* result);
+
   // The session with its parameters, resolved hyper-parameters and step.
   absl::StatusOr<v1::SessionInfo> GetSession(const SessionHandle& session);
 
@@ -246,10 +258,10 @@ class Client {
   // A context carrying the bearer token and, when finite, a deadline.
   void Prepare(grpc::ClientContext* context, absl::Duration timeout) const;
 
-  // One attempt of Step: one stream.
-  absl::StatusOr<StepResult> StepOnce(const SessionHandle& session, uint64_t step,
-                                      absl::Span<const Gradient> gradients,
-                                      const StepCallOptions& options);
+  // One attempt of Step: one stream, its updates assembled by `assembler`.
+  absl::Status StepOnce(const SessionHandle& session, uint64_t step,
+                        absl::Span<const Gradient> gradients, const StepCallOptions& options,
+                        client_internal::UpdateAssembler& assembler, StepResult* result);
 
   const ClientOptions options_;
   const std::shared_ptr<grpc::Channel> channel_;

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -95,6 +96,26 @@ struct MemoryUsage {
   int64_t budget_bytes = 0;
 };
 
+// Called by Compute once per output as soon as outputs[index] is final: its
+// bytes, decay and orthogonality_error hold what the call computed, and the
+// engine neither reads grads[index] nor writes outputs[index] again in this
+// call, so the caller may send the update and reuse both buffers at once.
+//
+// It runs on whichever thread finished that output (the CPU engine's compute
+// threads, the CUDA engine's driving thread, a sharded engine's per-engine
+// threads), possibly on several threads at once, and every call returns
+// before Compute does. It must be thread-safe, must not throw, must not call
+// into the transaction, and should be short: the thread that calls it
+// computes nothing meanwhile.
+//
+// A reported update is final but not yet part of the step: when the Compute
+// call fails later (another parameter's NaN, an overflow, a device error),
+// nothing of that call is kept, including the updates it already reported,
+// whose state is never committed. A caller that has already sent one must
+// let its receiver discard it (the server fails the stream, and a client
+// applies a step's updates only at its summary: docs/api.md).
+using UpdateReadyFn = absl::FunctionRef<void(size_t index)>;
+
 // One step in progress: computes updates into shadow state and makes it
 // current only on Commit, so a step that fails part-way changes nothing.
 //
@@ -115,9 +136,17 @@ class StepTransaction {
   // bytes are unspecified); what earlier calls computed stays in the
   // transaction.
   // `stats`, when not null, is incremented by this call's work.
+  // `ready(i)` is called at most once per output, as it becomes final
+  // (UpdateReadyFn), before Compute returns: on success for every output, on
+  // error for some or none.
   virtual absl::Status Compute(absl::Span<const GradientInput> grads,
-                               absl::Span<UpdateOutput> outputs,
-                               StepStats* stats) = 0;
+                               absl::Span<UpdateOutput> outputs, StepStats* stats,
+                               UpdateReadyFn ready) = 0;
+  // Compute without being told of each output: all are final at its return.
+  absl::Status Compute(absl::Span<const GradientInput> grads, absl::Span<UpdateOutput> outputs,
+                       StepStats* stats) {
+    return Compute(grads, outputs, stats, [](size_t) {});
+  }
 
   // The new held weights (ParamSpec::hold_weights) of a parameter an earlier
   // Compute call of this transaction computed, before Commit: fp32,

@@ -21,8 +21,10 @@ double PlacementCost(const ParamSpec& spec);
 // devices). Each parameter lives on one of them, chosen at Register as the
 // one with the least placement cost so far that accepts it (a full one's
 // ResourceExhausted moves on to the next). A transaction's Compute hands each
-// engine its share at once, one thread per engine with work, and Commit
-// commits every engine's share.
+// engine its share at once, one thread per engine with work, passes each
+// update on to its caller's UpdateReadyFn as that engine reports it (from
+// that engine's thread; none after a share has failed), and Commit commits
+// every engine's share.
 //
 // Each Compute call opens its own transaction on each engine it uses, so
 // that a call which fails on one engine keeps nothing of that call on the

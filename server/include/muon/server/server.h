@@ -26,6 +26,9 @@ struct Limits {
   // A session its client has not used for this long is checkpointed (with a
   // checkpoint directory) and removed, freeing its memory. Zero: never.
   absl::Duration session_idle_ttl = absl::Hours(24);
+  // CreateSession may ask for benchmark_echo (updates that are the
+  // gradients): off, so no training session gets it by accident.
+  bool allow_benchmark_sessions = false;
 };
 
 struct ServerOptions {
