@@ -515,6 +515,8 @@ class CudaTransaction final : public StepTransaction {
   absl::Status Compute(absl::Span<const GradientInput> grads, absl::Span<UpdateOutput> outputs,
                        StepStats* stats, UpdateReadyFn ready) override;
 
+  absl::Status ComputedWeights(ParamId id, absl::Span<float> values) const override;
+
   absl::Status Commit() override {
     absl::MutexLock lock(&engine_->mu_);
     if (committed_) return absl::FailedPreconditionError("step already committed");
@@ -557,6 +559,22 @@ absl::Status CudaTransaction::Compute(absl::Span<const GradientInput> grads,
                          [&](const std::vector<std::shared_ptr<Param>>& params) {
                            return ComputeClaimed(params, grads, outputs, stats, ready);
                          });
+}
+
+absl::Status CudaTransaction::ComputedWeights(ParamId id, absl::Span<float> values) const {
+  MUON_RETURN_IF_ERROR(engine_->UseDevice());
+  std::shared_ptr<Param> p;
+  int written = 0;
+  {
+    absl::MutexLock lock(&engine_->mu_);
+    MUON_ASSIGN_OR_RETURN(p, engine_->params_.FindComputed(this, id, values.size()));
+    written = 1 - p->current;  // the copy Commit makes current
+  }
+  // Compute waited for its device work before returning.
+  RETURN_IF_CUDA_ERROR(cudaMemcpy(values.data(), p->Weights(written), p->size * sizeof(float),
+                                  cudaMemcpyDeviceToHost),
+                       absl::StrCat("reading the computed weights of '", p->spec.name, "'"));
+  return absl::OkStatus();
 }
 
 absl::Status CudaTransaction::ComputeClaimed(const std::vector<std::shared_ptr<Param>>& params,

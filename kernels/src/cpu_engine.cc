@@ -270,6 +270,17 @@ class CpuTransaction final : public StepTransaction {
         });
   }
 
+  absl::Status ComputedWeights(ParamId param, absl::Span<float> values) const override {
+    std::shared_ptr<Param> p;
+    {
+      absl::MutexLock lock(&engine_->mu_);
+      MUON_ASSIGN_OR_RETURN(p, engine_->params_.FindComputed(this, param, values.size()));
+    }
+    // Only this transaction's Compute calls, which are over, write it.
+    std::copy(p->next.weights.begin(), p->next.weights.end(), values.begin());
+    return absl::OkStatus();
+  }
+
   absl::Status Commit() override {
     absl::MutexLock lock(&engine_->mu_);
     if (committed_) return absl::FailedPreconditionError("step already committed");

@@ -149,12 +149,25 @@ class ShardedTransaction final : public StepTransaction {
   absl::Status Compute(absl::Span<const GradientInput> grads, absl::Span<UpdateOutput> outputs,
                        StepStats* stats, UpdateReadyFn ready) override;
 
+  absl::Status ComputedWeights(ParamId param, absl::Span<float> values) const override {
+    MUON_ASSIGN_OR_RETURN(const Placement p, engine_->Find(param));
+    auto it = computed_.find(param);
+    if (committed_ || it == computed_.end()) {
+      MUON_ASSIGN_OR_RETURN(const ParamSpec spec, engine_->shard(p.shard).Spec(p.inner));
+      return absl::FailedPreconditionError(absl::StrCat("parameter '", spec.name, "' ",
+                                                        ShapeString(spec.shape),
+                                                        " is not computed in this open step"));
+    }
+    return it->second->ComputedWeights(p.inner, values);
+  }
+
   absl::Status Commit() override {
     if (committed_) return absl::FailedPreconditionError("step already committed");
     committed_ = true;
     absl::Status status;
     for (auto& part : parts_) status.Update(part->Commit());
     parts_.clear();
+    computed_.clear();
     return status;
   }
 
@@ -162,7 +175,8 @@ class ShardedTransaction final : public StepTransaction {
   ShardedEngine* const engine_;
   const StepOptions options_;
   std::vector<std::unique_ptr<StepTransaction>> parts_;
-  std::unordered_set<ParamId> computed_;
+  // Each computed parameter and the part (of parts_) that computed it.
+  std::unordered_map<ParamId, const StepTransaction*> computed_;
   bool committed_ = false;
 };
 
@@ -256,7 +270,7 @@ absl::Status ShardedTransaction::Compute(absl::Span<const GradientInput> grads,
     Share& s = shares[shard];
     if (s.items.empty()) continue;
     merged.device_compute_seconds[shard] = s.stats.compute_seconds;
-    for (size_t k : s.items) computed_.insert(outputs[k].param);
+    for (size_t k : s.items) computed_.emplace(outputs[k].param, s.txn.get());
     merged.stage_seconds = std::max(merged.stage_seconds, s.stats.stage_seconds);
     merged.compute_seconds = std::max(merged.compute_seconds, s.stats.compute_seconds);
     merged.finish_seconds = std::max(merged.finish_seconds, s.stats.finish_seconds);

@@ -370,6 +370,57 @@ TEST_F(CudaEngineTest, UncommittedStepChangesNothing) {
   EXPECT_FLOAT_EQ(state->momentum[7], 0.05f * g[7]);  // (1 − β)·G
 }
 
+// A parameter server sends a parameter's new weights before the step
+// commits: they must be the bits the commit applies.
+TEST_F(CudaEngineTest, ComputedWeightsBeforeCommitAreTheCommittedOnes) {
+  ParamSpec muon = Muon("w", {64, 128}, DType::kFloat32, ScheduleKind::kJordan);
+  muon.hold_weights = true;
+  muon.hp.weight_decay = 0.1;
+  ParamSpec adam;
+  adam.name = "b";
+  adam.shape = {300};
+  adam.kind = OptimizerKind::kAdamW;
+  adam.hold_weights = true;
+  adam.hp.weight_decay = 0.1;
+  std::mt19937 rng(9);
+  std::vector<ParamId> ids;
+  std::vector<std::vector<float>> before, grads;
+  std::vector<std::vector<std::byte>> bytes, out;
+  for (const ParamSpec& spec : {muon, adam}) {
+    auto id = cuda_->Register(spec);
+    ASSERT_TRUE(id.ok()) << id.status();
+    ids.push_back(*id);
+    const int64_t n = NumElements(spec.shape);
+    before.push_back(Gaussian(n, rng));
+    ASSERT_TRUE(cuda_->SetWeights(*id, before.back()).ok());
+    grads.push_back(Gaussian(n, rng));
+    bytes.push_back(Encode(DType::kFloat32, grads.back()));
+    out.emplace_back(bytes.back().size());
+  }
+  auto txn = cuda_->BeginStep({});
+  ASSERT_TRUE(txn.ok());
+  std::vector<std::vector<float>> computed;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    GradientInput in{ids[i], DType::kFloat32, bytes[i], std::nullopt};
+    UpdateOutput up{ids[i], DType::kFloat32, absl::MakeSpan(out[i])};
+    ASSERT_TRUE((*txn)->Compute({&in, 1}, {&up, 1}, nullptr).ok());
+    computed.emplace_back(before[i].size());
+    ASSERT_TRUE((*txn)->ComputedWeights(ids[i], absl::MakeSpan(computed[i])).ok());
+    EXPECT_NE(computed[i], before[i]);
+    std::vector<float> held(before[i].size());
+    ASSERT_TRUE(cuda_->GetWeights(ids[i], absl::MakeSpan(held)).ok());
+    EXPECT_EQ(held, before[i]);  // not applied before Commit
+  }
+  ASSERT_TRUE((*txn)->Commit().ok());
+  for (size_t i = 0; i < ids.size(); ++i) {
+    std::vector<float> held(before[i].size());
+    ASSERT_TRUE(cuda_->GetWeights(ids[i], absl::MakeSpan(held)).ok());
+    EXPECT_EQ(held, computed[i]);
+  }
+  EXPECT_EQ((*txn)->ComputedWeights(ids[0], absl::MakeSpan(computed[0])).code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
 TEST_F(CudaEngineTest, NonFiniteGradientIsRejectedAndChangesNothing) {
   auto a = cuda_->Register(Muon("a", {32, 32}, DType::kFloat32, ScheduleKind::kJordan));
   ParamSpec adam;

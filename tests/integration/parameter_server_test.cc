@@ -8,11 +8,13 @@
 #include <signal.h>
 #include <stdlib.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <string>
@@ -289,6 +291,151 @@ TEST_F(ParameterServerTest, ThreeWorkersEqualOneWorkerFeedingTheAverage) {
   ASSERT_TRUE(replay.status.ok()) << replay.status.error_message();
   EXPECT_TRUE(replay.summary->replayed());
   EXPECT_TRUE(Pull(session) == held) << "a replay must not apply again";
+}
+
+// A worker's Step stream by hand: its header and every gradient, without
+// the StepEnd, so that the test sees what comes back before it.
+class HandDrivenWorker {
+ public:
+  HandDrivenWorker(v1::Optimizer::Stub* stub, const SessionHandle& session, uint64_t step,
+                   uint32_t worker, const Tensors& grads) {
+    // Before the server answered ahead of the commit, ReadAnswers waited
+    // for the StepEnd this stream never sends: this deadline ends it.
+    ctx_.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    stream_ = stub->Step(&ctx_);
+    v1::StepRequest header;
+    header.mutable_header()->set_session_id(session.id);
+    header.mutable_header()->set_token(session.token);
+    header.mutable_header()->set_step(step);
+    header.mutable_header()->set_worker_id(worker);
+    stream_->Write(header);
+    for (const v1::StepRequest& r : GradientMessages(grads, 1000, 0)) stream_->Write(r);
+    for (const auto& [index, bytes] : grads) indices_.push_back(index);
+  }
+
+  // Reads answers until every parameter's is whole; false when the stream
+  // ends first.
+  bool ReadAnswers(Weights* out) {
+    std::map<uint32_t, uint64_t> received;
+    size_t whole = 0;
+    v1::StepResponse response;
+    while (whole < indices_.size() && stream_->Read(&response)) {
+      if (!response.has_update()) return false;
+      const v1::UpdateChunk& u = response.update();
+      EXPECT_EQ(u.content(), v1::UPDATE_CONTENT_WEIGHTS);
+      std::vector<float>& dst = (*out)[u.param_index()];
+      dst.resize(u.total_bytes() / sizeof(float));
+      std::memcpy(reinterpret_cast<char*>(dst.data()) + u.offset(), u.data().data(),
+                  u.data().size());
+      received[u.param_index()] += u.data().size();
+      if (received[u.param_index()] == u.total_bytes()) ++whole;
+    }
+    return whole == indices_.size();
+  }
+
+  // Sends the StepEnd and reads to the end: the summary, and how many
+  // update chunks came with it.
+  grpc::Status End(std::optional<v1::StepSummary>* summary, int* more_chunks) {
+    stream_->Write(EndMessage(indices_));
+    stream_->WritesDone();
+    v1::StepResponse response;
+    while (stream_->Read(&response)) {
+      if (response.has_summary()) *summary = response.summary();
+      if (response.has_update()) ++*more_chunks;
+    }
+    return stream_->Finish();
+  }
+
+  grpc::Status Cancel() {
+    ctx_.TryCancel();
+    return stream_->Finish();
+  }
+
+ private:
+  grpc::ClientContext ctx_;
+  std::unique_ptr<grpc::ClientReaderWriter<v1::StepRequest, v1::StepResponse>> stream_;
+  std::vector<uint32_t> indices_;
+};
+
+// One worker: nothing but its own stream can withdraw its gradients, so
+// each parameter's new weights come back as soon as they are computed,
+// before its StepEnd; the summary still commits them.
+TEST_F(ParameterServerTest, OneWorkersNewWeightsComeBackBeforeItsStepEnd) {
+  StartServer({"--update_chunk_bytes=1030"});
+  const Model model = Fp32Model();
+  const SessionHandle session = Create(model, 1);
+  Weights expected = InitialWeights(model);
+  ASSERT_TRUE(Push(session, expected).ok());
+  const Tensors grads = GridGradients(model, 7);
+  HandDrivenWorker worker(stub_.get(), session, 1, 0, grads);
+  Weights answered;
+  ASSERT_TRUE(worker.ReadAnswers(&answered));
+  uint64_t step = 99;
+  EXPECT_TRUE(Pull(session, &step) == expected) << "applied before the summary";
+  EXPECT_EQ(step, 0u);
+  std::optional<v1::StepSummary> summary;
+  int more_chunks = 0;
+  const grpc::Status status = worker.End(&summary, &more_chunks);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  ASSERT_TRUE(summary.has_value());
+  EXPECT_EQ(summary->step(), 1u);
+  EXPECT_EQ(more_chunks, 0);  // every answer came before
+  const Weights initial = expected;
+  Reference reference(model);
+  ApplyReference(model, reference, grads, expected);
+  const Weights pulled = Pull(session, &step);
+  EXPECT_EQ(step, 1u);
+  EXPECT_TRUE(pulled == answered);
+  ExpectSameStep(pulled, initial, expected, initial, "step 1");
+}
+
+// A worker whose stream got early answers and then broke before its
+// StepEnd: nothing of it is applied, and the other worker's answers and the
+// weights are those of its resend.
+TEST_F(ParameterServerTest, EarlyAnswersOfABrokenStreamAreSupersededByItsResend) {
+  StartServer();
+  const Model model = Fp32Model();
+  const SessionHandle session = Create(model, 2);
+  const Weights initial = InitialWeights(model);
+  ASSERT_TRUE(Push(session, initial).ok());
+  const std::vector<Tensors> grads = {GridGradients(model, 1), GridGradients(model, 2)};
+  StepResult first;
+  std::thread worker0([&] {
+    auto client = NewClient(*server_);
+    muon::StepCallOptions options;
+    options.worker_id = 0;
+    first = ClientStep(client.get(), session, 1, grads[0], options);
+  });
+  // Once worker 0 has ended, worker 1's stream alone can withdraw: it gets
+  // its answers before its StepEnd, computed with gradients it will not
+  // send again.
+  Weights superseded;
+  {
+    HandDrivenWorker broken(stub_.get(), session, 1, 1, GridGradients(model, 99));
+    EXPECT_TRUE(broken.ReadAnswers(&superseded));  // not ASSERT: worker 0 is to be joined
+    EXPECT_EQ(broken.Cancel().error_code(), grpc::StatusCode::CANCELLED);
+  }
+  auto client = NewClient(*server_);
+  muon::StepCallOptions options;
+  options.worker_id = 1;
+  StepResult resent = ClientStep(client.get(), session, 1, grads[1], options);
+  worker0.join();
+  ASSERT_TRUE(resent.status.ok()) << resent.status.error_message();
+  ASSERT_TRUE(first.status.ok()) << first.status.error_message();
+
+  Weights expected = initial;
+  Reference reference(model);
+  ApplyReference(model, reference, Average(model, grads), expected);
+  const Weights pulled = Pull(session);
+  ExpectSameStep(pulled, initial, expected, initial, "after the resend");
+  EXPECT_FALSE(pulled == superseded);
+  for (const StepResult* r : {&first, &resent}) {
+    for (const auto& [i, bytes] : r->updates) {
+      std::vector<float> got(bytes.size() / sizeof(float));
+      std::memcpy(got.data(), bytes.data(), bytes.size());
+      EXPECT_TRUE(got == pulled.at(i)) << "parameter " << i;
+    }
+  }
 }
 
 // Sum of every sample count of muon_orthogonality_error in a /metrics page.

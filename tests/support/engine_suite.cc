@@ -839,6 +839,74 @@ TEST_P(EngineContractTest, TransactionDestroyedWithoutCommitChangesNothing) {
   EXPECT_EQ(h.State(w).step, 2);
 }
 
+TEST_P(EngineContractTest, ComputedWeightsAreReadBeforeCommitAndAreWhatItApplies) {
+  const EngineUnderTest& under = GetParam();
+  const Seeded seeded;
+  Harness h(under, seeded.seed);
+  MUON_START_OR_SKIP(h, under);
+  ParamSpec spec = MuonSpec("w", {12, 8});
+  spec.hold_weights = true;
+  ParamSpec bias = AdamWSpec("b", {8});
+  bias.hold_weights = true;
+  ParamSpec failing = MuonSpec("f", {8, 8});
+  failing.hold_weights = true;
+  const ParamSpec plain = MuonSpec("p", {8, 8});
+  const ParamId w = h.Register(spec), b = h.Register(bias), f = h.Register(failing),
+                p = h.Register(plain);
+  const std::vector<float> w0 = h.Gradient(spec), b0 = h.Gradient(bias);
+  ASSERT_THAT(h.engine().SetWeights(w, w0), IsOk());
+  ASSERT_THAT(h.engine().SetWeights(b, b0), IsOk());
+  ASSERT_THAT(h.engine().SetWeights(f, h.Gradient(failing)), IsOk());
+
+  absl::StatusOr<std::unique_ptr<StepTransaction>> txn = h.engine().BeginStep({});
+  ASSERT_THAT(txn, IsOk());
+  const auto compute = [&](ParamId id, const std::vector<float>& g) {
+    const std::vector<std::byte> in = Encode(DType::kFloat32, g);
+    std::vector<std::byte> out(in.size());
+    const GradientInput grad{id, DType::kFloat32, in, std::nullopt};
+    UpdateOutput update{id, DType::kFloat32, absl::MakeSpan(out)};
+    return (*txn)->Compute({&grad, 1}, {&update, 1}, nullptr);
+  };
+  std::vector<float> new_w(w0.size()), new_b(b0.size()), got(w0.size());
+  // Nothing of b is computed yet.
+  EXPECT_THAT((*txn)->ComputedWeights(b, absl::MakeSpan(new_b)),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("not computed")));
+  ASSERT_THAT(compute(w, h.Gradient(spec)), IsOk());
+  ASSERT_THAT((*txn)->ComputedWeights(w, absl::MakeSpan(new_w)), IsOk());
+  EXPECT_NE(new_w, w0);
+  // The held weights are still the old ones.
+  ASSERT_THAT(h.engine().GetWeights(w, absl::MakeSpan(got)), IsOk());
+  EXPECT_EQ(got, w0);
+  ASSERT_THAT(compute(b, h.Gradient(bias)), IsOk());
+  ASSERT_THAT((*txn)->ComputedWeights(b, absl::MakeSpan(new_b)), IsOk());
+  EXPECT_NE(new_b, b0);
+  // A failed Compute keeps nothing to read.
+  std::vector<float> bad = h.Gradient(failing);
+  bad[3] = std::numeric_limits<float>::quiet_NaN();
+  ASSERT_THAT(compute(f, bad), StatusIs(absl::StatusCode::kInvalidArgument));
+  std::vector<float> new_f(bad.size());
+  EXPECT_THAT((*txn)->ComputedWeights(f, absl::MakeSpan(new_f)),
+              StatusIs(absl::StatusCode::kFailedPrecondition));
+  ASSERT_THAT(compute(p, h.Gradient(plain)), IsOk());
+  std::vector<float> none(64);
+  EXPECT_THAT((*txn)->ComputedWeights(p, absl::MakeSpan(none)),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("does not hold")));
+  std::vector<float> short_of_one(new_w.size() - 1);
+  EXPECT_THAT((*txn)->ComputedWeights(w, absl::MakeSpan(short_of_one)),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT((*txn)->ComputedWeights(9999, absl::MakeSpan(got)),
+              StatusIs(absl::StatusCode::kNotFound));
+
+  ASSERT_THAT((*txn)->Commit(), IsOk());
+  ASSERT_THAT(h.engine().GetWeights(w, absl::MakeSpan(got)), IsOk());
+  EXPECT_EQ(got, new_w);  // bit for bit
+  std::vector<float> got_b(b0.size());
+  ASSERT_THAT(h.engine().GetWeights(b, absl::MakeSpan(got_b)), IsOk());
+  EXPECT_EQ(got_b, new_b);
+  EXPECT_THAT((*txn)->ComputedWeights(w, absl::MakeSpan(got)),
+              StatusIs(absl::StatusCode::kFailedPrecondition));
+}
+
 TEST_P(EngineContractTest, FailedComputeKeepsEarlierWorkOfTheTransaction) {
   const EngineUnderTest& under = GetParam();
   const Seeded seeded;

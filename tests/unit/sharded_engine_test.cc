@@ -119,6 +119,43 @@ TEST(ShardedEngineTest, MatchesOneEngineBitForBit) {
   EXPECT_EQ(three->Memory().used_bytes, one->Memory().used_bytes);
 }
 
+TEST(ShardedEngineTest, ComputedWeightsComeFromTheShardThatComputedThem) {
+  std::vector<ParamSpec> specs = Specs();
+  for (ParamSpec& s : specs) s.hold_weights = true;
+  std::unique_ptr<Engine> one = *CreateCpuEngine({.blas_threads = 1});
+  std::unique_ptr<Engine> three = Sharded(3);
+  const std::vector<ParamId> a = RegisterAll(*one, specs), b = RegisterAll(*three, specs);
+  std::mt19937 rng(13);
+  std::mt19937 twin = rng;
+  Step sa = MakeStep(specs, a, rng), sb = MakeStep(specs, b, twin);
+  ASSERT_TRUE(one->Step(sa.in, absl::MakeSpan(sa.up)).ok());
+  absl::StatusOr<std::unique_ptr<StepTransaction>> txn = three->BeginStep({});
+  ASSERT_TRUE(txn.ok());
+  // Two calls, so the parameters' parts are different inner transactions.
+  const size_t half = specs.size() / 2;
+  ASSERT_TRUE((*txn)->Compute(absl::MakeConstSpan(sb.in).subspan(0, half),
+                              absl::MakeSpan(sb.up).subspan(0, half), nullptr)
+                  .ok());
+  std::vector<float> got(NumElements(specs[half].shape));
+  EXPECT_EQ((*txn)->ComputedWeights(b[half], absl::MakeSpan(got)).code(),
+            absl::StatusCode::kFailedPrecondition);
+  ASSERT_TRUE((*txn)->Compute(absl::MakeConstSpan(sb.in).subspan(half),
+                              absl::MakeSpan(sb.up).subspan(half), nullptr)
+                  .ok());
+  for (size_t i = 0; i < specs.size(); ++i) {
+    SCOPED_TRACE(specs[i].name);
+    std::vector<float> computed(NumElements(specs[i].shape)), want(computed.size());
+    ASSERT_TRUE((*txn)->ComputedWeights(b[i], absl::MakeSpan(computed)).ok());
+    ASSERT_TRUE(one->GetWeights(a[i], absl::MakeSpan(want)).ok());
+    EXPECT_EQ(computed, want);
+  }
+  EXPECT_EQ((*txn)->ComputedWeights(12345, absl::MakeSpan(got)).code(),
+            absl::StatusCode::kNotFound);
+  ASSERT_TRUE((*txn)->Commit().ok());
+  EXPECT_EQ((*txn)->ComputedWeights(b[0], absl::MakeSpan(got)).code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
 // Each engine's reports reach the caller under the caller's indices, with
 // the decay and orthogonality error already in the caller's outputs.
 TEST(ShardedEngineTest, PassesEachReportedUpdateOnWithItsResults) {

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <iostream>
+#include <iterator>
 #include <string>
 #include <utility>
 
@@ -67,7 +68,7 @@ absl::StatusOr<ParameterServerRounds::Admission> ParameterServerRounds::Join(
     measure_asked_ = false;
     const size_t n = session_->params().size();
     arrived_.assign(n, 0);
-    computed_.assign(n, std::nullopt);
+    computed_.assign(n, nullptr);
     computed_count_ = 0;
     stats_ = StepStats{};
     compute_seconds_ = 0;
@@ -100,7 +101,7 @@ absl::StatusOr<ParameterServerRounds::Admission> ParameterServerRounds::Join(
       RestartLocked();
     }
   }
-  waiting_.push_back({waiter, worker, contribute});
+  waiting_.push_back({waiter, worker, contribute, std::vector<bool>(arrived_.size(), false)});
   return Admission{contribute ? Role::kContribute : Role::kWait, nullptr, round_};
 }
 
@@ -118,7 +119,10 @@ ParameterServerRounds::Worker* ParameterServerRounds::StreamingLocked(RoundWaite
 
 void ParameterServerRounds::RestartLocked() {
   ++epoch_;
-  computed_.assign(computed_.size(), std::nullopt);
+  computed_.assign(computed_.size(), nullptr);
+  // Only the withdrawing worker's stream, which fails, can have answers of
+  // the discarded parameters (AnswerableLocked).
+  for (Waiting& w : waiting_) w.answered.assign(w.answered.size(), false);
   computed_count_ = 0;
   stats_ = StepStats{};
   compute_seconds_ = 0;
@@ -134,7 +138,7 @@ void ParameterServerRounds::WithdrawLocked(uint32_t worker) {
     if (w.gradients[i] == nullptr) continue;
     w.gradients[i] = nullptr;
     --arrived_[i];
-    restart = restart || driving_ || computed_[i].has_value();
+    restart = restart || driving_ || computed_[i] != nullptr;
   }
   w = Worker{};
   if (restart) RestartLocked();
@@ -172,21 +176,6 @@ bool ParameterServerRounds::Add(RoundWaiter* stream, uint32_t index,
 }
 
 namespace {
-
-// Gradients are decoded a block at a time into a small buffer: a worker
-// never holds a second, fp32 copy of its whole gradient.
-constexpr size_t kDecodeBlock = 4096;
-
-bool AllFinite(DType dtype, const std::byte* bytes, size_t count) {
-  float block[kDecodeBlock];
-  const size_t width = DTypeSize(dtype);
-  for (size_t start = 0; start < count; start += kDecodeBlock) {
-    const size_t n = std::min(kDecodeBlock, count - start);
-    DecodeToFloat(dtype, bytes + start * width, n, block);
-    if (!std::all_of(block, block + n, [](float v) { return std::isfinite(v); })) return false;
-  }
-  return true;
-}
 
 // What End answers a stream whose round went on without it.
 absl::Status AbandonedError(uint64_t step, absl::string_view session) {
@@ -234,6 +223,10 @@ absl::Status ParameterServerRounds::End(RoundWaiter* stream, int64_t bytes_recei
     w->state = WorkerState::kEnded;
     w->stream = nullptr;
     w->bytes_received = bytes_received;
+    // The ones checked above, unchanged since (this stream's Adds are over).
+    for (size_t i = 0; i < w->gradients.size(); ++i) {
+      if (w->gradients[i] != nullptr) w->checked[i] = true;
+    }
     ++ended_;
     all_in_ = absl::Now();
     for (Waiting& entry : waiting_) {
@@ -253,6 +246,8 @@ void ParameterServerRounds::Drive() {
   }
   for (;;) {
     std::vector<Ready> batch;
+    std::vector<Delivery> due;
+    std::vector<ReplyFormat> formats;
     uint64_t epoch = 0;
     uint64_t round = 0;
     uint64_t step = 0;
@@ -266,13 +261,17 @@ void ParameterServerRounds::Drive() {
         return;
       }
       if (txn_ != nullptr && txn_epoch_ != epoch_) txn_.reset();
+      due = AnswersDueLocked();
       for (uint32_t i = 0; i < arrived_.size(); ++i) {
-        if (arrived_[i] != num_workers_ || computed_[i].has_value()) continue;
-        Ready ready{i, {}};
-        for (const Worker& w : workers_) ready.gradients.push_back(w.gradients[i]);
+        if (arrived_[i] != num_workers_ || computed_[i] != nullptr) continue;
+        Ready ready{i, {}, true};
+        for (const Worker& w : workers_) {
+          ready.gradients.push_back(w.gradients[i]);
+          ready.checked = ready.checked && w.checked[i];
+        }
         batch.push_back(std::move(ready));
       }
-      if (batch.empty()) {
+      if (batch.empty() && due.empty()) {
         if (computed_count_ < params.size() || ended_ < num_workers_) {
           driving_ = false;
           return;
@@ -290,7 +289,10 @@ void ParameterServerRounds::Drive() {
         lr_scale = w.contribution.lr_scale;
       }
       measure = MeasuresOrthogonality(measure_asked_, step, options_.orthogonality_sample_every);
+      formats = FormatsLocked();
     }
+    Deliver(std::move(due));
+    if (batch.empty()) continue;
     absl::Status status;
     if (txn_ == nullptr) {
       StepOptions step_options;
@@ -304,13 +306,13 @@ void ParameterServerRounds::Drive() {
         status = txn.status();
       }
     }
-    std::vector<Computed> out;
+    std::vector<std::shared_ptr<const Computed>> out;
     StepStats stats;
     uint32_t bad_worker = num_workers_;
     size_t bad = 0;
     const absl::Time started = absl::Now();
     if (status.ok()) {
-      status = ComputeBatch(batch, lr, lr_scale, &out, &stats, &bad_worker, &bad);
+      status = ComputeBatch(batch, lr, lr_scale, formats, &out, &stats, &bad_worker, &bad);
     }
     const double seconds = absl::ToDoubleSeconds(absl::Now() - started);
     std::vector<std::pair<RoundWaiter*, uint32_t>> failed;
@@ -372,6 +374,56 @@ void ParameterServerRounds::Drive() {
       waiter->RoundDone(committed->records[w]);
     }
   }
+}
+
+bool ParameterServerRounds::AnswerableLocked(uint32_t worker) const {
+  for (uint32_t w = 0; w < workers_.size(); ++w) {
+    if (w != worker && workers_[w].state != WorkerState::kEnded) return false;
+  }
+  return true;
+}
+
+std::vector<ParameterServerRounds::Delivery> ParameterServerRounds::AnswersDueLocked() {
+  std::vector<Delivery> due;
+  if (computed_count_ == 0) return due;
+  for (Waiting& entry : waiting_) {
+    if (!AnswerableLocked(entry.worker)) continue;
+    // The format of the record the waiter gets at the commit.
+    Delivery delivery{entry.waiter, workers_[entry.worker].contribution.format, {}};
+    for (uint32_t i = 0; i < computed_.size(); ++i) {
+      if (computed_[i] == nullptr || entry.answered[i]) continue;
+      entry.answered[i] = true;
+      delivery.params.emplace_back(i, computed_[i]);
+    }
+    if (delivery.params.empty()) continue;
+    entry.waiter->Hold();
+    due.push_back(std::move(delivery));
+  }
+  return due;
+}
+
+void ParameterServerRounds::Deliver(std::vector<Delivery> due) const {
+  for (Delivery& d : due) {
+    Answer responses;
+    for (const auto& [index, computed] : d.params) {
+      Answer answer = AnswerOf(d.format, index, *computed);
+      responses.insert(responses.end(), std::make_move_iterator(answer.begin()),
+                       std::make_move_iterator(answer.end()));
+    }
+    d.waiter->Answers(std::move(responses));
+    d.waiter->Release();
+  }
+}
+
+std::vector<ReplyFormat> ParameterServerRounds::FormatsLocked() const {
+  std::vector<ReplyFormat> formats;
+  for (const Worker& w : workers_) {
+    if (w.state == WorkerState::kAbsent) continue;
+    if (std::find(formats.begin(), formats.end(), w.contribution.format) == formats.end()) {
+      formats.push_back(w.contribution.format);
+    }
+  }
+  return formats;
 }
 
 size_t ParameterServerRounds::ComputedParameters() {

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -19,6 +20,7 @@
 #include "muon/v1/optimizer.pb.h"
 #include "session/durability.h"
 #include "session/session.h"
+#include "storage/step_reply.h"
 
 namespace muon::server {
 
@@ -44,6 +46,17 @@ class RoundWaiter {
   // Called once, with no lock held: the worker's record of the committed
   // step, or why the round failed (nothing applied).
   virtual void RoundDone(absl::StatusOr<std::shared_ptr<const StepRecord>> result) = 0;
+  // Answers (UpdateChunks in the worker's format) of parameters that no
+  // withdrawal but this waiter's own stream's can discard any more
+  // (docs/parameter-server.md, "Answers before the commit"), to send ahead
+  // of RoundDone's record, which holds them too. Each parameter comes once;
+  // called by the round's driver with no lock held, between a Hold and its
+  // Release, never after RoundDone.
+  virtual void Answers(std::vector<std::shared_ptr<const StepReply>> responses) = 0;
+  // Keeps the waiter alive until the matching Release, even when it Leaves
+  // meanwhile. Called under the round's lock: must not call the round.
+  virtual void Hold() = 0;
+  virtual void Release() = 0;
 };
 
 // What a worker asks to get back.
@@ -73,7 +86,9 @@ struct Contribution {
 // before that withdraws them, and when some were already computed the
 // transaction is discarded and the round computes again as gradients
 // return (nothing is applied before every worker has ended and every
-// parameter is computed).
+// parameter is computed). A computed parameter's answer goes to a waiter
+// before the commit once every worker but the waiter's own has ended: then
+// only the waiter's own stream can still withdraw it (RoundWaiter::Answers).
 class ParameterServerRounds final : public SessionRounds {
  public:
   using Options = RoundOptions;
@@ -139,6 +154,8 @@ class ParameterServerRounds final : public SessionRounds {
     RoundWaiter* waiter;
     uint32_t worker;
     bool contributing;  // a live stream that has not ended yet
+    // By parameter: its answer went out by Answers.
+    std::vector<bool> answered;
   };
   enum class WorkerState { kAbsent, kStreaming, kEnded };
   struct Worker {
@@ -152,16 +169,40 @@ class ParameterServerRounds final : public SessionRounds {
     std::vector<bool> checked;
     int64_t bytes_received = 0;
   };
-  // One parameter's computed step, kept for the commit.
-  struct Computed {
+  using Answer = std::vector<std::shared_ptr<const StepReply>>;
+  // Per parameter, what the driver computes into, kept from round to round
+  // so that a step writes into pages already mapped (util/buffer_shelf.h
+  // says why). Driver-owned.
+  struct Scratch {
+    std::vector<float> average;  // W > 1
     std::vector<float> update;
+    std::vector<float> weights;  // the new held weights
+  };
+  // One parameter's computed step, kept for the commit. Immutable once
+  // made: the driver reads it without the lock.
+  struct Computed {
+    // In the parameter's Scratch, valid until the driver computes the
+    // parameter again (only the driver reads them).
+    const float* update = nullptr;
+    const float* weights = nullptr;
+    size_t size = 0;
     double decay = 1.0;
     double orthogonality_error = 0;
+    // Its answer in each format the round's workers had asked for when it
+    // was computed.
+    std::vector<std::pair<ReplyFormat, Answer>> answers;
+  };
+  // Answers due to one waiter (AnswersDueLocked), held for the delivery.
+  struct Delivery {
+    RoundWaiter* waiter = nullptr;
+    ReplyFormat format;
+    std::vector<std::pair<uint32_t, std::shared_ptr<const Computed>>> params;
   };
   // A batch for the driver: parameters and every worker's gradient of each.
   struct Ready {
     uint32_t index = 0;
     std::vector<std::shared_ptr<const std::byte[]>> gradients;  // by worker
+    bool checked = false;  // every worker's found finite already (End)
   };
   struct Committed {
     std::vector<std::shared_ptr<const StepRecord>> records;  // per worker
@@ -181,18 +222,37 @@ class ParameterServerRounds final : public SessionRounds {
   Worker* StreamingLocked(RoundWaiter* stream, uint32_t* worker)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool AgreesLocked(const Contribution& c) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Averages a batch in fp32 (worker order) and computes it in txn_.
-  // Runs without mu_, on the driver. On a non-finite gradient sets
-  // *bad_worker and *bad (its place in the batch), InvalidArgument.
+  // Whether a computed parameter's answer may go to a waiter of `worker`
+  // before the commit: every other worker has ended, so that only this
+  // worker's stream can still withdraw gradients (and that stream fails
+  // when it does, its answers with it).
+  bool AnswerableLocked(uint32_t worker) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The answers now due (AnswerableLocked), marked answered; each
+  // delivery's waiter is held.
+  std::vector<Delivery> AnswersDueLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Sends them (RoundWaiter::Answers) and releases the waiters. Without mu_.
+  void Deliver(std::vector<Delivery> due) const;
+  // The formats the round's workers asked for.
+  std::vector<ReplyFormat> FormatsLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Averages a batch in fp32 (worker order; one worker's gradient goes as
+  // it is), computes it in txn_, reads its new weights and cuts its
+  // answers in `formats`. Runs without mu_,
+  // on the driver. On a non-finite gradient sets *bad_worker and *bad (its
+  // place in the batch), InvalidArgument.
   absl::Status ComputeBatch(const std::vector<Ready>& batch, const std::optional<double>& lr,
-                            const std::optional<double>& lr_scale, std::vector<Computed>* out,
-                            StepStats* stats, uint32_t* bad_worker, size_t* bad);
+                            const std::optional<double>& lr_scale,
+                            const std::vector<ReplyFormat>& formats,
+                            std::vector<std::shared_ptr<const Computed>>* out, StepStats* stats,
+                            uint32_t* bad_worker, size_t* bad);
+  // Whether `count` elements of `dtype` are all finite.
+  static bool AllFinite(DType dtype, const std::byte* bytes, size_t count);
   // Commits txn_, builds every worker's answer, writes a checkpoint when
   // due. Runs without mu_ (committing_ keeps the round).
   absl::StatusOr<Committed> Commit();
-  std::vector<std::shared_ptr<const StepReply>> Responses(
-      const ReplyFormat& format, const std::vector<std::vector<float>>& weights,
-      const std::vector<std::optional<Computed>>& computed) const;
+  // Parameter `index`'s answer in `format`: the one cut when it was
+  // computed, else cut now.
+  Answer AnswerOf(const ReplyFormat& format, uint32_t index, const Computed& computed) const;
+  Answer Encode(const ReplyFormat& format, uint32_t index, const Computed& computed) const;
 
   Session* const session_;
   Engine* const engine_;
@@ -216,7 +276,7 @@ class ParameterServerRounds final : public SessionRounds {
   bool measure_asked_ ABSL_GUARDED_BY(mu_) = false;
   // By parameter: workers whose gradient is in, and the computed step.
   std::vector<uint32_t> arrived_ ABSL_GUARDED_BY(mu_);
-  std::vector<std::optional<Computed>> computed_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::shared_ptr<const Computed>> computed_ ABSL_GUARDED_BY(mu_);
   size_t computed_count_ ABSL_GUARDED_BY(mu_) = 0;
   StepStats stats_ ABSL_GUARDED_BY(mu_);
   double compute_seconds_ ABSL_GUARDED_BY(mu_) = 0;
@@ -230,6 +290,7 @@ class ParameterServerRounds final : public SessionRounds {
   // the driver itself.
   std::unique_ptr<StepTransaction> txn_;
   uint64_t txn_epoch_ = 0;  // the epoch txn_ belongs to (driver-owned)
+  std::vector<Scratch> scratch_;  // by parameter (driver-owned)
   bool txn_measures_ = false;
   std::vector<Waiting> waiting_ ABSL_GUARDED_BY(mu_);
 };

@@ -34,6 +34,7 @@ absl::StatusOr<StepBackend::Admission> RoundStepBackend::Admit(const v1::StepHea
   if (!joined.ok()) return joined.status();
   Admission admission;
   admission.session_id = session_->id();
+  answered_.assign(session_->params().size(), false);
   switch (joined->role) {
     case ParameterServerRounds::Role::kReplay:
       replay_ = std::move(joined->replay);
@@ -106,9 +107,21 @@ bool RoundStepBackend::Abort() {
   return true;
 }
 
+void RoundStepBackend::Answers(std::vector<StepResponsePtr> responses) {
+  for (const StepResponsePtr& r : responses) answered_[r->message.update().param_index()] = true;
+  events_->Updates(std::move(responses));
+}
+
 void RoundStepBackend::RoundDone(absl::StatusOr<std::shared_ptr<const StepRecord>> result) {
   if (result.ok()) {
-    events_->Committed((*result)->responses, /*replayed=*/false);
+    // The record holds every answer (a replay sends them all); this stream
+    // has had some already.
+    std::vector<StepResponsePtr> rest;
+    for (const StepResponsePtr& r : (*result)->responses) {
+      const bool update = r->message.has_update();
+      if (!update || !answered_[r->message.update().param_index()]) rest.push_back(r);
+    }
+    events_->Committed(std::move(rest), /*replayed=*/false);
   } else {
     events_->Failed(result.status());
   }

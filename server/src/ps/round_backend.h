@@ -19,9 +19,11 @@ namespace muon::server {
 // hands it each parameter's gradient as it completes (the round computes a
 // parameter once every worker's is in) and its StepEnd; the round commits
 // after the last worker's and every waiting stream gets its answer
-// (RoundDone → Committed or Failed).
+// (RoundDone → Committed or Failed), the parameters the round answered
+// before the commit (Answers → Updates) left out of it.
 // Thread-safe as the machine needs it: the stream's calls are serialized;
-// RoundDone comes from another worker's thread.
+// Answers and RoundDone come from another worker's thread, the round's
+// driver, one after the other.
 class RoundStepBackend final : public StepBackend, public RoundWaiter {
  public:
   RoundStepBackend(const StepBackendEnv& env, std::shared_ptr<Session> session,
@@ -36,6 +38,9 @@ class RoundStepBackend final : public StepBackend, public RoundWaiter {
   void Sent(double) override {}
 
   void RoundDone(absl::StatusOr<std::shared_ptr<const StepRecord>> result) override;
+  void Answers(std::vector<StepResponsePtr> responses) override;
+  void Hold() override { events_->Pin(); }
+  void Release() override { events_->Unpin(); }
 
  private:
   const StepBackendEnv env_;
@@ -48,6 +53,8 @@ class RoundStepBackend final : public StepBackend, public RoundWaiter {
   bool joined_ = false;
   std::shared_ptr<const StepRecord> replay_;
   std::vector<bool> given_;  // by parameter index: its gradient was Added
+  // By parameter index: its answer went out before the commit (Answers).
+  std::vector<bool> answered_;
 };
 
 }  // namespace muon::server

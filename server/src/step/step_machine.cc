@@ -96,7 +96,10 @@ StepMachine::Actions StepMachine::ShuttingDown() {
 }
 
 StepMachine::Actions StepMachine::Updates(std::vector<StepResponsePtr> responses) {
-  if (phase_ == Phase::kReceiving || phase_ == Phase::kEnded) Enqueue(std::move(responses));
+  // A resend awaiting its round gets the round's early answers too.
+  if (phase_ == Phase::kReceiving || phase_ == Phase::kAwaitingRound || phase_ == Phase::kEnded) {
+    Enqueue(std::move(responses));
+  }
   return Next(/*read=*/false);
 }
 

@@ -34,9 +34,32 @@ constexpr absl::Duration kTimeout = absl::Seconds(60);
 struct Waiter final : RoundWaiter {
   void RoundDone(absl::StatusOr<std::shared_ptr<const StepRecord>> r) override {
     EXPECT_FALSE(result.has_value()) << "RoundDone called twice";
+    EXPECT_EQ(held, 0) << "RoundDone while an Answers delivery holds the waiter";
     result = std::move(r);
   }
+  void Answers(std::vector<std::shared_ptr<const StepReply>> responses) override {
+    EXPECT_FALSE(result.has_value()) << "Answers after RoundDone";
+    EXPECT_GT(held, 0) << "Answers without a Hold";
+    for (auto& r : responses) {
+      EXPECT_TRUE(r->message.has_update());
+      answered.push_back(std::move(r));
+    }
+  }
+  void Hold() override { ++held; }
+  void Release() override { --held; }
+  // Parameters answered before the commit, in the order they came.
+  std::vector<uint32_t> AnsweredParams() const {
+    std::vector<uint32_t> out;
+    for (const auto& r : answered) {
+      if (out.empty() || out.back() != r->message.update().param_index()) {
+        out.push_back(r->message.update().param_index());
+      }
+    }
+    return out;
+  }
   std::optional<absl::StatusOr<std::shared_ptr<const StepRecord>>> result;
+  std::vector<std::shared_ptr<const StepReply>> answered;
+  int held = 0;
 };
 
 // An 8×4 Muon matrix and a 4-vector (AdamW), fp32.
@@ -215,6 +238,137 @@ TEST_F(RoundsTest, TwoWorkersCommitTheStepOfTheirAverage) {
   // The unpipelined step of the fp32 average gives the same weights, bit
   // for bit.
   EXPECT_EQ(WeightsOf(***w0.result), WeightsAfterAverage({g0, g1}));
+}
+
+// The fp32 values of a parameter's WEIGHTS chunks among `responses`.
+std::vector<float> WeightsIn(const std::vector<std::shared_ptr<const StepReply>>& responses,
+                             uint32_t index) {
+  std::vector<float> out;
+  for (const auto& r : responses) {
+    if (!r->message.has_update() || r->message.update().param_index() != index) continue;
+    const v1::UpdateChunk& u = r->message.update();
+    EXPECT_EQ(u.content(), v1::UPDATE_CONTENT_WEIGHTS);
+    out.resize(u.total_bytes() / sizeof(float));
+    std::memcpy(reinterpret_cast<char*>(out.data()) + u.offset(), r->update_data().data(),
+                r->update_data().size());
+  }
+  return out;
+}
+
+TEST_F(RoundsTest, OneWorkersAnswersLeaveAsEachParameterIsComputed) {
+  std::shared_ptr<Session> single = NewSession(1);
+  ParameterServerRounds* rounds = RoundsOf(*single);
+  session_ = single;
+  const auto g = RandomGradient(5);
+  Waiter only;
+  Join(rounds, 1, 0, &only);
+  AddParam(rounds, &only, 0, g);
+  // Only this stream can still withdraw it: its new weights go out now,
+  // before its StepEnd and before anything is applied.
+  EXPECT_THAT(only.AnsweredParams(), ::testing::ElementsAre(0));
+  EXPECT_EQ(single->step(), 0u);
+  AddParam(rounds, &only, 1, g);
+  EXPECT_THAT(only.AnsweredParams(), ::testing::ElementsAre(0, 1));
+  EXPECT_FALSE(only.result.has_value());
+  ASSERT_THAT(rounds->End(&only, 0), IsOk());
+  ASSERT_TRUE(only.result.has_value());
+  ASSERT_THAT(*only.result, IsOk());
+  EXPECT_EQ(only.held, 0);
+  // The record still holds every answer (for a replay), the same ones.
+  const StepRecord& record = ***only.result;
+  const std::vector<std::vector<float>> want = WeightsAfterAverage({g});
+  EXPECT_EQ(WeightsOf(record), want);
+  EXPECT_EQ(WeightsIn(only.answered, 0), want[0]);
+  EXPECT_EQ(WeightsIn(only.answered, 1), want[1]);
+}
+
+// One worker's gradient goes to the engine as sent (the average of one):
+// a NaN in it is still found before anything of it counts.
+TEST_F(RoundsTest, OneWorkersNonFiniteGradientFailsItsStreamAndAppliesNothing) {
+  std::shared_ptr<Session> single = NewSession(1);
+  ParameterServerRounds* rounds = RoundsOf(*single);
+  auto bad = RandomGradient(5);
+  bad[0][7] = std::numeric_limits<float>::quiet_NaN();
+  Waiter first;
+  Join(rounds, 1, 0, &first);
+  AddParam(rounds, &first, 0, bad);
+  ASSERT_TRUE(first.result.has_value());
+  EXPECT_THAT(*first.result, StatusIs(absl::StatusCode::kInvalidArgument,
+                                      HasSubstr("('w'): worker 0's gradient contains NaN")));
+  EXPECT_TRUE(first.answered.empty());
+  EXPECT_EQ(rounds->ComputedParameters(), 0u);
+  const auto g = RandomGradient(6);
+  Waiter again;
+  Join(rounds, 1, 0, &again);
+  ASSERT_THAT(Send(rounds, &again, g), IsOk());
+  ASSERT_TRUE(again.result.has_value());
+  ASSERT_THAT(*again.result, IsOk());
+  EXPECT_EQ(single->step(), 1u);
+  session_ = single;
+  EXPECT_EQ(WeightsOf(***again.result), WeightsAfterAverage({g}));
+}
+
+TEST_F(RoundsTest, AnswersGoOnlyWhereNoOtherWorkerCanWithdrawThem) {
+  const auto g0 = RandomGradient(1), g1 = RandomGradient(2);
+  Waiter w0, w1;
+  Join(rounds_, 1, 0, &w0);
+  Join(rounds_, 1, 1, &w1);
+  AddParam(rounds_, &w0, 0, g0);
+  AddParam(rounds_, &w1, 0, g1);
+  ASSERT_EQ(rounds_->ComputedParameters(), 1u);
+  // Either stream could still break and withdraw its half of the average.
+  EXPECT_TRUE(w0.answered.empty());
+  EXPECT_TRUE(w1.answered.empty());
+  AddParam(rounds_, &w0, 1, g0);
+  ASSERT_THAT(rounds_->End(&w0, 0), IsOk());
+  // Worker 0 counts now: only worker 1's own stream can still withdraw.
+  EXPECT_THAT(w1.AnsweredParams(), ::testing::ElementsAre(0));
+  EXPECT_TRUE(w0.answered.empty());
+  AddParam(rounds_, &w1, 1, g1);
+  EXPECT_THAT(w1.AnsweredParams(), ::testing::ElementsAre(0, 1));
+  EXPECT_TRUE(w0.answered.empty());
+  ASSERT_THAT(rounds_->End(&w1, 0), IsOk());
+  // Worker 0's come once worker 1 has ended, before the summary.
+  EXPECT_THAT(w0.AnsweredParams(), ::testing::ElementsAre(0, 1));
+  ASSERT_TRUE(w0.result.has_value() && w1.result.has_value());
+  ASSERT_THAT(*w0.result, IsOk());
+  const std::vector<std::vector<float>> want = WeightsAfterAverage({g0, g1});
+  for (const Waiter* w : {&w0, &w1}) {
+    EXPECT_EQ(WeightsIn(w->answered, 0), want[0]);
+    EXPECT_EQ(WeightsIn(w->answered, 1), want[1]);
+  }
+}
+
+TEST_F(RoundsTest, AWithdrawalSupersedesOnlyTheWithdrawingStreamsAnswers) {
+  const auto g0 = RandomGradient(1), g1 = RandomGradient(2);
+  Waiter w0, broken;
+  Join(rounds_, 1, 0, &w0);
+  Join(rounds_, 1, 1, &broken);
+  ASSERT_THAT(Send(rounds_, &w0, g0), IsOk());
+  AddParam(rounds_, &broken, 0, RandomGradient(99));  // not what it resends
+  ASSERT_THAT(broken.AnsweredParams(), ::testing::ElementsAre(0));
+  const std::vector<float> superseded = WeightsIn(broken.answered, 0);
+  // Its stream breaks before its StepEnd: the parameter computed with its
+  // gradient is discarded, and the only answer of it went down that
+  // stream, which the client then discards.
+  EXPECT_TRUE(rounds_->Leave(&broken));
+  EXPECT_EQ(rounds_->ComputedParameters(), 0u);
+  EXPECT_TRUE(w0.answered.empty());
+  Waiter resent;
+  Join(rounds_, 1, 1, &resent);
+  ASSERT_THAT(Send(rounds_, &resent, g1), IsOk());
+  ASSERT_TRUE(w0.result.has_value() && resent.result.has_value());
+  ASSERT_THAT(*w0.result, IsOk());
+  EXPECT_FALSE(broken.result.has_value());
+  EXPECT_EQ(session_->step(), 1u);
+  const std::vector<std::vector<float>> want = WeightsAfterAverage({g0, g1});
+  EXPECT_NE(superseded, want[0]);
+  EXPECT_EQ(WeightsOf(***w0.result), want);
+  for (const Waiter* w : {&w0, &resent}) {
+    EXPECT_THAT(w->AnsweredParams(), ::testing::UnorderedElementsAre(0, 1));
+    EXPECT_EQ(WeightsIn(w->answered, 0), want[0]);
+    EXPECT_EQ(WeightsIn(w->answered, 1), want[1]);
+  }
 }
 
 TEST_F(RoundsTest, EachParameterIsComputedOnceEveryWorkersGradientOfItIsIn) {

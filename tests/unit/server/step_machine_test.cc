@@ -397,6 +397,24 @@ TEST_F(StepMachineTest, AWaitingResendFinishesWhenItsRoundCommits) {
   EXPECT_EQ(log_.replays, 0);
 }
 
+TEST_F(StepMachineTest, AWaitingResendSendsItsRoundsEarlyAnswers) {
+  log_.admission = WithRole(StepBackend::Role::kWait);
+  machine_.Start();
+  Read(Header());
+  ASSERT_EQ(machine_.phase(), Phase::kAwaitingRound);
+  // A parameter-server round answers parameters before it commits.
+  const StepResponsePtr u = Update(1);
+  StepMachine::Actions a = machine_.Updates({u});
+  EXPECT_EQ(a.write.get(), u.get());
+  const StepResponsePtr s = Summary();
+  machine_.Committed({s}, /*replayed=*/false);
+  a = machine_.WriteDone(true);
+  EXPECT_EQ(a.write.get(), s.get());
+  a = machine_.WriteDone(true);
+  ASSERT_TRUE(a.finish.has_value());
+  EXPECT_TRUE(a.finish->ok());
+}
+
 TEST_F(StepMachineTest, AWaitingResendEndedByStepEndWaitsForItsRound) {
   log_.admission = WithRole(StepBackend::Role::kWait);
   machine_.Start();

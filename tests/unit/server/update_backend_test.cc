@@ -249,6 +249,9 @@ class WatchedEngine final : public Engine {
         ready(i);
       });
     }
+    absl::Status ComputedWeights(ParamId param, absl::Span<float> values) const override {
+      return inner_->ComputedWeights(param, values);
+    }
     absl::Status Commit() override { return inner_->Commit(); }
 
    private:

@@ -148,6 +148,16 @@ class StepTransaction {
     return Compute(grads, outputs, stats, [](size_t) {});
   }
 
+  // The new held weights (ParamSpec::hold_weights) of a parameter an earlier
+  // Compute call of this transaction computed, before Commit: fp32,
+  // NumElements(shape) values, the ones Commit makes current (GetWeights
+  // after it returns the same bits). So a parameter server can send a
+  // parameter's new weights while the rest of the step computes. Same
+  // thread rules as Compute. NotFound for an unknown parameter;
+  // FailedPrecondition when it does not hold weights, or is not computed in
+  // this open transaction; InvalidArgument for a wrong size.
+  virtual absl::Status ComputedWeights(ParamId param, absl::Span<float> values) const = 0;
+
   // Makes the new state of every parameter computed in this transaction
   // current (and applies updates to held weights). The transaction is spent
   // afterwards.

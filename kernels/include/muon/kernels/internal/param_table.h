@@ -115,6 +115,17 @@ class ParamTable {
     return p;
   }
 
+  // FindHolder, then FailedPrecondition unless `txn` has computed it (it
+  // holds the parameter's claim).
+  absl::StatusOr<Ptr> FindComputed(const StepTransaction* txn, ParamId id, size_t values) const {
+    absl::StatusOr<Ptr> p = FindHolder(id, values, /*idle=*/false);
+    if (p.ok() && (*p)->owner != txn) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(Who((*p)->spec), " is not computed in this open step"));
+    }
+    return p;
+  }
+
   // Removes an idle parameter and returns it.
   absl::StatusOr<Ptr> Remove(ParamId id) {
     absl::StatusOr<Ptr> p = FindIdle(id);
