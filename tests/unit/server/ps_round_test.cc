@@ -255,6 +255,12 @@ std::vector<float> WeightsIn(const std::vector<std::shared_ptr<const StepReply>>
   return out;
 }
 
+// `waiter` was answered with `want`'s weights of parameters 0 and 1.
+void ExpectAnsweredWith(const Waiter& waiter, const std::vector<std::vector<float>>& want) {
+  EXPECT_EQ(WeightsIn(waiter.answered, 0), want[0]);
+  EXPECT_EQ(WeightsIn(waiter.answered, 1), want[1]);
+}
+
 TEST_F(RoundsTest, OneWorkersAnswersLeaveAsEachParameterIsComputed) {
   std::shared_ptr<Session> single = NewSession(1);
   ParameterServerRounds* rounds = RoundsOf(*single);
@@ -278,8 +284,7 @@ TEST_F(RoundsTest, OneWorkersAnswersLeaveAsEachParameterIsComputed) {
   const StepRecord& record = ***only.result;
   const std::vector<std::vector<float>> want = WeightsAfterAverage({g});
   EXPECT_EQ(WeightsOf(record), want);
-  EXPECT_EQ(WeightsIn(only.answered, 0), want[0]);
-  EXPECT_EQ(WeightsIn(only.answered, 1), want[1]);
+  ExpectAnsweredWith(only, want);
 }
 
 // One worker's gradient goes to the engine as sent (the average of one):
@@ -333,10 +338,7 @@ TEST_F(RoundsTest, AnswersGoOnlyWhereNoOtherWorkerCanWithdrawThem) {
   ASSERT_TRUE(w0.result.has_value() && w1.result.has_value());
   ASSERT_THAT(*w0.result, IsOk());
   const std::vector<std::vector<float>> want = WeightsAfterAverage({g0, g1});
-  for (const Waiter* w : {&w0, &w1}) {
-    EXPECT_EQ(WeightsIn(w->answered, 0), want[0]);
-    EXPECT_EQ(WeightsIn(w->answered, 1), want[1]);
-  }
+  for (const Waiter* w : {&w0, &w1}) ExpectAnsweredWith(*w, want);
 }
 
 TEST_F(RoundsTest, AWithdrawalSupersedesOnlyTheWithdrawingStreamsAnswers) {
@@ -366,8 +368,7 @@ TEST_F(RoundsTest, AWithdrawalSupersedesOnlyTheWithdrawingStreamsAnswers) {
   EXPECT_EQ(WeightsOf(***w0.result), want);
   for (const Waiter* w : {&w0, &resent}) {
     EXPECT_THAT(w->AnsweredParams(), ::testing::UnorderedElementsAre(0, 1));
-    EXPECT_EQ(WeightsIn(w->answered, 0), want[0]);
-    EXPECT_EQ(WeightsIn(w->answered, 1), want[1]);
+    ExpectAnsweredWith(*w, want);
   }
 }
 
