@@ -95,17 +95,21 @@ absl::Status ParameterServerRounds::ComputeBatch(
     const SessionParam& p = params[batch[k].index];
     const size_t count = static_cast<size_t>(NumElements(p.spec.shape));
     Scratch& scratch = scratch_[batch[k].index];
+    // Worker w's gradient of this parameter is not finite: the batch fails.
+    const auto non_finite = [&](uint32_t w) {
+      *bad_worker = w;
+      *bad = k;
+      return absl::InvalidArgumentError(
+          absl::StrCat("parameter ", batch[k].index, " ('", p.spec.name, "'): worker ", w,
+                       "'s gradient contains NaN or Inf; nothing of it was added"));
+    };
     inputs[k].param = p.engine_id;
     inputs[k].lr = StepLr(lr, lr_scale, p.spec.hp.lr);
     if (num_workers_ == 1) {
       // The average of one gradient is that gradient: the engine decodes it
       // to the fp32 values an average would hold, without a copy here.
       if (!batch[k].checked && !AllFinite(p.spec.dtype, batch[k].gradients[0].get(), count)) {
-        *bad_worker = 0;
-        *bad = k;
-        return absl::InvalidArgumentError(
-            absl::StrCat("parameter ", batch[k].index, " ('", p.spec.name,
-                         "'): worker 0's gradient contains NaN or Inf; nothing of it was added"));
+        return non_finite(0);
       }
       inputs[k].dtype = p.spec.dtype;
       inputs[k].bytes = absl::MakeConstSpan(batch[k].gradients[0].get(),
@@ -118,11 +122,7 @@ absl::Status ParameterServerRounds::ComputeBatch(
       // worker's gradient arrived first.
       for (uint32_t w = 0; w < num_workers_; ++w) {
         if (!AddDecoded(p.spec.dtype, batch[k].gradients[w].get(), count, avg.data())) {
-          *bad_worker = w;
-          *bad = k;
-          return absl::InvalidArgumentError(
-              absl::StrCat("parameter ", batch[k].index, " ('", p.spec.name, "'): worker ", w,
-                           "'s gradient contains NaN or Inf; nothing of it was added"));
+          return non_finite(w);
         }
       }
       for (float& v : avg) v *= scale;
