@@ -95,3 +95,16 @@ test('an update of several chunks arrives whole, every element in place', async 
     server.kill('SIGTERM');
   }
 });
+
+test('an update chunk past its tensor is refused and changes nothing', () => {
+  const { addUpdateChunk } = require('./muon_client');
+  const buffers = new Map();
+  const first = { param_index: 3, offset: 0, total_bytes: 8, decay: 1, data: Buffer.from([1, 2, 3, 4]) };
+  assert.strictEqual(addUpdateChunk(buffers, first), null);
+  const past = { param_index: 3, offset: 6, total_bytes: 8, decay: 1, data: Buffer.from([9, 9, 9, 9]) };
+  assert.match(addUpdateChunk(buffers, past).message, /parameter 3 runs past its 8 bytes/);
+  assert.deepStrictEqual([...buffers.get(3).bytes], [1, 2, 3, 4, 0, 0, 0, 0]);
+  const alone = { param_index: 5, offset: 4, total_bytes: 6, decay: 1, data: Buffer.from([7, 7, 7]) };
+  assert.match(addUpdateChunk(buffers, alone).message, /parameter 5 runs past its 6 bytes/);
+  assert.strictEqual(buffers.has(5), false);
+});

@@ -21,6 +21,27 @@ function loadService() {
   return grpc.loadPackageDefinition(definition).muon.v1.Optimizer;
 }
 
+// Adds update chunk `u` to `buffers` (Map: parameter index -> {bytes,
+// decay}), making its tensor's buffer at its first chunk: its own
+// ArrayBuffer (offset 0, so 4-aligned), so the update is a Float32Array over
+// it with no copy at the end. Returns an Error, changing nothing, for a
+// chunk that runs past its tensor.
+function addUpdateChunk(buffers, u) {
+  const entry = buffers.get(u.param_index);
+  const size = entry ? entry.bytes.length : u.total_bytes;
+  if (u.offset + u.data.length > size) {
+    return new Error(`update chunk of parameter ${u.param_index} runs past its ${size} bytes`);
+  }
+  if (entry) {
+    entry.bytes.set(u.data, u.offset); // the chunk's one copy
+  } else {
+    const bytes = new Uint8Array(new ArrayBuffer(u.total_bytes));
+    bytes.set(u.data, u.offset);
+    buffers.set(u.param_index, { bytes, decay: u.decay });
+  }
+  return null;
+}
+
 class MuonClient {
   // tls (optional), PEM Buffers: {rootCerts} for TLS (null: Node's default
   // roots), plus {certChain, privateKey} for mutual TLS; {serverName}
@@ -64,20 +85,11 @@ class MuonClient {
       const call = this.stub.Step();
       call.on('data', (response) => {
         if (response.update) {
-          const u = response.update;
-          let entry = buffers.get(u.param_index);
-          if (!entry) {
-            // Its own ArrayBuffer (offset 0, so 4-aligned): the update is a
-            // Float32Array over it, with no copy at the end.
-            entry = { bytes: new Uint8Array(new ArrayBuffer(u.total_bytes)), decay: u.decay };
-            buffers.set(u.param_index, entry);
-          }
-          if (u.offset + u.data.length > entry.bytes.length) {
+          const error = addUpdateChunk(buffers, response.update);
+          if (error) {
             call.cancel();
-            reject(new Error(`update chunk of parameter ${u.param_index} runs past its ${entry.bytes.length} bytes`));
-            return;
+            reject(error);
           }
-          entry.bytes.set(u.data, u.offset); // the chunk's one copy
         } else if (response.summary) {
           summary = response.summary;
         }
@@ -117,4 +129,4 @@ class MuonClient {
   }
 }
 
-module.exports = { MuonClient };
+module.exports = { MuonClient, addUpdateChunk };
